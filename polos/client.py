@@ -1,0 +1,301 @@
+"""The client's point of view: start runs, wait for results, look runs up.
+
+    client = await PolosClient.connect("nats://127.0.0.1:4222")
+    handle = await client.start("process_order", order)
+    result = await handle.result(timeout=60)
+
+Everything the client does is also possible with any NATS client and JSON (see the README's
+subject table): the client is a convenience, not a gatekeeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from polos import events as ev
+from polos._private import jetstream as jsl
+from polos.config import Settings
+from polos.converter import from_json, to_json
+from polos.errors import RunNotFoundError, WorkflowCancelledError, WorkflowFailedError
+from polos.workflow import WorkflowDefinition
+
+O = TypeVar("O")  # noqa: E741
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as the log says it is."""
+
+    run_id: str
+    workflow: str | None
+    status: str
+    created_at: float | None = None
+    updated_at: float | None = None
+    attempt: int = 0
+    worker_id: str | None = None
+    output: Any = None
+    error: dict[str, Any] | None = None
+    steps: int = 0
+    waiting: dict[str, Any] | None = None
+    parent_run_id: str | None = None
+    note: str | None = None  # e.g. "no worker serves 'x' yet"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _info_from_state(state: ev.RunState) -> RunInfo:
+    waiting = None
+    if state.status == "suspended" and state.suspended is not None:
+        s = state.suspended
+        waiting = {"step": s.step, "kind": s.kind, "data": s.data, "topic": s.topic,
+                   "wake_at": s.wake_at, "timeout_at": s.timeout_at}
+    return RunInfo(
+        run_id=state.run_id,
+        workflow=state.workflow,
+        status=state.status,
+        created_at=state.created_at,
+        updated_at=state.updated_at,
+        attempt=state.attempt,
+        worker_id=state.worker_id,
+        output=state.output,
+        error=state.error,
+        steps=len(state.steps),
+        waiting=waiting,
+        parent_run_id=state.requested.parent_run_id if state.requested else None,
+    )
+
+
+class RunHandle(Generic[O]):
+    """A started run. ``result()`` waits for it without polling: it listens to the run's
+    control subject and reads the history once to catch up."""
+
+    def __init__(self, client: PolosClient, run_id: str, workflow: str | None, output_type: Any = None) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.workflow = workflow
+        self._output_type = output_type
+
+    def __repr__(self) -> str:
+        return f"RunHandle(run_id={self.run_id!r}, workflow={self.workflow!r})"
+
+    async def info(self) -> RunInfo:
+        return await self.client.get(self.run_id)
+
+    async def status(self) -> str:
+        return (await self.info()).status
+
+    async def result(self, timeout: float | None = None) -> O:
+        """The run's output (typed by the workflow's return annotation when known).
+
+        Raises ``WorkflowFailedError`` / ``WorkflowCancelledError`` for runs that ended so, and
+        ``TimeoutError`` if the run has not ended within ``timeout`` seconds.
+        """
+        nc = self.client.nc
+        names = self.client.names
+        ended: asyncio.Queue[None] = asyncio.Queue()
+
+        async def on_ctl(msg: Any) -> None:
+            with contextlib.suppress(Exception):
+                if isinstance(ev.decode(msg.data), (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
+                    ended.put_nowait(None)
+
+        # Subscribe before reading, so an ending between the read and the subscribe is not missed.
+        sub = await nc.subscribe(names.run_subject(self.run_id, "ctl"), cb=on_ctl)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                state = await jsl.load_state(nc, names, self.run_id)
+                if state.done:
+                    return self._outcome(state)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"run {self.run_id} still {state.status} after {timeout}s")
+                # The wait is event-driven; the cap only re-checks the log in case a message
+                # was missed during a reconnect.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.get(), timeout=min(remaining or 30.0, 30.0))
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def _outcome(self, state: ev.RunState) -> O:
+        if state.status == "completed":
+            if self._output_type is None and self.workflow:
+                wf = self.client.workflows.get(self.workflow)
+                if wf is not None:
+                    self._output_type = wf.output_type
+            return from_json(state.output, self._output_type)  # type: ignore[no-any-return]
+        if state.status == "failed":
+            raise WorkflowFailedError(self.run_id, state.error or {})
+        raise WorkflowCancelledError(f"run {self.run_id} was cancelled")
+
+
+class PolosClient:
+    """Connection to one Polos namespace on a NATS server or cluster."""
+
+    def __init__(self, nc: NATS, settings: Settings, *, owns_connection: bool = True) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout)
+        self.settings = settings
+        self.names = jsl.Names(settings.prefix)
+        self.workflows: dict[str, WorkflowDefinition[Any, Any]] = {}
+        self._owns = owns_connection
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str | None = None,
+        *,
+        prefix: str | None = None,
+        settings: Settings | None = None,
+        ensure_topology: bool = True,
+    ) -> PolosClient:
+        s = settings or Settings()
+        if url is not None:
+            s = s.with_(nats_url=url)
+        if prefix is not None:
+            s = s.with_(prefix=prefix)
+        nc = await jsl.connect(s, name="polos-client")
+        client = cls(nc, s)
+        if ensure_topology:
+            # Commands published before any service ever ran must still be kept.
+            await jsl.ensure_topology(client.js, client.names, s)
+        return client
+
+    async def close(self) -> None:
+        if self._owns:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    async def __aenter__(self) -> PolosClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ runs
+
+    async def start(
+        self,
+        workflow: str | WorkflowDefinition[Any, O],
+        input: Any = None,
+        *,
+        run_id: str | None = None,
+        queue: str | None = None,
+        concurrency_key: str | None = None,
+    ) -> RunHandle[O]:
+        """Start a run. With ``run_id`` the start is idempotent: the same id never makes two
+        runs, however often it is sent. Returns as soon as the command is stored."""
+        output_type = None
+        if isinstance(workflow, WorkflowDefinition):
+            self.workflows[workflow.name] = workflow
+            name, output_type = workflow.name, workflow.output_type
+        else:
+            name = workflow
+        if not jsl.valid_token(name):
+            raise ValueError(f"workflow name {name!r} is not valid")
+        run_id = run_id or uuid.uuid4().hex
+        if not jsl.valid_token(run_id):
+            raise ValueError(f"run_id {run_id!r} must be 1-128 letters, digits, '_' or '-'")
+        body: dict[str, Any] = {"input": to_json(input, what="the workflow input"), "run_id": run_id}
+        if queue is not None:
+            body["queue"] = queue
+        if concurrency_key is not None:
+            body["concurrency_key"] = concurrency_key
+        await self.js.publish(
+            self.names.start_subject(name),
+            orjson.dumps(body),
+            headers={jsl.MSG_ID: f"start/{run_id}", "Polos-Client": "python"},
+        )
+        return RunHandle(self, run_id, name, output_type)
+
+    def get_handle(self, run_id: str, workflow: str | None = None) -> RunHandle[Any]:
+        return RunHandle(self, run_id, workflow)
+
+    async def get(self, run_id: str) -> RunInfo:
+        """The run's current state, folded from its history (the truth, not the index)."""
+        state = await jsl.load_state(self.nc, self.names, run_id)
+        if state.requested is None:
+            raise RunNotFoundError(f"no run {run_id!r} in namespace {self.settings.prefix!r}")
+        return _info_from_state(state)
+
+    async def history(self, run_id: str) -> list[tuple[int, ev.Event]]:
+        """The run's events in order, with their stream sequences."""
+        return await jsl.read_history(self.nc, self.names, run_id)
+
+    async def list_runs(
+        self,
+        *,
+        status: str | list[str] | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+    ) -> list[RunInfo]:
+        """Runs from the run index, newest first. ``status`` may be one status or a list."""
+        wanted = {status} if isinstance(status, str) else set(status or [])
+        msgs = await jsl.last_per_subject(
+            self.nc, f"KV_{self.names.runs_bucket}", f"$KV.{self.names.runs_bucket}.>"
+        )
+        serving = await self._served_workflows()
+        out: list[RunInfo] = []
+        for m in msgs:
+            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                continue
+            e = orjson.loads(m.data)
+            if wanted and e.get("status") not in wanted:
+                continue
+            if workflow and e.get("workflow") != workflow:
+                continue
+            note = None
+            if e.get("status") == "queued" and e.get("workflow") not in serving:
+                note = f"no worker serves {e.get('workflow')!r} yet"
+            out.append(
+                RunInfo(
+                    run_id=e["run_id"],
+                    workflow=e.get("workflow"),
+                    status=e.get("status", "unknown"),
+                    created_at=e.get("created_at"),
+                    updated_at=e.get("updated_at"),
+                    attempt=e.get("attempt", 0),
+                    worker_id=e.get("worker_id"),
+                    error=e.get("error"),
+                    waiting=e.get("waiting"),
+                    parent_run_id=e.get("parent_run_id"),
+                    note=note,
+                    extra={k: v for k, v in e.items() if k not in RunInfo.__dataclass_fields__},
+                )
+            )
+        out.sort(key=lambda r: r.created_at or 0, reverse=True)
+        return out[:limit]
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """Live workers (their registrations expire when they stop heartbeating)."""
+        msgs = await jsl.last_per_subject(
+            self.nc, f"KV_{self.names.workers_bucket}", f"$KV.{self.names.workers_bucket}.>"
+        )
+        out = []
+        for m in msgs:
+            if m.data and (m.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                out.append(orjson.loads(m.data))
+        return out
+
+    async def _served_workflows(self) -> set[str]:
+        served: set[str] = set()
+        for w in await self.workers():
+            served.update(w.get("workflows", []))
+        return served
+
+    async def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest dead-lettered messages with the reason each was kept aside."""
+        msgs = await jsl.read_subject(self.nc, self.names.dlq_stream, f"{self.settings.prefix}.dlq.>")
+        return [orjson.loads(m.data) for m in msgs[-limit:]]
+
+
+__all__ = ["PolosClient", "RunHandle", "RunInfo"]

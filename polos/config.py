@@ -1,0 +1,56 @@
+"""Settings shared by every Polos process: where NATS is, the namespace, and the timings.
+
+Timings are configuration, not constants, so tests can make them tiny and operators can
+trade failover speed against heartbeat traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Connection and timing settings. Every field can be set from a ``POLOS_*`` variable."""
+
+    nats_url: str = field(default_factory=lambda: os.environ.get("POLOS_NATS_URL", DEFAULT_NATS_URL))
+    # Namespaces every subject, stream and bucket, so tenants and tests share one server.
+    prefix: str = field(default_factory=lambda: os.environ.get("POLOS_PREFIX", "polos"))
+    # How long a task may go without a heartbeat before JetStream gives it to another worker.
+    # This bounds failover time after a worker dies: ack_wait + one pull.
+    task_ack_wait: float = field(default_factory=lambda: _env_float("POLOS_TASK_ACK_WAIT", 3.0))
+    heartbeat_interval: float = field(
+        default_factory=lambda: _env_float("POLOS_HEARTBEAT_INTERVAL", 1.0)
+    )
+    # A worker's registration expires this long after its last heartbeat.
+    worker_ttl: float = field(default_factory=lambda: _env_float("POLOS_WORKER_TTL", 10.0))
+    # Retry back-offs at most this long wait inside the worker; longer ones in the scheduler.
+    local_retry_limit: float = field(
+        default_factory=lambda: _env_float("POLOS_LOCAL_RETRY_LIMIT", 30.0)
+    )
+    request_timeout: float = field(default_factory=lambda: _env_float("POLOS_REQUEST_TIMEOUT", 5.0))
+    replicas: int = field(default_factory=lambda: int(os.environ.get("POLOS_REPLICAS", "1")))
+    # Seconds the stream keeps message ids for de-duplication of retried appends and commands.
+    duplicate_window: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not _PREFIX_RE.match(self.prefix):
+            raise ValueError(
+                f"prefix {self.prefix!r} must be 1-32 characters of letters, digits, '_' or '-'"
+            )
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+__all__ = ["DEFAULT_NATS_URL", "Settings"]

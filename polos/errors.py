@@ -1,0 +1,82 @@
+"""The exceptions Polos raises to users. Internal control-flow signals live in _private."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PolosError(Exception):
+    """Base of every Polos error."""
+
+
+class NonDeterminismError(PolosError):
+    """The workflow's code asked for a different step than its history holds at that point.
+
+    Raised during replay; the run fails with it instead of silently diverging.
+    """
+
+
+class StepFailedError(PolosError):
+    """A step ran out of attempts. The same exception is raised live and on replay.
+
+    The original exception object cannot be rebuilt from the log, so its type name and message
+    are kept as data: ``error_type``, ``message``.
+    """
+
+    def __init__(self, key: str, error_type: str, message: str, attempts: int = 1) -> None:
+        super().__init__(f"step {key!r} failed after {attempts} attempt(s): {error_type}: {message}")
+        self.key = key
+        self.error_type = error_type
+        self.message = message
+        self.attempts = attempts
+
+
+class SerializationError(PolosError):
+    """A value could not be turned into JSON (a step output, a workflow input or output)."""
+
+
+class InputValidationError(PolosError):
+    """A workflow's input does not match its annotation. ``errors`` lists field and reason."""
+
+    def __init__(self, workflow: str, errors: list[dict[str, Any]]) -> None:
+        lines = "; ".join(f"{e['field']}: {e['reason']}" for e in errors)
+        super().__init__(f"invalid input for workflow {workflow!r}: {lines}")
+        self.workflow = workflow
+        self.errors = errors
+
+
+class WorkflowFailedError(PolosError):
+    """Raised by ``RunHandle.result()`` when the run failed."""
+
+    def __init__(self, run_id: str, error: dict[str, Any]) -> None:
+        super().__init__(
+            f"run {run_id} failed: {error.get('type', 'Error')}: {error.get('message', '')}"
+        )
+        self.run_id = run_id
+        self.error = error
+        self.error_type: str = str(error.get("type", "Error"))
+
+
+class WorkflowCancelledError(PolosError):
+    """Raised by ``RunHandle.result()`` when the run was cancelled."""
+
+
+class RunNotFoundError(PolosError):
+    """No run with this id exists in the namespace."""
+
+
+class WorkflowNotFoundError(PolosError):
+    """No workflow of this name is registered with this worker or client."""
+
+
+__all__ = [
+    "InputValidationError",
+    "NonDeterminismError",
+    "PolosError",
+    "RunNotFoundError",
+    "SerializationError",
+    "StepFailedError",
+    "WorkflowCancelledError",
+    "WorkflowFailedError",
+    "WorkflowNotFoundError",
+]

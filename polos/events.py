@@ -1,0 +1,305 @@
+"""Every fact Polos records, in one module.
+
+Events are immutable and named in the past tense. A run's state is never stored: it is a
+fold (`RunState.apply`) over the events of the run's history, in stream order, with a
+sequence check so that a gap or a reordering is an error instead of a silent mistake.
+
+On the wire an event is one JSON object: ``{"t": "<EventName>", ...fields}``. Fields hold
+only JSON values (the converter turned user objects into JSON before the event was built),
+so encoding is a single ``orjson.dumps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+
+JSON = Any  # a value orjson can encode: dict, list, str, int, float, bool, None
+
+
+def _now() -> float:
+    return time.time()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of every recorded fact. ``at`` is the wall-clock time it was recorded (epoch s)."""
+
+    KIND: ClassVar[str] = "ctl"  # the history subject kind it is appended to: ctl or step
+    at: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorInfo:
+    """A failure, as data: the exception's type name, its message and where it came from."""
+
+    type: str
+    message: str
+    step: str | None = None
+    details: JSON = None
+    retryable: bool = True
+
+
+# --------------------------------------------------------------------------- control events
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunRequested(Event):
+    run_id: str
+    workflow: str
+    input: JSON = None
+    queue: str | None = None
+    concurrency_key: str | None = None
+    parent_run_id: str | None = None
+    parent_step: str | None = None
+    root_run_id: str | None = None
+    trace_id: str | None = None
+    source: str = "client"  # client | raw | child | event | schedule
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunClaimed(Event):
+    """A worker took the run's task; from here on only that worker appends to the run."""
+
+    run_id: str
+    worker_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunCompleted(Event):
+    run_id: str
+    output: JSON = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFailed(Event):
+    run_id: str
+    error: dict[str, JSON]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunCancelled(Event):
+    run_id: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSuspended(Event):
+    """The run stopped executing until ``wake`` (a resume, an event, a timer, a child) arrives.
+
+    ``kind`` says what it waits for: suspend | event | sleep | child | retry | slot.
+    """
+
+    run_id: str
+    step: str
+    kind: str
+    data: JSON = None
+    topic: str | None = None
+    wake_at: float | None = None
+    timeout_at: float | None = None
+    children: list[str] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunWoken(Event):
+    """Something the run waited for arrived; the orchestrator has re-dispatched it."""
+
+    run_id: str
+    step: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- step events
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepCompleted(Event):
+    KIND: ClassVar[str] = "step"
+    key: str
+    kind: str  # run | now | uuid | random | suspend | event | sleep | child | llm | tool | ...
+    name: str | None = None  # the function's qualified name, for the determinism check
+    output: JSON = None
+    attempts: int = 1
+    started_at: float | None = None
+    duration_ms: float | None = None
+    meta: JSON = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepAttemptFailed(Event):
+    KIND: ClassVar[str] = "step"
+    key: str
+    kind: str
+    name: str | None
+    attempt: int
+    error: dict[str, JSON]
+    retry_in: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepFailed(Event):
+    KIND: ClassVar[str] = "step"
+    key: str
+    kind: str
+    name: str | None
+    error: dict[str, JSON]
+    attempts: int = 1
+
+
+# --------------------------------------------------------------------------- codec
+
+_REGISTRY: dict[str, type[Event]] = {}
+
+
+def register(cls: type[Event]) -> type[Event]:
+    """Make an event class decodable. Every concrete event in this module is registered."""
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+for _cls in (
+    RunRequested,
+    RunClaimed,
+    RunCompleted,
+    RunFailed,
+    RunCancelled,
+    RunSuspended,
+    RunWoken,
+    StepCompleted,
+    StepAttemptFailed,
+    StepFailed,
+):
+    register(_cls)
+
+
+class EventDecodeError(ValueError):
+    """A history message that is not a known event: corruption or a newer writer."""
+
+
+def encode(event: Event) -> bytes:
+    body = {"t": type(event).__name__}
+    body.update({f.name: getattr(event, f.name) for f in dataclasses.fields(event)})
+    return orjson.dumps(body)
+
+
+def decode(data: bytes) -> Event:
+    try:
+        body = orjson.loads(data)
+        cls = _REGISTRY[body.pop("t")]
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise EventDecodeError(f"not a Polos event: {data[:200]!r}") from exc
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in body.items() if k in names})
+    except TypeError as exc:
+        raise EventDecodeError(f"malformed {cls.__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- state as a fold
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+class SequenceError(RuntimeError):
+    """Events were applied out of stream order: the fold refuses rather than guess."""
+
+
+@dataclass(slots=True)
+class RunState:
+    """What a run's history says, folded in order. Rebuildable at any time from the log."""
+
+    run_id: str
+    last_seq: int = 0
+    workflow: str | None = None
+    requested: RunRequested | None = None
+    status: str = "unknown"  # unknown | queued | running | suspended | completed | failed | cancelled
+    attempt: int = 0
+    worker_id: str | None = None
+    steps: dict[str, StepCompleted | StepFailed] = field(default_factory=dict)
+    step_order: list[str] = field(default_factory=list)
+    attempt_failures: dict[str, int] = field(default_factory=dict)
+    suspended: RunSuspended | None = None
+    output: JSON = None
+    error: dict[str, JSON] | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+    events: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    def apply(self, seq: int, event: Event) -> None:
+        if seq <= self.last_seq:
+            raise SequenceError(
+                f"run {self.run_id}: event {type(event).__name__} at seq {seq} "
+                f"is not after seq {self.last_seq}"
+            )
+        self.last_seq = seq
+        self.events += 1
+        self.updated_at = event.at
+        if isinstance(event, RunRequested):
+            self.requested = event
+            self.workflow = event.workflow
+            self.status = "queued"
+            self.created_at = event.at
+        elif isinstance(event, RunClaimed):
+            self.attempt = event.attempt
+            self.worker_id = event.worker_id
+            if not self.done:
+                self.status = "running"
+                self.suspended = None
+        elif isinstance(event, (StepCompleted, StepFailed)):
+            if event.key not in self.steps:
+                self.step_order.append(event.key)
+            self.steps[event.key] = event
+        elif isinstance(event, StepAttemptFailed):
+            self.attempt_failures[event.key] = event.attempt
+        elif isinstance(event, RunSuspended):
+            self.suspended = event
+            if not self.done:
+                self.status = "suspended"
+        elif isinstance(event, RunWoken):
+            if not self.done:
+                self.status = "queued"
+        elif isinstance(event, RunCompleted):
+            self.status, self.output = "completed", event.output
+        elif isinstance(event, RunFailed):
+            self.status, self.error = "failed", event.error
+        elif isinstance(event, RunCancelled):
+            self.status = "cancelled"
+
+    @classmethod
+    def fold(cls, run_id: str, history: list[tuple[int, Event]]) -> RunState:
+        state = cls(run_id=run_id)
+        for seq, event in history:
+            state.apply(seq, event)
+        return state
+
+
+__all__ = [
+    "TERMINAL",
+    "ErrorInfo",
+    "Event",
+    "EventDecodeError",
+    "RunCancelled",
+    "RunClaimed",
+    "RunCompleted",
+    "RunFailed",
+    "RunRequested",
+    "RunState",
+    "RunSuspended",
+    "RunWoken",
+    "SequenceError",
+    "StepAttemptFailed",
+    "StepCompleted",
+    "StepFailed",
+    "decode",
+    "encode",
+    "register",
+]

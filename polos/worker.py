@@ -1,0 +1,337 @@
+"""The worker's point of view: pull tasks, replay runs, execute steps, heartbeat.
+
+``Worker`` embeds in any asyncio program::
+
+    async with Worker([process_order], nats_url="nats://127.0.0.1:4222"):
+        await asyncio.Event().wait()
+
+``polos worker my_module`` (services/worker) does the same for every workflow in a module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import orjson
+import pydantic
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from polos import events as ev
+from polos._private import jetstream as jsl
+from polos._private.execution import RunExecution, error_info
+from polos._private.signals import Suspend
+from polos.config import Settings
+from polos.converter import from_json, json_schema, to_json, validation_errors
+from polos.errors import InputValidationError, NonDeterminismError, SerializationError
+from polos.workflow import WorkflowContext, WorkflowDefinition
+
+log = logging.getLogger("polos.worker")
+
+
+@dataclass
+class _Active:
+    run_id: str
+    msg: Msg
+    task: asyncio.Task[None] | None = None
+
+
+class Worker:
+    """Serves a set of workflows: one durable pull consumer per workflow's task subject."""
+
+    def __init__(
+        self,
+        workflows: Iterable[WorkflowDefinition[Any, Any]],
+        *,
+        settings: Settings | None = None,
+        nats_url: str | None = None,
+        prefix: str | None = None,
+        max_concurrent_runs: int = 200,
+        worker_id: str | None = None,
+        shutdown_timeout: float = 10.0,
+    ) -> None:
+        base = settings or Settings()
+        if nats_url is not None:
+            base = base.with_(nats_url=nats_url)
+        if prefix is not None:
+            base = base.with_(prefix=prefix)
+        self.settings = base
+        self.names = jsl.Names(base.prefix)
+        self.workflows: dict[str, WorkflowDefinition[Any, Any]] = {}
+        for wf in workflows:
+            if wf.name in self.workflows and self.workflows[wf.name] is not wf:
+                raise ValueError(f"two workflows are named {wf.name!r}")
+            self.workflows[wf.name] = wf
+        if not self.workflows:
+            raise ValueError("a worker needs at least one workflow")
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.max_concurrent_runs = max_concurrent_runs
+        self.shutdown_timeout = shutdown_timeout
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._loops: list[jsl.PullLoop] = []
+        self._active: dict[str, _Active] = {}
+        self._bg: list[asyncio.Task[None]] = []
+        self._workers_kv: KeyValue | None = None
+        self.completed_runs = 0
+        self._stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._nc = await jsl.connect(self.settings, name=f"polos-worker-{self.id}")
+        self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
+        await jsl.ensure_topology(self._js, self.names, self.settings)
+        await self._register_workflows()
+        self._workers_kv = await self._js.key_value(self.names.workers_bucket)
+        await self._announce()
+        self._bg.append(asyncio.create_task(self._announce_loop(), name="worker-announce"))
+        for wf in self.workflows.values():
+            durable = f"wf_{wf.name}"
+            await jsl.ensure_consumer(
+                self._js,
+                self.names.tasks_stream,
+                durable,
+                self.names.task_subject(wf.name),
+                ack_wait=self.settings.task_ack_wait,
+                max_ack_pending=100_000,
+            )
+            loop = jsl.PullLoop(
+                self._nc,
+                self.names.tasks_stream,
+                durable,
+                self._on_task,
+                capacity=self.max_concurrent_runs,
+                name=f"worker-{wf.name}",
+            )
+            loop.start()
+            self._loops.append(loop)
+        log.info("worker %s serving %s", self.id, ", ".join(self.workflows))
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop taking tasks, let running executions finish for ``timeout`` seconds, then hand
+        the rest back (nak) so another worker resumes them at once."""
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        for loop in self._loops:
+            loop._stopping = True  # noqa: SLF001 - stop pulling before draining
+        await asyncio.gather(*(loop.stop(drain_timeout=timeout) for loop in self._loops))
+        for t in self._bg:
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        if self._workers_kv is not None:
+            with contextlib.suppress(Exception):
+                await self._workers_kv.delete(self.id)
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        self._stopped.set()
+
+    async def run_forever(self) -> None:
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def active_runs(self) -> list[str]:
+        return list(self._active)
+
+    # ------------------------------------------------------------------ registration
+
+    async def _register_workflows(self) -> None:
+        assert self._js is not None
+        kv = await self._js.key_value(self.names.workflows_bucket)
+        for wf in self.workflows.values():
+            doc = {
+                "name": wf.name,
+                "queue": wf.queue,
+                "input_schema": json_schema(wf.input_type),
+                "output_schema": json_schema(wf.output_type),
+                "trigger_on_event": wf.trigger_on_event,
+                "schedule": wf.schedule,
+                "timezone": wf.timezone,
+                "doc": (wf.fn.__doc__ or "").strip() or None,
+            }
+            await kv.put(wf.name, orjson.dumps(doc))
+
+    async def _announce(self) -> None:
+        assert self._workers_kv is not None
+        doc = {
+            "id": self.id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "workflows": sorted(self.workflows),
+            "active_runs": len(self._active),
+            "completed_runs": self.completed_runs,
+            "at": time.time(),
+        }
+        await self._workers_kv.put(self.id, orjson.dumps(doc))
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.worker_ttl / 3)
+            with contextlib.suppress(Exception):
+                await self._announce()
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _heartbeat(self, active: _Active) -> None:
+        # Keeps JetStream from redelivering the task while the run executes here.
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            with contextlib.suppress(Exception):
+                await active.msg.in_progress()
+
+    async def _on_task(self, msg: Msg) -> None:
+        assert self._js is not None
+        try:
+            task = orjson.loads(msg.data)
+            run_id = str(task["run_id"])
+            workflow = str(task["workflow"])
+        except Exception as exc:
+            await jsl.dead_letter(
+                self._js,
+                self.names,
+                source="task",
+                reason=f"malformed task: {exc}",
+                subject=msg.subject,
+                data=msg.data,
+            )
+            await msg.term()
+            return
+        if run_id in self._active:
+            # JetStream redelivered a task we still execute (a missed heartbeat): adopt the new
+            # delivery so our heartbeats and final ack apply to it.
+            self._active[run_id].msg = msg
+            return
+        wf = self.workflows.get(workflow)
+        if wf is None:
+            await msg.nak(delay=1)
+            return
+        active = _Active(run_id=run_id, msg=msg)
+        self._active[run_id] = active
+        hb = asyncio.create_task(self._heartbeat(active))
+        try:
+            outcome = await self._execute(wf, run_id)
+        except asyncio.CancelledError:
+            # Shutting down mid-run: hand the task back so another worker resumes right away.
+            with contextlib.suppress(Exception):
+                await active.msg.nak()
+            raise
+        except Exception:
+            log.exception("run %s: execution crashed; the task will be redelivered", run_id)
+            with contextlib.suppress(Exception):
+                await active.msg.nak(delay=1)
+            return
+        finally:
+            hb.cancel()
+            self._active.pop(run_id, None)
+        if outcome == "retry":
+            await active.msg.nak(delay=0.5)
+        else:
+            await active.msg.ack()
+
+    async def _claim(self, wf: WorkflowDefinition[Any, Any], run_id: str) -> RunExecution | None:
+        assert self._nc is not None and self._js is not None
+        for _ in range(5):
+            state = await jsl.load_state(self._nc, self.names, run_id)
+            if state.requested is None:
+                log.warning("task for run %s which has no history; dropped", run_id)
+                return None
+            if state.done or state.status == "suspended":
+                return None  # a stale or duplicate task: nothing to do
+            exe = RunExecution(
+                js=self._js,
+                nc=self._nc,
+                names=self.names,
+                settings=self.settings,
+                workflow=wf,
+                state=state,
+                worker_id=self.id,
+            )
+            attempt = state.attempt + 1
+            try:
+                await exe.record(
+                    ev.RunClaimed(run_id=run_id, worker_id=self.id, attempt=attempt),
+                    msg_id=f"{run_id}/c/{attempt}",
+                )
+                return exe
+            except jsl.FencedOut:
+                continue  # someone appended between our read and our claim: read again
+        raise RuntimeError(f"run {run_id}: could not claim after 5 tries")
+
+    async def _execute(self, wf: WorkflowDefinition[Any, Any], run_id: str) -> str:
+        assert self._js is not None
+        exe = await self._claim(wf, run_id)
+        if exe is None:
+            return "done"
+        requested = exe.state.requested
+        assert requested is not None
+        ctx = WorkflowContext(exe)
+        try:
+            try:
+                value = from_json(requested.input, wf.input_type) if wf.takes_input else None
+            except pydantic.ValidationError as exc:
+                err = InputValidationError(wf.name, validation_errors(exc))
+                await jsl.dead_letter(
+                    self._js,
+                    self.names,
+                    source="input",
+                    reason=str(err),
+                    subject=self.names.start_subject(wf.name),
+                    data=orjson.dumps({"run_id": run_id, "input": requested.input}),
+                    details=err.errors,
+                )
+                await self._fail(exe, err, details=err.errors)
+                return "done"
+            try:
+                result = await wf(ctx, value)
+                exe.check_all_replayed()
+                output = to_json(result, what=f"the output of workflow {wf.name!r}")
+            except Suspend as sus:
+                await exe.record(sus.event, msg_id=sus.msg_id)
+                return "done"
+            except (NonDeterminismError, SerializationError) as exc:
+                await self._fail(exe, exc)
+                return "done"
+            except jsl.FencedOut:
+                raise
+            except Exception as exc:
+                await self._fail(exe, exc)
+                return "done"
+            await exe.record(
+                ev.RunCompleted(run_id=run_id, output=output), msg_id=f"{run_id}/end"
+            )
+            self.completed_runs += 1
+            return "done"
+        except jsl.FencedOut:
+            # Another worker (or a cancel) owns the run now; stop without writing anything.
+            log.info("run %s: fenced out, another writer owns it", run_id)
+            return "done"
+        except (nats.errors.ConnectionClosedError, nats.errors.TimeoutError, TimeoutError):
+            return "retry"
+
+    async def _fail(self, exe: RunExecution, exc: BaseException, details: Any = None) -> None:
+        info = error_info(exc, retryable=False)
+        if details is not None:
+            info["details"] = details
+        await exe.record(ev.RunFailed(run_id=exe.run_id, error=info), msg_id=f"{exe.run_id}/end")
+
+
+__all__ = ["Worker"]

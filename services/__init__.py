@@ -1,0 +1,1 @@
+"""Polos services: thin process mains over importable library code."""

@@ -1,0 +1,5 @@
+"""The orchestrator service: commands in, runs created and dispatched, run index kept."""
+
+from services.orchestrator.orchestrator import CommandError, Orchestrator, derive_run_id
+
+__all__ = ["CommandError", "Orchestrator", "derive_run_id"]

@@ -1,0 +1,23 @@
+"""``python -m services.orchestrator``: run one orchestrator instance until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from polos._private.runtime import run_until_signal, settings_from_args
+from services.orchestrator.orchestrator import Orchestrator
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.orchestrator")
+    parser.add_argument("--nats-url")
+    parser.add_argument("--prefix")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(run_until_signal(Orchestrator(settings_from_args(args))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""The orchestrator: turns commands into runs, dispatches tasks, keeps the run index.
+
+It consumes two durable consumers shared by every orchestrator instance (so any number can
+run): the command stream (``<prefix>.cmd.>``) and the control events of every run
+(``<prefix>.run.*.ctl``). It never executes user code. Everything it writes is either an
+append fenced on the run's history or a projection (the run index) rebuildable from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import nats.js.errors
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from polos import events as ev
+from polos._private import jetstream as jsl
+from polos.config import Settings
+
+log = logging.getLogger("polos.orchestrator")
+
+_RUN_NS = uuid.UUID("6f1d0b52-4b8e-4a4e-9a55-0c1f5b3f7d10")
+_START_FIELDS = {"input", "run_id", "queue", "concurrency_key"}
+
+
+class CommandError(ValueError):
+    """A command we cannot act on; the reason goes to the sender and the dead-letter stream."""
+
+    def __init__(self, reason: str, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
+def derive_run_id(prefix: str, key: str) -> str:
+    """A run id that is the same every time the same command is processed."""
+    return uuid.uuid5(_RUN_NS, f"{prefix}/{key}").hex
+
+
+class Orchestrator:
+    """One orchestrator instance. Start as many as you like against one namespace."""
+
+    def __init__(self, settings: Settings | None = None, *, index_cache: int = 50_000) -> None:
+        self.settings = settings or Settings()
+        self.names = jsl.Names(self.settings.prefix)
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._index: KeyValue | None = None
+        self._loops: list[jsl.PullLoop] = []
+        # run_id -> (entry, kv revision): saves a read before every index update.
+        self._cache: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        self._cache_size = index_cache
+        self.commands_handled = 0
+        self.dead_lettered = 0
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "orchestrator not started"
+        return self._js
+
+    @property
+    def nc(self) -> NATS:
+        assert self._nc is not None, "orchestrator not started"
+        return self._nc
+
+    async def start(self) -> None:
+        self._nc = await jsl.connect(self.settings, name="polos-orchestrator")
+        self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
+        await jsl.ensure_topology(self._js, self.names, self.settings)
+        self._index = await self._js.key_value(self.names.runs_bucket)
+        await jsl.ensure_consumer(
+            self._js, self.names.cmd_stream, "orchestrator_cmd", self.names.cmd_filter,
+            ack_wait=30.0,
+        )
+        await jsl.ensure_consumer(
+            self._js, self.names.runs_stream, "orchestrator_ctl", self.names.ctl_filter,
+            ack_wait=30.0,
+        )
+        for stream, durable, handler in (
+            (self.names.cmd_stream, "orchestrator_cmd", self._on_command),
+            (self.names.runs_stream, "orchestrator_ctl", self._on_control),
+        ):
+            loop = jsl.PullLoop(self._nc, stream, durable, handler, capacity=256, name=durable)
+            loop.start()
+            self._loops.append(loop)
+        log.info("orchestrator started on namespace %r", self.settings.prefix)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(loop.stop(drain_timeout=2.0) for loop in self._loops))
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+
+    async def __aenter__(self) -> Orchestrator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ commands
+
+    async def _reply(self, msg: Msg, body: dict[str, Any]) -> None:
+        reply = (msg.headers or {}).get(jsl.REPLY_HEADER)
+        if reply:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(reply, orjson.dumps(body))
+
+    async def _reject(self, msg: Msg, err: CommandError) -> None:
+        self.dead_lettered += 1
+        log.warning("rejected command on %s: %s", msg.subject, err.reason)
+        await jsl.dead_letter(
+            self.js,
+            self.names,
+            source="cmd",
+            reason=err.reason,
+            subject=msg.subject,
+            data=msg.data,
+            headers=dict(msg.headers or {}),
+            details={"field": err.field} if err.field else None,
+        )
+        await self._reply(msg, {"ok": False, "error": err.reason, "field": err.field})
+
+    async def _on_command(self, msg: Msg) -> None:
+        tokens = msg.subject.split(".")
+        verb = tokens[2] if len(tokens) > 2 else ""
+        try:
+            if verb == "start" and len(tokens) == 4:
+                body = await self._start(msg, tokens[3])
+            else:
+                handler = self.command_handlers.get(verb)
+                if handler is None:
+                    raise CommandError(
+                        f"unknown command subject {msg.subject!r}; expected "
+                        f"{self.names.prefix}.cmd.start.<workflow> or another documented command"
+                    )
+                body = await handler(self, msg, tokens[3:])
+        except CommandError as err:
+            await self._reject(msg, err)
+            await msg.ack()
+            return
+        except Exception as exc:
+            # An infrastructure failure: leave the command for redelivery, unless it keeps
+            # failing, in which case keep it aside rather than loop forever.
+            delivered = msg.metadata.num_delivered if msg.reply else 1
+            if delivered >= 5:
+                await self._reject(msg, CommandError(f"processing failed {delivered} times: {exc!r}"))
+                await msg.ack()
+            else:
+                log.exception("command on %s failed; will retry", msg.subject)
+                await msg.nak(delay=0.5 * delivered)
+            return
+        self.commands_handled += 1
+        await msg.ack()
+        await self._reply(msg, body)
+
+    @staticmethod
+    def parse_object(msg: Msg) -> dict[str, Any]:
+        try:
+            body = orjson.loads(msg.data) if msg.data else {}
+        except orjson.JSONDecodeError as exc:
+            raise CommandError(f"malformed JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise CommandError(f"the payload must be a JSON object, got {type(body).__name__}")
+        return body
+
+    async def _start(self, msg: Msg, workflow: str) -> dict[str, Any]:
+        if not jsl.valid_token(workflow):
+            raise CommandError(f"workflow name {workflow!r} is not valid", field="workflow")
+        body = self.parse_object(msg)
+        unknown = sorted(set(body) - _START_FIELDS)
+        if unknown:
+            raise CommandError(
+                f"unknown field(s) {', '.join(unknown)}; a start command takes "
+                f"{', '.join(sorted(_START_FIELDS))}",
+                field=unknown[0],
+            )
+        run_id = body.get("run_id")
+        if run_id is None:
+            hdrs = msg.headers or {}
+            key = hdrs.get(jsl.MSG_ID) or f"seq/{msg.metadata.sequence.stream}"
+            run_id = derive_run_id(self.names.prefix, key)
+        elif not isinstance(run_id, str) or not jsl.valid_token(run_id):
+            raise CommandError(
+                "run_id must be 1-128 letters, digits, '_' or '-'", field="run_id"
+            )
+        for name in ("queue", "concurrency_key"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise CommandError(f"{name} must be a string", field=name)
+        event = ev.RunRequested(
+            run_id=run_id,
+            workflow=workflow,
+            input=body.get("input"),
+            queue=body.get("queue"),
+            concurrency_key=body.get("concurrency_key"),
+            source="client" if (msg.headers or {}).get("Polos-Client") else "raw",
+        )
+        return await self.request_run(event)
+
+    async def request_run(self, event: ev.RunRequested) -> dict[str, Any]:
+        """Create the run (at most once per run id) and dispatch its first task."""
+        run_id = event.run_id
+        try:
+            seq = await jsl.append(
+                self.js, self.names, run_id, event, expected_last_seq=0, msg_id=f"{run_id}/req"
+            )
+        except jsl.FencedOut:
+            # The run exists: this is a repeated start. Re-dispatch only if it never ran, in
+            # case an earlier instance died between creating it and dispatching it.
+            state = await jsl.load_state(self.nc, self.names, run_id)
+            if state.requested and state.status == "queued" and state.attempt == 0:
+                await self.dispatch(run_id, state.requested.workflow, state.last_seq)
+            return {"ok": True, "run_id": run_id, "existing": True, "status": state.status}
+        await self.dispatch(run_id, event.workflow, seq)
+        return {"ok": True, "run_id": run_id, "existing": False, "status": "queued"}
+
+    async def dispatch(self, run_id: str, workflow: str, cause_seq: int) -> None:
+        """Put the run's task on its workflow's task subject. Idempotent per cause."""
+        await self.js.publish(
+            self.names.task_subject(workflow),
+            orjson.dumps({"run_id": run_id, "workflow": workflow}),
+            headers={jsl.MSG_ID: f"{run_id}/t/{cause_seq}"},
+        )
+
+    # Other issues register their verbs here: resume, cancel, ...
+    command_handlers: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ control events
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            event = ev.decode(msg.data)
+        except ev.EventDecodeError as exc:
+            await jsl.dead_letter(
+                self.js, self.names, source="ctl", reason=str(exc), subject=msg.subject,
+                data=msg.data,
+            )
+            await msg.ack()
+            return
+        seq = msg.metadata.sequence.stream
+        run_id = msg.subject.split(".")[2]
+        try:
+            await self.update_index(run_id, seq, event)
+            for hook in self.control_hooks:
+                await hook(self, run_id, seq, event)
+        except Exception:
+            log.exception("control event %s of run %s failed; will retry", type(event).__name__, run_id)
+            await msg.nak(delay=0.5)
+            return
+        await msg.ack()
+
+    # Other issues register reactions to control events here (wake parents, release slots, ...)
+    control_hooks: list[Any] = []
+
+    # ------------------------------------------------------------------ run index
+
+    async def update_index(self, run_id: str, seq: int, event: ev.Event) -> None:
+        """Fold one control event into the run's index entry, by compare-and-set.
+
+        Instances may see a run's events out of order; the entry remembers the last sequence it
+        folded and ignores anything older.
+        """
+        assert self._index is not None
+        for _ in range(10):
+            cached = self._cache.get(run_id)
+            if cached is None:
+                try:
+                    entry = await self._index.get(run_id)
+                    current: dict[str, Any] | None = orjson.loads(entry.value or b"{}")
+                    revision: int | None = entry.revision
+                except nats.js.errors.KeyNotFoundError:
+                    current, revision = None, None
+            else:
+                current, revision = dict(cached[0]), cached[1]
+            stale = current is not None and current.get("seq", 0) >= seq
+            if stale and not (isinstance(event, ev.RunRequested) and "workflow" not in (current or {})):
+                return
+            new = _fold_index(current or {"run_id": run_id}, seq, event, stale=stale)
+            try:
+                if revision is None:
+                    rev = await self._index.create(run_id, orjson.dumps(new))
+                else:
+                    rev = await self._index.update(run_id, orjson.dumps(new), last=revision)
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
+                self._cache.pop(run_id, None)
+                continue
+            self._cache[run_id] = (new, rev)
+            self._cache.move_to_end(run_id)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return
+        raise RuntimeError(f"index update for run {run_id} kept conflicting")
+
+
+def _fold_index(
+    entry: dict[str, Any], seq: int, event: ev.Event, *, stale: bool = False
+) -> dict[str, Any]:
+    e = dict(entry)
+    if stale:
+        # A newer event was folded first (instances race): keep its status, add the run's
+        # identity from the request.
+        assert isinstance(event, ev.RunRequested)
+        e.update(workflow=event.workflow, created_at=event.at, queue=event.queue,
+                 concurrency_key=event.concurrency_key, parent_run_id=event.parent_run_id,
+                 source=event.source)
+        return e
+    e["seq"] = seq
+    e["updated_at"] = event.at
+    if isinstance(event, ev.RunRequested):
+        e.update(
+            workflow=event.workflow,
+            status="queued",
+            created_at=event.at,
+            queue=event.queue,
+            concurrency_key=event.concurrency_key,
+            parent_run_id=event.parent_run_id,
+            source=event.source,
+        )
+    elif isinstance(event, ev.RunClaimed):
+        e.update(status="running", worker_id=event.worker_id, attempt=event.attempt)
+        e.setdefault("started_at", event.at)
+    elif isinstance(event, ev.RunSuspended):
+        e.update(
+            status="suspended",
+            waiting={"step": event.step, "kind": event.kind, "data": event.data,
+                     "topic": event.topic, "wake_at": event.wake_at,
+                     "timeout_at": event.timeout_at},
+        )
+    elif isinstance(event, ev.RunWoken):
+        e.update(status="queued", waiting=None)
+    elif isinstance(event, ev.RunCompleted):
+        e.update(status="completed", ended_at=event.at, waiting=None)
+    elif isinstance(event, ev.RunFailed):
+        e.update(status="failed", ended_at=event.at, error=event.error, waiting=None)
+    elif isinstance(event, ev.RunCancelled):
+        e.update(status="cancelled", ended_at=event.at, waiting=None)
+    return e
+
