@@ -181,9 +181,14 @@ class EventDecodeError(ValueError):
     """A history message that is not a known event: corruption or a newer writer."""
 
 
+def encode_dict(event: Event) -> dict[str, JSON]:
+    """The event's fields as a dict (without the type tag)."""
+    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+
+
 def encode(event: Event) -> bytes:
-    body = {"t": type(event).__name__}
-    body.update({f.name: getattr(event, f.name) for f in dataclasses.fields(event)})
+    body: dict[str, JSON] = {"t": type(event).__name__}
+    body.update(encode_dict(event))
     return orjson.dumps(body)
 
 
@@ -301,5 +306,6 @@ __all__ = [
     "StepFailed",
     "decode",
     "encode",
+    "encode_dict",
     "register",
 ]

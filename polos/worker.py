@@ -125,7 +125,7 @@ class Worker:
         the rest back (nak) so another worker resumes them at once."""
         timeout = self.shutdown_timeout if timeout is None else timeout
         for loop in self._loops:
-            loop._stopping = True  # noqa: SLF001 - stop pulling before draining
+            loop._stopping = True
         await asyncio.gather(*(loop.stop(drain_timeout=timeout) for loop in self._loops))
         for t in self._bg:
             t.cancel()

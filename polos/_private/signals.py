@@ -5,7 +5,7 @@ from __future__ import annotations
 from polos import events as ev
 
 
-class Suspend(BaseException):  # noqa: N818 - a signal, not an error
+class Suspend(BaseException):
     """The run must stop executing and wait (for a resume, an event, a timer, a child).
 
     A BaseException so that a workflow's ``except Exception`` cannot swallow it. The worker

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
-from typing import Any
+from typing import Any, ClassVar
 
 import nats.js.errors
 import orjson
@@ -232,7 +232,7 @@ class Orchestrator:
         )
 
     # Other issues register their verbs here: resume, cancel, ...
-    command_handlers: dict[str, Any] = {}
+    command_handlers: ClassVar[dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ control events
 
@@ -259,7 +259,7 @@ class Orchestrator:
         await msg.ack()
 
     # Other issues register reactions to control events here (wake parents, release slots, ...)
-    control_hooks: list[Any] = []
+    control_hooks: ClassVar[list[Any]] = []
 
     # ------------------------------------------------------------------ run index
 

@@ -1,0 +1,379 @@
+"""The ``polos`` command. Every subcommand takes ``--nats-url`` (or ``POLOS_NATS_URL``) and
+``--prefix`` (or ``POLOS_PREFIX``).
+
+Subcommands register themselves in ``COMMANDS`` through ``command``; other modules (the demo,
+analytics, the benchmark) add theirs the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from polos import events as ev
+from polos._private.runtime import (
+    load_workflows,
+    run_until_signal,
+    settings_from_args,
+    wait_for_signal,
+)
+from polos.client import PolosClient, RunInfo
+from polos.config import Settings
+from polos.errors import PolosError, WorkflowCancelledError, WorkflowFailedError
+
+Handler = Callable[[argparse.Namespace], Awaitable[int]]
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {}
+
+
+def command(
+    name: str, help: str
+) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable[[Handler], Handler]]:
+    """Register a subcommand: ``@command("x", "...")(add_args)(handler)``."""
+
+    def with_args(add_args: Callable[[argparse.ArgumentParser], None]) -> Callable[[Handler], Handler]:
+        def with_handler(handler: Handler) -> Handler:
+            COMMANDS[name] = (add_args, handler, help)
+            return handler
+
+        return with_handler
+
+    return with_args
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return settings_from_args(args)
+
+
+async def _client(args: argparse.Namespace) -> PolosClient:
+    return await PolosClient.connect(settings=_settings(args))
+
+
+def _ts(t: float | None) -> str:
+    if not t:
+        return "-"
+    return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [len(h) for h in headers]
+    for r in rows:
+        for i, c in enumerate(r):
+            widths[i] = min(max(widths[i], len(c)), 60)
+    def fmt(r: list[str]) -> str:
+        return "  ".join(c[:60].ljust(widths[i]) for i, c in enumerate(r)).rstrip()
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+
+
+# --------------------------------------------------------------------------- up
+
+
+def _add_up(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=os.environ.get("POLOS_DATA_DIR", ".polos"),
+                   help="where the embedded nats-server keeps its streams (default ./.polos)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("POLOS_PORT", "4222")),
+                   help="client port of the embedded server (0 = any free port)")
+    p.add_argument("--config", help="nats-server config file (default: ./nats.conf)")
+
+
+@command("up", "start nats-server (embedded) with the orchestrator and the scheduler")(_add_up)
+async def cmd_up(args: argparse.Namespace) -> int:
+    from polos._private.server import EmbeddedServer
+    from services.orchestrator import Orchestrator
+    from services.scheduler import Scheduler
+
+    server = None
+    url = args.nats_url or os.environ.get("POLOS_NATS_URL")
+    if not url:
+        server = EmbeddedServer(Path(args.data_dir), port=args.port, config=args.config)
+        url = server.start()
+        print(f"nats-server {server.url} (data in {Path(args.data_dir).resolve()})", flush=True)
+    settings = _settings(args).with_(nats_url=url)
+    print(f"Polos is up: NATS_URL={url} prefix={settings.prefix}", flush=True)
+    print("Ctrl-C stops it; the data stays for the next start.", flush=True)
+    try:
+        await run_until_signal(Orchestrator(settings), Scheduler(settings))
+    finally:
+        if server is not None:
+            server.stop()
+        print("Polos stopped.", flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _add_worker(p: argparse.ArgumentParser) -> None:
+    p.add_argument("module", help="module name or .py file that defines @workflow functions")
+    p.add_argument("--max-concurrent-runs", type=int, default=200)
+    p.add_argument("--worker-id")
+
+
+@command("worker", "serve the workflows of a module")(_add_worker)
+async def cmd_worker(args: argparse.Namespace) -> int:
+    from polos.worker import Worker
+
+    worker = Worker(
+        load_workflows(args.module),
+        settings=_settings(args),
+        max_concurrent_runs=args.max_concurrent_runs,
+        worker_id=args.worker_id,
+    )
+    await worker.start()
+    print(f"worker {worker.id} serving: {', '.join(worker.workflows)}", flush=True)
+    try:
+        await wait_for_signal()
+    finally:
+        await worker.stop()
+    return 0
+
+
+# --------------------------------------------------------------------------- start
+
+
+def _add_start(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workflow")
+    p.add_argument("--input", default="null", help="the input as JSON")
+    p.add_argument("--run-id")
+    p.add_argument("--queue")
+    p.add_argument("--concurrency-key")
+    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--timeout", type=float, default=None)
+
+
+@command("start", "start a run of a workflow")(_add_start)
+async def cmd_start(args: argparse.Namespace) -> int:
+    try:
+        value = orjson.loads(args.input)
+    except orjson.JSONDecodeError as exc:
+        print(f"error: --input is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    client = await _client(args)
+    try:
+        handle = await client.start(
+            args.workflow, value, run_id=args.run_id, queue=args.queue,
+            concurrency_key=args.concurrency_key,
+        )
+        print(f"run {handle.run_id} started", flush=True)
+        if not args.wait:
+            return 0
+        try:
+            result = await handle.result(timeout=args.timeout)
+        except WorkflowFailedError as exc:
+            print(f"run {handle.run_id} failed: {exc.error.get('type')}: {exc.error.get('message')}")
+            return 1
+        except WorkflowCancelledError:
+            print(f"run {handle.run_id} was cancelled")
+            return 1
+        print(_dumps(result))
+        return 0
+    finally:
+        await client.close()
+
+
+# --------------------------------------------------------------------------- runs / show
+
+
+def _add_runs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--status", action="append", help="only runs in this status (repeatable)")
+    p.add_argument("--workflow")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+
+
+def _waiting_text(r: RunInfo) -> str:
+    if r.note:
+        return r.note
+    w = r.waiting or {}
+    if not w:
+        return ""
+    bits = [f"{w.get('kind')} {w.get('step')!r}"]
+    if w.get("topic"):
+        bits.append(f"topic={w['topic']}")
+    if w.get("data") is not None:
+        bits.append(f"data={_dumps(w['data'])}")
+    return " ".join(bits)
+
+
+@command("runs", "list runs, newest first")(_add_runs)
+async def cmd_runs(args: argparse.Namespace) -> int:
+    client = await _client(args)
+    try:
+        runs = await client.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
+    finally:
+        await client.close()
+    if args.json:
+        print(_dumps([r.__dict__ for r in runs]))
+        return 0
+    rows = [
+        [r.run_id, r.workflow or "?", r.status, _ts(r.created_at), str(r.attempt), _waiting_text(r)]
+        for r in runs
+    ]
+    print(_table(rows, ["RUN", "WORKFLOW", "STATUS", "CREATED", "ATTEMPTS", "NOTE"]))
+    return 0
+
+
+def describe(event: ev.Event) -> str:
+    """One line for one event, for `polos show`."""
+    if isinstance(event, ev.RunRequested):
+        return f"requested {event.workflow} input={_dumps(event.input)[:200]}"
+    if isinstance(event, ev.RunClaimed):
+        return f"claimed by worker {event.worker_id} (attempt {event.attempt})"
+    if isinstance(event, ev.StepCompleted):
+        took = f" in {event.duration_ms:.1f} ms" if event.duration_ms is not None else ""
+        tries = f" after {event.attempts} attempts" if event.attempts > 1 else ""
+        return f"step {event.key!r} ({event.kind}{' ' + event.name if event.name else ''}) completed{took}{tries} -> {_dumps(event.output)[:200]}"
+    if isinstance(event, ev.StepAttemptFailed):
+        return f"step {event.key!r} attempt {event.attempt} failed: {event.error.get('type')}: {event.error.get('message')} (retry in {event.retry_in:g}s)"
+    if isinstance(event, ev.StepFailed):
+        return f"step {event.key!r} failed: {event.error.get('type')}: {event.error.get('message')}"
+    if isinstance(event, ev.RunSuspended):
+        return f"suspended at {event.step!r} waiting for {event.kind}" + (f" data={_dumps(event.data)[:200]}" if event.data is not None else "")
+    if isinstance(event, ev.RunWoken):
+        return f"woken at {event.step!r}: {event.reason}"
+    if isinstance(event, ev.RunCompleted):
+        return f"completed -> {_dumps(event.output)[:300]}"
+    if isinstance(event, ev.RunFailed):
+        return f"FAILED {event.error.get('type')}: {event.error.get('message')}"
+    if isinstance(event, ev.RunCancelled):
+        return f"cancelled{': ' + event.reason if event.reason else ''}"
+    return f"{type(event).__name__}"
+
+
+def timeline(history: list[tuple[int, ev.Event]]) -> str:
+    if not history:
+        return "(no events)"
+    t0 = history[0][1].at
+    lines = []
+    for seq, e in history:
+        lines.append(f"{seq:>8}  +{(e.at - t0) * 1000:9.1f} ms  {describe(e)}")
+    return "\n".join(lines)
+
+
+def _add_show(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_id")
+    p.add_argument("--json", action="store_true")
+
+
+@command("show", "a run's events as a timeline")(_add_show)
+async def cmd_show(args: argparse.Namespace) -> int:
+    client = await _client(args)
+    try:
+        history = await client.history(args.run_id)
+    finally:
+        await client.close()
+    if not history:
+        print(f"no run {args.run_id!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(_dumps([{"seq": s, "event": type(e).__name__, **ev.encode_dict(e)} for s, e in history]))
+        return 0
+    state = ev.RunState.fold(args.run_id, history)
+    print(f"run {args.run_id}  workflow {state.workflow}  status {state.status}  "
+          f"created {_ts(state.created_at)}")
+    print(timeline(history))
+    return 0
+
+
+# --------------------------------------------------------------------------- workers / dlq
+
+
+def _add_nothing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true")
+
+
+@command("workers", "live workers and what they serve")(_add_nothing)
+async def cmd_workers(args: argparse.Namespace) -> int:
+    client = await _client(args)
+    try:
+        workers = await client.workers()
+    finally:
+        await client.close()
+    if args.json:
+        print(_dumps(workers))
+        return 0
+    rows = [[w["id"], str(w.get("active_runs", 0)), ", ".join(w.get("workflows", [])),
+             f"{time.time() - w.get('at', 0):.0f}s ago"] for w in workers]
+    print(_table(rows, ["WORKER", "ACTIVE", "WORKFLOWS", "SEEN"]))
+    return 0
+
+
+@command("dlq", "dead-lettered messages and why they were kept aside")(_add_nothing)
+async def cmd_dlq(args: argparse.Namespace) -> int:
+    client = await _client(args)
+    try:
+        letters = await client.dead_letters()
+    finally:
+        await client.close()
+    if args.json:
+        print(_dumps(letters))
+        return 0
+    rows = [[_ts(d.get("at")), d.get("source", ""), d.get("subject", ""), d.get("reason", "")]
+            for d in letters]
+    print(_table(rows, ["AT", "SOURCE", "SUBJECT", "REASON"]))
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _load_plugins() -> None:
+    # Subcommands that live next to their feature register on import.
+    import importlib
+
+    for mod in ("polos._private.demo",):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_plugins()
+    parser = argparse.ArgumentParser(prog="polos", description="Durable execution for AI agents on NATS JetStream")
+    parser.add_argument("--nats-url", help="NATS server or cluster URL (env POLOS_NATS_URL)")
+    parser.add_argument("--prefix", help="namespace of subjects, streams and buckets (env POLOS_PREFIX)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        # Accept the global flags after the subcommand too: `polos runs --nats-url ...`.
+        p.add_argument("--nats-url", dest="nats_url", default=argparse.SUPPRESS)
+        p.add_argument("--prefix", dest="prefix", default=argparse.SUPPRESS)
+        add_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    handler = COMMANDS[args.command][1]
+    try:
+        code = asyncio.run(handler(args))
+    except KeyboardInterrupt:
+        code = 130
+    except (PolosError, ValueError, TimeoutError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
