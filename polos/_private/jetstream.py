@@ -242,7 +242,7 @@ async def ensure_topology(js: JetStreamContext, names: Names, settings: Settings
             ttl = settings.worker_ttl if bucket == names.workers_bucket else None
             with contextlib.suppress(nats.js.errors.BadRequestError):
                 await js.create_key_value(
-                    KeyValueConfig(bucket=bucket, history=1, ttl=ttl, replicas=r)
+                    KeyValueConfig(bucket=bucket, history=1, ttl=ttl, replicas=r, direct=True)
                 )
 
 

@@ -1,0 +1,55 @@
+"""Small helpers shared by tests: processes, marks, waiting for conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # noqa: SIM115 - closed when the process ends
+    return subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT)
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()  # SIGKILL: no cleanup, no goodbye
+    proc.wait()
+
+
+def marks(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def counts(path: Path) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    lines = marks(path)
+    started = collections.Counter(l.split()[1] for l in lines if l.startswith("start"))
+    done = collections.Counter(l.split()[1] for l in lines if l.startswith("done"))
+    return started, done
+
+
+async def until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
