@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from polos.client import PolosClient, RunInfo
 from polos.config import Settings
 from polos.errors import PolosError, WorkflowCancelledError, WorkflowFailedError
 
-Handler = Callable[[argparse.Namespace], Awaitable[int]]
+Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {}
 
 
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     handler = COMMANDS[args.command][1]
     try:
-        code = asyncio.run(handler(args))
+        code: int = asyncio.run(handler(args))
     except KeyboardInterrupt:
         code = 130
     except (PolosError, ValueError, TimeoutError, OSError) as exc:

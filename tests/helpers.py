@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    out = open(log, "ab")  # noqa: SIM115 - closed when the process ends
+    out = open(log, "ab")
     return subprocess.Popen(
         [sys.executable, *args], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT)
     )
@@ -41,8 +41,8 @@ def marks(path: Path) -> list[str]:
 
 def counts(path: Path) -> tuple[collections.Counter[str], collections.Counter[str]]:
     lines = marks(path)
-    started = collections.Counter(l.split()[1] for l in lines if l.startswith("start"))
-    done = collections.Counter(l.split()[1] for l in lines if l.startswith("done"))
+    started = collections.Counter(ln.split()[1] for ln in lines if ln.startswith("start"))
+    done = collections.Counter(ln.split()[1] for ln in lines if ln.startswith("done"))
     return started, done
 
 

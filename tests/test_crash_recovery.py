@@ -124,7 +124,7 @@ async def test_nats_server_restart_mid_run(tmp_path: Path, monkeypatch: pytest.M
             await asyncio.sleep(0.3)
             server.start()
             assert await handle.result(timeout=60) == sum(i * i for i in range(1, 11))
-        started, done = counts(log)
+        _, done = counts(log)
         # Nothing completed ran twice; a step whose append was cut by the crash may re-run.
         assert all(done[str(i)] <= 2 for i in range(1, 11))
         completed_twice = [i for i in range(1, 4) if done[str(i)] != 1]

@@ -18,10 +18,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from polos._private.server import REPO_ROOT, EmbeddedServer
 from polos.cli import command, timeline
-from polos.client import PolosClient
+from polos.client import PolosClient, RunHandle
 from polos.config import Settings
 
 EXAMPLE = REPO_ROOT / "examples" / "ten_steps.py"
@@ -41,7 +42,7 @@ def _spawn_worker(settings: Settings, log_path: Path, name: str, out_dir: Path) 
         POLOS_DEMO_LOG=str(log_path),
         PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
     )
-    out = open(out_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    out = open(out_dir / f"{name}.log", "wb")
     return subprocess.Popen(
         [sys.executable, "-m", "services.worker", str(EXAMPLE), "--worker-id", name],
         env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
@@ -80,7 +81,7 @@ async def run_demo(data_dir: Path | None, keep: bool) -> int:
     try:
         workers.append(_spawn_worker(settings, log_path, "worker-1", work))
         _say("2. worker-1 started (a separate process serving examples/ten_steps.py)")
-        handle = await client.start(
+        handle: RunHandle[Any] = await client.start(
             "ten_steps", {"name": "order-42", "steps": 10, "step_seconds": 0.25}
         )
         _say(f"3. started run {handle.run_id}: 10 steps of 0.25 s each")
