@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./bootstrap.sh
-exec "$PY" -m polos.cli demo "$@"
+exec "$PY" -m polos demo "$@"

@@ -330,15 +330,20 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- main
 
 
+# Modules that add subcommands when imported.
+PLUGINS = ["polos._private.demo"]
+
+
 def _load_plugins() -> None:
     # Subcommands that live next to their feature register on import.
     import importlib
 
-    for mod in ("polos._private.demo",):
+    for mod in PLUGINS:
         try:
             importlib.import_module(mod)
-        except ImportError:
-            pass
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:  # a plugin that exists but is broken must say so
+                raise
 
 
 def build_parser() -> argparse.ArgumentParser:
