@@ -1,0 +1,133 @@
+"""The `polos` command as a user runs it: separate processes, real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from polos import PolosClient, Worker
+from polos.testing import fast_settings
+from tests.helpers import ROOT, kill, marks, spawn, stop, until
+from tests.workflows.marked import marked
+
+pytestmark = pytest.mark.slow
+
+
+def polos(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "polos", *args],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
+    )
+
+
+async def apolos(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(polos, *args, env=env, timeout=timeout)
+
+
+async def test_start_wait_survives_a_sigkilled_worker_then_runs_and_show(
+    env_factory: Any, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    log = tmp_path / "marks.log"
+    subprocess_env["POLOS_TEST_LOG"] = str(log)
+    await env_factory([], with_worker=False)
+    w1 = spawn(["-m", "polos", "worker", "tests.workflows.marked"], subprocess_env, tmp_path / "w1.out")
+    w2 = None
+    try:
+        job = '{"steps": 10, "step_seconds": 0.1}'
+        start = asyncio.create_task(
+            apolos("start", "marked", "--input", job, "--wait", "--timeout", "60", env=subprocess_env)
+        )
+        await until(lambda: "start 5" in marks(log), 30, "step 5")
+        kill(w1)
+        w2 = spawn(["-m", "polos", "worker", "tests.workflows.marked"], subprocess_env, tmp_path / "w2.out")
+        done = await start
+    finally:
+        stop(w1)
+        if w2:
+            stop(w2)
+    assert done.returncode == 0, done.stderr
+    run_id = re.search(r"run (\w+) started", done.stdout).group(1)  # type: ignore[union-attr]
+    assert done.stdout.strip().splitlines()[-1] == str(sum(i * i for i in range(1, 11)))
+    lines = marks(log)
+    assert all(lines.count(f"done {i}") == 1 for i in range(1, 11))
+
+    runs = await apolos("runs", env=subprocess_env)
+    assert runs.returncode == 0 and run_id in runs.stdout and "completed" in runs.stdout
+    show = await apolos("show", run_id, env=subprocess_env)
+    assert show.returncode == 0
+    assert "claimed by worker" in show.stdout and show.stdout.count("claimed by worker") == 2
+    assert "step 's10'" in show.stdout and "completed ->" in show.stdout
+    as_json = orjson.loads((await apolos("show", run_id, "--json", env=subprocess_env)).stdout)
+    assert as_json[0]["event"] == "RunRequested" and as_json[-1]["event"] == "RunCompleted"
+
+
+async def test_start_with_bad_json_input_is_a_clear_error(subprocess_env: dict[str, str]) -> None:
+    out = await apolos("start", "marked", "--input", "{oops", env=subprocess_env)
+    assert out.returncode == 2 and "--input is not valid JSON" in out.stderr
+
+
+async def test_up_starts_serves_stops_on_ctrl_c_and_keeps_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POLOS_TEST_LOG", str(tmp_path / "m.log"))
+    env = dict(subprocess_env_base())
+    data = tmp_path / "data"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "polos", "up", "--data-dir", str(data), "--port", "0", "--prefix", "uptest"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
+    )
+    try:
+        url = await asyncio.to_thread(_read_url, up)
+        settings = fast_settings(url, prefix="uptest")
+        async with Worker([marked], settings=settings):
+            client = await PolosClient.connect(settings=settings)
+            handle = await client.start(marked, {"steps": 2})
+            assert await handle.result(timeout=20) == 5
+            await client.close()
+        up.send_signal(signal.SIGINT)
+        rest = await asyncio.to_thread(up.communicate, timeout=20)
+        assert up.returncode == 0, rest
+        assert "Polos stopped." in rest[0]
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    # Same data dir again: the run is still there.
+    up2 = subprocess.Popen(
+        [sys.executable, "-m", "polos", "up", "--data-dir", str(data), "--port", "0", "--prefix", "uptest"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
+    )
+    try:
+        url = await asyncio.to_thread(_read_url, up2)
+        client = await PolosClient.connect(settings=fast_settings(url, prefix="uptest"))
+        info = await client.get(handle.run_id)
+        assert info.status == "completed" and info.output == 5
+        await client.close()
+    finally:
+        up2.send_signal(signal.SIGINT)
+        up2.wait(20)
+
+
+def subprocess_env_base() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("POLOS_NATS_URL", None)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _read_url(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        m = re.search(r"NATS_URL=(\S+)", line)
+        if m:
+            return m.group(1)
+    raise AssertionError("polos up printed no NATS URL")
