@@ -4,19 +4,36 @@ The public API is what ``__all__`` lists; ``tests/test_public_api.py`` pins it.
 """
 
 from polos._private.execution import current_step
+from polos._private.waiting import ChildHandle, ReceivedEvent, Resumed
+from polos.agent import (
+    Agent,
+    AgentConfigError,
+    AgentError,
+    AgentGuardrailError,
+    AgentOutputError,
+    AgentResult,
+    AgentRun,
+    GuardrailViolation,
+    ProviderError,
+)
 from polos.client import PolosClient, RunHandle, RunInfo
 from polos.config import Settings
 from polos.errors import (
+    ChildWorkflowError,
+    CommandRejectedError,
     InputValidationError,
     NonDeterminismError,
     PolosError,
     RunNotFoundError,
     SerializationError,
     StepFailedError,
+    WaitTimeoutError,
     WorkflowCancelledError,
     WorkflowFailedError,
     WorkflowNotFoundError,
 )
+from polos.queues import Queue, RateLimit
+from polos.tools import Tool, tool
 from polos.worker import Worker
 from polos.workflow import (
     NO_RETRY,
@@ -32,10 +49,26 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NO_RETRY",
+    "Agent",
+    "AgentConfigError",
+    "AgentError",
+    "AgentGuardrailError",
+    "AgentOutputError",
+    "AgentResult",
+    "AgentRun",
+    "ChildHandle",
+    "ChildWorkflowError",
+    "CommandRejectedError",
+    "GuardrailViolation",
     "InputValidationError",
     "NonDeterminismError",
     "PolosClient",
     "PolosError",
+    "ProviderError",
+    "Queue",
+    "RateLimit",
+    "ReceivedEvent",
+    "Resumed",
     "RetryPolicy",
     "RunHandle",
     "RunInfo",
@@ -45,6 +78,8 @@ __all__ = [
     "Step",
     "StepFailedError",
     "StepInfo",
+    "Tool",
+    "WaitTimeoutError",
     "Worker",
     "WorkflowCancelledError",
     "WorkflowContext",
@@ -52,5 +87,6 @@ __all__ = [
     "WorkflowFailedError",
     "WorkflowNotFoundError",
     "current_step",
+    "tool",
     "workflow",
 ]

@@ -87,6 +87,9 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=int(os.environ.get("POLOS_PORT", "4222")),
                    help="client port of the embedded server (0 = any free port)")
     p.add_argument("--config", help="nats-server config file (default: ./nats.conf)")
+    p.add_argument("--auth", action="store_true", default=os.environ.get("POLOS_AUTH") == "1",
+                   help="require credentials: per-role users made on first start, kept 0600 in "
+                        "the data dir (`polos credentials ROLE` prints a role's URL)")
 
 
 @command("up", "start nats-server (embedded) with the orchestrator and the scheduler")(_add_up)
@@ -97,11 +100,24 @@ async def cmd_up(args: argparse.Namespace) -> int:
 
     server = None
     url = args.nats_url or os.environ.get("POLOS_NATS_URL")
+    service_url = None
     if not url:
-        server = EmbeddedServer(Path(args.data_dir), port=args.port, config=args.config)
+        config = args.config
+        if args.auth:
+            from polos._private import auth
+            from polos._private.server import default_config
+
+            creds, config = auth.secure_server_config(
+                args.data_dir, _settings(args).prefix, config or default_config()
+            )
+        server = EmbeddedServer(Path(args.data_dir), port=args.port, config=config)
         url = server.start()
         print(f"nats-server {server.url} (data in {Path(args.data_dir).resolve()})", flush=True)
-    settings = _settings(args).with_(nats_url=url)
+        if args.auth:
+            service_url = auth.url_for(creds, f"{_settings(args).prefix}-service", url)
+            print(f"auth on: credentials in {Path(args.data_dir).resolve() / auth.CREDENTIALS_FILE}",
+                  flush=True)
+    settings = _settings(args).with_(nats_url=service_url or url)
     print(f"Polos is up: NATS_URL={url} prefix={settings.prefix}", flush=True)
     print("Ctrl-C stops it; the data stays for the next start.", flush=True)
     try:
@@ -192,6 +208,8 @@ def _add_runs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workflow")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--waiting", action="store_true",
+                   help="only runs suspended for a human (ctx.step.suspend), with their data")
 
 
 def _waiting_text(r: RunInfo) -> str:
@@ -212,7 +230,11 @@ def _waiting_text(r: RunInfo) -> str:
 async def cmd_runs(args: argparse.Namespace) -> int:
     client = await _client(args)
     try:
-        runs = await client.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
+        if getattr(args, "waiting", False):
+            runs = [r for r in await client.waiting(limit=args.limit)
+                    if not args.workflow or r.workflow == args.workflow]
+        else:
+            runs = await client.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
     finally:
         await client.close()
     if args.json:
@@ -331,7 +353,7 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 # Modules that add subcommands when imported.
-PLUGINS = ["polos._private.demo"]
+PLUGINS = ["polos._private.cli_ops", "polos._private.demo", "bench", "polos._private.cli_analytics", "polos._private.cli_queues", "polos._private.cli_waiting"]
 
 
 def _load_plugins() -> None:

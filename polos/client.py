@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private import payloads
 from polos.config import Settings
 from polos.converter import from_json, to_json
 from polos.errors import RunNotFoundError, WorkflowCancelledError, WorkflowFailedError
@@ -110,6 +111,7 @@ class RunHandle(Generic[O]):
         # Subscribe before reading, so an ending between the read and the subscribe is not missed.
         sub = await nc.subscribe(names.run_subject(self.run_id, "ctl"), cb=on_ctl)
         deadline = None if timeout is None else time.monotonic() + timeout
+        told = False
         try:
             while True:
                 state = await jsl.load_state(nc, names, self.run_id)
@@ -119,9 +121,12 @@ class RunHandle(Generic[O]):
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"run {self.run_id} still {state.status} after {timeout}s")
                 # The wait is event-driven; the cap only re-checks the log in case a message
-                # was missed during a reconnect.
+                # was missed during a reconnect. Subscribers may get the ending before the
+                # stream has stored it: once told, re-read shortly rather than wait the cap.
+                cap = 0.02 if told else min(remaining or 30.0, 30.0)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ended.get(), timeout=min(remaining or 30.0, 30.0))
+                    await asyncio.wait_for(ended.get(), timeout=cap)
+                    told = True
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -210,9 +215,15 @@ class PolosClient:
             body["queue"] = queue
         if concurrency_key is not None:
             body["concurrency_key"] = concurrency_key
+        data = orjson.dumps(body)
+        if len(data) > payloads.inline_limit(self.nc):
+            # Too big for a command message: the input travels through the Object Store.
+            ref = await payloads.put_value(self.js, self.names, run_id, orjson.dumps(body.pop("input")))
+            body["input_ref"] = ref
+            data = orjson.dumps(body)
         await self.js.publish(
             self.names.start_subject(name),
-            orjson.dumps(body),
+            data,
             headers={jsl.MSG_ID: f"start/{run_id}", "Polos-Client": "python"},
         )
         return RunHandle(self, run_id, name, output_type)
@@ -296,6 +307,90 @@ class PolosClient:
         """The newest dead-lettered messages with the reason each was kept aside."""
         msgs = await jsl.read_subject(self.nc, self.names.dlq_stream, f"{self.settings.prefix}.dlq.>")
         return [orjson.loads(m.data) for m in msgs[-limit:]]
+
+    # ------------------------------------------------------------------ waiting (docs/waiting.md)
+
+    async def resume(
+        self, run_id: str, key: str, data: Any = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Resume the run's ``ctx.step.suspend(key)`` with ``data``; returns the orchestrator's
+        answer: ``status`` "resumed", or "pending" if the run has not reached that suspend yet
+        (the resume is kept and applied when it does). A resume that cannot apply (unknown or
+        finished run, key already resumed) raises ``CommandRejectedError`` and changes nothing.
+        """
+        from polos._private import waiting
+
+        if not jsl.valid_token(run_id):
+            raise ValueError(f"run_id {run_id!r} is not valid")
+        return await waiting.send_command(
+            self.nc, self.js, waiting.resume_subject(self.names, run_id, key),
+            {"data": to_json(data, what="the resume data")},
+            msg_id=f"resume/{run_id}/{uuid.uuid4().hex}",
+            timeout=timeout or self.settings.request_timeout,
+        )
+
+    async def cancel(
+        self, run_id: str, reason: str | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Cancel a run: its worker is interrupted at the next await, its children are
+        cancelled, its timers and waits are cleared. Raises ``CommandRejectedError`` for an
+        unknown or finished run."""
+        from polos._private import waiting
+
+        if not jsl.valid_token(run_id):
+            raise ValueError(f"run_id {run_id!r} is not valid")
+        body = {"reason": reason} if reason is not None else {}
+        return await waiting.send_command(
+            self.nc, self.js, self.names.cancel_subject(run_id), body,
+            msg_id=f"cancel/{run_id}/{uuid.uuid4().hex}",
+            timeout=timeout or self.settings.request_timeout,
+        )
+
+    async def publish_event(self, topic: str, data: Any = None) -> int:
+        """Publish an external event on ``topic`` (see docs/waiting.md for the subject it maps
+        to); returns its sequence in the events stream. Same as a raw JSON publish."""
+        from polos._private import waiting
+
+        ack = await self.js.publish(
+            waiting.event_subject(self.names, topic), orjson.dumps(to_json(data, what="the event data"))
+        )
+        return int(ack.seq)
+
+    async def create_schedule(
+        self,
+        key: str,
+        workflow: str | WorkflowDefinition[Any, Any],
+        cron: str,
+        *,
+        timezone: str | None = None,
+        input: Any = None,
+    ) -> dict[str, Any]:
+        """Create (or replace) the keyed cron schedule ``key``: each firing starts one run."""
+        from polos._private import waiting
+
+        name = workflow.name if isinstance(workflow, WorkflowDefinition) else workflow
+        await waiting.ensure_waiting_topology(self.js, self.names, self.settings)
+        return await waiting.put_schedule(
+            self.js, self.names, key, name, cron, timezone=timezone, input=input
+        )
+
+    async def list_schedules(self) -> list[dict[str, Any]]:
+        from polos._private import waiting
+
+        await waiting.ensure_waiting_topology(self.js, self.names, self.settings)
+        return await waiting.list_schedules(self.nc, self.names)
+
+    async def delete_schedule(self, key: str) -> bool:
+        """Delete the keyed schedule; False if there was none."""
+        from polos._private import waiting
+
+        await waiting.ensure_waiting_topology(self.js, self.names, self.settings)
+        return await waiting.delete_schedule(self.js, self.names, key)
+
+    async def waiting(self, limit: int = 100) -> list[RunInfo]:
+        """Runs suspended for a human (``ctx.step.suspend``), with the data they showed."""
+        runs = await self.list_runs(status="suspended", limit=100_000)
+        return [r for r in runs if (r.waiting or {}).get("kind") == "suspend"][:limit]
 
 
 __all__ = ["PolosClient", "RunHandle", "RunInfo"]

@@ -39,6 +39,9 @@ class Settings:
         default_factory=lambda: _env_float("POLOS_LOCAL_RETRY_LIMIT", 30.0)
     )
     request_timeout: float = field(default_factory=lambda: _env_float("POLOS_REQUEST_TIMEOUT", 5.0))
+    # A concurrency slot's lease: a worker that dies holding one gives it back this long after
+    # its last renewal (renewed every third of it while the run executes).
+    slot_lease: float = field(default_factory=lambda: _env_float("POLOS_SLOT_LEASE", 30.0))
     replicas: int = field(default_factory=lambda: int(os.environ.get("POLOS_REPLICAS", "1")))
     # Seconds the stream keeps message ids for de-duplication of retried appends and commands.
     duplicate_window: float = 600.0

@@ -61,6 +61,50 @@ class WorkflowCancelledError(PolosError):
     """Raised by ``RunHandle.result()`` when the run was cancelled."""
 
 
+class WaitTimeoutError(PolosError):
+    """A ``ctx.step.suspend`` or ``ctx.step.wait_for_event`` reached its ``timeout``.
+
+    Raised inside the workflow (live and on replay alike); catch it to take another path.
+    """
+
+    def __init__(self, key: str, kind: str, timeout_at: float | None = None) -> None:
+        super().__init__(f"{kind} step {key!r} timed out")
+        self.key = key
+        self.kind = kind
+        self.timeout_at = timeout_at
+
+
+class ChildWorkflowError(PolosError):
+    """A child run (``ctx.step.invoke_and_wait`` / ``batch_invoke_and_wait``) failed or was
+    cancelled. ``children`` lists every child's outcome: run_id, status, output, error."""
+
+    def __init__(self, key: str, children: list[dict[str, Any]]) -> None:
+        bad = [c for c in children if c.get("status") != "completed"]
+        first = bad[0] if bad else {}
+        err = first.get("error") or {}
+        super().__init__(
+            f"step {key!r}: {len(bad)} of {len(children)} child run(s) did not complete; "
+            f"{first.get('run_id')} {first.get('status')}: {err.get('type', '')} {err.get('message', '')}".rstrip()
+        )
+        self.key = key
+        self.children = children
+        self.child_run_id: str | None = first.get("run_id")
+        self.status: str | None = first.get("status")
+        self.error: dict[str, Any] = err
+
+
+class CommandRejectedError(PolosError):
+    """The orchestrator refused a command (resume, cancel, ...); ``reason`` says why.
+
+    The command changed nothing; it is kept in the dead-letter stream.
+    """
+
+    def __init__(self, reason: str, answer: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.answer = answer or {}
+
+
 class RunNotFoundError(PolosError):
     """No run with this id exists in the namespace."""
 
@@ -70,12 +114,15 @@ class WorkflowNotFoundError(PolosError):
 
 
 __all__ = [
+    "ChildWorkflowError",
+    "CommandRejectedError",
     "InputValidationError",
     "NonDeterminismError",
     "PolosError",
     "RunNotFoundError",
     "SerializationError",
     "StepFailedError",
+    "WaitTimeoutError",
     "WorkflowCancelledError",
     "WorkflowFailedError",
     "WorkflowNotFoundError",

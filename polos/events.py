@@ -103,6 +103,10 @@ class RunSuspended(Event):
     wake_at: float | None = None
     timeout_at: float | None = None
     children: list[str] | None = None
+    # kind "event": the events-stream sequence already consumed for this topic by earlier waits
+    # of the run (0: none), and the run's start time, from which a first wait reads events.
+    cursor: int | None = None
+    since: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +116,28 @@ class RunWoken(Event):
     run_id: str
     step: str
     reason: str
+    # The outcome of the awaited step (a resume, an event, a timer, children's results), when
+    # the wake carries one: the fold records it as the step's StepCompleted of ``kind``, so
+    # replay finds it in the history like any other step. None for a wake without an outcome
+    # (a retry back-off ended).
+    kind: str | None = None
+    output: JSON = None
+    workflow: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunAdmitted(RunWoken):
+    """A run that waited for a concurrency slot (or a queue's rate) got it.
+
+    A kind of ``RunWoken``, so the fold and the index treat it as one (the run is queued for a
+    worker again); it names the slot keys its task carries, so a crash between this append and
+    the task's publish can be repaired from the log alone.
+    """
+
+    queue: str
+    concurrency_key: str | None = None
+    slots: list[str] = field(default_factory=list)
+    lease: float = 30.0
 
 
 # --------------------------------------------------------------------------- step events
@@ -170,6 +196,7 @@ for _cls in (
     RunCancelled,
     RunSuspended,
     RunWoken,
+    RunAdmitted,
     StepCompleted,
     StepAttemptFailed,
     StepFailed,
@@ -270,8 +297,14 @@ class RunState:
             if not self.done:
                 self.status = "suspended"
         elif isinstance(event, RunWoken):
+            if event.kind is not None and event.step not in self.steps:
+                self.step_order.append(event.step)
+                self.steps[event.step] = StepCompleted(
+                    key=event.step, kind=event.kind, output=event.output, at=event.at
+                )
             if not self.done:
                 self.status = "queued"
+                self.suspended = None
         elif isinstance(event, RunCompleted):
             self.status, self.output = "completed", event.output
         elif isinstance(event, RunFailed):
@@ -292,6 +325,7 @@ __all__ = [
     "ErrorInfo",
     "Event",
     "EventDecodeError",
+    "RunAdmitted",
     "RunCancelled",
     "RunClaimed",
     "RunCompleted",

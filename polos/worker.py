@@ -32,6 +32,7 @@ from nats.js.kv import KeyValue
 from polos import events as ev
 from polos._private import jetstream as jsl
 from polos._private.execution import RunExecution, error_info
+from polos._private.limits import register_queues, run_holding_slots
 from polos._private.signals import Suspend
 from polos.config import Settings
 from polos.converter import from_json, json_schema, to_json, validation_errors
@@ -46,6 +47,7 @@ class _Active:
     run_id: str
     msg: Msg
     task: asyncio.Task[None] | None = None
+    cancelled: bool = False  # the run was cancelled: its execution is being interrupted
 
 
 class Worker:
@@ -98,6 +100,8 @@ class Worker:
         self._workers_kv = await self._js.key_value(self.names.workers_bucket)
         await self._announce()
         self._bg.append(asyncio.create_task(self._announce_loop(), name="worker-announce"))
+        # A cancelled run is interrupted at its next await (core NATS: only live workers care).
+        await self._nc.subscribe(self.names.cancel_signal_subject("*"), cb=self._on_cancel_signal)
         for wf in self.workflows.values():
             durable = f"wf_{wf.name}"
             await jsl.ensure_consumer(
@@ -127,9 +131,12 @@ class Worker:
         for loop in self._loops:
             loop._stopping = True
         await asyncio.gather(*(loop.stop(drain_timeout=timeout) for loop in self._loops))
-        for t in self._bg:
-            t.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
+        # A cancel that lands just as a NATS request completes is lost inside asyncio.wait_for
+        # (Python 3.11), and the announce loop would go on forever: cancel until it is gone.
+        while not all(t.done() for t in self._bg):
+            for t in self._bg:
+                t.cancel()
+            await asyncio.wait(self._bg, timeout=0.5)
         if self._workers_kv is not None:
             with contextlib.suppress(Exception):
                 await self._workers_kv.delete(self.id)
@@ -169,6 +176,7 @@ class Worker:
                 "doc": (wf.fn.__doc__ or "").strip() or None,
             }
             await kv.put(wf.name, orjson.dumps(doc))
+        await register_queues(self._nc, self._js, self.names, self.settings, self.workflows.values())
 
     async def _announce(self) -> None:
         assert self._workers_kv is not None
@@ -224,12 +232,19 @@ class Worker:
         if wf is None:
             await msg.nak(delay=1)
             return
-        active = _Active(run_id=run_id, msg=msg)
+        active = _Active(run_id=run_id, msg=msg, task=asyncio.current_task())
         self._active[run_id] = active
         hb = asyncio.create_task(self._heartbeat(active))
         try:
-            outcome = await self._execute(wf, run_id)
+            # A run of a limited queue carries its slot leases: kept alive while it executes.
+            outcome = await run_holding_slots(self, task, lambda: self._execute(wf, run_id))
         except asyncio.CancelledError:
+            if active.cancelled and active.task is not None:
+                # The run was cancelled (RunCancelled is in its history): nothing left to do.
+                active.task.uncancel()
+                with contextlib.suppress(Exception):
+                    await active.msg.ack()
+                return
             # Shutting down mid-run: hand the task back so another worker resumes right away.
             with contextlib.suppress(Exception):
                 await active.msg.nak()
@@ -244,6 +259,11 @@ class Worker:
             self._active.pop(run_id, None)
         if outcome == "retry":
             await active.msg.nak(delay=0.5)
+        elif outcome == "fenced":
+            # Another worker may hold a newer delivery of this task: an ack of ours would remove
+            # the task under it (and if it then died, the run would be stuck). Leave it; if no
+            # one holds it, it comes back after ack_wait and is acked by whoever finds it done.
+            pass
         else:
             await active.msg.ack()
 
@@ -305,12 +325,13 @@ class Worker:
                 exe.check_all_replayed()
                 output = to_json(result, what=f"the output of workflow {wf.name!r}")
             except Suspend as sus:
+                await exe.wait_idle()  # sibling steps in flight record first (asyncio.gather)
                 await exe.record(sus.event, msg_id=sus.msg_id)
                 return "done"
             except (NonDeterminismError, SerializationError) as exc:
                 await self._fail(exe, exc)
                 return "done"
-            except jsl.FencedOut:
+            except (jsl.FencedOut, jsl.AppendUnavailable):
                 raise
             except Exception as exc:
                 await self._fail(exe, exc)
@@ -323,9 +344,16 @@ class Worker:
         except jsl.FencedOut:
             # Another worker (or a cancel) owns the run now; stop without writing anything.
             log.info("run %s: fenced out, another writer owns it", run_id)
-            return "done"
+            return "fenced"
         except (nats.errors.ConnectionClosedError, nats.errors.TimeoutError, TimeoutError):
             return "retry"
+
+    async def _on_cancel_signal(self, msg: Msg) -> None:
+        active = self._active.get(msg.subject.rsplit(".", 1)[-1])
+        if active is not None and active.task is not None and not active.cancelled:
+            log.info("run %s cancelled: interrupting it", active.run_id)
+            active.cancelled = True
+            active.task.cancel()
 
     async def _fail(self, exe: RunExecution, exc: BaseException, details: Any = None) -> None:
         info = error_info(exc, retryable=False)

@@ -19,7 +19,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from datetime import timedelta
+
     from polos._private.execution import RunExecution
+    from polos._private.waiting import ChildHandle, ReceivedEvent, Resumed
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -108,8 +112,70 @@ class Step:
         """A random float in [0, 1), recorded."""
         return float(await self._x.record_value(key, "random", _random.random))
 
+    async def agent_invoke_and_wait(self, key: str, run: Any, *, inline: bool = False) -> Any:
+        """Run ``agent.with_input(...)`` durably under ``key`` as a child run (``inline=True``:
+        in this run's own history); returns an ``AgentResult`` whose ``.result`` is typed by
+        the agent's ``output_type``. See polos/agent.py and docs/agents.md."""
+        from polos.agent import invoke_agent
+
+        return await invoke_agent(self._x, key, run, inline=inline)
+
     def idempotency_key(self, key: str) -> str:
         return f"{self._x.run_id}:{key}"
+
+    # Waiting without compute (polos/_private/waiting.py, docs/waiting.md): each of these
+    # suspends the run (no worker, no slot held) until what it waits for is in the history.
+
+    async def suspend(
+        self, key: str, data: Any = None, timeout: float | timedelta | None = None
+    ) -> Resumed:
+        """Pause until ``client.resume(run_id, key, data)``; returns the resume (``.data``).
+
+        ``data`` is shown to whoever resumes (``polos runs --waiting``). After ``timeout``
+        seconds without a resume, ``WaitTimeoutError`` is raised here.
+        """
+        from polos._private import waiting
+
+        return await waiting.suspend(self._x, key, data, timeout)
+
+    async def wait_for_event(
+        self, key: str, topic: str, timeout: float | timedelta | None = None
+    ) -> ReceivedEvent:
+        """The first event on ``topic`` published after the run started (after the previous
+        wait on the same topic, in a loop) - waiting for it if none has come yet."""
+        from polos._private import waiting
+
+        return await waiting.wait_for_event(self._x, key, topic, timeout)
+
+    async def sleep(self, key: str, duration: float | timedelta) -> None:
+        """A durable sleep: the scheduler wakes the run; no worker waits."""
+        from polos._private import waiting
+
+        await waiting.sleep(self._x, key, duration)
+
+    async def sleep_until(self, key: str, when: datetime) -> None:
+        from polos._private import waiting
+
+        await waiting.sleep_until(self._x, key, when)
+
+    async def invoke(self, key: str, workflow: Any, input: Any = None) -> ChildHandle:
+        """Start a child run (exactly once for this step) without waiting for it."""
+        from polos._private import waiting
+
+        return await waiting.invoke(self._x, key, workflow, input)
+
+    async def invoke_and_wait(self, key: str, workflow: Any, input: Any = None) -> Any:
+        """Run a child workflow and return its output; the parent waits without a worker.
+        A failed or cancelled child raises ``ChildWorkflowError``."""
+        from polos._private import waiting
+
+        return await waiting.invoke_and_wait(self._x, key, workflow, input)
+
+    async def batch_invoke_and_wait(self, key: str, items: Iterable[tuple[Any, Any]]) -> list[Any]:
+        """Fan out ``(workflow, input)`` pairs as child runs, fan in their outputs (in order)."""
+        from polos._private import waiting
+
+        return await waiting.batch_invoke_and_wait(self._x, key, items)
 
 
 class WorkflowContext:
@@ -140,6 +206,16 @@ class WorkflowContext:
     def is_replaying(self) -> bool:
         """True while the code is re-walking recorded history (e.g. to skip logging)."""
         return self._x.is_replaying
+
+    async def patched(self, patch_id: str) -> bool:
+        """Roll out a code change safely: ``if await ctx.patched("v2"): new() else: old()``.
+
+        True for runs that reach this point with the new code (recorded, so it stays True on
+        replay); False for runs whose history was written by the old code past this point.
+        Once no run of the old code is left, drop the old branch (keep the ``patched`` call
+        for as long as runs that recorded it may replay).
+        """
+        return await self._x.patched(patch_id)
 
 
 @dataclasses.dataclass(eq=False)

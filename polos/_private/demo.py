@@ -127,11 +127,133 @@ async def run_demo(data_dir: Path | None, keep: bool) -> int:
             _say(f"(demo files kept in {work})")
 
 
+ORDER_EXAMPLE = REPO_ROOT / "examples" / "order.py"
+
+
+def _spawn_order_worker(settings: Settings, log_path: Path, name: str, out_dir: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.update(
+        POLOS_NATS_URL=settings.nats_url,
+        POLOS_PREFIX=settings.prefix,
+        POLOS_TASK_ACK_WAIT=str(settings.task_ack_wait),
+        POLOS_HEARTBEAT_INTERVAL=str(settings.heartbeat_interval),
+        POLOS_DEMO_LOG=str(log_path),
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
+    )
+    out = open(out_dir / f"{name}.log", "wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.worker", str(ORDER_EXAMPLE), "--worker-id", name],
+        env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+    )
+
+
+async def _status(client: PolosClient, run_id: str) -> str:
+    try:
+        return (await client.get(run_id)).status
+    except Exception:
+        return "unknown"
+
+
+async def _until_status(client: PolosClient, run_id: str, status: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while await _status(client, run_id) != status:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"demo: run {run_id} never became {status}")
+        await asyncio.sleep(0.02)
+
+
+async def _until_worker(client: PolosClient, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(w.get("id") == name for w in await client.workers()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"demo: {name} never registered")
+        await asyncio.sleep(0.05)
+
+
+async def run_order_demo(data_dir: Path | None, keep: bool) -> int:
+    """charge -> suspend for fraud review -> worker SIGKILLed -> second worker -> approve ->
+    pickup event -> email -> completed; the charge ran once."""
+    from services.orchestrator import Orchestrator
+    from services.scheduler import Scheduler
+
+    work = Path(tempfile.mkdtemp(prefix="polos-demo-"))
+    server = EmbeddedServer(data_dir or work / "nats", port=0)
+    url = server.start()
+    settings = Settings(nats_url=url, prefix="demo", task_ack_wait=2.0, heartbeat_interval=0.5)
+    log_path = work / "effects.log"
+    _say(f"1. nats-server on {url}; orchestrator + scheduler up")
+    orchestrator, scheduler = Orchestrator(settings), Scheduler(settings)
+    await orchestrator.start()
+    await scheduler.start()
+    workers: list[subprocess.Popen[bytes]] = []
+    client = await PolosClient.connect(settings=settings)
+    order = {"id": "A-1001", "amount": 2500, "email": "ada@example.com"}
+    try:
+        workers.append(_spawn_order_worker(settings, log_path, "worker-1", work))
+        await _until_worker(client, "worker-1", 30)
+        _say("2. worker-1 started (a separate process serving examples/order.py)")
+        handle: RunHandle[Any] = await client.start("process_order", order)
+        _say(f"3. started process_order {handle.run_id} for order {order['id']} ({order['amount']})")
+        await _until_status(client, handle.run_id, "suspended", 30)
+        _say("4. charge ran; the run is suspended for fraud review and holds no worker:")
+        for r in await client.waiting():
+            waiting = r.waiting or {}
+            _say(f"     polos runs --waiting: {r.run_id} waits at {waiting.get('step')!r} "
+                 f"showing {waiting.get('data')}")
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait()
+        _say("5. worker-1 killed with SIGKILL while the run waits")
+        workers.append(_spawn_order_worker(settings, log_path, "worker-2", work))
+        await _until_worker(client, "worker-2", 30)
+        _say("6. worker-2 started")
+        t_resume = time.time()
+        answer = await client.resume(handle.run_id, "fraud_review", {"approved": True, "by": "fraud-team"})
+        await _until_status(client, handle.run_id, "suspended", 30)
+        history = await client.history(handle.run_id)
+        claimed = [e for _, e in history if type(e).__name__ == "RunClaimed" and e.at >= t_resume]
+        took = (claimed[0].at - t_resume) * 1000 if claimed else float("nan")
+        _say(f"7. review approved ({answer['status']}); worker-2 picked the run up {took:.1f} ms "
+             "after the resume was published; it now waits for the warehouse")
+        seq = await client.publish_event(f"warehouse.pickup/{order['id']}", {"dock": 4})
+        _say(f"8. pickup event published on warehouse.pickup/{order['id']} (event {seq})")
+        result = await handle.result(timeout=30)
+        _say(f"9. run completed: {result!r}")
+        _say("\nThe run's history (polos show " + handle.run_id + "):")
+        _say(timeline(await client.history(handle.run_id)))
+        effects = collections.Counter(m.split()[1] for m in _marks(log_path))
+        _say("\nSide effects really executed:")
+        _say(f"  charge: {effects['charge']}x   email: {effects['email']}x")
+        ok = effects["charge"] == 1 and effects["email"] == 1 and (result or {}).get("status") == "completed"
+        _say("\nThe customer was charged once and emailed once." if ok else "\nUNEXPECTED effects")
+        return 0 if ok else 1
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()
+                try:
+                    w.wait(5)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+        await client.close()
+        await scheduler.stop()
+        await orchestrator.stop()
+        server.stop()
+        if keep:
+            _say(f"(demo files kept in {work})")
+
+
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="keep the demo's streams here")
     p.add_argument("--keep", action="store_true", help="keep the demo's temp files")
+    p.add_argument(
+        "--scenario", choices=["order", "crash"], default="order",
+        help="order: charge, fraud review, worker killed, pickup, email (default); "
+        "crash: a worker SIGKILLed mid-step in a ten-step run",
+    )
 
 
-@command("demo", "crash recovery, live: a worker is SIGKILLed mid-run and another finishes")(_add_demo)
+@command("demo", "the order scenario, live: suspend, SIGKILLed worker, resume, event, charged once")(_add_demo)
 async def cmd_demo(args: argparse.Namespace) -> int:
-    return await run_demo(args.data_dir, args.keep)
+    if getattr(args, "scenario", "order") == "crash":
+        return await run_demo(args.data_dir, args.keep)
+    return await run_order_demo(args.data_dir, args.keep)

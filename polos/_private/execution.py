@@ -87,6 +87,12 @@ class RunExecution:
         # Steps recorded before this execution started: what replay must walk through.
         self._replay_keys: list[str] = list(state.step_order)
         self.appends = 0
+        self._patches: dict[str, bool] = {}
+        # Steps running user code right now: a wait must let them finish and record before the
+        # run suspends, or their completed work would be lost with the suspension.
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # ------------------------------------------------------------------ identity
 
@@ -175,6 +181,33 @@ class RunExecution:
 
     # ------------------------------------------------------------------ steps
 
+    async def patched(self, patch_id: str) -> bool:
+        """Versioning: True where this run takes the new code path, False where its history was
+        written by code without the patch. A True is recorded (a ``patch`` step), so the run
+        keeps its answer on every replay; the same id asked again gives the same answer."""
+        if patch_id in self._patches:
+            return self._patches[patch_id]
+        if not patch_id or len(patch_id) > 200:
+            raise ValueError(f"patch id must be 1-200 characters, got {patch_id!r}")
+        step_id = f"patch:{patch_id}"
+        if self.recorded(step_id, "patch", None) is not None:
+            value = True
+        else:
+            # Let sibling branches consume their recorded steps first (as check_new_step does).
+            for _ in range(_QUIESCE_TURNS):
+                if not self.is_replaying:
+                    break
+                await asyncio.sleep(0)
+            # History that goes on past this point without the marker came from the old code.
+            value = not self.is_replaying
+            if value:
+                await self.record(
+                    ev.StepCompleted(key=step_id, kind="patch", output=True),
+                    msg_id=f"{self.run_id}/s/{step_id}",
+                )
+        self._patches[patch_id] = value
+        return value
+
     async def record_value(self, key: str | None, kind: str, make: Callable[[], Any]) -> Any:
         step_id = self.step_id(key, kind)
         found = self.recorded(step_id, kind, None)
@@ -214,6 +247,30 @@ class RunExecution:
 
         policy = retry or DEFAULT_STEP_RETRY
         attempt = self.state.attempt_failures.get(step_id, 0)
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            return await self._attempts(step_id, name, fn, args, kwargs, policy, attempt)
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no step of this execution is running user code."""
+        while self.inflight:
+            await self._idle.wait()
+
+    async def _attempts(
+        self,
+        step_id: str,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        policy: RetryPolicy,
+        attempt: int,
+    ) -> Any:
         while True:
             attempt += 1
             started = time.time()
@@ -237,6 +294,11 @@ class RunExecution:
                         ),
                         msg_id=f"{self.run_id}/a/{step_id}/{attempt}",
                     )
+                    if delay > self.settings.local_retry_limit:
+                        # A long back-off waits in the scheduler: the run holds no worker.
+                        from polos._private.waiting import retry_later
+
+                        retry_later(self, step_id, attempt, delay)
                     await asyncio.sleep(delay)
                     continue
                 await self.record(

@@ -24,12 +24,14 @@ from nats.js.kv import KeyValue
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private import payloads
 from polos.config import Settings
+from services.orchestrator.admission import Admission
 
 log = logging.getLogger("polos.orchestrator")
 
 _RUN_NS = uuid.UUID("6f1d0b52-4b8e-4a4e-9a55-0c1f5b3f7d10")
-_START_FIELDS = {"input", "run_id", "queue", "concurrency_key"}
+_START_FIELDS = {"input", "input_ref", "run_id", "queue", "concurrency_key"}
 
 
 class CommandError(ValueError):
@@ -61,6 +63,7 @@ class Orchestrator:
         self._cache_size = index_cache
         self.commands_handled = 0
         self.dead_lettered = 0
+        self.admission: Admission | None = None
 
     @property
     def js(self) -> JetStreamContext:
@@ -85,6 +88,11 @@ class Orchestrator:
             self._js, self.names.runs_stream, "orchestrator_ctl", self.names.ctl_filter,
             ack_wait=30.0,
         )
+        # Queues with limits: before the loops start, so no run is dispatched around them.
+        self.admission = await Admission.attach(self)
+        # Features with their own consumers (waiting: events) start here; each returns
+        # something with ``stop()``.
+        self._attached = [await hook(self) for hook in self.start_hooks]
         for stream, durable, handler in (
             (self.names.cmd_stream, "orchestrator_cmd", self._on_command),
             (self.names.runs_stream, "orchestrator_ctl", self._on_control),
@@ -96,6 +104,10 @@ class Orchestrator:
 
     async def stop(self) -> None:
         await asyncio.gather(*(loop.stop(drain_timeout=2.0) for loop in self._loops))
+        if self.admission is not None:
+            await self.admission.stop()
+        for attached in getattr(self, "_attached", []):
+            await attached.stop()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
@@ -199,12 +211,27 @@ class Orchestrator:
         event = ev.RunRequested(
             run_id=run_id,
             workflow=workflow,
-            input=body.get("input"),
+            input=await self._input(body, run_id),
             queue=body.get("queue"),
             concurrency_key=body.get("concurrency_key"),
             source="client" if (msg.headers or {}).get("Polos-Client") else "raw",
         )
         return await self.request_run(event)
+
+    async def _input(self, body: dict[str, Any], run_id: str) -> Any:
+        """The start's input; an input too big for a message arrives as an Object Store ref."""
+        ref = body.get("input_ref")
+        if ref is None:
+            return body.get("input")
+        if not isinstance(ref, str) or not ref.startswith(f"{run_id}/") or "input" in body:
+            raise CommandError(
+                "input_ref must name the run's payload object (<run_id>/<sha256>), without input",
+                field="input_ref",
+            )
+        try:
+            return await payloads.get_value(self.js, self.names, ref)
+        except payloads.PayloadMissingError as exc:
+            raise CommandError(str(exc), field="input_ref") from exc
 
     async def request_run(self, event: ev.RunRequested) -> dict[str, Any]:
         """Create the run (at most once per run id) and dispatch its first task."""
@@ -218,13 +245,30 @@ class Orchestrator:
             # case an earlier instance died between creating it and dispatching it.
             state = await jsl.load_state(self.nc, self.names, run_id)
             if state.requested and state.status == "queued" and state.attempt == 0:
-                await self.dispatch(run_id, state.requested.workflow, state.last_seq)
+                await self.dispatch(
+                    run_id, state.requested.workflow, state.last_seq, requested=state.requested
+                )
             return {"ok": True, "run_id": run_id, "existing": True, "status": state.status}
-        await self.dispatch(run_id, event.workflow, seq)
+        await self.dispatch(run_id, event.workflow, seq, requested=event)
         return {"ok": True, "run_id": run_id, "existing": False, "status": "queued"}
 
-    async def dispatch(self, run_id: str, workflow: str, cause_seq: int) -> None:
-        """Put the run's task on its workflow's task subject. Idempotent per cause."""
+    async def dispatch(
+        self,
+        run_id: str,
+        workflow: str,
+        cause_seq: int,
+        *,
+        requested: ev.RunRequested | None = None,
+    ) -> None:
+        """Put the run's task on its workflow's task subject. Idempotent per cause.
+
+        A run whose queue has a limit goes through admission instead: it gets a slot (or waits
+        for one, holding no worker) before its task exists.
+        """
+        if self.admission is not None and await self.admission.route(
+            run_id, workflow, cause_seq, requested
+        ):
+            return
         await self.js.publish(
             self.names.task_subject(workflow),
             orjson.dumps({"run_id": run_id, "workflow": workflow}),
@@ -260,6 +304,9 @@ class Orchestrator:
 
     # Other issues register reactions to control events here (wake parents, release slots, ...)
     control_hooks: ClassVar[list[Any]] = []
+
+    # async fn(orch) -> object with ``async stop()``: run at start, after admission.
+    start_hooks: ClassVar[list[Any]] = []
 
     # ------------------------------------------------------------------ run index
 

@@ -1,32 +1,207 @@
-"""The scheduler: durable timers. (Timers arrive with the waiting issue; the service exists so
-`polos up` and the tests run the full set of processes from the start.)"""
+"""The scheduler: owns time. Durable sleeps, wait timeouts, long retry back-offs, cron.
+
+Timers are JetStream message schedules (nats-server 2.12+) in the ``<P>_TIMERS`` stream: the
+server holds each one as a message and, when it is due, stores a copy on
+``<prefix>.timer.fire.…``. So a pending timer lives in the server's file store, not in this
+process: no timer is lost when the scheduler or nats-server restarts, and a firing that happens
+while no scheduler runs waits in the stream until one comes back.
+
+Every scheduler instance pulls from one durable consumer on the fire subjects, so each firing
+is handled by one instance; the wake it appends is fenced on the run's ``RunSuspended``
+sequence, so even a redelivered firing takes effect once. The orchestrator dispatches the woken
+run (its ``RunWoken`` hook).
+
+Cron schedules are message schedules too (``Nats-Schedule: <cron>`` with a time zone); a firing
+starts a run whose id is derived from the firing, so two schedulers start it once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
+import uuid
+from typing import Any
 
+import orjson
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from polos._private import jetstream as jsl
+from polos._private import waiting as wt
 from polos.config import Settings
 
 log = logging.getLogger("polos.scheduler")
 
+_CRON_NS = uuid.UUID("3c0e4b8a-61f2-4f0e-a3f5-7f0f3e1f8b21")
+DURABLE = "scheduler_fire"
+
 
 class Scheduler:
+    """One scheduler instance. Run as many as you like against one namespace."""
+
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.names = jsl.Names(self.settings.prefix)
         self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._loop: jsl.PullLoop | None = None
+        self._bg: list[asyncio.Task[None]] = []
+        # figures for tests and the docs
+        self.fired = 0
+        self.woken = 0
+        self.stale = 0
+        self.cron_runs = 0
+        self.lateness_ms: list[float] = []
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "scheduler not started"
+        return self._js
 
     async def start(self) -> None:
         self._nc = await jsl.connect(self.settings, name="polos-scheduler")
-        js = self._nc.jetstream(timeout=self.settings.request_timeout)
-        await jsl.ensure_topology(js, self.names, self.settings)
+        self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
+        await jsl.ensure_topology(self._js, self.names, self.settings)
+        await wt.ensure_waiting_topology(self._js, self.names, self.settings)
+        await jsl.ensure_consumer(
+            self._js, self.names.timers_stream, DURABLE, f"{self.names.prefix}.timer.fire.>",
+            ack_wait=30.0,
+        )
+        self._loop = jsl.PullLoop(
+            self._nc, self.names.timers_stream, DURABLE, self._on_fire, capacity=256, name=DURABLE
+        )
+        self._loop.start()
+        self._bg.append(asyncio.create_task(self._watch_workflows(), name="scheduler-workflows"))
         log.info("scheduler started on namespace %r", self.settings.prefix)
 
     async def stop(self) -> None:
+        for t in self._bg:
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        if self._loop is not None:
+            await self._loop.stop(drain_timeout=2.0)
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
+
+    async def __aenter__(self) -> Scheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ firings
+
+    async def _on_fire(self, msg: Msg) -> None:
+        try:
+            body = orjson.loads(msg.data)
+            kind = body["kind"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            await jsl.dead_letter(self.js, self.names, source="timer", reason=f"malformed timer: {exc}",
+                                  subject=msg.subject, data=msg.data)
+            await self._done(msg)
+            return
+        self.fired += 1
+        try:
+            if kind == "wake":
+                await self._wake(body)
+            elif kind == "cron":
+                await self._cron(body, msg)
+            else:
+                await jsl.dead_letter(self.js, self.names, source="timer",
+                                      reason=f"unknown timer kind {kind!r}", subject=msg.subject,
+                                      data=msg.data)
+        except Exception:
+            log.exception("timer on %s failed; will retry", msg.subject)
+            await msg.nak(delay=0.5)
+            return
+        await self._done(msg)
+
+    async def _done(self, msg: Msg) -> None:
+        await msg.ack()
+        # A fired timer has done its work; keep the stream to what is pending.
+        with contextlib.suppress(Exception):
+            await self.js.delete_msg(self.names.timers_stream, msg.metadata.sequence.stream)
+
+    async def _wake(self, body: dict[str, Any]) -> None:
+        run_id, seq, step = str(body["run_id"]), int(body["seq"]), str(body["step"])
+        wait_kind, due = body.get("wait_kind"), float(body.get("due") or 0)
+        early = due - time.time()
+        if early > 0:
+            # Fired TIMER_LEAD early on purpose: the last fraction of a second waits here.
+            await asyncio.sleep(early)
+        now = time.time()
+        self.lateness_ms.append((now - due) * 1000)
+        kind: str | None
+        if wait_kind == "sleep":
+            kind, reason, output = "sleep", "timer", {"due": due, "at": now}
+        elif wait_kind == "retry":
+            kind, reason, output = None, "retry back-off over", None
+        else:
+            kind, reason = wait_kind, "timeout"
+            output = {"timeout": True, "timeout_at": due, "at": now}
+        woke = await wt.wake(
+            self.js, self.names, run_id, step, expected_seq=seq, reason=reason, cause="timer",
+            kind=kind, output=output, workflow=body.get("workflow"),
+        )
+        if woke is None:
+            self.stale += 1  # resumed, cancelled or woken by another instance first
+        else:
+            self.woken += 1
+
+    async def _cron(self, body: dict[str, Any], msg: Msg) -> None:
+        key, workflow = str(body["key"]), str(body["workflow"])
+        # The firing's stream sequence names it: a redelivery or a second scheduler derives the
+        # same run id, and the start is idempotent on it.
+        fired = msg.metadata.sequence.stream
+        run_id = uuid.uuid5(_CRON_NS, f"{self.names.prefix}/{key}/{fired}").hex
+        payload = {"input": body.get("input"), "run_id": run_id}
+        await self.js.publish(
+            self.names.start_subject(workflow),
+            orjson.dumps(payload),
+            headers={jsl.MSG_ID: f"start/{run_id}", "Polos-Client": "scheduler"},
+        )
+        self.cron_runs += 1
+
+    # ------------------------------------------------------------------ @workflow(schedule=...)
+
+    async def _watch_workflows(self) -> None:
+        """Keep a cron schedule ``wf-<name>`` for every registered workflow with ``schedule=``."""
+        while True:
+            try:
+                kv = await self.js.key_value(self.names.workflows_bucket)
+                watcher = await kv.watchall()
+                async for entry in watcher:
+                    if entry is None or not entry.value:
+                        continue
+                    with contextlib.suppress(orjson.JSONDecodeError, ValueError):
+                        await self._ensure_workflow_schedule(orjson.loads(entry.value))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("watching workflows failed; retrying")
+                await asyncio.sleep(1.0)
+
+    async def _ensure_workflow_schedule(self, doc: dict[str, Any]) -> None:
+        spec, name = doc.get("schedule"), doc.get("name")
+        if not spec or not name:
+            return
+        key = f"wf-{name}"
+        current = await jsl.last_for_subject(self.js._nc, self.names.timers_stream,
+                                             self.names.cron_subject(key))
+        if current is not None:
+            old = orjson.loads(current.data)
+            if old.get("cron") == spec and old.get("timezone") == doc.get("timezone"):
+                return  # already scheduled: a restart must not move the next firing
+        try:
+            await wt.put_schedule(self.js, self.names, key, name, spec, timezone=doc.get("timezone"))
+        except ValueError as exc:
+            await jsl.dead_letter(self.js, self.names, source="schedule", reason=str(exc),
+                                  subject=self.names.cron_subject(key), data=orjson.dumps(doc))
+
+
+__all__ = ["Scheduler"]

@@ -1,0 +1,842 @@
+"""The benchmark: every figure of BENCHMARKS.md, measured against one embedded nats-server.
+
+Each figure is printed next to the awaited JetStream publish p50 measured in the same run, as a
+ratio: a durable step cannot be cheaper than one awaited publish, so the ratio says how much
+Polos adds on top of the physical limit of this machine, whatever the machine.
+
+Services run where each figure needs them: in this process when the figure is about the worker's
+own work (step overhead, replay), as separate processes when it is about a deployment
+(end-to-end latency, throughput with one or two worker processes, failover after SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from nats.js.api import StorageType, StreamConfig
+
+from polos import events as ev
+from polos._private import jetstream as jsl
+from polos._private.server import REPO_ROOT, EmbeddedServer
+from polos.client import PolosClient
+from polos.config import Settings
+
+# --------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each figure does. ``quick()`` is the CI smoke size: it checks the
+    benchmark runs end to end, not how fast anything is."""
+
+    publishes: int = 2000
+    overhead_steps: int = 500
+    overhead_runs: int = 3
+    e2e_runs: int = 50
+    first_step_runs: int = 50
+    throughput_runs: int = 200
+    throughput_steps: int = 10
+    worker_counts: tuple[int, ...] = (1, 2)
+    throughput_rounds: int = 3
+    # Far longer than it takes a standby worker to start: the kill always lands mid-run.
+    failover_steps: int = 200
+    failover_step_seconds: float = 0.3
+    failover_settings: tuple[str, ...] = ("default", "tuned")
+    replay_steps: int = 1000
+    replay_repeats: int = 5
+    export_runs: int = 2000
+    read_sizes: tuple[int, ...] = (1, 100, 1000)
+    read_repeats: int = 30
+    suspended_runs: int = 10_000
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            publishes=200,
+            overhead_steps=50,
+            overhead_runs=1,
+            e2e_runs=5,
+            first_step_runs=5,
+            throughput_runs=20,
+            worker_counts=(1,),
+            throughput_rounds=1,
+            failover_step_seconds=0.2,
+            failover_settings=("tuned",),
+            replay_steps=100,
+            replay_repeats=2,
+            export_runs=50,
+            read_sizes=(1, 100),
+            read_repeats=5,
+            suspended_runs=50,
+        )
+
+
+# Failover timings: the defaults of Settings, and a tuned setting that trades more heartbeat
+# traffic for a faster takeover.
+FAILOVER_SETTINGS: dict[str, dict[str, float]] = {
+    "default": {},
+    "tuned": {"task_ack_wait": 1.0, "heartbeat_interval": 0.25},
+}
+
+# The sequential run, cut at its events (see fig_e2e); each with what happens in it.
+_E2E_PARTS: dict[str, str] = {
+    "client start -> orchestrator builds RunRequested": "client publish, command delivery",
+    "RunRequested -> worker builds RunClaimed": "append, task publish, delivery, history read",
+    "RunClaimed -> first step recorded": "claim append, input decode, step 1 runs",
+    "per further step": "the previous step's fenced append, the next step runs",
+    "last step -> RunCompleted built": "the last step's append, workflow returns",
+    "RunCompleted -> client has the result": "append, notification, client reads the history",
+}
+
+FIGURES = ("publish", "overhead", "reads", "e2e", "first_step", "throughput", "failover", "replay",
+           "suspend", "export")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float | None
+    unit: str
+    # "latency": ratio = value / publish p50; "rate": ratio = value / (1 / publish p50)
+    kind: str = "latency"
+    note: str = ""
+
+
+@dataclass
+class Report:
+    started: float = field(default_factory=time.time)
+    publish_p50_ms: float | None = None
+    figures: list[Figure] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def add(self, fig: Figure, echo: bool = True) -> None:
+        self.figures.append(fig)
+        if echo:
+            print(self.line(fig), flush=True)
+
+    def ratio(self, fig: Figure) -> str:
+        """The figure in units of the awaited publish measured in the same run."""
+        p = self.publish_p50_ms
+        if fig.value is None or not p:
+            return ""
+        if fig.kind == "latency" and fig.unit == "ms":
+            return f"{fig.value / p:,.1f}x publish p50"
+        if fig.kind == "rate" and fig.value > 0:
+            per_publish = fig.value / (1000.0 / p)
+            if fig.unit == "wf/s":
+                return f"1 wf = {1000.0 / fig.value / p:,.1f} publishes"
+            return f"{per_publish:,.2f}x awaited pub/s"
+        return ""
+
+    def line(self, fig: Figure) -> str:
+        value = "-" if fig.value is None else f"{fig.value:,.2f}"
+        return f"{fig.name:<60} {value:>12} {fig.unit:<6} {self.ratio(fig):<22} {fig.note}"
+
+    def table(self) -> str:
+        head = f"{'figure':<60} {'value':>12} {'unit':<6} {'ratio':<22} note"
+        return "\n".join([head, "-" * len(head), *(self.line(f) for f in self.figures)])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "started": self.started,
+            "publish_p50_ms": self.publish_p50_ms,
+            "figures": [f.__dict__ for f in self.figures],
+            "pending": self.pending,
+            "failed": self.failed,
+        }
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest rank: no interpolation between samples."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Processes:
+    """Service subprocesses of one figure; all are stopped when the figure ends."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        env = dict(os.environ)
+        env.update(
+            POLOS_NATS_URL=s.nats_url,
+            POLOS_PREFIX=s.prefix,
+            POLOS_TASK_ACK_WAIT=str(s.task_ack_wait),
+            POLOS_HEARTBEAT_INTERVAL=str(s.heartbeat_interval),
+            POLOS_WORKER_TTL=str(s.worker_ttl),
+            PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        out = open(self.log_dir / f"{self.settings.prefix}-{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, *args], env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+            cwd=str(REPO_ROOT),
+        )
+        out.close()
+        self.procs[name] = proc
+        return proc
+
+    def orchestrator(self) -> None:
+        self.spawn("orchestrator", "-m", "services.orchestrator")
+
+    def worker(self, name: str, max_runs: int = 200) -> None:
+        self.spawn(name, "-m", "services.worker", "bench.workflows", "--worker-id", name,
+                   "--max-concurrent-runs", str(max_runs))
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+
+async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await cond():
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"benchmark: timed out after {timeout}s waiting for {what}")
+
+
+async def wait_workers(client: PolosClient, names: set[str], timeout: float = 30.0) -> None:
+    async def ready() -> bool:
+        return names <= {w["id"] for w in await client.workers()}
+
+    await until(ready, timeout, f"workers {sorted(names)}")
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+class Bench:
+    def __init__(self, sizes: Sizes, *, nats_url: str | None = None, keep: bool = False) -> None:
+        self.sizes = sizes
+        self.nats_url = nats_url
+        self.keep = keep
+        self.report = Report()
+        self.tmp = Path(tempfile.mkdtemp(prefix="polos-bench-"))
+        self.server: EmbeddedServer | None = None
+
+    def settings(self, **overrides: Any) -> Settings:
+        base = Settings(nats_url=self.nats_url or "", prefix=f"b{uuid.uuid4().hex[:10]}")
+        return base.with_(**overrides) if overrides else base
+
+    async def run(self, only: set[str] | None = None) -> Report:
+        if self.nats_url is None:
+            self.server = EmbeddedServer(self.tmp / "nats", port=0)
+            self.nats_url = self.server.start()
+        print(f"nats-server {self.nats_url}; logs in {self.tmp}", flush=True)
+        try:
+            # Every ratio needs the publish p50, so it is always measured.
+            await self.fig_publish()
+            steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+                ("overhead", self.fig_overhead),
+                ("reads", self.fig_reads),
+                ("replay", self.fig_replay),
+                ("e2e", self.fig_e2e),
+                ("throughput", self.fig_throughput),
+                ("failover", self.fig_failover),
+                ("suspend", self.fig_suspend),
+                ("export", self.fig_export),
+            ]
+            for name, fn in steps:
+                if only and name not in only and not (name == "e2e" and "first_step" in only):
+                    continue
+                try:
+                    await fn()
+                except Exception as exc:
+                    # One broken figure must not hide the others; the exit status says it.
+                    self.report.failed.append(f"{name}: {type(exc).__name__}: {exc}")
+                    print(f"FAILED figure {name}: {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            if self.server is not None:
+                self.server.stop()
+            if not self.keep:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.report
+
+    # ------------------------------------------------------------------ raw publish
+
+    async def fig_publish(self) -> None:
+        """Awaited publish to a file-backed stream: the floor under every durable step."""
+        s = self.settings()
+        nc = await jsl.connect(s, "polos-bench")
+        js = nc.jetstream()
+        stream = f"{s.prefix.upper()}_BENCHRAW"
+        subject = f"{s.prefix}.benchraw"
+        await js.add_stream(StreamConfig(name=stream, subjects=[subject], storage=StorageType.FILE))
+        payload = orjson.dumps({"t": "StepCompleted", "key": "s1", "kind": "run", "output": 1})
+        try:
+            for _ in range(50):  # warm-up
+                await js.publish(subject, payload)
+            times = []
+            for i in range(self.sizes.publishes):
+                t0 = time.perf_counter()
+                await js.publish(subject, payload, headers={jsl.MSG_ID: f"m{i}"})
+                times.append((time.perf_counter() - t0) * 1000)
+            p50 = statistics.median(times)
+            self.report.publish_p50_ms = p50
+            self.report.add(Figure("raw awaited JetStream publish p50", p50, "ms", note="baseline"))
+            self.report.add(Figure("raw awaited JetStream publish p99", pct(times, 99), "ms"))
+            # Pipelined: what the server takes when the client does not wait for each ack.
+            n = self.sizes.publishes
+            t0 = time.perf_counter()
+            futs = [await js.publish_async(subject, payload) for _ in range(n)]
+            await asyncio.gather(*futs)
+            rate = n / (time.perf_counter() - t0)
+            self.report.add(Figure("raw pipelined JetStream publish", rate, "msg/s", kind="rate"))
+        finally:
+            with contextlib.suppress(Exception):
+                await js.delete_stream(stream)
+            await nc.close()
+
+    # ------------------------------------------------------------------ in-process figures
+
+    async def fig_overhead(self) -> None:
+        """Per-step time of a no-op step, timed around ``ctx.step.run`` inside the workflow."""
+        from bench import workflows as w
+        from polos.testing import PolosEnvironment
+
+        n = self.sizes.overhead_steps
+        s = self.settings()
+        async with PolosEnvironment(s, [w.timed_steps]) as env:
+            await (await env.client.start(w.timed_steps, w.Steps(steps=5))).result(timeout=30)
+            w.STEP_TIMES.clear()
+            for _ in range(self.sizes.overhead_runs):
+                h = await env.client.start(w.timed_steps, w.Steps(steps=n))
+                await h.result(timeout=60)
+        times = [t * 1000 for t in w.STEP_TIMES]
+        # "Minus nothing": the same call without Polos, to show it is negligible.
+        t0 = time.perf_counter()
+        for _ in range(10_000):
+            await w.noop()
+        bare = (time.perf_counter() - t0) / 10_000 * 1000
+        note = f"{len(times)} steps; bare call {bare * 1000:.2f} us subtracted"
+        self.report.add(Figure("step overhead p50 (no-op step, in-process worker)",
+                               statistics.median(times) - bare, "ms", note=note))
+        self.report.add(Figure("step overhead p99", pct(times, 99) - bare, "ms"))
+
+    async def fig_replay(self) -> None:
+        """Replay of a finished run with N recorded steps: read + fold + re-walk the code."""
+        from bench import workflows as w
+        from polos._private.execution import RunExecution
+        from polos.testing import PolosEnvironment
+        from polos.workflow import WorkflowContext
+
+        n = self.sizes.replay_steps
+        s = self.settings()
+        async with PolosEnvironment(s, [w.bench_steps]) as env:
+            h = await env.client.start(w.bench_steps, w.Steps(steps=n))
+            await h.result(timeout=120)
+            names = jsl.Names(s.prefix)
+            reads, folds, walks, totals = [], [], [], []
+            for _ in range(self.sizes.replay_repeats):
+                t0 = time.perf_counter()
+                history = await jsl.read_history(env.client.nc, names, h.run_id)
+                t1 = time.perf_counter()
+                state = ev.RunState.fold(h.run_id, history)
+                t2 = time.perf_counter()
+                exe = RunExecution(js=env.client.js, nc=env.client.nc, names=names, settings=s,
+                                   workflow=w.bench_steps, state=state, worker_id="bench")
+                out = await w.bench_steps(WorkflowContext(exe), w.Steps(steps=n))
+                exe.check_all_replayed()
+                t3 = time.perf_counter()
+                assert out == n and exe.appends == 0, "replay must not execute or append"
+                reads.append((t1 - t0) * 1000)
+                folds.append((t2 - t1) * 1000)
+                walks.append((t3 - t2) * 1000)
+                totals.append((t3 - t0) * 1000)
+        note = (f"{len(history)} events; read {statistics.median(reads):.1f} + fold "
+                f"{statistics.median(folds):.1f} + re-walk {statistics.median(walks):.1f} ms")
+        self.report.add(Figure(f"replay of a run with {n} completed steps", statistics.median(totals),
+                               "ms", note=note))
+
+    async def fig_reads(self) -> None:
+        """A run's history read, now and before the optimisation, interleaved in one run."""
+        from bench import workflows as w
+        from bench.baseline import original_header_parser, read_subject_per_sub
+        from polos.testing import PolosEnvironment
+
+        s = self.settings()
+        names = jsl.Names(s.prefix)
+        async with PolosEnvironment(s, [w.bench_steps]) as env:
+            nc = env.client.nc
+            for n in self.sizes.read_sizes:
+                h = await env.client.start(w.bench_steps, w.Steps(steps=n))
+                await h.result(timeout=120)
+                flt = names.run_filter(h.run_id)
+                now: list[float] = []
+                before: list[float] = []
+                reps = max(3, self.sizes.read_repeats * 10 // max(10, n // 10))
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    msgs = await jsl.read_subject(nc, names.runs_stream, flt)
+                    now.append((time.perf_counter() - t0) * 1000)
+                    with original_header_parser():
+                        t0 = time.perf_counter()
+                        old = await read_subject_per_sub(nc, names.runs_stream, flt)
+                        before.append((time.perf_counter() - t0) * 1000)
+                    assert len(msgs) == len(old) == n + 3
+                b, a = statistics.median(before), statistics.median(now)
+                self.report.add(Figure(f"history read, {n + 3} events p50", a, "ms",
+                                       note=f"before: {b:.2f} ms ({b / a:.1f}x slower)"))
+
+    # ------------------------------------------------------------------ deployed figures
+
+    async def _deployment(self, s: Settings, workers: int) -> tuple[Processes, PolosClient]:
+        procs = Processes(s, self.tmp)
+        procs.orchestrator()
+        for i in range(workers):
+            procs.worker(f"w{i + 1}")
+        client = await PolosClient.connect(settings=s)
+        await wait_workers(client, {f"w{i + 1}" for i in range(workers)})
+        return procs, client
+
+    async def fig_e2e(self) -> None:
+        """Sequential: start, wait for the result, next. Orchestrator and worker processes."""
+        from bench import workflows as w
+
+        s = self.settings()
+        procs, client = await self._deployment(s, 1)
+        try:
+            for _ in range(3):  # warm-up: imports, consumers, first-run caches
+                await (await client.start(w.bench_steps, w.Steps(steps=10))).result(timeout=30)
+            e2e: list[float] = []
+            parts: dict[str, list[float]] = {k: [] for k in _E2E_PARTS}
+            for _ in range(self.sizes.e2e_runs):
+                t_wall = time.time()
+                t0 = time.perf_counter()
+                h = await client.start(w.bench_steps, w.Steps(steps=10))
+                await h.result(timeout=30)
+                e2e.append((time.perf_counter() - t0) * 1000)
+                # Where the time went, from the events' own clocks (one machine, one clock):
+                # an event's ``at`` is taken just before its append.
+                hist = [e for _, e in await client.history(h.run_id)]
+                t_end = t_wall + e2e[-1] / 1000
+                marks = [t_wall, hist[0].at, hist[1].at, hist[2].at, hist[-2].at, hist[-1].at, t_end]
+                for i, k in enumerate(_E2E_PARTS):
+                    d = (marks[i + 1] - marks[i]) * 1000
+                    parts[k].append(d / 9 if k == "per further step" else d)
+            self.report.add(Figure("10-step workflow end to end, sequential p50",
+                                   statistics.median(e2e), "ms",
+                                   note=f"p99 {pct(e2e, 99):.1f} ms; "
+                                        f"{1000 / statistics.mean(e2e):.1f} wf/s sequential"))
+            for k, v in parts.items():
+                self.report.add(Figure(f"  e2e part: {k} p50", statistics.median(v), "ms",
+                                       note=_E2E_PARTS[k]))
+            firsts = []
+            for _ in range(self.sizes.first_step_runs):
+                t0 = time.time()
+                fh = await client.start(w.first_step)
+                ran_at = float(await fh.result(timeout=30))
+                firsts.append((ran_at - t0) * 1000)
+            self.report.add(Figure("start -> first step runs p50", statistics.median(firsts), "ms",
+                                   note=f"p99 {pct(firsts, 99):.1f} ms"))
+        finally:
+            await client.close()
+            procs.stop_all()
+
+    async def fig_throughput(self) -> None:
+        """Many runs in flight: start them all, count completions from the control events."""
+
+        for workers in self.sizes.worker_counts:
+            await self._throughput(workers)
+
+    async def _throughput(self, workers: int) -> None:
+        from bench import workflows as w
+
+        s = self.settings()
+        procs, client = await self._deployment(s, workers)
+        try:
+            n, steps = self.sizes.throughput_runs, self.sizes.throughput_steps
+            await (await client.start(w.bench_steps, w.Steps(steps=2))).result(timeout=30)
+            rates: list[float] = []
+            starts: list[float] = []
+            for _ in range(self.sizes.throughput_rounds):
+                took, t_started = await self._throughput_round(client, s, n, steps)
+                rates.append(n / took)
+                starts.append(t_started)
+            rate = statistics.median(rates)
+            self.report.add(Figure(
+                f"{steps}-step workflows/s, {n} in flight, {workers} worker process"
+                + ("es" if workers > 1 else ""),
+                rate, "wf/s", kind="rate",
+                note=f"median of {len(rates)} rounds ({', '.join(f'{r:.0f}' for r in rates)}); "
+                     f"{rate * (steps + 3):,.0f} appends/s"))
+        finally:
+            await client.close()
+            procs.stop_all()
+
+    @staticmethod
+    async def _throughput_round(
+        client: PolosClient, s: Settings, n: int, steps: int
+    ) -> tuple[float, float]:
+        """Start n runs at once; seconds until the last completed, and until all were sent."""
+        from bench import workflows as w
+
+        done: set[str] = set()
+        all_done = asyncio.Event()
+
+        async def on_ctl(msg: Any) -> None:
+            if b'"RunCompleted"' in msg.data or b'"RunFailed"' in msg.data:
+                done.add(msg.subject.split(".")[2])
+                if len(done) >= n:
+                    all_done.set()
+
+        ids = [f"tp{i}-{uuid.uuid4().hex[:8]}" for i in range(n)]
+        sub = await client.nc.subscribe(f"{s.prefix}.run.*.ctl", cb=on_ctl)
+        sem = asyncio.Semaphore(64)
+
+        async def start(run_id: str) -> None:
+            async with sem:
+                await client.start(w.bench_steps, w.Steps(steps=steps), run_id=run_id)
+
+        try:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(start(i) for i in ids))
+            t_started = time.perf_counter() - t0
+            await asyncio.wait_for(all_done.wait(), timeout=max(60.0, n * 0.5))
+            took = time.perf_counter() - t0
+        finally:
+            await sub.unsubscribe()
+        failed = [i for i in ids if (await client.get(i)).status != "completed"][:3]
+        if failed:
+            raise RuntimeError(f"throughput runs did not complete: {failed}")
+        return took, t_started
+
+    async def fig_failover(self) -> None:
+        """SIGKILL the worker in the middle of a step; a standby worker continues the run."""
+
+        for label in self.sizes.failover_settings:
+            await self._failover(label)
+
+    async def _failover(self, label: str) -> None:
+        from bench import workflows as w
+
+        s = self.settings(**FAILOVER_SETTINGS[label])
+        procs, client = await self._deployment(s, 1)
+        try:
+            events: list[ev.Event] = []
+            changed = asyncio.Event()
+            run_id = f"fo-{uuid.uuid4().hex[:8]}"
+
+            async def on_event(msg: Any) -> None:
+                events.append(ev.decode(msg.data))
+                changed.set()
+
+            sub = await client.nc.subscribe(f"{s.prefix}.run.{run_id}.*", cb=on_event)
+            job = w.Steps(steps=self.sizes.failover_steps,
+                          step_seconds=self.sizes.failover_step_seconds)
+            await client.start(w.slow_steps, job, run_id=run_id)
+            # The standby starts after w1 claimed the run, so the run begins on w1.
+            await self._wait_event(events, changed, lambda e: isinstance(e, ev.RunClaimed))
+            procs.worker("w2")
+            await wait_workers(client, {"w1", "w2"})
+            # A step completed after the standby is up proves w1 still runs the run (the run is
+            # far longer than a worker's start); kill w1 in the middle of the next step.
+            done_before = sum(isinstance(e, ev.StepCompleted) for e in events)
+            await self._wait_event(
+                events, changed,
+                lambda e: sum(isinstance(x, ev.StepCompleted) for x in events) > done_before)
+            await asyncio.sleep(self.sizes.failover_step_seconds / 2)
+            t_kill = time.time()
+            procs.kill("w1")
+            claim = await self._wait_event(
+                events, changed,
+                lambda e: isinstance(e, ev.RunClaimed) and e.worker_id == "w2", timeout=60)
+            step = await self._wait_event(
+                events, changed,
+                lambda e: isinstance(e, ev.StepCompleted) and e.at > claim.at, timeout=60)
+            # The rest of the run is not needed: w2 goes without a graceful drain.
+            procs.kill("w2")
+            await sub.unsubscribe()
+            ack = s.task_ack_wait
+            self.report.add(Figure(
+                f"failover: SIGKILL -> standby claims ({label}: ack_wait {ack:g}s, "
+                f"hb {s.heartbeat_interval:g}s)",
+                (claim.at - t_kill) * 1000, "ms",
+                note=f"next step done {(step.at - t_kill) * 1000:.0f} ms after the kill "
+                     f"(includes re-running the interrupted {job.step_seconds:g}s step)"))
+        finally:
+            await client.close()
+            procs.stop_all()
+
+    @staticmethod
+    async def _wait_event(
+        events: list[ev.Event],
+        changed: asyncio.Event,
+        pred: Callable[[ev.Event], bool],
+        timeout: float = 30.0,
+    ) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            for e in events:
+                if pred(e):
+                    return e
+            changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("benchmark: expected event did not arrive")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=left)
+
+    # ------------------------------------------------------------------ pending figures
+
+    async def fig_suspend(self) -> None:
+        """Resume latency, then N suspended runs at once: memory, and time to resume them all."""
+        from bench import workflows as w
+        from polos.workflow import Step
+
+        if not hasattr(Step, "suspend"):
+            self.report.pending.append(
+                "suspend/resume (resume latency, suspended runs: memory and time-to-resume-all):"
+                " ctx.step.suspend does not exist yet (issue 3)")
+            return
+        s = self.settings()
+        procs, client = await self._deployment(s, 1)
+        suspended: dict[str, asyncio.Event] = {}
+        ended: set[str] = set()
+        counts = {"suspended": 0, "completed": 0, "failed": 0}
+        all_there = asyncio.Event()
+        target = {"suspended": 0, "completed": 0}
+
+        async def on_ctl(msg: Any) -> None:
+            run_id = msg.subject.split(".")[2]
+            data = msg.data
+            if b'"t":"RunSuspended"' in data:
+                counts["suspended"] += 1
+                event = suspended.get(run_id)
+                if event is not None:
+                    event.set()
+                if target["suspended"] and counts["suspended"] >= target["suspended"]:
+                    all_there.set()
+            elif b'"t":"RunCompleted"' in data or b'"t":"RunFailed"' in data:
+                if run_id in ended:
+                    return
+                ended.add(run_id)
+                counts["failed" if b'"t":"RunFailed"' in data else "completed"] += 1
+                if target["completed"] and counts["completed"] + counts["failed"] >= target["completed"]:
+                    all_there.set()
+
+        sub = await client.nc.subscribe(f"{s.prefix}.run.*.ctl", cb=on_ctl)
+        try:
+            # Resume latency: suspended (no worker holds it) -> resume -> the next step runs.
+            lat, acks = [], []
+            for i in range(self.sizes.e2e_runs):
+                run_id = f"rs{i}-{uuid.uuid4().hex[:8]}"
+                suspended[run_id] = asyncio.Event()
+                h = await client.start(w.approval, run_id=run_id)
+                await asyncio.wait_for(suspended[run_id].wait(), 30)
+                t0 = time.time()
+                await client.resume(run_id, "approve", {"ok": True})
+                acks.append((time.time() - t0) * 1000)
+                ran_at = float(await h.result(timeout=30))
+                lat.append((ran_at - t0) * 1000)
+            self.report.add(Figure("resume -> next step runs p50 (run held no worker)",
+                                   statistics.median(lat), "ms",
+                                   note=f"p99 {pct(lat, 99):.1f} ms; resume command answered "
+                                        f"in {statistics.median(acks):.1f} ms p50"))
+
+            # Many suspended runs at once.
+            n = self.sizes.suspended_runs
+            base = dict(counts)
+            ids = [f"ms{i}-{uuid.uuid4().hex[:8]}" for i in range(n)]
+            sem = asyncio.Semaphore(128)
+            rss_before = self._rss(procs)
+
+            async def start(run_id: str) -> None:
+                async with sem:
+                    await client.start(w.approval, run_id=run_id)
+
+            all_there.clear()
+            target["suspended"] = base["suspended"] + n
+            t0 = time.perf_counter()
+            await asyncio.gather(*(start(r) for r in ids))
+            await asyncio.wait_for(all_there.wait(), timeout=120 + n / 20)
+            t_susp = time.perf_counter() - t0
+            await asyncio.sleep(1.0)  # let the index updates of the last runs land
+            rss = self._rss(procs)
+            stored = await self._stream_bytes(client, s)
+            # A history read now, with the runs stream this full: the read is on every resume
+            # path twice (orchestrator, then worker).
+            names = jsl.Names(s.prefix)
+            reads, literal = [], []
+            for r in ids[:: max(1, n // 20)]:
+                t_r = time.perf_counter()
+                wild = await jsl.read_subject(client.nc, names.runs_stream, names.run_filter(r))
+                reads.append((time.perf_counter() - t_r) * 1000)
+                # The same events read by literal subjects (one request per kind, together):
+                # the server finds a literal subject's messages from its index, while a wildcard
+                # filter makes it look through the stream's blocks.
+                t_r = time.perf_counter()
+                parts = await asyncio.gather(*(
+                    jsl.read_subject(client.nc, names.runs_stream, names.run_subject(r, k))
+                    for k in ("ctl", "step")))
+                literal.append((time.perf_counter() - t_r) * 1000)
+                assert sorted(m.seq for p in parts for m in p) == [m.seq for m in wild]
+            info = await client.js.stream_info(names.runs_stream)
+            self.report.add(Figure(
+                f"history read of one suspended run, {info.state.messages:,} msgs in the stream",
+                statistics.median(reads), "ms",
+                note=f"p99 {pct(reads, 99):.2f} ms; by literal subjects instead: "
+                     f"{statistics.median(literal):.2f} ms p50"))
+            self.report.add(Figure(
+                f"{n:,} runs started and suspended", n / t_susp, "wf/s", kind="rate",
+                note=f"{t_susp:.1f} s"))
+            self.report.add(Figure(
+                f"memory with {n:,} suspended runs: worker RSS", rss.get("worker", 0), "MB",
+                kind="other",
+                note=f"before {rss_before.get('worker', 0):.0f} MB; orchestrator "
+                     f"{rss.get('orchestrator', 0):.0f} MB (before {rss_before.get('orchestrator', 0):.0f});"
+                     f" nats-server {rss.get('nats-server', 0):.0f} MB; stored {stored:.0f} MB"))
+
+            all_there.clear()
+            target["suspended"] = 0
+            target["completed"] = counts["completed"] + counts["failed"] + n
+            t0 = time.perf_counter()
+
+            async def resume(run_id: str) -> None:
+                async with sem:
+                    await client.resume(run_id, "approve", {"ok": True})
+
+            await asyncio.gather(*(resume(r) for r in ids))
+            t_sent = time.perf_counter() - t0
+            await asyncio.wait_for(all_there.wait(), timeout=120 + n / 20)
+            t_all = time.perf_counter() - t0
+            if counts["failed"] > base["failed"]:
+                raise RuntimeError(f"{counts['failed'] - base['failed']} resumed runs failed")
+            self.report.add(Figure(
+                f"time to resume all {n:,} suspended runs", t_all * 1000, "ms",
+                note=f"{n / t_all:,.0f} runs/s finished; resumes answered in {t_sent:.1f} s"))
+        finally:
+            await sub.unsubscribe()
+            await client.close()
+            procs.stop_all()
+
+    def _rss(self, procs: Processes) -> dict[str, float]:
+        """Resident memory (MB) of the services, from /proc (Linux)."""
+        pids = {"worker": procs.procs["w1"].pid, "orchestrator": procs.procs["orchestrator"].pid}
+        if self.server is not None and self.server.proc is not None:
+            pids["nats-server"] = self.server.proc.pid
+        out: dict[str, float] = {}
+        for name, pid in pids.items():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        out[name] = int(line.split()[1]) / 1024
+        return out
+
+    @staticmethod
+    async def _stream_bytes(client: PolosClient, s: Settings) -> float:
+        """Everything the namespace keeps in JetStream (streams and KV buckets), in MB."""
+        total = 0
+        names = await client.js.streams_info()
+        for info in names:
+            name = info.config.name or ""
+            if name.startswith(s.prefix.upper() + "_") or s.prefix in name:
+                total += info.state.bytes
+        return total / 1e6
+
+    async def fig_export(self) -> None:
+        """The analytics exporter over a log of N synthetic but well-formed run histories."""
+        try:
+            from analytics.export import Exporter
+        except ImportError:
+            self.report.pending.append(
+                "export throughput (events/s): the analytics exporter does not exist yet (issue 6)")
+            return
+        s = self.settings()
+        names = jsl.Names(s.prefix)
+        nc = await jsl.connect(s, "polos-bench-export")
+        js = nc.jetstream()
+        try:
+            await jsl.ensure_topology(js, names, s)
+            runs, steps = self.sizes.export_runs, 10
+            futs = []
+            for r in range(runs):
+                run_id = f"ex{r:06d}"
+                batch: list[ev.Event] = [
+                    ev.RunRequested(run_id=run_id, workflow="bench_steps", input={"steps": steps}),
+                    ev.RunClaimed(run_id=run_id, worker_id="w1", attempt=1),
+                    *(ev.StepCompleted(key=f"s{i}", kind="run", name="noop", output=1,
+                                       duration_ms=0.01) for i in range(steps)),
+                    ev.RunCompleted(run_id=run_id, output=steps),
+                ]
+                for e in batch:
+                    futs.append(await js.publish_async(names.run_subject(run_id, e.KIND),
+                                                       ev.encode(e)))
+            await asyncio.gather(*futs)
+            out = self.tmp / f"export-{s.prefix}"
+            async with Exporter(s, out, nc=nc) as exporter:
+                first = await exporter.export_once()
+                again = await exporter.export_once()
+        finally:
+            await nc.close()
+        self.report.add(Figure(
+            f"analytics export to Parquet ({first.total:,} rows, one pass)", first.per_second,
+            "ev/s", kind="rate",
+            note=f"{first.seconds * 1000:.0f} ms; a second export found {again.total} new rows"))
+        if again.total:
+            raise RuntimeError(f"export is not idempotent: the second pass wrote {again.total} rows")
+
+
+async def run_bench(
+    sizes: Sizes, *, only: set[str] | None = None, nats_url: str | None = None,
+    keep: bool = False, json_path: str | None = None,
+) -> Report:
+    bench = Bench(sizes, nats_url=nats_url, keep=keep)
+    report = await bench.run(only)
+    print()
+    print(report.table())
+    for p in report.pending:
+        print(f"pending: {p}")
+    for f in report.failed:
+        print(f"FAILED: {f}")
+    if json_path:
+        Path(json_path).write_bytes(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2))
+    return report

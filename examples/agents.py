@@ -1,0 +1,147 @@
+"""The order example of DESIGN.md, with an agent that validates the order.
+
+    python examples/agents.py
+
+With ``OPENAI_API_KEY`` set the agent talks to OpenAI. Without it, this script starts the
+**Polos dev LLM** (polos/devllm.py): a small scripted OpenAI-compatible server that is *not a
+model*. It calls every tool it is offered once and then answers with JSON filled from the
+requested schema, so the whole durable path (LLM steps, tool steps, structured output) runs
+for real over HTTP, just without intelligence. Point ``OPENAI_BASE_URL`` at any other
+OpenAI-compatible server (vLLM, Ollama, LiteLLM) to use that instead.
+
+A worker serving this module: ``polos worker examples.agents``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+
+from pydantic import BaseModel
+
+from polos import Agent, WorkflowContext, current_step, tool, workflow
+from polos.agent import agent_workflow  # agents run as child runs of this workflow: serve it
+
+
+class ProcessOrderInput(BaseModel):
+    id: str
+    sku: str
+    quantity: int
+    country: str
+    amount: float
+
+
+class ProcessOrderOutput(BaseModel):
+    status: str
+    reason: str | None = None
+    payment_id: str | None = None
+
+
+class OrderValidation(BaseModel):
+    valid: bool
+    reason: str
+
+
+class Payment(BaseModel):
+    id: str
+
+
+@tool
+def check_inventory(sku: str, quantity: int = 1) -> dict[str, object]:
+    """Check whether enough items are in stock.
+
+    Args:
+        sku: the stock keeping unit of the item
+        quantity: how many items the order needs
+    """
+    return {"sku": sku, "available": 12, "enough": quantity <= 12}
+
+
+async def calculate_shipping(country: str, weight_kg: float = 1.0) -> dict[str, object]:
+    """Shipping cost and delivery time to a country.
+
+    Args:
+        country: ISO 3166 country code of the destination
+        weight_kg: parcel weight in kilograms
+    """
+    return {"country": country, "cost_usd": round(4.5 + 1.2 * weight_kg, 2), "days": 3}
+
+
+order_validation_agent = Agent(
+    "order_validator",
+    provider="openai",
+    model=os.environ.get("POLOS_EXAMPLE_MODEL", "gpt-4o"),
+    instructions=(
+        "You validate e-commerce orders. Check the inventory and the shipping for the order, "
+        "then answer whether it is valid and why, in one sentence."
+    ),
+    tools=[check_inventory, calculate_shipping],
+    output_type=OrderValidation,
+    temperature=0,
+    max_steps=6,
+)
+
+
+def charge_stripe(order: ProcessOrderInput) -> Payment:
+    info = current_step()
+    # A real charge passes info.idempotency_key to Stripe: a retried step never charges twice.
+    return Payment(id=f"pay_{order.id}_{abs(hash(info.idempotency_key if info else '')) % 10_000}")
+
+
+def send_shipping_email(order: ProcessOrderInput) -> str:
+    return f"email sent for {order.id}"
+
+
+@workflow
+async def process_order(ctx: WorkflowContext, order: ProcessOrderInput) -> ProcessOrderOutput:
+    validation = await ctx.step.agent_invoke_and_wait(
+        "validate_order", order_validation_agent.with_input(f"Validate this order: {order.model_dump_json()}")
+    )
+    if not validation.result.valid:
+        return ProcessOrderOutput(status="invalid", reason=validation.result.reason)
+    # DESIGN.md's order also suspends for a human above $1000 and waits for the warehouse
+    # (ctx.step.suspend / wait_for_event); see docs/agents.md for approval-gated tools.
+    payment = await ctx.step.run("charge", charge_stripe, order)  # never charged twice
+    await ctx.step.run("notify", send_shipping_email, order)
+    return ProcessOrderOutput(status="completed", reason=validation.result.reason, payment_id=payment.id)
+
+
+async def main() -> None:
+    from polos import events as ev
+    from polos._private import waiting
+    from polos.devllm import LABEL, DevLLM
+    from polos.testing import EmbeddedServer, PolosEnvironment, fast_settings
+
+    devllm = None
+    if not os.environ.get("OPENAI_API_KEY") and not os.environ.get("OPENAI_BASE_URL"):
+        devllm = await DevLLM().start()
+        os.environ["OPENAI_BASE_URL"] = devllm.url
+        print(f"OPENAI_API_KEY is not set: using the {LABEL} at {devllm.url}")
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedServer(tmp, port=0) as server:
+        async with PolosEnvironment(
+            fast_settings(server.url, prefix="example"), [process_order, agent_workflow]
+        ) as env:
+            order = ProcessOrderInput(id="o-1", sku="SKU-42", quantity=2, country="DE", amount=120.0)
+            handle = await env.client.start(process_order, order)
+            result = await handle.result(timeout=120)
+            print(f"run {handle.run_id}: {result!r}")
+            agent_run = waiting.child_run_id(handle.run_id, "validate_order", 0)
+            history = await env.client.history(agent_run) + await env.client.history(handle.run_id)
+            for _, e in history:
+                if isinstance(e, ev.StepCompleted):
+                    meta = e.meta or {}
+                    extra = (
+                        f"tokens={meta['usage']['total_tokens']} cost=${meta['cost_usd']}"
+                        if e.kind == "llm"
+                        else f"args={meta.get('arguments')}" if e.kind == "tool" else ""
+                    )
+                    print(f"  {e.kind:5} {e.key:40} {e.duration_ms or 0:8.1f} ms  {extra}")
+    if devllm is not None:
+        with contextlib.suppress(Exception):
+            await devllm.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

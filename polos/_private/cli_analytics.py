@@ -1,0 +1,295 @@
+"""CLI subcommands for observability: ``polos analytics export``, ``polos sql``, ``polos trace``
+and ``polos telemetry``. Registered on import (see ``polos.cli.PLUGINS``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any
+
+import orjson
+
+from polos import events as ev
+from polos._private import jetstream as jsl
+from polos._private.runtime import settings_from_args, wait_for_signal
+from polos.cli import command
+
+DEFAULT_DIR = os.environ.get("POLOS_ANALYTICS_DIR", "polos-analytics")
+
+
+def _dumps(value: Any, limit: int = 120) -> str:
+    text = orjson.dumps(value, default=str).decode()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------- analytics export
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["export", "compact"],
+                   help="export: copy new log messages to Parquet; "
+                        "compact: merge small files (left by --follow) into big ones")
+    p.add_argument("--dir", default=DEFAULT_DIR,
+                   help="where the Parquet files go (env POLOS_ANALYTICS_DIR, default ./polos-analytics)")
+    p.add_argument("--follow", action="store_true", help="keep exporting as messages arrive")
+    p.add_argument("--flush-interval", type=float, default=5.0,
+                   help="with --follow: at most one file per table per this many seconds")
+    p.add_argument("--rows-per-file", type=int, default=100_000)
+
+
+@command("analytics", "export the event log to Parquet (incremental, idempotent)")(_add_export)
+async def cmd_analytics(args: argparse.Namespace) -> int:
+    from analytics.export import Exporter, ExportResult
+
+    settings = settings_from_args(args)
+
+    def report(result: ExportResult) -> None:
+        rows = ", ".join(f"{t} {n}" for t, n in result.rows.items())
+        print(f"exported {result.total} rows ({rows}) in {result.seconds:.3f} s "
+              f"= {result.per_second:,.0f} events/s -> {args.dir}", flush=True)
+
+    if args.action == "compact":
+        merged = await Exporter(settings, args.dir, rows_per_file=args.rows_per_file).compact()
+        print(f"merged {merged} files away in {args.dir}")
+        return 0
+    async with Exporter(settings, args.dir, rows_per_file=args.rows_per_file) as exporter:
+        if not args.follow:
+            report(await exporter.export_once())
+            return 0
+        stop = asyncio.Event()
+        signal_task = asyncio.create_task(wait_for_signal())
+        signal_task.add_done_callback(lambda _t: stop.set())
+        print(f"following namespace {settings.prefix!r} into {args.dir} (Ctrl-C stops)", flush=True)
+        await exporter.follow(stop, flush_interval=args.flush_interval, on_export=report)
+        signal_task.cancel()
+    return 0
+
+
+# --------------------------------------------------------------------------- sql
+
+
+def _add_sql(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", help="SQL over the views runs, steps, events, llm_calls, "
+                                 "tool_calls, decisions, costs, external_events, dead_letters, commands")
+    p.add_argument("--dir", default=DEFAULT_DIR, help="the export directory")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--max-rows", type=int, default=200)
+
+
+@command("sql", "run SQL (DuckDB) over the exported event log")(_add_sql)
+async def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from analytics.sql import connect
+
+    con = connect(args.dir)
+    try:
+        rel = con.sql(args.query)
+    except duckdb.Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if rel is None:  # a statement without a result (SET, CREATE ...)
+        return 0
+    if args.format == "table":
+        rel.show(max_rows=args.max_rows, max_width=10_000)
+        return 0
+    columns = rel.columns
+    rows = rel.fetchall()
+    if args.format == "json":
+        print(orjson.dumps([dict(zip(columns, r, strict=True)) for r in rows],
+                           default=str).decode())
+    else:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return 0
+
+
+# --------------------------------------------------------------------------- trace
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:.1f} ms" if ms < 10_000 else f"{seconds:.1f} s"
+
+
+def _children_of(event: ev.Event) -> list[str]:
+    """Child run ids an event names (child-run steps and waits on children)."""
+    found: list[str] = []
+    if isinstance(event, ev.RunSuspended) and event.children:
+        found.extend(str(c) for c in event.children)
+    if isinstance(event, ev.StepCompleted) and event.kind == "child":
+        for holder in (event.meta, event.output):
+            if isinstance(holder, dict):
+                for key in ("run_id", "child_run_id"):
+                    if isinstance(holder.get(key), str):
+                        found.append(holder[key])
+    return found
+
+
+Item = list[str] | str  # the lines of one tree item, or the id of a child run to draw there
+
+
+def render_run(run_id: str, history: list[tuple[int, ev.Event]]) -> tuple[str, list[Item]]:
+    """The head line of one run and its tree items; a child run is its id, placed right after
+    the event that names it."""
+    if not history:
+        return f"run {run_id}: no events", []
+    state = ev.RunState.fold(run_id, history)
+    t0 = history[0][1].at
+    tokens = 0
+    cost = 0.0
+    for _, e in history:
+        if isinstance(e, ev.StepCompleted) and e.kind == "llm" and isinstance(e.meta, dict):
+            usage = e.meta.get("usage") or {}
+            tokens += int(usage.get("total_tokens") or 0)
+            cost += float(e.meta.get("cost_usd") or 0.0)
+    end = history[-1][1].at
+    head = (f"run {run_id}  {state.workflow}  {state.status}  {_ms(end - t0)}  "
+            f"attempts {state.attempt}  steps {len(state.steps)}")
+    if tokens or cost:
+        head += f"  tokens {tokens}  cost ${cost:.4f}"
+    items: list[Item] = []
+    children: list[str] = []
+    suspended_at: dict[str, float] = {}
+    for _, e in history:
+        at = f"+{_ms(e.at - t0)}"
+        named = [c for c in _children_of(e) if c not in children]
+        children.extend(named)
+        if isinstance(e, ev.RunClaimed):
+            items.append([f"{at}  claimed by {e.worker_id} (attempt {e.attempt})"])
+        elif isinstance(e, ev.StepCompleted) and e.kind == "llm":
+            meta = e.meta if isinstance(e.meta, dict) else {}
+            out = e.output if isinstance(e.output, dict) else {}
+            usage = meta.get("usage") or {}
+            line = [f"{at}  {e.key}  llm {meta.get('model') or e.name}"
+                    f"  {e.duration_ms or 0:.1f} ms  tokens {usage.get('total_tokens', '?')}"
+                    f"  cost ${float(meta.get('cost_usd') or 0):.4f}"]
+            offered = [str(t) for t in meta.get("tools_offered") or []]
+            calls = [c for c in out.get("tool_calls") or [] if isinstance(c, dict)]
+            reason = out.get("reasoning") or out.get("content")
+            if calls:
+                chosen = [str(c.get("name")) for c in calls]
+                line.append(f"decision: chose {', '.join(chosen)} of [{', '.join(offered)}]")
+            elif offered:
+                line.append(f"decision: answered without a tool (offered [{', '.join(offered)}])")
+            if reason:
+                line.append(f"reason: {_dumps(reason)}")
+            items.append(line)
+        elif isinstance(e, ev.StepCompleted) and e.kind == "tool":
+            meta = e.meta if isinstance(e.meta, dict) else {}
+            status = f"ERROR {meta['error']}" if meta.get("error") else f"-> {_dumps(e.output, 80)}"
+            items.append([f"{at}  {e.key}  tool {e.name}({_dumps(meta.get('arguments'), 60)})"
+                          f"  {e.duration_ms or 0:.1f} ms  {status}"
+                          + (f"  (decision {meta['decision']})" if meta.get("decision") else "")])
+        elif isinstance(e, ev.StepCompleted):
+            took = f"  {e.duration_ms:.1f} ms" if e.duration_ms is not None else ""
+            tries = f"  after {e.attempts} attempts" if e.attempts > 1 else ""
+            items.append([f"{at}  {e.key}  {e.kind}{took}{tries} -> {_dumps(e.output, 80)}"])
+        elif isinstance(e, ev.StepAttemptFailed):
+            items.append([f"{at}  {e.key}  attempt {e.attempt} failed: "
+                          f"{e.error.get('type')}: {e.error.get('message')}"])
+        elif isinstance(e, ev.StepFailed):
+            items.append([f"{at}  {e.key}  FAILED after {e.attempts} attempts: "
+                          f"{e.error.get('type')}: {e.error.get('message')}"])
+        elif isinstance(e, ev.RunSuspended):
+            suspended_at[e.step] = e.at
+            what = f"topic {e.topic}" if e.topic else (f"data {_dumps(e.data, 60)}" if e.data is not None else "")
+            items.append([f"{at}  wait {e.kind} {e.step!r} {what}".rstrip()])
+        elif isinstance(e, ev.RunWoken):
+            waited = e.at - suspended_at.get(e.step, e.at)
+            items.append([f"{at}  woken at {e.step!r} by {e.reason} after {_ms(waited)}"])
+        elif isinstance(e, ev.RunCompleted):
+            items.append([f"{at}  completed -> {_dumps(e.output)}"])
+        elif isinstance(e, ev.RunFailed):
+            items.append([f"{at}  FAILED {e.error.get('type')}: {e.error.get('message')}"])
+        elif isinstance(e, ev.RunCancelled):
+            items.append([f"{at}  cancelled" + (f": {e.reason}" if e.reason else "")])
+        elif not isinstance(e, ev.RunRequested):
+            items.append([f"{at}  {type(e).__name__}"])
+        items.extend(named)
+    return head, items
+
+
+def draw(head: str, items: list[list[str]]) -> list[str]:
+    """A head line and its items as a tree; an item's further lines hang below its first."""
+    lines = [head]
+    for i, item in enumerate(items):
+        last = i == len(items) - 1
+        lines.append(("└─ " if last else "├─ ") + item[0])
+        lines.extend(("   " if last else "│  ") + extra for extra in item[1:])
+    return lines
+
+
+async def trace_lines(nc: Any, names: jsl.Names, run_id: str, depth: int = 0) -> list[str]:
+    """A run as a tree, with its child runs drawn (recursively) where they were started."""
+    history = await jsl.read_history(nc, names, run_id)
+    head, items = render_run(run_id, history)
+    drawn: list[list[str]] = []
+    for item in items:
+        if isinstance(item, str):
+            if depth >= 16:
+                drawn.append([f"child run {item} (too deep to draw)"])
+                continue
+            sub = await trace_lines(nc, names, item, depth + 1)
+            drawn.append(["child " + sub[0], *sub[1:]])
+        else:
+            # Detail lines (decision, reason) sit under the item's text, not its connector.
+            drawn.append([item[0], *("   " + extra for extra in item[1:])])
+    return draw(head, drawn)
+
+
+def _add_trace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_id")
+
+
+@command("trace", "a run as a tree: steps, decisions, tool calls, waits, child runs, cost")(_add_trace)
+async def cmd_trace(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    nc = await jsl.connect(settings, name="polos-trace")
+    try:
+        if not jsl.valid_token(args.run_id):
+            print(f"error: {args.run_id!r} is not a run id", file=sys.stderr)
+            return 2
+        lines = await trace_lines(nc, jsl.Names(settings.prefix), args.run_id)
+    finally:
+        await nc.close()
+    if lines[0].endswith("no events"):
+        print(f"no run {args.run_id!r}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+def _add_telemetry(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--once", action="store_true",
+                   help="emit spans for what is in the log now, then exit")
+
+
+@command("telemetry", "emit OpenTelemetry spans from the run history (OTEL_* configure it)")(
+    _add_telemetry
+)
+async def cmd_telemetry(args: argparse.Namespace) -> int:
+    from polos._private.telemetry import SpanFollower
+
+    settings = settings_from_args(args)
+    async with SpanFollower(settings) as follower:
+        if args.once:
+            n = await follower.process_available()
+            print(f"{n} events -> {follower.stats.spans} spans (position {follower.position})")
+            return 0
+        stop = asyncio.Event()
+        signal_task = asyncio.create_task(wait_for_signal())
+        signal_task.add_done_callback(lambda _t: stop.set())
+        print(f"emitting spans for namespace {settings.prefix!r} from seq "
+              f"{follower.position + 1} (Ctrl-C stops)", flush=True)
+        await follower.follow(stop)
+        signal_task.cancel()
+    return 0

@@ -1,0 +1,176 @@
+"""Large payloads: event fields too big for one NATS message live in the JetStream Object Store.
+
+An event whose encoding would not fit in one message (the server's ``max_payload`` less room
+for headers) is appended as a *stub*: the same event with every large field set to ``null``, a
+``"$refs": {field: object name}`` map, and the ``Polos-Payload`` header. Each large field's JSON
+encoding is one object in the ``<prefix>_payloads`` bucket, named ``<run_id>/<sha256>`` so a
+retried append stores nothing twice and a run's objects can be found (and removed) by run id.
+
+Readers that need the values (``read_history``, so replay and ``RunState``) resolve stubs
+transparently. Readers that only look at the kind of an event (the orchestrator's index, a
+client waiting for the end) can decode the stub as it is: its type and small fields are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import nats.js.errors
+import orjson
+from nats.js.api import ObjectStoreConfig, StorageType
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+    from nats.js import JetStreamContext
+    from nats.js.object_store import ObjectStore
+
+    from polos._private.jetstream import Names
+
+HEADER = "Polos-Payload"
+REFS = "$refs"
+# Room left in a message for the headers, the stub's small fields and the subject.
+HEADROOM = 64 * 1024
+# A field this big is moved out when its event does not fit: small fields stay inline so the
+# stub still says what happened.
+FIELD_THRESHOLD = 1024
+
+_stores: weakref.WeakKeyDictionary[Any, dict[str, ObjectStore]] = weakref.WeakKeyDictionary()
+_replicas: dict[str, int] = {}
+
+
+class PayloadMissingError(RuntimeError):
+    """A stub refers to an object that is not in the store (deleted by hand, or a lost bucket)."""
+
+
+def bucket_name(names: Names) -> str:
+    return f"{names.prefix}_payloads"
+
+
+def inline_limit(nc: NATS) -> int:
+    """The largest encoded event appended as one message on this connection's server."""
+    return max(int(nc.max_payload) - HEADROOM, 4096)
+
+
+def set_replicas(names: Names, replicas: int) -> None:
+    """The replica count the bucket is created with (``Settings.replicas`` of the namespace)."""
+    _replicas[names.prefix] = replicas
+
+
+async def store(js: JetStreamContext, names: Names) -> ObjectStore:
+    """The namespace's payload bucket, created on first use (most namespaces never need it)."""
+    per_js = _stores.setdefault(js, {})
+    bucket = bucket_name(names)
+    found = per_js.get(bucket)
+    if found is not None:
+        return found
+    try:
+        obs = await js.object_store(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        cfg = ObjectStoreConfig(
+            bucket=bucket,
+            storage=StorageType.FILE,
+            replicas=_replicas.get(names.prefix, 1),
+            description="Polos: event fields too large for one message",
+        )
+        try:
+            obs = await js.create_object_store(bucket, config=cfg)
+        except nats.js.errors.BadRequestError:
+            obs = await js.object_store(bucket)  # another process created it first
+    per_js[bucket] = obs
+    return obs
+
+
+async def put_value(js: JetStreamContext, names: Names, run_id: str, encoded: bytes) -> str:
+    """Store one JSON-encoded value; return its object name. Storing it again is a no-op."""
+    name = f"{run_id}/{hashlib.sha256(encoded).hexdigest()}"
+    obs = await store(js, names)
+    with contextlib.suppress(nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
+        info = await obs.get_info(name)
+        if info.size == len(encoded) and not info.deleted:
+            return name
+    await obs.put(name, encoded)
+    return name
+
+
+async def get_value(js: JetStreamContext, names: Names, name: str) -> Any:
+    obs = await store(js, names)
+    try:
+        result = await obs.get(name)
+    except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError) as exc:
+        raise PayloadMissingError(
+            f"payload object {name!r} is missing from bucket {bucket_name(names)!r}"
+        ) from exc
+    return orjson.loads(result.data or b"null")
+
+
+async def offload(
+    js: JetStreamContext, names: Names, run_id: str, body: dict[str, Any], limit: int
+) -> bytes:
+    """The stub for an encoded-too-big event ``body`` (a dict with the ``t`` tag)."""
+    sized = sorted(
+        ((len(orjson.dumps(v)), k) for k, v in body.items() if k != "t"), reverse=True
+    )
+    stub = dict(body)
+    refs: dict[str, str] = {}
+    moved: list[tuple[str, bytes]] = []
+    for size, key in sized:
+        if size < FIELD_THRESHOLD:
+            break
+        moved.append((key, orjson.dumps(body[key])))
+        stub[key] = None
+    if not moved:
+        raise ValueError(f"event of run {run_id} is too large and has no large field to move")
+    stored = await asyncio.gather(*(put_value(js, names, run_id, data) for _, data in moved))
+    for (key, _), name in zip(moved, stored, strict=True):
+        refs[key] = name
+    stub[REFS] = refs
+    encoded = orjson.dumps(stub)
+    if len(encoded) > limit:
+        raise ValueError(f"event of run {run_id} does not fit in a message even as a stub")
+    return encoded
+
+
+async def resolve(js: JetStreamContext, names: Names, data: bytes) -> bytes:
+    """The full encoding of a stub (``data`` unchanged if it is not one)."""
+    body = orjson.loads(data)
+    refs = body.pop(REFS, None) if isinstance(body, dict) else None
+    if not refs:
+        return data
+    values = await asyncio.gather(*(get_value(js, names, name) for name in refs.values()))
+    for key, value in zip(refs, values, strict=True):
+        body[key] = value
+    return orjson.dumps(body)
+
+
+async def delete_run(js: JetStreamContext, names: Names, run_id: str) -> int:
+    """Remove a run's payload objects (retention); returns how many were removed."""
+    obs = await store(js, names)
+    removed = 0
+    try:
+        infos = await obs.list(ignore_deletes=True)
+    except nats.js.errors.NotFoundError:
+        return 0
+    for info in infos:
+        if info.name.startswith(f"{run_id}/"):
+            await obs.delete(info.name)
+            removed += 1
+    return removed
+
+
+__all__ = [
+    "HEADER",
+    "PayloadMissingError",
+    "bucket_name",
+    "delete_run",
+    "get_value",
+    "inline_limit",
+    "offload",
+    "put_value",
+    "resolve",
+    "set_replicas",
+    "store",
+]

@@ -1,0 +1,665 @@
+"""OpenTelemetry spans made from the event log, not from the hot path.
+
+``SpanFollower`` reads every run's history in stream order and turns events into spans:
+
+- a step span per ``StepCompleted`` / ``StepFailed`` (``gen_ai`` conventions for ``kind="llm"``
+  and ``kind="tool"``), a short error span per ``StepAttemptFailed``;
+- a wait span per suspension, emitted when the run wakes (or ends while waiting);
+- a run span per run, emitted at its terminal event, with the claims (worker, attempt),
+  suspensions and wake-ups as span events.
+
+Each span is emitted while handling exactly one stream sequence, and the follower's position
+(the last sequence handled) is saved after the spans of a batch are flushed. A worker replaying
+a run appends nothing for replayed steps, so replay cannot emit a span: "never twice on replay"
+is structural, not a flag checked in the worker. Trace and span ids are derived from run ids
+and step keys (one trace per root run, across suspends, worker changes and child runs), so the
+rare re-emission after a follower crash between flush and save carries the same ids.
+
+Configuration is the standard ``OTEL_*`` environment (``OTEL_SERVICE_NAME``,
+``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_EXPORTER`` = otlp | console | none, the
+``OTEL_EXPORTER_OTLP_*`` endpoint variables). OTLP is used only when its exporter package is
+installed; without it the follower logs why and exports nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import logging
+import os
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+
+from polos import events as ev
+from polos._private import jetstream as jsl
+from polos.config import Settings
+
+log = logging.getLogger("polos.telemetry")
+
+POSITION_KEY = "otel_position"
+TERMINAL_TYPES = (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)
+
+
+def telemetry_bucket(names: jsl.Names) -> str:
+    """The KV bucket holding the followers' positions (a projection: delete it to re-emit)."""
+    return f"{names.prefix}_telemetry"
+
+
+async def resolve_payload(nc: NATS, names: jsl.Names, msg: jsl.StoredMsg) -> jsl.StoredMsg:
+    """The message with large fields put back, when its event was stored as a stub."""
+    header = "Polos-Payload"
+    if not (msg.headers and msg.headers.get(header)):
+        return msg
+    try:
+        from polos._private import payloads
+    except ImportError:  # a build without large payloads cannot have written stubs
+        return msg
+    try:
+        data = await payloads.resolve(nc.jetstream(), names, msg.data)
+    except Exception:
+        log.warning("seq %d: large payload not found; using the stub", msg.seq)
+        return msg
+    return jsl.StoredMsg(seq=msg.seq, subject=msg.subject, data=data, time=msg.time,
+                         headers=msg.headers)
+
+
+# --------------------------------------------------------------------------- deterministic ids
+
+
+def _h(text: str, bits: int) -> int:
+    value = int.from_bytes(hashlib.sha256(text.encode()).digest()[: bits // 8], "big")
+    return value or 1  # zero is the invalid id in OpenTelemetry
+
+
+def trace_id_for(root_run_id: str) -> int:
+    """The trace id of every span of a root run and all its descendants."""
+    return _h(f"polos/trace/{root_run_id}", 128)
+
+
+def run_span_id(run_id: str) -> int:
+    return _h(f"polos/run/{run_id}", 64)
+
+
+def step_span_id(run_id: str, key: str) -> int:
+    return _h(f"polos/step/{run_id}/{key}", 64)
+
+
+class _PlannedIds(IdGenerator):
+    """Hands out the id planned for the span being started; random ids otherwise."""
+
+    def __init__(self) -> None:
+        self.next_span_id: int | None = None
+        self.next_trace_id: int | None = None
+
+    def generate_span_id(self) -> int:
+        planned, self.next_span_id = self.next_span_id, None
+        return planned if planned is not None else random.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        planned, self.next_trace_id = self.next_trace_id, None
+        return planned if planned is not None else random.getrandbits(128) or 1
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def exporter_from_env() -> SpanExporter | None:
+    """The span exporter the standard ``OTEL_TRACES_EXPORTER`` variable asks for."""
+    choice = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")[0].strip().lower()
+    if choice in ("none", ""):
+        return None
+    if choice == "console":
+        return ConsoleSpanExporter()
+    if choice == "otlp":
+        protocol = os.environ.get(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        )
+        transport = "grpc" if protocol == "grpc" else "http"
+        try:
+            module = importlib.import_module(
+                f"opentelemetry.exporter.otlp.proto.{transport}.trace_exporter"
+            )
+        except ImportError:
+            log.warning(
+                "OTEL_TRACES_EXPORTER=otlp but opentelemetry-exporter-otlp is not installed: "
+                "no spans are exported (pip install opentelemetry-exporter-otlp)"
+            )
+            return None
+        # Endpoint, headers and timeouts come from the OTEL_EXPORTER_OTLP_* variables.
+        exporter: SpanExporter = module.OTLPSpanExporter()
+        return exporter
+    raise ValueError(f"OTEL_TRACES_EXPORTER={choice!r}: use otlp, console or none")
+
+
+# --------------------------------------------------------------------------- the follower
+
+
+@dataclass
+class _Run:
+    """What the follower remembers about a run between its events."""
+
+    run_id: str
+    trace_id: int
+    parent_span_id: int | None
+    requested_at: float
+    workflow: str
+    root_run_id: str
+    open_wait: tuple[int, ev.RunSuspended] | None = None
+    # True when this follower saw the run from its RunRequested on: then the fields below are
+    # the whole story and the run span needs no history read.
+    complete: bool = False
+    marks: list[tuple[str, float, dict[str, Any]]] = field(default_factory=list)
+    attempts: int = 0
+    workers: set[str] = field(default_factory=set)
+    steps: int = 0
+
+    def note(self, event: ev.Event) -> None:
+        """Fold what the run span reports about one event."""
+        if isinstance(event, ev.RunClaimed):
+            self.attempts = max(self.attempts, event.attempt)
+            self.workers.add(event.worker_id)
+            self.marks.append(("claimed", event.at,
+                               {"worker_id": event.worker_id, "attempt": event.attempt}))
+        elif isinstance(event, ev.RunSuspended):
+            self.marks.append(("suspended", event.at, {"step": event.step, "kind": event.kind}))
+        elif isinstance(event, ev.RunWoken):
+            self.marks.append(("woken", event.at, {"step": event.step, "reason": event.reason}))
+            if getattr(event, "kind", None):  # a wake that records the awaited step's outcome
+                self.steps += 1
+        elif isinstance(event, ev.StepCompleted | ev.StepFailed):
+            self.steps += 1
+
+
+def _ns(t: float) -> int:
+    return int(t * 1e9)
+
+
+def _attr(value: Any) -> Any:
+    """An attribute value OpenTelemetry accepts: scalars as they are, the rest as JSON."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return orjson.dumps(value, default=str).decode()
+
+
+@dataclass
+class FollowerStats:
+    events: int = 0
+    spans: int = 0
+    batches: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+class SpanFollower:
+    """Turns the run history of one namespace into OpenTelemetry spans, once per event."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        exporter: SpanExporter | None = None,
+        resource: Resource | None = None,
+        batch: int = 1000,
+        cache_size: int = 100_000,
+        nc: NATS | None = None,
+        position_key: str = POSITION_KEY,
+    ) -> None:
+        self.settings = settings
+        self.names = jsl.Names(settings.prefix)
+        self.batch = batch
+        self.position_key = position_key
+        self.stats = FollowerStats()
+        self._ids = _PlannedIds()
+        attrs = {"service.name": os.environ.get("OTEL_SERVICE_NAME", "polos"),
+                 "polos.namespace": settings.prefix}
+        self.provider = TracerProvider(
+            resource=resource or Resource.create(attrs), id_generator=self._ids
+        )
+        chosen = exporter if exporter is not None else exporter_from_env()
+        if chosen is not None:
+            # A given exporter (tests, embedding) sees spans synchronously; env-configured
+            # ones are batched, and flushed before each position save.
+            processor = SimpleSpanProcessor(chosen) if exporter is not None else BatchSpanProcessor(chosen)
+            self.provider.add_span_processor(processor)
+        self.tracer = self.provider.get_tracer("polos")
+        self._runs: OrderedDict[str, _Run] = OrderedDict()
+        self._cache_size = cache_size
+        self._nc = nc
+        self._own_nc = nc is None
+        self._kv: KeyValue | None = None
+        self.position = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._nc is None:
+            self._nc = await jsl.connect(self.settings, name="polos-telemetry")
+        js = self._nc.jetstream(timeout=self.settings.request_timeout)
+        await jsl.ensure_topology(js, self.names, self.settings)
+        bucket = telemetry_bucket(self.names)
+        try:
+            self._kv = await js.key_value(bucket)
+        except Exception:
+            from nats.js.api import KeyValueConfig
+
+            with contextlib.suppress(Exception):
+                await js.create_key_value(
+                    KeyValueConfig(bucket=bucket, history=1, replicas=self.settings.replicas)
+                )
+            self._kv = await js.key_value(bucket)
+        self.position = await self._load_position()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.provider.force_flush()
+        self.provider.shutdown()
+        if self._own_nc and self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+            self._nc = None
+
+    async def __aenter__(self) -> SpanFollower:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _load_position(self) -> int:
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(self.position_key)
+        except Exception:
+            return 0
+        try:
+            return int((entry.value or b"0").decode())
+        except ValueError:
+            return 0
+
+    async def _save_position(self) -> None:
+        assert self._kv is not None
+        await self._kv.put(self.position_key, str(self.position).encode())
+
+    # ------------------------------------------------------------------ reading
+
+    async def process_available(self) -> int:
+        """Handle every history event after the saved position; returns how many."""
+        assert self._nc is not None, "follower not started"
+        handled = 0
+        while True:
+            msgs = await jsl.read_subject(
+                self._nc, self.names.runs_stream, f"{self.names.prefix}.run.>",
+                start_seq=self.position + 1, limit=self.batch,
+                timeout=self.settings.request_timeout,
+            )
+            if not msgs:
+                return handled
+            for m in msgs:
+                try:
+                    event = ev.decode((await resolve_payload(self._nc, self.names, m)).data)
+                except ev.EventDecodeError:
+                    log.warning("skipping undecodable history message at seq %d", m.seq)
+                    continue
+                run_id = m.subject.split(".")[2]
+                try:
+                    await self.handle(m.seq, run_id, event)
+                except Exception:
+                    # Telemetry must never stall on one odd run: log it and go on.
+                    log.exception("no span for %s at seq %d", type(event).__name__, m.seq)
+                self.stats.events += 1
+                name = type(event).__name__
+                self.stats.by_type[name] = self.stats.by_type.get(name, 0) + 1
+            handled += len(msgs)
+            # Spans of the batch reach the exporter before the position says they were sent.
+            self.provider.force_flush()
+            self.position = msgs[-1].seq
+            await self._save_position()
+            self.stats.batches += 1
+            if len(msgs) < self.batch:
+                return handled
+
+    async def follow(self, stop: asyncio.Event) -> None:
+        """Handle events as they are appended (a plain subscription wakes it; no polling)."""
+        assert self._nc is not None, "follower not started"
+        wake = asyncio.Event()
+        wake.set()
+
+        async def poke(_msg: Any) -> None:
+            wake.set()
+
+        sub = await self._nc.subscribe(f"{self.names.prefix}.run.>", cb=poke)
+        try:
+            while not stop.is_set():
+                stopper = asyncio.ensure_future(stop.wait())
+                waker = asyncio.ensure_future(wake.wait())
+                await asyncio.wait({stopper, waker}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                waker.cancel()
+                if stop.is_set():
+                    break
+                wake.clear()
+                try:
+                    await self.process_available()
+                except Exception:
+                    log.exception("telemetry follower: read failed; retrying on the next event")
+                    await asyncio.sleep(0.5)
+                    wake.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _history(self, run_id: str, upto: int | None = None) -> list[tuple[int, ev.Event]]:
+        assert self._nc is not None
+        msgs = await jsl.read_subject(
+            self._nc, self.names.runs_stream, self.names.run_filter(run_id),
+            timeout=self.settings.request_timeout,
+        )
+        out: list[tuple[int, ev.Event]] = []
+        for m in msgs:
+            if upto is not None and m.seq > upto:
+                break
+            # Only control events and counts are read here: stubs need no resolving.
+            with contextlib.suppress(ev.EventDecodeError):
+                out.append((m.seq, ev.decode(m.data)))
+        return out
+
+    # ------------------------------------------------------------------ runs
+
+    def _remember(self, run: _Run) -> _Run:
+        self._runs[run.run_id] = run
+        self._runs.move_to_end(run.run_id)
+        while len(self._runs) > self._cache_size:
+            self._runs.popitem(last=False)
+        return run
+
+    async def _run_from_request(self, req: ev.RunRequested, depth: int = 0) -> _Run:
+        parent_span: int | None = None
+        root = req.root_run_id
+        trace_id: int | None = None
+        if req.trace_id and len(req.trace_id) == 32:
+            # A W3C trace id handed in by the caller wins: the run joins the caller's trace.
+            with contextlib.suppress(ValueError):
+                trace_id = int(req.trace_id, 16) or None
+        if req.parent_run_id:
+            parent_span = (
+                step_span_id(req.parent_run_id, req.parent_step)
+                if req.parent_step
+                else run_span_id(req.parent_run_id)
+            )
+            if root is None and depth < 32:
+                parent = await self._run_info(req.parent_run_id, depth + 1)
+                if parent is not None:
+                    root = parent.root_run_id
+                    trace_id = trace_id or parent.trace_id
+            root = root or req.parent_run_id
+        root = root or req.run_id
+        return _Run(
+            run_id=req.run_id,
+            trace_id=trace_id or trace_id_for(root),
+            parent_span_id=parent_span,
+            requested_at=req.at,
+            workflow=req.workflow,
+            root_run_id=root,
+        )
+
+    async def _run_info(self, run_id: str, depth: int = 0) -> _Run | None:
+        run = self._runs.get(run_id)
+        if run is not None:
+            return run
+        # Not seen since this follower started (it started mid-run): the first event says.
+        assert self._nc is not None
+        msgs = await jsl.read_subject(
+            self._nc, self.names.runs_stream, self.names.run_filter(run_id), limit=1,
+            timeout=self.settings.request_timeout,
+        )
+        if not msgs:
+            return None
+        first = ev.decode(msgs[0].data)
+        if not isinstance(first, ev.RunRequested):
+            return None
+        return self._remember(await self._run_from_request(first, depth))
+
+    def _context(self, run: _Run, parent_span_id: int | None) -> Any:
+        if parent_span_id is None:
+            return None
+        parent = SpanContext(
+            trace_id=run.trace_id, span_id=parent_span_id, is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        )
+        return trace.set_span_in_context(NonRecordingSpan(parent))
+
+    def _emit(
+        self,
+        run: _Run,
+        *,
+        name: str,
+        span_id: int,
+        parent_span_id: int | None,
+        start: float,
+        end: float,
+        attributes: dict[str, Any],
+        error: str | None = None,
+        events: list[tuple[str, float, dict[str, Any]]] | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+    ) -> None:
+        self._ids.next_span_id = span_id
+        self._ids.next_trace_id = run.trace_id
+        span = self.tracer.start_span(
+            name,
+            context=self._context(run, parent_span_id),
+            kind=kind,
+            start_time=_ns(min(start, end)),
+            attributes={k: _attr(v) for k, v in attributes.items() if v is not None},
+        )
+        for ev_name, at, attrs in events or []:
+            span.add_event(ev_name, {k: _attr(v) for k, v in attrs.items() if v is not None},
+                           timestamp=_ns(at))
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, error))
+        else:
+            span.set_status(Status(StatusCode.OK))
+        span.end(end_time=_ns(end))
+        self.stats.spans += 1
+
+    async def handle(self, seq: int, run_id: str, event: ev.Event) -> None:
+        """Emit the spans one history event closes (most events close none)."""
+        if isinstance(event, ev.RunRequested):
+            started = await self._run_from_request(event)
+            started.complete = True
+            self._remember(started)
+            return
+        run = await self._run_info(run_id)
+        if run is None:
+            return
+        run.note(event)
+        base = {"polos.run_id": run_id, "polos.workflow": run.workflow, "polos.seq": seq}
+        if isinstance(event, ev.StepCompleted | ev.StepFailed):
+            self._step_span(run, seq, event, base)
+        elif isinstance(event, ev.StepAttemptFailed):
+            self._emit(
+                run, name=f"step {event.key} attempt {event.attempt}",
+                span_id=_h(f"polos/attempt/{run_id}/{event.key}/{event.attempt}", 64),
+                parent_span_id=run_span_id(run_id), start=event.at, end=event.at,
+                attributes={**base, "polos.step.key": event.key, "polos.step.kind": event.kind,
+                            "polos.step.attempt": event.attempt,
+                            "polos.retry_in_s": event.retry_in,
+                            "error.type": event.error.get("type")},
+                error=str(event.error.get("message")),
+            )
+        elif isinstance(event, ev.RunSuspended):
+            run.open_wait = (seq, event)
+        elif isinstance(event, ev.RunWoken):
+            await self._close_wait(run, seq, event.at, base, reason=event.reason,
+                                   records_step=bool(getattr(event, "kind", None)))
+        elif isinstance(event, TERMINAL_TYPES):
+            if not run.complete:
+                # Seen only part of the run (a restart, an evicted cache): the log has the rest.
+                history = await self._history(run_id, upto=seq)
+                first = history[0][1] if history else None
+                if isinstance(first, ev.RunRequested):
+                    fresh = await self._run_from_request(first)
+                    for _, e in history:
+                        fresh.note(e)
+                    fresh.open_wait = run.open_wait
+                    run = fresh
+                await self._close_wait(run, seq, event.at, base, reason=type(event).__name__,
+                                       history=history)
+            else:
+                await self._close_wait(run, seq, event.at, base, reason=type(event).__name__,
+                                       history=[])
+            self._run_span(run, event, base)
+            self._runs.pop(run_id, None)
+
+    def _step_span(
+        self, run: _Run, seq: int, e: ev.StepCompleted | ev.StepFailed, base: dict[str, Any]
+    ) -> None:
+        meta: dict[str, Any] = {}
+        duration: float | None = None
+        started: float | None = None
+        if isinstance(e, ev.StepCompleted):
+            meta = e.meta if isinstance(e.meta, dict) else {}
+            duration, started = e.duration_ms, e.started_at
+        if started is None:
+            started = e.at - (duration or 0.0) / 1000.0
+        attrs: dict[str, Any] = {
+            **base, "polos.step.key": e.key, "polos.step.kind": e.kind,
+            "polos.step.name": e.name, "polos.step.attempts": e.attempts,
+            "polos.idempotency_key": f"{run.run_id}:{e.key}",
+        }
+        name = f"step {e.key}"
+        kind = SpanKind.INTERNAL
+        if e.kind == "llm":
+            usage = meta.get("usage") or {}
+            output = e.output if isinstance(e, ev.StepCompleted) and isinstance(e.output, dict) else {}
+            model = meta.get("model") or e.name
+            name = f"chat {model}"
+            kind = SpanKind.CLIENT
+            finish = meta.get("finish_reason")
+            attrs.update({
+                "gen_ai.operation.name": "chat",
+                "gen_ai.system": meta.get("provider"),
+                "gen_ai.provider.name": meta.get("provider"),
+                "gen_ai.request.model": model,
+                "gen_ai.response.model": model,
+                "gen_ai.request.temperature": meta.get("temperature"),
+                "gen_ai.usage.input_tokens": usage.get("prompt_tokens"),
+                "gen_ai.usage.output_tokens": usage.get("completion_tokens"),
+                "gen_ai.usage.cached_tokens": usage.get("cached_tokens"),
+                "gen_ai.response.finish_reasons": [finish] if isinstance(finish, str) else None,
+                "gen_ai.agent.name": meta.get("agent"),
+                "gen_ai.request.tools": [str(t) for t in meta.get("tools_offered") or []],
+                "polos.llm.tool_calls": [
+                    str(c.get("name")) for c in output.get("tool_calls") or [] if isinstance(c, dict)
+                ],
+                "polos.llm.latency_ms": meta.get("latency_ms"),
+                "polos.cost_usd": meta.get("cost_usd"),
+                "server.address": meta.get("base_url"),
+            })
+        elif e.kind == "tool":
+            name = f"execute_tool {e.name}"
+            attrs.update({
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": e.name,
+                "gen_ai.tool.call.id": meta.get("tool_call_id"),
+                "gen_ai.agent.name": meta.get("agent"),
+                "polos.tool.decision": meta.get("decision"),
+            })
+        error: str | None = None
+        if isinstance(e, ev.StepFailed):
+            error = f"{e.error.get('type')}: {e.error.get('message')}"
+            attrs["error.type"] = e.error.get("type")
+        elif e.kind == "tool" and meta.get("error"):
+            error = str(meta.get("error"))
+            attrs["error.type"] = "ToolError"
+        self._emit(
+            run, name=name, span_id=step_span_id(run.run_id, e.key),
+            parent_span_id=run_span_id(run.run_id), start=started, end=e.at,
+            attributes=attrs, error=error, kind=kind,
+        )
+
+    async def _close_wait(
+        self, run: _Run, seq: int, at: float, base: dict[str, Any], *, reason: str,
+        history: list[tuple[int, ev.Event]] | None = None, records_step: bool = False,
+    ) -> None:
+        opened = run.open_wait
+        if opened is None:
+            # The follower (re)started while the run waited: the history knows the suspension.
+            if history is None:
+                history = await self._history(run.run_id, upto=seq)
+            for s, e in history:
+                if s >= seq:
+                    break
+                if isinstance(e, ev.RunSuspended):
+                    opened = (s, e)
+                elif isinstance(e, ev.RunWoken):
+                    opened = None
+        run.open_wait = None
+        if opened is None:
+            return
+        s_seq, sus = opened
+        # A wake that records the awaited step's outcome is that step's only record, so the
+        # wait span takes the step's span id: child runs started by the step hang under it.
+        span_id = (step_span_id(run.run_id, sus.step) if records_step
+                   else _h(f"polos/wait/{run.run_id}/{s_seq}", 64))
+        self._emit(
+            run, name=f"wait {sus.kind} {sus.step}",
+            span_id=span_id,
+            parent_span_id=run_span_id(run.run_id), start=sus.at, end=at,
+            attributes={**base, "polos.wait.kind": sus.kind, "polos.wait.step": sus.step,
+                        "polos.wait.topic": sus.topic, "polos.wait.children": sus.children,
+                        "polos.wait.woken_by": reason},
+        )
+
+    def _run_span(self, run: _Run, end: ev.Event, base: dict[str, Any]) -> None:
+        status = {"RunCompleted": "completed", "RunFailed": "failed",
+                  "RunCancelled": "cancelled"}[type(end).__name__]
+        error = None
+        if isinstance(end, ev.RunFailed):
+            error = f"{end.error.get('type')}: {end.error.get('message')}"
+        self._emit(
+            run, name=f"run {run.workflow}", span_id=run_span_id(run.run_id),
+            parent_span_id=run.parent_span_id, start=run.requested_at, end=end.at,
+            attributes={**base, "polos.status": status, "polos.attempts": run.attempts,
+                        "polos.workers": len(run.workers), "polos.steps": run.steps,
+                        "polos.root_run_id": run.root_run_id},
+            error=error, events=run.marks,
+            kind=SpanKind.SERVER if run.parent_span_id is None else SpanKind.INTERNAL,
+        )
+
+
+__all__ = [
+    "SpanFollower",
+    "exporter_from_env",
+    "resolve_payload",
+    "run_span_id",
+    "step_span_id",
+    "trace_id_for",
+]

@@ -1,0 +1,468 @@
+"""The orchestrator's side of waiting: resume, cancel and child commands, external events,
+and the control hooks that wake suspended runs.
+
+Every race here is closed the same way: the thing that arrives (a resume command, an event, a
+child's end) is durable before anyone looks for it, and both sides look: the arrival's handler
+checks whether the run already waits for it, and the ``RunSuspended`` hook checks whether it
+already arrived. Whichever runs second sees the other. Both wake with one append fenced on the
+``RunSuspended`` sequence, so two wakers (two instances, a redelivery) cannot both succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import nats.js.errors
+import orjson
+from nats.aio.msg import Msg
+
+from polos import events as ev
+from polos._private import jetstream as jsl
+from polos._private import waiting as wt
+from services.orchestrator.orchestrator import CommandError, Orchestrator, derive_run_id
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+log = logging.getLogger("polos.waiting")
+
+CASCADE_HEADER = "Polos-Cascade"  # a cancel sent by a parent's cancellation, not by a user
+_CHILD_FIELDS = {"workflow", "input", "parent_run_id", "parent_step", "root_run_id"}
+
+
+def _workflow_of(orch: Orchestrator, run_id: str, state: ev.RunState | None = None) -> str | None:
+    if state is not None and state.workflow:
+        return state.workflow
+    cached = orch._cache.get(run_id)
+    return cached[0].get("workflow") if cached else None
+
+
+async def _dispatch_woken(orch: Orchestrator, run_id: str, workflow: str | None, seq: int) -> None:
+    if workflow is None:
+        workflow = (await jsl.load_state(orch.nc, orch.names, run_id)).workflow
+    if workflow:
+        await orch.dispatch(run_id, workflow, seq)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int, Any] | None:
+    """The first well-formed resume stored for the run's step: the one that applies."""
+    msgs = await jsl.read_subject(
+        orch.nc, orch.names.cmd_stream, wt.resume_subject(orch.names, run_id, key), limit=20
+    )
+    for m in msgs:
+        try:
+            body = orjson.loads(m.data) if m.data else {}
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(body, dict) and set(body) <= {"data"}:
+            return m.seq, body.get("data")
+    return None
+
+
+async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
+    if len(tokens) != 2 or not jsl.valid_token(tokens[0]):
+        raise CommandError(
+            f"a resume goes to {orch.names.prefix}.cmd.resume.<run_id>.<step key>, got {msg.subject!r}"
+        )
+    run_id = tokens[0]
+    try:
+        key = wt.decode_token(tokens[1])
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"step key token {tokens[1]!r} is not valid", field="key") from exc
+    body = orch.parse_object(msg)
+    unknown = sorted(set(body) - {"data"})
+    if unknown:
+        raise CommandError(
+            f"unknown field(s) {', '.join(unknown)}; a resume is {{\"data\": <any JSON>}}",
+            field=unknown[0],
+        )
+    data = body.get("data")
+    seq = msg.metadata.sequence.stream
+    answer = {"ok": True, "run_id": run_id, "key": key}
+    for _ in range(10):
+        state = await jsl.load_state(orch.nc, orch.names, run_id)
+        if state.requested is None:
+            raise CommandError(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
+        done = state.steps.get(key)
+        if done is not None:
+            out = done.output if isinstance(done, ev.StepCompleted) else None
+            if done.kind != "suspend":
+                raise CommandError(f"run {run_id}: step {key!r} is a {done.kind} step, not a suspend", field="key")
+            if isinstance(out, dict) and out.get("seq") == seq:
+                return {**answer, "status": "resumed"}  # this very command, redelivered
+            if isinstance(out, dict) and out.get("timeout"):
+                raise CommandError(
+                    f"run {run_id}: suspend {key!r} timed out before this resume; it changes nothing",
+                    field="key",
+                )
+            raise CommandError(
+                f"run {run_id}: step {key!r} was already resumed; this resume changes nothing",
+                field="key",
+            )
+        if state.done:
+            raise CommandError(f"run {run_id} is {state.status}; there is nothing to resume")
+        sus = state.suspended
+        if state.status == "suspended" and sus is not None and sus.step == key:
+            if sus.kind != "suspend":
+                raise CommandError(
+                    f"run {run_id} waits at {key!r} for a {sus.kind}, not for a resume", field="key"
+                )
+            woke = await wt.wake(
+                orch.js, orch.names, run_id, key,
+                expected_seq=state.last_seq, reason="resumed", cause=f"r{seq}", kind="suspend",
+                output={"data": data, "seq": seq, "at": time.time()}, workflow=state.workflow,
+            )
+            if woke is None:
+                continue  # the history moved (a timeout, a cancel, another resume): look again
+            await _dispatch_woken(orch, run_id, state.workflow, woke)
+            return {**answer, "status": "resumed"}
+        first = await _first_resume(orch, run_id, key)
+        if first is not None and first[0] != seq:
+            raise CommandError(
+                f"run {run_id}: a resume of step {key!r} is already pending (sent earlier); "
+                "this one changes nothing",
+                field="key",
+            )
+        return {
+            **answer,
+            "status": "pending",
+            "message": f"run {run_id} is {state.status}, not suspended at {key!r} yet: "
+            "the resume is kept and applied when the run gets there",
+        }
+    raise RuntimeError(f"run {run_id}: resume kept racing with other writers")
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+async def on_cancel(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
+    if len(tokens) != 1 or not jsl.valid_token(tokens[0]):
+        raise CommandError(f"a cancel goes to {orch.names.prefix}.cmd.cancel.<run_id>, got {msg.subject!r}")
+    run_id = tokens[0]
+    body = orch.parse_object(msg)
+    unknown = sorted(set(body) - {"reason"})
+    if unknown:
+        raise CommandError(f"unknown field(s) {', '.join(unknown)}; a cancel takes reason", field=unknown[0])
+    reason = body.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise CommandError("reason must be a string", field="reason")
+    cascade = bool((msg.headers or {}).get(CASCADE_HEADER))
+    for _ in range(20):
+        state = await jsl.load_state(orch.nc, orch.names, run_id)
+        if state.requested is None:
+            raise CommandError(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
+        if state.done:
+            if cascade:
+                return {"ok": True, "run_id": run_id, "status": state.status}
+            raise CommandError(f"run {run_id} is already {state.status}; nothing to cancel")
+        try:
+            # Fenced like every append: a worker executing the run is fenced out by it.
+            await jsl.append(
+                orch.js, orch.names, run_id, ev.RunCancelled(run_id=run_id, reason=reason),
+                expected_last_seq=state.last_seq, msg_id=f"{run_id}/cancel",
+            )
+        except jsl.FencedOut:
+            await asyncio.sleep(0.01)
+            continue
+        return {"ok": True, "run_id": run_id, "status": "cancelled"}
+    raise RuntimeError(f"run {run_id}: cancel kept racing with the worker's appends")
+
+
+async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
+    # Interrupt the worker holding it (if any) at its next await; it is fenced out anyway.
+    await orch.nc.publish(orch.names.cancel_signal_subject(run_id), b"")
+    await wt.clear_timers(orch.js, orch.names, run_id)
+    state = await jsl.load_state(orch.nc, orch.names, run_id)
+    children: list[str] = []
+    for step in state.steps.values():
+        out = step.output if isinstance(step, ev.StepCompleted) else None
+        if step.kind == "invoke" and isinstance(out, dict) and out.get("run_id"):
+            children.append(str(out["run_id"]))
+    sus = state.suspended
+    if sus is not None and sus.kind == "child":
+        children.extend(sus.children or [])
+    if sus is not None and sus.kind == "event" and sus.topic:
+        with contextlib.suppress(Exception):
+            await (await _waits(orch)).delete(_wait_key(sus.topic, run_id))
+    for child in children:
+        await orch.js.publish(
+            orch.names.cancel_subject(child),
+            orjson.dumps({"reason": f"parent run {run_id} was cancelled"}),
+            headers={jsl.MSG_ID: f"cancel/{child}", CASCADE_HEADER: "1"},
+        )
+
+
+# --------------------------------------------------------------------------- children
+
+
+async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
+    if len(tokens) != 1 or not jsl.valid_token(tokens[0]):
+        raise CommandError(f"a child request goes to {orch.names.prefix}.cmd.child.<run_id>")
+    body = orch.parse_object(msg)
+    unknown = sorted(set(body) - _CHILD_FIELDS)
+    if unknown:
+        raise CommandError(f"unknown field(s) {', '.join(unknown)}", field=unknown[0])
+    for name in ("workflow", "parent_run_id", "parent_step"):
+        if not isinstance(body.get(name), str) or not body[name]:
+            raise CommandError(f"{name} must be a non-empty string", field=name)
+    if not jsl.valid_token(body["workflow"]):
+        raise CommandError(f"workflow name {body['workflow']!r} is not valid", field="workflow")
+    event = ev.RunRequested(
+        run_id=tokens[0],
+        workflow=body["workflow"],
+        input=body.get("input"),
+        parent_run_id=body["parent_run_id"],
+        parent_step=body["parent_step"],
+        root_run_id=body.get("root_run_id"),
+        source="child",
+    )
+    return await orch.request_run(event)
+
+
+async def _children_outcome(orch: Orchestrator, children: list[str]) -> list[dict[str, Any]] | None:
+    """Every child's outcome if all have ended, else None (a later child end looks again)."""
+    assert orch._index is not None
+    for child in children:
+        cached = orch._cache.get(child)
+        status = cached[0].get("status") if cached else None
+        if status not in ev.TERMINAL:
+            try:
+                entry = await orch._index.get(child)
+                status = orjson.loads(entry.value or b"{}").get("status")
+            except nats.js.errors.KeyNotFoundError:
+                return None
+        if status not in ev.TERMINAL:
+            return None
+    states = await asyncio.gather(*(jsl.load_state(orch.nc, orch.names, c) for c in children))
+    if any(not s.done for s in states):
+        return None
+    return [
+        {"run_id": s.run_id, "workflow": s.workflow, "status": s.status, "output": s.output,
+         "error": s.error}
+        for s in states
+    ]
+
+
+async def _wake_parent(orch: Orchestrator, state: ev.RunState, seq: int, sus: ev.RunSuspended) -> None:
+    results = await _children_outcome(orch, list(sus.children or []))
+    if results is None:
+        return
+    woke = await wt.wake(
+        orch.js, orch.names, state.run_id, sus.step, expected_seq=seq, reason="children ended",
+        cause="children", kind="child", output={"children": results}, workflow=state.workflow,
+    )
+    if woke is not None:
+        await _dispatch_woken(orch, state.run_id, state.workflow, woke)
+
+
+# --------------------------------------------------------------------------- events
+
+
+async def _waits(orch: Orchestrator) -> KeyValue:
+    return await orch.js.key_value(orch.names.waits_bucket)
+
+
+def _wait_key(topic: str, run_id: str) -> str:
+    return f"{wt.topic_tokens(topic)}.{run_id}"
+
+
+async def _wake_event_waiter(
+    orch: Orchestrator, run_id: str, step: str, seq: int, topic: str, cursor: int,
+    since: float | None, workflow: str | None,
+) -> bool | None:
+    """Wake a run waiting on ``topic`` with the first event after its cursor. True: woken;
+    False: no event yet; None: the wait is stale (the run moved on)."""
+    found = await wt.first_event_after(orch.nc, orch.names, topic, cursor, since)
+    if found is None:
+        return False
+    woke = await wt.wake(
+        orch.js, orch.names, run_id, step, expected_seq=seq, reason=f"event {topic}",
+        cause=f"e{found['seq']}", kind="event", output=found, workflow=workflow,
+    )
+    if woke is None:
+        return None
+    await _dispatch_woken(orch, run_id, workflow, woke)
+    return True
+
+
+class EventRouter:
+    """Consumes the external-event stream: wakes waiting runs and starts triggered runs."""
+
+    def __init__(self, orch: Orchestrator) -> None:
+        self.orch = orch
+        self.loop: jsl.PullLoop | None = None
+
+    async def start(self) -> None:
+        o = self.orch
+        await wt.ensure_waiting_topology(o.js, o.names, o.settings)
+        durable = "orchestrator_events"
+        await jsl.ensure_consumer(o.js, o.names.events_stream, durable,
+                                  f"{o.names.prefix}.event.>", ack_wait=30.0)
+        self.loop = jsl.PullLoop(o.nc, o.names.events_stream, durable, self.on_event,
+                                 capacity=64, name=durable)
+        self.loop.start()
+
+    async def stop(self) -> None:
+        if self.loop is not None:
+            await self.loop.stop(drain_timeout=2.0)
+
+    async def on_event(self, msg: Msg) -> None:
+        o = self.orch
+        try:
+            topic = wt.topic_from_subject(o.names, msg.subject)
+            data = orjson.loads(msg.data) if msg.data else None
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            await jsl.dead_letter(o.js, o.names, source="event", reason=f"malformed event: {exc}",
+                                  subject=msg.subject, data=msg.data)
+            await msg.ack()
+            return
+        seq = msg.metadata.sequence.stream
+        try:
+            await self._wake_waiters(topic, seq)
+            await self._trigger(topic, seq, data, msg)
+        except Exception:
+            log.exception("event %s on %s failed; will retry", seq, topic)
+            await msg.nak(delay=0.5)
+            return
+        await msg.ack()
+
+    async def _wake_waiters(self, topic: str, seq: int) -> None:
+        o = self.orch
+        bucket = o.names.waits_bucket
+        msgs = await jsl.last_per_subject(
+            o.nc, f"KV_{bucket}", f"$KV.{bucket}.{wt.topic_tokens(topic)}.*"
+        )
+        kv = await _waits(o)
+        for m in msgs:
+            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                continue
+            w = orjson.loads(m.data)
+            if int(w.get("cursor") or 0) >= seq:
+                continue
+            outcome = await _wake_event_waiter(
+                o, w["run_id"], w["step"], int(w["seq"]), topic, int(w.get("cursor") or 0),
+                w.get("since"), w.get("workflow"),
+            )
+            if outcome is not False:
+                with contextlib.suppress(Exception):
+                    await kv.delete(m.subject.split(".", 2)[2], last=m.seq)
+
+    async def _trigger(self, topic: str, seq: int, data: Any, msg: Msg) -> None:
+        o = self.orch
+        bucket = o.names.workflows_bucket
+        docs = await jsl.last_per_subject(o.nc, f"KV_{bucket}", f"$KV.{bucket}.>")
+        for m in docs:
+            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                continue
+            doc = orjson.loads(m.data)
+            if doc.get("trigger_on_event") != topic:
+                continue
+            name = doc["name"]
+            meta = msg.metadata
+            event = ev.RunRequested(
+                # One run per (workflow, event), however often the event is delivered.
+                run_id=derive_run_id(o.names.prefix, f"event/{name}/{seq}"),
+                workflow=name,
+                input={"topic": topic, "data": data, "seq": seq,
+                       "time": meta.timestamp.timestamp() if meta.timestamp else time.time()},
+                source="event",
+            )
+            await o.request_run(event)
+
+
+async def _start_router(orch: Orchestrator) -> EventRouter:
+    router = EventRouter(orch)
+    await router.start()
+    return router
+
+
+# --------------------------------------------------------------------------- control hook
+
+
+async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event) -> None:
+    if isinstance(event, ev.RunSuspended):
+        if event.kind in wt.WAIT_KINDS:
+            await _on_suspended(orch, run_id, seq, event)
+    elif type(event) is ev.RunWoken:
+        # The waker dispatched already; this repeats it (same message id: never two tasks) in
+        # case the waker died in between, and is the only dispatch for the scheduler's wakes.
+        await _dispatch_woken(orch, run_id, event.workflow or _workflow_of(orch, run_id), seq)
+    elif isinstance(event, (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
+        if isinstance(event, ev.RunCancelled):
+            await _after_cancel(orch, run_id)
+        cached = orch._cache.get(run_id)
+        if cached is None or cached[0].get("parent_run_id"):
+            await _child_ended(orch, run_id)
+
+
+async def _child_ended(orch: Orchestrator, run_id: str) -> None:
+    child = await jsl.load_state(orch.nc, orch.names, run_id)
+    req = child.requested
+    if req is None or not req.parent_run_id:
+        return
+    parent = await jsl.load_state(orch.nc, orch.names, req.parent_run_id)
+    sus = parent.suspended
+    if (parent.status == "suspended" and sus is not None and sus.kind == "child"
+            and run_id in (sus.children or [])):
+        await _wake_parent(orch, parent, parent.last_seq, sus)
+
+
+async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.RunSuspended) -> None:
+    workflow = _workflow_of(orch, run_id)
+    await wt.ensure_waiting_topology(orch.js, orch.names, orch.settings)
+    due = event.wake_at if event.kind in ("sleep", "retry") else event.timeout_at
+    if due is not None:
+        await wt.schedule_timer(
+            orch.js, orch.names, run_id, seq, due,
+            {"kind": "wake", "step": event.step, "wait_kind": event.kind, "workflow": workflow},
+        )
+    if event.kind == "suspend":
+        first = await _first_resume(orch, run_id, event.step)
+        if first is not None:
+            woke = await wt.wake(
+                orch.js, orch.names, run_id, event.step, expected_seq=seq, reason="resumed",
+                cause=f"r{first[0]}", kind="suspend",
+                output={"data": first[1], "seq": first[0], "at": time.time()}, workflow=workflow,
+            )
+            if woke is not None:
+                await _dispatch_woken(orch, run_id, workflow, woke)
+    elif event.kind == "event" and event.topic:
+        kv = await _waits(orch)
+        key = _wait_key(event.topic, run_id)
+        rev = await kv.put(key, orjson.dumps({
+            "run_id": run_id, "step": event.step, "seq": seq, "topic": event.topic,
+            "cursor": event.cursor or 0, "since": event.since, "workflow": workflow,
+        }))
+        # After the put: an event stored from here on finds the waiter; one stored before is
+        # found by this read.
+        outcome = await _wake_event_waiter(
+            orch, run_id, event.step, seq, event.topic, event.cursor or 0, event.since, workflow
+        )
+        if outcome is not False:
+            with contextlib.suppress(Exception):
+                await kv.delete(key, last=rev)
+    elif event.kind == "child":
+        state = await jsl.load_state(orch.nc, orch.names, run_id)
+        if state.status == "suspended" and state.last_seq == seq:
+            await _wake_parent(orch, state, seq, event)
+
+
+def register() -> None:
+    """Plug the waiting features into every Orchestrator (idempotent)."""
+    Orchestrator.command_handlers.setdefault("resume", on_resume)
+    Orchestrator.command_handlers.setdefault("cancel", on_cancel)
+    Orchestrator.command_handlers.setdefault("child", on_child)
+    if on_control not in Orchestrator.control_hooks:
+        Orchestrator.control_hooks.append(on_control)
+    if _start_router not in Orchestrator.start_hooks:
+        Orchestrator.start_hooks.append(_start_router)
+
+
+register()

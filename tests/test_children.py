@@ -1,0 +1,97 @@
+"""Child workflows against a real nats-server: invoke, invoke_and_wait, fan-out/fan-in, a
+child's failure as a catchable exception in the parent, the parent holding no worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from polos import ChildWorkflowError, WorkflowContext, workflow
+from tests.test_waiting import until_status
+
+
+@workflow(name="c_square")
+async def c_square(ctx: WorkflowContext, n: int) -> int:
+    return await ctx.step.run("sq", lambda: n * n)
+
+
+@workflow(name="c_boom")
+async def c_boom(ctx: WorkflowContext, n: int) -> int:
+    raise ValueError(f"boom {n}")
+
+
+@workflow(name="c_slow")
+async def c_slow(ctx: WorkflowContext, seconds: float) -> str:
+    await ctx.step.sleep("nap", seconds)
+    return "slept"
+
+
+@workflow(name="p_one")
+async def p_one(ctx: WorkflowContext, n: int) -> int:
+    return int(await ctx.step.invoke_and_wait("child", c_square, n)) + 1
+
+
+@workflow(name="p_fan")
+async def p_fan(ctx: WorkflowContext, n: int) -> int:
+    results = await ctx.step.batch_invoke_and_wait("fan", [(c_square, i) for i in range(n)])
+    return sum(results)
+
+
+@workflow(name="p_catch")
+async def p_catch(ctx: WorkflowContext) -> dict[str, Any]:
+    try:
+        await ctx.step.invoke_and_wait("bad", c_boom, 7)
+    except ChildWorkflowError as exc:
+        return {"caught": exc.status, "type": exc.error.get("type"), "msg": exc.error.get("message")}
+    return {"caught": None}
+
+
+@workflow(name="p_fire")
+async def p_fire(ctx: WorkflowContext) -> str:
+    handle = await ctx.step.invoke("start", c_square, 3)
+    return handle.run_id
+
+
+async def test_invoke_and_wait(env_factory: Any) -> None:
+    env = await env_factory([p_one, c_square])
+    handle = await env.client.start(p_one, 6)
+    assert await handle.result(timeout=20) == 37
+    history = await env.client.history(handle.run_id)
+    child_ids = [e.children for _, e in history if type(e).__name__ == "RunSuspended"]
+    assert len(child_ids) == 1
+    child = await env.client.get(child_ids[0][0])
+    assert child.parent_run_id == handle.run_id and child.output == 36
+
+
+async def test_fan_out_fan_in(env_factory: Any) -> None:
+    env = await env_factory([p_fan, c_square])
+    handle = await env.client.start(p_fan, 10)
+    assert await handle.result(timeout=30) == sum(i * i for i in range(10))
+
+
+async def test_child_failure_is_catchable(env_factory: Any) -> None:
+    env = await env_factory([p_catch, c_boom])
+    handle = await env.client.start(p_catch)
+    out = await handle.result(timeout=20)
+    assert out == {"caught": "failed", "type": "ValueError", "msg": "boom 7"}
+
+
+async def test_invoke_without_waiting(env_factory: Any) -> None:
+    env = await env_factory([p_fire, c_square])
+    handle = await env.client.start(p_fire)
+    child_id = await handle.result(timeout=20)
+    assert await env.client.get_handle(child_id).result(timeout=20) == 9
+
+
+@workflow(name="p_slow")
+async def p_slow(ctx: WorkflowContext) -> list[str]:
+    return await ctx.step.batch_invoke_and_wait("kids", [(c_slow, 0.8), (c_slow, 0.8)])
+
+
+async def test_parent_waits_without_a_worker(env_factory: Any) -> None:
+    env = await env_factory([p_slow, c_slow])
+    handle = await env.client.start(p_slow)
+    await until_status(env, handle.run_id, "suspended")
+    info = await env.client.get(handle.run_id)
+    assert info.waiting and info.waiting["kind"] == "child"
+    assert handle.run_id not in env.worker.active_runs
+    assert await handle.result(timeout=20) == ["slept", "slept"]
