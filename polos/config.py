@@ -41,6 +41,12 @@ class Settings:
     request_timeout: float = field(default_factory=lambda: _env_float("POLOS_REQUEST_TIMEOUT", 5.0))
     # A concurrency slot's lease: a worker that dies holding one gives it back this long after
     # its last renewal (renewed every third of it while the run executes).
+    # How long a command, control event or timer handed to an orchestrator or scheduler
+    # instance that then died waits before another instance gets it. Handlers take
+    # milliseconds; this only bounds recovery after a crash.
+    service_ack_wait: float = field(
+        default_factory=lambda: _env_float("POLOS_SERVICE_ACK_WAIT", 10.0)
+    )
     slot_lease: float = field(default_factory=lambda: _env_float("POLOS_SLOT_LEASE", 30.0))
     replicas: int = field(default_factory=lambda: int(os.environ.get("POLOS_REPLICAS", "1")))
     # Seconds the stream keeps message ids for de-duplication of retried appends and commands.

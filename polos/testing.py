@@ -28,6 +28,7 @@ def fast_settings(nats_url: str, prefix: str | None = None, **overrides: Any) ->
         "task_ack_wait": 1.0,
         "heartbeat_interval": 0.25,
         "worker_ttl": 3.0,
+        "service_ack_wait": 2.0,
         "request_timeout": 5.0,
     }
     values.update(overrides)

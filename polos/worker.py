@@ -289,7 +289,7 @@ class Worker:
             try:
                 await exe.record(
                     ev.RunClaimed(run_id=run_id, worker_id=self.id, attempt=attempt),
-                    msg_id=f"{run_id}/c/{attempt}",
+                    msg_id=f"{run_id}/c/{attempt}/{self.id}",
                 )
                 return exe
             except jsl.FencedOut:

@@ -41,6 +41,7 @@ def subprocess_env(settings: Settings) -> dict[str, str]:
         POLOS_TASK_ACK_WAIT=str(settings.task_ack_wait),
         POLOS_HEARTBEAT_INTERVAL=str(settings.heartbeat_interval),
         POLOS_WORKER_TTL=str(settings.worker_ttl),
+        POLOS_SERVICE_ACK_WAIT=str(settings.service_ack_wait),
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
         PYTHONUNBUFFERED="1",
     )

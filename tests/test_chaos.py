@@ -61,6 +61,7 @@ class Cluster:
             POLOS_TASK_ACK_WAIT=str(self.settings.task_ack_wait),
             POLOS_HEARTBEAT_INTERVAL=str(self.settings.heartbeat_interval),
             POLOS_WORKER_TTL=str(self.settings.worker_ttl),
+            POLOS_SERVICE_ACK_WAIT=str(self.settings.service_ack_wait),
             POLOS_TEST_LOG=str(self.log),
             PYTHONPATH=os.pathsep.join([str(ROOT), self.env.get("PYTHONPATH", "")]),
             PYTHONUNBUFFERED="1",

@@ -311,8 +311,10 @@ async def append(
 ) -> int:
     """Append ``event`` to the run's history iff the history still ends at ``expected_last_seq``.
 
-    The fence covers all of the run's subjects. The message id makes a retried append (a lost
-    ack) return the original sequence instead of writing twice.
+    The fence covers all of the run's subjects. A retried append (its ack was lost) must not
+    write twice: the message id de-duplicates it, but the server checks the fence before the
+    id, so a retry whose first try was stored is refused as fenced. That refusal is recognised
+    by finding our own message id at the end of the subject, and returns its sequence.
     """
     headers = {
         EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_seq),
@@ -335,6 +337,10 @@ async def append(
             return int(ack.seq)
         except nats.js.errors.APIError as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
+                if attempt:
+                    mine = await _stored_by_us(js, names, subject, msg_id, payload)
+                    if mine is not None:
+                        return mine
                 raise FencedOut(run_id, expected_last_seq) from exc
             if exc.code != 503:  # 503: the stream has no leader right now
                 raise
@@ -346,6 +352,17 @@ async def append(
         if time.monotonic() > deadline:
             raise AppendUnavailable(f"append to run {run_id} timed out")
         await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+
+
+async def _stored_by_us(
+    js: JetStreamContext, names: Names, subject: str, msg_id: str, payload: bytes
+) -> int | None:
+    """The sequence of the last message on ``subject`` if it is this very append: same id and
+    same bytes (another writer's record of the same fact has another timestamp)."""
+    last = await last_for_subject(js._nc, names.runs_stream, subject)
+    if last is not None and (last.headers or {}).get(MSG_ID) == msg_id and last.data == payload:
+        return last.seq
+    return None
 
 
 # --------------------------------------------------------------------------- reads

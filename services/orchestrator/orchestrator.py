@@ -43,6 +43,20 @@ class CommandError(ValueError):
         self.field = field
 
 
+class RunNotYetKnown(CommandError):
+    """A command names a run that does not exist (yet).
+
+    Commands are handled concurrently, so a resume or cancel sent right after its start can be
+    handled before the start. While commands older than this one are still unacknowledged the
+    command is retried shortly; once they are all done and the run still does not exist, the
+    answer is final.
+    """
+
+
+# How often a command for an unknown run is retried while older commands are in flight.
+_NOT_YET_RETRIES = 40
+
+
 def derive_run_id(prefix: str, key: str) -> str:
     """A run id that is the same every time the same command is processed."""
     return uuid.uuid5(_RUN_NS, f"{prefix}/{key}").hex
@@ -82,11 +96,11 @@ class Orchestrator:
         self._index = await self._js.key_value(self.names.runs_bucket)
         await jsl.ensure_consumer(
             self._js, self.names.cmd_stream, "orchestrator_cmd", self.names.cmd_filter,
-            ack_wait=30.0,
+            ack_wait=self.settings.service_ack_wait,
         )
         await jsl.ensure_consumer(
             self._js, self.names.runs_stream, "orchestrator_ctl", self.names.ctl_filter,
-            ack_wait=30.0,
+            ack_wait=self.settings.service_ack_wait,
         )
         # Queues with limits: before the loops start, so no run is dispatched around them.
         self.admission = await Admission.attach(self)
@@ -156,6 +170,13 @@ class Orchestrator:
                         f"{self.names.prefix}.cmd.start.<workflow> or another documented command"
                     )
                 body = await handler(self, msg, tokens[3:])
+        except RunNotYetKnown as err:
+            if msg.metadata.num_delivered < _NOT_YET_RETRIES and await self._older_commands_pending(msg):
+                await msg.nak(delay=0.05)
+                return
+            await self._reject(msg, err)
+            await msg.ack()
+            return
         except CommandError as err:
             await self._reject(msg, err)
             await msg.ack()
@@ -174,6 +195,14 @@ class Orchestrator:
         self.commands_handled += 1
         await msg.ack()
         await self._reply(msg, body)
+
+    async def _older_commands_pending(self, msg: Msg) -> bool:
+        """True while a command stored before ``msg`` is not yet acknowledged (maybe a start)."""
+        try:
+            info = await self.js.consumer_info(self.names.cmd_stream, "orchestrator_cmd")
+        except Exception:
+            return True
+        return int(info.ack_floor.stream_seq) < msg.metadata.sequence.stream - 1
 
     @staticmethod
     def parse_object(msg: Msg) -> dict[str, Any]:

@@ -23,7 +23,12 @@ from nats.aio.msg import Msg
 from polos import events as ev
 from polos._private import jetstream as jsl
 from polos._private import waiting as wt
-from services.orchestrator.orchestrator import CommandError, Orchestrator, derive_run_id
+from services.orchestrator.orchestrator import (
+    CommandError,
+    Orchestrator,
+    RunNotYetKnown,
+    derive_run_id,
+)
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -89,7 +94,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     for _ in range(10):
         state = await jsl.load_state(orch.nc, orch.names, run_id)
         if state.requested is None:
-            raise CommandError(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
+            raise RunNotYetKnown(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
         done = state.steps.get(key)
         if done is not None:
             out = done.output if isinstance(done, ev.StepCompleted) else None
@@ -157,7 +162,7 @@ async def on_cancel(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     for _ in range(20):
         state = await jsl.load_state(orch.nc, orch.names, run_id)
         if state.requested is None:
-            raise CommandError(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
+            raise RunNotYetKnown(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
         if state.done:
             if cascade:
                 return {"ok": True, "run_id": run_id, "status": state.status}
@@ -304,7 +309,7 @@ class EventRouter:
         await wt.ensure_waiting_topology(o.js, o.names, o.settings)
         durable = "orchestrator_events"
         await jsl.ensure_consumer(o.js, o.names.events_stream, durable,
-                                  f"{o.names.prefix}.event.>", ack_wait=30.0)
+                                  f"{o.names.prefix}.event.>", ack_wait=o.settings.service_ack_wait)
         self.loop = jsl.PullLoop(o.nc, o.names.events_stream, durable, self.on_event,
                                  capacity=64, name=durable)
         self.loop.start()

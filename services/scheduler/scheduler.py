@@ -68,7 +68,7 @@ class Scheduler:
         await wt.ensure_waiting_topology(self._js, self.names, self.settings)
         await jsl.ensure_consumer(
             self._js, self.names.timers_stream, DURABLE, f"{self.names.prefix}.timer.fire.>",
-            ack_wait=30.0,
+            ack_wait=self.settings.service_ack_wait,
         )
         self._loop = jsl.PullLoop(
             self._nc, self.names.timers_stream, DURABLE, self._on_fire, capacity=256, name=DURABLE

@@ -1,0 +1,52 @@
+"""Fenced appends: exactly one write per fact, even when an ack is lost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+
+from polos import events as ev
+from polos._private import jetstream as jsl
+from polos.config import Settings
+
+
+class LosesFirstAck:
+    """A JetStream context whose first publish is stored by the server but whose ack is lost:
+    the fault the message id and the fence together must absorb."""
+
+    def __init__(self, js: Any) -> None:
+        self._js = js
+        self._nc = js._nc
+        self.publishes = 0
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        self.publishes += 1
+        ack = await self._js.publish(*args, **kwargs)
+        if self.publishes == 1:
+            raise nats.errors.TimeoutError
+        return ack
+
+
+async def test_a_retried_append_whose_ack_was_lost_is_written_once(settings: Settings) -> None:
+    nc = await nats.connect(settings.nats_url)
+    js = nc.jetstream()
+    names = jsl.Names(settings.prefix)
+    await jsl.ensure_topology(js, names, settings)
+    run = "lost-ack"
+    first = await jsl.append(js, names, run, ev.RunRequested(run_id=run, workflow="w"),
+                             expected_last_seq=0, msg_id=f"{run}/req")
+    flaky = LosesFirstAck(js)
+    step = ev.StepCompleted(key="charge", kind="run", output={"id": 1})
+    seq = await jsl.append(flaky, names, run, step, expected_last_seq=first,  # type: ignore[arg-type]
+                           msg_id=f"{run}/s/charge")
+    assert flaky.publishes == 2
+    history = await jsl.read_history(nc, names, run)
+    assert [s for s, _ in history] == [first, seq]  # stored once, and the retry knows where
+    # Another writer's append of the same fact (other bytes) is still fenced out.
+    with pytest.raises(jsl.FencedOut):
+        await jsl.append(js, names, run, ev.StepCompleted(key="charge", kind="run", output=2),
+                         expected_last_seq=first, msg_id=f"{run}/s/charge")
+    await nc.close()
