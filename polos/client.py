@@ -101,15 +101,18 @@ class RunHandle(Generic[O]):
         """
         nc = self.client.nc
         names = self.client.names
-        ended: asyncio.Queue[None] = asyncio.Queue()
+        news: asyncio.Queue[None] = asyncio.Queue()
 
         async def on_ctl(msg: Any) -> None:
             with contextlib.suppress(Exception):
                 if isinstance(ev.decode(msg.data), (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
-                    ended.put_nowait(None)
+                    news.put_nowait(None)
 
         # Subscribe before reading, so an ending between the read and the subscribe is not missed.
+        # What a subscriber sees is only a nudge: a fenced-out writer's ending is delivered to
+        # subscribers too, though the stream refused it, so the outcome always comes from the log.
         sub = await nc.subscribe(names.run_subject(self.run_id, "ctl"), cb=on_ctl)
+        self.client._wakeups.add(news)  # a reconnect may have dropped the ending: read again
         deadline = None if timeout is None else time.monotonic() + timeout
         told = False
         try:
@@ -120,14 +123,15 @@ class RunHandle(Generic[O]):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"run {self.run_id} still {state.status} after {timeout}s")
-                # The wait is event-driven; the cap only re-checks the log in case a message
-                # was missed during a reconnect. Subscribers may get the ending before the
-                # stream has stored it: once told, re-read shortly rather than wait the cap.
+                # Event-driven; the cap is only a safety net for a missed message. Subscribers
+                # may hear of the ending before the stream has stored it: once told, re-read
+                # shortly rather than wait the cap.
                 cap = 0.02 if told else min(remaining or 30.0, 30.0)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ended.get(), timeout=cap)
+                    await asyncio.wait_for(news.get(), timeout=cap)
                     told = True
         finally:
+            self.client._wakeups.discard(news)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -153,6 +157,12 @@ class PolosClient:
         self.names = jsl.Names(settings.prefix)
         self.workflows: dict[str, WorkflowDefinition[Any, Any]] = {}
         self._owns = owns_connection
+        # Waiters to nudge after a reconnect (core subscriptions miss what was sent meanwhile).
+        self._wakeups: set[asyncio.Queue[None]] = set()
+
+    async def _on_reconnect(self) -> None:
+        for q in list(self._wakeups):
+            q.put_nowait(None)
 
     @classmethod
     async def connect(
@@ -168,8 +178,15 @@ class PolosClient:
             s = s.with_(nats_url=url)
         if prefix is not None:
             s = s.with_(prefix=prefix)
-        nc = await jsl.connect(s, name="polos-client")
+        holder: list[PolosClient] = []
+
+        async def reconnected() -> None:
+            if holder:
+                await holder[0]._on_reconnect()
+
+        nc = await jsl.connect(s, name="polos-client", on_reconnect=reconnected)
         client = cls(nc, s)
+        holder.append(client)
         if ensure_topology:
             # Commands published before any service ever ran must still be kept.
             await jsl.ensure_topology(client.js, client.names, s)

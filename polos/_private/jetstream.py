@@ -176,7 +176,12 @@ class AppendUnavailable(TimeoutError):
     """
 
 
-async def connect(settings: Settings, name: str) -> NATS:
+async def connect(
+    settings: Settings,
+    name: str,
+    *,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+) -> NATS:
     # Reconnect forever: a service outliving a nats-server restart is the point.
     # A cluster is a comma-separated list of URLs; the client fails over between them.
     servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]
@@ -189,6 +194,7 @@ async def connect(settings: Settings, name: str) -> NATS:
         connect_timeout=settings.request_timeout,
         allow_reconnect=True,
         **({"tls": tls} if tls is not None else {}),
+        **({"reconnected_cb": on_reconnect} if on_reconnect is not None else {}),
     )
 
 
