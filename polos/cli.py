@@ -264,8 +264,12 @@ def describe(event: ev.Event) -> str:
         return f"step {event.key!r} failed: {event.error.get('type')}: {event.error.get('message')}"
     if isinstance(event, ev.RunSuspended):
         return f"suspended at {event.step!r} waiting for {event.kind}" + (f" data={_dumps(event.data)[:200]}" if event.data is not None else "")
+    if isinstance(event, ev.RunAdmitted):
+        key = f" key {event.concurrency_key!r}" if event.concurrency_key else ""
+        return f"admitted to queue {event.queue!r}{key} ({len(event.slots)} slot(s))"
     if isinstance(event, ev.RunWoken):
-        return f"woken at {event.step!r}: {event.reason}"
+        carried = f" -> {_dumps(event.output)[:200]}" if event.output is not None else ""
+        return f"woken at {event.step!r}: {event.reason}{carried}"
     if isinstance(event, ev.RunCompleted):
         return f"completed -> {_dumps(event.output)[:300]}"
     if isinstance(event, ev.RunFailed):
