@@ -34,6 +34,7 @@ from polos._private import jetstream as jsl
 from polos._private.execution import RunExecution, error_info
 from polos._private.limits import register_queues, run_holding_slots
 from polos._private.signals import Suspend
+from polos._private.tasks import cancel_and_wait
 from polos.config import Settings
 from polos.converter import from_json, json_schema, to_json, validation_errors
 from polos.errors import InputValidationError, NonDeterminismError, SerializationError
@@ -131,12 +132,7 @@ class Worker:
         for loop in self._loops:
             loop._stopping = True
         await asyncio.gather(*(loop.stop(drain_timeout=timeout) for loop in self._loops))
-        # A cancel that lands just as a NATS request completes is lost inside asyncio.wait_for
-        # (Python 3.11), and the announce loop would go on forever: cancel until it is gone.
-        while not all(t.done() for t in self._bg):
-            for t in self._bg:
-                t.cancel()
-            await asyncio.wait(self._bg, timeout=0.5)
+        await cancel_and_wait(self._bg)
         if self._workers_kv is not None:
             with contextlib.suppress(Exception):
                 await self._workers_kv.delete(self.id)

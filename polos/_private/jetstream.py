@@ -783,17 +783,14 @@ class PullLoop:
         return len(self._tasks)
 
     async def stop(self, drain_timeout: float | None = None) -> None:
+        from polos._private.tasks import cancel_and_wait
+
         self._stopping = True
         if self._main:
-            self._main.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._main
+            await cancel_and_wait([self._main])
         if self._tasks and drain_timeout:
             await asyncio.wait(self._tasks, timeout=drain_timeout)
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))
 
     async def _handle(self, msg: Msg) -> None:
         try:

@@ -50,6 +50,7 @@ from nats.js.api import PubAck
 from polos import events as ev
 from polos._private import jetstream as jsl
 from polos._private import limits
+from polos._private.tasks import cancel_and_wait
 from polos.queues import Queue
 
 if TYPE_CHECKING:
@@ -105,9 +106,7 @@ class Admission:
         for h in self._timers.values():
             h.cancel()
         tasks = [t for t in (self._sweeper, *self._passes.values()) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
 
     # ------------------------------------------------------------------ which queue
 

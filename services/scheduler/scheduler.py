@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 
 from polos._private import jetstream as jsl
 from polos._private import waiting as wt
+from polos._private.tasks import cancel_and_wait
 from polos.config import Settings
 
 log = logging.getLogger("polos.scheduler")
@@ -78,9 +79,7 @@ class Scheduler:
         log.info("scheduler started on namespace %r", self.settings.prefix)
 
     async def stop(self) -> None:
-        for t in self._bg:
-            t.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
+        await cancel_and_wait(self._bg)
         if self._loop is not None:
             await self._loop.stop(drain_timeout=2.0)
         if self._nc is not None:
