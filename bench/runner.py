@@ -188,12 +188,8 @@ class Processes:
     def env(self) -> dict[str, str]:
         s = self.settings
         env = dict(os.environ)
+        env.update(s.to_env())
         env.update(
-            POLOS_NATS_URL=s.nats_url,
-            POLOS_PREFIX=s.prefix,
-            POLOS_TASK_ACK_WAIT=str(s.task_ack_wait),
-            POLOS_HEARTBEAT_INTERVAL=str(s.heartbeat_interval),
-            POLOS_WORKER_TTL=str(s.worker_ttl),
             PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
             PYTHONUNBUFFERED="1",
         )

@@ -58,6 +58,21 @@ class Settings:
                 f"prefix {self.prefix!r} must be 1-32 characters of letters, digits, '_' or '-'"
             )
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as the ``POLOS_*`` variables another process reads them from."""
+        return {
+            "POLOS_NATS_URL": self.nats_url,
+            "POLOS_PREFIX": self.prefix,
+            "POLOS_TASK_ACK_WAIT": str(self.task_ack_wait),
+            "POLOS_HEARTBEAT_INTERVAL": str(self.heartbeat_interval),
+            "POLOS_WORKER_TTL": str(self.worker_ttl),
+            "POLOS_LOCAL_RETRY_LIMIT": str(self.local_retry_limit),
+            "POLOS_REQUEST_TIMEOUT": str(self.request_timeout),
+            "POLOS_SERVICE_ACK_WAIT": str(self.service_ack_wait),
+            "POLOS_SLOT_LEASE": str(self.slot_lease),
+            "POLOS_REPLICAS": str(self.replicas),
+        }
+
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
 

@@ -35,13 +35,8 @@ def settings(nats_server: EmbeddedServer) -> Settings:
 def subprocess_env(settings: Settings) -> dict[str, str]:
     """Environment for service subprocesses: same server, namespace and test timings."""
     env = dict(os.environ)
+    env.update(settings.to_env())
     env.update(
-        POLOS_NATS_URL=settings.nats_url,
-        POLOS_PREFIX=settings.prefix,
-        POLOS_TASK_ACK_WAIT=str(settings.task_ack_wait),
-        POLOS_HEARTBEAT_INTERVAL=str(settings.heartbeat_interval),
-        POLOS_WORKER_TTL=str(settings.worker_ttl),
-        POLOS_SERVICE_ACK_WAIT=str(settings.service_ack_wait),
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
         PYTHONUNBUFFERED="1",
     )

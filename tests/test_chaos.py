@@ -55,13 +55,8 @@ class Cluster:
         self.settings = fast_settings(self.server.url)
         self.log = tmp / "marks.log"
         self.env = dict(os.environ)
+        self.env.update(self.settings.to_env())
         self.env.update(
-            POLOS_NATS_URL=self.settings.nats_url,
-            POLOS_PREFIX=self.settings.prefix,
-            POLOS_TASK_ACK_WAIT=str(self.settings.task_ack_wait),
-            POLOS_HEARTBEAT_INTERVAL=str(self.settings.heartbeat_interval),
-            POLOS_WORKER_TTL=str(self.settings.worker_ttl),
-            POLOS_SERVICE_ACK_WAIT=str(self.settings.service_ack_wait),
             POLOS_TEST_LOG=str(self.log),
             PYTHONPATH=os.pathsep.join([str(ROOT), self.env.get("PYTHONPATH", "")]),
             PYTHONUNBUFFERED="1",

@@ -26,27 +26,47 @@ from polos.client import PolosClient, RunHandle
 from polos.config import Settings
 
 EXAMPLE = REPO_ROOT / "examples" / "ten_steps.py"
+ORDER_EXAMPLE = REPO_ROOT / "examples" / "order.py"
 
 
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _spawn_worker(settings: Settings, log_path: Path, name: str, out_dir: Path) -> subprocess.Popen[bytes]:
+def _spawn_worker(
+    settings: Settings, log_path: Path, name: str, out_dir: Path, module: Path = EXAMPLE
+) -> subprocess.Popen[bytes]:
+    """A worker process serving ``module``; its steps mark executions in ``log_path``."""
     env = dict(os.environ)
+    env.update(settings.to_env())
     env.update(
-        POLOS_NATS_URL=settings.nats_url,
-        POLOS_PREFIX=settings.prefix,
-        POLOS_TASK_ACK_WAIT=str(settings.task_ack_wait),
-        POLOS_HEARTBEAT_INTERVAL=str(settings.heartbeat_interval),
         POLOS_DEMO_LOG=str(log_path),
         PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
     )
     out = open(out_dir / f"{name}.log", "wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "services.worker", str(EXAMPLE), "--worker-id", name],
+        [sys.executable, "-m", "services.worker", str(module), "--worker-id", name],
         env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
     )
+
+
+async def _shutdown(
+    workers: list[subprocess.Popen[bytes]], client: PolosClient, services: list[Any],
+    server: EmbeddedServer, work: Path, keep: bool,
+) -> None:
+    for w in workers:
+        if w.poll() is None:
+            w.terminate()
+            try:
+                w.wait(5)
+            except subprocess.TimeoutExpired:
+                w.kill()
+    await client.close()
+    for svc in services:
+        await svc.stop()
+    server.stop()
+    if keep:
+        _say(f"(demo files kept in {work})")
 
 
 def _marks(log_path: Path) -> list[str]:
@@ -112,39 +132,9 @@ async def run_demo(data_dir: Path | None, keep: bool) -> int:
         )
         return 0 if ok else 1
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.terminate()
-                try:
-                    w.wait(5)
-                except subprocess.TimeoutExpired:
-                    w.kill()
-        await client.close()
-        await scheduler.stop()
-        await orchestrator.stop()
-        server.stop()
-        if keep:
-            _say(f"(demo files kept in {work})")
+        await _shutdown(workers, client, [scheduler, orchestrator], server, work, keep)
 
 
-ORDER_EXAMPLE = REPO_ROOT / "examples" / "order.py"
-
-
-def _spawn_order_worker(settings: Settings, log_path: Path, name: str, out_dir: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env.update(
-        POLOS_NATS_URL=settings.nats_url,
-        POLOS_PREFIX=settings.prefix,
-        POLOS_TASK_ACK_WAIT=str(settings.task_ack_wait),
-        POLOS_HEARTBEAT_INTERVAL=str(settings.heartbeat_interval),
-        POLOS_DEMO_LOG=str(log_path),
-        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
-    )
-    out = open(out_dir / f"{name}.log", "wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.worker", str(ORDER_EXAMPLE), "--worker-id", name],
-        env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
-    )
 
 
 async def _status(client: PolosClient, run_id: str) -> str:
@@ -189,7 +179,7 @@ async def run_order_demo(data_dir: Path | None, keep: bool) -> int:
     client = await PolosClient.connect(settings=settings)
     order = {"id": "A-1001", "amount": 2500, "email": "ada@example.com"}
     try:
-        workers.append(_spawn_order_worker(settings, log_path, "worker-1", work))
+        workers.append(_spawn_worker(settings, log_path, "worker-1", work, ORDER_EXAMPLE))
         await _until_worker(client, "worker-1", 30)
         _say("2. worker-1 started (a separate process serving examples/order.py)")
         handle: RunHandle[Any] = await client.start("process_order", order)
@@ -203,7 +193,7 @@ async def run_order_demo(data_dir: Path | None, keep: bool) -> int:
         workers[0].send_signal(signal.SIGKILL)
         workers[0].wait()
         _say("5. worker-1 killed with SIGKILL while the run waits")
-        workers.append(_spawn_order_worker(settings, log_path, "worker-2", work))
+        workers.append(_spawn_worker(settings, log_path, "worker-2", work, ORDER_EXAMPLE))
         await _until_worker(client, "worker-2", 30)
         _say("6. worker-2 started")
         t_resume = time.time()
@@ -227,19 +217,7 @@ async def run_order_demo(data_dir: Path | None, keep: bool) -> int:
         _say("\nThe customer was charged once and emailed once." if ok else "\nUNEXPECTED effects")
         return 0 if ok else 1
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.terminate()
-                try:
-                    w.wait(5)
-                except subprocess.TimeoutExpired:
-                    w.kill()
-        await client.close()
-        await scheduler.stop()
-        await orchestrator.stop()
-        server.stop()
-        if keep:
-            _say(f"(demo files kept in {work})")
+        await _shutdown(workers, client, [scheduler, orchestrator], server, work, keep)
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
