@@ -319,7 +319,7 @@ class Exporter:
     async def close(self) -> None:
         if self._own_nc and self._nc is not None:
             with contextlib.suppress(Exception):
-                await self._nc.drain()
+                await jsl.close(self._nc)
             self._nc = None
 
     async def compact(self) -> int:

@@ -298,7 +298,7 @@ class Agent(Generic[T]):
             runner = StepRunner(nc, settings.prefix, nc.jetstream(timeout=settings.request_timeout))
             return await _agent_loop(runner, "agent", AgentRun(self, input, session))
         finally:
-            await nc.drain()
+            await jsl.close(nc)
 
     # ------------------------------------------------------------------ the request
 

@@ -118,10 +118,14 @@ async def cmd_up(args: argparse.Namespace) -> int:
             print(f"auth on: credentials in {Path(args.data_dir).resolve() / auth.CREDENTIALS_FILE}",
                   flush=True)
     settings = _settings(args).with_(nats_url=service_url or url)
-    print(f"Polos is up: NATS_URL={url} prefix={settings.prefix}", flush=True)
-    print("Ctrl-C stops it; the data stays for the next start.", flush=True)
+
+    def ready() -> None:
+        # Printed once the services run, so whoever waits for this line can use Polos at once.
+        print(f"Polos is up: NATS_URL={url} prefix={settings.prefix}", flush=True)
+        print("Ctrl-C stops it; the data stays for the next start.", flush=True)
+
     try:
-        await run_until_signal(Orchestrator(settings), Scheduler(settings))
+        await run_until_signal(Orchestrator(settings), Scheduler(settings), on_started=ready)
     finally:
         if server is not None:
             server.stop()

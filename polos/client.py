@@ -195,7 +195,7 @@ class PolosClient:
     async def close(self) -> None:
         if self._owns:
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await jsl.close(self.nc)
 
     async def __aenter__(self) -> PolosClient:
         return self

@@ -138,7 +138,7 @@ class Worker:
                 await self._workers_kv.delete(self.id)
         if self._nc is not None:
             with contextlib.suppress(Exception):
-                await self._nc.drain()
+                await jsl.close(self._nc)
         self._stopped.set()
 
     async def run_forever(self) -> None:

@@ -198,6 +198,20 @@ async def connect(
     )
 
 
+async def close(nc: NATS, *, flush_timeout: float = 2.0) -> None:
+    """Close a connection whose owner has already stopped its own consumers.
+
+    Not ``drain()``: nats-py's drain waits (up to 30 s) for every subscription's pending
+    messages to be consumed, and an iterator subscription nobody reads any more (a KV watcher
+    of a cancelled task) never empties. Unacknowledged JetStream messages are redelivered to
+    another instance anyway; what matters is that our own publishes are flushed.
+    """
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.flush(), timeout=flush_timeout)
+    with contextlib.suppress(Exception):
+        await nc.close()
+
+
 # --------------------------------------------------------------------------- topology
 
 

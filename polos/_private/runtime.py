@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,23 +32,37 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings().with_(**changes) if changes else Settings()
 
 
-async def wait_for_signal() -> None:
+def _stop_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
-async def run_until_signal(*services: Service) -> None:
-    """Start the services, run until SIGINT/SIGTERM, stop them in reverse order."""
+async def wait_for_signal() -> None:
+    await _stop_event().wait()
+
+
+async def run_until_signal(*services: Service, on_started: Callable[[], None] | None = None) -> None:
+    """Start the services, run until SIGINT/SIGTERM, stop them in reverse order.
+
+    The signal handlers go in before anything starts: a Ctrl-C while a service is still
+    starting (a server recovering its streams) must stop the process, not be lost.
+    """
+    stop = _stop_event()
     started: list[Service] = []
     try:
         for s in services:
+            if stop.is_set():
+                break
             await s.start()
             started.append(s)
-        await wait_for_signal()
+        if not stop.is_set():
+            if on_started is not None:
+                on_started()
+            await stop.wait()
     finally:
         for s in reversed(started):
             with contextlib.suppress(Exception):

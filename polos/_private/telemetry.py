@@ -283,7 +283,7 @@ class SpanFollower:
         self.provider.shutdown()
         if self._own_nc and self._nc is not None:
             with contextlib.suppress(Exception):
-                await self._nc.drain()
+                await jsl.close(self._nc)
             self._nc = None
 
     async def __aenter__(self) -> SpanFollower:

@@ -124,7 +124,7 @@ class Orchestrator:
             await attached.stop()
         if self._nc is not None:
             with contextlib.suppress(Exception):
-                await self._nc.drain()
+                await jsl.close(self._nc)
 
     async def __aenter__(self) -> Orchestrator:
         await self.start()

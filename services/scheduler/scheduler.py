@@ -84,7 +84,7 @@ class Scheduler:
             await self._loop.stop(drain_timeout=2.0)
         if self._nc is not None:
             with contextlib.suppress(Exception):
-                await self._nc.drain()
+                await jsl.close(self._nc)
 
     async def __aenter__(self) -> Scheduler:
         await self.start()
