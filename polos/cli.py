@@ -50,8 +50,34 @@ def command(
     return with_args
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return settings_from_args(args)
+URL_FILE = "url"  # in the data dir while `polos up` runs: the embedded server's URL
+
+
+def _local_url(role: str, prefix: str) -> str | None:
+    """The URL of a `polos up` running from this directory, with ``role``'s credentials."""
+    data_dir = Path(os.environ.get("POLOS_DATA_DIR", ".polos"))
+    try:
+        url = (data_dir / URL_FILE).read_text().strip()
+    except OSError:
+        return None
+    from polos._private import auth
+
+    try:
+        creds = orjson.loads((data_dir / auth.CREDENTIALS_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return url  # polos up --no-auth
+    user = f"{prefix}-{role}"
+    return auth.url_for(creds, user, url) if user in creds else url
+
+
+def _settings(args: argparse.Namespace, role: str = "client") -> Settings:
+    """Settings from flags and POLOS_* variables; with neither naming a server, the
+    `polos up` of this directory (and its credentials for ``role``) when one runs."""
+    settings = settings_from_args(args)
+    if getattr(args, "nats_url", None) or os.environ.get("POLOS_NATS_URL"):
+        return settings
+    local = _local_url(role, settings.prefix)
+    return settings.with_(nats_url=local) if local else settings
 
 
 async def _client(args: argparse.Namespace) -> PolosClient:
@@ -87,9 +113,11 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=int(os.environ.get("POLOS_PORT", "4222")),
                    help="client port of the embedded server (0 = any free port)")
     p.add_argument("--config", help="nats-server config file (default: ./nats.conf)")
-    p.add_argument("--auth", action="store_true", default=os.environ.get("POLOS_AUTH") == "1",
-                   help="require credentials: per-role users made on first start, kept 0600 in "
-                        "the data dir (`polos credentials ROLE` prints a role's URL)")
+    p.add_argument("--auth", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get("POLOS_AUTH", "1") != "0",
+                   help="require credentials (the default; --no-auth or POLOS_AUTH=0 turns it "
+                        "off): per-role users made on first start, kept 0600 in the data dir "
+                        "(`polos credentials ROLE` prints a role's URL)")
 
 
 @command("up", "start nats-server (embedded) with the orchestrator and the scheduler")(_add_up)
@@ -119,7 +147,12 @@ async def cmd_up(args: argparse.Namespace) -> int:
                   flush=True)
     settings = _settings(args).with_(nats_url=service_url or url)
 
+    url_file = Path(args.data_dir) / URL_FILE
+
     def ready() -> None:
+        if server is not None:
+            # Lets `polos worker`, `polos start`, ... run from this directory find the server.
+            url_file.write_text(url + "\n")
         # Printed once the services run, so whoever waits for this line can use Polos at once.
         print(f"Polos is up: NATS_URL={url} prefix={settings.prefix}", flush=True)
         print("Ctrl-C stops it; the data stays for the next start.", flush=True)
@@ -128,6 +161,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         await run_until_signal(Orchestrator(settings), Scheduler(settings), on_started=ready)
     finally:
         if server is not None:
+            url_file.unlink(missing_ok=True)
             server.stop()
         print("Polos stopped.", flush=True)
     return 0
@@ -148,7 +182,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
     worker = Worker(
         load_workflows(args.module),
-        settings=_settings(args),
+        settings=_settings(args, role="worker"),
         max_concurrent_runs=args.max_concurrent_runs,
         worker_id=args.worker_id,
     )

@@ -178,7 +178,7 @@ async def test_tls_with_a_self_made_certificate(
         server.stop()
 
 
-async def test_polos_up_with_auth_generates_credentials_and_refuses_anonymous(tmp_path: Path) -> None:
+async def test_polos_up_has_auth_on_generates_credentials_and_refuses_anonymous(tmp_path: Path) -> None:
     import asyncio
     import os
     import re
@@ -190,7 +190,8 @@ async def test_polos_up_with_auth_generates_credentials_and_refuses_anonymous(tm
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("POLOS_NATS_URL", None)
     up = subprocess.Popen(
-        [sys.executable, "-m", "polos", "up", "--auth", "--data-dir", str(data), "--port", "0",
+        # Authentication is on by default: no flag.
+        [sys.executable, "-m", "polos", "up", "--data-dir", str(data), "--port", "0",
          "--prefix", "upauth"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
@@ -227,6 +228,14 @@ async def test_polos_up_with_auth_generates_credentials_and_refuses_anonymous(tm
             assert info.status == "queued"
         finally:
             await client.close()
+        # The CLI run beside `polos up` finds the server and its role's credentials by itself.
+        local = dict(env, POLOS_DATA_DIR=str(data))
+        runs = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "polos", "runs", "--prefix", "upauth"],
+            capture_output=True, text=True, env=local, timeout=60,
+        )
+        assert runs.returncode == 0, runs.stderr
+        assert handle.run_id in runs.stdout
     finally:
         up.send_signal(signal.SIGINT)
         try:

@@ -82,7 +82,8 @@ async def test_up_starts_serves_stops_on_ctrl_c_and_keeps_data(
     env = dict(subprocess_env_base())
     data = tmp_path / "data"
     up = subprocess.Popen(
-        [sys.executable, "-m", "polos", "up", "--data-dir", str(data), "--port", "0", "--prefix", "uptest"],
+        [sys.executable, "-m", "polos", "up", "--no-auth", "--data-dir", str(data), "--port", "0",
+         "--prefix", "uptest"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
     )
     try:
@@ -103,7 +104,8 @@ async def test_up_starts_serves_stops_on_ctrl_c_and_keeps_data(
             up.wait()
     # Same data dir again: the run is still there.
     up2 = subprocess.Popen(
-        [sys.executable, "-m", "polos", "up", "--data-dir", str(data), "--port", "0", "--prefix", "uptest"],
+        [sys.executable, "-m", "polos", "up", "--no-auth", "--data-dir", str(data), "--port", "0",
+         "--prefix", "uptest"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
     )
     try:

@@ -13,8 +13,8 @@ import orjson
 
 from polos import events as ev
 from polos._private import jetstream as jsl
-from polos._private.runtime import settings_from_args, wait_for_signal
-from polos.cli import command
+from polos._private.runtime import wait_for_signal
+from polos.cli import _settings, command
 
 DEFAULT_DIR = os.environ.get("POLOS_ANALYTICS_DIR", "polos-analytics")
 
@@ -43,7 +43,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 async def cmd_analytics(args: argparse.Namespace) -> int:
     from analytics.export import Exporter, ExportResult
 
-    settings = settings_from_args(args)
+    settings = _settings(args, role="service")  # reads every stream of the namespace
 
     def report(result: ExportResult) -> None:
         rows = ", ".join(f"{t} {n}" for t, n in result.rows.items())
@@ -249,7 +249,7 @@ def _add_trace(p: argparse.ArgumentParser) -> None:
 
 @command("trace", "a run as a tree: steps, decisions, tool calls, waits, child runs, cost")(_add_trace)
 async def cmd_trace(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    settings = _settings(args, role="service")  # reads every stream of the namespace
     nc = await jsl.connect(settings, name="polos-trace")
     try:
         if not jsl.valid_token(args.run_id):
@@ -279,7 +279,7 @@ def _add_telemetry(p: argparse.ArgumentParser) -> None:
 async def cmd_telemetry(args: argparse.Namespace) -> int:
     from polos._private.telemetry import SpanFollower
 
-    settings = settings_from_args(args)
+    settings = _settings(args, role="service")  # reads every stream of the namespace
     async with SpanFollower(settings) as follower:
         if args.once:
             n = await follower.process_available()

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 from polos._private import auth
-from polos.cli import _client, _settings, command
+from polos.cli import _settings, command
+from polos.client import PolosClient
 from polos.config import DEFAULT_NATS_URL
 
 
@@ -56,7 +57,8 @@ async def cmd_retention(args: argparse.Namespace) -> int:
     from polos._private.retention import archive_exported_runs
 
     upto = exported_upto(Path(args.export_dir) / "history")
-    client = await _client(args)
+    # Purging history is the services' right, not a client's.
+    client = await PolosClient.connect(settings=_settings(args, role="service"))
     try:
         result = await archive_exported_runs(
             client.nc, client.js, client.names, exported_upto=upto,
