@@ -331,7 +331,12 @@ async def test_workflow_without_worker_waits_visibly_then_runs(env_factory: Any,
     assert info.status == "queued" and info.note == "no worker serves 'plain_io' yet"
     async with Worker([plain_io], settings=settings):
         assert await handle.result(timeout=10) == 9
-    runs = await env.client.list_runs(status="completed")
+    # The index is a projection the orchestrator folds right after the log: it catches up.
+    for _ in range(200):
+        runs = await env.client.list_runs(status="completed")
+        if runs:
+            break
+        await asyncio.sleep(0.02)
     assert [r.run_id for r in runs] == [handle.run_id]
 
 
