@@ -60,7 +60,11 @@ async def test_start_wait_survives_a_sigkilled_worker_then_runs_and_show(
     lines = marks(log)
     assert all(lines.count(f"done {i}") == 1 for i in range(1, 11))
 
-    runs = await apolos("runs", env=subprocess_env)
+    for _ in range(50):  # the index (a projection) folds the ending right after the log
+        runs = await apolos("runs", env=subprocess_env)
+        if run_id in runs.stdout and "completed" in runs.stdout:
+            break
+        await asyncio.sleep(0.1)
     assert runs.returncode == 0 and run_id in runs.stdout and "completed" in runs.stdout
     show = await apolos("show", run_id, env=subprocess_env)
     assert show.returncode == 0

@@ -326,8 +326,12 @@ async def test_unknown_command_subject_is_dead_lettered(env_factory: Any) -> Non
 async def test_workflow_without_worker_waits_visibly_then_runs(env_factory: Any, settings: Any) -> None:
     env = await env_factory([], with_worker=False)
     handle = await env.client.start("plain_io", [4, 5])
-    await asyncio.sleep(0.3)
-    [info] = [r for r in await env.client.list_runs() if r.run_id == handle.run_id]
+    for _ in range(200):
+        found = [r for r in await env.client.list_runs() if r.run_id == handle.run_id]
+        if found:
+            break
+        await asyncio.sleep(0.02)
+    [info] = found
     assert info.status == "queued" and info.note == "no worker serves 'plain_io' yet"
     async with Worker([plain_io], settings=settings):
         assert await handle.result(timeout=10) == 9

@@ -28,7 +28,11 @@ async def test_cli_waiting_resume_event_cancel_schedules(
     handle = await env.client.start(w_approval, {"id": "cli-1", "amount": 4200})
     await until_status(env, handle.run_id, "suspended")
 
-    out = await apolos("runs", "--waiting", env=subprocess_env)
+    for _ in range(50):  # `runs` reads the index, which folds the suspension right after the log
+        out = await apolos("runs", "--waiting", env=subprocess_env)
+        if handle.run_id in out.stdout:
+            break
+        await asyncio.sleep(0.1)
     assert out.returncode == 0, out.stderr
     assert handle.run_id in out.stdout and "4200" in out.stdout and "approval" in out.stdout
 
