@@ -1,5 +1,5 @@
-"""The order scenario of the design brief: charge, wait for a fraud review, wait for the
-warehouse pickup, send the shipping email.
+"""The order scenario of the design brief: an agent validates the order, the charge, a fraud
+review for large amounts, the warehouse pickup, the shipping email.
 
 The run holds no worker while it waits for the human or for the warehouse, survives its worker
 being killed, and never charges twice. Each side effect appends a line to ``$POLOS_DEMO_LOG``
@@ -19,7 +19,9 @@ import time
 
 from pydantic import BaseModel
 
+from examples.validation import order_validation_agent
 from polos import WorkflowContext, current_step, workflow
+from polos.agent import agent_workflow  # noqa: F401 - served here: agents run as child runs
 
 
 class Order(BaseModel):
@@ -64,12 +66,21 @@ async def send_shipping_email(order: Order, dock: int | None) -> str:
 
 @workflow
 async def process_order(ctx: WorkflowContext, order: Order) -> OrderResult:
-    payment = await ctx.step.run("charge", charge_stripe, order)
-    review = await ctx.step.suspend(
-        "fraud_review", data={"order": order.id, "amount": order.amount, "payment": payment.id}
+    # An agent (LLM + inventory and shipping tools) validates the order, as a child run: each of
+    # its LLM and tool calls is a durable step of its own.
+    validation = await ctx.step.agent_invoke_and_wait(
+        "validate_order",
+        order_validation_agent.with_input(f"Validate this order: {order.model_dump_json()}"),
     )
-    if not review.data.get("approved"):
-        return OrderResult(status="rejected", payment_id=payment.id, reason=review.data.get("reason"))
+    if not validation.result.valid:
+        return OrderResult(status="invalid", reason=validation.result.reason)
+    payment = await ctx.step.run("charge", charge_stripe, order)
+    if order.amount > 1000:  # unusual amounts wait for the fraud team, holding no worker
+        review = await ctx.step.suspend(
+            "fraud_review", data={"order": order.id, "amount": order.amount, "payment": payment.id}
+        )
+        if not review.data.get("approved"):
+            return OrderResult(status="rejected", payment_id=payment.id, reason=review.data.get("reason"))
     pickup = await ctx.step.wait_for_event("wait_pickup", topic=f"warehouse.pickup/{order.id}")
     await ctx.step.run("notify", send_shipping_email, order, (pickup.data or {}).get("dock"))
     return OrderResult(status="completed", payment_id=payment.id, dock=(pickup.data or {}).get("dock"))

@@ -24,6 +24,7 @@ from polos._private.server import REPO_ROOT, EmbeddedServer
 from polos.cli import command, timeline
 from polos.client import PolosClient, RunHandle
 from polos.config import Settings
+from polos.errors import RunNotFoundError
 
 EXAMPLE = REPO_ROOT / "examples" / "ten_steps.py"
 ORDER_EXAMPLE = REPO_ROOT / "examples" / "order.py"
@@ -160,9 +161,41 @@ async def _until_worker(client: PolosClient, name: str, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _until_waiting_at(client: PolosClient, run_id: str, step: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = await client.get(run_id)
+            if info.status == "suspended" and (info.waiting or {}).get("step") == step:
+                return
+            if info.status in ("completed", "failed", "cancelled"):
+                raise RuntimeError(f"demo: run {run_id} ended ({info.status}) before {step!r}: {info.error}")
+        except RunNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"demo: run {run_id} never waited at {step!r}")
+        await asyncio.sleep(0.05)
+
+
 async def run_order_demo(data_dir: Path | None, keep: bool) -> int:
-    """charge -> suspend for fraud review -> worker SIGKILLed -> second worker -> approve ->
-    pickup event -> email -> completed; the charge ran once."""
+    """validate (agent) -> charge -> suspend for fraud review -> worker SIGKILLed -> second
+    worker -> approve -> pickup event -> email -> completed; the charge ran once."""
+    from polos.devllm import LABEL, DevLLM
+
+    devllm = None
+    if not os.environ.get("OPENAI_API_KEY") and not os.environ.get("OPENAI_BASE_URL"):
+        # No key: the agent talks to the scripted dev LLM over real HTTP (not a model).
+        devllm = await DevLLM().start()
+        os.environ["OPENAI_BASE_URL"] = devllm.url  # inherited by the worker processes
+        _say(f"0. OPENAI_API_KEY is not set: the agent uses the {LABEL} at {devllm.url}")
+    try:
+        return await _order_demo(data_dir, keep)
+    finally:
+        if devllm is not None:
+            await devllm.stop()
+
+
+async def _order_demo(data_dir: Path | None, keep: bool) -> int:
     from services.orchestrator import Orchestrator
     from services.scheduler import Scheduler
 
@@ -184,8 +217,9 @@ async def run_order_demo(data_dir: Path | None, keep: bool) -> int:
         _say("2. worker-1 started (a separate process serving examples/order.py)")
         handle: RunHandle[Any] = await client.start("process_order", order)
         _say(f"3. started process_order {handle.run_id} for order {order['id']} ({order['amount']})")
-        await _until_status(client, handle.run_id, "suspended", 30)
-        _say("4. charge ran; the run is suspended for fraud review and holds no worker:")
+        await _until_waiting_at(client, handle.run_id, "fraud_review", 60)
+        _say("4. the agent validated the order (a child run), the charge ran, and the run is "
+             "suspended for fraud review, holding no worker:")
         for r in await client.waiting():
             waiting = r.waiting or {}
             _say(f"     polos runs --waiting: {r.run_id} waits at {waiting.get('step')!r} "
@@ -198,7 +232,7 @@ async def run_order_demo(data_dir: Path | None, keep: bool) -> int:
         _say("6. worker-2 started")
         t_resume = time.time()
         answer = await client.resume(handle.run_id, "fraud_review", {"approved": True, "by": "fraud-team"})
-        await _until_status(client, handle.run_id, "suspended", 30)
+        await _until_waiting_at(client, handle.run_id, "wait_pickup", 30)
         history = await client.history(handle.run_id)
         claimed = [e for _, e in history if type(e).__name__ == "RunClaimed" and e.at >= t_resume]
         took = (claimed[0].at - t_resume) * 1000 if claimed else float("nan")
