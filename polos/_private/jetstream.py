@@ -292,6 +292,22 @@ async def ensure_topology(js: JetStreamContext, names: Names, settings: Settings
         _ensure_stream(
             js,
             StreamConfig(
+                name=names.timers_stream,
+                subjects=[f"{names.prefix}.timer.>"],
+                storage=StorageType.FILE,
+                retention=RetentionPolicy.LIMITS,
+                duplicate_window=dup,
+                num_replicas=r,
+                allow_direct=True,
+                allow_rollup_hdrs=True,
+                # Timers are message schedules (server 2.12+): the server fires them itself.
+                allow_msg_schedules=True,
+                allow_msg_ttl=True,
+            ),
+        ),
+        _ensure_stream(
+            js,
+            StreamConfig(
                 name=names.dlq_stream,
                 subjects=[f"{names.prefix}.dlq.>"],
                 storage=StorageType.FILE,
@@ -305,7 +321,9 @@ async def ensure_topology(js: JetStreamContext, names: Names, settings: Settings
     )
     from nats.js.api import KeyValueConfig
 
-    for bucket in (names.runs_bucket, names.workers_bucket, names.workflows_bucket):
+    for bucket in (
+        names.runs_bucket, names.workers_bucket, names.workflows_bucket, names.waits_bucket
+    ):
         try:
             await js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:

@@ -29,7 +29,6 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
 from polos import events as ev
 from polos._private import jetstream as jsl
@@ -438,34 +437,11 @@ _ensured: set[tuple[int, str]] = set()
 
 
 async def ensure_waiting_topology(js: JetStreamContext, names: jsl.Names, settings: Settings) -> None:
-    """The timers stream (message schedules, server 2.12+) and the event-waiters bucket."""
+    """The namespace's topology (timers stream, waiters bucket included), once per connection."""
     key = (id(js._nc), names.prefix)
     if key in _ensured:
         return
-    await jsl._ensure_stream(
-        js,
-        StreamConfig(
-            name=names.timers_stream,
-            subjects=[f"{names.prefix}.timer.>"],
-            storage=StorageType.FILE,
-            retention=RetentionPolicy.LIMITS,
-            duplicate_window=settings.duplicate_window,
-            num_replicas=settings.replicas,
-            allow_direct=True,
-            allow_rollup_hdrs=True,
-            allow_msg_schedules=True,
-            allow_msg_ttl=True,
-        ),
-    )
-    try:
-        await js.key_value(names.waits_bucket)
-    except nats.js.errors.BucketNotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            await js.create_key_value(
-                KeyValueConfig(
-                    bucket=names.waits_bucket, history=1, replicas=settings.replicas, direct=True
-                )
-            )
+    await jsl.ensure_topology(js, names, settings)
     _ensured.add(key)
 
 
