@@ -137,3 +137,11 @@ def _read_url(proc: subprocess.Popen[str]) -> str:
         if m:
             return m.group(1)
     raise AssertionError("polos up printed no NATS URL")
+
+
+async def test_crash_demo_runs_end_to_end() -> None:
+    """`polos demo --scenario crash`: a worker SIGKILLed mid-step, another finishes the run."""
+    out = await apolos("demo", "--scenario", "crash", env=subprocess_env_base(), timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "worker-1 killed with SIGKILL" in out.stdout
+    assert "No completed step ran twice." in out.stdout

