@@ -32,6 +32,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private.runtime import terminate_all
 from polos._private.server import REPO_ROOT, EmbeddedServer
 from polos.client import PolosClient
 from polos.config import Settings
@@ -218,15 +219,7 @@ class Processes:
         proc.wait()
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate_all(self.procs.values())
         self.procs.clear()
 
 

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from polos._private.runtime import terminate_all
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,13 +23,7 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    terminate_all([proc])
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:

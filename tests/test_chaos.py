@@ -25,6 +25,7 @@ import pytest
 
 from polos import PolosClient
 from polos._private import jetstream as jsl
+from polos._private.runtime import terminate_all
 from polos.testing import EmbeddedServer, fast_settings
 from tests.helpers import ROOT, marks, spawn
 from tests.workflows.chaos import ChaosJob, expected
@@ -87,15 +88,7 @@ class Cluster:
         return [n for n, p in self.procs.items() if p.poll() is None]
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate_all(self.procs.values())
         self.server.stop()
 
 

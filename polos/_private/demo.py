@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from polos._private.runtime import terminate_all
 from polos._private.server import REPO_ROOT, EmbeddedServer
 from polos.cli import command, timeline
 from polos.client import PolosClient, RunHandle
@@ -81,13 +82,7 @@ async def _start_stack(data_dir: Path | None) -> _Stack:
 
 
 async def _shutdown(stack: _Stack, keep: bool) -> None:
-    for w in stack.workers:
-        if w.poll() is None:
-            w.terminate()
-            try:
-                w.wait(5)
-            except subprocess.TimeoutExpired:
-                w.kill()
+    terminate_all(stack.workers, timeout=5)
     await stack.client.close()
     for svc in reversed(stack.services):
         await svc.stop()

@@ -8,8 +8,9 @@ import contextlib
 import importlib
 import importlib.util
 import signal
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,6 +68,21 @@ async def run_until_signal(*services: Service, on_started: Callable[[], None] | 
         for s in reversed(started):
             with contextlib.suppress(Exception):
                 await s.stop()
+
+
+def terminate_all(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """SIGTERM every process still running (all at once, so they shut down in parallel), wait
+    for each, and SIGKILL whichever has not exited after ``timeout`` seconds."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def load_workflows(target: str) -> list[WorkflowDefinition[Any, Any]]:
