@@ -117,7 +117,9 @@ class RunHandle(Generic[O]):
         told = False
         try:
             while True:
-                state = await jsl.load_state(nc, names, self.run_id)
+                # Control events only: the outcome is in them, and a long run's steps are not
+                # worth reading to learn it.
+                state = await jsl.load_state(nc, names, self.run_id, kinds=("ctl",))
                 if state.done:
                     return self._outcome(state)
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -238,10 +240,12 @@ class PolosClient:
             ref = await payloads.put_value(self.js, self.names, run_id, orjson.dumps(body.pop("input")))
             body["input_ref"] = ref
             data = orjson.dumps(body)
-        await self.js.publish(
+        await jsl.publish(
+            self.nc,
             self.names.start_subject(name),
             data,
             headers={jsl.MSG_ID: f"start/{run_id}", "Polos-Client": "python"},
+            timeout=self.settings.request_timeout,
         )
         return RunHandle(self, run_id, name, output_type)
 

@@ -181,9 +181,15 @@ class StepFailed(Event):
 
 _REGISTRY: dict[str, type[Event]] = {}
 
+# The subject kinds of a run's history (``<prefix>.run.<id>.<kind>``). The runs stream stores
+# only these, and a history is read kind by kind: a new kind must be added here.
+HISTORY_KINDS: tuple[str, ...] = ("ctl", "step")
+
 
 def register(cls: type[Event]) -> type[Event]:
     """Make an event class decodable. Every concrete event in this module is registered."""
+    if cls.KIND not in HISTORY_KINDS:
+        raise ValueError(f"event {cls.__name__}: KIND {cls.KIND!r} is not one of {HISTORY_KINDS}")
     _REGISTRY[cls.__name__] = cls
     return cls
 
@@ -208,9 +214,21 @@ class EventDecodeError(ValueError):
     """A history message that is not a known event: corruption or a newer writer."""
 
 
+# Field names per event class: ``dataclasses.fields`` builds a tuple on every call, and every
+# append and every history message goes through here.
+_FIELDS: dict[type[Event], tuple[str, ...]] = {}
+
+
+def _field_names(cls: type[Event]) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def encode_dict(event: Event) -> dict[str, JSON]:
     """The event's fields as a dict (without the type tag)."""
-    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    return {name: getattr(event, name) for name in _field_names(type(event))}
 
 
 def encode(event: Event) -> bytes:
@@ -222,11 +240,21 @@ def encode(event: Event) -> bytes:
 def decode(data: bytes) -> Event:
     try:
         body = orjson.loads(data)
-        cls = _REGISTRY[body.pop("t")]
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except orjson.JSONDecodeError as exc:
         raise EventDecodeError(f"not a Polos event: {data[:200]!r}") from exc
-    names = {f.name for f in dataclasses.fields(cls)}
+    return decode_body(body, data)
+
+
+def decode_body(body: Any, raw: bytes | None = None) -> Event:
+    """An event from its decoded JSON object (``{"t": <type>, ...fields}``)."""
     try:
+        cls = _REGISTRY[body["t"]]
+    except (KeyError, TypeError) as exc:
+        shown = raw[:200] if raw is not None else repr(body)[:200]
+        raise EventDecodeError(f"not a Polos event: {shown!r}") from exc
+    names = _field_names(cls)
+    try:
+        # Fields a newer writer added are ignored, so old readers can read new histories.
         return cls(**{k: v for k, v in body.items() if k in names})
     except TypeError as exc:
         raise EventDecodeError(f"malformed {cls.__name__}: {exc}") from exc
@@ -339,6 +367,7 @@ __all__ = [
     "StepCompleted",
     "StepFailed",
     "decode",
+    "decode_body",
     "encode",
     "encode_dict",
     "register",

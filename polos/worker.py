@@ -17,6 +17,7 @@ import os
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,7 @@ class Worker:
         max_concurrent_runs: int = 200,
         worker_id: str | None = None,
         shutdown_timeout: float = 10.0,
+        state_cache: int = 1_000,
     ) -> None:
         base = settings or Settings()
         if nats_url is not None:
@@ -90,6 +92,12 @@ class Worker:
         self._workers_kv: KeyValue | None = None
         self.completed_runs = 0
         self._stopped = asyncio.Event()
+        # The folded state of runs this worker suspended, newest last (at most ``state_cache``):
+        # when such a run comes back here, only the events after it are read. Only a cache: a
+        # run may wake on any worker, and a missing entry means a full read.
+        self._states: OrderedDict[str, ev.RunState] = OrderedDict()
+        self._state_cache = state_cache
+        self.history_reads = {"full": 0, "delta": 0, "none": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -233,7 +241,7 @@ class Worker:
         hb = asyncio.create_task(self._heartbeat(active))
         try:
             # A run of a limited queue carries its slot leases: kept alive while it executes.
-            outcome = await run_holding_slots(self, task, lambda: self._execute(wf, run_id))
+            outcome = await run_holding_slots(self, task, lambda: self._execute(wf, run_id, task))
         except asyncio.CancelledError:
             if active.cancelled and active.task is not None:
                 # The run was cancelled (RunCancelled is in its history): nothing left to do.
@@ -263,10 +271,51 @@ class Worker:
         else:
             await active.msg.ack()
 
-    async def _claim(self, wf: WorkflowDefinition[Any, Any], run_id: str) -> RunExecution | None:
+    @staticmethod
+    def _fresh_state(run_id: str, task: dict[str, Any]) -> ev.RunState | None:
+        """The state of a brand-new run from the RunRequested its task carries, or None.
+
+        Only a guess until the claim lands: the claim is fenced on the request's sequence, so
+        it succeeds only if that event is still the run's whole history.
+        """
+        body, seq = task.get("requested"), task.get("seq")
+        if not isinstance(body, dict) or not isinstance(seq, int) or seq <= 0:
+            return None
+        try:
+            event = ev.decode_body(body)
+        except ev.EventDecodeError:
+            return None
+        if not isinstance(event, ev.RunRequested) or event.run_id != run_id:
+            return None
+        return ev.RunState.fold(run_id, [(seq, event)])
+
+    async def _claim(
+        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: dict[str, Any]
+    ) -> RunExecution | None:
         assert self._nc is not None and self._js is not None
+        fresh = self._fresh_state(run_id, task)
+        held = self._states.pop(run_id, None)
         for _ in range(5):
-            state = await jsl.load_state(self._nc, self.names, run_id)
+            if fresh is not None:
+                # A new run: no history read (see Orchestrator.dispatch).
+                state, fresh = fresh, None
+                self.history_reads["none"] += 1
+            elif held is not None:
+                # This worker suspended the run: read only what came after (the wake).
+                state, held = held, None
+                try:
+                    for seq, event in await jsl.read_history(
+                        self._nc, self.names, run_id, start_seq=state.last_seq + 1
+                    ):
+                        state.apply(seq, event)
+                except ev.SequenceError:
+                    state = await jsl.load_state(self._nc, self.names, run_id)
+                    self.history_reads["full"] += 1
+                else:
+                    self.history_reads["delta"] += 1
+            else:
+                state = await jsl.load_state(self._nc, self.names, run_id)
+                self.history_reads["full"] += 1
             if state.requested is None:
                 log.warning("task for run %s which has no history; dropped", run_id)
                 return None
@@ -292,9 +341,11 @@ class Worker:
                 continue  # someone appended between our read and our claim: read again
         raise RuntimeError(f"run {run_id}: could not claim after 5 tries")
 
-    async def _execute(self, wf: WorkflowDefinition[Any, Any], run_id: str) -> str:
+    async def _execute(
+        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: dict[str, Any]
+    ) -> str:
         assert self._js is not None
-        exe = await self._claim(wf, run_id)
+        exe = await self._claim(wf, run_id, task)
         if exe is None:
             return "done"
         requested = exe.state.requested
@@ -323,6 +374,7 @@ class Worker:
             except Suspend as sus:
                 await exe.wait_idle()  # sibling steps in flight record first (asyncio.gather)
                 await exe.record(sus.event, msg_id=sus.msg_id)
+                self._hold_state(exe.state)
                 return "done"
             except (NonDeterminismError, SerializationError) as exc:
                 await self._fail(exe, exc)
@@ -343,6 +395,14 @@ class Worker:
             return "fenced"
         except (nats.errors.ConnectionClosedError, nats.errors.TimeoutError, TimeoutError):
             return "retry"
+
+    def _hold_state(self, state: ev.RunState) -> None:
+        if self._state_cache <= 0:
+            return
+        self._states[state.run_id] = state
+        self._states.move_to_end(state.run_id)
+        while len(self._states) > self._state_cache:
+            self._states.popitem(last=False)
 
     async def _on_cancel_signal(self, msg: Msg) -> None:
         active = self._active.get(msg.subject.rsplit(".", 1)[-1])

@@ -83,9 +83,11 @@ class RunExecution:
         self._lock = asyncio.Lock()
         self._occurrences: dict[str, int] = {}
         self._auto: dict[str, int] = {}
-        self._consumed: set[str] = set()
-        # Steps recorded before this execution started: what replay must walk through.
+        # Steps recorded before this execution started: what replay must walk through, and
+        # those of them the code has not asked for yet (a set: ``is_replaying`` is asked before
+        # every new step, so it must not walk the whole history each time).
         self._replay_keys: list[str] = list(state.step_order)
+        self._unconsumed: set[str] = set(self._replay_keys)
         self.appends = 0
         self._patches: dict[str, bool] = {}
         # Steps running user code right now: a wait must let them finish and record before the
@@ -106,7 +108,7 @@ class RunExecution:
 
     @property
     def is_replaying(self) -> bool:
-        return any(k not in self._consumed for k in self._replay_keys)
+        return bool(self._unconsumed)
 
     # ------------------------------------------------------------------ the write path
 
@@ -154,7 +156,7 @@ class RunExecution:
                 f"{found.name or ''} but the code now asks for {kind} {name or ''} "
                 "- the workflow code changed incompatibly since this run started"
             )
-        self._consumed.add(step_id)
+        self._unconsumed.discard(step_id)
         return found
 
     async def check_new_step(self, step_id: str) -> None:
@@ -163,7 +165,7 @@ class RunExecution:
             if not self.is_replaying:
                 return
             await asyncio.sleep(0)
-        missing = [k for k in self._replay_keys if k not in self._consumed]
+        missing = [k for k in self._replay_keys if k in self._unconsumed]
         if missing:
             raise NonDeterminismError(
                 f"run {self.run_id}: the code asks for new step {step_id!r} where the history "
@@ -172,7 +174,7 @@ class RunExecution:
             )
 
     def check_all_replayed(self) -> None:
-        missing = [k for k in self._replay_keys if k not in self._consumed]
+        missing = [k for k in self._replay_keys if k in self._unconsumed]
         if missing:
             raise NonDeterminismError(
                 f"run {self.run_id}: the workflow returned without reaching recorded step "

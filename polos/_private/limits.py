@@ -220,9 +220,14 @@ class LimitsConfig:
         self._names = names
         self._ttl = ttl
         self._cache: dict[str, tuple[float, Any]] = {}
+        # ``js.key_value`` asks the server for the bucket's stream info every time: a round
+        # trip per lookup on the orchestrator's hot path, so the handle is kept.
+        self._buckets: dict[str, Any] = {}
 
     async def _get(self, bucket: str, key: str) -> bytes | None:
-        kv = await self._js.key_value(bucket)
+        kv = self._buckets.get(bucket)
+        if kv is None:
+            kv = self._buckets[bucket] = await self._js.key_value(bucket)
         try:
             entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:

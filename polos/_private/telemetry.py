@@ -378,9 +378,8 @@ class SpanFollower:
 
     async def _history(self, run_id: str, upto: int | None = None) -> list[tuple[int, ev.Event]]:
         assert self._nc is not None
-        msgs = await jsl.read_subject(
-            self._nc, self.names.runs_stream, self.names.run_filter(run_id),
-            timeout=self.settings.request_timeout,
+        msgs = await jsl.read_run(
+            self._nc, self.names, run_id, timeout=self.settings.request_timeout
         )
         out: list[tuple[int, ev.Event]] = []
         for m in msgs:
@@ -436,8 +435,9 @@ class SpanFollower:
             return run
         # Not seen since this follower started (it started mid-run): the first event says.
         assert self._nc is not None
+        # RunRequested is the first control event.
         msgs = await jsl.read_subject(
-            self._nc, self.names.runs_stream, self.names.run_filter(run_id), limit=1,
+            self._nc, self.names.runs_stream, self.names.run_subject(run_id, "ctl"), limit=1,
             timeout=self.settings.request_timeout,
         )
         if not msgs:

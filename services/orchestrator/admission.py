@@ -125,7 +125,8 @@ class Admission:
                 queue_name, key = entry.get("queue"), entry.get("concurrency_key")
                 workflow = entry["workflow"]
             else:
-                state = await jsl.load_state(self.orch.nc, self.names, run_id)
+                # The request is a control event: no need to read the run's steps.
+                state = await jsl.load_state(self.orch.nc, self.names, run_id, kinds=("ctl",))
                 if state.requested is None:
                     return None, limits.DEFAULT_KEY, workflow or ""
                 r = state.requested

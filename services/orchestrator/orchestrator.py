@@ -53,6 +53,9 @@ class RunNotYetKnown(CommandError):
     """
 
 
+# The largest RunRequested a task carries (bigger inputs: the worker reads the history).
+_INLINE_REQUEST = 32 * 1024
+
 # How often a command for an unknown run is retried while older commands are in flight.
 _NOT_YET_RETRIES = 40
 
@@ -78,6 +81,8 @@ class Orchestrator:
         self.commands_handled = 0
         self.dead_lettered = 0
         self.admission: Admission | None = None
+        # The waiters bucket's handle (waiting.py), opened on first use.
+        self.waits_kv: KeyValue | None = None
 
     @property
     def js(self) -> JetStreamContext:
@@ -278,7 +283,7 @@ class Orchestrator:
                     run_id, state.requested.workflow, state.last_seq, requested=state.requested
                 )
             return {"ok": True, "run_id": run_id, "existing": True, "status": state.status}
-        await self.dispatch(run_id, event.workflow, seq, requested=event)
+        await self.dispatch(run_id, event.workflow, seq, requested=event, fresh=True)
         return {"ok": True, "run_id": run_id, "existing": False, "status": "queued"}
 
     async def dispatch(
@@ -288,20 +293,34 @@ class Orchestrator:
         cause_seq: int,
         *,
         requested: ev.RunRequested | None = None,
+        fresh: bool = False,
     ) -> None:
         """Put the run's task on its workflow's task subject. Idempotent per cause.
 
         A run whose queue has a limit goes through admission instead: it gets a slot (or waits
         for one, holding no worker) before its task exists.
+
+        ``fresh``: ``cause_seq`` is the sequence of ``requested``, just appended, so the run's
+        whole history is that one event. The task then carries it, and the worker claims the
+        run fenced on that sequence without reading the history (a fence that fails means the
+        run moved on, and the worker reads it as usual).
         """
         if self.admission is not None and await self.admission.route(
             run_id, workflow, cause_seq, requested
         ):
             return
-        await self.js.publish(
+        task: dict[str, Any] = {"run_id": run_id, "workflow": workflow}
+        if fresh and requested is not None:
+            body = ev.encode(requested)
+            if len(body) <= _INLINE_REQUEST:
+                task["seq"] = cause_seq
+                task["requested"] = orjson.Fragment(body)
+        await jsl.publish(
+            self.nc,
             self.names.task_subject(workflow),
-            orjson.dumps({"run_id": run_id, "workflow": workflow}),
+            orjson.dumps(task),
             headers={jsl.MSG_ID: f"{run_id}/t/{cause_seq}"},
+            timeout=self.settings.request_timeout,
         )
 
     # Other issues register their verbs here: resume, cancel, ...
@@ -346,13 +365,19 @@ class Orchestrator:
         folded and ignores anything older.
         """
         assert self._index is not None
-        for _ in range(10):
+        for attempt in range(10):
             cached = self._cache.get(run_id)
-            if cached is None:
+            current: dict[str, Any] | None
+            revision: int | None
+            if cached is None and attempt == 0 and isinstance(event, ev.RunRequested):
+                # A new run has no entry yet: create it without reading first (one round trip
+                # less per run). If it exists after all, the create fails and we read.
+                current, revision = None, None
+            elif cached is None:
                 try:
                     entry = await self._index.get(run_id)
-                    current: dict[str, Any] | None = orjson.loads(entry.value or b"{}")
-                    revision: int | None = entry.revision
+                    current = orjson.loads(entry.value or b"{}")
+                    revision = entry.revision
                 except nats.js.errors.KeyNotFoundError:
                     current, revision = None, None
             else:

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("polos.waiting")
 
+# Reads that need a run's status, workflow or outcome, not its steps.
+CTL = ("ctl",)
 CASCADE_HEADER = "Polos-Cascade"  # a cancel sent by a parent's cancellation, not by a user
 _CHILD_FIELDS = {"workflow", "input", "parent_run_id", "parent_step", "root_run_id"}
 
@@ -48,7 +50,7 @@ def _workflow_of(orch: Orchestrator, run_id: str, state: ev.RunState | None = No
 
 async def _dispatch_woken(orch: Orchestrator, run_id: str, workflow: str | None, seq: int) -> None:
     if workflow is None:
-        workflow = (await jsl.load_state(orch.nc, orch.names, run_id)).workflow
+        workflow = (await jsl.load_state(orch.nc, orch.names, run_id, kinds=CTL)).workflow
     if workflow:
         await orch.dispatch(run_id, workflow, seq)
 
@@ -245,7 +247,8 @@ async def _children_outcome(orch: Orchestrator, children: list[str]) -> list[dic
                 return None
         if status not in ev.TERMINAL:
             return None
-    states = await asyncio.gather(*(jsl.load_state(orch.nc, orch.names, c) for c in children))
+    states = await asyncio.gather(
+        *(jsl.load_state(orch.nc, orch.names, c, kinds=CTL) for c in children))
     if any(not s.done for s in states):
         return None
     return [
@@ -271,7 +274,10 @@ async def _wake_parent(orch: Orchestrator, state: ev.RunState, seq: int, sus: ev
 
 
 async def _waits(orch: Orchestrator) -> KeyValue:
-    return await orch.js.key_value(orch.names.waits_bucket)
+    # Kept on the orchestrator: ``js.key_value`` is a stream-info round trip per call.
+    if orch.waits_kv is None:
+        orch.waits_kv = await orch.js.key_value(orch.names.waits_bucket)
+    return orch.waits_kv
 
 
 def _wait_key(topic: str, run_id: str) -> str:
@@ -408,7 +414,9 @@ async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event)
 
 
 async def _child_ended(orch: Orchestrator, run_id: str) -> None:
-    child = await jsl.load_state(orch.nc, orch.names, run_id)
+    # Its control events say whether it is a child: every run ending after its index entry left
+    # the cache comes here, and a long run's steps are not worth reading for that.
+    child = await jsl.load_state(orch.nc, orch.names, run_id, kinds=CTL)
     req = child.requested
     if req is None or not req.parent_run_id:
         return

@@ -1,0 +1,213 @@
+"""The hot path's shortcuts keep the guarantees they shortcut.
+
+- A run's history is read kind by kind (literal subjects) and merged: the same messages, in the
+  same order, as the wildcard read; the runs stream refuses any other kind.
+- A brand-new run is claimed from the RunRequested its task carries, fenced on that event's
+  sequence, without a history read; a task that is stale or carries nonsense falls back to
+  reading the history.
+- ``jetstream.publish`` answers with the same acks and the same errors as ``js.publish``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from typing import Any, ClassVar
+
+import nats
+import nats.errors
+import nats.js.errors
+import orjson
+import pytest
+
+from polos import WorkflowContext, workflow
+from polos import events as ev
+from polos._private import jetstream as jsl
+from polos.config import Settings
+from polos.worker import Worker
+
+RAN: dict[str, int] = {}
+
+
+async def count(run: str) -> int:
+    RAN[run] = RAN.get(run, 0) + 1
+    return RAN[run]
+
+
+@workflow
+async def hot_two_steps(ctx: WorkflowContext, tag: str) -> int:
+    a: int = await ctx.step.run("a", count, f"{tag}:a")
+    b: int = await ctx.step.run("b", count, f"{tag}:b")
+    return a + b
+
+
+class CountingReads:
+    """Wraps the real ``load_state`` to count whole-history reads by run (the client's
+    ``result()`` reads only control events, which is not what this counts)."""
+
+    def __init__(self) -> None:
+        self._real = jsl.load_state
+        self.runs: list[str] = []
+
+    async def __call__(self, nc: Any, names: Any, run_id: str, **kw: Any) -> ev.RunState:
+        if kw.get("kinds", jsl.RUN_KINDS) == jsl.RUN_KINDS:
+            self.runs.append(run_id)
+        return await self._real(nc, names, run_id, **kw)
+
+
+async def _connect(settings: Settings) -> tuple[Any, Any, jsl.Names]:
+    nc = await nats.connect(settings.nats_url)
+    js = nc.jetstream()
+    names = jsl.Names(settings.prefix)
+    await jsl.ensure_topology(js, names, settings)
+    return nc, js, names
+
+
+async def test_history_read_by_kind_equals_the_wildcard_read(settings: Settings) -> None:
+    nc, js, names = await _connect(settings)
+    try:
+        runs = [f"r{i}" for i in range(3)]
+        last = dict.fromkeys(runs, 0)
+        # Interleave the runs' events so each run's messages are spread over the stream.
+        for i in range(40):
+            for run in runs:
+                event: ev.Event = (
+                    ev.RunRequested(run_id=run, workflow="w") if i == 0
+                    else ev.StepCompleted(key=f"s{i}", kind="run", output=i) if i % 3
+                    else ev.RunClaimed(run_id=run, worker_id="w", attempt=i)
+                )
+                last[run] = await jsl.append(js, names, run, event, expected_last_seq=last[run],
+                                             msg_id=f"{run}/{i}")
+        for run in runs:
+            wild = await jsl.read_subject(nc, names.runs_stream, names.run_filter(run))
+            by_kind = await jsl.read_run(nc, names, run)
+            assert [(m.seq, m.data) for m in by_kind] == [(m.seq, m.data) for m in wild]
+            assert len(by_kind) == 40 and by_kind[-1].seq == last[run]
+            ctl = await jsl.read_run(nc, names, run, kinds=("ctl",))
+            assert [m.seq for m in ctl] == [m.seq for m in wild if m.subject.endswith(".ctl")]
+            later = await jsl.read_history(nc, names, run, start_seq=by_kind[20].seq)
+            assert [s for s, _ in later] == [m.seq for m in by_kind[20:]]
+        # Nothing outside the known kinds can enter a run's history (the fence counts
+        # <p>.run.<id>.*, so a read by kind must not be able to miss anything).
+        with pytest.raises(nats.js.errors.NoStreamResponseError):
+            await js.publish(f"{names.prefix}.run.r0.other", b"{}", timeout=1)
+    finally:
+        await nc.close()
+
+
+def test_an_event_kind_the_runs_stream_does_not_store_is_refused() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+    class SomethingNoted(ev.Event):
+        KIND: ClassVar[str] = "notes"
+
+    with pytest.raises(ValueError, match="KIND 'notes'"):
+        ev.register(SomethingNoted)
+
+
+async def test_a_new_run_is_claimed_without_a_history_read(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = CountingReads()
+    monkeypatch.setattr(jsl, "load_state", reads)
+    env = await env_factory([hot_two_steps])
+    tag = uuid.uuid4().hex[:8]
+    handle = await env.client.start(hot_two_steps, tag)
+    assert await handle.result(timeout=10) == 2
+    assert handle.run_id not in reads.runs  # the worker claimed from the task alone
+    assert RAN[f"{tag}:a"] == 1 and RAN[f"{tag}:b"] == 1
+    types = [type(e).__name__ for _, e in await env.client.history(handle.run_id)]
+    assert types == ["RunRequested", "RunClaimed", "StepCompleted", "StepCompleted",
+                     "RunCompleted"]
+
+
+async def test_a_stale_or_bogus_fresh_task_falls_back_to_reading(
+    env_factory: Any, settings: Settings
+) -> None:
+    env = await env_factory([hot_two_steps], with_worker=False)
+    names = jsl.Names(settings.prefix)
+    tag = uuid.uuid4().hex[:8]
+    handle = await env.client.start(hot_two_steps, tag)
+    # The orchestrator's fresh task is in the queue, unclaimed. Before a worker sees it, the
+    # run moves on (another claim is recorded), so a claim fenced on the request must fail.
+    state = await jsl.load_state(env.client.nc, names, handle.run_id)
+    for _ in range(200):
+        if state.requested is not None:
+            break
+        await asyncio.sleep(0.02)
+        state = await jsl.load_state(env.client.nc, names, handle.run_id)
+    await jsl.append(env.client.js, names, handle.run_id,
+                     ev.RunClaimed(run_id=handle.run_id, worker_id="gone", attempt=1),
+                     expected_last_seq=state.last_seq, msg_id=f"{handle.run_id}/c/1/gone")
+    # And a task for the same run carrying nonsense where the request should be.
+    await env.client.js.publish(
+        names.task_subject("hot_two_steps"),
+        orjson.dumps({"run_id": handle.run_id, "workflow": "hot_two_steps", "seq": 1,
+                      "requested": {"t": "NoSuchEvent"}}))
+    async with Worker([hot_two_steps], settings=settings):
+        assert await handle.result(timeout=10) == 2
+    assert RAN[f"{tag}:a"] == 1 and RAN[f"{tag}:b"] == 1
+    claims = [e for _, e in await env.client.history(handle.run_id) if isinstance(e, ev.RunClaimed)]
+    assert [c.attempt for c in claims] == [1, 2]  # read the history, claimed as attempt 2
+    assert Worker._fresh_state("x", {"run_id": "x", "seq": 3, "requested": [1]}) is None
+    wrong_run = ev.encode_dict(ev.RunRequested(run_id="y", workflow="w")) | {"t": "RunRequested"}
+    assert Worker._fresh_state("x", {"seq": 3, "requested": wrong_run}) is None
+    assert Worker._fresh_state("y", {"seq": 3, "requested": wrong_run}) is not None
+
+
+async def test_publish_acks_and_errors_match_nats_py(settings: Settings) -> None:
+    nc, js, names = await _connect(settings)
+    try:
+        subject = names.run_subject("pub", "ctl")
+        body = ev.encode(ev.RunRequested(run_id="pub", workflow="w"))
+        ack = await jsl.publish(nc, subject, body, headers={jsl.MSG_ID: "pub/1"})
+        again = await jsl.publish(nc, subject, body, headers={jsl.MSG_ID: "pub/1"})
+        assert again.seq == ack.seq and again.duplicate and not ack.duplicate
+        fence = {jsl.EXPECTED_LAST_SUBJECT_SEQ: "0", jsl.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT:
+                 names.run_filter("pub")}
+        with pytest.raises(nats.js.errors.APIError) as ours:
+            await jsl.publish(nc, subject, body, headers=fence)
+        with pytest.raises(nats.js.errors.APIError) as theirs:
+            await js.publish(subject, body, headers=fence)
+        assert type(ours.value) is type(theirs.value)
+        assert ours.value.err_code == theirs.value.err_code == jsl.WRONG_LAST_SEQUENCE
+        with pytest.raises(nats.js.errors.NoStreamResponseError):
+            await jsl.publish(nc, f"nostream.{uuid.uuid4().hex}", b"x", timeout=1)
+        # Many at once on one connection: each answer reaches its own caller.
+        acks = await asyncio.gather(*(
+            jsl.publish(nc, names.run_subject(f"pub{i}", "step"), b"{}") for i in range(50)))
+        assert len({a.seq for a in acks}) == 50
+    finally:
+        await nc.close()
+
+
+@workflow
+async def hot_suspends(ctx: WorkflowContext, tag: str) -> int:
+    total = 0
+    for i in range(30):
+        one: int = await ctx.step.run(f"s{i}", count, f"{tag}:s{i}")
+        total += one
+    extra = await ctx.step.suspend("more")
+    last: int = await ctx.step.run("last", count, f"{tag}:last")
+    return total + int(extra.data["n"]) + last
+
+
+async def test_a_run_woken_on_the_worker_that_suspended_it_reads_only_the_wake(
+    env_factory: Any,
+) -> None:
+    env = await env_factory([hot_suspends])
+    tag = uuid.uuid4().hex[:8]
+    handle = await env.client.start(hot_suspends, tag)
+    for _ in range(500):
+        state = await jsl.load_state(env.client.nc, jsl.Names(env.settings.prefix), handle.run_id)
+        if state.status == "suspended":
+            break
+        await asyncio.sleep(0.02)
+    await env.client.resume(handle.run_id, "more", {"n": 100})
+    assert await handle.result(timeout=10) == 30 + 100 + 1
+    # Claimed twice: first from the task (a new run), then after the wake from the state the
+    # worker kept, reading only the events after it. Every step ran once.
+    assert env.worker.history_reads == {"full": 0, "delta": 1, "none": 1}
+    assert all(RAN[f"{tag}:s{i}"] == 1 for i in range(30)) and RAN[f"{tag}:last"] == 1
+    types = [type(e).__name__ for _, e in await env.client.history(handle.run_id)]
+    assert types.count("RunClaimed") == 2 and types[-1] == "RunCompleted"
