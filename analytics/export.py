@@ -163,7 +163,7 @@ class Source:
 
     table: str
     stream: str
-    subject_filter: str
+    subject_filter: str  # what is subscribed to for news; reads take the whole stream
     schema: pa.Schema
     to_row: Callable[[jsl.StoredMsg], dict[str, Any]]
 
@@ -339,8 +339,11 @@ class Exporter:
             self._repaired.add(src.table)
         start = exported_upto(table_dir) + 1
         while True:
+            # Every source is its whole stream. ">" is the server's unfiltered fast path; a
+            # filter naming the stream's subjects (<p>.run.> over <p>.run.*.ctl and .step) makes
+            # it match every message, which read the history 2-3x slower.
             msgs = await jsl.read_subject(
-                self._nc, src.stream, src.subject_filter, start_seq=start,
+                self._nc, src.stream, ">", start_seq=start,
                 limit=self.rows_per_file, timeout=self.settings.request_timeout,
             )
             if not msgs:

@@ -315,8 +315,9 @@ class SpanFollower:
         assert self._nc is not None, "follower not started"
         handled = 0
         while True:
+            # The whole stream: ">" is the server's unfiltered fast path (see analytics.export).
             msgs = await jsl.read_subject(
-                self._nc, self.names.runs_stream, f"{self.names.prefix}.run.>",
+                self._nc, self.names.runs_stream, ">",
                 start_seq=self.position + 1, limit=self.batch,
                 timeout=self.settings.request_timeout,
             )
