@@ -272,32 +272,50 @@ class Worker:
             await active.msg.ack()
 
     @staticmethod
-    def _fresh_state(run_id: str, task: dict[str, Any]) -> ev.RunState | None:
-        """The state of a brand-new run from the RunRequested its task carries, or None.
+    def _carried_state(run_id: str, task: dict[str, Any]) -> ev.RunState | None:
+        """The run's state from the history its task carries, or None.
 
-        Only a guess until the claim lands: the claim is fenced on the request's sequence, so
-        it succeeds only if that event is still the run's whole history.
+        A new run's task carries its RunRequested; a woken run's task, the whole history the
+        waker read plus the wake. Only a guess until the claim lands: the claim is fenced on
+        the task's ``seq``, so it succeeds only if the history still ends there.
         """
-        body, seq = task.get("requested"), task.get("seq")
-        if not isinstance(body, dict) or not isinstance(seq, int) or seq <= 0:
+        seq = task.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq <= 0:
             return None
+        carried = task.get("history")
+        if carried is None and "requested" in task:
+            carried = [[seq, task["requested"]]]
+        if not isinstance(carried, list) or not carried:
+            return None
+        history: list[tuple[int, ev.Event]] = []
+        for item in carried:
+            if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int)
+                    or not isinstance(item[1], dict)):
+                return None
+            try:
+                event = ev.decode_body(item[1])
+            except ev.EventDecodeError:
+                return None
+            if getattr(event, "run_id", run_id) != run_id:
+                return None
+            history.append((item[0], event))
         try:
-            event = ev.decode_body(body)
-        except ev.EventDecodeError:
+            state = ev.RunState.fold(run_id, history)
+        except ev.SequenceError:
             return None
-        if not isinstance(event, ev.RunRequested) or event.run_id != run_id:
+        if not isinstance(history[0][1], ev.RunRequested) or state.last_seq != seq:
             return None
-        return ev.RunState.fold(run_id, [(seq, event)])
+        return state
 
     async def _claim(
         self, wf: WorkflowDefinition[Any, Any], run_id: str, task: dict[str, Any]
     ) -> RunExecution | None:
         assert self._nc is not None and self._js is not None
-        fresh = self._fresh_state(run_id, task)
+        fresh = self._carried_state(run_id, task)
         held = self._states.pop(run_id, None)
         for _ in range(5):
             if fresh is not None:
-                # A new run: no history read (see Orchestrator.dispatch).
+                # The task carries the history (a new run, or a woken one): no read.
                 state, fresh = fresh, None
                 self.history_reads["none"] += 1
             elif held is not None:

@@ -2,9 +2,10 @@
 
 - A run's history is read kind by kind (literal subjects) and merged: the same messages, in the
   same order, as the wildcard read; the runs stream refuses any other kind.
-- A brand-new run is claimed from the RunRequested its task carries, fenced on that event's
-  sequence, without a history read; a task that is stale or carries nonsense falls back to
-  reading the history.
+- A brand-new run is claimed from the RunRequested its task carries, and a resumed run from
+  the history its task carries, fenced on the task's sequence, without a history read; a task
+  that is stale, too big to carry, or carries nonsense falls back to reading the history.
+- A run woken where it was suspended, by a waker that did not read it, reads only the wake.
 - ``jetstream.publish`` answers with the same acks and the same errors as ``js.publish``.
 """
 
@@ -149,10 +150,36 @@ async def test_a_stale_or_bogus_fresh_task_falls_back_to_reading(
     assert RAN[f"{tag}:a"] == 1 and RAN[f"{tag}:b"] == 1
     claims = [e for _, e in await env.client.history(handle.run_id) if isinstance(e, ev.RunClaimed)]
     assert [c.attempt for c in claims] == [1, 2]  # read the history, claimed as attempt 2
-    assert Worker._fresh_state("x", {"run_id": "x", "seq": 3, "requested": [1]}) is None
-    wrong_run = ev.encode_dict(ev.RunRequested(run_id="y", workflow="w")) | {"t": "RunRequested"}
-    assert Worker._fresh_state("x", {"seq": 3, "requested": wrong_run}) is None
-    assert Worker._fresh_state("y", {"seq": 3, "requested": wrong_run}) is not None
+    assert Worker._carried_state("x", {"run_id": "x", "seq": 3, "requested": [1]}) is None
+    wrong_run = _body(ev.RunRequested(run_id="y", workflow="w"))
+    assert Worker._carried_state("x", {"seq": 3, "requested": wrong_run}) is None
+    assert Worker._carried_state("y", {"seq": 3, "requested": wrong_run}) is not None
+
+
+def _body(event: ev.Event) -> dict[str, Any]:
+    body: dict[str, Any] = orjson.loads(ev.encode(event))
+    return body
+
+
+def test_a_carried_history_is_used_only_when_it_is_whole_and_in_order() -> None:
+    req = _body(ev.RunRequested(run_id="r", workflow="w"))
+    claimed = _body(ev.RunClaimed(run_id="r", worker_id="w1", attempt=1))
+    woken = _body(ev.RunWoken(run_id="r", step="k", reason="resumed", kind="suspend"))
+
+    def carried(history: Any, seq: Any) -> ev.RunState | None:
+        return Worker._carried_state("r", {"run_id": "r", "seq": seq, "history": history})
+
+    state = carried([[1, req], [2, claimed], [5, woken]], 5)
+    assert state is not None and state.last_seq == 5 and state.attempt == 1
+    assert carried([[1, req], [2, claimed], [5, woken]], 4) is None  # does not end at seq
+    assert carried([[1, req], [5, woken], [2, claimed]], 2) is None  # out of order
+    assert carried([[2, claimed], [5, woken]], 5) is None  # does not start with the request
+    assert carried([[1, req], [5, {"t": "NoSuchEvent"}]], 5) is None
+    assert carried([[1, req], [5]], 5) is None
+    assert carried([], 5) is None
+    assert carried([[1, req]], True) is None
+    other = _body(ev.RunClaimed(run_id="other", worker_id="w1", attempt=1))
+    assert carried([[1, req], [2, other]], 2) is None  # another run's event
 
 
 async def test_publish_acks_and_errors_match_nats_py(settings: Settings) -> None:
@@ -192,22 +219,83 @@ async def hot_suspends(ctx: WorkflowContext, tag: str) -> int:
     return total + int(extra.data["n"]) + last
 
 
-async def test_a_run_woken_on_the_worker_that_suspended_it_reads_only_the_wake(
-    env_factory: Any,
+async def _until_suspended(env: Any, run_id: str) -> None:
+    for _ in range(500):
+        state = await jsl.load_state(env.client.nc, jsl.Names(env.settings.prefix), run_id)
+        if state.status == "suspended":
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"run {run_id} did not suspend")
+
+
+async def test_a_resumed_run_is_claimed_from_its_task_by_a_worker_that_never_saw_it(
+    env_factory: Any, settings: Settings
 ) -> None:
     env = await env_factory([hot_suspends])
     tag = uuid.uuid4().hex[:8]
     handle = await env.client.start(hot_suspends, tag)
-    for _ in range(500):
-        state = await jsl.load_state(env.client.nc, jsl.Names(env.settings.prefix), handle.run_id)
-        if state.status == "suspended":
-            break
-        await asyncio.sleep(0.02)
-    await env.client.resume(handle.run_id, "more", {"n": 100})
-    assert await handle.result(timeout=10) == 30 + 100 + 1
-    # Claimed twice: first from the task (a new run), then after the wake from the state the
-    # worker kept, reading only the events after it. Every step ran once.
-    assert env.worker.history_reads == {"full": 0, "delta": 1, "none": 1}
+    await _until_suspended(env, handle.run_id)
+    await env.worker.stop()  # the worker that ran the first 30 steps is gone
+    async with Worker([hot_suspends], settings=settings) as other:
+        await env.client.resume(handle.run_id, "more", {"n": 100})
+        assert await handle.result(timeout=10) == 30 + 100 + 1
+        # The orchestrator read the run to answer the resume and sent that history, with the
+        # wake, in the task: the new worker replayed 30 steps without reading the log.
+        assert other.history_reads == {"full": 0, "delta": 0, "none": 1}
     assert all(RAN[f"{tag}:s{i}"] == 1 for i in range(30)) and RAN[f"{tag}:last"] == 1
     types = [type(e).__name__ for _, e in await env.client.history(handle.run_id)]
     assert types.count("RunClaimed") == 2 and types[-1] == "RunCompleted"
+
+
+@workflow
+async def hot_big_then_suspends(ctx: WorkflowContext, tag: str) -> int:
+    big: str = await ctx.step.run("big", lambda: "x" * 40_000)
+    await ctx.step.suspend("more")
+    last: int = await ctx.step.run("last", count, f"{tag}:last")
+    return len(big) + last
+
+
+async def test_a_history_too_big_to_carry_is_read(env_factory: Any, settings: Settings) -> None:
+    env = await env_factory([hot_big_then_suspends])
+    tag = uuid.uuid4().hex[:8]
+    handle = await env.client.start(hot_big_then_suspends, tag)
+    await _until_suspended(env, handle.run_id)
+    await env.worker.stop()
+    async with Worker([hot_big_then_suspends], settings=settings) as other:
+        await env.client.resume(handle.run_id, "more")
+        assert await handle.result(timeout=10) == 40_001
+        assert other.history_reads == {"full": 1, "delta": 0, "none": 0}
+
+
+@workflow
+async def hot_waits_for_event(ctx: WorkflowContext, tag: str) -> int:
+    total = 0
+    for i in range(30):
+        one: int = await ctx.step.run(f"s{i}", count, f"{tag}:s{i}")
+        total += one
+    got = await ctx.step.wait_for_event("ev", f"hot.{tag}")
+    last: int = await ctx.step.run("last", count, f"{tag}:last")
+    return total + int(got.data["n"]) + last
+
+
+async def test_a_run_woken_on_the_worker_that_suspended_it_reads_only_the_wake(
+    env_factory: Any,
+) -> None:
+    env = await env_factory([hot_suspends, hot_waits_for_event])
+    tag = uuid.uuid4().hex[:8]
+    handle = await env.client.start(hot_waits_for_event, tag)
+    await _until_suspended(env, handle.run_id)
+    await env.client.publish_event(f"hot.{tag}", {"n": 100})
+    assert await handle.result(timeout=10) == 30 + 100 + 1
+    # Claimed twice: first from the task (a new run), then after the event's wake (whose
+    # waker did not read the run) from the state the worker kept, reading only the events
+    # after it. Every step ran once.
+    assert env.worker.history_reads == {"full": 0, "delta": 1, "none": 1}
+    assert all(RAN[f"{tag}:s{i}"] == 1 for i in range(30)) and RAN[f"{tag}:last"] == 1
+    # A resume's task carries the history, which the worker takes over what it kept.
+    tag2 = uuid.uuid4().hex[:8]
+    handle = await env.client.start(hot_suspends, tag2)
+    await _until_suspended(env, handle.run_id)
+    await env.client.resume(handle.run_id, "more", {"n": 100})
+    assert await handle.result(timeout=10) == 30 + 100 + 1
+    assert env.worker.history_reads == {"full": 0, "delta": 1, "none": 3}

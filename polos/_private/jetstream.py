@@ -827,6 +827,26 @@ async def load_state(
     return ev.RunState.fold(run_id, await read_history(nc, names, run_id, kinds=kinds))
 
 
+async def load_run(
+    nc: NATS, names: Names, run_id: str
+) -> tuple[ev.RunState, list[tuple[int, bytes]] | None]:
+    """The run's state and its stored event bodies by sequence, or None for the bodies when an
+    event's fields live in the Object Store: the bodies are what a task can carry to a worker
+    (``Orchestrator.dispatch``), and a stub is no use to it."""
+    msgs = await read_run(nc, names, run_id)
+    history: list[tuple[int, ev.Event]] = []
+    bodies: list[tuple[int, bytes]] | None = []
+    for m in msgs:
+        data = m.data
+        if m.headers and m.headers.get(payloads.HEADER):
+            data = await payloads.resolve(nc.jetstream(), names, data)
+            bodies = None
+        elif bodies is not None:
+            bodies.append((m.seq, data))
+        history.append((m.seq, ev.decode(data)))
+    return ev.RunState.fold(run_id, history), bodies
+
+
 # --------------------------------------------------------------------------- dead letters
 
 

@@ -388,11 +388,33 @@ async def wake(
     """Append the wake of a run suspended at ``expected_seq``; None if it moved on (someone
     else woke it, it was cancelled, or this wake is stale). ``cause`` names what woke it, so a
     different waker of the same step fails the fence instead of looking like a duplicate."""
+    woken = await wake_event(
+        js, names, run_id, step, expected_seq=expected_seq, reason=reason, cause=cause,
+        kind=kind, output=output, workflow=workflow,
+    )
+    return None if woken is None else woken[0]
+
+
+async def wake_event(
+    js: JetStreamContext,
+    names: jsl.Names,
+    run_id: str,
+    step: str,
+    *,
+    expected_seq: int,
+    reason: str,
+    cause: str,
+    kind: str | None,
+    output: Any = None,
+    workflow: str | None = None,
+) -> tuple[int, ev.RunWoken] | None:
+    """``wake``, also giving the appended event: a waker that read the whole history can send
+    it on in the task, with this event at its end."""
     event = ev.RunWoken(
         run_id=run_id, step=step, reason=reason, kind=kind, output=output, workflow=workflow
     )
     try:
-        return await jsl.append(
+        seq = await jsl.append(
             js,
             names,
             run_id,
@@ -402,6 +424,7 @@ async def wake(
         )
     except jsl.FencedOut:
         return None
+    return seq, event
 
 
 async def first_event_after(

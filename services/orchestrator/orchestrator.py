@@ -53,8 +53,11 @@ class RunNotYetKnown(CommandError):
     """
 
 
-# The largest RunRequested a task carries (bigger inputs: the worker reads the history).
-_INLINE_REQUEST = 32 * 1024
+# The most history a task carries, in bytes of stored events (more: the worker reads it).
+_INLINE_HISTORY = 32 * 1024
+
+# How many task ids the orchestrator remembers having dispatched (see Orchestrator.dispatched).
+_DISPATCHED_KEPT = 10_000
 
 # How often a command for an unknown run is retried while older commands are in flight.
 _NOT_YET_RETRIES = 40
@@ -83,6 +86,9 @@ class Orchestrator:
         self.admission: Admission | None = None
         # The waiters bucket's handle (waiting.py), opened on first use.
         self.waits_kv: KeyValue | None = None
+        # Tasks this process has put out, by message id: the control hook's repeat of a wake's
+        # dispatch (for a waker that died before dispatching) is not needed for these.
+        self._dispatched: OrderedDict[str, None] = OrderedDict()
 
     @property
     def js(self) -> JetStreamContext:
@@ -294,6 +300,7 @@ class Orchestrator:
         *,
         requested: ev.RunRequested | None = None,
         fresh: bool = False,
+        history: list[tuple[int, bytes]] | None = None,
     ) -> None:
         """Put the run's task on its workflow's task subject. Idempotent per cause.
 
@@ -304,17 +311,26 @@ class Orchestrator:
         whole history is that one event. The task then carries it, and the worker claims the
         run fenced on that sequence without reading the history (a fence that fails means the
         run moved on, and the worker reads it as usual).
+
+        ``history``: the run's whole history as stored, ending at ``cause_seq`` (a waker that
+        read the run and appended its wake). The task carries it, up to ``_INLINE_HISTORY``
+        bytes, and the worker claims fenced on ``cause_seq`` without reading, as for a new run.
         """
         if self.admission is not None and await self.admission.route(
             run_id, workflow, cause_seq, requested
         ):
+            self._note_dispatched(run_id, cause_seq)
             return
         task: dict[str, Any] = {"run_id": run_id, "workflow": workflow}
         if fresh and requested is not None:
             body = ev.encode(requested)
-            if len(body) <= _INLINE_REQUEST:
+            if len(body) <= _INLINE_HISTORY:
                 task["seq"] = cause_seq
                 task["requested"] = orjson.Fragment(body)
+        elif (history and history[-1][0] == cause_seq
+                and sum(len(body) for _, body in history) <= _INLINE_HISTORY):
+            task["seq"] = cause_seq
+            task["history"] = [[seq, orjson.Fragment(body)] for seq, body in history]
         await jsl.publish(
             self.nc,
             self.names.task_subject(workflow),
@@ -322,6 +338,16 @@ class Orchestrator:
             headers={jsl.MSG_ID: f"{run_id}/t/{cause_seq}"},
             timeout=self.settings.request_timeout,
         )
+        self._note_dispatched(run_id, cause_seq)
+
+    def _note_dispatched(self, run_id: str, cause_seq: int) -> None:
+        self._dispatched[f"{run_id}/t/{cause_seq}"] = None
+        if len(self._dispatched) > _DISPATCHED_KEPT:
+            self._dispatched.popitem(last=False)
+
+    def dispatched(self, run_id: str, cause_seq: int) -> bool:
+        """Whether this process has put out (or admitted) the run's task for that cause."""
+        return f"{run_id}/t/{cause_seq}" in self._dispatched
 
     # Other issues register their verbs here: resume, cancel, ...
     command_handlers: ClassVar[dict[str, Any]] = {}

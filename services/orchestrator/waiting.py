@@ -48,11 +48,25 @@ def _workflow_of(orch: Orchestrator, run_id: str, state: ev.RunState | None = No
     return cached[0].get("workflow") if cached else None
 
 
-async def _dispatch_woken(orch: Orchestrator, run_id: str, workflow: str | None, seq: int) -> None:
+async def _dispatch_woken(
+    orch: Orchestrator,
+    run_id: str,
+    workflow: str | None,
+    seq: int,
+    *,
+    history: list[tuple[int, bytes]] | None = None,
+    woken: ev.RunWoken | None = None,
+) -> None:
+    """Dispatch a woken run. ``history`` (the bodies the waker read, up to the sequence it
+    fenced its wake on) and ``woken`` (that wake, stored at ``seq``) together are the run's
+    whole history: the task carries them and the worker claims without reading."""
     if workflow is None:
         workflow = (await jsl.load_state(orch.nc, orch.names, run_id, kinds=CTL)).workflow
     if workflow:
-        await orch.dispatch(run_id, workflow, seq)
+        carried = None
+        if history is not None and woken is not None:
+            carried = [*history, (seq, ev.encode(woken))]
+        await orch.dispatch(run_id, workflow, seq, history=carried)
 
 
 # --------------------------------------------------------------------------- resume
@@ -94,7 +108,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     seq = msg.metadata.sequence.stream
     answer = {"ok": True, "run_id": run_id, "key": key}
     for _ in range(10):
-        state = await jsl.load_state(orch.nc, orch.names, run_id)
+        state, bodies = await jsl.load_run(orch.nc, orch.names, run_id)
         if state.requested is None:
             raise RunNotYetKnown(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
         done = state.steps.get(key)
@@ -121,14 +135,16 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
                 raise CommandError(
                     f"run {run_id} waits at {key!r} for a {sus.kind}, not for a resume", field="key"
                 )
-            woke = await wt.wake(
+            woke = await wt.wake_event(
                 orch.js, orch.names, run_id, key,
                 expected_seq=state.last_seq, reason="resumed", cause=f"r{seq}", kind="suspend",
                 output={"data": data, "seq": seq, "at": time.time()}, workflow=state.workflow,
             )
             if woke is None:
                 continue  # the history moved (a timeout, a cancel, another resume): look again
-            await _dispatch_woken(orch, run_id, state.workflow, woke)
+            await _dispatch_woken(
+                orch, run_id, state.workflow, woke[0], history=bodies, woken=woke[1]
+            )
             return {**answer, "status": "resumed"}
         first = await _first_resume(orch, run_id, key)
         if first is not None and first[0] != seq:
@@ -258,16 +274,22 @@ async def _children_outcome(orch: Orchestrator, children: list[str]) -> list[dic
     ]
 
 
-async def _wake_parent(orch: Orchestrator, state: ev.RunState, seq: int, sus: ev.RunSuspended) -> None:
+async def _wake_parent(
+    orch: Orchestrator, state: ev.RunState, seq: int, sus: ev.RunSuspended,
+    bodies: list[tuple[int, bytes]] | None = None,
+) -> None:
+    """``bodies``: the parent's stored history up to ``seq``, when the caller read it all."""
     results = await _children_outcome(orch, list(sus.children or []))
     if results is None:
         return
-    woke = await wt.wake(
+    woke = await wt.wake_event(
         orch.js, orch.names, state.run_id, sus.step, expected_seq=seq, reason="children ended",
         cause="children", kind="child", output={"children": results}, workflow=state.workflow,
     )
     if woke is not None:
-        await _dispatch_woken(orch, state.run_id, state.workflow, woke)
+        await _dispatch_woken(
+            orch, state.run_id, state.workflow, woke[0], history=bodies, woken=woke[1]
+        )
 
 
 # --------------------------------------------------------------------------- events
@@ -404,7 +426,9 @@ async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event)
     elif type(event) is ev.RunWoken:
         # The waker dispatched already; this repeats it (same message id: never two tasks) in
         # case the waker died in between, and is the only dispatch for the scheduler's wakes.
-        await _dispatch_woken(orch, run_id, event.workflow or _workflow_of(orch, run_id), seq)
+        # A wake this very process dispatched needs no repeat.
+        if not orch.dispatched(run_id, seq):
+            await _dispatch_woken(orch, run_id, event.workflow or _workflow_of(orch, run_id), seq)
     elif isinstance(event, (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
         if isinstance(event, ev.RunCancelled):
             await _after_cancel(orch, run_id)
@@ -420,11 +444,11 @@ async def _child_ended(orch: Orchestrator, run_id: str) -> None:
     req = child.requested
     if req is None or not req.parent_run_id:
         return
-    parent = await jsl.load_state(orch.nc, orch.names, req.parent_run_id)
+    parent, bodies = await jsl.load_run(orch.nc, orch.names, req.parent_run_id)
     sus = parent.suspended
     if (parent.status == "suspended" and sus is not None and sus.kind == "child"
             and run_id in (sus.children or [])):
-        await _wake_parent(orch, parent, parent.last_seq, sus)
+        await _wake_parent(orch, parent, parent.last_seq, sus, bodies)
 
 
 async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.RunSuspended) -> None:
