@@ -6,6 +6,8 @@
   the history its task carries, fenced on the task's sequence, without a history read; a task
   that is stale, too big to carry, or carries nonsense falls back to reading the history.
 - A run woken where it was suspended, by a waker that did not read it, reads only the wake.
+- A wake appended by a waker that died before dispatching is dispatched by the orchestrator's
+  control hook; one the orchestrator dispatched itself is not dispatched again.
 - ``jetstream.publish`` answers with the same acks and the same errors as ``js.publish``.
 """
 
@@ -299,3 +301,34 @@ async def test_a_run_woken_on_the_worker_that_suspended_it_reads_only_the_wake(
     await env.client.resume(handle.run_id, "more", {"n": 100})
     assert await handle.result(timeout=10) == 30 + 100 + 1
     assert env.worker.history_reads == {"full": 0, "delta": 1, "none": 3}
+
+
+async def test_a_wake_whose_waker_died_before_dispatching_is_dispatched_by_the_hook(
+    env_factory: Any,
+) -> None:
+    from polos._private import waiting as wt
+
+    env = await env_factory([hot_suspends])
+    names = jsl.Names(env.settings.prefix)
+    tag = uuid.uuid4().hex[:8]
+    handle = await env.client.start(hot_suspends, tag)
+    await _until_suspended(env, handle.run_id)
+    state = await jsl.load_state(env.client.nc, names, handle.run_id)
+    # A waker in another process appends the wake and dies before it dispatches the task.
+    seq = await wt.wake(
+        env.client.js, names, handle.run_id, "more", expected_seq=state.last_seq,
+        reason="resumed", cause="test", kind="suspend", output={"data": {"n": 7}, "seq": 0},
+        workflow="hot_suspends",
+    )
+    assert seq is not None
+    # The orchestrator's control hook sees a RunWoken it did not dispatch and dispatches it.
+    assert await handle.result(timeout=10) == 30 + 7 + 1
+    assert not env.orchestrator.dispatched("other-run", seq)
+    # A resume the orchestrator applied itself is remembered, so the hook does not repeat it.
+    tag2 = uuid.uuid4().hex[:8]
+    handle = await env.client.start(hot_suspends, tag2)
+    await _until_suspended(env, handle.run_id)
+    await env.client.resume(handle.run_id, "more", {"n": 1})
+    assert await handle.result(timeout=10) == 30 + 1 + 1
+    woken = [s for s, e in await env.client.history(handle.run_id) if isinstance(e, ev.RunWoken)]
+    assert len(woken) == 1 and env.orchestrator.dispatched(handle.run_id, woken[0])
