@@ -22,7 +22,7 @@ import zoneinfo
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import nats.errors
 import nats.js.errors
@@ -372,6 +372,13 @@ async def invoke_and_wait(x: RunExecution, key: str, wf: Any, input: Any = None)
 # --------------------------------------------------------------------------- wake machinery
 
 
+class Woken(NamedTuple):
+    """A wake as appended: its sequence and the event."""
+
+    seq: int
+    event: ev.RunWoken
+
+
 async def wake(
     js: JetStreamContext,
     names: jsl.Names,
@@ -384,32 +391,11 @@ async def wake(
     kind: str | None,
     output: Any = None,
     workflow: str | None = None,
-) -> int | None:
+) -> Woken | None:
     """Append the wake of a run suspended at ``expected_seq``; None if it moved on (someone
     else woke it, it was cancelled, or this wake is stale). ``cause`` names what woke it, so a
-    different waker of the same step fails the fence instead of looking like a duplicate."""
-    woken = await wake_event(
-        js, names, run_id, step, expected_seq=expected_seq, reason=reason, cause=cause,
-        kind=kind, output=output, workflow=workflow,
-    )
-    return None if woken is None else woken[0]
-
-
-async def wake_event(
-    js: JetStreamContext,
-    names: jsl.Names,
-    run_id: str,
-    step: str,
-    *,
-    expected_seq: int,
-    reason: str,
-    cause: str,
-    kind: str | None,
-    output: Any = None,
-    workflow: str | None = None,
-) -> tuple[int, ev.RunWoken] | None:
-    """``wake``, also giving the appended event: a waker that read the whole history can send
-    it on in the task, with this event at its end."""
+    different waker of the same step fails the fence instead of looking like a duplicate. The
+    event is returned too: a waker that read the whole history can send it on in the task."""
     event = ev.RunWoken(
         run_id=run_id, step=step, reason=reason, kind=kind, output=output, workflow=workflow
     )
@@ -424,7 +410,7 @@ async def wake_event(
         )
     except jsl.FencedOut:
         return None
-    return seq, event
+    return Woken(seq, event)
 
 
 async def first_event_after(

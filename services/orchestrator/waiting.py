@@ -135,7 +135,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
                 raise CommandError(
                     f"run {run_id} waits at {key!r} for a {sus.kind}, not for a resume", field="key"
                 )
-            woke = await wt.wake_event(
+            woke = await wt.wake(
                 orch.js, orch.names, run_id, key,
                 expected_seq=state.last_seq, reason="resumed", cause=f"r{seq}", kind="suspend",
                 output={"data": data, "seq": seq, "at": time.time()}, workflow=state.workflow,
@@ -143,7 +143,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
             if woke is None:
                 continue  # the history moved (a timeout, a cancel, another resume): look again
             await _dispatch_woken(
-                orch, run_id, state.workflow, woke[0], history=bodies, woken=woke[1]
+                orch, run_id, state.workflow, woke.seq, history=bodies, woken=woke.event
             )
             return {**answer, "status": "resumed"}
         first = await _first_resume(orch, run_id, key)
@@ -282,13 +282,13 @@ async def _wake_parent(
     results = await _children_outcome(orch, list(sus.children or []))
     if results is None:
         return
-    woke = await wt.wake_event(
+    woke = await wt.wake(
         orch.js, orch.names, state.run_id, sus.step, expected_seq=seq, reason="children ended",
         cause="children", kind="child", output={"children": results}, workflow=state.workflow,
     )
     if woke is not None:
         await _dispatch_woken(
-            orch, state.run_id, state.workflow, woke[0], history=bodies, woken=woke[1]
+            orch, state.run_id, state.workflow, woke.seq, history=bodies, woken=woke.event
         )
 
 
@@ -321,7 +321,7 @@ async def _wake_event_waiter(
     )
     if woke is None:
         return None
-    await _dispatch_woken(orch, run_id, workflow, woke)
+    await _dispatch_woken(orch, run_id, workflow, woke.seq)
     return True
 
 
@@ -469,7 +469,7 @@ async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.Run
                 output={"data": first[1], "seq": first[0], "at": time.time()}, workflow=workflow,
             )
             if woke is not None:
-                await _dispatch_woken(orch, run_id, workflow, woke)
+                await _dispatch_woken(orch, run_id, workflow, woke.seq)
     elif event.kind == "event" and event.topic:
         kv = await _waits(orch)
         key = _wait_key(event.topic, run_id)
