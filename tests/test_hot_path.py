@@ -8,6 +8,8 @@
 - A run woken where it was suspended, by a waker that did not read it, reads only the wake.
 - A wake appended by a waker that died before dispatching is dispatched by the orchestrator's
   control hook; one the orchestrator dispatched itself is not dispatched again.
+- One orchestrator writes a run's index entry one event at a time: its own concurrent handlers
+  never fail each other's compare-and-set.
 - ``jetstream.publish`` answers with the same acks and the same errors as ``js.publish``.
 """
 
@@ -334,3 +336,24 @@ async def test_a_wake_whose_waker_died_before_dispatching_is_dispatched_by_the_h
     assert await handle.result(timeout=10) == 30 + 1 + 1
     woken = [s for s, e in await env.client.history(handle.run_id) if isinstance(e, ev.RunWoken)]
     assert len(woken) == 1 and env.orchestrator.dispatched(handle.run_id, woken[0])
+
+
+async def test_one_orchestrator_writes_a_runs_index_entry_one_event_at_a_time(
+    env_factory: Any,
+) -> None:
+    env = await env_factory([])
+    orch = env.orchestrator
+    run_id = uuid.uuid4().hex
+    events: list[tuple[int, ev.Event]] = [(1, ev.RunRequested(run_id=run_id, workflow="w"))]
+    events += [(2 + i, ev.RunClaimed(run_id=run_id, worker_id=f"w{i}", attempt=i + 1))
+               for i in range(20)]
+    # All at once, as the control consumer hands them out: without the per-run lock most of
+    # these would fail their compare-and-set against each other and read before writing again.
+    await asyncio.gather(*(orch.update_index(run_id, seq, e) for seq, e in reversed(events)))
+    assert orch.index_conflicts == 0
+    assert orch._index_locks == {}
+    entry = orjson.loads((await orch._index.get(run_id)).value)
+    # The request, folded last here, still gives the entry its workflow; the status is the
+    # latest event's.
+    assert (entry["seq"], entry["status"], entry["workflow"]) == (21, "running", "w")
+    assert entry["worker_id"] == "w19"

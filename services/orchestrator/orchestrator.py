@@ -89,6 +89,8 @@ class Orchestrator:
         # Tasks this process has put out, by message id: the control hook's repeat of a wake's
         # dispatch (for a waker that died before dispatching) is not needed for these.
         self._dispatched: OrderedDict[str, None] = OrderedDict()
+        self._index_locks: dict[str, _RunLock] = {}
+        self.index_conflicts = 0
 
     @property
     def js(self) -> JetStreamContext:
@@ -390,6 +392,22 @@ class Orchestrator:
         Instances may see a run's events out of order; the entry remembers the last sequence it
         folded and ignores anything older.
         """
+        # One write at a time per run in this process: control events are handled concurrently,
+        # and two of one run (a wake and the claim that follows it) would otherwise race, one
+        # failing its compare-and-set and paying a read and a second write.
+        held = self._index_locks.get(run_id)
+        if held is None:
+            held = self._index_locks[run_id] = _RunLock()
+        held.users += 1  # waiting or holding: the last one out removes the lock
+        try:
+            async with held.lock:
+                await self._update_index(run_id, seq, event)
+        finally:
+            held.users -= 1
+            if not held.users:
+                del self._index_locks[run_id]
+
+    async def _update_index(self, run_id: str, seq: int, event: ev.Event) -> None:
         assert self._index is not None
         for attempt in range(10):
             cached = self._cache.get(run_id)
@@ -429,6 +447,7 @@ class Orchestrator:
             except nats.js.errors.APIError as exc:
                 if exc.err_code != jsl.WRONG_LAST_SEQUENCE:
                     raise
+                self.index_conflicts += 1  # another instance wrote it: read and fold again
                 self._cache.pop(run_id, None)
                 continue
             self._cache[run_id] = (new, rev)
@@ -437,6 +456,16 @@ class Orchestrator:
                 self._cache.popitem(last=False)
             return
         raise RuntimeError(f"index update for run {run_id} kept conflicting")
+
+
+class _RunLock:
+    """One run's index-write lock and how many handlers use it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 def _fold_index(
