@@ -53,3 +53,30 @@ async def test_a_retried_append_whose_ack_was_lost_is_written_once(
         await jsl.append(js, names, run, ev.StepCompleted(key="charge", kind="run", output=2),
                          expected_last_seq=first, msg_id=f"{run}/s/charge")
     await nc.close()
+
+
+async def test_a_duplicate_ack_for_another_writers_record_is_fenced_out(settings: Settings) -> None:
+    # A clustered stream's leader answers a known message id before it checks the fence, so
+    # an execution working from stale state (a task redelivered after its run moved on) gets
+    # "duplicate" for every record an earlier execution wrote. A single server checks the
+    # fence first; a fence that happens to match shows the same answer here.
+    nc = await nats.connect(settings.nats_url)
+    js = nc.jetstream()
+    names = jsl.Names(settings.prefix)
+    await jsl.ensure_topology(js, names, settings)
+    run = "dup-ack"
+    first = await jsl.append(js, names, run, ev.RunRequested(run_id=run, workflow="w"),
+                             expected_last_seq=0, msg_id=f"{run}/req")
+    charged = await jsl.append(js, names, run, ev.StepCompleted(key="charge", kind="run", output=1),
+                               expected_last_seq=first, msg_id=f"{run}/s/charge")
+    raw = await jsl.publish(nc, names.run_subject(run, "step"),
+                            ev.encode(ev.StepCompleted(key="charge", kind="run", output=2)),
+                            headers={jsl.MSG_ID: f"{run}/s/charge",
+                                     jsl.EXPECTED_LAST_SUBJECT_SEQ: str(charged),
+                                     jsl.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: names.run_filter(run)})
+    assert raw.duplicate and raw.seq == charged  # what the server answers
+    with pytest.raises(jsl.FencedOut):
+        await jsl.append(js, names, run, ev.StepCompleted(key="charge", kind="run", output=2),
+                         expected_last_seq=charged, msg_id=f"{run}/s/charge")
+    assert [s for s, _ in await jsl.read_history(nc, names, run)] == [first, charged]
+    await nc.close()

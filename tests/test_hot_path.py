@@ -357,3 +357,25 @@ async def test_one_orchestrator_writes_a_runs_index_entry_one_event_at_a_time(
     # latest event's.
     assert (entry["seq"], entry["status"], entry["workflow"]) == (21, "running", "w")
     assert entry["worker_id"] == "w19"
+
+
+async def test_a_task_publish_during_a_leader_election_is_retried(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run exists as soon as RunRequested is stored, and nothing but this publish would put
+    # its task out: giving up on it (or the command) would leave the run queued for ever.
+    real = jsl.publish
+    refused: list[str] = []
+
+    async def no_leader_at_first(nc: Any, subject: str, payload: bytes, **kw: Any) -> jsl.Ack:
+        if ".task." in subject and len(refused) < 6:
+            refused.append(subject)
+            raise nats.js.errors.NoStreamResponseError
+        return await real(nc, subject, payload, **kw)
+
+    monkeypatch.setattr(jsl, "publish", no_leader_at_first)
+    env = await env_factory([hot_two_steps])
+    tag = uuid.uuid4().hex[:8]
+    handle = await env.client.start(hot_two_steps, tag)
+    assert await handle.result(timeout=10) == 2
+    assert len(refused) == 6 and env.orchestrator.dead_lettered == 0

@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -38,6 +38,8 @@ from nats.js.api import (
 from polos import events as ev
 from polos._private import auth, payloads
 from polos.config import Settings
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("polos.jetstream")
 
@@ -374,29 +376,65 @@ async def append(
         # Too big for one message: large fields go to the Object Store, the event to a stub.
         payload = await payloads.offload(js, names, run_id, orjson.loads(payload), limit)
         headers[payloads.HEADER] = "refs"
-    # Long enough to ride out a cluster leader election or a server restart.
+
+    async def once(attempt: int) -> int:
+        try:
+            ack = await publish(js._nc, subject, payload, timeout=timeout, headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                raise
+            if attempt:
+                mine = await _stored_by_us(js, names, subject, msg_id, payload)
+                if mine is not None:
+                    return mine
+            raise FencedOut(run_id, expected_last_seq) from exc
+        if ack.duplicate and not await _is_stored_at(js, names, subject, ack.seq, payload):
+            # A clustered stream's leader answers a known message id before it checks the
+            # fence: "duplicate" then means an earlier execution of the run wrote this record
+            # (a stale task, a lost ack), not that this append landed.
+            raise FencedOut(run_id, expected_last_seq)
+        return ack.seq
+
+    return await retry_transient(once, timeout=timeout, what=f"append to run {run_id}")
+
+
+async def _is_stored_at(
+    js: JetStreamContext, names: Names, subject: str, seq: int, payload: bytes
+) -> bool:
+    """Whether the message at ``seq`` is this very append (same bytes: another writer's
+    record of the same fact has another timestamp)."""
+    msgs = await read_subject(js._nc, names.runs_stream, subject, start_seq=seq, limit=1)
+    return bool(msgs) and msgs[0].seq == seq and msgs[0].data == payload
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether JetStream may take the same request a moment later: no stream leader (an
+    election), no responders, a reconnect, or no answer (maybe a lost ack)."""
+    if isinstance(exc, nats.js.errors.APIError):
+        return exc.code == 503
+    return isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                            nats.js.errors.NoStreamResponseError,
+                            nats.errors.ConnectionReconnectingError))
+
+
+async def retry_transient(
+    op: Callable[[int], Awaitable[_T]], *, timeout: float, what: str
+) -> _T:
+    """``op(attempt)`` until it returns, retrying transient errors (``is_transient``) with
+    back-off for long enough to ride out a leader election or a server restart; then
+    ``AppendUnavailable``. Only for writes a retry cannot double: a ``Nats-Msg-Id`` or a
+    fence makes the server drop or refuse a second copy."""
     deadline = time.monotonic() + max(timeout * 6, 30.0)
     attempt = 0
     while True:
         try:
-            ack = await publish(js._nc, subject, payload, timeout=timeout, headers=headers)
-            return ack.seq
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                if attempt:
-                    mine = await _stored_by_us(js, names, subject, msg_id, payload)
-                    if mine is not None:
-                        return mine
-                raise FencedOut(run_id, expected_last_seq) from exc
-            if exc.code != 503:  # 503: the stream has no leader right now
+            return await op(attempt)
+        except Exception as exc:
+            if not is_transient(exc):
                 raise
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                nats.js.errors.NoStreamResponseError, nats.errors.ConnectionReconnectingError):
-            # The server may have stored it and lost the ack; the msg id makes the retry safe.
-            pass
         attempt += 1
         if time.monotonic() > deadline:
-            raise AppendUnavailable(f"append to run {run_id} timed out")
+            raise AppendUnavailable(f"{what} timed out")
         await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
 
 

@@ -59,6 +59,9 @@ _INLINE_HISTORY = 32 * 1024
 # How many task ids the orchestrator remembers having dispatched (see Orchestrator.dispatched).
 _DISPATCHED_KEPT = 10_000
 
+# How often a command is redelivered while JetStream is unavailable (about 10 minutes).
+_UNAVAILABLE_RETRIES = 125
+
 # How often a command for an unknown run is retried while older commands are in flight.
 _NOT_YET_RETRIES = 40
 
@@ -196,14 +199,17 @@ class Orchestrator:
             return
         except Exception as exc:
             # An infrastructure failure: leave the command for redelivery, unless it keeps
-            # failing, in which case keep it aside rather than loop forever.
+            # failing, in which case keep it aside rather than loop forever. JetStream being
+            # unavailable (an election, a restart) is waited out for longer: giving up then
+            # would leave a run that exists without its task.
             delivered = msg.metadata.num_delivered if msg.reply else 1
-            if delivered >= 5:
+            unavailable = jsl.is_transient(exc) or isinstance(exc, jsl.AppendUnavailable)
+            if delivered >= (_UNAVAILABLE_RETRIES if unavailable else 5):
                 await self._reject(msg, CommandError(f"processing failed {delivered} times: {exc!r}"))
                 await msg.ack()
             else:
                 log.exception("command on %s failed; will retry", msg.subject)
-                await msg.nak(delay=0.5 * delivered)
+                await msg.nak(delay=min(0.5 * delivered, 5.0))
             return
         self.commands_handled += 1
         await msg.ack()
@@ -333,12 +339,14 @@ class Orchestrator:
                 and sum(len(body) for _, body in history) <= _INLINE_HISTORY):
             task["seq"] = cause_seq
             task["history"] = [[seq, orjson.Fragment(body)] for seq, body in history]
-        await jsl.publish(
-            self.nc,
-            self.names.task_subject(workflow),
-            orjson.dumps(task),
-            headers={jsl.MSG_ID: f"{run_id}/t/{cause_seq}"},
-            timeout=self.settings.request_timeout,
+        subject, payload = self.names.task_subject(workflow), orjson.dumps(task)
+        headers = {jsl.MSG_ID: f"{run_id}/t/{cause_seq}"}
+        timeout = self.settings.request_timeout
+        # Retried through a leader election: the run's history already says it is due, and
+        # nothing else would put its task out (the message id drops a second copy).
+        await jsl.retry_transient(
+            lambda _: jsl.publish(self.nc, subject, payload, headers=headers, timeout=timeout),
+            timeout=timeout, what=f"task of run {run_id}",
         )
         self._note_dispatched(run_id, cause_seq)
 
