@@ -29,16 +29,22 @@ class LosesFirstAck:
         return ack
 
 
-async def test_a_retried_append_whose_ack_was_lost_is_written_once(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def _requested(settings: Settings, run: str) -> tuple[Any, Any, jsl.Names, int]:
+    """A connection, and a run whose history is its RunRequested (at the returned sequence)."""
     nc = await nats.connect(settings.nats_url)
     js = nc.jetstream()
     names = jsl.Names(settings.prefix)
     await jsl.ensure_topology(js, names, settings)
-    run = "lost-ack"
     first = await jsl.append(js, names, run, ev.RunRequested(run_id=run, workflow="w"),
                              expected_last_seq=0, msg_id=f"{run}/req")
+    return nc, js, names, first
+
+
+async def test_a_retried_append_whose_ack_was_lost_is_written_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = "lost-ack"
+    nc, js, names, first = await _requested(settings, run)
     flaky = LosesFirstAck()
     step = ev.StepCompleted(key="charge", kind="run", output={"id": 1})
     with monkeypatch.context() as patch:
@@ -60,13 +66,8 @@ async def test_a_duplicate_ack_for_another_writers_record_is_fenced_out(settings
     # an execution working from stale state (a task redelivered after its run moved on) gets
     # "duplicate" for every record an earlier execution wrote. A single server checks the
     # fence first; a fence that happens to match shows the same answer here.
-    nc = await nats.connect(settings.nats_url)
-    js = nc.jetstream()
-    names = jsl.Names(settings.prefix)
-    await jsl.ensure_topology(js, names, settings)
     run = "dup-ack"
-    first = await jsl.append(js, names, run, ev.RunRequested(run_id=run, workflow="w"),
-                             expected_last_seq=0, msg_id=f"{run}/req")
+    nc, js, names, first = await _requested(settings, run)
     charged = await jsl.append(js, names, run, ev.StepCompleted(key="charge", kind="run", output=1),
                                expected_last_seq=first, msg_id=f"{run}/s/charge")
     raw = await jsl.publish(nc, names.run_subject(run, "step"),
