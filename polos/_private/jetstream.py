@@ -848,13 +848,25 @@ async def read_history(
 ) -> list[tuple[int, ev.Event]]:
     """The run's events in stream order (one batch direct get per kind for up to 1,000)."""
     msgs = await read_run(nc, names, run_id, start_seq=start_seq, kinds=kinds)
-    out: list[tuple[int, ev.Event]] = []
+    return (await _decode_run(nc, names, msgs))[0]
+
+
+async def _decode_run(
+    nc: NATS, names: Names, msgs: list[StoredMsg]
+) -> tuple[list[tuple[int, ev.Event]], list[tuple[int, bytes]] | None]:
+    """The events of a run's messages, and their stored bodies by sequence (None when a
+    body is a stub whose fields live in the Object Store)."""
+    history: list[tuple[int, ev.Event]] = []
+    bodies: list[tuple[int, bytes]] | None = []
     for m in msgs:
         data = m.data
         if m.headers and m.headers.get(payloads.HEADER):
             data = await payloads.resolve(nc.jetstream(), names, data)
-        out.append((m.seq, ev.decode(data)))
-    return out
+            bodies = None
+        elif bodies is not None:
+            bodies.append((m.seq, data))
+        history.append((m.seq, ev.decode(data)))
+    return history, bodies
 
 
 async def load_state(
@@ -871,17 +883,7 @@ async def load_run(
     """The run's state and its stored event bodies by sequence, or None for the bodies when an
     event's fields live in the Object Store: the bodies are what a task can carry to a worker
     (``Orchestrator.dispatch``), and a stub is no use to it."""
-    msgs = await read_run(nc, names, run_id)
-    history: list[tuple[int, ev.Event]] = []
-    bodies: list[tuple[int, bytes]] | None = []
-    for m in msgs:
-        data = m.data
-        if m.headers and m.headers.get(payloads.HEADER):
-            data = await payloads.resolve(nc.jetstream(), names, data)
-            bodies = None
-        elif bodies is not None:
-            bodies.append((m.seq, data))
-        history.append((m.seq, ev.decode(data)))
+    history, bodies = await _decode_run(nc, names, await read_run(nc, names, run_id))
     return ev.RunState.fold(run_id, history), bodies
 
 
