@@ -284,6 +284,8 @@ class Worker:
             return None
         carried = task.get("history")
         if carried is None and "requested" in task:
+            # A new run's task as orchestrators before 2026-11-30 wrote it (still in flight
+            # during an upgrade).
             carried = [[seq, task["requested"]]]
         if not isinstance(carried, list) or not carried:
             return None

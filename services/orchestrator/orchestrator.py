@@ -331,11 +331,8 @@ class Orchestrator:
             return
         task: dict[str, Any] = {"run_id": run_id, "workflow": workflow}
         if fresh and requested is not None:
-            body = ev.encode(requested)
-            if len(body) <= _INLINE_HISTORY:
-                task["seq"] = cause_seq
-                task["requested"] = orjson.Fragment(body)
-        elif (history and history[-1][0] == cause_seq
+            history = [(cause_seq, ev.encode(requested))]
+        if (history and history[-1][0] == cause_seq
                 and sum(len(body) for _, body in history) <= _INLINE_HISTORY):
             task["seq"] = cause_seq
             task["history"] = [[seq, orjson.Fragment(body)] for seq, body in history]
