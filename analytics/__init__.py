@@ -6,7 +6,7 @@
 ``commands``.
 """
 
-from analytics.export import Exporter, ExportResult
-from analytics.sql import VIEW_NAMES, connect, refresh
+from .export import Exporter, ExportResult
+from .sql import VIEW_NAMES, connect, refresh
 
 __all__ = ["VIEW_NAMES", "ExportResult", "Exporter", "connect", "refresh"]

@@ -11,8 +11,9 @@ import contextlib
 import logging
 import os
 
-from analytics.export import Exporter, ExportResult
 from polos._private.runtime import settings_from_args, wait_for_signal
+
+from .export import Exporter, ExportResult
 
 log = logging.getLogger("polos.analytics")
 

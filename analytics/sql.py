@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from analytics.export import HISTORY_SCHEMA, MESSAGE_SCHEMA
+from .export import HISTORY_SCHEMA, MESSAGE_SCHEMA
 
 _RAW = {
     "history": HISTORY_SCHEMA,

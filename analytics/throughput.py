@@ -73,8 +73,8 @@ async def measure(events: int, keep: bool) -> None:
         size = (await js.stream_info(names.runs_stream)).state.bytes
         print(f"filled {events:,} events ({size / 1e6:.1f} MB) in {fill:.2f} s")
 
-        from analytics.export import Exporter
-        from analytics.sql import connect
+        from .export import Exporter
+        from .sql import connect
 
         out = tmp / "export"
         async with Exporter(settings, out, nc=nc) as exporter:

@@ -26,7 +26,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 @command("bench", "measure Polos against raw JetStream on this machine")(add_args)
 async def cmd_bench(args: argparse.Namespace) -> int:
     # Imported here so `polos --help` does not pay for the benchmark's imports.
-    from bench.runner import FIGURES, Sizes, run_bench
+    from .runner import FIGURES, Sizes, run_bench
 
     only = set(args.only) if args.only else None
     unknown = (only or set()) - set(FIGURES)

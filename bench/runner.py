@@ -33,7 +33,7 @@ from nats.js.api import StorageType, StreamConfig
 from polos import events as ev
 from polos._private import jetstream as jsl
 from polos._private.runtime import terminate_all
-from polos._private.server import REPO_ROOT, EmbeddedServer
+from polos._private.server import EmbeddedServer
 from polos.client import PolosClient
 from polos.config import Settings
 
@@ -194,27 +194,24 @@ class Processes:
         s = self.settings
         env = dict(os.environ)
         env.update(s.to_env())
-        env.update(
-            PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
-            PYTHONUNBUFFERED="1",
-        )
+        env.update(PYTHONUNBUFFERED="1")
         return env
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         out = open(self.log_dir / f"{self.settings.prefix}-{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, *args], env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-            cwd=str(REPO_ROOT),
+            cwd=str(self.log_dir),
         )
         out.close()
         self.procs[name] = proc
         return proc
 
     def orchestrator(self) -> None:
-        self.spawn("orchestrator", "-m", "services.orchestrator")
+        self.spawn("orchestrator", "-m", "polos_services.orchestrator")
 
     def worker(self, name: str, max_runs: int = 200) -> None:
-        self.spawn(name, "-m", "services.worker", "bench.workflows", "--worker-id", name,
+        self.spawn(name, "-m", "polos_services.worker", "polos_bench.workflows", "--worker-id", name,
                    "--max-concurrent-runs", str(max_runs))
 
     def kill(self, name: str) -> None:
@@ -332,8 +329,9 @@ class Bench:
 
     async def fig_overhead(self) -> None:
         """Per-step time of a no-op step, timed around ``ctx.step.run`` inside the workflow."""
-        from bench import workflows as w
         from polos.testing import PolosEnvironment
+
+        from . import workflows as w
 
         n = self.sizes.overhead_steps
         s = self.settings()
@@ -356,10 +354,11 @@ class Bench:
 
     async def fig_replay(self) -> None:
         """Replay of a finished run with N recorded steps: read + fold + re-walk the code."""
-        from bench import workflows as w
         from polos._private.execution import RunExecution
         from polos.testing import PolosEnvironment
         from polos.workflow import WorkflowContext
+
+        from . import workflows as w
 
         n = self.sizes.replay_steps
         s = self.settings()
@@ -393,9 +392,10 @@ class Bench:
         """A run's history read, now (kind by kind, shared inbox, fast header parser) and as it
         was first written (wildcard filter, a subscription per read, nats-py's parser),
         interleaved in one run."""
-        from bench import workflows as w
-        from bench.baseline import original_header_parser, read_subject_per_sub
         from polos.testing import PolosEnvironment
+
+        from . import workflows as w
+        from .baseline import original_header_parser, read_subject_per_sub
 
         s = self.settings()
         names = jsl.Names(s.prefix)
@@ -434,7 +434,7 @@ class Bench:
 
     async def fig_e2e(self) -> None:
         """Sequential: start, wait for the result, next. Orchestrator and worker processes."""
-        from bench import workflows as w
+        from . import workflows as w
 
         s = self.settings()
         procs, client = await self._deployment(s, 1)
@@ -483,7 +483,7 @@ class Bench:
             await self._throughput(workers)
 
     async def _throughput(self, workers: int) -> None:
-        from bench import workflows as w
+        from . import workflows as w
 
         s = self.settings()
         procs, client = await self._deployment(s, workers)
@@ -511,7 +511,7 @@ class Bench:
         client: PolosClient, s: Settings, n: int, steps: int
     ) -> tuple[float, float]:
         """Start n runs at once; seconds until the last completed, and until all were sent."""
-        from bench import workflows as w
+        from . import workflows as w
 
         done: set[str] = set()
         all_done = asyncio.Event()
@@ -550,7 +550,7 @@ class Bench:
             await self._failover(label)
 
     async def _failover(self, label: str) -> None:
-        from bench import workflows as w
+        from . import workflows as w
 
         s = self.settings(**FAILOVER_SETTINGS[label])
         procs, client = await self._deployment(s, 1)
@@ -623,8 +623,9 @@ class Bench:
 
     async def fig_suspend(self) -> None:
         """Resume latency, then N suspended runs at once: memory, and time to resume them all."""
-        from bench import workflows as w
         from polos.workflow import Step
+
+        from . import workflows as w
 
         if not hasattr(Step, "suspend"):
             self.report.pending.append(
@@ -635,7 +636,7 @@ class Bench:
         procs, client = await self._deployment(s, 1)
         # The whole deployment, so each service's memory is measured: suspended runs with no
         # timer should cost the scheduler nothing, and that is worth showing.
-        procs.spawn("scheduler", "-m", "services.scheduler")
+        procs.spawn("scheduler", "-m", "polos_services.scheduler")
         await self._scheduler_ready(client, s)
         suspended: dict[str, asyncio.Event] = {}
         ended: set[str] = set()
@@ -782,7 +783,7 @@ class Bench:
     @staticmethod
     async def _scheduler_ready(client: PolosClient, s: Settings) -> None:
         """The scheduler has made its consumer: it is up (and done importing)."""
-        from services.scheduler.scheduler import DURABLE
+        from polos_services.scheduler.scheduler import DURABLE
 
         async def ready() -> bool:
             try:
@@ -824,7 +825,7 @@ class Bench:
     async def fig_export(self) -> None:
         """The analytics exporter over a log of N synthetic but well-formed run histories."""
         try:
-            from analytics.export import Exporter
+            from polos_analytics.export import Exporter
         except ImportError:
             self.report.pending.append(
                 "export throughput (events/s): the analytics exporter does not exist yet (issue 6)")

@@ -1,5 +1,5 @@
 """The workflows the benchmark runs. Importable by worker subprocesses
-(``python -m services.worker bench.workflows``), so they live in a module of their own.
+(``python -m polos_services.worker polos_bench.workflows``), so they live in a module of their own.
 
 The step functions do nothing: every microsecond a benchmark sees is Polos's overhead.
 """

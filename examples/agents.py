@@ -1,6 +1,6 @@
 """The order example of DESIGN.md, with an agent that validates the order.
 
-    python examples/agents.py
+    python -m examples.agents
 
 With ``OPENAI_API_KEY`` set the agent talks to OpenAI. Without it, this script starts the
 **Polos dev LLM** (polos/devllm.py): a small scripted OpenAI-compatible server that is *not a
@@ -21,9 +21,10 @@ import tempfile
 
 from pydantic import BaseModel
 
-from examples.validation import order_validation_agent
 from polos import WorkflowContext, current_step, workflow
 from polos.agent import agent_workflow  # agents run as child runs of this workflow: serve it
+
+from .validation import order_validation_agent
 
 
 class ProcessOrderInput(BaseModel):

@@ -6,7 +6,7 @@ being killed, and never charges twice. Each side effect appends a line to ``$POL
 (if set) when it really executes, so the demo can count executions.
 
     polos worker examples/order.py
-    polos start process_order '{"id": "A-1001", "amount": 2500, "email": "ada@example.com"}'
+    polos start process_order --input '{"id": "A-1001", "amount": 2500, "email": "ada@example.com"}'
     polos runs --waiting
     polos resume <run_id> fraud_review --data '{"approved": true}'
     polos event warehouse.pickup/A-1001 --data '{"dock": 4}'
@@ -19,9 +19,10 @@ import time
 
 from pydantic import BaseModel
 
-from examples.validation import order_validation_agent
 from polos import WorkflowContext, current_step, workflow
 from polos.agent import agent_workflow  # noqa: F401 - served here: agents run as child runs
+
+from .validation import order_validation_agent
 
 
 class Order(BaseModel):

@@ -123,8 +123,8 @@ def _add_up(p: argparse.ArgumentParser) -> None:
 @command("up", "start nats-server (embedded) with the orchestrator and the scheduler")(_add_up)
 async def cmd_up(args: argparse.Namespace) -> int:
     from polos._private.server import EmbeddedServer
-    from services.orchestrator import Orchestrator
-    from services.scheduler import Scheduler
+    from polos_services.orchestrator import Orchestrator
+    from polos_services.scheduler import Scheduler
 
     server = None
     url = args.nats_url or os.environ.get("POLOS_NATS_URL")
@@ -395,7 +395,7 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 # Modules that add subcommands when imported.
-PLUGINS = ["polos._private.cli_ops", "polos._private.demo", "bench", "polos._private.cli_analytics", "polos._private.cli_queues", "polos._private.cli_waiting"]
+PLUGINS = ["polos._private.cli_ops", "polos._private.demo", "polos_bench", "polos._private.cli_analytics", "polos._private.cli_queues", "polos._private.cli_waiting"]
 
 
 def _load_plugins() -> None:

@@ -59,8 +59,8 @@ class PolosEnvironment:
         return self._client
 
     async def start(self) -> PolosEnvironment:
-        from services.orchestrator import Orchestrator
-        from services.scheduler import Scheduler
+        from polos_services.orchestrator import Orchestrator
+        from polos_services.scheduler import Scheduler
 
         self._client = await PolosClient.connect(settings=self.settings)
         self.orchestrator = Orchestrator(self.settings)

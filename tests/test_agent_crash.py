@@ -17,7 +17,7 @@ from tests.helpers import counts, kill, marks, spawn, stop
 
 pytestmark = pytest.mark.slow
 
-WORKER = ["-m", "services.worker", "tests.test_agent_workers"]
+WORKER = ["-m", "polos_services.worker", "tests.test_agent_workers"]
 UNITS = 8
 HOLD_AT = 5  # the 6th LLM call is held open until the worker is killed
 

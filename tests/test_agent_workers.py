@@ -1,5 +1,5 @@
 """Workflows and tools for the agent crash tests, loaded by worker subprocesses
-(``python -m services.worker tests.test_agent_workers``). No tests here.
+(``python -m polos_services.worker tests.test_agent_workers``). No tests here.
 
 Each tool call appends ``start <i>`` / ``done <i>`` to $POLOS_TEST_LOG, so a test can count real
 executions across SIGKILLed processes. The agent talks to the dev LLM at $POLOS_DEVLLM_URL.

@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import analytics
-from analytics.export import Exporter
+import polos_analytics as analytics
 from polos import NO_RETRY, RetryPolicy, WorkflowContext, workflow
 from polos import events as ev
 from polos._private import jetstream as jsl
 from polos._private.cli_analytics import cmd_analytics, cmd_sql, cmd_trace
+from polos_analytics.export import Exporter
 from tests.helpers import until
 from tests.test_analytics_workflows import plain_steps, support_agent
 
@@ -320,7 +320,7 @@ async def test_analytics_service_follows_and_stops_cleanly(
 
     env = await env_factory([plain_steps])
     out = tmp_path / "export"
-    proc = spawn(["-m", "analytics", "--dir", str(out), "--flush-interval", "0.05"],
+    proc = spawn(["-m", "polos_analytics", "--dir", str(out), "--flush-interval", "0.05"],
                  subprocess_env, tmp_path / "analytics.out")
     try:
         h = await env.client.start(plain_steps, 2)
@@ -343,7 +343,7 @@ async def test_analytics_service_follows_and_stops_cleanly(
 async def test_compaction_merges_small_files_and_survives_a_crash(
     env_factory: Any, tmp_path: Path
 ) -> None:
-    from analytics.export import HISTORY_SCHEMA, compact, repair
+    from polos_analytics.export import HISTORY_SCHEMA, compact, repair
 
     env = await env_factory([plain_steps])
     out = tmp_path / "export"
@@ -386,7 +386,7 @@ async def test_throughput_command_runs(subprocess_env: dict[str, str]) -> None:
     import sys
 
     proc = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "analytics.throughput", "--events", "600"],
+        subprocess.run, [sys.executable, "-m", "polos_analytics.throughput", "--events", "600"],
         env=subprocess_env, capture_output=True, text=True, timeout=120, cwd=str(ROOT),
     )
     assert proc.returncode == 0, proc.stderr

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-import analytics
-from analytics.export import Exporter
+import polos_analytics as analytics
 from polos import Agent, WorkflowContext, workflow
 from polos._private.cli_analytics import trace_lines
 from polos._private.telemetry import SpanFollower, trace_id_for
 from polos.agent import agent_workflow
 from polos.devllm import DevLLM, Reply
+from polos_analytics.export import Exporter
 
 
 def lookup_order(order_id: str) -> dict[str, Any]:

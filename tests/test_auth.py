@@ -51,8 +51,8 @@ def _settings(secured: tuple[EmbeddedServer, dict[str, Any]], prefix: str, role:
 @pytest.fixture
 async def stack(secured: tuple[EmbeddedServer, dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     """Namespace A with every process on its own role's user."""
-    from services.orchestrator import Orchestrator
-    from services.scheduler import Scheduler
+    from polos_services.orchestrator import Orchestrator
+    from polos_services.scheduler import Scheduler
 
     orch = Orchestrator(_settings(secured, A, "service"))
     await orch.start()

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_quick_runs_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "polos_bench", "--quick", "--json", str(out)],
         cwd=str(ROOT), capture_output=True, text=True, timeout=120,
     )
     print(proc.stdout[-6000:])
@@ -65,7 +65,7 @@ def test_polos_bench_subcommand_is_registered() -> None:
 
 def test_polos_bench_rejects_unknown_figure() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--only", "nonsense"],
+        [sys.executable, "-m", "polos_bench", "--only", "nonsense"],
         cwd=str(ROOT), capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2

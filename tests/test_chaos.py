@@ -30,10 +30,10 @@ from polos.testing import EmbeddedServer, fast_settings
 from tests.helpers import ROOT, marks, spawn
 from tests.workflows.chaos import ChaosJob, expected
 
-WORKER = ["-m", "services.worker", "tests.workflows.chaos"]
+WORKER = ["-m", "polos_services.worker", "tests.workflows.chaos"]
 SERVICES = {
-    "orchestrator": ["-m", "services.orchestrator"],
-    "scheduler": ["-m", "services.scheduler"],
+    "orchestrator": ["-m", "polos_services.orchestrator"],
+    "scheduler": ["-m", "polos_services.scheduler"],
 }
 
 

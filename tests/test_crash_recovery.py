@@ -19,8 +19,8 @@ from tests.workflows.marked import Job, marked
 
 pytestmark = pytest.mark.slow
 
-WORKER = ["-m", "services.worker", "tests.workflows.marked"]
-ORCHESTRATOR = ["-m", "services.orchestrator"]
+WORKER = ["-m", "polos_services.worker", "tests.workflows.marked"]
+ORCHESTRATOR = ["-m", "polos_services.orchestrator"]
 
 
 def _assert_exactly_once(log: Path, steps: int, in_flight: set[str] = frozenset()) -> None:  # type: ignore[assignment]

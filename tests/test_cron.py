@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from polos import WorkflowContext, workflow
-from services.scheduler import Scheduler
+from polos_services.scheduler import Scheduler
 
 
 @workflow(name="cron_job")

@@ -9,12 +9,12 @@ from typing import Any
 import nats.js.errors
 import pyarrow.parquet as pq
 
-from analytics.export import Exporter, exported_upto
 from polos import WorkflowContext, workflow
 from polos._private import jetstream as jsl
 from polos._private import payloads
 from polos._private.retention import archive_exported_runs
 from polos.errors import RunNotFoundError
+from polos_analytics.export import Exporter, exported_upto
 
 GATE: dict[str, asyncio.Event] = {}
 

@@ -14,7 +14,7 @@ from typing import Any
 from polos import RetryPolicy, WorkflowContext, workflow
 from polos._private import waiting as wt
 from polos.testing import EmbeddedServer, PolosEnvironment, fast_settings
-from services.scheduler import Scheduler
+from polos_services.scheduler import Scheduler
 from tests.test_waiting import until_status
 
 ATTEMPTS: dict[str, list[float]] = {}
@@ -151,13 +151,13 @@ async def test_scheduler_process_sigkilled_with_timers_pending(
 
     env = await env_factory([w_sleepy])
     await env.scheduler.stop()  # only the subprocess schedulers below
-    first = spawn(["-m", "services.scheduler"], subprocess_env, tmp_path / "s1.log")
+    first = spawn(["-m", "polos_services.scheduler"], subprocess_env, tmp_path / "s1.log")
     try:
         handles = [await env.client.start(w_sleepy, 1.5) for _ in range(3)]
         for h in handles:
             await until_status(env, h.run_id, "suspended")
         kill(first)
-        second = spawn(["-m", "services.scheduler"], subprocess_env, tmp_path / "s2.log")
+        second = spawn(["-m", "polos_services.scheduler"], subprocess_env, tmp_path / "s2.log")
         try:
             for h in handles:
                 await h.result(timeout=30)

@@ -24,7 +24,7 @@ from tests.helpers import counts, kill, marks, spawn, stop, until
 from tests.test_analytics_workflows import plain_steps, support_agent
 from tests.workflows.marked import Job
 
-WORKER = ["-m", "services.worker", "tests.workflows.marked"]
+WORKER = ["-m", "polos_services.worker", "tests.workflows.marked"]
 
 
 def _by_name(spans: Any) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 @command("analytics", "export the event log to Parquet (incremental, idempotent)")(_add_export)
 async def cmd_analytics(args: argparse.Namespace) -> int:
-    from analytics.export import Exporter, ExportResult
+    from polos_analytics.export import Exporter, ExportResult
 
     settings = _settings(args, role="service")  # reads every stream of the namespace
 
@@ -82,7 +82,7 @@ def _add_sql(p: argparse.ArgumentParser) -> None:
 async def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from analytics.sql import connect
+    from polos_analytics.sql import connect
 
     con = connect(args.dir)
     try:

@@ -53,8 +53,8 @@ def _add_retention(p: argparse.ArgumentParser) -> None:
 
 @command("retention", "remove finished, exported runs from the hot history stream")(_add_retention)
 async def cmd_retention(args: argparse.Namespace) -> int:
-    from analytics.export import exported_upto
     from polos._private.retention import archive_exported_runs
+    from polos_analytics.export import exported_upto
 
     upto = exported_upto(Path(args.export_dir) / "history")
     # Purging history is the services' right, not a client's.

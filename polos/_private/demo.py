@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from polos._private.runtime import terminate_all
-from polos._private.server import REPO_ROOT, EmbeddedServer
+from polos._private.server import EmbeddedServer
 from polos.cli import command, timeline
 from polos.client import PolosClient, RunHandle
 from polos.config import Settings
 from polos.errors import RunNotFoundError
 
-EXAMPLE = REPO_ROOT / "examples" / "ten_steps.py"
-ORDER_EXAMPLE = REPO_ROOT / "examples" / "order.py"
+# The demo's workflows ship in the wheel (the repository's examples/, installed as
+# polos_examples), so `polos demo` works from an installed package in any directory.
+EXAMPLE = "polos_examples.ten_steps"
+ORDER_EXAMPLE = "polos_examples.order"
 
 
 def _say(text: str) -> None:
@@ -37,19 +39,16 @@ def _say(text: str) -> None:
 
 
 def _spawn_worker(
-    settings: Settings, log_path: Path, name: str, out_dir: Path, module: Path = EXAMPLE
+    settings: Settings, log_path: Path, name: str, out_dir: Path, module: str = EXAMPLE
 ) -> subprocess.Popen[bytes]:
     """A worker process serving ``module``; its steps mark executions in ``log_path``."""
     env = dict(os.environ)
     env.update(settings.to_env())
-    env.update(
-        POLOS_DEMO_LOG=str(log_path),
-        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
-    )
+    env.update(POLOS_DEMO_LOG=str(log_path))
     out = open(out_dir / f"{name}.log", "wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "services.worker", str(module), "--worker-id", name],
-        env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+        [sys.executable, "-m", "polos_services.worker", module, "--worker-id", name],
+        env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(out_dir),
     )
 
 
@@ -66,8 +65,8 @@ class _Stack:
 
 
 async def _start_stack(data_dir: Path | None) -> _Stack:
-    from services.orchestrator import Orchestrator
-    from services.scheduler import Scheduler
+    from polos_services.orchestrator import Orchestrator
+    from polos_services.scheduler import Scheduler
 
     work = Path(tempfile.mkdtemp(prefix="polos-demo-"))
     server = EmbeddedServer(data_dir or work / "nats", port=0)

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
-import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -85,20 +85,41 @@ def terminate_all(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 10.
             proc.wait()
 
 
+def _module_for_path(path: Path) -> str:
+    """The dotted module name of a ``.py`` file, with the directory above its package put on
+    ``sys.path`` (as pytest does): ``examples/order.py`` in a directory whose ``examples/``
+    has an ``__init__.py`` is ``examples.order``, so the file's own imports of its package
+    (``from .validation import ...`` or ``from examples.validation import ...``) work."""
+    parts = [path.stem]
+    root = path.parent
+    while (root / "__init__.py").is_file():
+        parts.insert(0, root.name)
+        root = root.parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return ".".join(parts)
+
+
 def load_workflows(target: str) -> list[WorkflowDefinition[Any, Any]]:
-    """Import a module (``pkg.mod`` or ``path/to/file.py``) and return its workflows."""
-    if target.endswith(".py") or "/" in target:
+    """Import a module (``pkg.mod``) or a file (``path/to/file.py``) and return its workflows."""
+    if target.endswith(".py") or "/" in target or os.sep in target:
         path = Path(target).resolve()
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot import {target}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
+        if not path.is_file():
+            raise ImportError(f"no such file: {target}")
+        name = _module_for_path(path)
     else:
-        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        if str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))
-        module = importlib.import_module(target)
+        name = target
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+            raise ImportError(
+                f"cannot import {target!r}: no module {exc.name!r} (from {Path.cwd()}); "
+                "give a module name importable from here or a path to a .py file"
+            ) from exc
+        raise
     found = [v for v in vars(module).values() if isinstance(v, WorkflowDefinition)]
     if not found:
         raise ImportError(f"module {target!r} defines no @workflow")

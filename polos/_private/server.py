@@ -13,7 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The project's nats.conf, shipped inside the package (a link to the repository's top-level
+# file), so an installed `polos up` runs the same server configuration as the repository.
+PACKAGED_CONFIG = Path(__file__).resolve().with_name("nats.conf")
 
 
 def server_binary() -> str:
@@ -37,12 +39,12 @@ def server_binary() -> str:
     )
 
 
-def default_config() -> Path | None:
-    """The project's nats.conf: in the working directory, else beside the source tree."""
-    for c in (Path.cwd() / "nats.conf", REPO_ROOT / "nats.conf"):
-        if c.exists():
-            return c
-    return None
+def default_config() -> Path:
+    """The nats.conf Polos ships. A user's own configuration is passed with ``--config``
+    (never picked up from the working directory by accident)."""
+    if not PACKAGED_CONFIG.is_file():
+        raise FileNotFoundError(f"Polos's server configuration is missing: {PACKAGED_CONFIG}")
+    return PACKAGED_CONFIG
 
 
 class EmbeddedServer:

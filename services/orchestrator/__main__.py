@@ -1,4 +1,4 @@
-"""``python -m services.orchestrator``: run one orchestrator instance until SIGTERM/SIGINT."""
+"""``python -m polos_services.orchestrator``: run one orchestrator instance until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import asyncio
 import logging
 
 from polos._private.runtime import run_until_signal, settings_from_args
-from services.orchestrator.orchestrator import Orchestrator
+
+from .orchestrator import Orchestrator
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m services.orchestrator")
+    parser = argparse.ArgumentParser(prog="python -m polos_services.orchestrator")
     parser.add_argument("--nats-url")
     parser.add_argument("--prefix")
     args = parser.parse_args(argv)

@@ -54,7 +54,7 @@ from polos._private.tasks import cancel_and_wait
 from polos.queues import Queue
 
 if TYPE_CHECKING:
-    from services.orchestrator.orchestrator import Orchestrator
+    from .orchestrator import Orchestrator
 
 log = logging.getLogger("polos.admission")
 

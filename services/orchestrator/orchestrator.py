@@ -26,7 +26,8 @@ from polos import events as ev
 from polos._private import jetstream as jsl
 from polos._private import payloads
 from polos.config import Settings
-from services.orchestrator.admission import Admission
+
+from .admission import Admission
 
 log = logging.getLogger("polos.orchestrator")
 

@@ -23,7 +23,8 @@ from nats.aio.msg import Msg
 from polos import events as ev
 from polos._private import jetstream as jsl
 from polos._private import waiting as wt
-from services.orchestrator.orchestrator import (
+
+from .orchestrator import (
     CommandError,
     Orchestrator,
     RunNotYetKnown,

@@ -1,4 +1,4 @@
-"""``python -m services.scheduler``: run one scheduler instance until SIGTERM/SIGINT."""
+"""``python -m polos_services.scheduler``: run one scheduler instance until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import asyncio
 import logging
 
 from polos._private.runtime import run_until_signal, settings_from_args
-from services.scheduler.scheduler import Scheduler
+
+from .scheduler import Scheduler
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m services.scheduler")
+    parser = argparse.ArgumentParser(prog="python -m polos_services.scheduler")
     parser.add_argument("--nats-url")
     parser.add_argument("--prefix")
     args = parser.parse_args(argv)

@@ -1,1 +1,1 @@
-"""The worker service: ``python -m services.worker my_module`` or ``polos worker my_module``."""
+"""The worker service: ``python -m polos_services.worker my_module`` or ``polos worker my_module``."""

@@ -1,4 +1,4 @@
-"""``python -m services.worker MODULE``: serve every workflow of MODULE until SIGTERM."""
+"""``python -m polos_services.worker MODULE``: serve every workflow of MODULE until SIGTERM."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from polos.worker import Worker
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m services.worker")
+    parser = argparse.ArgumentParser(prog="python -m polos_services.worker")
     parser.add_argument("module", help="module name or .py file that defines @workflow functions")
     parser.add_argument("--nats-url")
     parser.add_argument("--prefix")
