@@ -174,12 +174,21 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("module", help="module name or .py file that defines @workflow functions")
     p.add_argument("--max-concurrent-runs", type=int, default=200)
     p.add_argument("--worker-id")
+    p.add_argument("--dev-llm", action="store_true",
+                   help="agents talk to the Polos dev LLM, a scripted OpenAI-compatible test "
+                        "server started in this process (not a model: it calls each offered "
+                        "tool once, then answers from the output schema)")
 
 
 @command("worker", "serve the workflows of a module")(_add_worker)
 async def cmd_worker(args: argparse.Namespace) -> int:
     from polos.worker import Worker
 
+    devllm = None
+    if args.dev_llm:
+        from polos.devllm import serve_this_process
+
+        devllm = await serve_this_process()
     worker = Worker(
         load_workflows(args.module),
         settings=_settings(args, role="worker"),
@@ -192,6 +201,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         await wait_for_signal()
     finally:
         await worker.stop()
+        if devllm is not None:
+            await devllm.stop()
     return 0
 
 

@@ -385,6 +385,18 @@ def _error_body(message: str, status: int) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": kind}}
 
 
+async def serve_this_process() -> DevLLM:
+    """Start a dev LLM for the agents of this process (``polos worker --dev-llm``): the
+    ``openai`` client reads ``OPENAI_BASE_URL``, so every agent without its own ``base_url``
+    talks to it. Says so in one line, so nobody mistakes its answers for a model's."""
+    import os
+
+    server = await DevLLM().start()
+    os.environ["OPENAI_BASE_URL"] = server.url
+    print(f"agents use the {LABEL} at {server.url}", flush=True)
+    return server
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m polos.devllm", description=LABEL)
     parser.add_argument("--host", default="127.0.0.1")
@@ -405,4 +417,12 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["LABEL", "DevLLM", "LoggedRequest", "Reply", "default_reply", "estimate_tokens"]
+__all__ = [
+    "LABEL",
+    "DevLLM",
+    "LoggedRequest",
+    "Reply",
+    "default_reply",
+    "estimate_tokens",
+    "serve_this_process",
+]

@@ -128,8 +128,10 @@ class ProviderConfig:
         if self.effective_base_url:
             return "not-needed"  # local OpenAI-compatible servers usually take any key
         raise AgentConfigError(
-            f"no API key for model {self.model!r}: set OPENAI_API_KEY, pass api_key=..., or "
-            "point base_url at an OpenAI-compatible server"
+            f"no OpenAI API key for model {self.model!r}: set OPENAI_API_KEY (or api_key=..., "
+            "or OPENAI_BASE_URL / base_url for an OpenAI-compatible server), or run the worker "
+            "with `polos worker --dev-llm` to use the Polos dev LLM, a scripted test server "
+            "that is not a model"
         )
 
 
