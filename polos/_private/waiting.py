@@ -288,34 +288,49 @@ def _wf_name(wf: Any) -> tuple[str, Any]:
     raise TypeError(f"a child workflow is a @workflow or its name, got {wf!r}")
 
 
+class ChildRequest(NamedTuple):
+    """One child run's request command, as the parent's worker publishes it."""
+
+    run_id: str
+    subject: str
+    body: bytes
+    headers: dict[str, str]
+
+
+def child_request(
+    names: jsl.Names, parent_run_id: str, root_run_id: str, step_id: str, index: int,
+    workflow: str, input: Any,
+) -> ChildRequest:
+    child = child_run_id(parent_run_id, step_id, index)
+    body = {
+        "workflow": workflow,
+        "input": to_json(input, what=f"the input of child {index} of step {step_id!r}"),
+        "parent_run_id": parent_run_id,
+        "parent_step": step_id,
+        "root_run_id": root_run_id,
+    }
+    return ChildRequest(
+        child, names.child_subject(parent_run_id, child), orjson.dumps(body),
+        {jsl.MSG_ID: f"child/{child}"},
+    )
+
+
 async def _request_children(
     x: RunExecution, step_id: str, items: Sequence[tuple[str, Any]], first_index: int = 0
 ) -> list[str]:
     root = (x.state.requested.root_run_id if x.state.requested else None) or x.run_id
-    ids: list[str] = []
-    sends = []
-    for i, (name, value) in enumerate(items, start=first_index):
-        child = child_run_id(x.run_id, step_id, i)
-        ids.append(child)
-        body = {
-            "workflow": name,
-            "input": to_json(value, what=f"the input of child {i} of step {step_id!r}"),
-            "parent_run_id": x.run_id,
-            "parent_step": step_id,
-            "root_run_id": root,
-        }
-        # Stored in the command stream before the parent records anything: a crash before the
-        # record replays to the same child id, and the message id makes the repeat a no-op.
-        sends.append(
-            x.js.publish(
-                x.names.child_subject(child),
-                orjson.dumps(body),
-                headers={jsl.MSG_ID: f"child/{child}"},
-                timeout=x.settings.request_timeout,
-            )
-        )
-    await asyncio.gather(*sends)
-    return ids
+    reqs = [
+        child_request(x.names, x.run_id, root, step_id, i, name, value)
+        for i, (name, value) in enumerate(items, start=first_index)
+    ]
+    # Stored in the command stream before the parent records anything: a crash before the
+    # record replays to the same child id, and the message id makes the repeat a no-op. A
+    # cancel of the parent in between finds the request there (services/orchestrator/waiting).
+    await asyncio.gather(*(
+        x.js.publish(r.subject, r.body, headers=r.headers, timeout=x.settings.request_timeout)
+        for r in reqs
+    ))
+    return [r.run_id for r in reqs]
 
 
 async def invoke(x: RunExecution, key: str, wf: Any, input: Any = None) -> ChildHandle:
