@@ -32,6 +32,7 @@ from nats.js import JetStreamContext
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private import payloads
 from polos._private.signals import Suspend
 from polos.converter import from_json, to_json
 from polos.errors import ChildWorkflowError, WaitTimeoutError
@@ -323,6 +324,13 @@ async def _request_children(
         child_request(x.names, x.run_id, root, step_id, i, name, value)
         for i, (name, value) in enumerate(items, start=first_index)
     ]
+    limit = payloads.inline_limit(x.js._nc)
+    for i, r in enumerate(reqs):
+        if len(r.body) > limit:
+            # Too big for a command message: the input travels through the Object Store.
+            body = orjson.loads(r.body)
+            ref = await payloads.put_value(x.js, x.names, r.run_id, orjson.dumps(body.pop("input")))
+            reqs[i] = r._replace(body=orjson.dumps({**body, "input_ref": ref}))
     # Stored in the command stream before the parent records anything: a crash before the
     # record replays to the same child id, and the message id makes the repeat a no-op. A
     # cancel of the parent in between finds the request there (services/orchestrator/waiting).
@@ -446,8 +454,8 @@ async def first_event_after(
             return None
         for m in msgs:
             try:
-                data = orjson.loads(m.data) if m.data else None
-            except orjson.JSONDecodeError:
+                data = await payloads.event_value(nc.jetstream(), names, m.headers, m.data)
+            except (ValueError, payloads.PayloadMissingError):  # JSONDecodeError included
                 continue  # dead-lettered by the orchestrator; a waiter never sees it
             return {"topic": topic, "data": data, "time": parse_time(m.time), "seq": m.seq}
         seq = msgs[-1].seq + 1

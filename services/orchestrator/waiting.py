@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private import payloads
 from polos._private import waiting as wt
 
 from .orchestrator import (
@@ -39,7 +40,7 @@ log = logging.getLogger("polos.waiting")
 # Reads that need a run's status, workflow or outcome, not its steps.
 CTL = ("ctl",)
 CASCADE_HEADER = "Polos-Cascade"  # a cancel sent by a parent's cancellation, not by a user
-_CHILD_FIELDS = {"workflow", "input", "parent_run_id", "parent_step", "root_run_id"}
+_CHILD_FIELDS = {"workflow", "input", "input_ref", "parent_run_id", "parent_step", "root_run_id"}
 
 
 def _workflow_of(orch: Orchestrator, run_id: str, state: ev.RunState | None = None) -> str | None:
@@ -73,6 +74,25 @@ async def _dispatch_woken(
 # --------------------------------------------------------------------------- resume
 
 
+_RESUME_FIELDS: tuple[set[str], ...] = ({"data"}, {"data_ref"}, set())
+
+
+async def _resume_data(orch: Orchestrator, run_id: str, body: dict[str, Any]) -> Any:
+    """A resume's data: inline, or (too big for a message) the payload object it names."""
+    if "data_ref" not in body:
+        return body.get("data")
+    ref = body["data_ref"]
+    if not isinstance(ref, str) or not ref.startswith(f"{run_id}/"):
+        raise CommandError(
+            "data_ref must name the run's payload object (<run_id>/<name>), without data",
+            field="data_ref",
+        )
+    try:
+        return await payloads.get_value(orch.js, orch.names, ref)
+    except payloads.PayloadMissingError as exc:
+        raise CommandError(str(exc), field="data_ref") from exc
+
+
 async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int, Any] | None:
     """The first well-formed resume stored for the run's step: the one that applies."""
     msgs = await jsl.read_subject(
@@ -83,8 +103,11 @@ async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int,
             body = orjson.loads(m.data) if m.data else {}
         except orjson.JSONDecodeError:
             continue
-        if isinstance(body, dict) and set(body) <= {"data"}:
-            return m.seq, body.get("data")
+        if isinstance(body, dict) and set(body) in _RESUME_FIELDS:
+            try:
+                return m.seq, await _resume_data(orch, run_id, body)
+            except CommandError:
+                continue  # refused when it was handled: it never applies
     return None
 
 
@@ -99,13 +122,16 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     except UnicodeDecodeError as exc:
         raise CommandError(f"step key token {tokens[1]!r} is not valid", field="key") from exc
     body = orch.parse_object(msg)
-    unknown = sorted(set(body) - {"data"})
+    unknown = sorted(set(body) - {"data", "data_ref"})
     if unknown:
         raise CommandError(
-            f"unknown field(s) {', '.join(unknown)}; a resume is {{\"data\": <any JSON>}}",
+            f"unknown field(s) {', '.join(unknown)}; a resume is {{\"data\": <any JSON>}} or, "
+            'for data too big for a message, {"data_ref": "<run_id>/<object>"}',
             field=unknown[0],
         )
-    data = body.get("data")
+    if set(body) not in _RESUME_FIELDS:
+        raise CommandError("a resume has data or data_ref, not both", field="data_ref")
+    data = await _resume_data(orch, run_id, body)
     seq = msg.metadata.sequence.stream
     answer = {"ok": True, "run_id": run_id, "key": key}
     for _ in range(10):
@@ -271,7 +297,7 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
     event = ev.RunRequested(
         run_id=child,
         workflow=body["workflow"],
-        input=body.get("input"),
+        input=await orch._input(body, child),
         parent_run_id=parent,
         parent_step=body["parent_step"],
         root_run_id=body.get("root_run_id"),
@@ -404,10 +430,11 @@ class EventRouter:
         o = self.orch
         try:
             topic = wt.topic_from_subject(o.names, msg.subject)
-            data = orjson.loads(msg.data) if msg.data else None
-        except (ValueError, orjson.JSONDecodeError) as exc:
+            data = await payloads.event_value(o.js, o.names, msg.headers, msg.data)
+        except (ValueError, payloads.PayloadMissingError) as exc:  # JSONDecodeError included
             await jsl.dead_letter(o.js, o.names, source="event", reason=f"malformed event: {exc}",
-                                  subject=msg.subject, data=msg.data)
+                                  subject=msg.subject, data=msg.data,
+                                  headers=dict(msg.headers or {}))
             await msg.ack()
             return
         seq = msg.metadata.sequence.stream
