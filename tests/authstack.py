@@ -1,6 +1,7 @@
 """A namespace under authentication, every process on its own role's user (as `polos up` runs
 it): orchestrator and scheduler as the service, workers as the worker, the client as the
-client. Import the fixtures into a test module: ``from tests.authstack import secured, stack``.
+client. A test module takes the fixtures with ``secured, stack = authstack.secured,
+authstack.stack``.
 """
 
 from __future__ import annotations

@@ -454,7 +454,10 @@ async def first_event_after(
             return None
         for m in msgs:
             try:
-                data = await payloads.event_value(nc.jetstream(), names, m.headers, m.data)
+                if m.headers and payloads.EVENT_REF in m.headers:
+                    data = await payloads.event_value(nc.jetstream(), names, m.headers, m.data)
+                else:
+                    data = orjson.loads(m.data) if m.data else None
             except (ValueError, payloads.PayloadMissingError):  # JSONDecodeError included
                 continue  # dead-lettered by the orchestrator; a waiter never sees it
             return {"topic": topic, "data": data, "time": parse_time(m.time), "seq": m.seq}
