@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import orjson
 import pytest
 
 from polos import events as ev
@@ -191,11 +192,13 @@ async def server_filters(nats_server: Any) -> dict[str, list[str]]:
         names = _names()
         await jsl.ensure_topology(js, names, settings)
         await limits.ensure_limits_topology(nc, js, names, settings)
+        # Every stream storing a subject of the namespace (the server may hold many others).
+        reply = await nc.request("$JS.API.STREAM.NAMES",
+                                 orjson.dumps({"subject": f"{PREFIX}.>"}), timeout=5)
         out = {}
-        for info in await js.streams_info():
-            name = info.config.name or ""
-            if name.startswith(PREFIX.upper() + "_"):
-                out[_as_doc(name)] = list(info.config.subjects or [])
+        for name in orjson.loads(reply.data).get("streams") or []:
+            info = await js.stream_info(name)
+            out[_as_doc(name)] = list(info.config.subjects or [])
         return out
     finally:
         await nc.close()
