@@ -343,9 +343,13 @@ class PolosClient:
 
         if not jsl.valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} is not valid")
+        body: dict[str, Any] = {"data": to_json(data, what="the resume data")}
+        if len(orjson.dumps(body)) > payloads.inline_limit(self.nc):
+            # Too big for a command message: the data travels through the Object Store.
+            ref = await payloads.put_value(self.js, self.names, run_id, orjson.dumps(body["data"]))
+            body = {"data_ref": ref}
         return await waiting.send_command(
-            self.nc, self.js, waiting.resume_subject(self.names, run_id, key),
-            {"data": to_json(data, what="the resume data")},
+            self.nc, self.js, waiting.resume_subject(self.names, run_id, key), body,
             msg_id=f"resume/{run_id}/{uuid.uuid4().hex}",
             timeout=timeout or self.settings.request_timeout,
         )
@@ -369,12 +373,18 @@ class PolosClient:
 
     async def publish_event(self, topic: str, data: Any = None) -> int:
         """Publish an external event on ``topic`` (see docs/waiting.md for the subject it maps
-        to); returns its sequence in the events stream. Same as a raw JSON publish."""
+        to); returns its sequence in the events stream. Same as a raw JSON publish; data too
+        big for one message goes through the Object Store (docs/operations.md)."""
         from polos._private import waiting
 
-        ack = await self.js.publish(
-            waiting.event_subject(self.names, topic), orjson.dumps(to_json(data, what="the event data"))
-        )
+        subject = waiting.event_subject(self.names, topic)
+        encoded = orjson.dumps(to_json(data, what="the event data"))
+        headers = None
+        if len(encoded) > payloads.inline_limit(self.nc):
+            # Too big for one message: the data goes to the Object Store, the event names it.
+            headers = {payloads.EVENT_REF: await payloads.put_event_value(self.js, self.names, encoded)}
+            encoded = b""
+        ack = await self.js.publish(subject, encoded, headers=headers)
         return int(ack.seq)
 
     async def create_schedule(

@@ -7,13 +7,20 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from polos import CommandRejectedError, WorkflowCancelledError, WorkflowContext, workflow
+from polos import events as ev
+from polos._private import jetstream as jsl
+from polos._private import waiting as wt
 from polos._private.jetstream import read_subject
+from tests import authstack
+from tests.authstack import Stack
 from tests.helpers import until
 from tests.test_waiting import until_status
 
+secured, stack = authstack.secured, authstack.stack  # fixtures: a namespace under auth
 STARTED: set[str] = set()
 FINISHED: set[str] = set()
 
@@ -108,3 +115,82 @@ async def test_cancel_unknown_or_finished_run_is_answered(env_factory: Any) -> N
         await env.client.cancel(handle.run_id)
     with pytest.raises(CommandRejectedError, match="cancelled"):
         await env.client.resume(handle.run_id, "nap", {})
+
+
+# --------------------------------------------------------------------------- the cascade's window
+#
+# A parent's worker publishes a child's request before it records the step that names the child
+# (so a crash in between replays to the same child). A cancel landing in between fences that
+# record out: the parent's history never names the child. These tests put the child request
+# exactly there, with the SDK's own request (``waiting.child_request``) sent on the worker's user.
+
+
+@workflow(name="k_holder")
+async def k_holder(ctx: WorkflowContext) -> str:
+    await ctx.step.suspend("hold")
+    return "released"
+
+
+async def _request_child(stack: Stack, parent_run_id: str) -> str:
+    """What the parent's worker sends when its code reaches ``invoke("spawn", k_sleeper)``."""
+    req = wt.child_request(stack.client.names, parent_run_id, parent_run_id, "spawn", 0,
+                           "k_sleeper", None)
+    nc = await jsl.connect(stack.settings("worker"), name="parent-worker")
+    try:
+        await nc.jetstream().publish(req.subject, req.body, headers=req.headers)
+    finally:
+        await nc.close()
+    return req.run_id
+
+
+async def _types(stack: Stack, run_id: str) -> list[str]:
+    return [type(e).__name__ for _, e in await stack.client.history(run_id)]
+
+
+async def test_cancel_reaches_a_child_requested_but_not_recorded(stack: Stack) -> None:
+    await stack.worker([k_holder, k_sleeper])
+    parent = await stack.client.start(k_holder)
+    await until_status(stack, parent.run_id, "suspended")
+    child = await _request_child(stack, parent.run_id)
+    await until_status(stack, child, "suspended")  # the child exists and runs (it sleeps)
+    await stack.client.cancel(parent.run_id)
+    await until_status(stack, child, "cancelled")
+    # The parent's history never named the child: the cancel found its stored request.
+    assert not any(
+        isinstance(e, ev.StepCompleted) and e.kind == "invoke"
+        for _, e in await stack.client.history(parent.run_id)
+    )
+    reasons = [e.reason for _, e in await stack.client.history(child)
+               if isinstance(e, ev.RunCancelled)]
+    assert reasons == [f"parent run {parent.run_id} was cancelled"]
+
+
+async def test_child_requested_after_its_parent_was_cancelled_never_runs(stack: Stack) -> None:
+    await stack.worker([k_holder, k_sleeper])
+    parent = await stack.client.start(k_holder)
+    await until_status(stack, parent.run_id, "suspended")
+    await stack.client.cancel(parent.run_id)
+    await until_status(stack, parent.run_id, "cancelled")
+    # The worker read the history before the cancel and sends the request after it.
+    child = await _request_child(stack, parent.run_id)
+    await until_status(stack, child, "cancelled")
+    # Created cancelled: its task was never put out, no worker claimed it.
+    assert await _types(stack, child) == ["RunRequested", "RunCancelled"]
+
+
+async def test_child_request_and_parent_cancel_held_back_together(stack: Stack) -> None:
+    """Both stored while no orchestrator runs, then handled concurrently in either order."""
+    await stack.worker([k_holder, k_sleeper])
+    parent = await stack.client.start(k_holder)
+    await until_status(stack, parent.run_id, "suspended")
+    await stack.orchestrator.stop()
+    child = await _request_child(stack, parent.run_id)
+    await stack.client.js.publish(stack.client.names.cancel_subject(parent.run_id),
+                                  orjson.dumps({"reason": "stop"}))
+    from polos_services.orchestrator import Orchestrator
+
+    stack.orchestrator = Orchestrator(stack.settings("service"))
+    await stack.orchestrator.start()
+    await until_status(stack, parent.run_id, "cancelled")
+    await until_status(stack, child, "cancelled")
+    assert (await _types(stack, child))[-1] == "RunCancelled"

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from polos import ChildWorkflowError, WorkflowContext, workflow
+from polos._private import jetstream as jsl
 from tests.test_waiting import until_status
 
 
@@ -95,3 +98,27 @@ async def test_parent_waits_without_a_worker(env_factory: Any) -> None:
     assert info.waiting and info.waiting["kind"] == "child"
     assert handle.run_id not in env.worker.active_runs
     assert await handle.result(timeout=20) == ["slept", "slept"]
+
+
+async def test_child_request_subjects(env_factory: Any) -> None:
+    """Requests go under the parent; the one-token form older workers sent is still accepted,
+    and a parent in the subject that is not the body's is refused with the reason."""
+    env = await env_factory([c_square])
+    names = env.client.names
+    inbox = env.client.nc.new_inbox()
+    sub = await env.client.nc.subscribe(inbox)
+
+    async def send(subject: str, body: dict[str, Any]) -> dict[str, Any]:
+        await env.client.js.publish(subject, orjson.dumps(body), headers={jsl.REPLY_HEADER: inbox})
+        answer: dict[str, Any] = orjson.loads((await sub.next_msg(10)).data)
+        return answer
+
+    body = {"workflow": "c_square", "input": 4, "parent_run_id": "pa", "parent_step": "s"}
+    assert (await send(names.child_subject("pa", "kid1"), body))["ok"]
+    assert (await send(f"{names.prefix}.cmd.child.kid2", body))["ok"]
+    for kid in ("kid1", "kid2"):
+        assert await env.client.get_handle(kid).result(timeout=20) == 16
+        assert (await env.client.get(kid)).parent_run_id == "pa"
+    refused = await send(names.child_subject("other", "kid3"), body)
+    assert refused["ok"] is False and refused["field"] == "parent_run_id"
+    assert "not the parent in the subject" in refused["error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,26 @@ async def test_retention_command_dry_run(env_factory: Any, settings: Any, tmp_pa
     )
     assert "would archive 1 runs" in out.stdout, out
     assert (await env.client.get(h.run_id)).status == "completed"  # a dry run changes nothing
+
+
+async def test_big_event_objects_go_when_their_event_has_aged_out(env_factory: Any) -> None:
+    env = await env_factory([retained])
+    client = env.client
+    names = client.names
+    await client.publish_event("aging.big", "e" * (client.nc.max_payload + 10))
+    obs = await payloads.store(client.js, names)
+    [name] = [o.name for o in await obs.list(ignore_deletes=True)]
+    assert name.startswith(payloads.EVENT_PREFIX)
+    max_age = (await client.js.stream_info(names.events_stream)).config.max_age or 0.0
+    assert max_age > 0
+    soon = await archive_exported_runs(client.nc, client.js, names, exported_upto=0,
+                                       older_than=0.0, now=time.time() + max_age - 60)
+    assert soon.payload_objects_deleted == 0
+    later = await archive_exported_runs(client.nc, client.js, names, exported_upto=0,
+                                        older_than=0.0, now=time.time() + max_age + 60)
+    assert later.payload_objects_deleted == 1
+    try:
+        left = [o.name for o in await obs.list(ignore_deletes=True)]
+    except nats.js.errors.NotFoundError:  # nats-py's answer for an empty bucket
+        left = []
+    assert left == []

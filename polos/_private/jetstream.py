@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import nats
 import nats.errors
@@ -161,8 +161,13 @@ class Names:
         """Core NATS (no stream): tells the worker holding a run to interrupt it."""
         return f"{self.prefix}.signal.cancel.{run_id}"
 
-    def child_subject(self, run_id: str) -> str:
-        return f"{self.prefix}.cmd.child.{run_id}"
+    def child_subject(self, parent_run_id: str, run_id: str) -> str:
+        """A child run's request, under its parent: a cancelled parent finds every child it
+        ever requested here, recorded in its history or not."""
+        return f"{self.prefix}.cmd.child.{parent_run_id}.{run_id}"
+
+    def child_filter(self, parent_run_id: str) -> str:
+        return f"{self.prefix}.cmd.child.{parent_run_id}.*"
 
 
 def valid_token(value: str) -> bool:
@@ -890,11 +895,20 @@ async def load_run(
 # --------------------------------------------------------------------------- dead letters
 
 
+# Who dead-letters, one subject each (``<p>.dlq.<source>``): a command the orchestrator cannot
+# act on, a control-subject message that is not an event, a run input that fails its
+# annotation, a task that is not a task, an external event that is not JSON (or whose payload
+# object is missing), a timer firing or cron schedule the scheduler cannot use, an admission
+# entry that is not JSON. docs/architecture.md lists the same; tests/test_docs.py compares.
+DlqSource = Literal["cmd", "ctl", "input", "task", "event", "timer", "schedule", "admit"]
+DLQ_SOURCES: tuple[DlqSource, ...] = get_args(DlqSource)
+
+
 async def dead_letter(
     js: JetStreamContext,
     names: Names,
     *,
-    source: str,
+    source: DlqSource,
     reason: str,
     subject: str,
     data: bytes,
@@ -902,6 +916,8 @@ async def dead_letter(
     details: Any = None,
 ) -> None:
     """Keep a message we cannot process, with why, instead of dropping it."""
+    if source not in DLQ_SOURCES:  # the type says so too; this is for untyped callers
+        raise ValueError(f"dead-letter source {source!r} is not one of {', '.join(DLQ_SOURCES)}")
     try:
         text: str | None = data.decode("utf-8")
         encoded_b64 = None

@@ -26,6 +26,7 @@ import orjson
 
 from polos._private import jetstream as jsl
 from polos._private import payloads
+from polos._private.waiting import parse_time
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -60,14 +61,26 @@ async def archive_exported_runs(
     bucket = names.runs_bucket
     index = await js.key_value(bucket)
     entries = await jsl.last_per_subject(nc, f"KV_{bucket}", f"$KV.{bucket}.>")
-    # The run's payload objects, listed once: names are "<run_id>/<sha256>".
+    # The run's payload objects, listed once: names are "<run_id>/<sha256>". External events'
+    # objects ("event:<id>") go when their event has aged out of the events stream; a run
+    # woken by one keeps its own copy.
     objects: dict[str, list[str]] = {}
+    aged_events: list[str] = []
     obs = None
     with contextlib.suppress(nats.js.errors.NotFoundError):
         await js.stream_info(f"OBJ_{payloads.bucket_name(names)}")
         obs = await payloads.store(js, names)
+        events_age = (await js.stream_info(names.events_stream)).config.max_age or 0.0
         for info in await obs.list(ignore_deletes=True):
+            if info.name.startswith(payloads.EVENT_PREFIX):
+                if events_age and now - parse_time(info.mtime) > events_age:
+                    aged_events.append(info.name)
+                continue
             objects.setdefault(info.name.split("/", 1)[0], []).append(info.name)
+    for name in [] if dry_run else aged_events:
+        assert obs is not None
+        await obs.delete(name)
+        result.payload_objects_deleted += 1
     for msg in entries:
         if not msg.data or (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
             continue

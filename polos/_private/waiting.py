@@ -32,6 +32,7 @@ from nats.js import JetStreamContext
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private import payloads
 from polos._private.signals import Suspend
 from polos.converter import from_json, to_json
 from polos.errors import ChildWorkflowError, WaitTimeoutError
@@ -288,34 +289,56 @@ def _wf_name(wf: Any) -> tuple[str, Any]:
     raise TypeError(f"a child workflow is a @workflow or its name, got {wf!r}")
 
 
+class ChildRequest(NamedTuple):
+    """One child run's request command, as the parent's worker publishes it."""
+
+    run_id: str
+    subject: str
+    body: bytes
+    headers: dict[str, str]
+
+
+def child_request(
+    names: jsl.Names, parent_run_id: str, root_run_id: str, step_id: str, index: int,
+    workflow: str, input: Any,
+) -> ChildRequest:
+    child = child_run_id(parent_run_id, step_id, index)
+    body = {
+        "workflow": workflow,
+        "input": to_json(input, what=f"the input of child {index} of step {step_id!r}"),
+        "parent_run_id": parent_run_id,
+        "parent_step": step_id,
+        "root_run_id": root_run_id,
+    }
+    return ChildRequest(
+        child, names.child_subject(parent_run_id, child), orjson.dumps(body),
+        {jsl.MSG_ID: f"child/{child}"},
+    )
+
+
 async def _request_children(
     x: RunExecution, step_id: str, items: Sequence[tuple[str, Any]], first_index: int = 0
 ) -> list[str]:
     root = (x.state.requested.root_run_id if x.state.requested else None) or x.run_id
-    ids: list[str] = []
-    sends = []
-    for i, (name, value) in enumerate(items, start=first_index):
-        child = child_run_id(x.run_id, step_id, i)
-        ids.append(child)
-        body = {
-            "workflow": name,
-            "input": to_json(value, what=f"the input of child {i} of step {step_id!r}"),
-            "parent_run_id": x.run_id,
-            "parent_step": step_id,
-            "root_run_id": root,
-        }
-        # Stored in the command stream before the parent records anything: a crash before the
-        # record replays to the same child id, and the message id makes the repeat a no-op.
-        sends.append(
-            x.js.publish(
-                x.names.child_subject(child),
-                orjson.dumps(body),
-                headers={jsl.MSG_ID: f"child/{child}"},
-                timeout=x.settings.request_timeout,
-            )
-        )
-    await asyncio.gather(*sends)
-    return ids
+    reqs = [
+        child_request(x.names, x.run_id, root, step_id, i, name, value)
+        for i, (name, value) in enumerate(items, start=first_index)
+    ]
+    limit = payloads.inline_limit(x.js._nc)
+    for i, r in enumerate(reqs):
+        if len(r.body) > limit:
+            # Too big for a command message: the input travels through the Object Store.
+            body = orjson.loads(r.body)
+            ref = await payloads.put_value(x.js, x.names, r.run_id, orjson.dumps(body.pop("input")))
+            reqs[i] = r._replace(body=orjson.dumps({**body, "input_ref": ref}))
+    # Stored in the command stream before the parent records anything: a crash before the
+    # record replays to the same child id, and the message id makes the repeat a no-op. A
+    # cancel of the parent in between finds the request there (services/orchestrator/waiting).
+    await asyncio.gather(*(
+        x.js.publish(r.subject, r.body, headers=r.headers, timeout=x.settings.request_timeout)
+        for r in reqs
+    ))
+    return [r.run_id for r in reqs]
 
 
 async def invoke(x: RunExecution, key: str, wf: Any, input: Any = None) -> ChildHandle:
@@ -431,8 +454,11 @@ async def first_event_after(
             return None
         for m in msgs:
             try:
-                data = orjson.loads(m.data) if m.data else None
-            except orjson.JSONDecodeError:
+                if m.headers and payloads.EVENT_REF in m.headers:
+                    data = await payloads.event_value(nc.jetstream(), names, m.headers, m.data)
+                else:
+                    data = orjson.loads(m.data) if m.data else None
+            except (ValueError, payloads.PayloadMissingError):  # JSONDecodeError included
                 continue  # dead-lettered by the orchestrator; a waiter never sees it
             return {"topic": topic, "data": data, "time": parse_time(m.time), "seq": m.seq}
         seq = msgs[-1].seq + 1

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import nats.js.errors
@@ -282,8 +283,14 @@ class Orchestrator:
         except payloads.PayloadMissingError as exc:
             raise CommandError(str(exc), field="input_ref") from exc
 
-    async def request_run(self, event: ev.RunRequested) -> dict[str, Any]:
-        """Create the run (at most once per run id) and dispatch its first task."""
+    async def request_run(
+        self, event: ev.RunRequested, *, hold: Callable[[], Awaitable[bool]] | None = None
+    ) -> dict[str, Any]:
+        """Create the run (at most once per run id) and dispatch its first task.
+
+        ``hold``: asked once the run is durable, before its task is put out; True keeps the
+        task back (the caller ends the run instead), and the answer says ``held``.
+        """
         run_id = event.run_id
         try:
             seq = await jsl.append(
@@ -293,11 +300,17 @@ class Orchestrator:
             # The run exists: this is a repeated start. Re-dispatch only if it never ran, in
             # case an earlier instance died between creating it and dispatching it.
             state = await jsl.load_state(self.nc, self.names, run_id)
+            answer = {"ok": True, "run_id": run_id, "existing": True, "status": state.status}
             if state.requested and state.status == "queued" and state.attempt == 0:
+                if hold is not None and await hold():
+                    return {**answer, "held": True}
                 await self.dispatch(
                     run_id, state.requested.workflow, state.last_seq, requested=state.requested
                 )
-            return {"ok": True, "run_id": run_id, "existing": True, "status": state.status}
+            return answer
+        if hold is not None and await hold():
+            return {"ok": True, "run_id": run_id, "existing": False, "status": "queued",
+                    "held": True}
         await self.dispatch(run_id, event.workflow, seq, requested=event, fresh=True)
         return {"ok": True, "run_id": run_id, "existing": False, "status": "queued"}
 

@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private import payloads
 from polos._private import waiting as wt
 
 from .orchestrator import (
@@ -39,7 +40,7 @@ log = logging.getLogger("polos.waiting")
 # Reads that need a run's status, workflow or outcome, not its steps.
 CTL = ("ctl",)
 CASCADE_HEADER = "Polos-Cascade"  # a cancel sent by a parent's cancellation, not by a user
-_CHILD_FIELDS = {"workflow", "input", "parent_run_id", "parent_step", "root_run_id"}
+_CHILD_FIELDS = {"workflow", "input", "input_ref", "parent_run_id", "parent_step", "root_run_id"}
 
 
 def _workflow_of(orch: Orchestrator, run_id: str, state: ev.RunState | None = None) -> str | None:
@@ -73,6 +74,25 @@ async def _dispatch_woken(
 # --------------------------------------------------------------------------- resume
 
 
+_RESUME_FIELDS: tuple[set[str], ...] = ({"data"}, {"data_ref"}, set())
+
+
+async def _resume_data(orch: Orchestrator, run_id: str, body: dict[str, Any]) -> Any:
+    """A resume's data: inline, or (too big for a message) the payload object it names."""
+    if "data_ref" not in body:
+        return body.get("data")
+    ref = body["data_ref"]
+    if not isinstance(ref, str) or not ref.startswith(f"{run_id}/"):
+        raise CommandError(
+            "data_ref must name the run's payload object (<run_id>/<name>), without data",
+            field="data_ref",
+        )
+    try:
+        return await payloads.get_value(orch.js, orch.names, ref)
+    except payloads.PayloadMissingError as exc:
+        raise CommandError(str(exc), field="data_ref") from exc
+
+
 async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int, Any] | None:
     """The first well-formed resume stored for the run's step: the one that applies."""
     msgs = await jsl.read_subject(
@@ -83,8 +103,11 @@ async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int,
             body = orjson.loads(m.data) if m.data else {}
         except orjson.JSONDecodeError:
             continue
-        if isinstance(body, dict) and set(body) <= {"data"}:
-            return m.seq, body.get("data")
+        if isinstance(body, dict) and set(body) in _RESUME_FIELDS:
+            try:
+                return m.seq, await _resume_data(orch, run_id, body)
+            except CommandError:
+                continue  # refused when it was handled: it never applies
     return None
 
 
@@ -99,13 +122,16 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     except UnicodeDecodeError as exc:
         raise CommandError(f"step key token {tokens[1]!r} is not valid", field="key") from exc
     body = orch.parse_object(msg)
-    unknown = sorted(set(body) - {"data"})
+    unknown = sorted(set(body) - {"data", "data_ref"})
     if unknown:
         raise CommandError(
-            f"unknown field(s) {', '.join(unknown)}; a resume is {{\"data\": <any JSON>}}",
+            f"unknown field(s) {', '.join(unknown)}; a resume is {{\"data\": <any JSON>}} or, "
+            'for data too big for a message, {"data_ref": "<run_id>/<object>"}',
             field=unknown[0],
         )
-    data = body.get("data")
+    if set(body) not in _RESUME_FIELDS:
+        raise CommandError("a resume has data or data_ref, not both", field="data_ref")
+    data = await _resume_data(orch, run_id, body)
     seq = msg.metadata.sequence.stream
     answer = {"ok": True, "run_id": run_id, "key": key}
     for _ in range(10):
@@ -178,16 +204,30 @@ async def on_cancel(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     if reason is not None and not isinstance(reason, str):
         raise CommandError("reason must be a string", field="reason")
     cascade = bool((msg.headers or {}).get(CASCADE_HEADER))
+    status = await cancel_run(orch, run_id, reason, cascade=cascade)
+    answer = {"ok": True, "run_id": run_id, "status": status}
+    if status == "pending":
+        answer["message"] = (f"run {run_id} is not created yet; it is cancelled as it is "
+                             "created, since its parent is cancelled")
+    return answer
+
+
+async def cancel_run(orch: Orchestrator, run_id: str, reason: str | None, *, cascade: bool) -> str:
+    """Append the run's ``RunCancelled`` (fenced: the worker executing it is fenced out by it);
+    returns the run's status. A ``cascade`` (its parent was cancelled) of a run that has ended
+    is no error, and one of a run not created yet is ``pending``: the orchestrator cancels a
+    child whose parent is cancelled as it creates it (``on_child``)."""
     for _ in range(20):
         state = await jsl.load_state(orch.nc, orch.names, run_id)
         if state.requested is None:
+            if cascade:
+                return "pending"
             raise RunNotYetKnown(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
         if state.done:
             if cascade:
-                return {"ok": True, "run_id": run_id, "status": state.status}
+                return state.status
             raise CommandError(f"run {run_id} is already {state.status}; nothing to cancel")
         try:
-            # Fenced like every append: a worker executing the run is fenced out by it.
             await jsl.append(
                 orch.js, orch.names, run_id, ev.RunCancelled(run_id=run_id, reason=reason),
                 expected_last_seq=state.last_seq, msg_id=f"{run_id}/cancel",
@@ -195,7 +235,7 @@ async def on_cancel(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
         except jsl.FencedOut:
             await asyncio.sleep(0.01)
             continue
-        return {"ok": True, "run_id": run_id, "status": "cancelled"}
+        return "cancelled"
     raise RuntimeError(f"run {run_id}: cancel kept racing with the worker's appends")
 
 
@@ -204,14 +244,20 @@ async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
     await orch.nc.publish(orch.names.cancel_signal_subject(run_id), b"")
     await wt.clear_timers(orch.js, orch.names, run_id)
     state = await jsl.load_state(orch.nc, orch.names, run_id)
-    children: list[str] = []
+    # Every child the run ever requested: the requests are stored (under the parent) before
+    # the parent records the child, so a child requested but not recorded (the record fenced
+    # out by this very cancel) is found too. A request stored after this read creates its
+    # child after the cancel, and that child is cancelled as it is created (``on_child``).
+    children: dict[str, None] = {}
+    for m in await jsl.read_subject(orch.nc, orch.names.cmd_stream, orch.names.child_filter(run_id)):
+        children[m.subject.rsplit(".", 1)[1]] = None
     for step in state.steps.values():
         out = step.output if isinstance(step, ev.StepCompleted) else None
         if step.kind == "invoke" and isinstance(out, dict) and out.get("run_id"):
-            children.append(str(out["run_id"]))
+            children[str(out["run_id"])] = None
     sus = state.suspended
     if sus is not None and sus.kind == "child":
-        children.extend(sus.children or [])
+        children.update(dict.fromkeys(sus.children or []))
     if sus is not None and sus.kind == "event" and sus.topic:
         with contextlib.suppress(Exception):
             await (await _waits(orch)).delete(_wait_key(sus.topic, run_id))
@@ -227,8 +273,11 @@ async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
 
 
 async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
-    if len(tokens) != 1 or not jsl.valid_token(tokens[0]):
-        raise CommandError(f"a child request goes to {orch.names.prefix}.cmd.child.<run_id>")
+    # <parent>.<child>; a lone <child> token is the form workers used before, still accepted.
+    if not 1 <= len(tokens) <= 2 or not all(jsl.valid_token(t) for t in tokens):
+        raise CommandError(
+            f"a child request goes to {orch.names.prefix}.cmd.child.<parent run_id>.<run_id>"
+        )
     body = orch.parse_object(msg)
     unknown = sorted(set(body) - _CHILD_FIELDS)
     if unknown:
@@ -238,16 +287,46 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
             raise CommandError(f"{name} must be a non-empty string", field=name)
     if not jsl.valid_token(body["workflow"]):
         raise CommandError(f"workflow name {body['workflow']!r} is not valid", field="workflow")
+    parent = body["parent_run_id"]
+    if len(tokens) == 2 and tokens[0] != parent:
+        raise CommandError(
+            f"parent_run_id {parent!r} is not the parent in the subject ({tokens[0]!r})",
+            field="parent_run_id",
+        )
+    child = tokens[-1]
     event = ev.RunRequested(
-        run_id=tokens[0],
+        run_id=child,
         workflow=body["workflow"],
-        input=body.get("input"),
-        parent_run_id=body["parent_run_id"],
+        input=await orch._input(body, child),
+        parent_run_id=parent,
         parent_step=body["parent_step"],
         root_run_id=body.get("root_run_id"),
         source="child",
     )
-    return await orch.request_run(event)
+    cancelled: list[bool] = []
+
+    async def parent_cancelled() -> bool:
+        # After the child is durable: a parent cancelled from here on finds the child (its
+        # request is stored); one cancelled before is seen here. The parent's RunCancelled is
+        # its last control event (nothing appends after it), so one read of the last suffices.
+        last = await jsl.last_for_subject(
+            orch.nc, orch.names.runs_stream, orch.names.run_subject(parent, "ctl")
+        )
+        try:
+            found = last is not None and isinstance(ev.decode(last.data), ev.RunCancelled)
+        except ev.EventDecodeError:  # not an event (dead-lettered): fold the real ones
+            state = await jsl.load_state(orch.nc, orch.names, parent, kinds=CTL)
+            found = state.status == "cancelled"
+        cancelled.append(found)
+        return found
+
+    answer = await orch.request_run(event, hold=parent_cancelled)
+    if not cancelled:  # it existed and was dispatched before: it may have run since
+        await parent_cancelled()
+    if cancelled[-1]:
+        status = await cancel_run(orch, child, f"parent run {parent} was cancelled", cascade=True)
+        answer = {**answer, "status": status}
+    return answer
 
 
 async def _children_outcome(orch: Orchestrator, children: list[str]) -> list[dict[str, Any]] | None:
@@ -351,10 +430,11 @@ class EventRouter:
         o = self.orch
         try:
             topic = wt.topic_from_subject(o.names, msg.subject)
-            data = orjson.loads(msg.data) if msg.data else None
-        except (ValueError, orjson.JSONDecodeError) as exc:
+            data = await payloads.event_value(o.js, o.names, msg.headers, msg.data)
+        except (ValueError, payloads.PayloadMissingError) as exc:  # JSONDecodeError included
             await jsl.dead_letter(o.js, o.names, source="event", reason=f"malformed event: {exc}",
-                                  subject=msg.subject, data=msg.data)
+                                  subject=msg.subject, data=msg.data,
+                                  headers=dict(msg.headers or {}))
             await msg.ack()
             return
         seq = msg.metadata.sequence.stream
