@@ -22,6 +22,12 @@ async def serve(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
+    follower = None
+    if args.otel:
+        from polos._private.telemetry import SpanFollower
+
+        # Made first: an exporter that cannot be made stops the service before it reads.
+        follower = SpanFollower(settings)
 
     def report(result: ExportResult) -> None:
         log.info("exported %s in %.3f s", result.rows, result.seconds)
@@ -29,11 +35,7 @@ async def serve(args: argparse.Namespace) -> None:
     async with Exporter(settings, args.dir, rows_per_file=args.rows_per_file) as exporter:
         tasks.append(asyncio.create_task(
             exporter.follow(stop, flush_interval=args.flush_interval, on_export=report)))
-        follower = None
-        if args.otel:
-            from polos._private.telemetry import SpanFollower
-
-            follower = SpanFollower(settings)
+        if follower is not None:
             await follower.start()
             tasks.append(asyncio.create_task(follower.follow(stop)))
         try:
@@ -58,7 +60,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="also emit OpenTelemetry spans (configured by OTEL_* variables)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(args))
+    from polos._private.telemetry import TelemetryConfigError
+
+    try:
+        asyncio.run(serve(args))
+    except TelemetryConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

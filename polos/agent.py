@@ -504,6 +504,9 @@ class _Loop:
                 "finish_reason": outcome.finish_reason,
                 "cost_usd": cost,
                 "temperature": agent.temperature,
+                # What was decided, kept with the call: chosen vs the offered tools not
+                # chosen, and the model's stated reason (analytics, trace and spans read it).
+                "choice": llm.decision_record(outcome.message, offered),
             }
             return StepDone(outcome.message, meta, attempts=outcome.attempts)
 

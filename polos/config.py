@@ -49,6 +49,14 @@ class Settings:
     )
     slot_lease: float = field(default_factory=lambda: _env_float("POLOS_SLOT_LEASE", 30.0))
     replicas: int = field(default_factory=lambda: int(os.environ.get("POLOS_REPLICAS", "1")))
+    # The span follower's back-off while its exporter (an OTLP collector) refuses spans: the
+    # first retry after this long, doubling up to the max.
+    telemetry_retry_initial: float = field(
+        default_factory=lambda: _env_float("POLOS_TELEMETRY_RETRY_INITIAL", 1.0)
+    )
+    telemetry_retry_max: float = field(
+        default_factory=lambda: _env_float("POLOS_TELEMETRY_RETRY_MAX", 30.0)
+    )
     # Seconds the stream keeps message ids for de-duplication of retried appends and commands.
     duplicate_window: float = 600.0
 
@@ -71,6 +79,8 @@ class Settings:
             "POLOS_SERVICE_ACK_WAIT": str(self.service_ack_wait),
             "POLOS_SLOT_LEASE": str(self.slot_lease),
             "POLOS_REPLICAS": str(self.replicas),
+            "POLOS_TELEMETRY_RETRY_INITIAL": str(self.telemetry_retry_initial),
+            "POLOS_TELEMETRY_RETRY_MAX": str(self.telemetry_retry_max),
         }
 
     def with_(self, **changes: object) -> Settings:

@@ -2,7 +2,8 @@
 
 It exists so that tests and the demo can drive the real ``openai`` client over real HTTP
 without an API key, and so that tests can see exactly which requests a crashed and resumed
-agent made. It speaks ``POST /v1/chat/completions`` (tools, parallel tool calls,
+agent made. It speaks ``POST /v1/chat/completions`` (tools, parallel tool calls, text alongside tool
+calls, reasoning as ``reasoning_content`` (vLLM, DeepSeek) or ``reasoning`` (Ollama),
 ``response_format`` JSON, streaming SSE, errors such as 429 with ``Retry-After`` and 5xx)
 and ``GET /v1/models``, and it keeps a request log.
 
@@ -47,6 +48,9 @@ class Reply:
     retry_after: float | None = None
     finish_reason: str | None = None
     reasoning: str | None = None
+    # The field the reasoning is sent in: "reasoning_content" (vLLM, DeepSeek) or "reasoning"
+    # (Ollama, OpenRouter).
+    reasoning_as: str = "reasoning_content"
     # Seconds to wait before answering (lets a test kill a client mid-request).
     delay: float = 0.0
 
@@ -336,7 +340,7 @@ class DevLLM:
         if reply.tool_calls:
             message["tool_calls"] = self._calls(reply, rid)
         if reply.reasoning:
-            message["reasoning_content"] = reply.reasoning
+            message[reply.reasoning_as] = reply.reasoning
         return {
             "id": f"chatcmpl-dev-{rid}",
             "object": "chat.completion",
@@ -368,6 +372,9 @@ class DevLLM:
             await writer.drain()
 
         await chunk({"role": "assistant", "content": ""})
+        thought = reply.reasoning or ""
+        for i in range(0, len(thought), self.chunk_chars):
+            await chunk({reply.reasoning_as: thought[i : i + self.chunk_chars]})
         text = reply.content or ""
         for i in range(0, len(text), self.chunk_chars):
             await chunk({"content": text[i : i + self.chunk_chars]})

@@ -30,6 +30,8 @@ def fast_settings(nats_url: str, prefix: str | None = None, **overrides: Any) ->
         "worker_ttl": 3.0,
         "service_ack_wait": 2.0,
         "request_timeout": 5.0,
+        "telemetry_retry_initial": 0.05,
+        "telemetry_retry_max": 0.4,
     }
     values.update(overrides)
     return Settings(**values)

@@ -392,3 +392,22 @@ async def test_throughput_command_runs(subprocess_env: dict[str, str]) -> None:
     assert proc.returncode == 0, proc.stderr
     print(proc.stdout)
     assert "export: 600 events" in proc.stdout and "spans: 600 events" in proc.stdout
+
+
+@workflow
+async def kicks_off(ctx: WorkflowContext) -> str:
+    child = await ctx.step.invoke("kick", plain_steps, 2)
+    return child.run_id
+
+
+async def test_trace_draws_children_started_without_waiting(
+    env_factory: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = await env_factory([kicks_off, plain_steps])
+    h = await env.client.start(kicks_off)
+    child = await h.result(timeout=15)
+    await env.client.get_handle(child).result(timeout=15)
+    assert await cmd_trace(_args(env, run_id=h.run_id)) == 0
+    tree = capsys.readouterr().out
+    print(tree)
+    assert f"child run {child}  plain_steps  completed" in tree

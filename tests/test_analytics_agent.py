@@ -3,9 +3,11 @@ inside a durable workflow on a real nats-server, exported to Parquet and followe
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -56,6 +58,16 @@ async def support_wf(ctx: WorkflowContext, text: str) -> str:
     return str(r.result)
 
 
+DOC = Path(__file__).resolve().parents[1] / "docs" / "observability.md"
+
+
+def _doc_query(title: str) -> str:
+    """The documented query whose introducing sentence contains ``title``."""
+    found = re.findall(r"((?:[^\n]+\n)+)\n```sql\n(.*?)```", DOC.read_text(), flags=re.S)
+    [query] = [q for intro, q in found if title in " ".join(intro.split())]
+    return query
+
+
 @pytest.fixture
 async def llm() -> Any:
     async with DevLLM() as server:
@@ -96,10 +108,24 @@ async def test_views_and_spans_over_a_real_agent_run(
     # The parent's wait for its child is a step too (the wake carries the child's result).
     assert con.execute(f"select key, kind from steps where run_id = '{h.run_id}'").fetchall() \
         == [("resolve", "child")]
-    # The agent runs as a child run of the workflow: its cost rolls up to the root run.
-    costs = con.execute("select workflow, root_run_id, agent, model, llm_calls "
+    # The agent runs as a child run of the generic polos_agent workflow: its cost rolls up to
+    # the root run, the workflow that was started, and the agent's own name.
+    costs = con.execute("select workflow, root_run_id, root_workflow, agent, model, llm_calls "
                         "from costs").fetchall()
-    assert costs == [("polos_agent", h.run_id, "support", "gpt-4o", 3)]
+    assert costs == [("polos_agent", h.run_id, "support_wf", "support", "gpt-4o", 3)]
+    spent, tokens = con.execute("select sum(cost_usd), sum(total_tokens) from llm_calls").fetchone()
+    assert spent > 0 and tokens > 0
+    by_run = con.execute("select workflow, root_workflow, llm_calls, total_tokens, cost_usd "
+                         "from runs order by created_at").fetchall()
+    assert [r[:4] for r in by_run] == [("support_wf", "support_wf", 3, tokens),
+                                       ("polos_agent", "support_wf", 3, tokens)]
+    assert all(abs(r[4] - spent) < 1e-12 for r in by_run)
+    # The documented question "what does each workflow cost per run" answers support_wf.
+    per_run = con.execute(_doc_query("costs per run")).fetchall()
+    assert len(per_run) == 1 and per_run[0][:3] == ("support_wf", 1, 3)
+    assert abs(per_run[0][3] - round(spent, 6)) < 1e-12
+    per_model = con.execute(_doc_query("per workflow and model")).fetchall()
+    assert [r[:4] for r in per_model] == [("support_wf", "support", "gpt-4o", 3)]
 
     exporter_spans = InMemorySpanExporter()
     async with SpanFollower(env.settings, exporter=exporter_spans) as follower:
@@ -119,9 +145,116 @@ async def test_views_and_spans_over_a_real_agent_run(
     chat = [s for s in spans if s.name == "chat gpt-4o"]
     assert all(s.attributes["gen_ai.usage.input_tokens"] > 0 for s in chat)
     assert all(s.attributes["gen_ai.agent.name"] == "support" for s in chat)
+    # Every chat span names what its cost rolls up to; run spans carry the totals.
+    assert {(s.attributes["polos.root_run_id"], s.attributes["polos.root_workflow"])
+            for s in chat} == {(h.run_id, "support_wf")}
+    for run_span in runs.values():
+        assert run_span.attributes["polos.total.llm_calls"] == 3
+        assert run_span.attributes["polos.total.tokens"] == tokens
+        assert abs(run_span.attributes["polos.total.cost_usd"] - spent) < 1e-9
+    assert runs["run polos_agent"].attributes["gen_ai.agent.name"] == "support"
+    # A follower that forgets runs between their events (a restart, a full cache) reads the
+    # totals back from the log: the same figures.
+    forgetful = InMemorySpanExporter()
+    async with SpanFollower(env.settings, exporter=forgetful, batch=2, cache_size=1,
+                            position_key="forgetful") as follower:
+        await follower.process_available()
+    again = {s.name: s for s in forgetful.get_finished_spans() if s.name.startswith("run ")}
+    for name, run_span in runs.items():
+        for attr in ("polos.total.llm_calls", "polos.total.tokens", "polos.root_workflow"):
+            assert again[name].attributes[attr] == run_span.attributes[attr], (name, attr)
+        assert abs(again[name].attributes["polos.total.cost_usd"] - spent) < 1e-9
 
     tree = "\n".join(await trace_lines(env.client.nc, env.client.names, h.run_id))
     print(tree)
     assert "child run " in tree and "polos_agent  completed" in tree
+    # The root run (no LLM call of its own) shows what it cost with its agent.
+    assert tree.splitlines()[0].endswith(
+        f"total with 1 child run: 3 llm calls  tokens {tokens}  cost ${spent:.4f}")
     assert "decision: chose lookup_order of [lookup_order, refund, escalate]" in tree
     assert 'reason: "need the order state"' in tree
+
+
+triage = Agent("decider", model="gpt-4o", instructions="You resolve refunds.",
+               tools=[lookup_order, refund, escalate])
+triage_streaming = Agent("decider_streaming", model="gpt-4o", instructions="You resolve refunds.",
+                         tools=[lookup_order, refund, escalate], stream=True)
+
+
+@workflow
+async def triage_wf(ctx: WorkflowContext, streaming: bool) -> str:
+    agent = triage_streaming if streaming else triage
+    r = await ctx.step.agent_invoke_and_wait("triage", agent.with_input("refund o-7"))
+    return str(r.result)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_parallel_decisions_name_only_unchosen_alternatives_and_keep_the_reason(
+    env_factory: Any, llm: DevLLM, tmp_path: Path, streaming: bool
+) -> None:
+    for agent in (triage, triage_streaming):
+        agent.config = agent.config.__class__(**{**agent.config.__dict__, "base_url": llm.url})
+    llm.script(
+        # Two tools at once, with the model's text before the calls.
+        Reply.tools(("lookup_order", {"order_id": "o-7"}), ("refund", {"order_id": "o-7",
+                                                                      "amount": 40}),
+                    content="Look the order up and refund it in one go."),
+        # A reasoning model's reasoning, no text (streamed the way Ollama sends it).
+        Reply.tools(("escalate", {"reason": "asked for a human"}),
+                    reasoning="Refund done, but the customer asked for a person.",
+                    reasoning_as="reasoning" if streaming else "reasoning_content"),
+        # A final answer: no decision, so no reason (the answer is not one).
+        Reply.text("Refunded 40 and escalated."),
+    )
+    env = await env_factory([triage_wf, agent_workflow])
+    h = await env.client.start(triage_wf, streaming)
+    assert await h.result(timeout=20) == "Refunded 40 and escalated."
+
+    out = tmp_path / "export"
+    async with Exporter(env.settings, out) as exporter:
+        await exporter.export_once()
+    con = analytics.connect(out)
+    rows = con.execute("select decision, chosen_tool, alternatives, reason from decisions "
+                       "order by seq, chosen_tool").fetchall()
+    print(rows)
+    both = "Look the order up and refund it in one go."
+    why = "Refund done, but the customer asked for a person."
+    assert rows == [
+        ("triage/llm/1", "lookup_order", ["escalate"], both),
+        ("triage/llm/1", "refund", ["escalate"], both),
+        ("triage/llm/2", "escalate", ["lookup_order", "refund"], why),
+    ]
+    # The record is written with the call, in the llm step's meta.
+    choices = con.execute("select key, meta->'choice' from steps where kind = 'llm' "
+                          "order by seq").fetchall()
+    assert [(k, orjson.loads(c)) for k, c in choices] == [
+        ("triage/llm/1", {"chosen": ["lookup_order", "refund"], "alternatives": ["escalate"],
+                          "reason": both}),
+        ("triage/llm/2", {"chosen": ["escalate"], "alternatives": ["lookup_order", "refund"],
+                          "reason": why}),
+        ("triage/llm/3", {"chosen": [], "alternatives": ["lookup_order", "refund", "escalate"],
+                          "reason": None}),
+    ]
+    assert con.execute("select key, alternatives, reason from llm_calls order by seq").fetchall() \
+        == [("triage/llm/1", ["escalate"], both),
+            ("triage/llm/2", ["lookup_order", "refund"], why),
+            ("triage/llm/3", ["lookup_order", "refund", "escalate"], None)]
+
+    spans = InMemorySpanExporter()
+    async with SpanFollower(env.settings, exporter=spans) as follower:
+        await follower.process_available()
+    chat = sorted((s for s in spans.get_finished_spans() if s.name == "chat gpt-4o"),
+                  key=lambda s: s.attributes["polos.seq"])
+    assert [(tuple(s.attributes["polos.decision.chosen"]),
+             tuple(s.attributes["polos.decision.alternatives"]),
+             s.attributes["polos.decision.reason"]) for s in chat[:2]] == [
+        (("lookup_order", "refund"), ("escalate",), both),
+        (("escalate",), ("lookup_order", "refund"), why),
+    ]
+    assert "polos.decision.reason" not in chat[2].attributes
+
+    tree = "\n".join(await trace_lines(env.client.nc, env.client.names, h.run_id))
+    print(tree)
+    assert "decision: chose lookup_order, refund of [lookup_order, refund, escalate]" in tree
+    assert f"reason: \"{both}\"" in tree and f"reason: \"{why}\"" in tree
+    assert tree.count("reason: ") == 2

@@ -13,6 +13,7 @@ import orjson
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private.llm import LLMTotals, children_named, decision_of
 from polos._private.runtime import wait_for_signal
 from polos.cli import _settings, command
 
@@ -71,8 +72,9 @@ async def cmd_analytics(args: argparse.Namespace) -> int:
 
 
 def _add_sql(p: argparse.ArgumentParser) -> None:
-    p.add_argument("query", help="SQL over the views runs, steps, events, llm_calls, "
-                                 "tool_calls, decisions, costs, external_events, dead_letters, commands")
+    p.add_argument("query", help="SQL over the views runs, run_tree, run_ancestors, steps, "
+                                 "events, llm_calls, tool_calls, decisions, costs, "
+                                 "external_events, dead_letters, commands")
     p.add_argument("--dir", default=DEFAULT_DIR, help="the export directory")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--max-rows", type=int, default=200)
@@ -117,20 +119,6 @@ def _ms(seconds: float) -> str:
     return f"{ms:.1f} ms" if ms < 10_000 else f"{seconds:.1f} s"
 
 
-def _children_of(event: ev.Event) -> list[str]:
-    """Child run ids an event names (child-run steps and waits on children)."""
-    found: list[str] = []
-    if isinstance(event, ev.RunSuspended) and event.children:
-        found.extend(str(c) for c in event.children)
-    if isinstance(event, ev.StepCompleted) and event.kind == "child":
-        for holder in (event.meta, event.output):
-            if isinstance(holder, dict):
-                for key in ("run_id", "child_run_id"):
-                    if isinstance(holder.get(key), str):
-                        found.append(holder[key])
-    return found
-
-
 Item = list[str] | str  # the lines of one tree item, or the id of a child run to draw there
 
 
@@ -141,24 +129,18 @@ def render_run(run_id: str, history: list[tuple[int, ev.Event]]) -> tuple[str, l
         return f"run {run_id}: no events", []
     state = ev.RunState.fold(run_id, history)
     t0 = history[0][1].at
-    tokens = 0
-    cost = 0.0
-    for _, e in history:
-        if isinstance(e, ev.StepCompleted) and e.kind == "llm" and isinstance(e.meta, dict):
-            usage = e.meta.get("usage") or {}
-            tokens += int(usage.get("total_tokens") or 0)
-            cost += float(e.meta.get("cost_usd") or 0.0)
+    own = own_totals(history)
     end = history[-1][1].at
     head = (f"run {run_id}  {state.workflow}  {state.status}  {_ms(end - t0)}  "
             f"attempts {state.attempt}  steps {len(state.steps)}")
-    if tokens or cost:
-        head += f"  tokens {tokens}  cost ${cost:.4f}"
+    if own.llm_calls:
+        head += f"  tokens {own.total_tokens}  cost ${own.cost_usd:.4f}"
     items: list[Item] = []
     children: list[str] = []
     suspended_at: dict[str, float] = {}
     for _, e in history:
         at = f"+{_ms(e.at - t0)}"
-        named = [c for c in _children_of(e) if c not in children]
+        named = [c for c in children_named(e) if c not in children]
         children.extend(named)
         if isinstance(e, ev.RunClaimed):
             items.append([f"{at}  claimed by {e.worker_id} (attempt {e.attempt})"])
@@ -170,10 +152,10 @@ def render_run(run_id: str, history: list[tuple[int, ev.Event]]) -> tuple[str, l
                     f"  {e.duration_ms or 0:.1f} ms  tokens {usage.get('total_tokens', '?')}"
                     f"  cost ${float(meta.get('cost_usd') or 0):.4f}"]
             offered = [str(t) for t in meta.get("tools_offered") or []]
-            calls = [c for c in out.get("tool_calls") or [] if isinstance(c, dict)]
-            reason = out.get("reasoning") or out.get("content")
-            if calls:
-                chosen = [str(c.get("name")) for c in calls]
+            choice = decision_of(out, meta)
+            reason = choice.get("reason")
+            if choice["chosen"]:
+                chosen = [str(t) for t in choice["chosen"]]
                 line.append(f"decision: chose {', '.join(chosen)} of [{', '.join(offered)}]")
             elif offered:
                 line.append(f"decision: answered without a tool (offered [{', '.join(offered)}])")
@@ -225,22 +207,51 @@ def draw(head: str, items: list[list[str]]) -> list[str]:
     return lines
 
 
-async def trace_lines(nc: Any, names: jsl.Names, run_id: str, depth: int = 0) -> list[str]:
-    """A run as a tree, with its child runs drawn (recursively) where they were started."""
+def own_totals(history: list[tuple[int, ev.Event]]) -> LLMTotals:
+    """The LLM calls, tokens and cost recorded in one run's own history."""
+    totals = LLMTotals()
+    for _, e in history:
+        if isinstance(e, ev.StepCompleted) and e.kind == "llm":
+            totals.add_step(e.meta)
+    return totals
+
+
+async def trace_tree(
+    nc: Any, names: jsl.Names, run_id: str, depth: int = 0
+) -> tuple[list[str], LLMTotals]:
+    """A run as a tree, with its child runs drawn (recursively) where they were started, and
+    the LLM totals of the run and every run under it (also on its head line when children
+    add to them)."""
     history = await jsl.read_history(nc, names, run_id)
     head, items = render_run(run_id, history)
+    own = own_totals(history)
+    totals = LLMTotals()
+    totals.add(own)
+    under = 0
     drawn: list[list[str]] = []
     for item in items:
         if isinstance(item, str):
             if depth >= 16:
                 drawn.append([f"child run {item} (too deep to draw)"])
                 continue
-            sub = await trace_lines(nc, names, item, depth + 1)
+            sub, sub_totals = await trace_tree(nc, names, item, depth + 1)
+            totals.add(sub_totals)
+            under += 1
             drawn.append(["child " + sub[0], *sub[1:]])
         else:
             # Detail lines (decision, reason) sit under the item's text, not its connector.
             drawn.append([item[0], *("   " + extra for extra in item[1:])])
-    return draw(head, drawn)
+    if totals.llm_calls > own.llm_calls:
+        runs = "1 child run" if under == 1 else f"{under} child runs"
+        head += (f"  total with {runs}: {totals.llm_calls} llm calls  "
+                 f"tokens {totals.total_tokens}  cost ${totals.cost_usd:.4f}")
+    return draw(head, drawn), totals
+
+
+async def trace_lines(nc: Any, names: jsl.Names, run_id: str, depth: int = 0) -> list[str]:
+    """A run as a tree, with its child runs drawn (recursively) where they were started."""
+    lines, _ = await trace_tree(nc, names, run_id, depth)
+    return lines
 
 
 def _add_trace(p: argparse.ArgumentParser) -> None:
@@ -271,18 +282,30 @@ async def cmd_trace(args: argparse.Namespace) -> int:
 def _add_telemetry(p: argparse.ArgumentParser) -> None:
     p.add_argument("--once", action="store_true",
                    help="emit spans for what is in the log now, then exit")
+    p.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
+                   help="with --once: how long to retry an exporter that refuses spans before "
+                        "exiting 1 (the position stays before the spans not sent)")
 
 
 @command("telemetry", "emit OpenTelemetry spans from the run history (OTEL_* configure it)")(
     _add_telemetry
 )
 async def cmd_telemetry(args: argparse.Namespace) -> int:
-    from polos._private.telemetry import SpanFollower
+    from polos._private.telemetry import ExportStalled, SpanFollower, TelemetryConfigError
 
     settings = _settings(args, role="service")  # reads every stream of the namespace
-    async with SpanFollower(settings) as follower:
+    try:
+        follower = SpanFollower(settings)
+    except TelemetryConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    async with follower:
         if args.once:
-            n = await follower.process_available()
+            try:
+                n = await follower.process_available(give_up_after=args.retry_for)
+            except ExportStalled as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
             print(f"{n} events -> {follower.stats.spans} spans (position {follower.position})")
             return 0
         stop = asyncio.Event()

@@ -317,8 +317,10 @@ async def _stream(
                 text.append(d.content)
                 await on_delta(d.content)
             extra = d.model_extra or {}
-            if extra.get("reasoning_content"):
-                reasoning.append(str(extra["reasoning_content"]))
+            # vLLM/DeepSeek stream "reasoning_content", Ollama and OpenRouter "reasoning".
+            said = extra.get("reasoning_content") or extra.get("reasoning")
+            if isinstance(said, str) and said:
+                reasoning.append(said)
             for tc in d.tool_calls or []:
                 slot = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
                 if tc.id:
@@ -337,6 +339,90 @@ async def _stream(
         "reasoning": "".join(reasoning) or None,
     }
     return message, usage, finish
+
+
+# --------------------------------------------------------------------------- the decision record
+
+
+def reason_of(message: dict[str, Any]) -> str | None:
+    """Why the model did what it did, in its own words: its reasoning (``reasoning_content``,
+    a reasoning summary), else the text it wrote alongside its tool calls; None when it said
+    nothing. (A final answer's text is the answer, not a reason.)"""
+    said = message.get("reasoning")
+    if isinstance(said, str) and said.strip():
+        return said.strip()
+    said = message.get("content")
+    if message.get("tool_calls") and isinstance(said, str) and said.strip():
+        return said.strip()
+    return None
+
+
+def decision_record(message: dict[str, Any], offered: list[str]) -> dict[str, Any]:
+    """What one LLM call decided: the tools it chose (in its order), the offered tools it did
+    not choose, and its stated reason. Recorded in the llm step's ``meta["choice"]``."""
+    chosen = [str(c.get("name")) for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    return {
+        "chosen": chosen,
+        "alternatives": [t for t in offered if t not in chosen],
+        "reason": reason_of(message),
+    }
+
+
+def decision_of(output: Any, meta: Any) -> dict[str, Any]:
+    """The decision record of a recorded llm step (rebuilt for steps recorded before it was)."""
+    if isinstance(meta, dict) and isinstance(meta.get("choice"), dict):
+        return dict(meta["choice"])
+    offered = [str(t) for t in (meta.get("tools_offered") if isinstance(meta, dict) else None) or []]
+    return decision_record(output if isinstance(output, dict) else {}, offered)
+
+
+@dataclass
+class LLMTotals:
+    """LLM calls, tokens and dollars summed over llm steps (of a run, or a run and its children).
+    ``unpriced`` counts calls whose model has no price (their cost is not in ``cost_usd``)."""
+
+    llm_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: int = 0
+
+    def add_step(self, meta: Any) -> None:
+        meta = meta if isinstance(meta, dict) else {}
+        usage = meta.get("usage") if isinstance(meta.get("usage"), dict) else {}
+        self.llm_calls += 1
+        self.input_tokens += int(usage.get("prompt_tokens") or 0)
+        self.output_tokens += int(usage.get("completion_tokens") or 0)
+        self.total_tokens += int(usage.get("total_tokens") or 0)
+        cost = meta.get("cost_usd")
+        if isinstance(cost, int | float) and not isinstance(cost, bool):
+            self.cost_usd += float(cost)
+        else:
+            self.unpriced += 1
+
+    def add(self, other: LLMTotals) -> None:
+        self.llm_calls += other.llm_calls
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.total_tokens += other.total_tokens
+        self.cost_usd += other.cost_usd
+        self.unpriced += other.unpriced
+
+
+def children_named(event: ev.Event) -> list[str]:
+    """The child runs an event of a parent's history names: the children a wait is for, and
+    the child a started (``invoke``) or awaited child step recorded."""
+    found: list[str] = []
+    if isinstance(event, ev.RunSuspended) and event.children:
+        found.extend(str(c) for c in event.children)
+    if isinstance(event, ev.StepCompleted) and event.kind in ("child", "invoke"):
+        for holder in (event.meta, event.output):
+            if isinstance(holder, dict):
+                for key in ("run_id", "child_run_id"):
+                    if isinstance(holder.get(key), str):
+                        found.append(holder[key])
+    return found
 
 
 # --------------------------------------------------------------------------- streaming subject
@@ -485,6 +571,7 @@ __all__ = [
     "DurableRunner",
     "LLMOutcome",
     "LLMRetry",
+    "LLMTotals",
     "ModelPrice",
     "ProviderConfig",
     "ProviderError",
@@ -493,8 +580,12 @@ __all__ = [
     "StepError",
     "StepRunner",
     "call_llm",
+    "children_named",
     "cost_usd",
+    "decision_of",
+    "decision_record",
     "estimate_request_tokens",
+    "reason_of",
     "set_price",
     "stream_subject",
 ]

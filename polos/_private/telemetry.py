@@ -6,19 +6,24 @@
   and ``kind="tool"``), a short error span per ``StepAttemptFailed``;
 - a wait span per suspension, emitted when the run wakes (or ends while waiting);
 - a run span per run, emitted at its terminal event, with the claims (worker, attempt),
-  suspensions and wake-ups as span events.
+  suspensions and wake-ups as span events, and the LLM usage and cost of the run and every
+  run under it.
 
-Each span is emitted while handling exactly one stream sequence, and the follower's position
-(the last sequence handled) is saved after the spans of a batch are flushed. A worker replaying
-a run appends nothing for replayed steps, so replay cannot emit a span: "never twice on replay"
-is structural, not a flag checked in the worker. Trace and span ids are derived from run ids
-and step keys (one trace per root run, across suspends, worker changes and child runs), so the
-rare re-emission after a follower crash between flush and save carries the same ids.
+Each span is emitted while handling exactly one stream sequence. The spans of a batch are
+handed to the exporter synchronously and the follower's position (the last sequence handled)
+moves past them only once the exporter accepted them (``SpanExportResult.SUCCESS``); an
+exporter that fails is retried with back-off, logged once when it starts failing and once when
+it recovers, and nothing is dropped. A worker replaying a run appends nothing for replayed
+steps, so replay cannot emit a span: "never twice on replay" is structural, not a flag checked
+in the worker. Trace and span ids are derived from run ids and step keys (one trace per root
+run, across suspends, worker changes and child runs), so the rare re-emission after a follower
+crash between an accepted export and the position save carries the same ids.
 
 Configuration is the standard ``OTEL_*`` environment (``OTEL_SERVICE_NAME``,
-``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_EXPORTER`` = otlp | console | none, the
-``OTEL_EXPORTER_OTLP_*`` endpoint variables). OTLP is used only when its exporter package is
-installed; without it the follower logs why and exports nothing.
+``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_EXPORTER`` = otlp | console, the
+``OTEL_EXPORTER_OTLP_*`` endpoint variables). OTLP over HTTP is a dependency of Polos; OTLP over
+gRPC needs the ``grpc`` extra. A follower whose exporter cannot be made refuses to start, so it
+never consumes the log without sending what it read.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ import importlib
 import logging
 import os
 import random
+import time
 from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,12 +47,11 @@ from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
     ConsoleSpanExporter,
-    SimpleSpanProcessor,
     SpanExporter,
+    SpanExportResult,
 )
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import (
@@ -58,7 +65,9 @@ from opentelemetry.trace import (
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private.llm import LLMTotals, children_named, decision_of
 from polos.config import Settings
+from polos.errors import PolosError
 
 log = logging.getLogger("polos.telemetry")
 
@@ -129,33 +138,97 @@ class _PlannedIds(IdGenerator):
 # --------------------------------------------------------------------------- configuration
 
 
-def exporter_from_env() -> SpanExporter | None:
-    """The span exporter the standard ``OTEL_TRACES_EXPORTER`` variable asks for."""
+class TelemetryConfigError(PolosError):
+    """The span exporter the ``OTEL_*`` environment asks for cannot be made: the follower does
+    not start (and so does not move its position past spans it could not send)."""
+
+
+class ExportStalled(PolosError):
+    """The exporter did not accept a batch of spans in the time allowed; the position stays
+    before them, so a later follower sends them."""
+
+
+_OTLP_PACKAGES = {
+    "http": ("opentelemetry-exporter-otlp-proto-http",
+             "it is a dependency of polos: reinstall polos"),
+    "grpc": ("opentelemetry-exporter-otlp-proto-grpc", "pip install 'polos[grpc]'"),
+}
+
+
+def exporter_from_env() -> SpanExporter:
+    """The span exporter the standard ``OTEL_TRACES_EXPORTER`` variable asks for; a
+    ``TelemetryConfigError`` (one line: what is wrong and how to fix it) when it cannot be made."""
     choice = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")[0].strip().lower()
     if choice in ("none", ""):
-        return None
+        raise TelemetryConfigError(
+            f"OTEL_TRACES_EXPORTER={choice!r}: the span follower has nowhere to send spans and "
+            "does not start (use otlp or console)"
+        )
     if choice == "console":
         return ConsoleSpanExporter()
     if choice == "otlp":
         protocol = os.environ.get(
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
             os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-        )
+        ).strip().lower()
+        if protocol not in ("http/protobuf", "grpc"):
+            raise TelemetryConfigError(
+                f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: use http/protobuf "
+                "or grpc"
+            )
         transport = "grpc" if protocol == "grpc" else "http"
         try:
             module = importlib.import_module(
                 f"opentelemetry.exporter.otlp.proto.{transport}.trace_exporter"
             )
-        except ImportError:
-            log.warning(
-                "OTEL_TRACES_EXPORTER=otlp but opentelemetry-exporter-otlp is not installed: "
-                "no spans are exported (pip install opentelemetry-exporter-otlp)"
-            )
-            return None
+        except ImportError as exc:
+            package, fix = _OTLP_PACKAGES[transport]
+            raise TelemetryConfigError(
+                f"OTEL_TRACES_EXPORTER=otlp ({protocol}) needs {package}, which is not "
+                f"installed ({exc}): {fix}; the span follower does not start"
+            ) from exc
         # Endpoint, headers and timeouts come from the OTEL_EXPORTER_OTLP_* variables.
         exporter: SpanExporter = module.OTLPSpanExporter()
         return exporter
-    raise ValueError(f"OTEL_TRACES_EXPORTER={choice!r}: use otlp, console or none")
+    raise TelemetryConfigError(f"OTEL_TRACES_EXPORTER={choice!r}: use otlp or console")
+
+
+class _Collect(SpanProcessor):
+    """Keeps the ended spans of the batch being handled, for one synchronous export."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.spans.append(span)
+
+
+_EXPORT_THREAD = "polos-telemetry-export"
+
+
+class _ExporterLog(logging.Filter):
+    """Holds back what the exporter logs from the follower's export thread (it logs every
+    failed attempt): the follower logs an outage once, quoting the exporter's first word."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.threadName or not record.threadName.startswith(_EXPORT_THREAD):
+            return True
+        if record.levelno >= logging.WARNING and self.last is None:
+            self.last = record.getMessage()  # the first names the cause; later ones give up
+        return False
+
+
+def _exporter_loggers(exporter: SpanExporter) -> list[logging.Logger]:
+    """The loggers an exporter writes to: its classes' modules, and the OTLP clients'."""
+    names = {cls.__module__ for cls in type(exporter).__mro__}
+    names |= {"opentelemetry.exporter.otlp.common.http",
+              "opentelemetry.exporter.otlp.proto.grpc.exporter",
+              "opentelemetry.exporter.otlp.proto.http.trace_exporter"}
+    return [logging.getLogger(n) for n in sorted(names) if n.startswith("opentelemetry")]
 
 
 # --------------------------------------------------------------------------- the follower
@@ -171,14 +244,20 @@ class _Run:
     requested_at: float
     workflow: str
     root_run_id: str
+    root_workflow: str | None  # None when the root run's request is gone from the log
+    parent_run_id: str | None = None
+    # The agent a ``polos_agent`` child run runs (its request names it).
+    agent: str | None = None
     open_wait: tuple[int, ev.RunSuspended] | None = None
     # True when this follower saw the run from its RunRequested on: then the fields below are
-    # the whole story and the run span needs no history read.
+    # the whole story and the run span needs no history read (and ``tree`` holds every LLM call
+    # of the run and the runs under it, which were all appended after that request).
     complete: bool = False
     marks: list[tuple[str, float, dict[str, Any]]] = field(default_factory=list)
     attempts: int = 0
     workers: set[str] = field(default_factory=set)
     steps: int = 0
+    tree: LLMTotals = field(default_factory=LLMTotals)
 
     def note(self, event: ev.Event) -> None:
         """Fold what the run span reports about one event."""
@@ -231,10 +310,12 @@ class SpanFollower:
         cache_size: int = 100_000,
         nc: NATS | None = None,
         position_key: str = POSITION_KEY,
+        export_chunk: int = 512,
     ) -> None:
         self.settings = settings
         self.names = jsl.Names(settings.prefix)
         self.batch = batch
+        self.export_chunk = export_chunk
         self.position_key = position_key
         self.stats = FollowerStats()
         self._ids = _PlannedIds()
@@ -243,12 +324,12 @@ class SpanFollower:
         self.provider = TracerProvider(
             resource=resource or Resource.create(attrs), id_generator=self._ids
         )
-        chosen = exporter if exporter is not None else exporter_from_env()
-        if chosen is not None:
-            # A given exporter (tests, embedding) sees spans synchronously; env-configured
-            # ones are batched, and flushed before each position save.
-            processor = SimpleSpanProcessor(chosen) if exporter is not None else BatchSpanProcessor(chosen)
-            self.provider.add_span_processor(processor)
+        # Made before anything is read: a follower that cannot send refuses to start.
+        self.exporter = exporter if exporter is not None else exporter_from_env()
+        # Spans are collected per batch and exported synchronously, so the position moves only
+        # past spans the exporter accepted (a BatchSpanProcessor drops what it cannot send).
+        self._collect = _Collect()
+        self.provider.add_span_processor(self._collect)
         self.tracer = self.provider.get_tracer("polos")
         self._runs: OrderedDict[str, _Run] = OrderedDict()
         self._cache_size = cache_size
@@ -256,10 +337,18 @@ class SpanFollower:
         self._own_nc = nc is None
         self._kv: KeyValue | None = None
         self.position = 0
+        # Spans handled but not yet accepted, and the sequence they take the position to.
+        self._pending: list[ReadableSpan] = []
+        self._pending_upto: int | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_EXPORT_THREAD)
+        self._exporter_log = _ExporterLog()
+        self._outage: tuple[float, int] | None = None  # (since, failed tries) while failing
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        for logger in _exporter_loggers(self.exporter):
+            logger.addFilter(self._exporter_log)
         if self._nc is None:
             self._nc = await jsl.connect(self.settings, name="polos-telemetry")
         js = self._nc.jetstream(timeout=self.settings.request_timeout)
@@ -278,9 +367,13 @@ class SpanFollower:
         self.position = await self._load_position()
 
     async def stop(self) -> None:
+        # Spans not accepted yet are not lost: the position is still before them.
         with contextlib.suppress(Exception):
-            self.provider.force_flush()
+            self.exporter.shutdown()  # also cuts short an export retrying in the thread
         self.provider.shutdown()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for logger in _exporter_loggers(self.exporter):
+            logger.removeFilter(self._exporter_log)
         if self._own_nc and self._nc is not None:
             with contextlib.suppress(Exception):
                 await jsl.close(self._nc)
@@ -308,12 +401,112 @@ class SpanFollower:
         assert self._kv is not None
         await self._kv.put(self.position_key, str(self.position).encode())
 
+    # ------------------------------------------------------------------ exporting
+
+    def _export_in_thread(self, spans: Sequence[ReadableSpan]) -> tuple[bool, str | None]:
+        self._exporter_log.last = None
+        try:
+            result = self.exporter.export(spans)
+        except Exception as exc:  # an exporter that raises is one that did not accept
+            return False, f"{type(exc).__name__}: {exc}"
+        if result is SpanExportResult.SUCCESS:
+            return True, None
+        return False, self._exporter_log.last
+
+    async def _deliver(self, stop: asyncio.Event | None, give_up_after: float | None) -> bool:
+        """Export the pending spans until the exporter accepts them, backing off while it fails.
+
+        True when accepted (or nothing was pending); False when ``stop`` was set first. Raises
+        ``ExportStalled`` after ``give_up_after`` seconds of failures. The pending spans stay
+        pending either way, so a later call sends exactly them."""
+        if not self._pending:
+            return True
+        loop = asyncio.get_running_loop()
+        began = time.monotonic()
+        delay = self.settings.telemetry_retry_initial
+        while True:
+            attempt = asyncio.ensure_future(
+                loop.run_in_executor(self._pool, self._export_in_thread, list(self._pending))
+            )
+            waits: set[asyncio.Future[Any]] = {attempt}
+            stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
+            if stopper is not None:
+                waits.add(stopper)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if stopper is not None:
+                stopper.cancel()
+            if not attempt.done():
+                # Stopping: the thread's export is abandoned (stop() shuts the exporter), and
+                # the position stays before these spans whatever it answers.
+                attempt.cancel()
+                return False
+            accepted, why = attempt.result()
+            if accepted:
+                if self._outage is not None:
+                    since, tries = self._outage
+                    log.warning(
+                        "telemetry: the exporter accepts spans again after %.1f s and %d failed "
+                        "tries; sending from seq %d on", time.monotonic() - since, tries,
+                        self.position + 1,
+                    )
+                    self._outage = None
+                self._pending = []
+                return True
+            if self._outage is None:
+                self._outage = (time.monotonic(), 1)
+                log.warning(
+                    "telemetry: the exporter did not accept %d spans (%s); retrying with back-off "
+                    "up to %g s, the position stays at seq %d until it does",
+                    len(self._pending), why or "no reason given", self.settings.telemetry_retry_max,
+                    self.position,
+                )
+            else:
+                since, tries = self._outage
+                self._outage = (since, tries + 1)
+                log.debug("telemetry: export failed again (%s)", why)
+            if give_up_after is not None and time.monotonic() - began + delay > give_up_after:
+                raise ExportStalled(
+                    f"the exporter did not accept {len(self._pending)} spans in "
+                    f"{give_up_after:g} s ({why or 'no reason given'}); the position stays at "
+                    f"seq {self.position}"
+                )
+            if stop is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    return False
+            else:
+                await asyncio.sleep(delay)
+            delay = min(self.settings.telemetry_retry_max, delay * 2)
+
+    async def _commit(self, stop: asyncio.Event | None, give_up_after: float | None) -> bool:
+        """Send the pending spans, then move the position past the events that made them."""
+        if self._pending_upto is None:
+            return True
+        if not await self._deliver(stop, give_up_after):
+            return False
+        self.position = self._pending_upto
+        self._pending_upto = None
+        await self._save_position()
+        self.stats.batches += 1
+        return True
+
     # ------------------------------------------------------------------ reading
 
-    async def process_available(self) -> int:
-        """Handle every history event after the saved position; returns how many."""
+    async def process_available(
+        self, stop: asyncio.Event | None = None, *, give_up_after: float | None = None
+    ) -> int:
+        """Handle every history event after the saved position; returns how many.
+
+        Returns early (the position before what was not sent) when ``stop`` is set while the
+        exporter refuses spans; raises ``ExportStalled`` after ``give_up_after`` seconds of
+        refusals (None: retry until it accepts)."""
         assert self._nc is not None, "follower not started"
         handled = 0
+        # Spans a previous call handled but could not send go first: their events are not
+        # handled again (the run state already holds them).
+        if not await self._commit(stop, give_up_after):
+            return handled
         while True:
             # The whole stream: ">" is the server's unfiltered fast path (see analytics.export).
             msgs = await jsl.read_subject(
@@ -324,6 +517,8 @@ class SpanFollower:
             if not msgs:
                 return handled
             for m in msgs:
+                handled += 1
+                self._pending_upto = m.seq
                 try:
                     event = ev.decode((await resolve_payload(self._nc, self.names, m)).data)
                 except ev.EventDecodeError:
@@ -338,12 +533,18 @@ class SpanFollower:
                 self.stats.events += 1
                 name = type(event).__name__
                 self.stats.by_type[name] = self.stats.by_type.get(name, 0) + 1
-            handled += len(msgs)
-            # Spans of the batch reach the exporter before the position says they were sent.
-            self.provider.force_flush()
-            self.position = msgs[-1].seq
-            await self._save_position()
-            self.stats.batches += 1
+                if len(self._collect.spans) >= self.export_chunk:
+                    # Sent in chunks within a batch: a thousand spans held until the batch
+                    # ends cost more in garbage collection than the extra requests. The
+                    # position still moves once per batch, after its last chunk is accepted.
+                    self._pending.extend(self._collect.spans)
+                    self._collect.spans = []
+                    if not await self._deliver(stop, give_up_after):
+                        return handled
+            self._pending.extend(self._collect.spans)
+            self._collect.spans = []
+            if not await self._commit(stop, give_up_after):
+                return handled
             if len(msgs) < self.batch:
                 return handled
 
@@ -368,7 +569,7 @@ class SpanFollower:
                     break
                 wake.clear()
                 try:
-                    await self.process_available()
+                    await self.process_available(stop)
                 except Exception:
                     log.exception("telemetry follower: read failed; retrying on the next event")
                     await asyncio.sleep(0.5)
@@ -408,19 +609,28 @@ class SpanFollower:
             # A W3C trace id handed in by the caller wins: the run joins the caller's trace.
             with contextlib.suppress(ValueError):
                 trace_id = int(req.trace_id, 16) or None
+        root_workflow: str | None = None
         if req.parent_run_id:
             parent_span = (
                 step_span_id(req.parent_run_id, req.parent_step)
                 if req.parent_step
                 else run_span_id(req.parent_run_id)
             )
-            if root is None and depth < 32:
+            if depth < 32:
                 parent = await self._run_info(req.parent_run_id, depth + 1)
-                if parent is not None:
+                if parent is not None and (root is None or root == parent.root_run_id):
                     root = parent.root_run_id
+                    root_workflow = parent.root_workflow
                     trace_id = trace_id or parent.trace_id
             root = root or req.parent_run_id
         root = root or req.run_id
+        if root_workflow is None:
+            if root == req.run_id:
+                root_workflow = req.workflow
+            else:
+                top = await self._run_info(root, depth + 1) if depth < 32 else None
+                root_workflow = top.workflow if top is not None else None
+        agent = req.input.get("agent") if isinstance(req.input, dict) else None
         return _Run(
             run_id=req.run_id,
             trace_id=trace_id or trace_id_for(root),
@@ -428,6 +638,9 @@ class SpanFollower:
             requested_at=req.at,
             workflow=req.workflow,
             root_run_id=root,
+            root_workflow=root_workflow,
+            parent_run_id=req.parent_run_id,
+            agent=str(agent) if agent is not None and req.workflow == "polos_agent" else None,
         )
 
     async def _run_info(self, run_id: str, depth: int = 0) -> _Run | None:
@@ -502,6 +715,8 @@ class SpanFollower:
             return
         run.note(event)
         base = {"polos.run_id": run_id, "polos.workflow": run.workflow, "polos.seq": seq}
+        if isinstance(event, ev.StepCompleted) and event.kind == "llm":
+            await self._roll_up(run, event.meta)
         if isinstance(event, ev.StepCompleted | ev.StepFailed):
             self._step_span(run, seq, event, base)
         elif isinstance(event, ev.StepAttemptFailed):
@@ -531,6 +746,7 @@ class SpanFollower:
                         fresh.note(e)
                     fresh.open_wait = run.open_wait
                     run = fresh
+                run.tree = await self._tree_from_log(run_id, history, seq)
                 await self._close_wait(run, seq, event.at, base, reason=type(event).__name__,
                                        history=history)
             else:
@@ -538,6 +754,38 @@ class SpanFollower:
                                        history=[])
             self._run_span(run, event, base)
             self._runs.pop(run_id, None)
+
+    async def _roll_up(self, run: _Run, meta: Any) -> None:
+        """Count one LLM call in the totals of its run and of every run above it."""
+        node: _Run | None = run
+        for depth in range(33):
+            if node is None:
+                return
+            node.tree.add_step(meta)
+            if not node.parent_run_id or depth == 32:
+                return
+            node = await self._run_info(node.parent_run_id)
+
+    async def _tree_from_log(
+        self, run_id: str, history: list[tuple[int, ev.Event]], upto: int
+    ) -> LLMTotals:
+        """The LLM totals of a run and the runs under it, read from the log (for a run this
+        follower did not see from its start); only what was appended up to ``upto`` counts,
+        as it would have in stream order."""
+        totals = LLMTotals()
+        seen = {run_id}
+        todo = [history]
+        while todo:
+            for s, e in todo.pop():
+                if s > upto:
+                    break
+                if isinstance(e, ev.StepCompleted) and e.kind == "llm":
+                    totals.add_step(e.meta)
+                for child in children_named(e):
+                    if child not in seen and len(seen) < 10_000:
+                        seen.add(child)
+                        todo.append(await self._history(child, upto=upto))
+        return totals
 
     def _step_span(
         self, run: _Run, seq: int, e: ev.StepCompleted | ev.StepFailed, base: dict[str, Any]
@@ -583,7 +831,18 @@ class SpanFollower:
                 "polos.llm.latency_ms": meta.get("latency_ms"),
                 "polos.cost_usd": meta.get("cost_usd"),
                 "server.address": meta.get("base_url"),
+                # What the cost rolls up to: the run that was started and its workflow (an
+                # agent's own run is the generic polos_agent workflow).
+                "polos.root_run_id": run.root_run_id,
+                "polos.root_workflow": run.root_workflow,
             })
+            choice = decision_of(output, meta)
+            if choice["chosen"]:
+                attrs.update({
+                    "polos.decision.chosen": [str(t) for t in choice["chosen"]],
+                    "polos.decision.alternatives": [str(t) for t in choice["alternatives"]],
+                })
+            attrs["polos.decision.reason"] = choice.get("reason")
         elif e.kind == "tool":
             name = f"execute_tool {e.name}"
             attrs.update({
@@ -645,19 +904,34 @@ class SpanFollower:
         error = None
         if isinstance(end, ev.RunFailed):
             error = f"{end.error.get('type')}: {end.error.get('message')}"
+        tree = run.tree
+        # Totals of the run and every run under it (child workflows, agents), under names of
+        # their own: backends that sum gen_ai.usage.* over a trace's spans count each LLM call
+        # once, on its chat span.
+        totals: dict[str, Any] = {
+            "polos.total.llm_calls": tree.llm_calls,
+            "polos.total.input_tokens": tree.input_tokens,
+            "polos.total.output_tokens": tree.output_tokens,
+            "polos.total.tokens": tree.total_tokens,
+            "polos.total.cost_usd": round(tree.cost_usd, 10),
+        } if tree.llm_calls else {}
+        agent = {"gen_ai.agent.name": run.agent} if run.agent else {}
         self._emit(
             run, name=f"run {run.workflow}", span_id=run_span_id(run.run_id),
             parent_span_id=run.parent_span_id, start=run.requested_at, end=end.at,
             attributes={**base, "polos.status": status, "polos.attempts": run.attempts,
                         "polos.workers": len(run.workers), "polos.steps": run.steps,
-                        "polos.root_run_id": run.root_run_id},
+                        "polos.root_run_id": run.root_run_id,
+                        "polos.root_workflow": run.root_workflow, **agent, **totals},
             error=error, events=run.marks,
             kind=SpanKind.SERVER if run.parent_span_id is None else SpanKind.INTERNAL,
         )
 
 
 __all__ = [
+    "ExportStalled",
     "SpanFollower",
+    "TelemetryConfigError",
     "exporter_from_env",
     "resolve_payload",
     "run_span_id",
