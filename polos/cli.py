@@ -25,7 +25,6 @@ from polos._private.runtime import (
     load_workflows,
     run_until_signal,
     settings_from_args,
-    wait_for_signal,
 )
 from polos.client import PolosClient, RunInfo
 from polos.config import Settings
@@ -186,12 +185,9 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         max_concurrent_runs=args.max_concurrent_runs,
         worker_id=args.worker_id,
     )
-    await worker.start()
-    print(f"worker {worker.id} serving: {', '.join(worker.workflows)}", flush=True)
-    try:
-        await wait_for_signal()
-    finally:
-        await worker.stop()
+    # Stops on SIGINT/SIGTERM, or with the error when the server refuses the credentials.
+    await run_until_signal(worker, on_started=lambda: print(
+        f"worker {worker.id} serving: {', '.join(worker.workflows)}", flush=True))
     return 0
 
 

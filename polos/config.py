@@ -49,6 +49,10 @@ class Settings:
     )
     slot_lease: float = field(default_factory=lambda: _env_float("POLOS_SLOT_LEASE", 30.0))
     replicas: int = field(default_factory=lambda: int(os.environ.get("POLOS_REPLICAS", "1")))
+    # A lost connection is retried at once, then after waits doubling up to this many seconds.
+    reconnect_max_wait: float = field(
+        default_factory=lambda: _env_float("POLOS_RECONNECT_MAX_WAIT", 2.0)
+    )
     # Seconds the stream keeps message ids for de-duplication of retried appends and commands.
     duplicate_window: float = 600.0
 
@@ -71,6 +75,7 @@ class Settings:
             "POLOS_SERVICE_ACK_WAIT": str(self.service_ack_wait),
             "POLOS_SLOT_LEASE": str(self.slot_lease),
             "POLOS_REPLICAS": str(self.replicas),
+            "POLOS_RECONNECT_MAX_WAIT": str(self.reconnect_max_wait),
         }
 
     def with_(self, **changes: object) -> Settings:

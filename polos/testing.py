@@ -30,6 +30,7 @@ def fast_settings(nats_url: str, prefix: str | None = None, **overrides: Any) ->
         "worker_ttl": 3.0,
         "service_ack_wait": 2.0,
         "request_timeout": 5.0,
+        "reconnect_max_wait": 0.5,
     }
     values.update(overrides)
     return Settings(**values)

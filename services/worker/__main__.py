@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
-from polos._private.runtime import load_workflows, run_until_signal, settings_from_args
+from polos._private.runtime import load_workflows, run_main, run_until_signal, settings_from_args
 from polos.worker import Worker
 
 
@@ -25,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         max_concurrent_runs=args.max_concurrent_runs,
         worker_id=args.worker_id,
     )
-    asyncio.run(run_until_signal(worker))
+    run_main(run_until_signal(worker))
 
 
 if __name__ == "__main__":
