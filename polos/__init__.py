@@ -21,6 +21,7 @@ from polos.config import Settings
 from polos.errors import (
     ChildWorkflowError,
     CommandRejectedError,
+    ConnectionFailedError,
     InputValidationError,
     NonDeterminismError,
     PolosError,
@@ -59,6 +60,7 @@ __all__ = [
     "ChildHandle",
     "ChildWorkflowError",
     "CommandRejectedError",
+    "ConnectionFailedError",
     "GuardrailViolation",
     "InputValidationError",
     "NonDeterminismError",

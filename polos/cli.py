@@ -21,11 +21,17 @@ from typing import Any
 import orjson
 
 from polos import events as ev
+from polos._private.instance import (
+    DataDirInUseError,
+    DataDirLock,
+    data_dir_from,
+    leftover_server,
+    running,
+)
 from polos._private.runtime import (
     load_workflows,
     run_until_signal,
     settings_from_args,
-    wait_for_signal,
 )
 from polos.client import PolosClient, RunInfo
 from polos.config import Settings
@@ -50,17 +56,24 @@ def command(
     return with_args
 
 
+DATA_DIR_HELP = ("the data dir of `polos up`: where it keeps its streams and credentials, and where "
+                 "other commands find it (env POLOS_DATA_DIR, default ./.polos)")
 URL_FILE = "url"  # in the data dir while `polos up` runs: the embedded server's URL
 
 
-def _local_url(role: str, prefix: str) -> str | None:
-    """The URL of a `polos up` running from this directory, with ``role``'s credentials."""
-    data_dir = Path(os.environ.get("POLOS_DATA_DIR", ".polos"))
-    try:
-        url = (data_dir / URL_FILE).read_text().strip()
-    except OSError:
-        return None
+def _data_dir(args: argparse.Namespace) -> Path:
+    """``--data-dir``, else ``$POLOS_DATA_DIR``, else ``./.polos``."""
+    return data_dir_from(getattr(args, "data_dir", None))
+
+
+def _local_url(role: str, prefix: str, data_dir: Path) -> str | None:
+    """The URL of the `polos up` running on ``data_dir``, with ``role``'s credentials."""
     from polos._private import auth
+
+    instance = running(data_dir)
+    if instance is None or not instance.url:
+        return None  # none runs there (a `url` file left by a killed one is stale)
+    url = instance.url
 
     try:
         creds = orjson.loads((data_dir / auth.CREDENTIALS_FILE).read_bytes())
@@ -72,11 +85,12 @@ def _local_url(role: str, prefix: str) -> str | None:
 
 def _settings(args: argparse.Namespace, role: str = "client") -> Settings:
     """Settings from flags and POLOS_* variables; with neither naming a server, the
-    `polos up` of this directory (and its credentials for ``role``) when one runs."""
+    `polos up` of the data dir (``--data-dir``, ``POLOS_DATA_DIR``, ``./.polos``) and its
+    credentials for ``role``, when one runs."""
     settings = settings_from_args(args)
     if getattr(args, "nats_url", None) or os.environ.get("POLOS_NATS_URL"):
         return settings
-    local = _local_url(role, settings.prefix)
+    local = _local_url(role, settings.prefix, _data_dir(args))
     return settings.with_(nats_url=local) if local else settings
 
 
@@ -108,8 +122,8 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 def _add_up(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=os.environ.get("POLOS_DATA_DIR", ".polos"),
-                   help="where the embedded nats-server keeps its streams (default ./.polos)")
+    # --data-dir is a global flag: where `polos up` keeps its streams, and where every other
+    # command finds it.
     p.add_argument("--port", type=int, default=int(os.environ.get("POLOS_PORT", "4222")),
                    help="client port of the embedded server (0 = any free port)")
     p.add_argument("--config", help="nats-server config file (default: ./nats.conf)")
@@ -127,31 +141,42 @@ async def cmd_up(args: argparse.Namespace) -> int:
     from polos_services.scheduler import Scheduler
 
     server = None
+    lock = None
+    data_dir = _data_dir(args)
     url = args.nats_url or os.environ.get("POLOS_NATS_URL")
     service_url = None
     if not url:
+        # One `polos up` per data dir, refused before anything in it is touched. The lock is
+        # held until this process ends, however it ends.
+        lock = _lock_data_dir(data_dir)
         config = args.config
         if args.auth:
             from polos._private import auth
             from polos._private.server import default_config
 
             creds, config = auth.secure_server_config(
-                args.data_dir, _settings(args).prefix, config or default_config()
+                data_dir, _settings(args).prefix, config or default_config()
             )
-        server = EmbeddedServer(Path(args.data_dir), port=args.port, config=config)
-        url = server.start()
-        print(f"nats-server {server.url} (data in {Path(args.data_dir).resolve()})", flush=True)
+        server = EmbeddedServer(data_dir, port=args.port, config=config, die_with_parent=True)
+        try:
+            url = server.start()
+        except RuntimeError as exc:  # the server's own reason, from its log
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        assert server.proc is not None
+        lock.record(url=url, server_pid=server.proc.pid)
+        print(f"nats-server {server.url} (data in {data_dir.resolve()})", flush=True)
         if args.auth:
             service_url = auth.url_for(creds, f"{_settings(args).prefix}-service", url)
-            print(f"auth on: credentials in {Path(args.data_dir).resolve() / auth.CREDENTIALS_FILE}",
+            print(f"auth on: credentials in {data_dir.resolve() / auth.CREDENTIALS_FILE}",
                   flush=True)
     settings = _settings(args).with_(nats_url=service_url or url)
 
-    url_file = Path(args.data_dir) / URL_FILE
+    url_file = data_dir / URL_FILE
 
     def ready() -> None:
         if server is not None:
-            # Lets `polos worker`, `polos start`, ... run from this directory find the server.
+            # For tools that read the URL from a file; `polos` commands use the lock file.
             url_file.write_text(url + "\n")
         # Printed once the services run, so whoever waits for this line can use Polos at once.
         print(f"Polos is up: NATS_URL={url} prefix={settings.prefix}", flush=True)
@@ -163,8 +188,25 @@ async def cmd_up(args: argparse.Namespace) -> int:
         if server is not None:
             url_file.unlink(missing_ok=True)
             server.stop()
+        if lock is not None:
+            lock.release()
         print("Polos stopped.", flush=True)
     return 0
+
+
+def _lock_data_dir(data_dir: Path) -> DataDirLock:
+    """The data dir's lock, or ``DataDirInUseError`` naming who uses it: a running `polos up`,
+    or a nats-server one left behind where it could not die with it."""
+    lock = DataDirLock(data_dir)
+    lock.acquire()
+    stray = leftover_server(data_dir)
+    if stray is not None:
+        lock.release()
+        raise DataDirInUseError(
+            f"a nats-server (pid {stray}) left by an earlier `polos up` still runs on "
+            f"{data_dir.resolve()}: stop it (kill {stray}) and start again"
+        )
+    return lock
 
 
 # --------------------------------------------------------------------------- worker
@@ -195,12 +237,11 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         max_concurrent_runs=args.max_concurrent_runs,
         worker_id=args.worker_id,
     )
-    await worker.start()
-    print(f"worker {worker.id} serving: {', '.join(worker.workflows)}", flush=True)
     try:
-        await wait_for_signal()
+        # Stops on SIGINT/SIGTERM, or with the error when the server refuses the credentials.
+        await run_until_signal(worker, on_started=lambda: print(
+            f"worker {worker.id} serving: {', '.join(worker.workflows)}", flush=True))
     finally:
-        await worker.stop()
         if devllm is not None:
             await devllm.stop()
     return 0
@@ -426,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polos", description="Durable execution for AI agents on NATS JetStream")
     parser.add_argument("--nats-url", help="NATS server or cluster URL (env POLOS_NATS_URL)")
     parser.add_argument("--prefix", help="namespace of subjects, streams and buckets (env POLOS_PREFIX)")
+    parser.add_argument("--data-dir", help=DATA_DIR_HELP)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _, help_text) in COMMANDS.items():
@@ -434,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--nats-url", dest="nats_url", default=argparse.SUPPRESS)
         p.add_argument("--prefix", dest="prefix", default=argparse.SUPPRESS)
         add_args(p)
+        if not any("--data-dir" in a.option_strings for a in p._actions):  # demo has its own
+            p.add_argument("--data-dir", dest="data_dir", default=argparse.SUPPRESS,
+                           help=DATA_DIR_HELP)
     return parser
 
 

@@ -175,6 +175,12 @@ class PolosClient:
         settings: Settings | None = None,
         ensure_topology: bool = True,
     ) -> PolosClient:
+        """Connect to the namespace. Fails fast: if no server of the URL answers, or the server
+        refuses the credentials, this raises ``ConnectionFailedError`` within about
+        ``request_timeout`` (at once when refused), one line naming the URL without its
+        password and the cause; retry it yourself if waiting for the server is what you want.
+        Once connected, the client reconnects by itself, with back-off, for as long as it is
+        open (one log line when the connection is lost, one when it is back)."""
         s = settings or Settings()
         if url is not None:
             s = s.with_(nats_url=url)

@@ -57,6 +57,10 @@ class Settings:
     telemetry_retry_max: float = field(
         default_factory=lambda: _env_float("POLOS_TELEMETRY_RETRY_MAX", 30.0)
     )
+    # A lost connection is retried at once, then after waits doubling up to this many seconds.
+    reconnect_max_wait: float = field(
+        default_factory=lambda: _env_float("POLOS_RECONNECT_MAX_WAIT", 2.0)
+    )
     # Seconds the stream keeps message ids for de-duplication of retried appends and commands.
     duplicate_window: float = 600.0
 
@@ -81,6 +85,7 @@ class Settings:
             "POLOS_REPLICAS": str(self.replicas),
             "POLOS_TELEMETRY_RETRY_INITIAL": str(self.telemetry_retry_initial),
             "POLOS_TELEMETRY_RETRY_MAX": str(self.telemetry_retry_max),
+            "POLOS_RECONNECT_MAX_WAIT": str(self.reconnect_max_wait),
         }
 
     def with_(self, **changes: object) -> Settings:

@@ -105,6 +105,26 @@ class CommandRejectedError(PolosError):
         self.answer = answer or {}
 
 
+class ConnectionFailedError(PolosError):
+    """Polos could not connect to NATS, or lost the connection for good.
+
+    ``url`` is the server (or cluster) URL without its password; ``reason`` is one of
+    ``refused``, ``timeout``, ``unreachable``, ``authorization``, ``tls`` or ``error``, and the
+    message is one line saying which, with what to do about it. ``retryable`` is False for
+    ``authorization`` and ``tls``: trying again with the same settings cannot succeed.
+    """
+
+    def __init__(self, url: str, reason: str, detail: str) -> None:
+        super().__init__(f"cannot connect to {url}: {detail}")
+        self.url = url
+        self.reason = reason
+        self.detail = detail
+
+    @property
+    def retryable(self) -> bool:
+        return self.reason not in ("authorization", "tls")
+
+
 class RunNotFoundError(PolosError):
     """No run with this id exists in the namespace."""
 
@@ -116,6 +136,7 @@ class WorkflowNotFoundError(PolosError):
 __all__ = [
     "ChildWorkflowError",
     "CommandRejectedError",
+    "ConnectionFailedError",
     "InputValidationError",
     "NonDeterminismError",
     "PolosError",

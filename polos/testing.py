@@ -32,6 +32,7 @@ def fast_settings(nats_url: str, prefix: str | None = None, **overrides: Any) ->
         "request_timeout": 5.0,
         "telemetry_retry_initial": 0.05,
         "telemetry_retry_max": 0.4,
+        "reconnect_max_wait": 0.5,
     }
     values.update(overrides)
     return Settings(**values)

@@ -92,6 +92,8 @@ class Worker:
         self._workers_kv: KeyValue | None = None
         self.completed_runs = 0
         self._stopped = asyncio.Event()
+        # Set when the server refuses this worker's credentials on a reconnect: it cannot work.
+        self.fatal = jsl.Fatal()
         # The folded state of runs this worker suspended, newest last (at most ``state_cache``):
         # when such a run comes back here, only the events after it are read. Only a cache: a
         # run may wake on any worker, and a missing entry means a full read.
@@ -102,7 +104,9 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._nc = await jsl.connect(self.settings, name=f"polos-worker-{self.id}")
+        self._nc = await jsl.connect_service(
+            self.settings, name=f"polos-worker-{self.id}", on_fatal=self.fatal
+        )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
         await jsl.ensure_topology(self._js, self.names, self.settings)
         await self._register_workflows()
@@ -150,7 +154,18 @@ class Worker:
         self._stopped.set()
 
     async def run_forever(self) -> None:
-        await self._stopped.wait()
+        """Wait until the worker is stopped; raise ``ConnectionFailedError`` (after stopping
+        it) if the server refuses its credentials on a reconnect."""
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        failed = asyncio.ensure_future(self.fatal.wait())
+        try:
+            await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            failed.cancel()
+        if self.fatal.error is not None:
+            await self.stop(timeout=0)
+            raise self.fatal.error
 
     async def __aenter__(self) -> Worker:
         await self.start()

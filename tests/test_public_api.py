@@ -16,6 +16,7 @@ PUBLIC = [
     "ChildHandle",
     "ChildWorkflowError",
     "CommandRejectedError",
+    "ConnectionFailedError",
     "GuardrailViolation",
     "InputValidationError",
     "NonDeterminismError",

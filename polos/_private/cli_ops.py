@@ -1,7 +1,7 @@
 """Operations commands, registered on import (see ``polos.cli.PLUGINS``):
 
-- ``polos credentials ROLE``: the NATS URL (with user and password) a role connects with when
-  ``polos up --auth`` runs;
+- ``polos credentials ROLE [--format url|env|context|json]``: the user and password a role
+  connects with to the running ``polos up``, and that server's URL;
 - ``polos retention``: archive finished runs that analytics has exported (docs/operations.md).
 """
 
@@ -10,36 +10,93 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from polos._private import auth
-from polos.cli import _settings, command
+from polos._private.instance import running
+from polos.cli import _data_dir, _settings, command
 from polos.client import PolosClient
-from polos.config import DEFAULT_NATS_URL
+
+CREDENTIAL_FORMATS = ("url", "env", "context", "json")
 
 
 def _add_credentials(p: argparse.ArgumentParser) -> None:
     p.add_argument("role", choices=auth.ROLES)
-    p.add_argument("--data-dir", default=os.environ.get("POLOS_DATA_DIR", ".polos"),
-                   help="the data dir of `polos up --auth` (default ./.polos)")
+    p.add_argument(
+        "--format", choices=CREDENTIAL_FORMATS, default="url",
+        help="url: nats://user:password@host:port (Polos, nats.py); env: NATS_URL, NATS_USER, "
+             "NATS_PASSWORD and POLOS_NATS_URL lines (for clients that ignore a password in "
+             "a URL, such as the Node clients); context: a NATS CLI context file; json",
+    )
 
 
-@command("credentials", "print the NATS URL with credentials for a role (polos up --auth)")(
+def _without_credentials(url: str) -> str:
+    out = []
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        netloc = parts.hostname or "127.0.0.1"
+        if parts.port:
+            netloc += f":{parts.port}"
+        out.append(f"{parts.scheme or 'nats'}://{netloc}")
+    return ",".join(out)
+
+
+def credentials_text(creds: dict[str, dict[str, str]], user: str, base: str, fmt: str) -> str:
+    """``user``'s credentials for the server at ``base`` in format ``fmt``."""
+    with_creds = auth.url_for(creds, user, base)
+    plain = _without_credentials(base)
+    password = creds[user]["password"]
+    if fmt == "url":
+        return with_creds
+    if fmt == "env":
+        # Passwords are URL-safe tokens and the URLs hold no shell metacharacters, so these
+        # lines work unquoted in a shell, `docker --env-file` and systemd alike.
+        return "\n".join([f"NATS_URL={plain}", f"NATS_USER={user}", f"NATS_PASSWORD={password}",
+                          f"POLOS_NATS_URL={with_creds}", f"POLOS_PREFIX={creds[user]['prefix']}"])
+    doc: dict[str, Any]
+    if fmt == "context":
+        # The NATS CLI's context file (~/.config/nats/context/NAME.json).
+        doc = {"description": f"Polos {creds[user]['role']} of namespace {creds[user]['prefix']}",
+               "url": plain, "user": user, "password": password}
+        if os.environ.get("POLOS_TLS_CA"):
+            doc["ca"] = os.environ["POLOS_TLS_CA"]
+        return json.dumps(doc, indent=2)
+    doc = {"url": plain, "servers": plain.split(","), "user": user, "password": password,
+           "role": creds[user]["role"], "prefix": creds[user]["prefix"], "nats_url": with_creds}
+    return json.dumps(doc, indent=2)
+
+
+@command("credentials", "print a role's credentials for the running `polos up` (--format)")(
     _add_credentials
 )
 async def cmd_credentials(args: argparse.Namespace) -> int:
-    path = Path(args.data_dir) / auth.CREDENTIALS_FILE
+    data_dir = _data_dir(args)
+    path = data_dir / auth.CREDENTIALS_FILE
     if not path.exists():
-        print(f"no credentials at {path}: start `polos up --auth --data-dir {args.data_dir}` first")
+        print(f"error: no credentials in {data_dir}: `polos up` makes them on its first start "
+              "there (not with --no-auth); --data-dir or POLOS_DATA_DIR names another data dir",
+              file=sys.stderr)
         return 1
     creds = json.loads(path.read_text())
     settings = _settings(args)
     user = f"{settings.prefix}-{args.role}"
     if user not in creds:
-        print(f"{path} has no user {user!r} (namespace {settings.prefix!r})")
+        print(f"error: {path} has no user {user!r} (namespace {settings.prefix!r}; --prefix "
+              "picks another)", file=sys.stderr)
         return 1
-    base = args.nats_url or os.environ.get("POLOS_NATS_URL") or DEFAULT_NATS_URL
-    print(auth.url_for(creds, user, base))
+    # The server that actually runs on this data dir, unless told another (a remote host).
+    base = args.nats_url or os.environ.get("POLOS_NATS_URL")
+    if not base:
+        instance = running(data_dir)
+        if instance is None or not instance.url:
+            print(f"error: no `polos up` runs on {data_dir.resolve()}, so its URL is unknown: "
+                  "start it, or name the server with --nats-url", file=sys.stderr)
+            return 1
+        base = instance.url
+    print(credentials_text(creds, user, base, args.format))
     return 0
 
 

@@ -36,8 +36,9 @@ from nats.js.api import (
 )
 
 from polos import events as ev
-from polos._private import auth, payloads
+from polos._private import connection, payloads
 from polos.config import Settings
+from polos.errors import ConnectionFailedError
 
 _T = TypeVar("_T")
 
@@ -197,19 +198,26 @@ async def connect(
     *,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
 ) -> NATS:
-    # Reconnect forever: a service outliving a nats-server restart is the point.
-    # A cluster is a comma-separated list of URLs; the client fails over between them.
-    servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]
-    tls = auth.client_tls()
-    return await nats.connect(
-        servers,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.25,
-        connect_timeout=settings.request_timeout,
-        allow_reconnect=True,
-        **({"tls": tls} if tls is not None else {}),
-        **({"reconnected_cb": on_reconnect} if on_reconnect is not None else {}),
+    """Connect a command or a client: fails fast with ``ConnectionFailedError``; once
+    connected, reconnects forever (see ``polos._private.connection``)."""
+    return await connection.connect(settings, name, on_reconnect=on_reconnect)
+
+
+# Where a long-running process learns that its connection failed for good.
+Fatal = connection.Fatal
+
+
+async def connect_service(
+    settings: Settings,
+    name: str,
+    *,
+    on_fatal: Callable[[ConnectionFailedError], None],
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+) -> NATS:
+    """Connect a long-running process: waits for the server, reconnects forever, and calls
+    ``on_fatal`` when the server refuses its credentials (see ``polos._private.connection``)."""
+    return await connection.connect_service(
+        settings, name, on_fatal=on_fatal, on_reconnect=on_reconnect
     )
 
 

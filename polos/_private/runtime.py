@@ -10,10 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from polos._private.tasks import cancel_and_wait
 from polos.config import Settings
 from polos.workflow import WorkflowDefinition
 
@@ -50,24 +51,63 @@ async def run_until_signal(*services: Service, on_started: Callable[[], None] | 
     """Start the services, run until SIGINT/SIGTERM, stop them in reverse order.
 
     The signal handlers go in before anything starts: a Ctrl-C while a service is still
-    starting (a server recovering its streams) must stop the process, not be lost.
+    starting (a server recovering its streams) must stop the process, not be lost. A service
+    whose connection failed for good (its ``fatal``, see ``jetstream.connect_service``) stops
+    them all too, and its ``ConnectionFailedError`` is raised once they are stopped.
     """
+    from polos._private.connection import Fatal
+
     stop = _stop_event()
     started: list[Service] = []
+    failures = [f for f in (getattr(s, "fatal", None) for s in services) if isinstance(f, Fatal)]
     try:
         for s in services:
             if stop.is_set():
                 break
-            await s.start()
+            # A start may wait for the server for as long as it takes: a signal ends the wait.
+            starting = asyncio.ensure_future(s.start())
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+            if not starting.done():
+                await cancel_and_wait([starting])
+                started.append(s)  # stopped below: whatever it had opened is closed
+                break
             started.append(s)
+            starting.result()  # a start that failed raises here
         if not stop.is_set():
             if on_started is not None:
                 on_started()
-            await stop.wait()
+            waiters = [asyncio.ensure_future(stop.wait()),
+                       *(asyncio.ensure_future(f.wait()) for f in failures)]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
     finally:
         for s in reversed(started):
             with contextlib.suppress(Exception):
                 await s.stop()
+    for f in failures:
+        if f.error is not None:
+            raise f.error
+
+
+def run_main(main: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run(main)`` for a service's ``__main__``: a Polos error (the server refused
+    the credentials) ends the process with one line and exit code 1, not a traceback."""
+    from polos.errors import PolosError
+
+    try:
+        asyncio.run(main)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except PolosError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def terminate_all(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # The project's nats.conf, shipped inside the package (a link to the repository's top-level
@@ -47,6 +49,52 @@ def default_config() -> Path:
     return PACKAGED_CONFIG
 
 
+_LOG_PREFIX = re.compile(r"^.*?\[(FTL|ERR|WRN|INF|DBG|TRC)\]\s*")
+
+
+def _exit_reason(stderr: str, log_file: Path, offset: int) -> str:
+    """Why nats-server stopped at start: it writes the reason to its log file (``-l``), not
+    to stderr. The fatal and error lines of this start, else its last line."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    lines += stderr.splitlines()
+    bad = [ln for ln in lines if "[FTL]" in ln or "[ERR]" in ln]
+    chosen = bad or lines[-1:]
+    # Drop the pid and timestamp nats-server puts before the level.
+    return "; ".join(_LOG_PREFIX.sub("", ln).strip() for ln in chosen) or "(no reason given)"
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when its parent dies
+    (``PR_SET_PDEATHSIG``), or None where that does not exist.
+
+    The parent's death means the death of the thread that forked, so start the server from a
+    thread that lives as long as the process (``polos up`` starts it from the main thread).
+    The foreign function is looked up before the fork: the child only calls it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def child() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took hold
+            os._exit(1)
+
+    return child
+
+
 class EmbeddedServer:
     """A nats-server child process with JetStream on and its data under ``data_dir``.
 
@@ -63,6 +111,7 @@ class EmbeddedServer:
         config: str | Path | None = None,
         log_file: str | Path | None = None,
         extra_args: list[str] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
@@ -70,6 +119,10 @@ class EmbeddedServer:
         self.config = Path(config) if config else default_config()
         self.log_file = Path(log_file) if log_file else self.data_dir / "nats-server.log"
         self.extra_args = extra_args or []
+        # `polos up`: the server must not outlive the process that started it (it would hold
+        # the store and the port with nobody to stop it). Linux only; see _die_with_parent.
+        self.die_with_parent = die_with_parent
+        self.pid_file = self.data_dir / "nats-server.pid"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -88,16 +141,22 @@ class EmbeddedServer:
             "-p", str(port),
             "--ports_file_dir", str(ports_dir),
             "-l", str(self.log_file),
+            "-P", str(self.pid_file),
             *self.extra_args,
         ]
+        log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        # Its own session: a Ctrl-C in the terminal reaches `polos up`, which stops the
+        # services before the server, instead of reaching the server first.
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=_die_with_parent() if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"nats-server exited with {self.proc.returncode}: {err}")
+                reason = _exit_reason(err, self.log_file, log_offset)
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}: {reason}")
             files = list(ports_dir.glob("*.ports"))
             if files:
                 try:

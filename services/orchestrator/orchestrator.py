@@ -96,6 +96,8 @@ class Orchestrator:
         self._dispatched: OrderedDict[str, None] = OrderedDict()
         self._index_locks: dict[str, _RunLock] = {}
         self.index_conflicts = 0
+        # Set when the server refuses the service credentials on a reconnect.
+        self.fatal = jsl.Fatal()
 
     @property
     def js(self) -> JetStreamContext:
@@ -108,7 +110,9 @@ class Orchestrator:
         return self._nc
 
     async def start(self) -> None:
-        self._nc = await jsl.connect(self.settings, name="polos-orchestrator")
+        self._nc = await jsl.connect_service(
+            self.settings, name="polos-orchestrator", on_fatal=self.fatal
+        )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
         await jsl.ensure_topology(self._js, self.names, self.settings)
         self._index = await self._js.key_value(self.names.runs_bucket)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
-from polos._private.runtime import run_until_signal, settings_from_args
+from polos._private.runtime import run_main, run_until_signal, settings_from_args
 
 from .scheduler import Scheduler
 
@@ -17,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(run_until_signal(Scheduler(settings_from_args(args))))
+    run_main(run_until_signal(Scheduler(settings_from_args(args))))
 
 
 if __name__ == "__main__":

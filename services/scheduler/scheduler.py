@@ -56,6 +56,8 @@ class Scheduler:
         self.stale = 0
         self.cron_runs = 0
         self.lateness_ms: list[float] = []
+        # Set when the server refuses the service credentials on a reconnect.
+        self.fatal = jsl.Fatal()
 
     @property
     def js(self) -> JetStreamContext:
@@ -63,7 +65,9 @@ class Scheduler:
         return self._js
 
     async def start(self) -> None:
-        self._nc = await jsl.connect(self.settings, name="polos-scheduler")
+        self._nc = await jsl.connect_service(
+            self.settings, name="polos-scheduler", on_fatal=self.fatal
+        )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
         await jsl.ensure_topology(self._js, self.names, self.settings)
         await wt.ensure_waiting_topology(self._js, self.names, self.settings)
