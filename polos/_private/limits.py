@@ -234,19 +234,20 @@ class LimitsConfig:
             return None
         return entry.value or None
 
-    async def _cached(self, bucket: str, key: str) -> Any:
+    async def _cached(self, bucket: str, key: str, fresh: bool = False) -> Any:
         hit = self._cache.get(f"{bucket}/{key}")
         now = time.monotonic()
-        if hit is not None and now - hit[0] < self._ttl:
+        if hit is not None and now - hit[0] < self._ttl and not fresh:
             return hit[1]
         raw = await self._get(bucket, key)
         value = orjson.loads(raw) if raw else None
         self._cache[f"{bucket}/{key}"] = (now, value)
         return value
 
-    async def queue(self, name: str) -> Queue | None:
-        """The queue's limits, or None when it has none (every workflow's default queue)."""
-        data = await self._cached(queues_bucket(self._names), queue_key(name))
+    async def queue(self, name: str, *, fresh: bool = False) -> Queue | None:
+        """The queue's limits, or None when it has none (every workflow's default queue).
+        ``fresh``: read the bucket now, not the cache."""
+        data = await self._cached(queues_bucket(self._names), queue_key(name), fresh)
         if not data:
             return None
         q = Queue.from_dict(data)
@@ -257,6 +258,13 @@ class LimitsConfig:
         or, by default, its own name."""
         data = await self._cached(self._names.workflows_bucket, workflow)
         return str((data or {}).get("queue") or workflow)
+
+    def forget(self, *, workflow: str | None = None, queue: str | None = None) -> None:
+        """Drop what is cached about a workflow and a queue (a worker said it is out of date)."""
+        if workflow is not None:
+            self._cache.pop(f"{self._names.workflows_bucket}/{workflow}", None)
+        if queue is not None:
+            self._cache.pop(f"{queues_bucket(self._names)}/{queue_key(queue)}", None)
 
     async def rate_limit(self, scope: str) -> RateLimit | None:
         data = await self._cached(queues_bucket(self._names), rate_key(scope))
@@ -348,7 +356,13 @@ class SlotStore:
             if await self.put(key, value, expected=0, ttl=lease) is not None:
                 return key
         for _ in range(10):
-            held = {e.key for e in await self.entries(f"{pool}.*")}
+            entries = await self.entries(f"{pool}.*")
+            for e in entries:
+                if e.value.get("run") == run_id and e.value.get("adm") == adm:
+                    # Taken for this very admission by an earlier try whose answer was lost
+                    # (or whose caller failed after it): it is ours, not a second slot.
+                    return e.key
+            held = {e.key for e in entries}
             free = [i for i in range(size) if f"{pool}.{i}" not in held]
             if not free:
                 return None
@@ -474,20 +488,82 @@ def store_for(nc: NATS, js: JetStreamContext, names: jsl.Names) -> SlotStore:
     return s
 
 
-async def requeue_for_slot(nc: NATS, js: JetStreamContext, names: jsl.Names, run_id: str) -> None:
+NOT_ADMITTED = "not admitted under its workflow's queue"
+
+
+def declared_queues(workflows: Iterable[WorkflowDefinition[Any, Any]]) -> dict[str, Queue]:
+    """The limited queues these workflows declare in code (``@workflow(queue=Queue(...))``)."""
+    out: dict[str, Queue] = {}
+    for wf in workflows:
+        q = wf.options.get("queue_def")
+        if isinstance(q, Queue) and q.limited:
+            out[q.name] = q
+    return out
+
+
+def task_queue(task: dict[str, Any]) -> str | None:
+    """The queue a task was admitted under: its ``queue``, or for a task from an orchestrator
+    that did not write one, the queue its slot keys name (``q.<queue>.…``)."""
+    name = task.get("queue")
+    if isinstance(name, str):
+        return name
+    slots = task.get("slots") or []
+    if slots and isinstance(slots[0], str) and slots[0].startswith("q."):
+        return slots[0].split(".")[1]
+    return None
+
+
+def admission_needed(
+    declared: dict[str, Queue], wf: WorkflowDefinition[Any, Any], task: dict[str, Any],
+    requested: ev.RunRequested,
+) -> str | None:
+    """The queue a run must be admitted under before this worker may execute it, or None.
+
+    A worker knows the limited queues its own workflows declare; the orchestrator only knows
+    what some worker registered and it cached (nothing yet for a run started before the first
+    worker came up, or a moment before a deploy). So the worker refuses a run of a declared
+    limited queue whose task was not admitted under that queue (``adm`` and ``queue``), and
+    the run goes back to admission instead. A start that names another queue is ruled by that
+    queue's registered limits (the worker has no code for them)."""
+    if not declared:
+        return None
+    name = requested.queue or wf.task_queue
+    if name not in declared:
+        return None
+    if task.get("adm") is not None and task_queue(task) == name:
+        return None
+    return name
+
+
+async def send_to_admission(
+    js: JetStreamContext, names: jsl.Names, state: ev.RunState, queue: str | None, reason: str
+) -> int:
+    """Record ``RunSuspended(kind="slot", step="admission")`` fenced on the state's last event:
+    the orchestrator puts the run in line for ``queue`` (None: the one it resolves) and admits
+    it when there is room. Raises ``FencedOut`` when the run moved on meanwhile."""
+    requested = state.requested
+    assert requested is not None
+    data: dict[str, Any] = {"reason": reason}
+    if queue is not None:
+        data.update(queue=queue, concurrency_key=requested.concurrency_key or DEFAULT_KEY,
+                    workflow=requested.workflow)
+    event = ev.RunSuspended(run_id=state.run_id, step="admission", kind="slot", data=data)
+    return await jsl.append(
+        js, names, state.run_id, event, expected_last_seq=state.last_seq,
+        msg_id=f"{state.run_id}/w/{state.last_seq}",
+    )
+
+
+async def requeue_for_slot(
+    nc: NATS, js: JetStreamContext, names: jsl.Names, run_id: str, queue: str | None = None
+) -> None:
     """Send a run whose slot was lost back to admission: it waits again, holding no worker."""
     for _ in range(5):
         state = await jsl.load_state(nc, names, run_id)
-        if state.done or state.status == "suspended":
+        if state.done or state.status == "suspended" or state.requested is None:
             return
-        event = ev.RunSuspended(
-            run_id=run_id, step="admission", kind="slot", data={"reason": "slot lease lost"}
-        )
         try:
-            await jsl.append(
-                js, names, run_id, event, expected_last_seq=state.last_seq,
-                msg_id=f"{run_id}/w/{state.last_seq}",
-            )
+            await send_to_admission(js, names, state, queue, "slot lease lost")
             return
         except jsl.FencedOut:
             continue
@@ -498,8 +574,9 @@ async def run_holding_slots(
 ) -> str:
     """Run ``execute`` while keeping the task's slot leases alive (a no-op for unlimited runs).
 
-    The orchestrator releases the slots when the run's history says it ended or suspended; if
-    this worker dies the leases run out.
+    Called once the worker has claimed the run, so a stale task (the run moved on) never
+    takes a slot. The orchestrator releases the slots when the run's history says it ended or
+    suspended; if this worker dies the leases run out.
     """
     keys = task.get("slots")
     if not keys:
@@ -510,7 +587,7 @@ async def run_holding_slots(
     lease = SlotLease(store, run_id, int(task.get("adm", 0)), float(task.get("lease", 30.0)))
     if not await lease.take_over([str(k) for k in keys]):
         log.info("run %s: its slot was taken while it waited; back to admission", run_id)
-        await requeue_for_slot(nc, js, worker.names, run_id)
+        await requeue_for_slot(nc, js, worker.names, run_id, task_queue(task))
         return "done"
     keeper = asyncio.create_task(lease.keep_alive(), name=f"lease-{run_id}")
     try:
