@@ -629,3 +629,95 @@ async def _faults_during_admission(env: PolosEnvironment, mode: str) -> None:
     while await _held(env):
         assert time.monotonic() < deadline, f"slots left behind: {await _held(env)}"
         await asyncio.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- fairness, pinned:
+# each test fails when its rule is taken out of the admission pass.
+
+GATES: dict[str, asyncio.Event] = {}
+
+
+async def _until_open(gate: str) -> list[float]:
+    t0 = time.time()
+    await GATES.setdefault(gate, asyncio.Event()).wait()
+    return [t0, time.time()]
+
+
+RR1 = Queue("rr1", concurrency=1)
+
+
+@workflow(queue=RR1)
+async def cc_rr_gate(ctx: WorkflowContext, gate: str) -> list[float]:
+    return await ctx.step.run("hold", _until_open, gate)
+
+
+@workflow(queue=RR1)
+async def cc_rr(ctx: WorkflowContext, ms: float) -> list[float]:
+    return await ctx.step.run("work", _work, ms)
+
+
+async def _waiting(env: Any, queue: str) -> int:
+    rows = await limits.queue_stats(env.client.nc, env.client.js, env.client.names)
+    return sum(r["waiting"] for r in rows if r["queue"] == queue)
+
+
+async def _until_waiting(env: Any, queue: str, n: int) -> None:
+    deadline = time.monotonic() + 20
+    while await _waiting(env, queue) < n:
+        assert time.monotonic() < deadline, f"never {n} runs waiting in {queue}"
+        await asyncio.sleep(0.02)
+
+
+async def test_each_pass_starts_after_the_key_admitted_last(env_factory: Any) -> None:
+    """A queue of one, keys ka (5 runs), kb and kc (2 each) all waiting: each pass admits one
+    run and the next pass starts after its key, so the keys take turns. A pass that always
+    started at the first key would run all of ka's before kb's first."""
+    env = await env_factory([cc_rr_gate, cc_rr])
+    gate = f"rr-{time.time()}"
+    blocker = await env.client.start(cc_rr_gate, gate)
+    while not await _held(env):
+        await asyncio.sleep(0.01)
+    keyed = [(k, await env.client.start(cc_rr, 1.0, concurrency_key=k))
+             for k, n in (("ka", 5), ("kb", 2), ("kc", 2)) for _ in range(n)]
+    await _until_waiting(env, "rr1", len(keyed))
+    GATES[gate].set()
+    await blocker.result(timeout=20)
+    results = await asyncio.gather(*(h.result(timeout=30) for _, h in keyed))
+    ran = sorted((r[0], k) for (k, _), r in zip(keyed, results, strict=True))
+    order = [k for _, k in ran]
+    print(f"\nadmission order with a queue of one: {' '.join(order)}")
+    assert order == ["ka", "kb", "kc", "ka", "kb", "kc", "ka", "ka", "ka"]
+
+
+PK1 = Queue("pk1", per_key=1)
+
+
+@workflow(queue=PK1)
+async def cc_pk_gate(ctx: WorkflowContext, gate: str) -> list[float]:
+    return await ctx.step.run("hold", _until_open, gate)
+
+
+async def test_a_key_at_its_limit_does_not_stop_the_pass(env_factory: Any) -> None:
+    """One run per key: ka and kb each hold their slot, and one more run of each waits. When
+    kb's slot frees, the pass meets ka first (the first key, still at its limit) and must go on
+    to kb: kb's run finishes while ka's slot is still held."""
+    env = await env_factory([cc_pk_gate])
+    tag = f"pk-{time.time()}"
+    holders = {k: await env.client.start(cc_pk_gate, f"{tag}-{k}", concurrency_key=k)
+               for k in ("ka", "kb")}
+    deadline = time.monotonic() + 20
+    while len(await _held(env)) < 2:
+        assert time.monotonic() < deadline, "the holders never ran"
+        await asyncio.sleep(0.01)
+    waiting = {k: await env.client.start(cc_pk_gate, f"{tag}-{k}-2", concurrency_key=k)
+               for k in ("ka", "kb")}
+    await _until_waiting(env, "pk1", 2)
+    GATES.setdefault(f"{tag}-kb-2", asyncio.Event()).set()
+    GATES.setdefault(f"{tag}-kb", asyncio.Event()).set()  # kb's slot frees
+    await holders["kb"].result(timeout=20)
+    await waiting["kb"].result(timeout=20)
+    info = await env.client.get(waiting["ka"].run_id)
+    assert info.status == "suspended"  # ka still at its limit: its run still waits
+    GATES.setdefault(f"{tag}-ka", asyncio.Event()).set()
+    GATES.setdefault(f"{tag}-ka-2", asyncio.Event()).set()
+    await asyncio.gather(holders["ka"].result(timeout=20), waiting["ka"].result(timeout=20))
