@@ -49,9 +49,11 @@ from nats.js.api import (
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private.signals import Suspend
 from polos.queues import Queue, RateLimit
 
 if TYPE_CHECKING:
+    from polos._private.execution import RunExecution
     from polos.config import Settings
     from polos.workflow import WorkflowDefinition
 
@@ -621,7 +623,7 @@ class RateStore:
     def _refill(value: dict[str, Any] | None, limit: RateLimit, now: float) -> dict[str, float]:
         if value is None:
             return {"tok": limit.token_capacity, "req": limit.request_capacity, "at": now,
-                    "until": 0.0}
+                    "until": 0.0, "due": 0.0, "booked": 0.0}
         dt = max(0.0, now - float(value.get("at", now)))
         tok = float(value.get("tok", 0.0))
         req = float(value.get("req", 0.0))
@@ -629,7 +631,8 @@ class RateStore:
             tok = min(limit.token_capacity, tok + dt * limit.tokens_per_minute / 60.0)
         if limit.requests_per_minute:
             req = min(limit.request_capacity, req + dt * limit.requests_per_minute / 60.0)
-        return {"tok": tok, "req": req, "at": now, "until": float(value.get("until", 0.0))}
+        return {"tok": tok, "req": req, "at": now, "until": float(value.get("until", 0.0)),
+                "due": float(value.get("due", 0.0)), "booked": float(value.get("booked", 0.0))}
 
     async def _update(
         self,
@@ -655,8 +658,8 @@ class RateStore:
         """Take ``tokens`` and ``requests`` now, or return how long until they are there."""
 
         def change(s: dict[str, float], now: float) -> float:
-            if s["until"] > now:
-                return s["until"] - now
+            if max(s["until"], s["due"]) > now:
+                return max(s["until"], s["due"]) - now  # blocked, or bookings wait ahead
             wait = 0.0
             if limit.tokens_per_minute and tokens > 0:
                 # A request bigger than the burst waits until the bucket is full, then goes
@@ -674,14 +677,75 @@ class RateStore:
 
         return await self._update(scope, limit, change)
 
-    async def give(self, scope: str, limit: RateLimit, *, tokens: float) -> None:
+    async def book(
+        self, scope: str, limit: RateLimit, *, tokens: float, requests: float
+    ) -> tuple[float, int, float]:
+        """Take ``tokens`` and ``requests`` in line: at once, whether or not the bucket holds
+        them. The balance may go negative; whoever books next waits behind this booking, so
+        bookings are served in the order they were made (FIFO). Returns when the booking's
+        capacity should be there (epoch seconds, ``<= now``: at once), the bucket revision it
+        was written at (the bookings of a scope are ordered by it) and its place in line (the
+        tokens booked so far, this booking included) for ``shortfall``."""
+        key = rate_key(scope)
+        for _ in range(50):
+            e = await self.store.get(key)
+            now = time.time()
+            s = self._refill(e.value if e else None, limit, now)
+            # Never before a booking made earlier: capacity given back (a settled over-estimate)
+            # must not let a newer booking overtake one that already waits for its time.
+            ready = max(now, s["until"], s["due"])
+            if limit.tokens_per_minute and tokens > 0:
+                # A booking bigger than the burst waits for a full bucket, then goes (as in
+                # ``take``): it must not wait forever.
+                need = min(tokens, limit.token_capacity)
+                if s["tok"] < need:
+                    ready = max(ready, now + (need - s["tok"]) * 60.0 / limit.tokens_per_minute)
+                s["tok"] -= tokens
+                s["booked"] += tokens
+            if limit.requests_per_minute and requests > 0:
+                if s["req"] < requests:
+                    wait = (requests - s["req"]) * 60.0 / limit.requests_per_minute
+                    ready = max(ready, now + wait)
+                s["req"] -= requests
+            s["due"] = ready
+            value: dict[str, Any] = {**s, "scope": scope}
+            rev = await self.store.put(key, value, expected=e.revision if e else 0)
+            if rev is not None:
+                return ready, rev, s["booked"]
+        raise RuntimeError(f"rate limit {scope!r}: too much contention")
+
+    async def shortfall(self, scope: str, limit: RateLimit, *, place: float, tokens: float) -> float:
+        """Seconds until a booking of ``tokens`` at ``place`` in line (``book``) is covered:
+        0 when it is. The time ``book`` gave is an estimate made before the calls ahead settled;
+        one that used more than it reserved is charged to the balance, and so delays every
+        booking behind it (and a 429 since blocks them all)."""
+        e = await self.store.get(rate_key(scope))
+        now = time.time()
+        s = self._refill(e.value if e else None, limit, now)
+        wait = max(0.0, s["until"] - now)
+        if limit.tokens_per_minute and tokens > 0:
+            # The balance as it would be had this booking just been made: plus its own
+            # tokens, plus those booked after it.
+            available = s["tok"] + tokens + (s["booked"] - place)
+            need = min(tokens, limit.token_capacity)
+            if available < need:
+                wait = max(wait, (need - available) * 60.0 / limit.tokens_per_minute)
+        return wait
+
+    async def give(
+        self, scope: str, limit: RateLimit, *, tokens: float, requests: float = 0
+    ) -> None:
         """Settle: ``tokens`` > 0 gives back an over-estimate, < 0 charges an under-estimate
-        (the balance may go negative: the next callers wait the debt off)."""
-        if not limit.tokens_per_minute or tokens == 0:
+        (the balance may go negative: the next callers wait the debt off). ``requests``: a
+        booking given back unused."""
+        tokens = tokens if limit.tokens_per_minute else 0
+        requests = requests if limit.requests_per_minute else 0
+        if tokens == 0 and requests == 0:
             return
 
         def change(s: dict[str, float], now: float) -> float:
             s["tok"] = min(limit.token_capacity, s["tok"] + tokens)
+            s["req"] = min(limit.request_capacity, s["req"] + requests)
             return 0.0
 
         await self._update(scope, limit, change)
@@ -724,6 +788,39 @@ class Reservation:
         delta = self.estimate - self.settled
         for scope, limit in self.held:
             await self.limiter.rates.give(scope, limit, tokens=delta)
+
+    async def __aenter__(self) -> Reservation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._finish()
+
+
+@dataclass
+class Booking:
+    """Capacity taken in line from every scope of a call (``TokenLimiter.book``): it is the
+    caller's at ``ready_at``. ``order``: each scope's bucket revision of this booking."""
+
+    held: list[tuple[str, RateLimit]]
+    tokens: float
+    requests: float
+    ready_at: float
+    order: dict[str, int]
+    place: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "requests": self.requests, "ready_at": self.ready_at,
+                "order": self.order, "place": self.place,
+                "scopes": [{"scope": sc, **lim.to_dict()} for sc, lim in self.held]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Booking:
+        return cls(
+            held=[(str(d["scope"]), RateLimit.from_dict(d)) for d in data.get("scopes") or []],
+            tokens=float(data.get("tokens") or 0), requests=float(data.get("requests") or 0),
+            ready_at=float(data.get("ready_at") or 0), order=dict(data.get("order") or {}),
+            place={k: float(v) for k, v in (data.get("place") or {}).items()},
+        )
 
 
 class TokenLimiter:
@@ -799,6 +896,39 @@ class TokenLimiter:
         finally:
             await r._finish()
 
+    async def book(
+        self,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        tokens: float = 0,
+        requests: float = 1,
+    ) -> Booking:
+        """Take ``tokens`` and ``requests`` from every configured scope, in line: the booking
+        is the caller's at ``ready_at`` (now, or when the bookings made before it have been
+        served). ``cancel`` gives an unused booking back."""
+        held = await self._limits(model, provider)
+        ready, order, place = time.time(), {}, {}
+        for scope, limit in held:
+            at, order[scope], place[scope] = await self.rates.book(
+                scope, limit, tokens=tokens, requests=requests
+            )
+            ready = max(ready, at)
+        return Booking(held, float(tokens), float(requests), ready, order, place)
+
+    async def cancel(self, booking: Booking) -> None:
+        for scope, limit in booking.held:
+            await self.rates.give(scope, limit, tokens=booking.tokens, requests=booking.requests)
+
+    async def shortfall(self, booking: Booking) -> float:
+        """Seconds until every scope of ``booking`` covers it (0: go), as the buckets say now:
+        calls ahead of it that used more than they reserved, or a 429, push it back."""
+        wait = 0.0
+        for scope, limit in booking.held:
+            wait = max(wait, await self.rates.shortfall(
+                scope, limit, place=booking.place.get(scope, 0.0), tokens=booking.tokens))
+        return wait
+
     async def _take_all(
         self,
         model: str | None,
@@ -807,23 +937,22 @@ class TokenLimiter:
         requests: float,
         max_wait: float | None,
     ) -> list[tuple[str, RateLimit]]:
-        limits = await self._limits(model, provider)
-        deadline = None if max_wait is None else time.time() + max_wait
-        held: list[tuple[str, RateLimit]] = []
-        for scope, limit in limits:
-            while True:
-                wait = await self.rates.take(scope, limit, tokens=tokens, requests=requests)
-                if wait <= 0:
-                    held.append((scope, limit))
-                    break
-                if deadline is not None and time.time() + wait > deadline:
-                    # Give back what the other scopes granted: this call does not happen now.
-                    for s, lim in held:
-                        await self.rates.give(s, lim, tokens=tokens)
-                    raise RateLimited(scope, time.time() + wait)
-                self.waited += wait
-                await asyncio.sleep(min(wait, 5.0))
-        return held
+        booking = await self.book(model=model, provider=provider, tokens=tokens, requests=requests)
+        # Granted at once when it was covered at booking time; else wait for the time it gave,
+        # and check then (calls ahead may have used more than they reserved).
+        wait = booking.ready_at - time.time()
+        while wait > 0:
+            if max_wait is not None and wait > max_wait:
+                # This call does not happen now: the capacity goes back to the others.
+                await self.cancel(booking)
+                scope = booking.held[0][0] if booking.held else "?"
+                raise RateLimited(scope, time.time() + wait)
+            if max_wait is not None:
+                max_wait -= wait
+            self.waited += wait
+            await asyncio.sleep(wait)
+            wait = await self.shortfall(booking)
+        return booking.held
 
     async def backoff(
         self, *, model: str | None = None, provider: str | None = None, retry_after: float
@@ -835,6 +964,57 @@ class TokenLimiter:
 
 
 _limiters: weakref.WeakKeyDictionary[NATS, dict[str, TokenLimiter]] = weakref.WeakKeyDictionary()
+
+
+async def reserve_for_step(
+    exe: RunExecution,
+    step_id: str,
+    limiter: TokenLimiter,
+    *,
+    model: str | None,
+    provider: str | None,
+    tokens: float,
+) -> Reservation:
+    """The tokens of the LLM step ``step_id`` of a run, waited for without holding a worker.
+
+    The capacity is booked in line (``TokenLimiter.book``: FIFO per scope). If it is there
+    within ``settings.rate_wait_limit`` the step waits here. Otherwise the run suspends with
+    ``RunSuspended(kind="rate", step=step_id, wake_at=<when it is there>)`` holding the booking
+    in its data: no task and no slot on any worker. The scheduler wakes it at that
+    time (a durable timer), and the step, replayed to this point on whichever worker gets the
+    run, calls with the booked tokens instead of taking them again, so runs waiting on one
+    scope go in the order they booked.
+
+    A booking counts once: if the execution that was woken with it died before the step was
+    recorded (the call may have been made), the next one books again.
+    """
+    sus = exe.state.rate_waits.get(step_id)
+    data = sus.data if sus is not None and isinstance(sus.data, dict) else None
+    if data is not None and data.get("attempt") == exe.attempt - 1:
+        # Woken with its booking, by the first execution since the wait: the tokens are ours
+        # once the bucket says the calls ahead (and any 429 since) are paid for.
+        booking = Booking.from_json(data)
+        wait = await limiter.shortfall(booking)
+    else:
+        booking = await limiter.book(model=model, provider=provider, tokens=tokens)
+        wait = booking.ready_at - time.time()
+    while wait > 0:
+        _suspend_if_long(exe, step_id, booking, wait)
+        limiter.waited += wait
+        await asyncio.sleep(wait)
+        wait = await limiter.shortfall(booking)
+    return Reservation(limiter, booking.held, booking.tokens)
+
+
+def _suspend_if_long(exe: RunExecution, step_id: str, booking: Booking, wait: float) -> None:
+    """Suspend the run for a wait longer than ``settings.rate_wait_limit``."""
+    if wait <= exe.settings.rate_wait_limit:
+        return
+    event = ev.RunSuspended(
+        run_id=exe.run_id, step=step_id, kind="rate", wake_at=time.time() + wait,
+        data={**booking.to_json(), "attempt": exe.attempt},
+    )
+    raise Suspend(event, msg_id=f"{exe.run_id}/w/{step_id}/rate/{exe.attempt}")
 
 
 def retry_after_seconds(headers: Any, default: float = 1.0) -> float:
@@ -894,6 +1074,7 @@ async def queue_stats(nc: NATS, js: JetStreamContext, names: jsl.Names) -> list[
 
 __all__ = [
     "DEFAULT_KEY",
+    "Booking",
     "LimitsConfig",
     "RateLimited",
     "RateStore",
@@ -908,6 +1089,7 @@ __all__ = [
     "pool_names",
     "queue_stats",
     "register_queues",
+    "reserve_for_step",
     "retry_after_seconds",
     "run_holding_slots",
     "token",
