@@ -27,6 +27,15 @@ Crash safety, with any number of orchestrators:
   publishes the task from it (same message id: never twice).
 * die before deleting the entry: the next pass finds the run already admitted (duplicate or
   fenced) and deletes the entry.
+* JetStream unavailable for a moment (a leader election, a reconnect): ``RunAdmitted``, tasks
+  and waiting-line entries are written through the retrying path (``jetstream.append``,
+  ``Orchestrator.publish_task``), and a slot already taken for the same admission is found
+  again rather than a second one taken.
+
+What the orchestrator knows of a workflow's queue comes from the workers' registrations, and
+may be missing or a moment old; the task says which queue it was admitted under, and a worker
+whose workflow declares a limited queue executes no task of another (``limits.admission_needed``):
+it sends the run back here, to wait in that queue's line.
 
 Slots are given back on the run's next ``RunSuspended``/``RunCompleted``/``RunFailed``/
 ``RunCancelled`` (control hook), and only those taken by an admission older than that event.
