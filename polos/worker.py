@@ -357,6 +357,10 @@ class Worker:
                     )
                 except jsl.FencedOut:
                     continue
+                if task.get("slots"):
+                    # Taken for an admission under another queue: not this run's any more.
+                    store = limits.store_for(self._nc, self._js, self.names)
+                    await store.release_keys([str(k) for k in task["slots"]], run_id)
                 self.sent_to_admission += 1
                 log.info("run %s: its task was not admitted under queue %r; sent to admission",
                          run_id, queue)
