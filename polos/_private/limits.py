@@ -358,13 +358,7 @@ class SlotStore:
             if await self.put(key, value, expected=0, ttl=lease) is not None:
                 return key
         for _ in range(10):
-            entries = await self.entries(f"{pool}.*")
-            for e in entries:
-                if e.value.get("run") == run_id and e.value.get("adm") == adm:
-                    # Taken for this very admission by an earlier try whose answer was lost
-                    # (or whose caller failed after it): it is ours, not a second slot.
-                    return e.key
-            held = {e.key for e in entries}
+            held = {e.key for e in await self.entries(f"{pool}.*")}
             free = [i for i in range(size) if f"{pool}.{i}" not in held]
             if not free:
                 return None

@@ -29,8 +29,9 @@ Crash safety, with any number of orchestrators:
   fenced) and deletes the entry.
 * JetStream unavailable for a moment (a leader election, a reconnect): ``RunAdmitted``, tasks
   and waiting-line entries are written through the retrying path (``jetstream.append``,
-  ``Orchestrator.publish_task``), and a slot already taken for the same admission is found
-  again rather than a second one taken.
+  ``Orchestrator.publish_task``). A dispatch that parks the run while an earlier one of the
+  same cause still holds a slot for it (a retried or repeated dispatch) loses nothing either:
+  a run that records its wait gives back every slot it held.
 
 What the orchestrator knows of a workflow's queue comes from the workers' registrations, and
 may be missing or a moment old; the task says which queue it was admitted under, and a worker
@@ -259,14 +260,21 @@ class Admission:
             await self._repair_admitted(run_id, seq, event)
         elif isinstance(event, ev.RunSuspended) and event.kind in WAIT_KINDS \
                 and event.step == "admission":
-            await self._enqueue(run_id, seq, event)
+            # A run in line holds no slot: one taken for it before (a dispatch of the same
+            # cause that was retried or repeated, then parked) would otherwise stay taken, with
+            # the run waiting behind it, until its lease ran out.
+            await asyncio.gather(self._release(run_id, seq), self._enqueue(run_id, seq, event))
         elif isinstance(event, _RELEASE_ON):
-            queue, key, _ = await self.resolve(run_id, None, None)
-            if queue is None:
-                return
-            pools = limits.pool_names(queue, limits.token(key))
-            if await self.store.release_run(pools, run_id, before=seq):
-                self.kick(queue.name)
+            await self._release(run_id, seq)
+
+    async def _release(self, run_id: str, seq: int) -> None:
+        """Give back the slots the run holds from admissions older than ``seq``."""
+        queue, key, _ = await self.resolve(run_id, None, None)
+        if queue is None:
+            return
+        pools = limits.pool_names(queue, limits.token(key))
+        if await self.store.release_run(pools, run_id, before=seq):
+            self.kick(queue.name)
 
     async def _repair_admitted(self, run_id: str, seq: int, event: ev.RunAdmitted) -> None:
         # Normally the admitting pass published this task already: same id, a no-op.
