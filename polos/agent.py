@@ -472,14 +472,20 @@ class _Loop:
                 if limiter is None:
                     outcome = await llm.call_llm(agent.config, req, headers=headers, on_delta=on_delta)
                 else:
+                    from polos._private.limits import reserve_for_step
+
                     # System-wide token and request limits (polos/_private/limits.py): reserve an
-                    # estimate, settle with the real usage, and share a 429 with every process.
+                    # estimate (a long wait suspends the run: it holds no worker meanwhile),
+                    # settle with the real usage, and share a 429 with every process.
                     async def blocked(seconds: float) -> None:
                         await limiter.backoff(model=agent.model, provider=agent.provider, retry_after=seconds)
 
-                    async with limiter.reserve(
-                        model=agent.model, provider=agent.provider, tokens=llm.estimate_request_tokens(req)
-                    ) as reservation:
+                    assert runner.execution is not None
+                    reservation = await reserve_for_step(
+                        runner.execution, step_id, limiter, model=agent.model,
+                        provider=agent.provider, tokens=llm.estimate_request_tokens(req),
+                    )
+                    async with reservation:
                         outcome = await llm.call_llm(
                             agent.config, req, headers=headers, on_delta=on_delta, on_rate_limited=blocked
                         )

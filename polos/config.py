@@ -38,6 +38,11 @@ class Settings:
     local_retry_limit: float = field(
         default_factory=lambda: _env_float("POLOS_LOCAL_RETRY_LIMIT", 30.0)
     )
+    # An LLM step whose tokens are there within this many seconds waits for them inside the
+    # worker; a longer wait suspends the run (kind "rate") until they are, holding no worker.
+    rate_wait_limit: float = field(
+        default_factory=lambda: _env_float("POLOS_RATE_WAIT_LIMIT", 1.0)
+    )
     request_timeout: float = field(default_factory=lambda: _env_float("POLOS_REQUEST_TIMEOUT", 5.0))
     # A concurrency slot's lease: a worker that dies holding one gives it back this long after
     # its last renewal (renewed every third of it while the run executes).
@@ -79,6 +84,7 @@ class Settings:
             "POLOS_HEARTBEAT_INTERVAL": str(self.heartbeat_interval),
             "POLOS_WORKER_TTL": str(self.worker_ttl),
             "POLOS_LOCAL_RETRY_LIMIT": str(self.local_retry_limit),
+            "POLOS_RATE_WAIT_LIMIT": str(self.rate_wait_limit),
             "POLOS_REQUEST_TIMEOUT": str(self.request_timeout),
             "POLOS_SERVICE_ACK_WAIT": str(self.service_ack_wait),
             "POLOS_SLOT_LEASE": str(self.slot_lease),

@@ -92,7 +92,9 @@ class RunCancelled(Event):
 class RunSuspended(Event):
     """The run stopped executing until ``wake`` (a resume, an event, a timer, a child) arrives.
 
-    ``kind`` says what it waits for: suspend | event | sleep | child | retry | slot.
+    ``kind`` says what it waits for: suspend | event | sleep | child | retry | slot | rate.
+    ``kind="rate"`` at ``step="admission"`` waits for a queue's rate; at an LLM step, for the
+    tokens it booked (``data``), until ``wake_at``.
     """
 
     run_id: str
@@ -284,6 +286,9 @@ class RunState:
     step_order: list[str] = field(default_factory=list)
     attempt_failures: dict[str, int] = field(default_factory=dict)
     suspended: RunSuspended | None = None
+    # The last rate wait of each LLM step (``RunSuspended(kind="rate")``): the tokens it booked,
+    # which the step uses once woken instead of taking them again.
+    rate_waits: dict[str, RunSuspended] = field(default_factory=dict)
     output: JSON = None
     error: dict[str, JSON] | None = None
     created_at: float | None = None
@@ -322,6 +327,8 @@ class RunState:
             self.attempt_failures[event.key] = event.attempt
         elif isinstance(event, RunSuspended):
             self.suspended = event
+            if event.kind == "rate" and event.step != "admission":
+                self.rate_waits[event.step] = event
             if not self.done:
                 self.status = "suspended"
         elif isinstance(event, RunWoken):

@@ -32,6 +32,7 @@ from nats.js.kv import KeyValue
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private import limits
 from polos._private.execution import RunExecution, error_info
 from polos._private.limits import register_queues, run_holding_slots
 from polos._private.signals import Suspend
@@ -100,6 +101,10 @@ class Worker:
         self._states: OrderedDict[str, ev.RunState] = OrderedDict()
         self._state_cache = state_cache
         self.history_reads = {"full": 0, "delta": 0, "none": 0}
+        # The limited queues these workflows declare: a run of one executes here only under an
+        # admission of that queue, whatever the orchestrator knew when it dispatched it.
+        self._queues = limits.declared_queues(self.workflows.values())
+        self.sent_to_admission = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -182,6 +187,9 @@ class Worker:
 
     async def _register_workflows(self) -> None:
         assert self._js is not None
+        # Queues first: an orchestrator that finds a workflow naming its queue finds the
+        # queue's limits too.
+        await register_queues(self._nc, self._js, self.names, self.settings, self.workflows.values())
         kv = await self._js.key_value(self.names.workflows_bucket)
         for wf in self.workflows.values():
             doc = {
@@ -195,7 +203,6 @@ class Worker:
                 "doc": (wf.fn.__doc__ or "").strip() or None,
             }
             await kv.put(wf.name, orjson.dumps(doc))
-        await register_queues(self._nc, self._js, self.names, self.settings, self.workflows.values())
 
     async def _announce(self) -> None:
         assert self._workers_kv is not None
@@ -255,8 +262,7 @@ class Worker:
         self._active[run_id] = active
         hb = asyncio.create_task(self._heartbeat(active))
         try:
-            # A run of a limited queue carries its slot leases: kept alive while it executes.
-            outcome = await run_holding_slots(self, task, lambda: self._execute(wf, run_id, task))
+            outcome = await self._execute(wf, run_id, task)
         except asyncio.CancelledError:
             if active.cancelled and active.task is not None:
                 # The run was cancelled (RunCancelled is in its history): nothing left to do.
@@ -356,6 +362,24 @@ class Worker:
                 return None
             if state.done or state.status == "suspended":
                 return None  # a stale or duplicate task: nothing to do
+            queue = limits.admission_needed(self._queues, wf, task, state.requested)
+            if queue is not None:
+                # Dispatched by an orchestrator that did not know the workflow's queue (yet):
+                # not run here, sent back to wait for a slot of its queue.
+                try:
+                    await limits.send_to_admission(
+                        self._js, self.names, state, queue, limits.NOT_ADMITTED
+                    )
+                except jsl.FencedOut:
+                    continue
+                if task.get("slots"):
+                    # Taken for an admission under another queue: not this run's any more.
+                    store = limits.store_for(self._nc, self._js, self.names)
+                    await store.release_keys([str(k) for k in task["slots"]], run_id)
+                self.sent_to_admission += 1
+                log.info("run %s: its task was not admitted under queue %r; sent to admission",
+                         run_id, queue)
+                return None
             exe = RunExecution(
                 js=self._js,
                 nc=self._nc,
@@ -379,10 +403,15 @@ class Worker:
     async def _execute(
         self, wf: WorkflowDefinition[Any, Any], run_id: str, task: dict[str, Any]
     ) -> str:
-        assert self._js is not None
         exe = await self._claim(wf, run_id, task)
         if exe is None:
             return "done"
+        # A run of a limited queue carries its slot leases: kept alive while it executes.
+        return await run_holding_slots(self, task, lambda: self._run(wf, exe))
+
+    async def _run(self, wf: WorkflowDefinition[Any, Any], exe: RunExecution) -> str:
+        assert self._js is not None
+        run_id = exe.run_id
         requested = exe.state.requested
         assert requested is not None
         ctx = WorkflowContext(exe)

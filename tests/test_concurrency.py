@@ -21,7 +21,7 @@ from polos._private import limits
 from polos.config import Settings
 from polos.errors import RunNotFoundError
 from polos.queues import configure_queue
-from polos.testing import fast_settings
+from polos.testing import PolosEnvironment, fast_settings
 
 LEASE = 2.0
 
@@ -429,3 +429,295 @@ async def test_an_admission_whose_task_was_never_published_is_repaired_from_the_
     await asyncio.sleep(0.1)  # a repeated repair must not add a second task
     info = await a.client.js.stream_info(a.client.names.tasks_stream, subjects_filter=subject)
     assert (info.state.subjects or {}).get(subject) == 1
+
+
+# --------------------------------------------------------------------------- the limit holds from
+# the first second: whatever the orchestrator knew when it dispatched a run, a worker executes a
+# run of a limited queue only under an admission of that queue.
+
+EARLY = Queue("early3", concurrency=3)
+
+
+@workflow(queue=EARLY)
+async def cc_early(ctx: WorkflowContext, ms: float) -> list[float]:
+    return await ctx.step.run("work", _work, ms)
+
+
+async def _two_workers(settings: Settings, *workflows: Any) -> list[Any]:
+    from polos.worker import Worker
+
+    workers = [Worker(list(workflows), settings=settings) for _ in range(2)]
+    await asyncio.gather(*(w.start() for w in workers))
+    return workers
+
+
+async def _stop_all(workers: list[Any]) -> None:
+    await asyncio.gather(*(w.stop() for w in workers))
+
+
+async def test_runs_started_before_any_worker_registered_the_queue_keep_its_limit(
+    env_factory: Any, settings: Settings
+) -> None:
+    """40 runs started while no worker has registered the workflow (so no orchestrator can
+    know its queue), then two workers: at most 3 at once, as the workflow declares."""
+    env = await env_factory([], with_worker=False)
+    handles = [await env.client.start(cc_early, 30.0) for _ in range(40)]
+    deadline = time.monotonic() + 20
+    while True:  # every run dispatched, under the only queue the orchestrator could know of
+        listed = await env.client.list_runs(limit=100)
+        if sum(1 for r in listed if r.status == "queued") == 40:
+            break
+        assert time.monotonic() < deadline, "the runs were never dispatched"
+        await asyncio.sleep(0.02)
+    workers = await _two_workers(settings, cc_early)
+    try:
+        results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+    finally:
+        await _stop_all(workers)
+    peak = max_overlap(results)
+    sent_back = 0
+    for h in handles:
+        history = await env.client.history(h.run_id)
+        sent_back += any(isinstance(e, ev.RunSuspended) and e.kind == "slot" for _, e in history)
+    print(f"\n40 runs started before any worker registered queue early3 (limit 3): most active "
+          f"at once {peak}; {sent_back} sent back to admission by a worker")
+    assert peak <= 3
+    assert peak >= 2
+
+
+async def test_runs_started_right_after_two_workers_start_keep_the_limit(
+    env_factory: Any, settings: Settings
+) -> None:
+    """The issue's case: two workers start and 40 runs are started at the same moment; the
+    orchestrator had looked the workflow up a moment before (its cache says: no queue)."""
+    env = await env_factory([], with_worker=False)
+    adm = env.orchestrator.admission
+    # What runs started a moment before the deploy leave in the orchestrator's cache: the
+    # workflow is unknown (so it has its default queue, unlimited), and so is queue early3
+    # (a start that named it, before any worker registered it).
+    assert await adm.config.queue(await adm.config.workflow_queue("cc_early")) is None
+    assert await adm.config.queue("early3") is None
+    starts = [env.client.start(cc_early, 30.0) for _ in range(40)]
+    workers, *handles = await asyncio.gather(_two_workers(settings, cc_early), *starts)
+    try:
+        results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+    finally:
+        await _stop_all(workers)
+    peak = max_overlap(results)
+    print(f"\n40 runs started with two workers starting (stale cache): most active at once {peak}")
+    assert peak <= 3
+
+
+async def test_two_orchestrators_that_never_saw_the_queue_keep_the_limit(
+    env_factory: Any, settings: Settings
+) -> None:
+    a = await env_factory([], with_worker=False)
+    b = await env_factory([], with_worker=False)
+    handles = [await (a if i % 2 else b).client.start(cc_early, 30.0) for i in range(40)]
+    workers = await _two_workers(settings, cc_early)
+    try:
+        results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+    finally:
+        await _stop_all(workers)
+    assert max_overlap(results) <= 3
+
+
+@workflow(name="cc_versioned")
+async def cc_versioned_v1(ctx: WorkflowContext, ms: float) -> list[float]:
+    return await ctx.step.run("work", _work, ms)
+
+
+@workflow(name="cc_versioned", queue=Queue("versioned2", concurrency=2))
+async def cc_versioned_v2(ctx: WorkflowContext, ms: float) -> list[float]:
+    return await ctx.step.run("work", _work, ms)
+
+
+async def test_a_queue_registered_by_a_newer_worker_version_holds_at_once(
+    env_factory: Any, settings: Settings
+) -> None:
+    """Version 1 of a workflow has no queue; version 2 declares one with a limit of 2. Runs
+    started as version 2's workers come up (the orchestrators still know version 1's
+    registration) run under version 2's limit."""
+    from polos.worker import Worker
+
+    env = await env_factory([], with_worker=False)
+    v1 = Worker([cc_versioned_v1], settings=settings)
+    await v1.start()
+    await (await env.client.start("cc_versioned", 1.0)).result(timeout=20)  # v1 known, cached
+    await v1.stop()
+    starts = [env.client.start("cc_versioned", 30.0) for _ in range(30)]
+    workers, *handles = await asyncio.gather(_two_workers(settings, cc_versioned_v2), *starts)
+    try:
+        results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+    finally:
+        await _stop_all(workers)
+    peak = max_overlap([list(r) for r in results])
+    print(f"\n30 runs as version 2 (limit 2) came up over version 1 (no queue): peak {peak}")
+    assert peak <= 2
+
+
+# --------------------------------------------------------------------------- JetStream unavailable
+# during admission (a leader election, a reconnect): admission's writes are retried like every
+# other append and task publish, so nothing is lost and no slot is left behind.
+
+
+class Unavailable:
+    """An orchestrator's connection, for its first ``n`` publishes that ``match``, meets a
+    JetStream that cannot take them, the way a client does during a leader election or a
+    reconnect: ``refused``, the request is answered with status 503 (no responders) and
+    nothing is stored; ``answer_lost``, the message is stored but its ack never comes back."""
+
+    def __init__(self, nc: Any, match: Any, n: int, mode: str) -> None:
+        self.nc, self.match, self.left, self.mode = nc, match, n, mode
+        self.real = nc.publish
+        self.hits: list[str] = []
+        nc.publish = self.publish
+
+    async def publish(self, subject: str, payload: bytes = b"", reply: str = "",
+                      headers: dict[str, str] | None = None) -> None:
+        if reply and self.left > 0 and self.match(subject, payload):
+            self.left -= 1
+            self.hits.append(subject)
+            if self.mode == "refused":
+                await self.real(reply, b"", headers={"Status": "503"})
+                return
+            reply = self.nc.new_inbox()  # nobody listens there: the ack is lost
+        await self.real(subject, payload, reply=reply, headers=headers)
+
+
+EXECUTED: dict[str, int] = {}
+
+
+async def _count(tag: str) -> list[float]:
+    EXECUTED[tag] = EXECUTED.get(tag, 0) + 1
+    return await _work(5.0)
+
+
+@workflow(queue=Queue("fault1", concurrency=1))
+async def cc_fault(ctx: WorkflowContext, tag: str) -> list[float]:
+    return await ctx.step.run("work", _count, tag)
+
+
+@pytest.mark.parametrize("mode", ["refused", "answer_lost"])
+async def test_jetstream_unavailable_during_admission_loses_no_run_and_no_slot(
+    settings: Settings, mode: str
+) -> None:
+    # A slot left behind would block this queue of one for a minute: far longer than the runs
+    # take, so a leak shows as runs that never finish.
+    async with PolosEnvironment(settings.with_(slot_lease=60.0, request_timeout=0.5),
+                                [cc_fault]) as env:
+        await _faults_during_admission(env, mode)
+
+
+async def _faults_during_admission(env: PolosEnvironment, mode: str) -> None:
+    orch = env.orchestrator
+    tasks = Unavailable(orch.nc, lambda s, p: ".task." in s, 6, mode)
+    admits = Unavailable(orch.nc, lambda s, p: ".run." in s and b'"RunAdmitted"' in p, 6, mode)
+    tags = [f"{mode}-{i}" for i in range(4)]
+    handles = [await env.client.start(cc_fault, t) for t in tags]
+    results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+    assert tasks.hits and admits.hits, "the faults never hit admission"
+    print(f"\n[{mode}] {len(tasks.hits)} task publishes and {len(admits.hits)} RunAdmitted "
+          f"appends failed; all {len(results)} runs finished; admission {orch.admission.stats()}")
+    assert [EXECUTED[t] for t in tags] == [1] * len(tags)  # each run executed once
+    assert max_overlap(results) == 1
+    assert orch.dead_lettered == 0
+    for h in handles:  # one admission per run that waited, never two
+        history = await env.client.history(h.run_id)
+        assert sum(isinstance(e, ev.RunAdmitted) for _, e in history) <= 1
+    deadline = time.monotonic() + 10
+    while await _held(env):
+        assert time.monotonic() < deadline, f"slots left behind: {await _held(env)}"
+        await asyncio.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- fairness, pinned:
+# each test fails when its rule is taken out of the admission pass.
+
+GATES: dict[str, asyncio.Event] = {}
+
+
+async def _until_open(gate: str) -> list[float]:
+    t0 = time.time()
+    await GATES.setdefault(gate, asyncio.Event()).wait()
+    return [t0, time.time()]
+
+
+RR1 = Queue("rr1", concurrency=1)
+
+
+@workflow(queue=RR1)
+async def cc_rr_gate(ctx: WorkflowContext, gate: str) -> list[float]:
+    return await ctx.step.run("hold", _until_open, gate)
+
+
+@workflow(queue=RR1)
+async def cc_rr(ctx: WorkflowContext, ms: float) -> list[float]:
+    return await ctx.step.run("work", _work, ms)
+
+
+async def _waiting(env: Any, queue: str) -> int:
+    rows = await limits.queue_stats(env.client.nc, env.client.js, env.client.names)
+    return sum(r["waiting"] for r in rows if r["queue"] == queue)
+
+
+async def _until_waiting(env: Any, queue: str, n: int) -> None:
+    deadline = time.monotonic() + 20
+    while await _waiting(env, queue) < n:
+        assert time.monotonic() < deadline, f"never {n} runs waiting in {queue}"
+        await asyncio.sleep(0.02)
+
+
+async def test_each_pass_starts_after_the_key_admitted_last(env_factory: Any) -> None:
+    """A queue of one, keys ka (5 runs), kb and kc (2 each) all waiting: each pass admits one
+    run and the next pass starts after its key, so the keys take turns. A pass that always
+    started at the first key would run all of ka's before kb's first."""
+    env = await env_factory([cc_rr_gate, cc_rr])
+    gate = f"rr-{time.time()}"
+    blocker = await env.client.start(cc_rr_gate, gate)
+    while not await _held(env):
+        await asyncio.sleep(0.01)
+    keyed = [(k, await env.client.start(cc_rr, 1.0, concurrency_key=k))
+             for k, n in (("ka", 5), ("kb", 2), ("kc", 2)) for _ in range(n)]
+    await _until_waiting(env, "rr1", len(keyed))
+    GATES[gate].set()
+    await blocker.result(timeout=20)
+    results = await asyncio.gather(*(h.result(timeout=30) for _, h in keyed))
+    ran = sorted((r[0], k) for (k, _), r in zip(keyed, results, strict=True))
+    order = [k for _, k in ran]
+    print(f"\nadmission order with a queue of one: {' '.join(order)}")
+    assert order == ["ka", "kb", "kc", "ka", "kb", "kc", "ka", "ka", "ka"]
+
+
+PK1 = Queue("pk1", per_key=1)
+
+
+@workflow(queue=PK1)
+async def cc_pk_gate(ctx: WorkflowContext, gate: str) -> list[float]:
+    return await ctx.step.run("hold", _until_open, gate)
+
+
+async def test_a_key_at_its_limit_does_not_stop_the_pass(env_factory: Any) -> None:
+    """One run per key: ka and kb each hold their slot, and one more run of each waits. When
+    kb's slot frees, the pass meets ka first (the first key, still at its limit) and must go on
+    to kb: kb's run finishes while ka's slot is still held."""
+    env = await env_factory([cc_pk_gate])
+    tag = f"pk-{time.time()}"
+    holders = {k: await env.client.start(cc_pk_gate, f"{tag}-{k}", concurrency_key=k)
+               for k in ("ka", "kb")}
+    deadline = time.monotonic() + 20
+    while len(await _held(env)) < 2:
+        assert time.monotonic() < deadline, "the holders never ran"
+        await asyncio.sleep(0.01)
+    waiting = {k: await env.client.start(cc_pk_gate, f"{tag}-{k}-2", concurrency_key=k)
+               for k in ("ka", "kb")}
+    await _until_waiting(env, "pk1", 2)
+    GATES.setdefault(f"{tag}-kb-2", asyncio.Event()).set()
+    GATES.setdefault(f"{tag}-kb", asyncio.Event()).set()  # kb's slot frees
+    await holders["kb"].result(timeout=20)
+    await waiting["kb"].result(timeout=20)
+    info = await env.client.get(waiting["ka"].run_id)
+    assert info.status == "suspended"  # ka still at its limit: its run still waits
+    GATES.setdefault(f"{tag}-ka", asyncio.Event()).set()
+    GATES.setdefault(f"{tag}-ka-2", asyncio.Event()).set()
+    await asyncio.gather(holders["ka"].result(timeout=20), waiting["ka"].result(timeout=20))

@@ -8,6 +8,7 @@ The proofs use the times the server (or the step) saw, never the test's own timi
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import threading
@@ -23,7 +24,10 @@ from polos import Queue, RateLimit, WorkflowContext, workflow
 from polos import events as ev
 from polos._private import limits
 from polos._private.limits import TokenLimiter, retry_after_seconds
+from polos._private.llm import estimate_request_tokens
+from polos.agent import Agent
 from polos.config import Settings
+from polos.devllm import DevLLM
 from polos.queues import configure_rate_limit
 from polos.testing import fast_settings
 
@@ -97,7 +101,8 @@ def llm_server() -> Iterator[FakeOpenAI]:
 
 @pytest.fixture
 def settings(nats_server: Any) -> Settings:
-    return fast_settings(nats_server.url, slot_lease=2.0)
+    # rate_wait_limit 0: an LLM step that has to wait for tokens at all suspends the run.
+    return fast_settings(nats_server.url, slot_lease=2.0, rate_wait_limit=0.0)
 
 
 BASE_URL: dict[str, str] = {}
@@ -267,3 +272,179 @@ async def test_requests_per_minute_on_a_queue_paces_admission(env_factory: Any) 
     assert waiting is not None
     assert excess <= 2 + 1  # the burst, plus one run admitted at the edge of a window
 
+
+
+# --------------------------------------------------------------------------- waiting for tokens
+# holds nothing: an agent's LLM step over its model's tokens per minute suspends the run.
+
+RATED_MODEL = "rated-model"
+GAP = 1.5  # seconds of the model's token rate one call uses
+# The dev LLM's answer here is 17 tokens: the estimate is then about what a call uses, so
+# settling gives next to nothing back and the waits are what the rate says.
+rated_agent = Agent("rated_agent", model=RATED_MODEL, instructions="Answer in one line.",
+                    model_settings={"max_tokens": 17})
+
+
+@workflow(queue=Queue("rated1", concurrency=1))
+async def rl_agent_job(ctx: WorkflowContext, n: int) -> str:
+    r = await ctx.step.agent_invoke_and_wait(
+        "ask", rated_agent.with_input(f"job {n}"), inline=True
+    )
+    return str(r.result)
+
+
+def _call_tokens(n: int) -> int:
+    """What the agent's call of job ``n`` reserves (its estimate)."""
+    return estimate_request_tokens({
+        "messages": [*rated_agent.system_message(), {"role": "user", "content": f"job {n}"}],
+        "max_tokens": 17,
+    })
+
+
+async def _rate_waits(h: Any, client: Any) -> list[tuple[int, ev.RunSuspended, float | None]]:
+    """The run's rate waits: (sequence, the RunSuspended, when the wake after it came)."""
+    history = await client.history(h.run_id)
+    out: list[tuple[int, ev.RunSuspended, float | None]] = []
+    for i, (seq, e) in enumerate(history):
+        if isinstance(e, ev.RunSuspended) and e.kind == "rate":
+            woke = next((w.at for _, w in history[i + 1:] if type(w) is ev.RunWoken), None)
+            out.append((seq, e, woke))
+    return out
+
+
+async def test_an_llm_step_waiting_for_tokens_holds_no_worker_and_no_slot_and_wakes_in_order(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five agent runs in a queue of one, each making one LLM call, under a token rate that
+    lets one call through every 1.5 s. The first calls at once; each other one books its
+    tokens in line and its run suspends (kind "rate"): no worker task, no slot (so the next
+    run of the queue of one gets in and books behind it). The scheduler wakes each run when
+    its tokens are there, in the order they were booked; each call is made once."""
+    async with DevLLM() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        env = await env_factory([rl_agent_job])
+        tokens = _call_tokens(0)
+        await configure_rate_limit(env.client, f"model:{RATED_MODEL}", RateLimit(
+            tokens_per_minute=tokens * 60 / GAP, burst_seconds=GAP))
+        n = 5
+        handles = [await env.client.start(rl_agent_job, i) for i in range(n)]
+
+        deadline = time.monotonic() + 20
+        while True:
+            waiting = [r for r in await env.client.list_runs(status="suspended")
+                       if (r.waiting or {}).get("kind") == "rate"]
+            if len(waiting) == n - 1:
+                break
+            assert time.monotonic() < deadline, f"{len(waiting)} runs waiting for tokens"
+            await asyncio.sleep(0.01)
+        # Four runs wait for tokens: no worker executes any of them, no task of the workflow
+        # is out, and the queue's one slot is free.
+        assert env.worker is not None and env.worker.active_runs == []
+        consumer = await env.client.js.consumer_info(env.client.names.tasks_stream,
+                                                     "wf_rl_agent_job")
+        assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
+        store = limits.store_for(env.client.nc, env.client.js, env.client.names)
+        assert await store.entries("q.rated1.>") == []
+        print(f"\n{n - 1} runs waiting for tokens: worker active runs {env.worker.active_runs}, "
+              f"tasks out {consumer.num_pending + consumer.num_ack_pending}, slots held 0; "
+              f"their waits: {[(w.waiting or {}).get('step') for w in waiting]}")
+
+        results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+        requests = server.chat_requests
+    assert len(results) == n
+    # Each run's LLM step called the model once, and was recorded once.
+    per_step = collections.Counter(r.step for r in requests)
+    assert len(per_step) == n and set(per_step.values()) == {1}, per_step
+    assert all(r.answered for r in requests)
+    for h in handles:
+        history = await env.client.history(h.run_id)
+        assert sum(isinstance(e, ev.StepCompleted) and e.kind == "llm" for _, e in history) == 1
+    called_at = {str(r.step).split(":")[0]: r.at for r in requests}
+    waits = {h.run_id: await _rate_waits(h, env.client) for h in handles}
+    waited = [h.run_id for h in handles if waits[h.run_id]]
+    assert len(waited) == n - 1 and all(len(w) == 1 for w in waits.values() if w)
+    # In the order they booked (their place in the model's bucket): woken, then calling.
+    scope = f"model:{RATED_MODEL}"
+    booked = sorted(waited, key=lambda r: waits[r][0][1].data["order"][scope])
+    woken = [waits[r][0][2] for r in booked]
+    assert all(w is not None for w in woken)
+    assert woken == sorted(woken)  # type: ignore[type-var]
+    calls = [called_at[r] for r in booked]
+    assert calls == sorted(calls)
+    first = min(called_at.values())
+    assert first not in calls  # the run that did not wait called first
+    for r in booked:  # nobody was woken before its tokens were there
+        sus = waits[r][0][1]
+        assert sus.wake_at is not None and called_at[r] >= sus.wake_at - 0.05
+    spread = [round(c - first, 2) for c in calls]
+    late = [round((called_at[r] - waits[r][0][1].wake_at) * 1000)  # type: ignore[operator]
+            for r in booked]
+    print(f"calls after the first, in booking order: {spread} s (one call per {GAP} s of "
+          f"rate); each called {late} ms after its tokens were due")
+
+
+KILLED_MODULE = '''
+from polos import WorkflowContext, workflow
+from polos.agent import Agent
+
+agent = Agent("killed_rate_agent", model="rated-kill", instructions="Answer in one line.",
+              model_settings={"max_tokens": 17})
+
+
+@workflow
+async def rated_kill(ctx: WorkflowContext, n: int) -> str:
+    r = await ctx.step.agent_invoke_and_wait("ask", agent.with_input(f"job {n}"), inline=True)
+    return str(r.result)
+'''
+
+
+@pytest.mark.slow
+async def test_a_worker_sigkilled_while_runs_wait_for_tokens_loses_nothing(
+    env_factory: Any, subprocess_env: dict[str, str], tmp_path: Any
+) -> None:
+    """Runs waiting for tokens are in no worker: SIGKILL the only worker while three wait,
+    start another one, and every run finishes, each LLM call made once."""
+    from tests.helpers import kill, spawn, stop
+
+    module = tmp_path / "rated_kill_wf.py"
+    module.write_text(KILLED_MODULE)
+    async with DevLLM() as server:
+        subprocess_env.update(OPENAI_BASE_URL=server.url, POLOS_RATE_WAIT_LIMIT="0")
+        env = await env_factory([], with_worker=False)
+        await configure_rate_limit(env.client, "model:rated-kill", RateLimit(
+            tokens_per_minute=_call_tokens(0) * 60 / GAP, burst_seconds=GAP))
+        w1 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env,
+                   tmp_path / "w1.out")
+        w2 = None
+        try:
+            handles = [await env.client.start("rated_kill", i) for i in range(4)]
+            deadline = time.monotonic() + 30
+            while True:
+                waiting = [r for r in await env.client.list_runs(status="suspended")
+                           if (r.waiting or {}).get("kind") == "rate"]
+                if len(waiting) == 3:
+                    break
+                assert time.monotonic() < deadline, f"{len(waiting)} runs waiting for tokens"
+                await asyncio.sleep(0.02)
+            kill(w1)  # nothing of the waiting runs is in it
+            w2 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env,
+                       tmp_path / "w2.out")
+            results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+        finally:
+            stop(w1)
+            if w2 is not None:
+                stop(w2)
+        requests = server.chat_requests
+    assert len(results) == 4
+    per_step = collections.Counter(r.step for r in requests)
+    assert len(per_step) == 4 and set(per_step.values()) == {1}, per_step
+    assert all(r.answered for r in requests)
+    waiting_ids = {r.run_id for r in waiting}
+    for h in handles:
+        history = await env.client.history(h.run_id)
+        assert sum(isinstance(e, ev.StepCompleted) and e.kind == "llm" for _, e in history) == 1
+        claims = [e.worker_id for _, e in history if isinstance(e, ev.RunClaimed)]
+        if h.run_id in waiting_ids:  # claimed by the first worker, finished by the second
+            assert len(set(claims)) == 2, claims
+    print(f"\n3 runs waiting for tokens when their worker was SIGKILLed: all finished on the "
+          f"next worker, {len(requests)} LLM calls for 4 steps")

@@ -49,9 +49,11 @@ from nats.js.api import (
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private.signals import Suspend
 from polos.queues import Queue, RateLimit
 
 if TYPE_CHECKING:
+    from polos._private.execution import RunExecution
     from polos.config import Settings
     from polos.workflow import WorkflowDefinition
 
@@ -234,19 +236,20 @@ class LimitsConfig:
             return None
         return entry.value or None
 
-    async def _cached(self, bucket: str, key: str) -> Any:
+    async def _cached(self, bucket: str, key: str, fresh: bool = False) -> Any:
         hit = self._cache.get(f"{bucket}/{key}")
         now = time.monotonic()
-        if hit is not None and now - hit[0] < self._ttl:
+        if hit is not None and now - hit[0] < self._ttl and not fresh:
             return hit[1]
         raw = await self._get(bucket, key)
         value = orjson.loads(raw) if raw else None
         self._cache[f"{bucket}/{key}"] = (now, value)
         return value
 
-    async def queue(self, name: str) -> Queue | None:
-        """The queue's limits, or None when it has none (every workflow's default queue)."""
-        data = await self._cached(queues_bucket(self._names), queue_key(name))
+    async def queue(self, name: str, *, fresh: bool = False) -> Queue | None:
+        """The queue's limits, or None when it has none (every workflow's default queue).
+        ``fresh``: read the bucket now, not the cache."""
+        data = await self._cached(queues_bucket(self._names), queue_key(name), fresh)
         if not data:
             return None
         q = Queue.from_dict(data)
@@ -257,6 +260,13 @@ class LimitsConfig:
         or, by default, its own name."""
         data = await self._cached(self._names.workflows_bucket, workflow)
         return str((data or {}).get("queue") or workflow)
+
+    def forget(self, *, workflow: str | None = None, queue: str | None = None) -> None:
+        """Drop what is cached about a workflow and a queue (a worker said it is out of date)."""
+        if workflow is not None:
+            self._cache.pop(f"{self._names.workflows_bucket}/{workflow}", None)
+        if queue is not None:
+            self._cache.pop(f"{queues_bucket(self._names)}/{queue_key(queue)}", None)
 
     async def rate_limit(self, scope: str) -> RateLimit | None:
         data = await self._cached(queues_bucket(self._names), rate_key(scope))
@@ -474,20 +484,82 @@ def store_for(nc: NATS, js: JetStreamContext, names: jsl.Names) -> SlotStore:
     return s
 
 
-async def requeue_for_slot(nc: NATS, js: JetStreamContext, names: jsl.Names, run_id: str) -> None:
+NOT_ADMITTED = "not admitted under its workflow's queue"
+
+
+def declared_queues(workflows: Iterable[WorkflowDefinition[Any, Any]]) -> dict[str, Queue]:
+    """The limited queues these workflows declare in code (``@workflow(queue=Queue(...))``)."""
+    out: dict[str, Queue] = {}
+    for wf in workflows:
+        q = wf.options.get("queue_def")
+        if isinstance(q, Queue) and q.limited:
+            out[q.name] = q
+    return out
+
+
+def task_queue(task: dict[str, Any]) -> str | None:
+    """The queue a task was admitted under: its ``queue``, or for a task from an orchestrator
+    that did not write one, the queue its slot keys name (``q.<queue>.…``)."""
+    name = task.get("queue")
+    if isinstance(name, str):
+        return name
+    slots = task.get("slots") or []
+    if slots and isinstance(slots[0], str) and slots[0].startswith("q."):
+        return slots[0].split(".")[1]
+    return None
+
+
+def admission_needed(
+    declared: dict[str, Queue], wf: WorkflowDefinition[Any, Any], task: dict[str, Any],
+    requested: ev.RunRequested,
+) -> str | None:
+    """The queue a run must be admitted under before this worker may execute it, or None.
+
+    A worker knows the limited queues its own workflows declare; the orchestrator only knows
+    what some worker registered and it cached (nothing yet for a run started before the first
+    worker came up, or a moment before a deploy). So the worker refuses a run of a declared
+    limited queue whose task was not admitted under that queue (``adm`` and ``queue``), and
+    the run goes back to admission instead. A start that names another queue is ruled by that
+    queue's registered limits (the worker has no code for them)."""
+    if not declared:
+        return None
+    name = requested.queue or wf.task_queue
+    if name not in declared:
+        return None
+    if task.get("adm") is not None and task_queue(task) == name:
+        return None
+    return name
+
+
+async def send_to_admission(
+    js: JetStreamContext, names: jsl.Names, state: ev.RunState, queue: str | None, reason: str
+) -> int:
+    """Record ``RunSuspended(kind="slot", step="admission")`` fenced on the state's last event:
+    the orchestrator puts the run in line for ``queue`` (None: the one it resolves) and admits
+    it when there is room. Raises ``FencedOut`` when the run moved on meanwhile."""
+    requested = state.requested
+    assert requested is not None
+    data: dict[str, Any] = {"reason": reason}
+    if queue is not None:
+        data.update(queue=queue, concurrency_key=requested.concurrency_key or DEFAULT_KEY,
+                    workflow=requested.workflow)
+    event = ev.RunSuspended(run_id=state.run_id, step="admission", kind="slot", data=data)
+    return await jsl.append(
+        js, names, state.run_id, event, expected_last_seq=state.last_seq,
+        msg_id=f"{state.run_id}/w/{state.last_seq}",
+    )
+
+
+async def requeue_for_slot(
+    nc: NATS, js: JetStreamContext, names: jsl.Names, run_id: str, queue: str | None = None
+) -> None:
     """Send a run whose slot was lost back to admission: it waits again, holding no worker."""
     for _ in range(5):
         state = await jsl.load_state(nc, names, run_id)
-        if state.done or state.status == "suspended":
+        if state.done or state.status == "suspended" or state.requested is None:
             return
-        event = ev.RunSuspended(
-            run_id=run_id, step="admission", kind="slot", data={"reason": "slot lease lost"}
-        )
         try:
-            await jsl.append(
-                js, names, run_id, event, expected_last_seq=state.last_seq,
-                msg_id=f"{run_id}/w/{state.last_seq}",
-            )
+            await send_to_admission(js, names, state, queue, "slot lease lost")
             return
         except jsl.FencedOut:
             continue
@@ -498,8 +570,9 @@ async def run_holding_slots(
 ) -> str:
     """Run ``execute`` while keeping the task's slot leases alive (a no-op for unlimited runs).
 
-    The orchestrator releases the slots when the run's history says it ended or suspended; if
-    this worker dies the leases run out.
+    Called once the worker has claimed the run, so a stale task (the run moved on) never
+    takes a slot. The orchestrator releases the slots when the run's history says it ended or
+    suspended; if this worker dies the leases run out.
     """
     keys = task.get("slots")
     if not keys:
@@ -510,7 +583,7 @@ async def run_holding_slots(
     lease = SlotLease(store, run_id, int(task.get("adm", 0)), float(task.get("lease", 30.0)))
     if not await lease.take_over([str(k) for k in keys]):
         log.info("run %s: its slot was taken while it waited; back to admission", run_id)
-        await requeue_for_slot(nc, js, worker.names, run_id)
+        await requeue_for_slot(nc, js, worker.names, run_id, task_queue(task))
         return "done"
     keeper = asyncio.create_task(lease.keep_alive(), name=f"lease-{run_id}")
     try:
@@ -544,7 +617,7 @@ class RateStore:
     def _refill(value: dict[str, Any] | None, limit: RateLimit, now: float) -> dict[str, float]:
         if value is None:
             return {"tok": limit.token_capacity, "req": limit.request_capacity, "at": now,
-                    "until": 0.0}
+                    "until": 0.0, "due": 0.0, "booked": 0.0}
         dt = max(0.0, now - float(value.get("at", now)))
         tok = float(value.get("tok", 0.0))
         req = float(value.get("req", 0.0))
@@ -552,7 +625,8 @@ class RateStore:
             tok = min(limit.token_capacity, tok + dt * limit.tokens_per_minute / 60.0)
         if limit.requests_per_minute:
             req = min(limit.request_capacity, req + dt * limit.requests_per_minute / 60.0)
-        return {"tok": tok, "req": req, "at": now, "until": float(value.get("until", 0.0))}
+        return {"tok": tok, "req": req, "at": now, "until": float(value.get("until", 0.0)),
+                "due": float(value.get("due", 0.0)), "booked": float(value.get("booked", 0.0))}
 
     async def _update(
         self,
@@ -578,8 +652,8 @@ class RateStore:
         """Take ``tokens`` and ``requests`` now, or return how long until they are there."""
 
         def change(s: dict[str, float], now: float) -> float:
-            if s["until"] > now:
-                return s["until"] - now
+            if max(s["until"], s["due"]) > now:
+                return max(s["until"], s["due"]) - now  # blocked, or bookings wait ahead
             wait = 0.0
             if limit.tokens_per_minute and tokens > 0:
                 # A request bigger than the burst waits until the bucket is full, then goes
@@ -597,14 +671,75 @@ class RateStore:
 
         return await self._update(scope, limit, change)
 
-    async def give(self, scope: str, limit: RateLimit, *, tokens: float) -> None:
+    async def book(
+        self, scope: str, limit: RateLimit, *, tokens: float, requests: float
+    ) -> tuple[float, int, float]:
+        """Take ``tokens`` and ``requests`` in line: at once, whether or not the bucket holds
+        them. The balance may go negative; whoever books next waits behind this booking, so
+        bookings are served in the order they were made (FIFO). Returns when the booking's
+        capacity should be there (epoch seconds, ``<= now``: at once), the bucket revision it
+        was written at (the bookings of a scope are ordered by it) and its place in line (the
+        tokens booked so far, this booking included) for ``shortfall``."""
+        key = rate_key(scope)
+        for _ in range(50):
+            e = await self.store.get(key)
+            now = time.time()
+            s = self._refill(e.value if e else None, limit, now)
+            # Never before a booking made earlier: capacity given back (a settled over-estimate)
+            # must not let a newer booking overtake one that already waits for its time.
+            ready = max(now, s["until"], s["due"])
+            if limit.tokens_per_minute and tokens > 0:
+                # A booking bigger than the burst waits for a full bucket, then goes (as in
+                # ``take``): it must not wait forever.
+                need = min(tokens, limit.token_capacity)
+                if s["tok"] < need:
+                    ready = max(ready, now + (need - s["tok"]) * 60.0 / limit.tokens_per_minute)
+                s["tok"] -= tokens
+                s["booked"] += tokens
+            if limit.requests_per_minute and requests > 0:
+                if s["req"] < requests:
+                    wait = (requests - s["req"]) * 60.0 / limit.requests_per_minute
+                    ready = max(ready, now + wait)
+                s["req"] -= requests
+            s["due"] = ready
+            value: dict[str, Any] = {**s, "scope": scope}
+            rev = await self.store.put(key, value, expected=e.revision if e else 0)
+            if rev is not None:
+                return ready, rev, s["booked"]
+        raise RuntimeError(f"rate limit {scope!r}: too much contention")
+
+    async def shortfall(self, scope: str, limit: RateLimit, *, place: float, tokens: float) -> float:
+        """Seconds until a booking of ``tokens`` at ``place`` in line (``book``) is covered:
+        0 when it is. The time ``book`` gave is an estimate made before the calls ahead settled;
+        one that used more than it reserved is charged to the balance, and so delays every
+        booking behind it (and a 429 since blocks them all)."""
+        e = await self.store.get(rate_key(scope))
+        now = time.time()
+        s = self._refill(e.value if e else None, limit, now)
+        wait = max(0.0, s["until"] - now)
+        if limit.tokens_per_minute and tokens > 0:
+            # The balance as it would be had this booking just been made: plus its own
+            # tokens, plus those booked after it.
+            available = s["tok"] + tokens + (s["booked"] - place)
+            need = min(tokens, limit.token_capacity)
+            if available < need:
+                wait = max(wait, (need - available) * 60.0 / limit.tokens_per_minute)
+        return wait
+
+    async def give(
+        self, scope: str, limit: RateLimit, *, tokens: float, requests: float = 0
+    ) -> None:
         """Settle: ``tokens`` > 0 gives back an over-estimate, < 0 charges an under-estimate
-        (the balance may go negative: the next callers wait the debt off)."""
-        if not limit.tokens_per_minute or tokens == 0:
+        (the balance may go negative: the next callers wait the debt off). ``requests``: a
+        booking given back unused."""
+        tokens = tokens if limit.tokens_per_minute else 0
+        requests = requests if limit.requests_per_minute else 0
+        if tokens == 0 and requests == 0:
             return
 
         def change(s: dict[str, float], now: float) -> float:
             s["tok"] = min(limit.token_capacity, s["tok"] + tokens)
+            s["req"] = min(limit.request_capacity, s["req"] + requests)
             return 0.0
 
         await self._update(scope, limit, change)
@@ -647,6 +782,39 @@ class Reservation:
         delta = self.estimate - self.settled
         for scope, limit in self.held:
             await self.limiter.rates.give(scope, limit, tokens=delta)
+
+    async def __aenter__(self) -> Reservation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._finish()
+
+
+@dataclass
+class Booking:
+    """Capacity taken in line from every scope of a call (``TokenLimiter.book``): it is the
+    caller's at ``ready_at``. ``order``: each scope's bucket revision of this booking."""
+
+    held: list[tuple[str, RateLimit]]
+    tokens: float
+    requests: float
+    ready_at: float
+    order: dict[str, int]
+    place: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "requests": self.requests, "ready_at": self.ready_at,
+                "order": self.order, "place": self.place,
+                "scopes": [{"scope": sc, **lim.to_dict()} for sc, lim in self.held]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Booking:
+        return cls(
+            held=[(str(d["scope"]), RateLimit.from_dict(d)) for d in data.get("scopes") or []],
+            tokens=float(data.get("tokens") or 0), requests=float(data.get("requests") or 0),
+            ready_at=float(data.get("ready_at") or 0), order=dict(data.get("order") or {}),
+            place={k: float(v) for k, v in (data.get("place") or {}).items()},
+        )
 
 
 class TokenLimiter:
@@ -722,6 +890,39 @@ class TokenLimiter:
         finally:
             await r._finish()
 
+    async def book(
+        self,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        tokens: float = 0,
+        requests: float = 1,
+    ) -> Booking:
+        """Take ``tokens`` and ``requests`` from every configured scope, in line: the booking
+        is the caller's at ``ready_at`` (now, or when the bookings made before it have been
+        served). ``cancel`` gives an unused booking back."""
+        held = await self._limits(model, provider)
+        ready, order, place = time.time(), {}, {}
+        for scope, limit in held:
+            at, order[scope], place[scope] = await self.rates.book(
+                scope, limit, tokens=tokens, requests=requests
+            )
+            ready = max(ready, at)
+        return Booking(held, float(tokens), float(requests), ready, order, place)
+
+    async def cancel(self, booking: Booking) -> None:
+        for scope, limit in booking.held:
+            await self.rates.give(scope, limit, tokens=booking.tokens, requests=booking.requests)
+
+    async def shortfall(self, booking: Booking) -> float:
+        """Seconds until every scope of ``booking`` covers it (0: go), as the buckets say now:
+        calls ahead of it that used more than they reserved, or a 429, push it back."""
+        wait = 0.0
+        for scope, limit in booking.held:
+            wait = max(wait, await self.rates.shortfall(
+                scope, limit, place=booking.place.get(scope, 0.0), tokens=booking.tokens))
+        return wait
+
     async def _take_all(
         self,
         model: str | None,
@@ -730,23 +931,22 @@ class TokenLimiter:
         requests: float,
         max_wait: float | None,
     ) -> list[tuple[str, RateLimit]]:
-        limits = await self._limits(model, provider)
-        deadline = None if max_wait is None else time.time() + max_wait
-        held: list[tuple[str, RateLimit]] = []
-        for scope, limit in limits:
-            while True:
-                wait = await self.rates.take(scope, limit, tokens=tokens, requests=requests)
-                if wait <= 0:
-                    held.append((scope, limit))
-                    break
-                if deadline is not None and time.time() + wait > deadline:
-                    # Give back what the other scopes granted: this call does not happen now.
-                    for s, lim in held:
-                        await self.rates.give(s, lim, tokens=tokens)
-                    raise RateLimited(scope, time.time() + wait)
-                self.waited += wait
-                await asyncio.sleep(min(wait, 5.0))
-        return held
+        booking = await self.book(model=model, provider=provider, tokens=tokens, requests=requests)
+        # Granted at once when it was covered at booking time; else wait for the time it gave,
+        # and check then (calls ahead may have used more than they reserved).
+        wait = booking.ready_at - time.time()
+        while wait > 0:
+            if max_wait is not None and wait > max_wait:
+                # This call does not happen now: the capacity goes back to the others.
+                await self.cancel(booking)
+                scope = booking.held[0][0] if booking.held else "?"
+                raise RateLimited(scope, time.time() + wait)
+            if max_wait is not None:
+                max_wait -= wait
+            self.waited += wait
+            await asyncio.sleep(wait)
+            wait = await self.shortfall(booking)
+        return booking.held
 
     async def backoff(
         self, *, model: str | None = None, provider: str | None = None, retry_after: float
@@ -758,6 +958,57 @@ class TokenLimiter:
 
 
 _limiters: weakref.WeakKeyDictionary[NATS, dict[str, TokenLimiter]] = weakref.WeakKeyDictionary()
+
+
+async def reserve_for_step(
+    exe: RunExecution,
+    step_id: str,
+    limiter: TokenLimiter,
+    *,
+    model: str | None,
+    provider: str | None,
+    tokens: float,
+) -> Reservation:
+    """The tokens of the LLM step ``step_id`` of a run, waited for without holding a worker.
+
+    The capacity is booked in line (``TokenLimiter.book``: FIFO per scope). If it is there
+    within ``settings.rate_wait_limit`` the step waits here. Otherwise the run suspends with
+    ``RunSuspended(kind="rate", step=step_id, wake_at=<when it is there>)`` holding the booking
+    in its data: no task and no slot on any worker. The scheduler wakes it at that
+    time (a durable timer), and the step, replayed to this point on whichever worker gets the
+    run, calls with the booked tokens instead of taking them again, so runs waiting on one
+    scope go in the order they booked.
+
+    A booking counts once: if the execution that was woken with it died before the step was
+    recorded (the call may have been made), the next one books again.
+    """
+    sus = exe.state.rate_waits.get(step_id)
+    data = sus.data if sus is not None and isinstance(sus.data, dict) else None
+    if data is not None and data.get("attempt") == exe.attempt - 1:
+        # Woken with its booking, by the first execution since the wait: the tokens are ours
+        # once the bucket says the calls ahead (and any 429 since) are paid for.
+        booking = Booking.from_json(data)
+        wait = await limiter.shortfall(booking)
+    else:
+        booking = await limiter.book(model=model, provider=provider, tokens=tokens)
+        wait = booking.ready_at - time.time()
+    while wait > 0:
+        _suspend_if_long(exe, step_id, booking, wait)
+        limiter.waited += wait
+        await asyncio.sleep(wait)
+        wait = await limiter.shortfall(booking)
+    return Reservation(limiter, booking.held, booking.tokens)
+
+
+def _suspend_if_long(exe: RunExecution, step_id: str, booking: Booking, wait: float) -> None:
+    """Suspend the run for a wait longer than ``settings.rate_wait_limit``."""
+    if wait <= exe.settings.rate_wait_limit:
+        return
+    event = ev.RunSuspended(
+        run_id=exe.run_id, step=step_id, kind="rate", wake_at=time.time() + wait,
+        data={**booking.to_json(), "attempt": exe.attempt},
+    )
+    raise Suspend(event, msg_id=f"{exe.run_id}/w/{step_id}/rate/{exe.attempt}")
 
 
 def retry_after_seconds(headers: Any, default: float = 1.0) -> float:
@@ -817,6 +1068,7 @@ async def queue_stats(nc: NATS, js: JetStreamContext, names: jsl.Names) -> list[
 
 __all__ = [
     "DEFAULT_KEY",
+    "Booking",
     "LimitsConfig",
     "RateLimited",
     "RateStore",
@@ -831,6 +1083,7 @@ __all__ = [
     "pool_names",
     "queue_stats",
     "register_queues",
+    "reserve_for_step",
     "retry_after_seconds",
     "run_holding_slots",
     "token",

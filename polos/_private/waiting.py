@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from polos._private.execution import RunExecution
     from polos.config import Settings
 
-# The kinds of RunSuspended this module owns (admission owns "slot" and "rate").
+# The kinds of RunSuspended this module owns (admission owns "slot" and "rate"; an LLM step's
+# "rate" wait, with its wake_at, is a timer like a sleep: limits.reserve_for_step).
 WAIT_KINDS = frozenset({"suspend", "event", "sleep", "child", "retry"})
 _CHILD_NS = uuid.UUID("0b6f1c0e-9d57-4a8e-8a39-0b1e1f0c2d77")
 

@@ -27,6 +27,16 @@ Crash safety, with any number of orchestrators:
   publishes the task from it (same message id: never twice).
 * die before deleting the entry: the next pass finds the run already admitted (duplicate or
   fenced) and deletes the entry.
+* JetStream unavailable for a moment (a leader election, a reconnect): ``RunAdmitted``, tasks
+  and waiting-line entries are written through the retrying path (``jetstream.append``,
+  ``Orchestrator.publish_task``). A dispatch that parks the run while an earlier one of the
+  same cause still holds a slot for it (a retried or repeated dispatch) loses nothing either:
+  a run that records its wait gives back every slot it held.
+
+What the orchestrator knows of a workflow's queue comes from the workers' registrations, and
+may be missing or a moment old; the task says which queue it was admitted under, and a worker
+whose workflow declares a limited queue executes no task of another (``limits.admission_needed``):
+it sends the run back here, to wait in that queue's line.
 
 Slots are given back on the run's next ``RunSuspended``/``RunCompleted``/``RunFailed``/
 ``RunCancelled`` (control hook), and only those taken by an admission older than that event.
@@ -43,9 +53,7 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-import nats.js.errors
 import orjson
-from nats.js.api import PubAck
 
 from polos import events as ev
 from polos._private import jetstream as jsl
@@ -113,7 +121,10 @@ class Admission:
     async def resolve(
         self, run_id: str, workflow: str | None, requested: ev.RunRequested | None
     ) -> tuple[Queue | None, str, str]:
-        """The run's limited queue (None: unlimited), its concurrency key and the workflow."""
+        """The run's limited queue (None: unlimited), its concurrency key and the workflow.
+
+        For a run admitted before, the queue it was admitted under (its slots are that queue's),
+        else the queue its start named, else its workflow's."""
         queue_name: str | None
         key: str | None
         if requested is not None:
@@ -122,15 +133,17 @@ class Admission:
             cached = self.orch._cache.get(run_id)
             entry = cached[0] if cached else None
             if entry is not None and entry.get("workflow"):
-                queue_name, key = entry.get("queue"), entry.get("concurrency_key")
-                workflow = entry["workflow"]
+                queue_name = entry.get("admitted_queue") or entry.get("queue")
+                key, workflow = entry.get("concurrency_key"), entry["workflow"]
             else:
                 # The request is a control event: no need to read the run's steps.
-                state = await jsl.load_state(self.orch.nc, self.names, run_id, kinds=("ctl",))
-                if state.requested is None:
+                history = await jsl.read_history(self.orch.nc, self.names, run_id, kinds=("ctl",))
+                r = next((e for _, e in history if isinstance(e, ev.RunRequested)), None)
+                if r is None:
                     return None, limits.DEFAULT_KEY, workflow or ""
-                r = state.requested
-                queue_name, key, workflow = r.queue, r.concurrency_key, r.workflow
+                admitted = next((e.queue for _, e in reversed(history)
+                                 if isinstance(e, ev.RunAdmitted)), None)
+                queue_name, key, workflow = admitted or r.queue, r.concurrency_key, r.workflow
         assert workflow is not None
         if not queue_name:
             queue_name = await self.config.workflow_queue(workflow)
@@ -170,8 +183,9 @@ class Admission:
                 await self.store.release_keys(slots, run_id)
                 slots, reason = None, "rate"
             if slots is not None:
-                ack = await self._publish_task(run_id, workflow, cause_seq, slots, cause_seq)
-                if ack.duplicate:
+                if not await self._publish_task(
+                    run_id, workflow, cause_seq, slots, cause_seq, queue.name
+                ):
                     # This cause was dispatched before (a redelivered command): that task
                     # carries its own slots.
                     await self.store.release_keys(slots, run_id)
@@ -205,15 +219,13 @@ class Admission:
         return True
 
     async def _publish_task(
-        self, run_id: str, workflow: str, cause_seq: int, slots: list[str], adm: int
-    ) -> PubAck:
-        body = {"run_id": run_id, "workflow": workflow, "slots": slots, "adm": adm,
-                "lease": self.lease}
-        return await self.orch.js.publish(
-            self.names.task_subject(workflow),
-            orjson.dumps(body),
-            headers={jsl.MSG_ID: f"{run_id}/t/{cause_seq}"},
-        )
+        self, run_id: str, workflow: str, cause_seq: int, slots: list[str], adm: int, queue: str
+    ) -> bool:
+        # ``queue`` and ``adm`` say the run was admitted under that queue: a worker whose
+        # workflow declares a limited queue executes nothing else (``limits.admission_needed``).
+        body = {"run_id": run_id, "workflow": workflow, "queue": queue, "slots": slots,
+                "adm": adm, "lease": self.lease}
+        return await self.orch.publish_task(run_id, workflow, cause_seq, body)
 
     async def _park(
         self, run_id: str, workflow: str, queue: Queue, key: str, cause_seq: int, reason: str
@@ -248,20 +260,27 @@ class Admission:
             await self._repair_admitted(run_id, seq, event)
         elif isinstance(event, ev.RunSuspended) and event.kind in WAIT_KINDS \
                 and event.step == "admission":
-            await self._enqueue(run_id, seq, event)
+            # A run in line holds no slot: one taken for it before (a dispatch of the same
+            # cause that was retried or repeated, then parked) would otherwise stay taken, with
+            # the run waiting behind it, until its lease ran out.
+            await asyncio.gather(self._release(run_id, seq), self._enqueue(run_id, seq, event))
         elif isinstance(event, _RELEASE_ON):
-            queue, key, _ = await self.resolve(run_id, None, None)
-            if queue is None:
-                return
-            pools = limits.pool_names(queue, limits.token(key))
-            if await self.store.release_run(pools, run_id, before=seq):
-                self.kick(queue.name)
+            await self._release(run_id, seq)
+
+    async def _release(self, run_id: str, seq: int) -> None:
+        """Give back the slots the run holds from admissions older than ``seq``."""
+        queue, key, _ = await self.resolve(run_id, None, None)
+        if queue is None:
+            return
+        pools = limits.pool_names(queue, limits.token(key))
+        if await self.store.release_run(pools, run_id, before=seq):
+            self.kick(queue.name)
 
     async def _repair_admitted(self, run_id: str, seq: int, event: ev.RunAdmitted) -> None:
         # Normally the admitting pass published this task already: same id, a no-op.
         _, _, workflow = await self.resolve(run_id, None, None)
         if workflow:
-            await self._publish_task(run_id, workflow, seq, list(event.slots), seq)
+            await self._publish_task(run_id, workflow, seq, list(event.slots), seq, event.queue)
 
     async def _enqueue(self, run_id: str, seq: int, event: ev.RunSuspended) -> None:
         data = event.data if isinstance(event.data, dict) else {}
@@ -273,13 +292,19 @@ class Admission:
                 await self._admit_unlimited(run_id, workflow, seq, str(queue_name or workflow))
                 return
             queue_name = queue.name
+        elif data.get("reason") == limits.NOT_ADMITTED:
+            # A worker refused a task dispatched under another queue (or none): what this
+            # instance has cached about the workflow and its queue is out of date.
+            self.config.forget(workflow=str(workflow), queue=str(queue_name))
         key = key or limits.DEFAULT_KEY
         body = {"run_id": run_id, "workflow": workflow, "queue": queue_name, "key": key,
                 "wait_seq": seq, "at": event.at}
-        await self.orch.js.publish(
-            limits.admit_subject(self.names, str(queue_name), limits.token(key)),
-            orjson.dumps(body),
-            headers={jsl.MSG_ID: f"{run_id}/q/{seq}"},
+        subject = limits.admit_subject(self.names, str(queue_name), limits.token(key))
+        payload, headers = orjson.dumps(body), {jsl.MSG_ID: f"{run_id}/q/{seq}"}
+        timeout = self.settings.request_timeout
+        await jsl.retry_transient(
+            lambda _: jsl.publish(self.orch.nc, subject, payload, headers=headers, timeout=timeout),
+            timeout=timeout, what=f"admission entry of run {run_id}",
         )
         self.kick(str(queue_name))
 
@@ -348,7 +373,11 @@ class Admission:
         )
         if not msgs:
             return 0
-        queue = await self.config.queue(queue_name)
+        # A cached "no limit" may be a moment older than the queue's registration, and every
+        # run admitted here without a slot would run unlimited: only a limit is taken on trust.
+        queue = await self.config.queue(queue_name) or await self.config.queue(
+            queue_name, fresh=True
+        )
         groups: dict[str, deque[tuple[int, dict[str, Any]]]] = {}
         for m in msgs:
             try:
@@ -412,16 +441,14 @@ class Admission:
             slots=slots, lease=self.lease,
         )
         try:
-            ack = await self._append_fenced(run_id, event, wait_seq, f"{run_id}/adm/{wait_seq}")
+            seq = await self._append_fenced(run_id, event, wait_seq, f"{run_id}/adm/{wait_seq}")
         except jsl.FencedOut:
-            ack = None
-        if ack is None or ack.duplicate:
             # Admitted by another instance (or cancelled meanwhile): not ours to run.
             self.lost_races += 1
             await self.store.release_keys(slots, run_id)
             await self._drop_entry(pseq)
             return "gone"
-        await self._publish_task(run_id, str(entry["workflow"]), int(ack.seq), slots, wait_seq)
+        await self._publish_task(run_id, str(entry["workflow"]), seq, slots, wait_seq, event.queue)
         await self._drop_entry(pseq)
         self.admitted += 1
         return "admitted"
@@ -430,26 +457,19 @@ class Admission:
         event = ev.RunAdmitted(run_id=run_id, step="admission", reason="admitted", queue=queue,
                                lease=self.lease)
         with contextlib.suppress(jsl.FencedOut):
-            ack = await self._append_fenced(run_id, event, wait_seq, f"{run_id}/adm/{wait_seq}")
-            await self._publish_task(run_id, workflow, int(ack.seq), [], wait_seq)
+            seq = await self._append_fenced(run_id, event, wait_seq, f"{run_id}/adm/{wait_seq}")
+            await self._publish_task(run_id, workflow, seq, [], wait_seq, queue)
 
     async def _append_fenced(
         self, run_id: str, event: ev.Event, expected: int, msg_id: str
-    ) -> PubAck:
-        # Like jetstream.append, but keeps the ack: its `duplicate` says who won a race.
-        headers = {
-            jsl.EXPECTED_LAST_SUBJECT_SEQ: str(expected),
-            jsl.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: self.names.run_filter(run_id),
-            jsl.MSG_ID: msg_id,
-        }
-        try:
-            return await self.orch.js.publish(
-                self.names.run_subject(run_id, event.KIND), ev.encode(event), headers=headers
-            )
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == jsl.WRONG_LAST_SEQUENCE:
-                raise jsl.FencedOut(run_id, expected) from exc
-            raise
+    ) -> int:
+        """Append through the retrying write path: the sequence when this very append is
+        stored (a retry after a lost answer included), ``FencedOut`` when anything else is
+        (another instance's admission of the run, a cancel)."""
+        return await jsl.append(
+            self.orch.js, self.names, run_id, event, expected_last_seq=expected, msg_id=msg_id,
+            timeout=self.settings.request_timeout,
+        )
 
     async def _drop_entry(self, pseq: int) -> None:
         with contextlib.suppress(Exception):

@@ -354,16 +354,28 @@ class Orchestrator:
                 and sum(len(body) for _, body in history) <= _INLINE_HISTORY):
             task["seq"] = cause_seq
             task["history"] = [[seq, orjson.Fragment(body)] for seq, body in history]
+        await self.publish_task(run_id, workflow, cause_seq, task)
+        self._note_dispatched(run_id, cause_seq)
+
+    async def publish_task(
+        self, run_id: str, workflow: str, cause_seq: int, task: dict[str, Any]
+    ) -> bool:
+        """Put ``task`` on the workflow's task subject, once per cause (message id
+        ``<run>/t/<cause seq>``). False when an earlier dispatch of this cause had put it out
+        already (the stream dropped this copy); a retry that finds its own first try stored
+        counts as putting it out."""
         subject, payload = self.names.task_subject(workflow), orjson.dumps(task)
         headers = {jsl.MSG_ID: f"{run_id}/t/{cause_seq}"}
         timeout = self.settings.request_timeout
+
+        async def once(attempt: int) -> bool:
+            ack = await jsl.publish(self.nc, subject, payload, headers=headers, timeout=timeout)
+            # After a first try whose answer was lost, "duplicate" is most likely that try.
+            return not ack.duplicate or attempt > 0
+
         # Retried through a leader election: the run's history already says it is due, and
         # nothing else would put its task out (the message id drops a second copy).
-        await jsl.retry_transient(
-            lambda _: jsl.publish(self.nc, subject, payload, headers=headers, timeout=timeout),
-            timeout=timeout, what=f"task of run {run_id}",
-        )
-        self._note_dispatched(run_id, cause_seq)
+        return await jsl.retry_transient(once, timeout=timeout, what=f"task of run {run_id}")
 
     def _note_dispatched(self, run_id: str, cause_seq: int) -> None:
         self._dispatched[f"{run_id}/t/{cause_seq}"] = None
@@ -527,6 +539,9 @@ def _fold_index(
         )
     elif isinstance(event, ev.RunWoken):
         e.update(status="queued", waiting=None)
+        if isinstance(event, ev.RunAdmitted):
+            # The queue whose slots the run holds: the one its release must give back to.
+            e.update(admitted_queue=event.queue)
     elif isinstance(event, ev.RunCompleted):
         e.update(status="completed", ended_at=event.at, waiting=None)
     elif isinstance(event, ev.RunFailed):

@@ -502,7 +502,8 @@ async def _start_router(orch: Orchestrator) -> EventRouter:
 
 async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event) -> None:
     if isinstance(event, ev.RunSuspended):
-        if event.kind in wt.WAIT_KINDS:
+        # An LLM step's rate wait is a timer like a sleep (admission owns the other rate waits).
+        if event.kind in wt.WAIT_KINDS or (event.kind == "rate" and event.wake_at is not None):
             await _on_suspended(orch, run_id, seq, event)
     elif type(event) is ev.RunWoken:
         # The waker dispatched already; this repeats it (same message id: never two tasks) in
@@ -535,7 +536,7 @@ async def _child_ended(orch: Orchestrator, run_id: str) -> None:
 async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.RunSuspended) -> None:
     workflow = _workflow_of(orch, run_id)
     await wt.ensure_waiting_topology(orch.js, orch.names, orch.settings)
-    due = event.wake_at if event.kind in ("sleep", "retry") else event.timeout_at
+    due = event.wake_at if event.kind in ("sleep", "retry", "rate") else event.timeout_at
     if due is not None:
         await wt.schedule_timer(
             orch.js, orch.names, run_id, seq, due,

@@ -144,6 +144,9 @@ class Scheduler:
             kind, reason, output = "sleep", "timer", {"due": due, "at": now}
         elif wait_kind == "retry":
             kind, reason, output = None, "retry back-off over", None
+        elif wait_kind == "rate":
+            # The LLM step's booked tokens are there; the step itself runs once the run is back.
+            kind, reason, output = None, "rate capacity there", None
         else:
             kind, reason = wait_kind, "timeout"
             output = {"timeout": True, "timeout_at": due, "at": now}
