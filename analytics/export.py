@@ -36,6 +36,11 @@ from polos.config import Settings
 log = logging.getLogger("polos.analytics")
 
 _FILE_RE = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
+# An empty file with a table's columns, in every table directory: the glob of the views then
+# always matches a file (DuckDB refuses a glob that matches none), so the duckdb CLI can read
+# views.sql over any export. Not a data file: the export position ignores it.
+SCHEMA_FILE = "_schema.parquet"
+LOCK_FILE = ".lock"
 _TS = pa.timestamp("us", tz="UTC")
 
 HISTORY_SCHEMA = pa.schema(
@@ -168,6 +173,9 @@ class Source:
     to_row: Callable[[jsl.StoredMsg], dict[str, Any]]
 
 
+TABLES = ("history", "external_events", "dead_letters", "commands")
+
+
 def sources(names: jsl.Names) -> list[Source]:
     p = names.prefix
     return [
@@ -208,6 +216,66 @@ def write_part(table_dir: Path, schema: pa.Schema, rows: list[dict[str, Any]]) -
     # The rename is what makes the rows count as exported: a crash before it leaves a temp file.
     os.replace(tmp, final)
     return final
+
+
+def ensure_schema_file(table_dir: Path, schema: pa.Schema) -> None:
+    """Write the table's ``_schema.parquet`` unless it is there with these columns."""
+    path = table_dir / SCHEMA_FILE
+    with contextlib.suppress(Exception):
+        if pq.read_schema(path).equals(schema, check_metadata=False):
+            return
+    table_dir.mkdir(parents=True, exist_ok=True)
+    tmp = table_dir / f".{SCHEMA_FILE}.{os.getpid()}.tmp"
+    pq.write_table(pa.Table.from_pylist([], schema=schema), tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def has_data(out_dir: str | os.PathLike[str]) -> bool:
+    """Whether any table under ``out_dir`` holds exported rows (a data file, not a schema)."""
+    return any(exported_upto(Path(out_dir) / table) for table in TABLES)
+
+
+class ExportDirBusy(RuntimeError):
+    """Another exporter writes to this directory."""
+
+
+class _DirLock:
+    """One writer per export directory. The file names are the export position, so two
+    exporters writing the same directory would each export the same messages into files of
+    different ranges: duplicate rows. An ``flock`` is released by the kernel when its process
+    dies, so a crashed exporter never leaves the directory locked."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: one writer is the operator's promise
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ExportDirBusy(
+                f"another exporter (pid {holder}) writes to {self.directory}: one exporter per "
+                "directory (`polos up` keeps its export current while it runs; give another "
+                "--dir for a second one)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _parts(table_dir: Path) -> list[tuple[int, int, Path]]:
@@ -302,6 +370,7 @@ class Exporter:
         self._nc = nc
         self._own_nc = nc is None
         self._repaired: set[str] = set()
+        self._lock = _DirLock(self.out)
 
     async def __aenter__(self) -> Exporter:
         await self.connect()
@@ -311,6 +380,7 @@ class Exporter:
         await self.close()
 
     async def connect(self) -> None:
+        self._lock.acquire()
         if self._nc is None:
             self._nc = await jsl.connect(self.settings, name="polos-analytics")
         js = self._nc.jetstream(timeout=self.settings.request_timeout)
@@ -321,21 +391,29 @@ class Exporter:
             with contextlib.suppress(Exception):
                 await jsl.close(self._nc)
             self._nc = None
+        self._lock.release()
 
     async def compact(self) -> int:
         """Merge the small files follow mode leaves into files of ``rows_per_file`` rows."""
-        merged = 0
-        for src in sources(self.names):
-            merged += await asyncio.to_thread(
-                compact, self.out / src.table, src.schema, self.rows_per_file
-            )
-        return merged
+        held = self._lock._fd is not None
+        self._lock.acquire()  # a compaction racing an export would delete the files it reads
+        try:
+            merged = 0
+            for src in sources(self.names):
+                merged += await asyncio.to_thread(
+                    compact, self.out / src.table, src.schema, self.rows_per_file
+                )
+            return merged
+        finally:
+            if not held:
+                self._lock.release()
 
     async def export_source(self, src: Source, result: ExportResult) -> None:
         assert self._nc is not None, "exporter not connected"
         table_dir = self.out / src.table
         if src.table not in self._repaired:
             await asyncio.to_thread(repair, table_dir)
+            await asyncio.to_thread(ensure_schema_file, table_dir, src.schema)
             self._repaired.add(src.table)
         start = exported_upto(table_dir) + 1
         while True:
@@ -436,11 +514,16 @@ class Exporter:
 __all__ = [
     "HISTORY_SCHEMA",
     "MESSAGE_SCHEMA",
+    "SCHEMA_FILE",
+    "TABLES",
+    "ExportDirBusy",
     "ExportResult",
     "Exporter",
     "Source",
     "compact",
+    "ensure_schema_file",
     "exported_upto",
+    "has_data",
     "history_row",
     "message_row",
     "repair",
