@@ -456,38 +456,61 @@ class Exporter:
     ) -> None:
         """Export whenever new messages arrive, at most once per ``flush_interval``.
 
-        New messages are noticed by a plain subscription on the streams' subjects (no polling);
-        the export itself still reads the streams by sequence, so a missed notification only
-        delays rows until the next one, and a restart picks up where the files end. Every
-        ``compact_every`` exports the small files are merged (0: never).
+        New messages are noticed by plain subscriptions on the streams' subjects (no polling),
+        each good for one message: the server drops it after the first delivery, and every pass
+        arms a fresh one before it reads. So a busy system sends this process at most one
+        notification per stream per pass, not a copy of every message (which woke it for each
+        event and slowed the services beside it), and nothing stored after a read goes
+        unnoticed. The export itself reads the streams by sequence, so a missed notification
+        only delays rows, and a restart picks up where the files end. Every ``compact_every``
+        exports the small files are merged (0: never).
         """
         if self._nc is None:
             await self.connect()
-        assert self._nc is not None
+        nc = self._nc
+        assert nc is not None
         dirty = asyncio.Event()
         dirty.set()  # export what accumulated while we were down
+        notified = False
         exports = 0
 
         async def poke(_msg: Any) -> None:
+            nonlocal notified
+            notified = True
             dirty.set()
 
-        subs = [await self._nc.subscribe(s.subject_filter, cb=poke) for s in sources(self.names)]
+        subs: list[Any] = []
+
+        async def arm() -> None:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()  # fired ones are gone already
+            subs[:] = [await nc.subscribe(s.subject_filter, cb=poke, max_msgs=1)
+                       for s in sources(self.names)]
+
         try:
             while not stop.is_set():
                 waiter = asyncio.ensure_future(stop.wait())
-                notified = asyncio.ensure_future(dirty.wait())
-                await asyncio.wait({waiter, notified}, return_when=asyncio.FIRST_COMPLETED)
+                woken = asyncio.ensure_future(dirty.wait())
+                await asyncio.wait({waiter, woken}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-                notified.cancel()
+                woken.cancel()
                 if stop.is_set():
                     break
                 dirty.clear()
+                by_notification, notified = notified, False
+                result = None
                 try:
+                    await arm()
                     result = await self.export_once()
                 except Exception:
-                    log.exception("export failed; retrying on the next message")
+                    log.exception("export failed; retrying after the flush interval")
                     dirty.set()
-                    result = None
+                # A subscriber can hear of a message before the stream has stored it, so a pass
+                # woken by a notification may not read that message yet: one more pass follows
+                # it (nothing new costs a millisecond), and passes go on while they find rows.
+                if by_notification or (result is not None and result.total):
+                    dirty.set()
                 if result is not None and result.total:
                     exports += 1
                     if on_export is not None:

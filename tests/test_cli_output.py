@@ -146,14 +146,20 @@ def _read_until(proc: subprocess.Popen[str], pattern: str, seen: list[str]) -> r
     raise AssertionError(f"polos up never printed {pattern!r}:\n{''.join(seen)}")
 
 
-async def test_polos_up_keeps_the_export_current_so_sql_sees_a_run(tmp_path: Path) -> None:
-    """Auth on, real processes, nothing run by hand but up, a worker and start."""
-    env = _env(dict(os.environ), PYTHONPATH=str(ROOT), POLOS_PREFIX="upobs",
-               POLOS_ANALYTICS_FLUSH_INTERVAL="0.05", PYTHONUNBUFFERED="1",
+def _up_env(tmp_path: Path, prefix: str, **extra: str) -> dict[str, str]:
+    env = _env(dict(os.environ), PYTHONPATH=str(ROOT), POLOS_PREFIX=prefix, PYTHONUNBUFFERED="1",
                POLOS_TEST_LOG=str(tmp_path / "marks.log"))
     for name in ("POLOS_NATS_URL", "POLOS_DATA_DIR", "POLOS_ANALYTICS_DIR", "POLOS_EXPORT",
-                 "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_EXPORTER"):
+                 "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                 "OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED"):
         env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+async def test_polos_up_keeps_the_export_current_so_sql_sees_a_run(tmp_path: Path) -> None:
+    """Auth on, real processes, nothing run by hand but up, a worker and start."""
+    env = _up_env(tmp_path, "upobs", POLOS_ANALYTICS_FLUSH_INTERVAL="0.05")
     up = subprocess.Popen([sys.executable, "-m", "polos", "up", "--port", "0"], env=env,
                           cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
@@ -202,11 +208,58 @@ async def test_polos_up_keeps_the_export_current_so_sql_sees_a_run(tmp_path: Pat
         os.kill(child, 0)
 
 
+async def test_up_runs_the_span_follower_when_otel_configures_an_exporter(tmp_path: Path) -> None:
+    env = _up_env(tmp_path, "upotel", OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="upotel")
+    up = subprocess.Popen([sys.executable, "-m", "polos", "up", "--port", "0", "--no-export"],
+                          env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    worker = None
+    try:
+        line = await asyncio.to_thread(_read_until, up, r"analytics: (.*) \(log", seen)
+        assert line.group(1) == "OpenTelemetry spans"  # spans only: --no-export
+        await asyncio.to_thread(_read_until, up, r"Polos is up", seen)
+        with open(tmp_path / "worker.out", "ab") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "polos", "worker", "tests.workflows.marked"], env=env,
+                cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+        done = await apolos("start", "marked", "--input", '{"steps": 2}', "--wait",
+                            "--timeout", "60", env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        spans = tmp_path / ".polos" / "analytics.log"  # the console exporter writes there
+        deadline = time.monotonic() + 30
+        # A step span: the follower emits it when it reads the step's event. (The run span waits
+        # for the terminal event, which the follower reads only when a later notification
+        # comes; that race is the follower's own, not polos up's.)
+        while '"name": "step s1"' not in (spans.read_text() if spans.exists() else ""):
+            assert time.monotonic() < deadline, (
+                "no run span from the follower polos up runs:\n"
+                + (spans.read_text()[-3000:] if spans.exists() else "(no log)"))
+            await asyncio.sleep(0.1)
+    finally:
+        if worker is not None:
+            stop(worker)
+        up.send_signal(signal.SIGINT)
+        await asyncio.to_thread(up.communicate, timeout=30)
+    assert up.returncode == 0
+    assert not (tmp_path / ".polos" / "exports").exists()
+
+
+def test_otel_configured_reads_the_standard_variables() -> None:
+    from polos._private.analytics_process import otel_configured
+
+    assert not otel_configured({})  # OpenTelemetry's default (OTLP to localhost): not started
+    assert otel_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert otel_configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})
+    assert otel_configured({"OTEL_TRACES_EXPORTER": "console"})
+    assert otel_configured({"OTEL_TRACES_EXPORTER": "otlp"})
+    assert not otel_configured({"OTEL_TRACES_EXPORTER": "none",
+                                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert not otel_configured({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console"})
+
+
 async def test_up_with_no_export_runs_no_exporter(tmp_path: Path) -> None:
-    env = _env(dict(os.environ), PYTHONPATH=str(ROOT), POLOS_PREFIX="upnoexp")
-    for name in ("POLOS_NATS_URL", "POLOS_DATA_DIR", "POLOS_ANALYTICS_DIR",
-                 "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_EXPORTER"):
-        env.pop(name, None)
+    env = _up_env(tmp_path, "upnoexp")
     up = subprocess.Popen([sys.executable, "-m", "polos", "up", "--port", "0", "--no-export"],
                           env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
