@@ -45,7 +45,8 @@ async def serve(args: argparse.Namespace) -> None:
             exporter = Exporter(settings, args.dir, rows_per_file=args.rows_per_file)
             await exporter.connect()
             tasks.append(asyncio.create_task(
-                exporter.follow(stop, flush_interval=args.flush_interval, on_export=report)))
+                exporter.follow(stop, flush_interval=args.flush_interval, on_export=report,
+                                idle=args.idle, max_lag=args.max_lag)))
             log.info("exporting namespace %r into %s", settings.prefix, args.dir)
         if args.otel:
             from polos._private.telemetry import SpanFollower
@@ -84,6 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flush-interval", type=float,
                         default=float(os.environ.get("POLOS_ANALYTICS_FLUSH_INTERVAL", "5")))
     parser.add_argument("--rows-per-file", type=int, default=100_000)
+    parser.add_argument("--idle", type=float, default=0.0,
+                        help="export only once the streams were quiet this many seconds (0: at "
+                             "once), so a pass never competes with a burst of appends")
+    parser.add_argument("--max-lag", type=float, default=30.0,
+                        help="with --idle: export at the latest this many seconds after new "
+                             "messages, quiet or not")
     parser.add_argument("--otel", action="store_true",
                         help="also emit OpenTelemetry spans (configured by OTEL_* variables)")
     parser.add_argument("--until-stdin-closes", action="store_true",

@@ -453,8 +453,13 @@ class Exporter:
         self, stop: asyncio.Event, *, flush_interval: float = 5.0,
         on_export: Callable[[ExportResult], None] | None = None,
         compact_every: int = 100,
+        idle: float = 0.0,
+        max_lag: float = 30.0,
     ) -> None:
-        """Export whenever new messages arrive, at most once per ``flush_interval``.
+        """Export whenever new messages arrive, at most once per ``flush_interval``; with
+        ``idle``, only once the streams have been quiet that long (or ``max_lag`` after the
+        first new message, quiet or not): a pass reads the streams the services are writing, and
+        deferring it past a burst keeps it from competing with the appends.
 
         New messages are noticed by plain subscriptions on the streams' subjects (no polling),
         each good for one message: the server drops it after the first delivery, and every pass
@@ -497,6 +502,18 @@ class Exporter:
                 woken.cancel()
                 if stop.is_set():
                     break
+                if idle and notified:
+                    latest = time.monotonic() + max_lag
+                    while time.monotonic() < latest and not stop.is_set():
+                        notified = False
+                        await arm()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), timeout=idle)
+                        if not notified:
+                            break
+                    if stop.is_set():
+                        break
+                    notified = True  # the pass below was woken by news: one more follows it
                 dirty.clear()
                 by_notification, notified = notified, False
                 result = None

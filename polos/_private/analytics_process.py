@@ -27,6 +27,10 @@ from polos.config import Settings
 # export yields the CPU to the hot path under load and catches up when it is idle.
 NICE = int(os.environ.get("POLOS_ANALYTICS_NICE", "10"))
 
+# The export waits for the streams to be quiet for a flush interval before a pass (so it never
+# competes with a burst of appends), but never lags more than this under sustained load.
+MAX_LAG = float(os.environ.get("POLOS_ANALYTICS_MAX_LAG", "30"))
+
 # A child that dies this soon after its start, this many times in a row, is not restarted again.
 QUICK_EXIT_SECONDS = 10.0
 QUICK_EXITS_TO_GIVE_UP = 3
@@ -80,8 +84,8 @@ class AnalyticsProcess:
 
     def _args(self) -> list[str]:
         args = [sys.executable, "-m", "polos_analytics", "--until-stdin-closes",
-                "--flush-interval", str(self.flush_interval), "--log-level", "warning",
-                "--nice", str(self.nice)]
+                "--flush-interval", str(self.flush_interval), "--idle", str(self.flush_interval),
+                "--max-lag", str(MAX_LAG), "--log-level", "warning", "--nice", str(self.nice)]
         if self.export_dir is not None:
             args += ["--dir", str(self.export_dir)]
         else:
