@@ -36,6 +36,11 @@ from polos.config import Settings
 log = logging.getLogger("polos.analytics")
 
 _FILE_RE = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
+# An empty file with a table's columns, in every table directory: the glob of the views then
+# always matches a file (DuckDB refuses a glob that matches none), so the duckdb CLI can read
+# views.sql over any export. Not a data file: the export position ignores it.
+SCHEMA_FILE = "_schema.parquet"
+LOCK_FILE = ".lock"
 _TS = pa.timestamp("us", tz="UTC")
 
 HISTORY_SCHEMA = pa.schema(
@@ -168,6 +173,9 @@ class Source:
     to_row: Callable[[jsl.StoredMsg], dict[str, Any]]
 
 
+TABLES = ("history", "external_events", "dead_letters", "commands")
+
+
 def sources(names: jsl.Names) -> list[Source]:
     p = names.prefix
     return [
@@ -208,6 +216,66 @@ def write_part(table_dir: Path, schema: pa.Schema, rows: list[dict[str, Any]]) -
     # The rename is what makes the rows count as exported: a crash before it leaves a temp file.
     os.replace(tmp, final)
     return final
+
+
+def ensure_schema_file(table_dir: Path, schema: pa.Schema) -> None:
+    """Write the table's ``_schema.parquet`` unless it is there with these columns."""
+    path = table_dir / SCHEMA_FILE
+    with contextlib.suppress(Exception):
+        if pq.read_schema(path).equals(schema, check_metadata=False):
+            return
+    table_dir.mkdir(parents=True, exist_ok=True)
+    tmp = table_dir / f".{SCHEMA_FILE}.{os.getpid()}.tmp"
+    pq.write_table(pa.Table.from_pylist([], schema=schema), tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def has_data(out_dir: str | os.PathLike[str]) -> bool:
+    """Whether any table under ``out_dir`` holds exported rows (a data file, not a schema)."""
+    return any(exported_upto(Path(out_dir) / table) for table in TABLES)
+
+
+class ExportDirBusy(RuntimeError):
+    """Another exporter writes to this directory."""
+
+
+class _DirLock:
+    """One writer per export directory. The file names are the export position, so two
+    exporters writing the same directory would each export the same messages into files of
+    different ranges: duplicate rows. An ``flock`` is released by the kernel when its process
+    dies, so a crashed exporter never leaves the directory locked."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: one writer is the operator's promise
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ExportDirBusy(
+                f"another exporter (pid {holder}) writes to {self.directory}: one exporter per "
+                "directory (`polos up` keeps its export current while it runs; give another "
+                "--dir for a second one)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _parts(table_dir: Path) -> list[tuple[int, int, Path]]:
@@ -302,6 +370,7 @@ class Exporter:
         self._nc = nc
         self._own_nc = nc is None
         self._repaired: set[str] = set()
+        self._lock = _DirLock(self.out)
 
     async def __aenter__(self) -> Exporter:
         await self.connect()
@@ -311,6 +380,7 @@ class Exporter:
         await self.close()
 
     async def connect(self) -> None:
+        self._lock.acquire()
         if self._nc is None:
             self._nc = await jsl.connect(self.settings, name="polos-analytics")
         js = self._nc.jetstream(timeout=self.settings.request_timeout)
@@ -321,21 +391,29 @@ class Exporter:
             with contextlib.suppress(Exception):
                 await jsl.close(self._nc)
             self._nc = None
+        self._lock.release()
 
     async def compact(self) -> int:
         """Merge the small files follow mode leaves into files of ``rows_per_file`` rows."""
-        merged = 0
-        for src in sources(self.names):
-            merged += await asyncio.to_thread(
-                compact, self.out / src.table, src.schema, self.rows_per_file
-            )
-        return merged
+        held = self._lock._fd is not None
+        self._lock.acquire()  # a compaction racing an export would delete the files it reads
+        try:
+            merged = 0
+            for src in sources(self.names):
+                merged += await asyncio.to_thread(
+                    compact, self.out / src.table, src.schema, self.rows_per_file
+                )
+            return merged
+        finally:
+            if not held:
+                self._lock.release()
 
     async def export_source(self, src: Source, result: ExportResult) -> None:
         assert self._nc is not None, "exporter not connected"
         table_dir = self.out / src.table
         if src.table not in self._repaired:
             await asyncio.to_thread(repair, table_dir)
+            await asyncio.to_thread(ensure_schema_file, table_dir, src.schema)
             self._repaired.add(src.table)
         start = exported_upto(table_dir) + 1
         while True:
@@ -375,41 +453,81 @@ class Exporter:
         self, stop: asyncio.Event, *, flush_interval: float = 5.0,
         on_export: Callable[[ExportResult], None] | None = None,
         compact_every: int = 100,
+        idle: float = 0.0,
+        max_lag: float = 30.0,
     ) -> None:
-        """Export whenever new messages arrive, at most once per ``flush_interval``.
+        """Export whenever new messages arrive, at most once per ``flush_interval``; with
+        ``idle``, only once the streams have been quiet that long (or ``max_lag`` after the
+        first new message, quiet or not): a pass reads the streams the services are writing, and
+        deferring it past a burst keeps it from competing with the appends.
 
-        New messages are noticed by a plain subscription on the streams' subjects (no polling);
-        the export itself still reads the streams by sequence, so a missed notification only
-        delays rows until the next one, and a restart picks up where the files end. Every
-        ``compact_every`` exports the small files are merged (0: never).
+        New messages are noticed by plain subscriptions on the streams' subjects (no polling),
+        each good for one message: the server drops it after the first delivery, and every pass
+        arms a fresh one before it reads. So a busy system sends this process at most one
+        notification per stream per pass, not a copy of every message (which woke it for each
+        event and slowed the services beside it), and nothing stored after a read goes
+        unnoticed. The export itself reads the streams by sequence, so a missed notification
+        only delays rows, and a restart picks up where the files end. Every ``compact_every``
+        exports the small files are merged (0: never).
         """
         if self._nc is None:
             await self.connect()
-        assert self._nc is not None
+        nc = self._nc
+        assert nc is not None
         dirty = asyncio.Event()
         dirty.set()  # export what accumulated while we were down
+        notified = False
         exports = 0
 
         async def poke(_msg: Any) -> None:
+            nonlocal notified
+            notified = True
             dirty.set()
 
-        subs = [await self._nc.subscribe(s.subject_filter, cb=poke) for s in sources(self.names)]
+        subs: list[Any] = []
+
+        async def arm() -> None:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()  # fired ones are gone already
+            subs[:] = [await nc.subscribe(s.subject_filter, cb=poke, max_msgs=1)
+                       for s in sources(self.names)]
+
         try:
             while not stop.is_set():
                 waiter = asyncio.ensure_future(stop.wait())
-                notified = asyncio.ensure_future(dirty.wait())
-                await asyncio.wait({waiter, notified}, return_when=asyncio.FIRST_COMPLETED)
+                woken = asyncio.ensure_future(dirty.wait())
+                await asyncio.wait({waiter, woken}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-                notified.cancel()
+                woken.cancel()
                 if stop.is_set():
                     break
+                if idle and notified:
+                    latest = time.monotonic() + max_lag
+                    while time.monotonic() < latest and not stop.is_set():
+                        notified = False
+                        await arm()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), timeout=idle)
+                        if not notified:
+                            break
+                    if stop.is_set():
+                        break
+                    notified = True  # the pass below was woken by news: one more follows it
                 dirty.clear()
+                by_notification, notified = notified, False
+                result = None
                 try:
+                    await arm()
                     result = await self.export_once()
                 except Exception:
-                    log.exception("export failed; retrying on the next message")
+                    log.exception("export failed; retrying after the flush interval")
                     dirty.set()
-                    result = None
+                # A subscriber can hear of a message before the stream has stored it, so a pass
+                # woken by a notification may not read that message yet: one more pass follows
+                # it (nothing new costs a millisecond), and passes go on while they find rows.
+                if by_notification or (result is not None and result.total):
+                    dirty.set()
                 if result is not None and result.total:
                     exports += 1
                     if on_export is not None:
@@ -436,11 +554,16 @@ class Exporter:
 __all__ = [
     "HISTORY_SCHEMA",
     "MESSAGE_SCHEMA",
+    "SCHEMA_FILE",
+    "TABLES",
+    "ExportDirBusy",
     "ExportResult",
     "Exporter",
     "Source",
     "compact",
+    "ensure_schema_file",
     "exported_upto",
+    "has_data",
     "history_row",
     "message_row",
     "repair",

@@ -353,7 +353,7 @@ async def test_compaction_merges_small_files_and_survives_a_crash(
             await h.result(timeout=15)
         await exporter.export_once()
         history = out / "history"
-        small = sorted(history.glob("*.parquet"))
+        small = sorted(history.glob("[0-9]*.parquet"))  # data files, not _schema.parquet
         total = await _stream_count(env, env.orchestrator.names.runs_stream)
         assert len(small) == -(-total // 3)
         before = analytics.connect(out).execute(
@@ -366,11 +366,11 @@ async def test_compaction_merges_small_files_and_survives_a_crash(
         merged = pa.concat_tables([pq.read_table(p) for p in small[:2]])
         pq.write_table(merged, crash / f"{first}-{last}.parquet")
         assert repair(crash) == 2
-        assert len(list(crash.glob("*.parquet"))) == len(small) - 1
+        assert len(list(crash.glob("[0-9]*.parquet"))) == len(small) - 1
         # Real compaction to files of up to 8 rows; the export then goes on after them.
         exporter.rows_per_file = 8
         assert await asyncio.to_thread(compact, history, HISTORY_SCHEMA, 8) > 0
-        after_files = sorted(history.glob("*.parquet"))
+        after_files = sorted(history.glob("[0-9]*.parquet"))
         assert len(after_files) < len(small)
         assert analytics.connect(out).execute(
             "select run_id, status, steps from runs order by run_id").fetchall() == before

@@ -69,6 +69,10 @@ async def test_start_wait_survives_a_sigkilled_worker_then_runs_and_show(
     show = await apolos("show", run_id, env=subprocess_env)
     assert show.returncode == 0
     assert "claimed by worker" in show.stdout and show.stdout.count("claimed by worker") == 2
+    # The second claim is a restart (its worker was SIGKILLed), the one retry of the run.
+    assert "retries 1 (1 restart after a lost worker)" in show.stdout.splitlines()[0]
+    assert show.stdout.count("restarted: the worker that had the run was lost") == 1
+    assert re.search(rf"^{run_id}\s.*\scompleted\s+\S+ \S+\s+1\b", runs.stdout, re.M), runs.stdout
     assert "step 's10'" in show.stdout and "completed ->" in show.stdout
     as_json = orjson.loads((await apolos("show", run_id, "--json", env=subprocess_env)).stdout)
     assert as_json[0]["event"] == "RunRequested" and as_json[-1]["event"] == "RunCompleted"

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from polos import events as ev
 from polos._private import jetstream as jsl
+from polos._private import output
 from polos._private.llm import LLMTotals, children_named, decision_of
-from polos._private.runtime import wait_for_signal
-from polos.cli import _settings, command
+from polos._private.runtime import default_export_dir, wait_for_signal
+from polos.cli import TIMELINE_STYLES, _settings, _table, command, retries_text
 
-DEFAULT_DIR = os.environ.get("POLOS_ANALYTICS_DIR", "polos-analytics")
+DIR_HELP = ("the export directory (env POLOS_ANALYTICS_DIR, default DATA_DIR/exports: where "
+            "`polos up` keeps it current)")
 
 
 def _dumps(value: Any, limit: int = 120) -> str:
@@ -32,8 +34,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["export", "compact"],
                    help="export: copy new log messages to Parquet; "
                         "compact: merge small files (left by --follow) into big ones")
-    p.add_argument("--dir", default=DEFAULT_DIR,
-                   help="where the Parquet files go (env POLOS_ANALYTICS_DIR, default ./polos-analytics)")
+    p.add_argument("--dir", default=str(default_export_dir()), help=DIR_HELP)
     p.add_argument("--follow", action="store_true", help="keep exporting as messages arrive")
     p.add_argument("--flush-interval", type=float, default=5.0,
                    help="with --follow: at most one file per table per this many seconds")
@@ -42,7 +43,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 @command("analytics", "export the event log to Parquet (incremental, idempotent)")(_add_export)
 async def cmd_analytics(args: argparse.Namespace) -> int:
-    from polos_analytics.export import Exporter, ExportResult
+    from polos_analytics.export import ExportDirBusy, Exporter, ExportResult
 
     settings = _settings(args, role="service")  # reads every stream of the namespace
 
@@ -51,20 +52,25 @@ async def cmd_analytics(args: argparse.Namespace) -> int:
         print(f"exported {result.total} rows ({rows}) in {result.seconds:.3f} s "
               f"= {result.per_second:,.0f} events/s -> {args.dir}", flush=True)
 
-    if args.action == "compact":
-        merged = await Exporter(settings, args.dir, rows_per_file=args.rows_per_file).compact()
-        print(f"merged {merged} files away in {args.dir}")
-        return 0
-    async with Exporter(settings, args.dir, rows_per_file=args.rows_per_file) as exporter:
-        if not args.follow:
-            report(await exporter.export_once())
+    try:
+        if args.action == "compact":
+            merged = await Exporter(settings, args.dir, rows_per_file=args.rows_per_file).compact()
+            print(f"merged {merged} files away in {args.dir}")
             return 0
-        stop = asyncio.Event()
-        signal_task = asyncio.create_task(wait_for_signal())
-        signal_task.add_done_callback(lambda _t: stop.set())
-        print(f"following namespace {settings.prefix!r} into {args.dir} (Ctrl-C stops)", flush=True)
-        await exporter.follow(stop, flush_interval=args.flush_interval, on_export=report)
-        signal_task.cancel()
+        async with Exporter(settings, args.dir, rows_per_file=args.rows_per_file) as exporter:
+            if not args.follow:
+                report(await exporter.export_once())
+                return 0
+            stop = asyncio.Event()
+            signal_task = asyncio.create_task(wait_for_signal())
+            signal_task.add_done_callback(lambda _t: stop.set())
+            print(f"following namespace {settings.prefix!r} into {args.dir} (Ctrl-C stops)",
+                  flush=True)
+            await exporter.follow(stop, flush_interval=args.flush_interval, on_export=report)
+            signal_task.cancel()
+    except ExportDirBusy as exc:
+        output.error(str(exc))
+        return 1
     return 0
 
 
@@ -72,32 +78,69 @@ async def cmd_analytics(args: argparse.Namespace) -> int:
 
 
 def _add_sql(p: argparse.ArgumentParser) -> None:
-    p.add_argument("query", help="SQL over the views runs, run_tree, run_ancestors, steps, "
-                                 "events, llm_calls, tool_calls, decisions, costs, "
-                                 "external_events, dead_letters, commands")
-    p.add_argument("--dir", default=DEFAULT_DIR, help="the export directory")
+    p.add_argument("query", nargs="?", help="SQL over the views runs, run_tree, run_ancestors, "
+                   "steps, events, llm_calls, tool_calls, decisions, costs, external_events, "
+                   "dead_letters, commands")
+    p.add_argument("--dir", default=str(default_export_dir()), help=DIR_HELP)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--max-rows", type=int, default=200)
+    p.add_argument("--print-views", action="store_true",
+                   help="print the views as SQL for --dir (paths filled in), for the duckdb CLI: "
+                        "polos sql --print-views > polos.sql; duckdb -init polos.sql")
+
+
+def _cell(value: Any) -> output.Cell:
+    if value is None:
+        return output.styled("NULL", "dim")
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
 @command("sql", "run SQL (DuckDB) over the exported event log")(_add_sql)
 async def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from polos_analytics.sql import connect
+    from polos_analytics.export import has_data
+    from polos_analytics.sql import connect, views_sql
 
+    if getattr(args, "print_views", False):
+        print(f"-- Printed by `polos sql --print-views` for {Path(args.dir).resolve()}: the paths "
+              "below are filled in;\n-- run it in duckdb with `duckdb -init FILE` or `.read FILE`.\n")
+        print(views_sql(args.dir))
+        return 0
+    if not args.query:
+        output.error("polos sql QUERY (or --print-views)")
+        return 2
+    if not has_data(args.dir):
+        where = Path(args.dir).resolve()
+        print(f"nothing exported yet in {where}: `polos up` run from this directory exports "
+              f"there as runs happen (unless --no-export); for another server, `polos analytics "
+              f"export --dir {args.dir}`", file=sys.stderr)
+        return 1
     con = connect(args.dir)
     try:
         rel = con.sql(args.query)
     except duckdb.Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        output.error(str(exc))
         return 2
     if rel is None:  # a statement without a result (SET, CREATE ...)
         return 0
-    if args.format == "table":
-        rel.show(max_rows=args.max_rows, max_width=10_000)
-        return 0
     columns = rel.columns
+    if args.format == "table":
+        rows = rel.limit(args.max_rows + 1).fetchall()
+        more = len(rows) > args.max_rows
+        rows = rows[: args.max_rows]
+        cells = [[_cell(v) for v in r] for r in rows]
+        # On a terminal the long columns (JSON, text) wrap; the short ones (ids) stay whole.
+        long = [c for i, c in enumerate(columns)
+                if max((len(r[i]) for r in cells), default=0) > 40]
+        print(_table(cells, columns, wrap=long or columns[-1:]))
+        if more:
+            output.hint(f"first {args.max_rows} rows shown (--max-rows N for more)")
+        else:
+            output.hint(f"{len(rows)} row{'s' * (len(rows) != 1)}")
+        return 0
     rows = rel.fetchall()
     if args.format == "json":
         print(orjson.dumps([dict(zip(columns, r, strict=True)) for r in rows],
@@ -132,7 +175,7 @@ def render_run(run_id: str, history: list[tuple[int, ev.Event]]) -> tuple[str, l
     own = own_totals(history)
     end = history[-1][1].at
     head = (f"run {run_id}  {state.workflow}  {state.status}  {_ms(end - t0)}  "
-            f"attempts {state.attempt}  steps {len(state.steps)}")
+            f"{retries_text(history)}  steps {len(state.steps)}")
     if own.llm_calls:
         head += f"  tokens {own.total_tokens}  cost ${own.cost_usd:.4f}"
     items: list[Item] = []
@@ -143,7 +186,7 @@ def render_run(run_id: str, history: list[tuple[int, ev.Event]]) -> tuple[str, l
         named = [c for c in children_named(e) if c not in children]
         children.extend(named)
         if isinstance(e, ev.RunClaimed):
-            items.append([f"{at}  claimed by {e.worker_id} (attempt {e.attempt})"])
+            items.append([f"{at}  claimed by {e.worker_id} (claim {e.attempt})"])
         elif isinstance(e, ev.StepCompleted) and e.kind == "llm":
             meta = e.meta if isinstance(e.meta, dict) else {}
             out = e.output if isinstance(e.output, dict) else {}
@@ -264,15 +307,15 @@ async def cmd_trace(args: argparse.Namespace) -> int:
     nc = await jsl.connect(settings, name="polos-trace")
     try:
         if not jsl.valid_token(args.run_id):
-            print(f"error: {args.run_id!r} is not a run id", file=sys.stderr)
+            output.error(f"{args.run_id!r} is not a run id")
             return 2
         lines = await trace_lines(nc, jsl.Names(settings.prefix), args.run_id)
     finally:
         await nc.close()
     if lines[0].endswith("no events"):
-        print(f"no run {args.run_id!r}", file=sys.stderr)
+        output.error(f"no run {args.run_id!r}")
         return 1
-    print("\n".join(lines))
+    print(output.lines(lines, highlights=TIMELINE_STYLES))
     return 0
 
 

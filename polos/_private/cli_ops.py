@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from polos._private import auth
 from polos._private.instance import running
+from polos._private.runtime import default_export_dir
 from polos.cli import _data_dir, _settings, command
 from polos.client import PolosClient
 
@@ -101,8 +102,9 @@ async def cmd_credentials(args: argparse.Namespace) -> int:
 
 
 def _add_retention(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--export-dir", required=True,
-                   help="the analytics export directory (its history table is the safe point)")
+    p.add_argument("--export-dir", default=str(default_export_dir()),
+                   help="the analytics export directory (its history table is the safe point; "
+                        "default: where `polos up` exports, DATA_DIR/exports)")
     p.add_argument("--older-than", type=float, default=7 * 24 * 3600,
                    help="seconds a run must have been finished (default 7 days)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be archived")

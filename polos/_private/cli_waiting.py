@@ -114,6 +114,9 @@ async def cmd_schedules(args: argparse.Namespace) -> int:
     if args.json:
         print(_dumps(docs))
         return 0
+    if not docs:
+        print("no schedules")
+        return 0
     rows = [[d["key"], d["workflow"], d["cron"], d.get("timezone") or "UTC", _ts(d.get("created_at"))]
             for d in docs]
     print(_table(rows, ["KEY", "WORKFLOW", "CRON", "TIMEZONE", "CREATED"]))

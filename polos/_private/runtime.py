@@ -34,6 +34,15 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings().with_(**changes) if changes else Settings()
 
 
+def default_export_dir() -> Path:
+    """Where `polos up` keeps the Parquet export current and `polos sql` reads it:
+    ``$POLOS_ANALYTICS_DIR``, else ``exports`` in the data dir (``$POLOS_DATA_DIR``, ``.polos``)."""
+    explicit = os.environ.get("POLOS_ANALYTICS_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("POLOS_DATA_DIR", ".polos")) / "exports"
+
+
 def _stop_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
