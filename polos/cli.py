@@ -153,13 +153,14 @@ def _analytics_child(args: argparse.Namespace, settings: Settings) -> AnalyticsP
     otel = otel_configured()
     if not (args.export or otel):
         return None
+    data_dir = _data_dir(args)
     export_dir = None
     if args.export:
         export_dir = Path(args.export_dir or os.environ.get("POLOS_ANALYTICS_DIR")
-                          or Path(args.data_dir) / "exports")
+                          or data_dir / "exports")
     return AnalyticsProcess(
         settings, export_dir=export_dir, otel=otel,
-        log_file=Path(args.data_dir) / "analytics.log",
+        log_file=data_dir / "analytics.log",
         flush_interval=float(os.environ.get("POLOS_ANALYTICS_FLUSH_INTERVAL", "1")),
     )
 

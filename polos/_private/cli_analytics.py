@@ -16,7 +16,7 @@ from polos._private import jetstream as jsl
 from polos._private import output
 from polos._private.llm import LLMTotals, children_named, decision_of
 from polos._private.runtime import default_export_dir, wait_for_signal
-from polos.cli import TIMELINE_STYLES, _settings, _table, command, retries_text
+from polos.cli import TIMELINE_STYLES, _data_dir, _settings, _table, command, retries_text
 
 DIR_HELP = ("the export directory (env POLOS_ANALYTICS_DIR, default DATA_DIR/exports: where "
             "`polos up` keeps it current)")
@@ -34,7 +34,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["export", "compact"],
                    help="export: copy new log messages to Parquet; "
                         "compact: merge small files (left by --follow) into big ones")
-    p.add_argument("--dir", default=str(default_export_dir()), help=DIR_HELP)
+    p.add_argument("--dir", default=None, help=DIR_HELP)
     p.add_argument("--follow", action="store_true", help="keep exporting as messages arrive")
     p.add_argument("--flush-interval", type=float, default=5.0,
                    help="with --follow: at most one file per table per this many seconds")
@@ -45,6 +45,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 async def cmd_analytics(args: argparse.Namespace) -> int:
     from polos_analytics.export import ExportDirBusy, Exporter, ExportResult
 
+    args.dir = args.dir or str(default_export_dir(_data_dir(args)))
     settings = _settings(args, role="service")  # reads every stream of the namespace
 
     def report(result: ExportResult) -> None:
@@ -81,7 +82,7 @@ def _add_sql(p: argparse.ArgumentParser) -> None:
     p.add_argument("query", nargs="?", help="SQL over the views runs, run_tree, run_ancestors, "
                    "steps, events, llm_calls, tool_calls, decisions, costs, external_events, "
                    "dead_letters, commands")
-    p.add_argument("--dir", default=str(default_export_dir()), help=DIR_HELP)
+    p.add_argument("--dir", default=None, help=DIR_HELP)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--max-rows", type=int, default=200)
     p.add_argument("--print-views", action="store_true",
@@ -103,6 +104,8 @@ async def cmd_sql(args: argparse.Namespace) -> int:
 
     from polos_analytics.export import has_data
     from polos_analytics.sql import connect, views_sql
+
+    args.dir = args.dir or str(default_export_dir(_data_dir(args)))
 
     if getattr(args, "print_views", False):
         print(f"-- Printed by `polos sql --print-views` for {Path(args.dir).resolve()}: the paths "

@@ -102,7 +102,7 @@ async def cmd_credentials(args: argparse.Namespace) -> int:
 
 
 def _add_retention(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--export-dir", default=str(default_export_dir()),
+    p.add_argument("--export-dir", default=None,
                    help="the analytics export directory (its history table is the safe point; "
                         "default: where `polos up` exports, DATA_DIR/exports)")
     p.add_argument("--older-than", type=float, default=7 * 24 * 3600,
@@ -115,7 +115,8 @@ async def cmd_retention(args: argparse.Namespace) -> int:
     from polos._private.retention import archive_exported_runs
     from polos_analytics.export import exported_upto
 
-    upto = exported_upto(Path(args.export_dir) / "history")
+    export_dir = Path(args.export_dir or default_export_dir(_data_dir(args)))
+    upto = exported_upto(export_dir / "history")
     # Purging history is the services' right, not a client's.
     client = await PolosClient.connect(settings=_settings(args, role="service"))
     try:

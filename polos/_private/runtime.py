@@ -34,13 +34,14 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings().with_(**changes) if changes else Settings()
 
 
-def default_export_dir() -> Path:
+def default_export_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where `polos up` keeps the Parquet export current and `polos sql` reads it:
-    ``$POLOS_ANALYTICS_DIR``, else ``exports`` in the data dir (``$POLOS_DATA_DIR``, ``.polos``)."""
+    ``$POLOS_ANALYTICS_DIR``, else ``exports`` in the data dir (``data_dir``, else
+    ``$POLOS_DATA_DIR``, else ``.polos``)."""
     explicit = os.environ.get("POLOS_ANALYTICS_DIR")
     if explicit:
         return Path(explicit)
-    return Path(os.environ.get("POLOS_DATA_DIR", ".polos")) / "exports"
+    return Path(data_dir or os.environ.get("POLOS_DATA_DIR") or ".polos") / "exports"
 
 
 def _stop_event() -> asyncio.Event:
