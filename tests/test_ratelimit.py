@@ -25,7 +25,6 @@ from polos._private import limits
 from polos._private.limits import TokenLimiter, retry_after_seconds
 from polos.config import Settings
 from polos.queues import configure_rate_limit
-from polos.testing import fast_settings
 
 MODEL = "tiny-model"
 USAGE = 100  # tokens the server reports per call
@@ -96,8 +95,8 @@ def llm_server() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture
-def settings(nats_server: Any) -> Settings:
-    return fast_settings(nats_server.url, slot_lease=2.0)
+async def settings(make_settings: Any) -> Settings:
+    return await make_settings(slot_lease=2.0)
 
 
 BASE_URL: dict[str, str] = {}

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import nats.js.errors
 import orjson
-from nats.js.api import ObjectStoreConfig, StorageType
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -39,7 +38,6 @@ HEADROOM = 64 * 1024
 FIELD_THRESHOLD = 1024
 
 _stores: weakref.WeakKeyDictionary[Any, dict[str, ObjectStore]] = weakref.WeakKeyDictionary()
-_replicas: dict[str, int] = {}
 
 
 class PayloadMissingError(RuntimeError):
@@ -47,7 +45,7 @@ class PayloadMissingError(RuntimeError):
 
 
 def bucket_name(names: Names) -> str:
-    return f"{names.prefix}_payloads"
+    return names.payloads_bucket
 
 
 def inline_limit(nc: NATS) -> int:
@@ -55,13 +53,8 @@ def inline_limit(nc: NATS) -> int:
     return max(int(nc.max_payload) - HEADROOM, 4096)
 
 
-def set_replicas(names: Names, replicas: int) -> None:
-    """The replica count the bucket is created with (``Settings.replicas`` of the namespace)."""
-    _replicas[names.prefix] = replicas
-
-
 async def store(js: JetStreamContext, names: Names) -> ObjectStore:
-    """The namespace's payload bucket, created on first use (most namespaces never need it)."""
+    """The namespace's payload bucket (a row of the topology the services create)."""
     per_js = _stores.setdefault(js, {})
     bucket = bucket_name(names)
     found = per_js.get(bucket)
@@ -70,16 +63,9 @@ async def store(js: JetStreamContext, names: Names) -> ObjectStore:
     try:
         obs = await js.object_store(bucket)
     except nats.js.errors.BucketNotFoundError:
-        cfg = ObjectStoreConfig(
-            bucket=bucket,
-            storage=StorageType.FILE,
-            replicas=_replicas.get(names.prefix, 1),
-            description="Polos: event fields too large for one message",
-        )
-        try:
-            obs = await js.create_object_store(bucket, config=cfg)
-        except nats.js.errors.BadRequestError:
-            obs = await js.object_store(bucket)  # another process created it first
+        from polos._private.store.topology import missing
+
+        raise missing(names, "payloads_bucket") from None
     per_js[bucket] = obs
     return obs
 
@@ -171,6 +157,5 @@ __all__ = [
     "offload",
     "put_value",
     "resolve",
-    "set_replicas",
     "store",
 ]

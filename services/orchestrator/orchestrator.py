@@ -109,6 +109,7 @@ class Orchestrator:
     async def start(self) -> None:
         self._nc = await jsl.connect(self.settings, name="polos-orchestrator")
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
+        # The whole topology of the namespace, every feature's: only services create it.
         await jsl.ensure_topology(self._js, self.names, self.settings)
         self._index = await self._js.key_value(self.names.runs_bucket)
         await jsl.ensure_consumer(
