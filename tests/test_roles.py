@@ -86,6 +86,62 @@ async def test_the_order_agent_runs_in_a_worker_process_as_the_worker_role(
     assert "Violation" not in log and "Traceback" not in log, log
 
 
+async def test_polos_up_polos_worker_and_the_cli_run_the_order_agent_with_auth_on(
+    llm: DevLLM, tmp_path: Path
+) -> None:
+    """The reported path, all processes and their default credentials: `polos up` (auth on by
+    default), `polos worker examples/order.py` and the CLI run from beside it, `polos queues`."""
+    import os
+    import re
+    import signal
+
+    data = tmp_path / "up"
+    prefix = f"u{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLOS_")}
+    env.update(PYTHONUNBUFFERED="1", POLOS_DATA_DIR=str(data), POLOS_PREFIX=prefix,
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    up = subprocess.Popen([sys.executable, "-m", "polos", "up", "--port", "0"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=str(tmp_path))
+    worker = None
+    try:
+        assert up.stdout is not None
+        for _ in range(50):
+            line = await asyncio.to_thread(up.stdout.readline)
+            if re.search(r"Polos is up: NATS_URL=", line):
+                break
+        else:
+            raise AssertionError("polos up never said it was up")
+        worker = spawn(["-m", "polos", "worker", str(ROOT / "examples" / "order.py")],
+                       dict(env, OPENAI_BASE_URL=llm.url, OPENAI_API_KEY="dev"),
+                       tmp_path / "worker.out")
+        queues = await polos("queues", env=env)
+        assert queues.returncode == 0, queues.stderr
+        run_id = f"order-{uuid.uuid4().hex[:8]}"
+        started = await polos("start", "process_order", "--run-id", run_id, "--input",
+                              '{"id": "U-1", "amount": 20, "email": "ada@example.com"}', env=env)
+        assert started.returncode == 0 and run_id in started.stdout, started.stderr
+        url = (await polos("credentials", "client", "--nats-url",
+                           (data / "url").read_text().strip(), env=env)).stdout.strip()
+        async with await PolosClient.connect(url, prefix=prefix) as client:
+            await until(lambda: _waiting_for_event(client, run_id), "the pickup wait", 60)
+            sent = await polos("event", "warehouse.pickup/U-1", "--data", '{"dock": 4}', env=env)
+            assert sent.returncode == 0, sent.stderr
+            out = await client.get_handle(run_id).result(timeout=60)
+        assert out["status"] == "completed" and out["dock"] == 4, out
+        log = (tmp_path / "worker.out").read_text()
+        assert "iolation" not in log and "Traceback" not in log, log
+    finally:
+        if worker is not None:
+            stop(worker)
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(20)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()
+
+
 async def _serving(client: PolosClient, workflow_name: str) -> bool:
     return any(workflow_name in w.get("workflows", []) for w in await client.workers())
 
