@@ -424,6 +424,13 @@ class Bench:
     # ------------------------------------------------------------------ deployed figures
 
     async def _deployment(self, s: Settings, workers: int) -> tuple[Processes, PolosClient]:
+        # As `polos up` does before it says it is up: the topology exists before any worker
+        # or client looks for it (they only check; the orchestrator may still be starting).
+        nc = await jsl.connect(s, "polos-bench-init")
+        try:
+            await jsl.ensure_topology(nc.jetstream(), jsl.Names(s.prefix), s)
+        finally:
+            await jsl.close(nc)
         procs = Processes(s, self.tmp)
         procs.orchestrator()
         for i in range(workers):

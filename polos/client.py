@@ -173,7 +173,7 @@ class PolosClient:
         *,
         prefix: str | None = None,
         settings: Settings | None = None,
-        ensure_topology: bool = True,
+        check_topology: bool = True,
     ) -> PolosClient:
         """Connect to the namespace. Fails fast: if no server of the URL answers, or the server
         refuses the credentials, this raises ``ConnectionFailedError`` within about
@@ -195,9 +195,14 @@ class PolosClient:
         nc = await jsl.connect(s, name="polos-client", on_reconnect=reconnected)
         client = cls(nc, s)
         holder.append(client)
-        if ensure_topology:
-            # Commands published before any service ever ran must still be kept.
-            await jsl.ensure_topology(client.js, client.names, s)
+        if check_topology:
+            # Clients never create streams or buckets (the services do, at start): a missing
+            # one is named in one line now, not a timeout on the first request that needs it.
+            try:
+                await jsl.check_topology(client.js, client.names)
+            except BaseException:
+                await client.close()
+                raise
         return client
 
     async def close(self) -> None:
@@ -406,7 +411,6 @@ class PolosClient:
         from polos._private import waiting
 
         name = workflow.name if isinstance(workflow, WorkflowDefinition) else workflow
-        await waiting.ensure_waiting_topology(self.js, self.names, self.settings)
         return await waiting.put_schedule(
             self.js, self.names, key, name, cron, timezone=timezone, input=input
         )
@@ -414,14 +418,12 @@ class PolosClient:
     async def list_schedules(self) -> list[dict[str, Any]]:
         from polos._private import waiting
 
-        await waiting.ensure_waiting_topology(self.js, self.names, self.settings)
         return await waiting.list_schedules(self.nc, self.names)
 
     async def delete_schedule(self, key: str) -> bool:
         """Delete the keyed schedule; False if there was none."""
         from polos._private import waiting
 
-        await waiting.ensure_waiting_topology(self.js, self.names, self.settings)
         return await waiting.delete_schedule(self.js, self.names, key)
 
     async def waiting(self, limit: int = 100) -> list[RunInfo]:

@@ -133,6 +133,14 @@ class WorkflowNotFoundError(PolosError):
     """No workflow of this name is registered with this worker or client."""
 
 
+class TopologyMissingError(PolosError):
+    """A stream, KV bucket or object store of the namespace is not on the server.
+
+    Only the service role creates them (``polos up``, any Polos service, ``polos init``);
+    the message names what is missing and how to create it.
+    """
+
+
 __all__ = [
     "ChildWorkflowError",
     "CommandRejectedError",
@@ -143,6 +151,7 @@ __all__ = [
     "RunNotFoundError",
     "SerializationError",
     "StepFailedError",
+    "TopologyMissingError",
     "WaitTimeoutError",
     "WorkflowCancelledError",
     "WorkflowFailedError",

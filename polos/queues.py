@@ -131,7 +131,6 @@ async def configure_queue(client: Any, queue: Queue) -> None:
     publish the ``Queue`` objects of their workflows when they start."""
     from polos._private import limits
 
-    await limits.ensure_limits_topology(client.nc, client.js, client.names, client.settings)
     await limits.put_queue(client.js, client.names, queue)
 
 
@@ -142,7 +141,6 @@ async def configure_rate_limit(client: Any, scope: str, limit: RateLimit | None)
 
     if not (scope.startswith("model:") or scope.startswith("provider:")):
         raise ValueError(f"scope must be 'model:<name>' or 'provider:<name>', got {scope!r}")
-    await limits.ensure_limits_topology(client.nc, client.js, client.names, client.settings)
     await limits.put_rate_limit(client.js, client.names, scope, limit)
 
 

@@ -113,7 +113,8 @@ class Worker:
             self.settings, name=f"polos-worker-{self.id}", on_fatal=self.fatal
         )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
-        await jsl.ensure_topology(self._js, self.names, self.settings)
+        # Workers never create streams or buckets (the services do): say what is missing.
+        await jsl.check_topology(self._js, self.names)
         await self._register_workflows()
         self._workers_kv = await self._js.key_value(self.names.workers_bucket)
         await self._announce()
@@ -121,7 +122,7 @@ class Worker:
         # A cancelled run is interrupted at its next await (core NATS: only live workers care).
         await self._nc.subscribe(self.names.cancel_signal_subject("*"), cb=self._on_cancel_signal)
         for wf in self.workflows.values():
-            durable = f"wf_{wf.name}"
+            durable = self.names.worker_consumer(wf.name)
             await jsl.ensure_consumer(
                 self._js,
                 self.names.tasks_stream,

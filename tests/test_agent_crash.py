@@ -45,14 +45,14 @@ async def test_sigkill_mid_agent_loop_repeats_no_llm_call_and_no_tool(
     async with DevLLM(responder=responder) as llm:
         subprocess_env.update(POLOS_TEST_LOG=str(log), POLOS_DEVLLM_URL=llm.url)
         env = await env_factory([], with_worker=False)
-        w1 = spawn(WORKER, subprocess_env, tmp_path / "w1.out")
+        w1 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w1.out")
         w2 = None
         try:
             handle = await env.client.start("agent_crash", {"units": UNITS, "inline": inline})
             await asyncio.wait_for(held.wait(), 30)
             kill(w1)  # SIGKILL while LLM call 6 of 9 is in flight
             t0 = time.perf_counter()
-            w2 = spawn(WORKER, subprocess_env, tmp_path / "w2.out")
+            w2 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w2.out")
             out = await handle.result(timeout=30)
             resumed_s = time.perf_counter() - t0
         finally:

@@ -88,7 +88,7 @@ async def test_export_is_incremental_and_idempotent(env_factory: Any, tmp_path: 
     env = await env_factory([support_agent, plain_steps, retried, failing])
     runs = await _populate(env)
     out = tmp_path / "export"
-    async with Exporter(env.settings, out) as exporter:
+    async with Exporter(env.as_role("service"), out) as exporter:
         first = await exporter.export_once()
         history_total = await _stream_count(env, env.orchestrator.names.runs_stream)
         assert first.rows["history"] == history_total
@@ -104,7 +104,7 @@ async def test_export_is_incremental_and_idempotent(env_factory: Any, tmp_path: 
         more = await exporter.export_once()
         assert more.rows["history"] == 5  # requested, claimed, 2 steps, completed
     # A new exporter (a restart) starts where the files end.
-    async with Exporter(env.settings, out) as restarted:
+    async with Exporter(env.as_role("service"), out) as restarted:
         assert (await restarted.export_once()).total == 0
     seqs = [s for f in sorted((out / "history").glob("*.parquet"))
             for s in pq.read_table(f, columns=["seq"]).column("seq").to_pylist()]
@@ -120,7 +120,7 @@ async def test_views_over_agent_records(env_factory: Any, tmp_path: Path) -> Non
     env = await env_factory([support_agent, plain_steps, retried, failing])
     runs = await _populate(env)
     out = tmp_path / "export"
-    async with Exporter(env.settings, out) as exporter:
+    async with Exporter(env.as_role("service"), out) as exporter:
         await exporter.export_once()
     con = analytics.connect(out)
     agent = runs["agent"]
@@ -173,14 +173,14 @@ async def test_views_over_agent_records(env_factory: Any, tmp_path: Path) -> Non
 async def test_garbage_on_the_log_does_not_stop_the_export(env_factory: Any, tmp_path: Path) -> None:
     env = await env_factory([plain_steps])
     names = env.orchestrator.names
-    js = env.client.js
+    js = env.orchestrator.js  # junk in a history comes from a writer of histories, not a client
     await js.publish(names.run_subject("junkrun", "step"), b"\x00\xffnot json")
     await js.publish(names.run_subject("junkrun", "ctl"), b'{"t": "FutureEvent", "run_id": "junkrun", "x": 1}')
     await js.publish(names.event_subject("raw.text"), b"plain text, not JSON")
     h = await env.client.start(plain_steps, 1)
     await h.result(timeout=15)
     out = tmp_path / "export"
-    async with Exporter(env.settings, out) as exporter:
+    async with Exporter(env.as_role("service"), out) as exporter:
         result = await exporter.export_once()
     assert result.rows["history"] == 2 + 4
     con = analytics.connect(out)
@@ -202,7 +202,7 @@ async def test_follow_mode_exports_as_runs_happen(env_factory: Any, tmp_path: Pa
     out = tmp_path / "export"
     stop = asyncio.Event()
     exported: list[int] = []
-    async with Exporter(env.settings, out) as exporter:
+    async with Exporter(env.as_role("service"), out) as exporter:
         task = asyncio.create_task(exporter.follow(
             stop, flush_interval=0.05, on_export=lambda r: exported.append(r.rows["history"])))
         handles = []
@@ -235,7 +235,7 @@ async def test_documented_queries_run_and_answer(env_factory: Any, tmp_path: Pat
     env = await env_factory([support_agent, plain_steps, retried, failing])
     await _populate(env)
     out = tmp_path / "export"
-    async with Exporter(env.settings, out) as exporter:
+    async with Exporter(env.as_role("service"), out) as exporter:
         await exporter.export_once()
     con = analytics.connect(out)
     for q in queries:
@@ -243,8 +243,10 @@ async def test_documented_queries_run_and_answer(env_factory: Any, tmp_path: Pat
         assert rows, f"documented query returned nothing:\n{q}"
 
 
-def _args(env: Any, **kw: Any) -> argparse.Namespace:
-    return argparse.Namespace(nats_url=env.settings.nats_url, prefix=env.settings.prefix, **kw)
+def _args(env: Any, role: str = "client", **kw: Any) -> argparse.Namespace:
+    """The flags of a CLI command run as ``role`` (its URL carries that role's user)."""
+    return argparse.Namespace(nats_url=env.as_role(role).nats_url, prefix=env.settings.prefix,
+                              **kw)
 
 
 async def test_cli_export_sql_and_trace(
@@ -253,7 +255,7 @@ async def test_cli_export_sql_and_trace(
     env = await env_factory([support_agent, plain_steps, retried, failing])
     runs = await _populate(env)
     out = tmp_path / "export"
-    args = _args(env, action="export", dir=str(out), follow=False, flush_interval=1.0,
+    args = _args(env, "service", action="export", dir=str(out), follow=False, flush_interval=1.0,
                  rows_per_file=100_000)
     assert await cmd_analytics(args) == 0
     printed = capsys.readouterr().out
@@ -270,7 +272,7 @@ async def test_cli_export_sql_and_trace(
                                             format="table", max_rows=10)) == 2
     assert "error" in capsys.readouterr().err
 
-    assert await cmd_trace(_args(env, run_id=runs["agent"])) == 0
+    assert await cmd_trace(_args(env, "service", run_id=runs["agent"])) == 0
     tree = capsys.readouterr().out
     print(tree)
     assert "support_agent  completed" in tree
@@ -279,7 +281,7 @@ async def test_cli_export_sql_and_trace(
     assert "tool lookup_order(" in tree and '"status":"delivered"' in tree
     assert "reason: \"check order state before refund\"" in tree
     assert tree.rstrip().splitlines()[-1].startswith("└─ ")
-    assert await cmd_trace(_args(env, run_id="no-such-run")) == 1
+    assert await cmd_trace(_args(env, "service", run_id="no-such-run")) == 1
 
 
 async def test_trace_shows_waits_and_child_runs(
@@ -304,9 +306,9 @@ async def test_trace_shows_waits_and_child_runs(
                          data={"amount": 5}, children=[child]), "t/sus"),
         (ev.RunWoken(run_id=other.run_id, step="approval", reason="resume"), "t/woke"),
     ):
-        seq = await jsl.append(env.client.js, names, other.run_id, event,
+        seq = await jsl.append(env.orchestrator.js, names, other.run_id, event,
                                expected_last_seq=seq, msg_id=f"{other.run_id}/{msg_id}")
-    assert await cmd_trace(_args(env, run_id=other.run_id)) == 0
+    assert await cmd_trace(_args(env, "service", run_id=other.run_id)) == 0
     tree = capsys.readouterr().out
     print(tree)
     assert "wait suspend 'approval'" in tree and "woken at 'approval' by resume" in tree
@@ -321,7 +323,7 @@ async def test_analytics_service_follows_and_stops_cleanly(
     env = await env_factory([plain_steps])
     out = tmp_path / "export"
     proc = spawn(["-m", "polos_analytics", "--dir", str(out), "--flush-interval", "0.05"],
-                 subprocess_env, tmp_path / "analytics.out")
+                 subprocess_env.as_role("service"), tmp_path / "analytics.out")
     try:
         h = await env.client.start(plain_steps, 2)
         await h.result(timeout=15)
@@ -347,7 +349,7 @@ async def test_compaction_merges_small_files_and_survives_a_crash(
 
     env = await env_factory([plain_steps])
     out = tmp_path / "export"
-    async with Exporter(env.settings, out, rows_per_file=3) as exporter:
+    async with Exporter(env.as_role("service"), out, rows_per_file=3) as exporter:
         for n in (1, 2, 3):
             h = await env.client.start(plain_steps, n)
             await h.result(timeout=15)

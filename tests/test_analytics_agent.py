@@ -88,7 +88,7 @@ async def test_views_and_spans_over_a_real_agent_run(
     assert await h.result(timeout=20) == "Refunded 40."
 
     out = tmp_path / "export"
-    async with Exporter(env.settings, out) as exporter:
+    async with Exporter(env.as_role("service"), out) as exporter:
         await exporter.export_once()
     con = analytics.connect(out)
     decisions = con.execute(
@@ -128,7 +128,7 @@ async def test_views_and_spans_over_a_real_agent_run(
     assert [r[:4] for r in per_model] == [("support_wf", "support", "gpt-4o", 3)]
 
     exporter_spans = InMemorySpanExporter()
-    async with SpanFollower(env.settings, exporter=exporter_spans) as follower:
+    async with SpanFollower(env.as_role("service"), exporter=exporter_spans) as follower:
         await follower.process_available()
     spans = exporter_spans.get_finished_spans()
     names = sorted(s.name for s in spans)

@@ -30,11 +30,11 @@ class LosesFirstAck:
 
 
 async def _requested(settings: Settings, run: str) -> tuple[Any, Any, jsl.Names, int]:
-    """A connection, and a run whose history is its RunRequested (at the returned sequence)."""
-    nc = await nats.connect(settings.nats_url)
+    """A worker's connection, and a run whose history is its RunRequested (at the returned
+    sequence)."""
+    nc = await nats.connect(settings.worker.nats_url)
     js = nc.jetstream()
     names = jsl.Names(settings.prefix)
-    await jsl.ensure_topology(js, names, settings)
     first = await jsl.append(js, names, run, ev.RunRequested(run_id=run, workflow="w"),
                              expected_last_seq=0, msg_id=f"{run}/req")
     return nc, js, names, first

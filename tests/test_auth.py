@@ -132,10 +132,31 @@ async def test_worker_cannot_publish_into_another_namespace(
         # Within its own namespace the same user may append (the fence still applies).
         own = jsl.Names(A).run_subject(f"r{uuid.uuid4().hex}", "ctl")
         assert not await _denied(worker_a, own)
-        # It may not create or delete streams either.
+        # It may not create or delete streams either: not even the buckets of its own features
+        # (the limiter used to create the slots stream from workers, and timed out).
         assert await _denied(worker_a, f"$JS.API.STREAM.DELETE.{jsl.Names(A).runs_stream}")
+        assert await _denied(worker_a, f"$JS.API.STREAM.CREATE.KV_{jsl.Names(A).slots_bucket}")
+        assert await _denied(worker_a, f"$JS.API.STREAM.CREATE.OBJ_{jsl.Names(A).payloads_bucket}")
     finally:
         await worker_a.close()
+        await service_b.close()
+
+
+async def test_a_service_manages_only_its_own_namespace(
+    secured: tuple[EmbeddedServer, dict[str, Any]], stack: dict[str, Any]
+) -> None:
+    service_a = await jsl.connect(_settings(secured, A, "service"), name="service-a")
+    service_b = await jsl.connect(_settings(secured, B, "service"), name="service-b")
+    try:
+        names_b = jsl.Names(B)
+        await jsl.ensure_topology(service_b.jetstream(), names_b, _settings(secured, B, "service"))
+        for api in (f"$JS.API.STREAM.DELETE.{names_b.runs_stream}",
+                    f"$JS.API.STREAM.PURGE.{names_b.cmd_stream}",
+                    f"$JS.API.STREAM.CREATE.KV_{B}_extra"):
+            assert await _denied(service_a, api), api
+        assert (await service_b.jetstream().stream_info(names_b.runs_stream)).config.name
+    finally:
+        await service_a.close()
         await service_b.close()
 
 

@@ -16,8 +16,7 @@ import pytest
 from nats.js.api import StorageType, StreamConfig
 
 from polos._private import jetstream as jsl
-from polos.config import Settings
-from polos.testing import EmbeddedServer
+from polos.testing import EmbeddedServer, fast_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,10 +71,14 @@ def test_polos_bench_rejects_unknown_figure() -> None:
     assert "unknown figure" in proc.stdout
 
 
-async def test_read_subject_returns_exactly_the_log(nats_server: EmbeddedServer, settings: Settings) -> None:
+async def test_read_subject_returns_exactly_the_log(plain_nats_server: EmbeddedServer) -> None:
     """Batches over 1,000, filters, start_seq, limit, and many concurrent reads on one
-    connection (they share one inbox subscription) each get their own messages."""
-    nc = await nats.connect(nats_server.url)
+    connection (they share one inbox subscription) each get their own messages.
+
+    On a server without authentication: the stream is a raw one of this test, not part of any
+    namespace's topology, so no role may create it (and the reads are not a role's concern)."""
+    settings = fast_settings(plain_nats_server.url)
+    nc = await nats.connect(plain_nats_server.url)
     js = nc.jetstream()
     stream = f"{settings.prefix.upper()}_READTEST"
     p = settings.prefix

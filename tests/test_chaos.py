@@ -26,7 +26,7 @@ import pytest
 from polos import PolosClient
 from polos._private import jetstream as jsl
 from polos._private.runtime import terminate_all
-from polos.testing import EmbeddedServer, fast_settings
+from polos.testing import SecuredServer, create_topology
 from tests.helpers import ROOT, marks, spawn
 from tests.workflows.chaos import ChaosJob, expected
 
@@ -47,13 +47,15 @@ class Tally:
 
 
 class Cluster:
-    """The processes under test: a nats-server, workers, an orchestrator and a scheduler."""
+    """The processes under test: a nats-server (auth on), workers, an orchestrator and a
+    scheduler, each process as its role. ``start()`` creates the topology first, as `polos up`
+    does, and spawns them."""
 
     def __init__(self, tmp: Path, workers: int) -> None:
         self.tmp = tmp
-        self.server = EmbeddedServer(tmp / "nats", port=0)
+        self.server = SecuredServer(tmp / "nats", port=0, pool=1)
         self.server.start()
-        self.settings = fast_settings(self.server.url)
+        self.settings = self.server.namespace()
         self.log = tmp / "marks.log"
         self.env = dict(os.environ)
         self.env.update(self.settings.to_env())
@@ -66,11 +68,16 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.killed_pids: set[int] = set()
         self.server_restarts: list[float] = []
+
+    async def start(self) -> None:
+        await create_topology(self.settings)
         for name in self.commands:
             self.spawn(name)
 
     def spawn(self, name: str) -> None:
-        self.procs[name] = spawn(self.commands[name], self.env, self.tmp / f"{name}.out")
+        role = "worker" if name.startswith("worker") else "service"
+        env = {**self.env, "POLOS_NATS_URL": self.settings.as_role(role).nats_url}
+        self.procs[name] = spawn(self.commands[name], env, self.tmp / f"{name}.out")
 
     def sigkill(self, name: str) -> None:
         proc = self.procs[name]
@@ -175,6 +182,7 @@ async def _explain(client: PolosClient, cluster: Cluster, run_ids: list[str]) ->
 async def run_chaos(tmp: Path, *, runs: int, seconds: float, workers: int, seed: int) -> None:
     rng = random.Random(seed)
     cluster = Cluster(tmp, workers)
+    await cluster.start()
     tally = Tally()
     client = await PolosClient.connect(settings=cluster.settings)
     stop = asyncio.Event()

@@ -39,7 +39,7 @@ async def test_start_wait_survives_a_sigkilled_worker_then_runs_and_show(
     log = tmp_path / "marks.log"
     subprocess_env["POLOS_TEST_LOG"] = str(log)
     await env_factory([], with_worker=False)
-    w1 = spawn(["-m", "polos", "worker", "tests.workflows.marked"], subprocess_env, tmp_path / "w1.out")
+    w1 = spawn(["-m", "polos", "worker", "tests.workflows.marked"], subprocess_env.as_role("worker"), tmp_path / "w1.out")
     w2 = None
     try:
         job = '{"steps": 10, "step_seconds": 0.1}'
@@ -48,7 +48,7 @@ async def test_start_wait_survives_a_sigkilled_worker_then_runs_and_show(
         )
         await until(lambda: "start 5" in marks(log), 30, "step 5")
         kill(w1)
-        w2 = spawn(["-m", "polos", "worker", "tests.workflows.marked"], subprocess_env, tmp_path / "w2.out")
+        w2 = spawn(["-m", "polos", "worker", "tests.workflows.marked"], subprocess_env.as_role("worker"), tmp_path / "w2.out")
         done = await start
     finally:
         stop(w1)

@@ -55,6 +55,8 @@ async def test_stream_leader_killed_under_load_work_continues(tmp_path: Path) ->
         t0 = time.perf_counter()
         await cluster.wait_ready()
         ready = time.perf_counter() - t0
+        # Without auth: the three nodes run the shipped cluster configs (docs/operations.md),
+        # which have no users; what is tested here is failover, not permissions.
         settings = fast_settings(cluster.url, replicas=3, request_timeout=2.0)
         env = PolosEnvironment(settings, [clustered])
         await env.start()

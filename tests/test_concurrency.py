@@ -21,15 +21,15 @@ from polos._private import limits
 from polos.config import Settings
 from polos.errors import RunNotFoundError
 from polos.queues import configure_queue
-from polos.testing import PolosEnvironment, fast_settings
+from polos.testing import PolosEnvironment
 
 LEASE = 2.0
 
 
 @pytest.fixture
-def settings(nats_server: Any) -> Settings:
+async def settings(make_settings: Any) -> Settings:
     # Tiny leases, so a lost slot comes back within the test.
-    return fast_settings(nats_server.url, slot_lease=LEASE)
+    return await make_settings(slot_lease=LEASE)
 
 
 async def _work(ms: float) -> list[float]:
@@ -242,7 +242,8 @@ async def test_admission_races_and_a_dead_admitter_neither_leak_nor_double_grant
     b = await env_factory([], with_worker=False)
     queue = Queue("cc_crash", concurrency=2)  # the default queue of workflow "cc_crash"
     await configure_queue(a.client, queue)
-    store = limits.store_for(a.client.nc, a.client.js, a.client.names)
+    # The test plays admitters: slots are the orchestrators' to take (service role).
+    store = limits.store_for(a.orchestrator.nc, a.orchestrator.js, a.orchestrator.names)
     pools = limits.pool_names(queue, limits.DEFAULT_KEY)
     # Fill the queue with two long leases, so the run we start has to wait.
     for i in range(2):
@@ -393,7 +394,8 @@ async def test_an_admission_whose_task_was_never_published_is_repaired_from_the_
     a = await env_factory([], with_worker=False)
     queue = Queue("cc_repair", concurrency=1)
     await configure_queue(a.client, queue)
-    store = limits.store_for(a.client.nc, a.client.js, a.client.names)
+    # The test plays the admitter: slots are the orchestrator's to take (service role).
+    store = limits.store_for(a.orchestrator.nc, a.orchestrator.js, a.orchestrator.names)
     pool = limits.pool_names(queue, limits.DEFAULT_KEY)
     assert await store.put(f"{pool[0][0]}.0", {"run": "other", "adm": 0}, expected=0, ttl=60)
     h = await a.client.start("cc_repair", None)

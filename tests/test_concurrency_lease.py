@@ -17,7 +17,6 @@ import pytest
 from polos import RunNotFoundError
 from polos._private import limits
 from polos.config import Settings
-from polos.testing import fast_settings
 from tests.helpers import kill, spawn, stop
 
 pytestmark = pytest.mark.slow
@@ -44,8 +43,8 @@ async def leased(ctx: WorkflowContext, seconds: float) -> float:
 
 
 @pytest.fixture
-def settings(nats_server: Any) -> Settings:
-    return fast_settings(nats_server.url, slot_lease=LEASE)
+async def settings(make_settings: Any) -> Settings:
+    return await make_settings(slot_lease=LEASE)
 
 
 async def test_sigkilled_worker_gives_its_slots_back_within_the_lease(
@@ -56,7 +55,7 @@ async def test_sigkilled_worker_gives_its_slots_back_within_the_lease(
     subprocess_env["POLOS_SLOT_LEASE"] = str(LEASE)
     env = await env_factory([], with_worker=False)
     store = limits.store_for(env.client.nc, env.client.js, env.client.names)
-    w1 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env, tmp_path / "w1.out")
+    w1 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env.as_role("worker"), tmp_path / "w1.out")
     w2 = None
     try:
         # Wait until the worker has registered the queue's limit, then fill the queue.
@@ -116,7 +115,7 @@ async def test_sigkilled_worker_gives_its_slots_back_within_the_lease(
               f"(lease {LEASE}s, renewed every {LEASE / 3:.2f}s, TTL granularity 1s); waiters "
               f"admitted {admitted:.2f}s after the kill")
 
-        w2 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env, tmp_path / "w2.out")
+        w2 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env.as_role("worker"), tmp_path / "w2.out")
         results = await asyncio.gather(*(h.result(timeout=60) for h in holders + waiters))
         assert results == [0.01] * 5
         for h in holders:

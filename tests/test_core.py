@@ -169,7 +169,7 @@ async def test_typed_replay_after_worker_loss(env_factory: Any, settings: Any) -
     # The worker goes away mid-step (its in-flight step is handed back), a new one takes over.
     await env.worker.stop(timeout=0)
     GATE[oid].set()
-    async with Worker([typed_replay], settings=settings):
+    async with Worker([typed_replay], settings=settings.worker):
         out = await handle.result(timeout=10)
     assert out["payment_is_model"] and out["receipt_is_dataclass"]
     assert out["payment"] == f"pay_{oid}"
@@ -245,7 +245,7 @@ async def test_nondeterminism_is_detected_and_named(env_factory: Any, settings: 
         await ctx.step.run("a", step_a)
         return "v2"
 
-    async with Worker([v2], settings=settings):
+    async with Worker([v2], settings=settings.worker):
         with pytest.raises(WorkflowFailedError) as info:
             await handle.result(timeout=10)
     assert info.value.error_type == NonDeterminismError.__name__
@@ -333,7 +333,7 @@ async def test_workflow_without_worker_waits_visibly_then_runs(env_factory: Any,
         await asyncio.sleep(0.02)
     [info] = found
     assert info.status == "queued" and info.note == "no worker serves 'plain_io' yet"
-    async with Worker([plain_io], settings=settings):
+    async with Worker([plain_io], settings=settings.worker):
         assert await handle.result(timeout=10) == 9
     # The index is a projection the orchestrator folds right after the log: it catches up.
     for _ in range(200):

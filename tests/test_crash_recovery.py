@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from polos import PolosClient, Worker
-from polos.testing import EmbeddedServer, PolosEnvironment, fast_settings
+from polos.testing import PolosEnvironment, SecuredServer
 from tests.helpers import counts, kill, marks, spawn, stop, until
 from tests.workflows.marked import Job, marked
 
@@ -38,13 +38,13 @@ async def test_sigkill_worker_inside_a_step(
     log = tmp_path / "marks.log"
     subprocess_env["POLOS_TEST_LOG"] = str(log)
     env = await env_factory([], with_worker=False)
-    w1 = spawn(WORKER, subprocess_env, tmp_path / "w1.out")
+    w1 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w1.out")
     w2 = None
     try:
         handle = await env.client.start("marked", Job(steps=10, step_seconds=0.1))
         await until(lambda: "start 4" in marks(log), 30, "step 4 to start")
         kill(w1)  # mid-step 4
-        w2 = spawn(WORKER, subprocess_env, tmp_path / "w2.out")
+        w2 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w2.out")
         assert await handle.result(timeout=30) == sum(i * i for i in range(1, 11))
     finally:
         stop(w1)
@@ -61,14 +61,14 @@ async def test_sigkill_worker_between_steps(
     log = tmp_path / "marks.log"
     subprocess_env["POLOS_TEST_LOG"] = str(log)
     env = await env_factory([], with_worker=False)
-    w1 = spawn(WORKER, subprocess_env, tmp_path / "w1.out")
+    w1 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w1.out")
     w2 = None
     try:
         handle = await env.client.start("marked", Job(steps=6, pause_seconds=0.4))
         await until(lambda: "done 3" in marks(log), 30, "step 3 to finish")
         await asyncio.sleep(0.1)  # inside the pause after step 3: no step in flight
         kill(w1)
-        w2 = spawn(WORKER, subprocess_env, tmp_path / "w2.out")
+        w2 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w2.out")
         assert await handle.result(timeout=30) == sum(i * i for i in range(1, 7))
     finally:
         stop(w1)
@@ -82,16 +82,16 @@ async def test_orchestrator_sigkilled_and_restarted_mid_run(
 ) -> None:
     log = tmp_path / "marks.log"
     monkeypatch.setenv("POLOS_TEST_LOG", str(log))  # the in-process worker marks here
-    orch = spawn(ORCHESTRATOR, subprocess_env, tmp_path / "o1.out")
+    orch = spawn(ORCHESTRATOR, subprocess_env.as_role("service"), tmp_path / "o1.out")
     client = await PolosClient.connect(settings=settings)
     try:
-        async with Worker([marked], settings=settings):
+        async with Worker([marked], settings=settings.worker):
             first = await client.start(marked, Job(steps=8, step_seconds=0.05))
             await until(lambda: "start 2" in marks(log), 30, "the first run to start")
             kill(orch)
             # Commands sent while no orchestrator runs are kept by the stream.
             second = await client.start(marked, Job(steps=3))
-            orch = spawn(ORCHESTRATOR, subprocess_env, tmp_path / "o2.out")
+            orch = spawn(ORCHESTRATOR, subprocess_env.as_role("service"), tmp_path / "o2.out")
             assert await first.result(timeout=30) == sum(i * i for i in range(1, 9))
             assert await second.result(timeout=30) == 14
             # The index caught up with both runs after the restart.
@@ -113,10 +113,11 @@ async def until_index(client: PolosClient, run_ids: set[str]) -> None:
 async def test_nats_server_restart_mid_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = tmp_path / "marks.log"
     monkeypatch.setenv("POLOS_TEST_LOG", str(log))
-    server = EmbeddedServer(tmp_path / "nats", port=0)
+    # Its own server (it is killed), with auth on: the restart keeps every role's users.
+    server = SecuredServer(tmp_path / "nats", port=0, pool=1)
     server.start()
     try:
-        settings = fast_settings(server.url)
+        settings = server.namespace()
         async with PolosEnvironment(settings, [marked]) as env:
             handle = await env.client.start(marked, Job(steps=10, step_seconds=0.1))
             await until(lambda: "done 3" in marks(log), 30, "step 3 to finish")

@@ -63,7 +63,7 @@ async def test_keyed_schedule_create_list_delete(env_factory: Any) -> None:
 
 async def test_workflow_schedule_and_two_schedulers(env_factory: Any) -> None:
     env = await env_factory([cron_decl])
-    second = Scheduler(env.settings)
+    second = Scheduler(env.as_role("service"))
     await second.start()
     try:
         runs = await _wait_runs(env, "cron_decl", 3)
@@ -82,7 +82,7 @@ async def test_workflow_schedule_and_two_schedulers(env_factory: Any) -> None:
         # Missed while no scheduler ran: the server keeps the firings; each starts one run
         # (late) when a scheduler comes back.
         await asyncio.sleep(2.2)
-        env.scheduler = Scheduler(env.settings)
+        env.scheduler = Scheduler(env.as_role("service"))
         await env.scheduler.start()
         await _wait_runs(env, "cron_decl", len(runs) + 2)
     finally:

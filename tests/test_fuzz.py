@@ -228,7 +228,9 @@ async def test_hypothesis_fuzz_of_command_subjects_and_payloads(env_factory: Any
 async def test_garbage_in_run_history_is_dead_lettered_not_fatal(env_factory: Any) -> None:
     """Someone with write access publishes junk onto a run's control subject."""
     env = await env_factory([fuzz_target])
-    js, p = env.client.js, env.settings.prefix
+    # Write access to histories is a worker's (a client may not append).
+    assert env.worker is not None
+    js, p = env.worker._js, env.settings.prefix
     garbage: list[bytes] = [
         b"", b"{", b"[]", b'{"t": "NoSuchEvent"}', b'{"t": "RunCompleted"}',
         b'{"t": ["RunCompleted"]}', b'{"t": "RunClaimed", "run_id": 1}', b"\x00\xff" * 10,

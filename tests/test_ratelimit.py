@@ -29,7 +29,6 @@ from polos.agent import Agent
 from polos.config import Settings
 from polos.devllm import DevLLM
 from polos.queues import configure_rate_limit
-from polos.testing import fast_settings
 
 MODEL = "tiny-model"
 USAGE = 100  # tokens the server reports per call
@@ -100,9 +99,9 @@ def llm_server() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture
-def settings(nats_server: Any) -> Settings:
+async def settings(make_settings: Any) -> Settings:
     # rate_wait_limit 0: an LLM step that has to wait for tokens at all suspends the run.
-    return fast_settings(nats_server.url, slot_lease=2.0, rate_wait_limit=0.0)
+    return await make_settings(slot_lease=2.0, rate_wait_limit=0.0)
 
 
 BASE_URL: dict[str, str] = {}

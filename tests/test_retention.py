@@ -51,7 +51,7 @@ async def test_finished_exported_runs_leave_the_hot_stream(
         await asyncio.sleep(0.02)
 
     out = tmp_path / "export"
-    async with Exporter(settings, out) as exporter:
+    async with Exporter(settings.service, out) as exporter:
         await exporter.export_once()
     upto = exported_upto(out / "history")
     late = await client.start(retained, 7)  # finishes after the export: not archivable yet
@@ -61,8 +61,10 @@ async def test_finished_exported_runs_leave_the_hot_stream(
 
     names = client.names
     before = (await client.js.stream_info(names.runs_stream)).state.messages
+    # Archiving purges histories: the service role's right (`polos retention` uses it).
+    orch = env.orchestrator
     result = await archive_exported_runs(
-        client.nc, client.js, names, exported_upto=upto, older_than=0.0
+        orch.nc, orch.js, names, exported_upto=upto, older_than=0.0
     )
     after = (await client.js.stream_info(names.runs_stream)).state.messages
     assert sorted(result.archived) == sorted(h.run_id for h in done)
@@ -121,7 +123,7 @@ async def test_retention_command_dry_run(env_factory: Any, settings: Any, tmp_pa
     await h.result(timeout=10)
     while not await env.client.list_runs(status="completed"):
         await asyncio.sleep(0.02)
-    async with Exporter(settings, tmp_path / "x") as exporter:
+    async with Exporter(settings.service, tmp_path / "x") as exporter:
         await exporter.export_once()
     out = await asyncio.to_thread(
         subprocess.run,

@@ -13,7 +13,7 @@ from typing import Any
 
 from polos import RetryPolicy, WorkflowContext, workflow
 from polos._private import waiting as wt
-from polos.testing import EmbeddedServer, PolosEnvironment, fast_settings
+from polos.testing import PolosEnvironment, SecuredServer
 from polos_services.scheduler import Scheduler
 from tests.test_waiting import until_status
 
@@ -85,7 +85,7 @@ async def test_scheduler_restart_with_timers_pending(env_factory: Any) -> None:
     await asyncio.sleep(1.3)
     for h in handles:
         assert (await env.client.get(h.run_id)).status == "suspended"
-    env.scheduler = Scheduler(env.settings)
+    env.scheduler = Scheduler(env.as_role("service"))
     await env.scheduler.start()
     for h in handles:
         await h.result(timeout=20)
@@ -94,7 +94,7 @@ async def test_scheduler_restart_with_timers_pending(env_factory: Any) -> None:
 
 async def test_two_schedulers_each_timer_takes_effect_once(env_factory: Any) -> None:
     env = await env_factory([w_sleepy])
-    second = Scheduler(env.settings)
+    second = Scheduler(env.as_role("service"))
     await second.start()
     try:
         handles = [await env.client.start(w_sleepy, 0.3) for _ in range(10)]
@@ -110,10 +110,11 @@ async def test_two_schedulers_each_timer_takes_effect_once(env_factory: Any) -> 
 
 
 async def test_timer_survives_nats_server_restart(tmp_path: Path) -> None:
-    server = EmbeddedServer(tmp_path / "nats", port=0)
+    # Its own server (it is killed), with auth on: the restart keeps every role's users.
+    server = SecuredServer(tmp_path / "nats", port=0, pool=1)
     server.start()
     try:
-        settings = fast_settings(server.url)
+        settings = server.namespace()
         async with PolosEnvironment(settings, [w_sleepy]) as env:
             handle = await env.client.start(w_sleepy, 1.5)
             await until_status(env, handle.run_id, "suspended")
@@ -131,7 +132,7 @@ async def test_stale_timer_changes_nothing(env_factory: Any) -> None:
     from polos import events as ev
     from polos._private import jetstream as jsl
 
-    js, names = env.client.js, env.client.names
+    js, names = env.scheduler.js, env.client.names  # histories and wakes: a service's
     run = "stale1"
     seq = await jsl.append(js, names, run, ev.RunRequested(run_id=run, workflow="x"),
                            expected_last_seq=0, msg_id="r")
@@ -151,13 +152,13 @@ async def test_scheduler_process_sigkilled_with_timers_pending(
 
     env = await env_factory([w_sleepy])
     await env.scheduler.stop()  # only the subprocess schedulers below
-    first = spawn(["-m", "polos_services.scheduler"], subprocess_env, tmp_path / "s1.log")
+    first = spawn(["-m", "polos_services.scheduler"], subprocess_env.as_role("service"), tmp_path / "s1.log")
     try:
         handles = [await env.client.start(w_sleepy, 1.5) for _ in range(3)]
         for h in handles:
             await until_status(env, h.run_id, "suspended")
         kill(first)
-        second = spawn(["-m", "polos_services.scheduler"], subprocess_env, tmp_path / "s2.log")
+        second = spawn(["-m", "polos_services.scheduler"], subprocess_env.as_role("service"), tmp_path / "s2.log")
         try:
             for h in handles:
                 await h.result(timeout=30)

@@ -54,7 +54,7 @@ async def test_agent_run_spans_follow_gen_ai_conventions(env_factory: Any) -> No
     h = await env.client.start(support_agent, "o-9")
     await h.result(timeout=15)
     exporter = InMemorySpanExporter()
-    async with SpanFollower(env.settings, exporter=exporter) as follower:
+    async with SpanFollower(env.as_role("service"), exporter=exporter) as follower:
         handled = await follower.process_available()
     assert handled == 8
     all_spans = exporter.get_finished_spans()
@@ -101,17 +101,17 @@ async def test_crash_and_replay_emit_each_span_once(
     subprocess_env["POLOS_TEST_LOG"] = str(log)
     env = await env_factory([], with_worker=False)
     exporter = InMemorySpanExporter()
-    follower = SpanFollower(env.settings, exporter=exporter)
+    follower = SpanFollower(env.as_role("service"), exporter=exporter)
     await follower.start()
     stop_follow = asyncio.Event()
     following = asyncio.create_task(follower.follow(stop_follow))
-    w1 = spawn(WORKER, subprocess_env, tmp_path / "w1.out")
+    w1 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w1.out")
     w2 = None
     try:
         handle = await env.client.start("marked", Job(steps=10, step_seconds=0.05))
         await until(lambda: "start 5" in marks(log), 30, "step 5 to start")
         kill(w1)  # SIGKILL mid-step 5: steps 1-4 are on the log, step 5 is in flight
-        w2 = spawn(WORKER, subprocess_env, tmp_path / "w2.out")
+        w2 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w2.out")
         assert await handle.result(timeout=30) == sum(i * i for i in range(1, 11))
         # The follower ran during the crash and the replay; let it reach the end of the log.
         last = (await jsl.load_state(env.client.nc, env.client.names, handle.run_id)).last_seq
@@ -139,7 +139,7 @@ async def test_crash_and_replay_emit_each_span_once(
 
     # A restarted follower resumes from the saved position: nothing is emitted again.
     again = InMemorySpanExporter()
-    async with SpanFollower(env.settings, exporter=again) as restarted:
+    async with SpanFollower(env.as_role("service"), exporter=again) as restarted:
         assert restarted.position >= last
         assert await restarted.process_available() == 0
     assert again.get_finished_spans() == ()
@@ -148,7 +148,7 @@ async def test_crash_and_replay_emit_each_span_once(
 async def test_child_runs_and_waits_share_the_root_trace(env_factory: Any) -> None:
     env = await env_factory([plain_steps])
     names: jsl.Names = env.client.names
-    js = env.client.js
+    js = env.orchestrator.js  # histories written as the services write them
     parent = await env.client.start(plain_steps, 1)
     await parent.result(timeout=15)
     # A grandchild chain written the way child runs are requested (no root id on the
@@ -182,7 +182,7 @@ async def test_child_runs_and_waits_share_the_root_trace(env_factory: Any) -> No
 
     exporter = InMemorySpanExporter()
     # A small batch and a tiny run cache: the follower must rebuild what it forgot from the log.
-    async with SpanFollower(env.settings, exporter=exporter, batch=3, cache_size=1) as follower:
+    async with SpanFollower(env.as_role("service"), exporter=exporter, batch=3, cache_size=1) as follower:
         await follower.process_available()
     spans = exporter.get_finished_spans()
     root_trace = trace_id_for(parent.run_id)
@@ -216,7 +216,7 @@ async def test_telemetry_command_uses_standard_otel_environment(
     subprocess_env.update(OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="polos-test")
     proc = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "polos", "telemetry", "--once"],
-        env=subprocess_env, capture_output=True, text=True, timeout=60,
+        env=subprocess_env.as_role("service"), capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert '"name": "run plain_steps"' in proc.stdout

@@ -67,7 +67,7 @@ async def _until_suspended(client: Any, run_id: str) -> None:
 
 
 async def _suspend_one_on_v1(env: Any, settings: Any) -> str:
-    async with Worker([v1], settings=settings):
+    async with Worker([v1], settings=settings.worker):
         handle = await env.client.start("versioned")
         await _until_suspended(env.client, handle.run_id)
     return handle.run_id
@@ -79,7 +79,7 @@ async def test_patched_lets_a_change_roll_out_while_runs_are_suspended(
     CHECKS.clear()
     env = await env_factory([], with_worker=False)
     old_run = await _suspend_one_on_v1(env, settings)
-    async with Worker([v2_patched], settings=settings):
+    async with Worker([v2_patched], settings=settings.worker):
         new = await env.client.start("versioned")
         await _until_suspended(env.client, new.run_id)
         for run_id in (old_run, new.run_id):
@@ -99,7 +99,7 @@ async def test_incompatible_change_fails_suspended_runs_with_a_clear_error(
     CHECKS.clear()
     env = await env_factory([], with_worker=False)
     old_run = await _suspend_one_on_v1(env, settings)
-    async with Worker([v2_unpatched], settings=settings):
+    async with Worker([v2_unpatched], settings=settings.worker):
         await env.client.resume(old_run, "approval", {"ok": True})
         with pytest.raises(WorkflowFailedError) as info:
             await env.client.get_handle(old_run).result(timeout=15)

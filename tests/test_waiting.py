@@ -118,7 +118,7 @@ async def test_second_resume_while_suspended_is_rejected(env_factory: Any) -> No
         await env.client.resume(handle.run_id, "approval", {"approved": False})
     from polos.worker import Worker
 
-    async with Worker([w_approval], settings=env.settings):
+    async with Worker([w_approval], settings=env.as_role("worker")):
         result = await handle.result(timeout=20)
     assert result["approved"] is True  # the early (first) resume was applied
 
@@ -170,7 +170,7 @@ async def test_event_published_before_the_wait_is_not_lost(env_factory: Any) -> 
     await env.client.publish_event("warehouse.pickup/43", {"by": "eve"})  # another order's
     from polos.worker import Worker
 
-    async with Worker([w_pickup], settings=env.settings):
+    async with Worker([w_pickup], settings=env.as_role("worker")):
         result = await handle.result(timeout=20)
     assert result["data"] == {"by": "bob"} and result["topic"] == "warehouse.pickup/42"
 

@@ -2,13 +2,17 @@
 
 Each namespace (prefix ``p``) has three users, each allowed only what its role needs:
 
-- ``p-service`` (orchestrator, scheduler, exporters): the namespace's subjects and the JetStream
-  API (it creates the topology).
-- ``p-worker``: pull and ack tasks, read and append run histories, its registrations, payloads,
-  dead letters; start runs like a client. It cannot create or delete streams, touch another
-  namespace, or read commands.
+- ``p-service`` (orchestrator, scheduler, exporters): the namespace's subjects, and the
+  JetStream API on the namespace's streams only (it alone creates the topology).
+- ``p-worker``: pull and ack tasks, read and append run histories, its registrations, slots,
+  rate buckets, memory, payloads, dead letters, live deltas; start runs like a client. It cannot
+  create or delete streams, touch another namespace, or read commands.
 - ``p-client``: publish commands and external events, read run histories, the run index and
-  workers, wait on run control subjects. It cannot append to a history or pull tasks.
+  workers, wait on run control subjects, follow live deltas, keep cron schedules, queue limits,
+  memory and payloads. It cannot append to a history or pull tasks.
+
+Which role may do what with each stream and bucket is a column of the topology table
+(``polos._private.store.topology.TOPOLOGY``); ``permissions`` only turns it into NATS grants.
 
 Connections without credentials get nothing (the server refuses them). Credentials are random,
 made on first start and kept in a JSON file readable only by its owner (0600); the server's
@@ -27,36 +31,28 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-ROLES = ("service", "worker", "client")
-
+from polos._private.store.names import Names
+from polos._private.store.topology import CORE_SUBJECTS as TOPOLOGY_CORE
+from polos._private.store.topology import ROLES, TOPOLOGY
 
 # --------------------------------------------------------------------------- permissions
 
-
-# Key-value buckets and object stores of a namespace are named ``<prefix>_<name>``. A grant must
-# name each stream: NATS wildcards match whole tokens only, so ``KV_<prefix>_*`` cannot be said.
-BUCKETS = ("runs", "workers", "workflows", "waits", "slots", "queues", "memory", "telemetry")
-OBJECT_STORES = ("payloads",)
-STREAMS = ("CMD", "RUNS", "TASKS", "EVENTS", "DLQ", "TIMERS", "ADMIT")
-# Buckets a worker or client may create on first use (the services create everything else).
-LAZY = ("KV_{p}_memory", "OBJ_{p}_payloads")
+# Generated from the topology table (polos/_private/store/topology.py): a stream, bucket or core
+# subject is granted to the roles its row names, so a new bucket cannot be forgotten here. A
+# grant must name each stream: NATS wildcards match whole tokens only, so ``KV_<prefix>_*``
+# cannot be said.
 
 
 def namespace_streams(prefix: str) -> list[str]:
     """Every JetStream stream of a namespace (its streams, buckets and object stores)."""
-    up = prefix.upper().replace("-", "_")
-    return (
-        [f"{up}_{s}" for s in STREAMS]
-        + [f"KV_{prefix}_{b}" for b in BUCKETS]
-        + [f"OBJ_{prefix}_{o}" for o in OBJECT_STORES]
-    )
+    names = Names(prefix)
+    return [row.stream(names) for row in TOPOLOGY]
 
 
 def _use(stream: str) -> list[str]:
-    """Read a stream (info, direct and message get) and use consumers on it (ordered ones too);
+    """Read a stream (direct and message get) and use consumers on it (ordered ones too);
     never create, update, purge or delete it."""
     return [
-        f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.DIRECT.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}.>",
         f"$JS.API.STREAM.MSG.GET.{stream}",
@@ -70,56 +66,83 @@ def _use(stream: str) -> list[str]:
     ]
 
 
+def _manage(stream: str) -> list[str]:
+    """Everything on one stream: create, update, info, purge, delete (``STREAM.<op>.<s>``),
+    message get and delete, direct gets, consumers of any kind, acks."""
+    return [
+        f"$JS.API.STREAM.*.{stream}",
+        f"$JS.API.STREAM.MSG.*.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.*.{stream}",
+        f"$JS.API.CONSUMER.*.{stream}.>",
+        f"$JS.API.CONSUMER.*.*.{stream}.>",  # MSG.NEXT, DURABLE.CREATE, LEADER.STEPDOWN
+        f"$JS.ACK.{stream}.>",
+    ]
+
+
 def permissions(role: str, prefix: str) -> dict[str, Any]:
     """The NATS ``permissions`` block of ``role`` in namespace ``prefix``."""
-    p = prefix
-    up = prefix.upper().replace("-", "_")
-    # What every role of the namespace may do with JetStream: use (not manage) its streams.
-    js_common = [
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+    names = Names(prefix)
+    publish = [
         "$JS.API.INFO",
         "$JS.API.STREAM.NAMES",  # nats-py looks a stream up by subject for ordered consumers
         "$JS.FC.>",  # flow control answers of ordered consumers (Object Store reads)
-        *[a for stream in namespace_streams(p) for a in _use(stream)],
-        *[f"$JS.API.STREAM.CREATE.{lazy.format(p=p)}" for lazy in LAZY],
-        f"$O.{p}_payloads.>",
     ]
+    subscribe = ["_INBOX.>"]
     if role == "service":
-        return {
-            # The JetStream API has no per-namespace wildcard (stream names are one token), so
-            # services are trusted with it; their own subjects stay within the namespace.
-            "publish": {"allow": [f"{p}.>", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$KV.>",
-                                  "$O.>", "_INBOX.>"]},
-            "subscribe": {"allow": [f"{p}.>", "_INBOX.>", "$JS.EVENT.>"]},
-        }
-    if role == "worker":
-        allow = [
-            f"{p}.run.>",  # append to run histories (fenced by the server, see jetstream.append)
-            f"{p}.dlq.>",
-            f"{p}.cmd.>",  # start child runs as a client would
-            f"{p}.event.>",
-            *js_common,
-            *[f"$KV.{p}_{b}.>" for b in BUCKETS if b != "runs"],  # the run index is the services'
-        ]
-        # A consumer on the task stream is how a worker takes work; the history it reads and
-        # appends to directly. Cancel signals reach it on core NATS.
-        return {
-            "publish": {"allow": allow},
-            "subscribe": {"allow": ["_INBOX.>", f"{p}.signal.>", f"{p}.run.*.ctl"]},
-        }
-    if role == "client":
-        allow = [
-            f"{p}.cmd.>",
-            f"{p}.event.>",
-            # Everything but consuming tasks: a consumer on the work queue would take them.
-            *[a for a in js_common if f".{up}_TASKS" not in a or ".STREAM.INFO." in a],
-            f"$KV.{p}_memory.>",
-        ]
-        return {
-            "publish": {"allow": allow},
-            # Waiting for a result listens to the run's control subject.
-            "subscribe": {"allow": ["_INBOX.>", f"{p}.run.*.ctl"]},
-        }
-    raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        publish.append("_INBOX.>")  # the orchestrator answers commands on their Polos-Reply
+        subscribe.append(f"{prefix}.>")  # followers and exporters watch what is appended
+    for row in TOPOLOGY:
+        stream = row.stream(names)
+        if role == "service":
+            # Only the service role creates and updates the topology (and may purge, delete).
+            publish += _manage(stream)
+        else:
+            # Any role may look a stream up: that is how it finds out what is missing.
+            publish.append(f"$JS.API.STREAM.INFO.{stream}")
+            if role in row.read:
+                publish += _use(stream)
+            if role in row.delete_msg:
+                publish.append(f"$JS.API.STREAM.MSG.DELETE.{stream}")
+        publish += row.writes(role, names)
+    for core in TOPOLOGY_CORE:
+        if role in core.publish:
+            publish.append(core.subject(names))
+        if role in core.subscribe and role != "service":
+            subscribe.append(core.subject(names))
+    return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
+
+
+def describe_roles(prefix: str = "<prefix>") -> str:
+    """A Markdown table of what each role may do, generated from the topology (the docs')."""
+    names = Names(prefix)
+    rows = ["| stream, bucket or subject | holds | " + " | ".join(ROLES) + " |",
+            "|---|---|" + "---|" * len(ROLES)]
+    for row in TOPOLOGY:
+        cells = []
+        for role in ROLES:
+            can = ["read"] if role in row.read else []
+            if role in row.write:
+                can.append("write")
+            elif role in row.write_only:
+                can.append("write " + ", ".join(f"`{s}`" for s in row.write_only[role](names)))
+            if role in row.delete_msg:
+                can.append("delete")
+            if role == "service":
+                can = ["all"]  # create, update, purge, delete; read and write
+            cells.append(", ".join(can) or "look up")
+        kind, name = row.label(names).rsplit(" ", 1)
+        rows.append(f"| {kind} `{name}` | {row.what} | " + " | ".join(cells) + " |")
+    for core in TOPOLOGY_CORE:
+        cells = [", ".join(([
+            "publish"] if role in core.publish else []) + (
+            ["subscribe"] if role in core.subscribe else [])) or "-" for role in ROLES]
+        rows.append(f"| `{core.subject(names)}` (core NATS) | {core.what} | "
+                    + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------- credentials

@@ -2,7 +2,9 @@
 
 - ``polos credentials ROLE [--format url|env|context|json]``: the user and password a role
   connects with to the running ``polos up``, and that server's URL;
-- ``polos retention``: archive finished runs that analytics has exported (docs/operations.md).
+- ``polos retention``: archive finished runs that analytics has exported (docs/operations.md);
+- ``polos init``: create (or update) the namespace's streams and buckets as the service role,
+  then exit; ``--check`` only says what is missing, as any role.
 """
 
 from __future__ import annotations
@@ -130,4 +132,32 @@ async def cmd_retention(args: argparse.Namespace) -> int:
     print(f"{verb} {len(result.archived)} runs (exported up to seq {upto}); kept "
           f"{result.kept_not_exported} not yet exported, {result.kept_too_recent} too recent; "
           f"{result.payload_objects_deleted} payload objects deleted")
+    return 0
+
+
+def _add_init(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true",
+                   help="create nothing: say what is missing (any role may check)")
+
+
+@command("init", "create the namespace's streams and buckets (service role) and exit")(_add_init)
+async def cmd_init(args: argparse.Namespace) -> int:
+    from polos._private import jetstream as jsl
+    from polos._private.store import TOPOLOGY, Names, check_topology, ensure_topology
+
+    settings = _settings(args, role="client" if args.check else "service")
+    names = Names(settings.prefix)
+    nc = await jsl.connect(settings, name="polos-init")
+    try:
+        js = nc.jetstream(timeout=settings.request_timeout)
+        if args.check:
+            await check_topology(js, names)
+        else:
+            await ensure_topology(js, names, settings)
+    finally:
+        await jsl.close(nc)
+    kinds = [row.kind for row in TOPOLOGY]
+    print(f"namespace {settings.prefix!r} {'has' if args.check else 'is ready:'} "
+          f"{kinds.count('stream')} streams, {kinds.count('kv')} KV buckets and "
+          f"{kinds.count('object')} object store{'s' if kinds.count('object') != 1 else ''}")
     return 0

@@ -19,7 +19,6 @@ def _add_queues(p: argparse.ArgumentParser) -> None:
 async def cmd_queues(args: argparse.Namespace) -> int:
     client = await _client(args)
     try:
-        await limits.ensure_limits_topology(client.nc, client.js, client.names, client.settings)
         rows = await limits.queue_stats(client.nc, client.js, client.names)
     finally:
         await client.close()

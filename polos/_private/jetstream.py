@@ -1,7 +1,7 @@
-"""The JetStream layer: names, topology, fenced appends, history reads and task pulling.
+"""The JetStream layer: fenced appends, history reads and task pulling.
 
-Everything that knows a subject's shape or a stream's configuration lives here, so the
-subjects (public API) are defined once.
+Names and the topology are in ``polos._private.store`` (re-exported here): a subject's shape
+and a stream's configuration are defined once, there.
 """
 
 from __future__ import annotations
@@ -29,14 +29,17 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
-    DiscardPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
 )
 
 from polos import events as ev
 from polos._private import connection, payloads
+
+# The catalogue of names and the topology live in the store layer; re-exported here so the
+# rest of the tree keeps importing them from jetstream.
+from polos._private.store.names import RUN_KINDS as RUN_KINDS
+from polos._private.store.names import Names as Names
+from polos._private.store.topology import check_topology as check_topology
+from polos._private.store.topology import ensure_topology as ensure_topology
 from polos.config import Settings
 from polos.errors import ConnectionFailedError
 
@@ -49,126 +52,6 @@ EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject
 MSG_ID = "Nats-Msg-Id"
 REPLY_HEADER = "Polos-Reply"  # where the orchestrator answers a command, when the sender asks
 WRONG_LAST_SEQUENCE = 10071
-RUN_KINDS = ev.HISTORY_KINDS
-
-
-@dataclass(frozen=True)
-class Names:
-    """Every stream, subject and bucket name of one namespace (prefix)."""
-
-    prefix: str
-
-    @property
-    def upper(self) -> str:
-        return self.prefix.upper().replace("-", "_")
-
-    # streams
-    @property
-    def cmd_stream(self) -> str:
-        return f"{self.upper}_CMD"
-
-    @property
-    def runs_stream(self) -> str:
-        return f"{self.upper}_RUNS"
-
-    @property
-    def tasks_stream(self) -> str:
-        return f"{self.upper}_TASKS"
-
-    @property
-    def events_stream(self) -> str:
-        return f"{self.upper}_EVENTS"
-
-    @property
-    def dlq_stream(self) -> str:
-        return f"{self.upper}_DLQ"
-
-    # buckets
-    @property
-    def runs_bucket(self) -> str:
-        return f"{self.prefix}_runs"
-
-    @property
-    def workers_bucket(self) -> str:
-        return f"{self.prefix}_workers"
-
-    @property
-    def workflows_bucket(self) -> str:
-        return f"{self.prefix}_workflows"
-
-    # subjects
-    def start_subject(self, workflow: str) -> str:
-        return f"{self.prefix}.cmd.start.{workflow}"
-
-    def cancel_subject(self, run_id: str) -> str:
-        return f"{self.prefix}.cmd.cancel.{run_id}"
-
-    def resume_subject(self, run_id: str, key: str) -> str:
-        return f"{self.prefix}.cmd.resume.{run_id}.{key}"
-
-    @property
-    def cmd_filter(self) -> str:
-        return f"{self.prefix}.cmd.>"
-
-    def run_subject(self, run_id: str, kind: str) -> str:
-        return f"{self.prefix}.run.{run_id}.{kind}"
-
-    def run_filter(self, run_id: str) -> str:
-        """All of one run's history subjects: the fence covers exactly these."""
-        return f"{self.prefix}.run.{run_id}.*"
-
-    @property
-    def runs_subjects(self) -> list[str]:
-        """What the runs stream stores: only the known kinds, so reading a run kind by kind
-        cannot miss anything the fence counts."""
-        return [f"{self.prefix}.run.*.{kind}" for kind in RUN_KINDS]
-
-    @property
-    def ctl_filter(self) -> str:
-        return f"{self.prefix}.run.*.ctl"
-
-    def task_subject(self, workflow: str) -> str:
-        return f"{self.prefix}.task.{workflow}"
-
-    def event_subject(self, topic_tokens: str) -> str:
-        return f"{self.prefix}.event.{topic_tokens}"
-
-    def dlq_subject(self, source: str) -> str:
-        return f"{self.prefix}.dlq.{source}"
-
-    # time and waiting (polos/_private/waiting.py, services/scheduler)
-    @property
-    def timers_stream(self) -> str:
-        return f"{self.upper}_TIMERS"
-
-    @property
-    def waits_bucket(self) -> str:
-        return f"{self.prefix}_waits"
-
-    def timer_subject(self, run_id: str, seq: int) -> str:
-        """Where a run's timer waits (a message schedule held by the server)."""
-        return f"{self.prefix}.timer.at.{run_id}.{seq}"
-
-    def timer_fire_subject(self, run_id: str, seq: int) -> str:
-        return f"{self.prefix}.timer.fire.{run_id}.{seq}"
-
-    def cron_subject(self, key: str) -> str:
-        return f"{self.prefix}.timer.cron.{key}"
-
-    def cron_fire_subject(self, key: str) -> str:
-        return f"{self.prefix}.timer.fire.cron.{key}"
-
-    def cancel_signal_subject(self, run_id: str) -> str:
-        """Core NATS (no stream): tells the worker holding a run to interrupt it."""
-        return f"{self.prefix}.signal.cancel.{run_id}"
-
-    def child_subject(self, parent_run_id: str, run_id: str) -> str:
-        """A child run's request, under its parent: a cancelled parent finds every child it
-        ever requested here, recorded in its history or not."""
-        return f"{self.prefix}.cmd.child.{parent_run_id}.{run_id}"
-
-    def child_filter(self, parent_run_id: str) -> str:
-        return f"{self.prefix}.cmd.child.{parent_run_id}.*"
 
 
 def valid_token(value: str) -> bool:
@@ -233,128 +116,6 @@ async def close(nc: NATS, *, flush_timeout: float = 2.0) -> None:
         await asyncio.wait_for(nc.flush(), timeout=flush_timeout)
     with contextlib.suppress(Exception):
         await nc.close()
-
-
-# --------------------------------------------------------------------------- topology
-
-
-async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
-    # Look before creating: workers and clients may only read stream info when auth is on.
-    # Any answer but "here it is" (not found, not ready yet) falls back to creating it.
-    with contextlib.suppress(nats.js.errors.APIError):
-        info = await js.stream_info(str(cfg.name))
-        if set(cfg.subjects or []) <= set(info.config.subjects or []):
-            return
-    try:
-        await js.add_stream(cfg)
-    except nats.js.errors.BadRequestError as exc:
-        # 10058: exists with a different config. Keep the operator's edits, but widen subjects.
-        if exc.err_code != 10058:
-            raise
-        with contextlib.suppress(nats.js.errors.APIError):
-            await js.update_stream(cfg)
-
-
-async def ensure_topology(js: JetStreamContext, names: Names, settings: Settings) -> None:
-    """Create every stream and bucket of the namespace. Idempotent; safe from any process."""
-    r = settings.replicas
-    payloads.set_replicas(names, r)
-    dup = settings.duplicate_window
-    await asyncio.gather(
-        _ensure_stream(
-            js,
-            StreamConfig(
-                name=names.cmd_stream,
-                subjects=[names.cmd_filter],
-                storage=StorageType.FILE,
-                retention=RetentionPolicy.LIMITS,
-                # Commands are kept for the longest wait we promise (a resume may come weeks
-                # after the suspend): they are the replayable input of the orchestrator.
-                max_age=90 * 24 * 3600,
-                duplicate_window=dup,
-                num_replicas=r,
-                allow_direct=True,
-            ),
-        ),
-        _ensure_stream(
-            js,
-            StreamConfig(
-                name=names.runs_stream,
-                subjects=names.runs_subjects,
-                storage=StorageType.FILE,
-                retention=RetentionPolicy.LIMITS,
-                duplicate_window=dup,
-                num_replicas=r,
-                allow_direct=True,  # batch direct get reads a run's history in one request
-            ),
-        ),
-        _ensure_stream(
-            js,
-            StreamConfig(
-                name=names.tasks_stream,
-                subjects=[f"{names.prefix}.task.>"],
-                storage=StorageType.FILE,
-                retention=RetentionPolicy.WORK_QUEUE,
-                duplicate_window=dup,
-                num_replicas=r,
-            ),
-        ),
-        _ensure_stream(
-            js,
-            StreamConfig(
-                name=names.events_stream,
-                subjects=[f"{names.prefix}.event.>"],
-                storage=StorageType.FILE,
-                retention=RetentionPolicy.LIMITS,
-                max_age=90 * 24 * 3600,
-                duplicate_window=dup,
-                num_replicas=r,
-                allow_direct=True,
-            ),
-        ),
-        _ensure_stream(
-            js,
-            StreamConfig(
-                name=names.timers_stream,
-                subjects=[f"{names.prefix}.timer.>"],
-                storage=StorageType.FILE,
-                retention=RetentionPolicy.LIMITS,
-                duplicate_window=dup,
-                num_replicas=r,
-                allow_direct=True,
-                allow_rollup_hdrs=True,
-                # Timers are message schedules (server 2.12+): the server fires them itself.
-                allow_msg_schedules=True,
-                allow_msg_ttl=True,
-            ),
-        ),
-        _ensure_stream(
-            js,
-            StreamConfig(
-                name=names.dlq_stream,
-                subjects=[f"{names.prefix}.dlq.>"],
-                storage=StorageType.FILE,
-                retention=RetentionPolicy.LIMITS,
-                max_age=30 * 24 * 3600,
-                discard=DiscardPolicy.OLD,
-                num_replicas=r,
-                allow_direct=True,
-            ),
-        ),
-    )
-    from nats.js.api import KeyValueConfig
-
-    for bucket in (
-        names.runs_bucket, names.workers_bucket, names.workflows_bucket, names.waits_bucket
-    ):
-        try:
-            await js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            ttl = settings.worker_ttl if bucket == names.workers_bucket else None
-            with contextlib.suppress(nats.js.errors.BadRequestError):
-                await js.create_key_value(
-                    KeyValueConfig(bucket=bucket, history=1, ttl=ttl, replicas=r, direct=True)
-                )
 
 
 # --------------------------------------------------------------------------- appends

@@ -39,17 +39,11 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import (
-    DiscardPolicy,
-    KeyValueConfig,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
 
 from polos import events as ev
 from polos._private import jetstream as jsl
 from polos._private.signals import Suspend
+from polos._private.store.names import kv_stream
 from polos.queues import Queue, RateLimit
 
 if TYPE_CHECKING:
@@ -66,29 +60,32 @@ TTL_HEADER = "Nats-TTL"
 # --------------------------------------------------------------------------- names
 
 
+# In the catalogue (polos/_private/store/names.py); these keep the callers' spelling.
+
+
 def slots_bucket(names: jsl.Names) -> str:
-    return f"{names.prefix}_slots"
+    return names.slots_bucket
 
 
 def slots_stream(names: jsl.Names) -> str:
-    return f"KV_{slots_bucket(names)}"
+    return kv_stream(names.slots_bucket)
 
 
 def queues_bucket(names: jsl.Names) -> str:
-    return f"{names.prefix}_queues"
+    return names.queues_bucket
 
 
 def admit_stream(names: jsl.Names) -> str:
-    return f"{names.upper}_ADMIT"
+    return names.admit_stream
 
 
 def admit_subject(names: jsl.Names, queue: str, key_tok: str) -> str:
     """Where a run waiting for admission to ``queue`` under one concurrency key is kept."""
-    return f"{names.prefix}.admit.{queue}.{key_tok}"
+    return names.admit_subject(queue, key_tok)
 
 
 def admit_filter(names: jsl.Names, queue: str | None = None) -> str:
-    return f"{names.prefix}.admit.{queue}.*" if queue else f"{names.prefix}.admit.>"
+    return names.admit_filter(queue)
 
 
 def token(value: str) -> str:
@@ -113,57 +110,8 @@ def pool_names(queue: Queue, key_tok: str) -> list[tuple[str, int]]:
 
 
 # --------------------------------------------------------------------------- topology
-
-_ensured: weakref.WeakKeyDictionary[NATS, set[str]] = weakref.WeakKeyDictionary()
-
-
-async def ensure_limits_topology(
-    nc: NATS, js: JetStreamContext, names: jsl.Names, settings: Settings
-) -> None:
-    """Create the slots bucket, the queues bucket and the admission stream (idempotent)."""
-    done = _ensured.setdefault(nc, set())
-    if names.prefix in done:
-        return
-    r = settings.replicas
-    slots = StreamConfig(
-        name=slots_stream(names),
-        subjects=[f"$KV.{slots_bucket(names)}.>"],
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        max_msgs_per_subject=1,
-        discard=DiscardPolicy.NEW,
-        allow_rollup_hdrs=True,
-        allow_direct=True,
-        # Releases delete one exact revision; a KV made by nats-py would deny that.
-        deny_delete=False,
-        allow_msg_ttl=True,
-        num_replicas=r,
-        duplicate_window=1.0,
-    )
-    admit = StreamConfig(
-        name=admit_stream(names),
-        subjects=[admit_filter(names)],
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        allow_direct=True,
-        deny_delete=False,
-        duplicate_window=settings.duplicate_window,
-        num_replicas=r,
-    )
-    for cfg in (slots, admit):
-        try:
-            await js.add_stream(cfg)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != 10058:  # exists with another config: keep the operator's
-                raise
-    try:
-        await js.key_value(queues_bucket(names))
-    except nats.js.errors.BucketNotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            await js.create_key_value(
-                KeyValueConfig(bucket=queues_bucket(names), history=1, replicas=r, direct=True)
-            )
-    done.add(names.prefix)
+# The slots bucket, the queues bucket and the admission stream are rows of the one topology
+# (polos/_private/store/topology.py), created by the services at start; nothing here creates.
 
 
 # --------------------------------------------------------------------------- configuration
@@ -206,7 +154,6 @@ async def register_queues(
     if not found:
         return
     assert nc is not None and js is not None, "not connected"
-    await ensure_limits_topology(nc, js, names, settings)
     for q in found:
         await put_queue(js, names, q)
 
@@ -860,12 +807,10 @@ class TokenLimiter:
 
     async def configure(self, scope: str, limit: RateLimit | None) -> None:
         """Set (or with None remove) the system-wide limit of ``model:<m>`` / ``provider:<p>``."""
-        await ensure_limits_topology(self.nc, self.js, self.names, self.settings)
         await put_rate_limit(self.js, self.names, scope, limit)
         self.config._cache.clear()
 
     async def _limits(self, model: str | None, provider: str | None) -> list[tuple[str, RateLimit]]:
-        await ensure_limits_topology(self.nc, self.js, self.names, self.settings)
         out = []
         for scope in scopes(model, provider):
             limit = self.local.get(scope) or await self.config.rate_limit(scope)
@@ -1079,7 +1024,6 @@ __all__ = [
     "admit_filter",
     "admit_stream",
     "admit_subject",
-    "ensure_limits_topology",
     "pool_names",
     "queue_stats",
     "register_queues",

@@ -10,13 +10,15 @@ and a replay sees the same value even if the bucket changed since.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import nats.js.errors
 import orjson
+
+from polos._private.store.names import Names
+from polos._private.store.topology import missing
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -26,7 +28,7 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-=]{1,128}$")
 
 
 def memory_bucket(prefix: str) -> str:
-    return f"{prefix}_memory"
+    return Names(prefix).memory_bucket
 
 
 class MemoryConflictError(RuntimeError):
@@ -50,15 +52,12 @@ class SharedMemory:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            from nats.js.api import KeyValueConfig
-
-            name = memory_bucket(self.prefix)
+            # A row of the topology the services create; never made here (workers and clients
+            # may not create buckets).
             try:
-                self._kv = await self.js.key_value(name)
+                self._kv = await self.js.key_value(memory_bucket(self.prefix))
             except nats.js.errors.BucketNotFoundError:
-                with contextlib.suppress(nats.js.errors.BadRequestError):
-                    await self.js.create_key_value(KeyValueConfig(bucket=name, history=1, direct=True))
-                self._kv = await self.js.key_value(name)
+                raise missing(Names(self.prefix), "memory_bucket") from None
         return self._kv
 
     def _key(self, name: str) -> str:

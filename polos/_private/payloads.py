@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import nats.js.errors
 import orjson
-from nats.js.api import ObjectStoreConfig, StorageType
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -53,7 +52,6 @@ FIELD_THRESHOLD = 1024
 _INLINE_REST = 16 * 1024
 
 _stores: weakref.WeakKeyDictionary[Any, dict[str, ObjectStore]] = weakref.WeakKeyDictionary()
-_replicas: dict[str, int] = {}
 
 
 class PayloadMissingError(RuntimeError):
@@ -61,7 +59,7 @@ class PayloadMissingError(RuntimeError):
 
 
 def bucket_name(names: Names) -> str:
-    return f"{names.prefix}_payloads"
+    return names.payloads_bucket
 
 
 def inline_limit(nc: NATS) -> int:
@@ -69,13 +67,8 @@ def inline_limit(nc: NATS) -> int:
     return max(int(nc.max_payload) - HEADROOM, 4096)
 
 
-def set_replicas(names: Names, replicas: int) -> None:
-    """The replica count the bucket is created with (``Settings.replicas`` of the namespace)."""
-    _replicas[names.prefix] = replicas
-
-
 async def store(js: JetStreamContext, names: Names) -> ObjectStore:
-    """The namespace's payload bucket, created on first use (most namespaces never need it)."""
+    """The namespace's payload bucket (a row of the topology the services create)."""
     per_js = _stores.setdefault(js, {})
     bucket = bucket_name(names)
     found = per_js.get(bucket)
@@ -84,16 +77,9 @@ async def store(js: JetStreamContext, names: Names) -> ObjectStore:
     try:
         obs = await js.object_store(bucket)
     except nats.js.errors.BucketNotFoundError:
-        cfg = ObjectStoreConfig(
-            bucket=bucket,
-            storage=StorageType.FILE,
-            replicas=_replicas.get(names.prefix, 1),
-            description="Polos: event fields too large for one message",
-        )
-        try:
-            obs = await js.create_object_store(bucket, config=cfg)
-        except nats.js.errors.BadRequestError:
-            obs = await js.object_store(bucket)  # another process created it first
+        from polos._private.store.topology import missing
+
+        raise missing(names, "payloads_bucket") from None
     per_js[bucket] = obs
     return obs
 
@@ -240,6 +226,5 @@ __all__ = [
     "put_event_value",
     "put_value",
     "resolve",
-    "set_replicas",
     "store",
 ]

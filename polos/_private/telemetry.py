@@ -77,7 +77,7 @@ TERMINAL_TYPES = (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)
 
 def telemetry_bucket(names: jsl.Names) -> str:
     """The KV bucket holding the followers' positions (a projection: delete it to re-emit)."""
-    return f"{names.prefix}_telemetry"
+    return names.telemetry_bucket
 
 
 async def resolve_payload(nc: NATS, names: jsl.Names, msg: jsl.StoredMsg) -> jsl.StoredMsg:
@@ -352,18 +352,9 @@ class SpanFollower:
         if self._nc is None:
             self._nc = await jsl.connect(self.settings, name="polos-telemetry")
         js = self._nc.jetstream(timeout=self.settings.request_timeout)
+        # A span follower is a service: it ensures the topology (its bucket is a row of it).
         await jsl.ensure_topology(js, self.names, self.settings)
-        bucket = telemetry_bucket(self.names)
-        try:
-            self._kv = await js.key_value(bucket)
-        except Exception:
-            from nats.js.api import KeyValueConfig
-
-            with contextlib.suppress(Exception):
-                await js.create_key_value(
-                    KeyValueConfig(bucket=bucket, history=1, replicas=self.settings.replicas)
-                )
-            self._kv = await js.key_value(bucket)
+        self._kv = await js.key_value(telemetry_bucket(self.names))
         self.position = await self._load_position()
 
     async def stop(self) -> None:

@@ -39,7 +39,6 @@ from polos.errors import ChildWorkflowError, WaitTimeoutError
 
 if TYPE_CHECKING:
     from polos._private.execution import RunExecution
-    from polos.config import Settings
 
 # The kinds of RunSuspended this module owns (admission owns "slot" and "rate"; an LLM step's
 # "rate" wait, with its wake_at, is a timer like a sleep: limits.reserve_for_step).
@@ -466,21 +465,6 @@ async def first_event_after(
     return None
 
 
-# --------------------------------------------------------------------------- topology
-
-
-_ensured: set[tuple[int, str]] = set()
-
-
-async def ensure_waiting_topology(js: JetStreamContext, names: jsl.Names, settings: Settings) -> None:
-    """The namespace's topology (timers stream, waiters bucket included), once per connection."""
-    key = (id(js._nc), names.prefix)
-    if key in _ensured:
-        return
-    await jsl.ensure_topology(js, names, settings)
-    _ensured.add(key)
-
-
 # --------------------------------------------------------------------------- timers
 
 TIMER_LEAD = 0.5  # seconds a timer fires early; more than the server's schedule tick (250 ms)
@@ -517,6 +501,9 @@ async def clear_timers(js: JetStreamContext, names: jsl.Names, run_id: str) -> N
 
 
 # --------------------------------------------------------------------------- cron schedules
+
+
+CRON_TOMBSTONE_TTL = "60s"  # how long a deleted schedule's empty tombstone stays
 
 
 def cron_expression(spec: str) -> str:
@@ -587,9 +574,16 @@ async def list_schedules(nc: NATS, names: jsl.Names) -> list[dict[str, Any]]:
 async def delete_schedule(js: JetStreamContext, names: jsl.Names, key: str) -> bool:
     if not jsl.valid_token(key):
         raise ValueError(f"schedule key {key!r} is not valid")
-    existed = await jsl.last_for_subject(js._nc, names.timers_stream, names.cron_subject(key))
-    await js.purge_stream(names.timers_stream, subject=names.cron_subject(key))
-    return existed is not None
+    last = await jsl.last_for_subject(js._nc, names.timers_stream, names.cron_subject(key))
+    if last is None or not last.data:
+        return False
+    # Rolled up to an empty tombstone that expires, not purged: a client may write its
+    # schedules' subjects but not purge the timers stream (every run's timers are in it).
+    await js.publish(
+        names.cron_subject(key), b"",
+        headers={"Nats-Rollup": "sub", "Nats-TTL": CRON_TOMBSTONE_TTL},
+    )
+    return True
 
 
 __all__ = [

@@ -101,7 +101,8 @@ class Admission:
 
     @classmethod
     async def attach(cls, orch: Orchestrator) -> Admission:
-        await limits.ensure_limits_topology(orch.nc, orch.js, orch.names, orch.settings)
+        # Its slots bucket, queues bucket and admission stream are in the topology the
+        # orchestrator ensured at start.
         adm = cls(orch)
         hooks = type(orch).control_hooks
         if on_control not in hooks:

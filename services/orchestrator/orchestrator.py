@@ -114,6 +114,7 @@ class Orchestrator:
             self.settings, name="polos-orchestrator", on_fatal=self.fatal
         )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
+        # The whole topology of the namespace, every feature's: only services create it.
         await jsl.ensure_topology(self._js, self.names, self.settings)
         self._index = await self._js.key_value(self.names.runs_bucket)
         await jsl.ensure_consumer(

@@ -414,7 +414,6 @@ class EventRouter:
 
     async def start(self) -> None:
         o = self.orch
-        await wt.ensure_waiting_topology(o.js, o.names, o.settings)
         durable = "orchestrator_events"
         await jsl.ensure_consumer(o.js, o.names.events_stream, durable,
                                   f"{o.names.prefix}.event.>", ack_wait=o.settings.service_ack_wait)
@@ -535,7 +534,6 @@ async def _child_ended(orch: Orchestrator, run_id: str) -> None:
 
 async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.RunSuspended) -> None:
     workflow = _workflow_of(orch, run_id)
-    await wt.ensure_waiting_topology(orch.js, orch.names, orch.settings)
     due = event.wake_at if event.kind in ("sleep", "retry", "rate") else event.timeout_at
     if due is not None:
         await wt.schedule_timer(

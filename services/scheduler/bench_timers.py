@@ -46,7 +46,6 @@ async def pending_timers(n: int) -> None:
             settings = fast_settings(server.url)
             async with PolosEnvironment(settings, []) as env:
                 js, names = env.client.js, env.client.names
-                await wt.ensure_waiting_topology(js, names, settings)
                 assert server.proc is not None
                 pid = server.proc.pid
                 rss0 = _rss_mb(pid)

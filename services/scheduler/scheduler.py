@@ -69,8 +69,8 @@ class Scheduler:
             self.settings, name="polos-scheduler", on_fatal=self.fatal
         )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
+        # The whole namespace's topology, not just the timers: a service creates it at start.
         await jsl.ensure_topology(self._js, self.names, self.settings)
-        await wt.ensure_waiting_topology(self._js, self.names, self.settings)
         await jsl.ensure_consumer(
             self._js, self.names.timers_stream, DURABLE, f"{self.names.prefix}.timer.fire.>",
             ack_wait=self.settings.service_ack_wait,
@@ -199,7 +199,7 @@ class Scheduler:
         key = f"wf-{name}"
         current = await jsl.last_for_subject(self.js._nc, self.names.timers_stream,
                                              self.names.cron_subject(key))
-        if current is not None:
+        if current is not None and current.data:  # empty: a deleted schedule's tombstone
             old = orjson.loads(current.data)
             if old.get("cron") == spec and old.get("timezone") == doc.get("timezone"):
                 return  # already scheduled: a restart must not move the next firing
