@@ -2,10 +2,9 @@
 events and dead-letter sources say exactly what the code defines, so the document cannot drift.
 
 The code side is collected in one place below (``code_*``), from the code's own definitions:
-the name functions (``jetstream.Names``, ``limits``, ``memory``, ``telemetry``, ``payloads``,
-``llm.stream_subject``), the topology they create on a real server, ``auth``'s lists,
-``events``' registry and ``jetstream.DLQ_SOURCES``. When the names move to one catalogue, only
-those functions change.
+the one catalogue of names (``store.names.Names``), the one topology table
+(``store.topology.TOPOLOGY`` and ``CORE_SUBJECTS``) and what it creates on a real server,
+``events``' registry and ``jetstream.DLQ_SOURCES``.
 """
 
 from __future__ import annotations
@@ -22,8 +21,9 @@ import orjson
 import pytest
 
 from polos import events as ev
-from polos._private import auth, limits, llm, memory, payloads, telemetry
+from polos._private import auth
 from polos._private import jetstream as jsl
+from polos._private.store.topology import CORE_SUBJECTS, TOPOLOGY
 from polos.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,9 +146,6 @@ def code_subjects() -> set[str]:
     for attr in dir(jsl.Names):
         if attr.endswith("_subject"):
             out += _render(getattr(jsl.Names, attr), n)
-    for fn in _module_functions(limits, "_subject"):
-        out += _render(fn, n)
-    out += _render(llm.stream_subject, PREFIX)
     return set(out)
 
 
@@ -156,16 +153,23 @@ def code_streams() -> set[str]:
     """The namespace's own streams (not the streams behind its KV buckets)."""
     n = _names()
     found = {getattr(n, a) for a in dir(jsl.Names) if a.endswith("_stream")}
-    found |= {fn(n) for fn in _module_functions(limits, "_stream")}
-    return {s for s in found if not s.startswith("KV_")}
+    tables = {row.stream(n) for row in TOPOLOGY if row.kind == "stream"}
+    assert found == tables, f"Names and the topology table disagree: {found ^ tables}"
+    return found
+
+
+def _backing_streams() -> set[str]:
+    """The JetStream streams behind the KV buckets and object stores."""
+    n = _names()
+    return {row.stream(n) for row in TOPOLOGY if row.kind != "stream"}
 
 
 def code_buckets() -> set[str]:
     n = _names()
-    kv = {getattr(n, a) for a in dir(jsl.Names) if a.endswith("_bucket")}
-    kv |= {fn(n) for fn in _module_functions(limits, "_bucket")}
-    kv |= {memory.memory_bucket(PREFIX), telemetry.telemetry_bucket(n)}
-    return kv | {f"object store {payloads.bucket_name(n)}"}
+    return {
+        row.bucket(n) if row.kind == "kv" else f"object store {row.bucket(n)}"
+        for row in TOPOLOGY if row.kind != "stream"
+    }
 
 
 def code_events() -> dict[str, str]:
@@ -183,15 +187,16 @@ def _subject_matches(subject: str, pattern: str) -> bool:
 
 
 @pytest.fixture
-async def server_filters(nats_server: Any) -> dict[str, list[str]]:
-    """Each stream's subject filters as the code creates them on a real server."""
-    settings = Settings(nats_url=nats_server.url, prefix=PREFIX)
-    nc = await nats.connect(nats_server.url)
+async def server_filters(plain_nats_server: Any) -> dict[str, list[str]]:
+    """Each stream's subject filters as the code creates them on a real server (one without
+    authentication: the document's placeholder namespace has no users; the roles' own checks
+    are tests/test_roles.py)."""
+    settings = Settings(nats_url=plain_nats_server.url, prefix=PREFIX)
+    nc = await nats.connect(plain_nats_server.url)
     try:
         js = nc.jetstream()
         names = _names()
         await jsl.ensure_topology(js, names, settings)
-        await limits.ensure_limits_topology(nc, js, names, settings)
         # Every stream storing a subject of the namespace (the server may hold many others).
         reply = await nc.request("$JS.API.STREAM.NAMES",
                                  orjson.dumps({"subject": f"{PREFIX}.>"}), timeout=5)
@@ -220,8 +225,10 @@ async def test_streams_table_lists_every_stream_and_its_subjects(
     assert set(documented) == streams, _diff("streams", set(documented), streams)
     # What the code creates on a server is what it names, and what auth grants.
     assert set(server_filters) == streams, _diff("created streams", set(server_filters), streams)
-    granted = {f"<P>_{s}" for s in auth.STREAMS}
-    assert granted == streams, _diff("auth.STREAMS", granted, streams)
+    # Every role's grants name exactly the catalogued streams (they are generated from it).
+    granted = {_as_doc(st) for st in auth.namespace_streams(PREFIX)}
+    catalogued = streams | {_as_doc(b) for b in _backing_streams()}
+    assert granted == catalogued, _diff("auth.namespace_streams", granted, catalogued)
     subjects = {_as_doc(s): s for s in code_subjects()}
     unstored = set(subjects)
     for stream, doc_subjects in documented.items():
@@ -233,16 +240,17 @@ async def test_streams_table_lists_every_stream_and_its_subjects(
         assert doc_subjects == stored, _diff(f"subjects of {stream}", doc_subjects, stored)
     core = doc_core_subjects()
     assert core == unstored, _diff("core NATS subjects (in no stream)", core, unstored)
+    # ... and each is declared (with who may use it) in the topology table's core subjects.
+    filters = [c.subject(_names()) for c in CORE_SUBJECTS]
+    undeclared = {shape for shape in unstored
+                  if not any(_subject_matches(subjects[shape], f) for f in filters)}
+    assert not undeclared, f"core NATS subjects missing from topology.CORE_SUBJECTS: {undeclared}"
 
 
 def test_buckets_table_lists_every_bucket() -> None:
     documented = doc_buckets()
     buckets = {_as_doc(b) for b in code_buckets()}
     assert documented == buckets, _diff("buckets", documented, buckets)
-    granted = {f"<p>_{b}" for b in auth.BUCKETS} | {
-        f"object store <p>_{o}" for o in auth.OBJECT_STORES
-    }
-    assert granted == buckets, _diff("auth.BUCKETS / OBJECT_STORES", granted, buckets)
 
 
 def test_events_table_lists_every_event_with_its_subject_kind() -> None:
@@ -282,8 +290,9 @@ def test_dead_letter_sources_table_is_the_code_s_closed_list() -> None:
                                                set(jsl.DLQ_SOURCES), used)
 
 
-async def test_dead_letter_refuses_a_source_not_in_the_list(nats_server: Any) -> None:
-    nc = await nats.connect(nats_server.url)
+async def test_dead_letter_refuses_a_source_not_in_the_list(plain_nats_server: Any) -> None:
+    # Refused before anything is sent: no namespace, user or stream is needed.
+    nc = await nats.connect(plain_nats_server.url)
     try:
         with pytest.raises(ValueError, match="not one of cmd, ctl"):
             await jsl.dead_letter(nc.jetstream(), _names(), source="oops",  # type: ignore[arg-type]
