@@ -156,7 +156,7 @@ async def test_views_and_spans_over_a_real_agent_run(
     # A follower that forgets runs between their events (a restart, a full cache) reads the
     # totals back from the log: the same figures.
     forgetful = InMemorySpanExporter()
-    async with SpanFollower(env.settings, exporter=forgetful, batch=2, cache_size=1,
+    async with SpanFollower(env.as_role("service"), exporter=forgetful, batch=2, cache_size=1,
                             position_key="forgetful") as follower:
         await follower.process_available()
     again = {s.name: s for s in forgetful.get_finished_spans() if s.name.startswith("run ")}
@@ -211,7 +211,7 @@ async def test_parallel_decisions_name_only_unchosen_alternatives_and_keep_the_r
     assert await h.result(timeout=20) == "Refunded 40 and escalated."
 
     out = tmp_path / "export"
-    async with Exporter(env.settings, out) as exporter:
+    async with Exporter(env.as_role("service"), out) as exporter:
         await exporter.export_once()
     con = analytics.connect(out)
     rows = con.execute("select decision, chosen_tool, alternatives, reason from decisions "
@@ -241,7 +241,7 @@ async def test_parallel_decisions_name_only_unchosen_alternatives_and_keep_the_r
             ("triage/llm/3", ["lookup_order", "refund", "escalate"], None)]
 
     spans = InMemorySpanExporter()
-    async with SpanFollower(env.settings, exporter=spans) as follower:
+    async with SpanFollower(env.as_role("service"), exporter=spans) as follower:
         await follower.process_available()
     chat = sorted((s for s in spans.get_finished_spans() if s.name == "chat gpt-4o"),
                   key=lambda s: s.attributes["polos.seq"])

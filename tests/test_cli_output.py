@@ -317,7 +317,7 @@ async def test_print_views_runs_in_duckdb_to_the_rows_of_polos_sql(
     env = await env_factory([support_agent, plain_steps, retried, failing])
     await _populate(env)
     out = tmp_path / "export"
-    async with Exporter(env.settings, out) as exporter:
+    async with Exporter(env.as_role("service"), out) as exporter:
         await exporter.export_once()
     printed = await apolos("sql", "--print-views", "--dir", str(out), env=subprocess_env)
     assert printed.returncode == 0, printed.stderr
@@ -434,7 +434,7 @@ async def test_piped_output_has_no_escape_codes_and_a_terminal_has_colour(
     env = await env_factory([support_agent, plain_steps, retried, failing])
     runs = await _populate(env)
     out = tmp_path / "export"
-    async with Exporter(env.settings, out) as exporter:
+    async with Exporter(env.as_role("service"), out) as exporter:
         await exporter.export_once()
     plain = _env(subprocess_env)
     commands = [["runs"], ["show", runs["failed"]], ["trace", runs["agent"]], ["workers"],
@@ -470,7 +470,7 @@ async def test_start_wait_draws_its_status_on_stderr_and_prints_only_the_result(
     assert "no worker serves 'marked' yet" in seen, seen
     # With a worker: stdout is the start line and the result, nothing else.
     worker = spawn(["-m", "polos", "worker", "tests.workflows.marked"],
-                   {**subprocess_env, "POLOS_TEST_LOG": str(tmp_path / "m.log")},
+                   {**subprocess_env.as_role("worker"), "POLOS_TEST_LOG": str(tmp_path / "m.log")},
                    tmp_path / "w.out")
     try:
         code, seen, stdout, _ = await asyncio.to_thread(

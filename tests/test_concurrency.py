@@ -21,7 +21,7 @@ from polos._private import limits
 from polos.config import Settings
 from polos.errors import RunNotFoundError
 from polos.queues import configure_queue
-from polos.testing import PolosEnvironment
+from polos.testing import PolosEnvironment, as_role
 
 LEASE = 2.0
 
@@ -448,7 +448,7 @@ async def cc_early(ctx: WorkflowContext, ms: float) -> list[float]:
 async def _two_workers(settings: Settings, *workflows: Any) -> list[Any]:
     from polos.worker import Worker
 
-    workers = [Worker(list(workflows), settings=settings) for _ in range(2)]
+    workers = [Worker(list(workflows), settings=as_role(settings, "worker")) for _ in range(2)]
     await asyncio.gather(*(w.start() for w in workers))
     return workers
 
@@ -543,7 +543,7 @@ async def test_a_queue_registered_by_a_newer_worker_version_holds_at_once(
     from polos.worker import Worker
 
     env = await env_factory([], with_worker=False)
-    v1 = Worker([cc_versioned_v1], settings=settings)
+    v1 = Worker([cc_versioned_v1], settings=as_role(settings, "worker"))
     await v1.start()
     await (await env.client.start("cc_versioned", 1.0)).result(timeout=20)  # v1 known, cached
     await v1.stop()

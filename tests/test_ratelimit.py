@@ -339,8 +339,9 @@ async def test_an_llm_step_waiting_for_tokens_holds_no_worker_and_no_slot_and_wa
         # Four runs wait for tokens: no worker executes any of them, no task of the workflow
         # is out, and the queue's one slot is free.
         assert env.worker is not None and env.worker.active_runs == []
-        consumer = await env.client.js.consumer_info(env.client.names.tasks_stream,
-                                                     "wf_rl_agent_job")
+        # (The task consumer is the workers': the client role may not look at it.)
+        consumer = await env.orchestrator.js.consumer_info(env.client.names.tasks_stream,
+                                                           "wf_rl_agent_job")
         assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
         store = limits.store_for(env.client.nc, env.client.js, env.client.names)
         assert await store.entries("q.rated1.>") == []
@@ -412,7 +413,7 @@ async def test_a_worker_sigkilled_while_runs_wait_for_tokens_loses_nothing(
         env = await env_factory([], with_worker=False)
         await configure_rate_limit(env.client, "model:rated-kill", RateLimit(
             tokens_per_minute=_call_tokens(0) * 60 / GAP, burst_seconds=GAP))
-        w1 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env,
+        w1 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env.as_role("worker"),
                    tmp_path / "w1.out")
         w2 = None
         try:
@@ -426,7 +427,7 @@ async def test_a_worker_sigkilled_while_runs_wait_for_tokens_loses_nothing(
                 assert time.monotonic() < deadline, f"{len(waiting)} runs waiting for tokens"
                 await asyncio.sleep(0.02)
             kill(w1)  # nothing of the waiting runs is in it
-            w2 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env,
+            w2 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env.as_role("worker"),
                        tmp_path / "w2.out")
             results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
         finally:

@@ -145,10 +145,12 @@ async def test_big_event_objects_go_when_their_event_has_aged_out(env_factory: A
     assert name.startswith(payloads.EVENT_PREFIX)
     max_age = (await client.js.stream_info(names.events_stream)).config.max_age or 0.0
     assert max_age > 0
-    soon = await archive_exported_runs(client.nc, client.js, names, exported_upto=0,
+    # Archiving deletes objects: the service role's right (`polos retention` uses it).
+    orch = env.orchestrator
+    soon = await archive_exported_runs(orch.nc, orch.js, names, exported_upto=0,
                                        older_than=0.0, now=time.time() + max_age - 60)
     assert soon.payload_objects_deleted == 0
-    later = await archive_exported_runs(client.nc, client.js, names, exported_upto=0,
+    later = await archive_exported_runs(orch.nc, orch.js, names, exported_upto=0,
                                         older_than=0.0, now=time.time() + max_age + 60)
     assert later.payload_objects_deleted == 1
     try:

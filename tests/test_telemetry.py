@@ -513,13 +513,13 @@ async def test_once_gives_up_on_a_dead_collector_without_moving(env_factory: Any
             Refusing.calls += 1
             return SpanExportResult.FAILURE
 
-    async with SpanFollower(env.settings, exporter=Refusing()) as follower:
+    async with SpanFollower(env.as_role("service"), exporter=Refusing()) as follower:
         with pytest.raises(ExportStalled, match="position stays at seq 0"):
             await follower.process_available(give_up_after=0.3)
         assert follower.position == 0 and Refusing.calls >= 2
     # The spans were not lost: the next follower sends every one of them.
     ok = InMemorySpanExporter()
-    async with SpanFollower(env.settings, exporter=ok) as follower:
+    async with SpanFollower(env.as_role("service"), exporter=ok) as follower:
         await follower.process_available()
     assert collections.Counter(s.name for s in ok.get_finished_spans()) == {
         "run plain_steps": 1, "step s0": 1}
@@ -543,7 +543,7 @@ async def test_an_outage_mid_batch_loses_and_repeats_nothing(env_factory: Any) -
 
     flaky = Flaky()
     # Chunks of two spans inside batches of five events: the outage falls mid-batch.
-    async with SpanFollower(env.settings, exporter=flaky, batch=5, export_chunk=2) as follower:
+    async with SpanFollower(env.as_role("service"), exporter=flaky, batch=5, export_chunk=2) as follower:
         await follower.process_available()
         last = follower.position
     ids = collections.Counter(s.context.span_id for s in flaky.get_finished_spans())
@@ -551,6 +551,6 @@ async def test_an_outage_mid_batch_loses_and_repeats_nothing(env_factory: Any) -
     assert collections.Counter(s.name for s in flaky.get_finished_spans()) == {
         "run plain_steps": 2, "step s0": 2, "step s1": 2, "step s2": 2, "step s3": 1}
     assert Flaky.calls > 5
-    async with SpanFollower(env.settings, exporter=InMemorySpanExporter()) as restarted:
+    async with SpanFollower(env.as_role("service"), exporter=InMemorySpanExporter()) as restarted:
         assert restarted.position == last
         assert await restarted.process_available() == 0
