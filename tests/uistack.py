@@ -88,10 +88,13 @@ async def start_stack(tmp: Path, workflows: list[Any], *, export_dir: Path | Non
     worker_settings = settings("worker")
     if ui_url_for_workers:
         worker_settings = worker_settings.with_(ui_url=ui.base_url)
-    worker = Worker(workflows, settings=worker_settings)
-    await worker.start()
+    services: list[Any] = [ui, sched, orch]
+    if workflows:
+        worker = Worker(workflows, settings=worker_settings)
+        await worker.start()
+        services.insert(0, worker)
     client = await PolosClient.connect(settings=settings("client"))
-    return UIStack(server, creds, prefix, client, ui, llm, tmp, [worker, ui, sched, orch])
+    return UIStack(server, creds, prefix, client, ui, llm, tmp, services)
 
 
 async def stop_stack(s: UIStack) -> None:
