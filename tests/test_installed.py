@@ -165,7 +165,7 @@ async def test_order_scenario_from_an_empty_directory_with_auth(
             await _until(lambda: _waiting_at(installed, home, run_id, "fraud_review"), 60,
                          "the run to wait for the fraud review")
             # The agent really called the model server, through the worker role's connection.
-            assert llm.chat_requests(), "the agent never called the LLM server"
+            assert llm.chat_requests, "the agent never called the LLM server"
             assert [ln.split()[1] for ln in marks(effects)] == ["charge"]
 
             kill(workers[0])  # SIGKILL while the run waits: it holds no worker anyway

@@ -552,6 +552,8 @@ def create_app(ui: UIServer) -> Starlette:
                         last = html
                         data = "".join(f"data: {line}\n" for line in html.split("\n"))
                         yield f"event: update\n{data}\n".encode()
+                        # At most one update per interval: changes meanwhile are one update.
+                        await asyncio.sleep(config.live_interval)
                     waiter = asyncio.ensure_future(wake.wait())
                     closer = asyncio.ensure_future(ui.closing.wait())
                     try:
@@ -563,9 +565,6 @@ def create_app(ui: UIServer) -> Starlette:
                     if not done:
                         yield b": ping\n\n"
                         continue
-                    wake.clear()
-                    # Many changes in a burst are one update.
-                    await asyncio.sleep(config.live_interval)
                     wake.clear()
             finally:
                 stop()

@@ -33,17 +33,18 @@ def add_ui_args(p: argparse.ArgumentParser, *, for_up: bool) -> None:
     p.add_argument("--ui-url", default=os.environ.get("POLOS_UI_PUBLIC_URL"),
                    help="the URL people reach the UI by, when it is behind a proxy "
                         "(approval links are made from it)")
-    p.add_argument("--export-dir", dest="ui_export_dir",
-                   default=None,
-                   help="the analytics export the SQL page reads (env POLOS_ANALYTICS_DIR; "
-                        "default: <data dir>/export)")
+    if not for_up:  # `polos up` has its own --export-dir: the export it keeps, the SQL page reads
+        p.add_argument("--export-dir", dest="ui_export_dir", default=None,
+                       help="the analytics export the SQL page reads (env POLOS_ANALYTICS_DIR; "
+                            "default: DATA_DIR/exports, where `polos up` keeps it)")
 
 
 def ui_config(args: argparse.Namespace, settings: Settings, *, auth: bool) -> UIConfig:
     data_dir = _data_dir(args)
     explicit = args.ui_port if args.ui_port is not None else (
         int(os.environ["POLOS_UI_PORT"]) if os.environ.get("POLOS_UI_PORT") else None)
-    export = args.ui_export_dir or os.environ.get("POLOS_ANALYTICS_DIR") or str(data_dir / "export")
+    export = (getattr(args, "ui_export_dir", None) or getattr(args, "export_dir", None)
+              or os.environ.get("POLOS_ANALYTICS_DIR") or str(data_dir / "exports"))
     return UIConfig(
         settings=settings,
         host=args.ui_host,

@@ -51,7 +51,7 @@ class UIConfig:
     public_url: str | None = None  # the URL users reach it by, if not http://host:port
     allowed_hosts: list[str] = field(default_factory=list)  # Host headers accepted besides ours
     page_size: int = 50
-    live_interval: float = 0.15  # the most often one page is re-sent while runs change
+    live_interval: float = 0.05  # the most often one page is re-sent while runs change
     sql_timeout: float = 20.0
     sql_row_limit: int = 1000
 
