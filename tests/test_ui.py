@@ -339,4 +339,6 @@ async def test_workflow_form_events_and_the_other_pages(ui_stack: Any, browser: 
         await page.goto(ui_stack.url + path)
         assert what in await page.content(), path
         await shot(page, path.strip("/"))
+    await page.goto(f"{ui_stack.url}/runs")  # by now with every kind of run of this module
+    await shot(page, "runs-many")
     await page.context.close()

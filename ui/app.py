@@ -87,7 +87,7 @@ def create_app(ui: UIServer) -> Starlette:
             ctx.setdefault("link_only", request.scope.get("polos_ui", {}).get("via") == "link")
         ctx.setdefault("prefix", client.settings.prefix)
         ctx.setdefault("ready", index.ready.is_set())
-        ctx.setdefault("approvals", len(index.waiting_for_human()) if index.ready.is_set() else 0)
+        ctx.setdefault("approvals", index.human_waits())
         ctx.setdefault("auth", config.auth)
         return env.get_template(name).render(**ctx)
 

@@ -126,6 +126,8 @@ class RunIndex:
             "status": {}, "workflow": {}, "queue": {},
         }
         self.children: dict[str, list[str]] = {}
+        self._human: dict[str, Key] = {}  # runs suspended at ctx.step.suspend
+        self._ids: list[str] = []  # every run id, sorted: prefix search
         self.ready = asyncio.Event()
         self.generation = 0  # bumped on every change
         self._listeners: set[Callable[[set[str]], None]] = set()
@@ -180,6 +182,7 @@ class RunIndex:
             if self.runs.get(run.run_id) is run:
                 self._index(run, sort=False)
         self._all.sort()
+        self._ids = sorted(self.runs)
         for by in self._by.values():
             for keys in by.values():
                 keys.sort()
@@ -206,7 +209,7 @@ class RunIndex:
         old = self.runs.pop(run_id, None)
         if old is None or self._loading is not None:
             return
-        self._unindex(old)
+        self._unindex(old, forget=True)
         self._notify({run_id})
 
     def _lists(self, run: Run) -> Iterable[list[Key]]:
@@ -221,17 +224,28 @@ class RunIndex:
                 bisect.insort(keys, key)
             else:
                 keys.append(key)
+        if sort:
+            i = bisect.bisect_left(self._ids, run.run_id)
+            if i == len(self._ids) or self._ids[i] != run.run_id:
+                self._ids.insert(i, run.run_id)
+        if run.status == "suspended" and (run.waiting or {}).get("kind") == "suspend":
+            self._human[run.run_id] = key
         if run.parent_run_id:
             kids = self.children.setdefault(run.parent_run_id, [])
             if run.run_id not in kids:
                 kids.append(run.run_id)
 
-    def _unindex(self, run: Run) -> None:
+    def _unindex(self, run: Run, *, forget: bool = False) -> None:
         key = run.key
         for keys in self._lists(run):
             i = bisect.bisect_left(keys, key)
             if i < len(keys) and keys[i] == key:
                 del keys[i]
+        self._human.pop(run.run_id, None)
+        if forget:
+            i = bisect.bisect_left(self._ids, run.run_id)
+            if i < len(self._ids) and self._ids[i] == run.run_id:
+                del self._ids[i]
 
     # ------------------------------------------------------------------ listening
 
@@ -311,18 +325,30 @@ class RunIndex:
             newer = runs[0].key
         return Page(runs, runs[-1].key if more and runs else None, newer, total)
 
+    SEARCH_LIMIT = 1000
+
     def _search(self, q: Query) -> Page:
+        """Runs whose id starts with the prefix (the first ``SEARCH_LIMIT`` in id order),
+        newest first."""
         prefix = q.id_prefix or ""
-        found = [r for rid, r in self.runs.items() if rid.startswith(prefix)]
+        i = bisect.bisect_left(self._ids, prefix)
+        found: list[Run] = []
+        while i < len(self._ids) and self._ids[i].startswith(prefix) and len(found) < self.SEARCH_LIMIT:
+            run = self.runs.get(self._ids[i])
+            if run is not None:
+                found.append(run)
+            i += 1
         found.sort(key=lambda r: r.key, reverse=True)
         return Page(found[: q.limit], None, None, len(found))
 
+    def human_waits(self) -> int:
+        """How many runs are suspended at ``ctx.step.suspend``."""
+        return len(self._human)
+
     def waiting_for_human(self) -> list[Run]:
-        """Runs suspended at ``ctx.step.suspend``, oldest wait first."""
-        keys = self._by["status"].get("suspended", [])
-        out = [r for r in (self.runs.get(k[1]) for k in keys)
-               if r is not None and (r.waiting or {}).get("kind") == "suspend"]
-        return out
+        """Runs suspended at ``ctx.step.suspend``, the oldest run first."""
+        return [self.runs[rid] for rid, _ in sorted(self._human.items(), key=lambda kv: kv[1])
+                if rid in self.runs]
 
 
 def encode_key(key: Key | None) -> str | None:
