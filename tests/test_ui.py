@@ -214,6 +214,7 @@ async def test_agent_trace_shows_decisions_tool_calls_and_totals(ui_stack: Any, 
     assert await h.result(timeout=30) == "7 in stock."
     page = await logged_in_page(browser, ui_stack)
     await page.goto(f"{ui_stack.url}/runs/{h.run_id}")
+    assert "polos_agent" in await page.inner_text("#child-runs")  # the agent's child run
     await page.click("text=Agent trace")
     llm = page.locator('.llm-call[data-step="stock/llm/1"]')
     text = await llm.inner_text()

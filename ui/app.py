@@ -203,9 +203,19 @@ def create_app(ui: UIServer) -> Starlette:
             raise HTTPException(404, f"no run {run_id!r} in namespace {client.settings.prefix!r}")
         return views.build_run(run_id, history), history
 
+    def child_tree(run_id: str, named: list[str], budget: list[int], depth: int = 0) -> list[Any]:
+        """(run or id, its own children) for each child of ``run_id``, down the index."""
+        out: list[Any] = []
+        for c in dict.fromkeys([*named, *index.children.get(run_id, [])]):
+            if budget[0] <= 0:
+                break
+            budget[0] -= 1
+            below = child_tree(c, [], budget, depth + 1) if depth < 8 else []
+            out.append((index.get(c) or c, below))
+        return out
+
     def run_ctx(view: views.RunView) -> dict[str, Any]:
-        kids = [index.get(c) or c for c in dict.fromkeys(
-            [*view.children, *index.children.get(view.run_id, [])])]
+        kids = child_tree(view.run_id, view.children, [MAX_TRACE_RUNS])
         parent = view.requested.parent_run_id if view.requested else None
         return {"v": view, "kids": kids, "parent": parent, "entry": index.get(view.run_id)}
 
