@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source ./bootstrap.sh
 "$PY" -m ruff check .
-"$PY" -m mypy polos services
+"$PY" -m mypy polos services ui
 exec "$PY" -m pytest -q "$@"

@@ -97,6 +97,11 @@ def _settings(args: argparse.Namespace, role: str = "client") -> Settings:
     if getattr(args, "nats_url", None) or os.environ.get("POLOS_NATS_URL"):
         return settings
     local = _local_url(role, settings.prefix, _data_dir(args))
+    if local and settings.ui_url is None:
+        # Workers of this `polos up` make approval links to its UI (docs/ui.md).
+        instance = running(_data_dir(args))
+        if instance is not None and instance.ui_url:
+            settings = settings.with_(ui_url=instance.ui_url)
     return settings.with_(nats_url=local) if local else settings
 
 
@@ -143,6 +148,9 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-dir",
                    help="where the export goes (default $POLOS_ANALYTICS_DIR, else "
                         "DATA_DIR/exports)")
+    from polos_ui.cli import add_ui_args
+
+    add_ui_args(p, for_up=True)  # --ui-port, --ui-host, --no-ui (docs/ui.md)
 
 
 def _analytics_child(args: argparse.Namespace, settings: Settings) -> AnalyticsProcess | None:
@@ -202,6 +210,11 @@ async def cmd_up(args: argparse.Namespace) -> int:
             print(f"auth on: credentials in {data_dir.resolve() / auth.CREDENTIALS_FILE}",
                   flush=True)
     settings = _settings(args).with_(nats_url=service_url or url)
+    from polos_ui.cli import ui_for_up
+
+    # The UI acts as the client role, never as the service role (docs/ui.md).
+    client_url = auth.url_for(creds, f"{settings.prefix}-client", url) if service_url else url
+    ui = ui_for_up(args, settings.with_(nats_url=client_url))
 
     url_file = data_dir / URL_FILE
 
@@ -212,6 +225,10 @@ async def cmd_up(args: argparse.Namespace) -> int:
         # Printed once the services run, so whoever waits for this line can use Polos at once.
         if analytics is not None:
             print(f"analytics: {analytics.describe()} (log {analytics.log_file})", flush=True)
+        if ui is not None:
+            if lock is not None:
+                lock.record(ui_url=ui.base_url)  # workers make approval links from it
+            print(f"ui: {ui.login_url}", flush=True)
         print(f"Polos is up: NATS_URL={url} prefix={settings.prefix}", flush=True)
         print("Ctrl-C stops it; the data stays for the next start.", flush=True)
 
@@ -219,7 +236,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
     analytics = _analytics_child(args, settings)
     services = [Orchestrator(settings), Scheduler(settings)]
     try:
-        await run_until_signal(*services, *([analytics] if analytics else []), on_started=ready)
+        await run_until_signal(*services, *([analytics] if analytics else []),
+                               *([ui] if ui is not None else []), on_started=ready)
     finally:
         if server is not None:
             url_file.unlink(missing_ok=True)
@@ -725,7 +743,7 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 # Modules that add subcommands when imported.
-PLUGINS = ["polos._private.cli_ops", "polos._private.demo", "polos_bench", "polos._private.cli_analytics", "polos._private.cli_queues", "polos._private.cli_waiting"]
+PLUGINS = ["polos._private.cli_ops", "polos._private.demo", "polos_bench", "polos._private.cli_analytics", "polos._private.cli_queues", "polos._private.cli_waiting", "polos_ui.cli"]
 
 
 def _load_plugins() -> None:

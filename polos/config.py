@@ -68,6 +68,9 @@ class Settings:
     )
     # Seconds the stream keeps message ids for de-duplication of retried appends and commands.
     duplicate_window: float = 600.0
+    # The web UI's URL (``polos up`` records it; POLOS_UI_URL): a suspend's data then carries
+    # ``_approval_url``, the page where a human answers it (docs/ui.md).
+    ui_url: str | None = field(default_factory=lambda: os.environ.get("POLOS_UI_URL") or None)
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -92,6 +95,7 @@ class Settings:
             "POLOS_TELEMETRY_RETRY_INITIAL": str(self.telemetry_retry_initial),
             "POLOS_TELEMETRY_RETRY_MAX": str(self.telemetry_retry_max),
             "POLOS_RECONNECT_MAX_WAIT": str(self.reconnect_max_wait),
+            **({"POLOS_UI_URL": self.ui_url} if self.ui_url else {}),
         }
 
     def with_(self, **changes: object) -> Settings:

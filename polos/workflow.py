@@ -207,6 +207,16 @@ class WorkflowContext:
         """True while the code is re-walking recorded history (e.g. to skip logging)."""
         return self._x.is_replaying
 
+    def approval_url(self, key: str) -> str | None:
+        """The web UI's page where a human answers the next ``ctx.step.suspend(key)`` of this
+        run, to put in an email or a chat message before suspending; the suspend's data
+        carries it too, as ``_approval_url``. None when the worker does not know the UI's URL
+        (``POLOS_UI_URL``; workers started beside ``polos up`` do). See docs/ui.md."""
+        from polos._private.waiting import approval_url
+
+        base = self._x.settings.ui_url
+        return approval_url(base, self._x.run_id, self._x.next_step_id(key)) if base else None
+
     async def patched(self, patch_id: str) -> bool:
         """Roll out a code change safely: ``if await ctx.patched("v2"): new() else: old()``.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,13 +82,31 @@ def test_the_wheel_installs_only_polos_names(installed: Installed) -> None:
         tops = {name.split("/", 1)[0] for name in whl.namelist()}
         names = set(whl.namelist())
     tops = {t for t in tops if not t.endswith(".dist-info")}
-    assert tops == {"polos", "polos_services", "polos_analytics", "polos_bench", "polos_examples"}
+    assert tops == {"polos", "polos_services", "polos_analytics", "polos_bench", "polos_examples",
+                    "polos_ui"}
+    # The web UI's templates and assets ship in the wheel (nothing is fetched at run time).
+    assert {"polos_ui/templates/base.html", "polos_ui/static/style.css",
+            "polos_ui/static/ui.js"} <= names
     # The server configuration and the demo's workflows are package data.
     assert "polos/_private/nats.conf" in names
     assert {"polos_examples/order.py", "polos_examples/ten_steps.py"} <= names
     conf = (ROOT / "nats.conf").read_text()
     with zipfile.ZipFile(installed.wheel) as whl:
         assert whl.read("polos/_private/nats.conf").decode() == conf
+
+
+def _open_ui(login_url: str, path: str) -> str:
+    """Open the UI's token URL (its session cookie), then ``path``; the page's HTML."""
+    import http.cookiejar
+    import urllib.request
+
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    with opener.open(login_url, timeout=10) as r:
+        assert r.status == 200
+    base = login_url.split("/?", 1)[0]
+    with opener.open(base + path, timeout=10) as r:
+        return str(r.read().decode())
 
 
 async def _until(cond: Any, timeout: float, what: str) -> Any:
@@ -122,7 +141,7 @@ async def test_order_scenario_from_an_empty_directory_with_auth(
     shutil.copytree(ROOT / "examples", home / "examples",
                     ignore=shutil.ignore_patterns("__pycache__"))
     effects = home / "effects.log"
-    up = installed.spawn(home, home / "up.log", "up", "--port", "0")
+    up = installed.spawn(home, home / "up.log", "up", "--port", "0", "--ui-port", "0")
     workers: list[subprocess.Popen[bytes]] = []
     async with DevLLM() as llm:
         try:
@@ -146,7 +165,7 @@ async def test_order_scenario_from_an_empty_directory_with_auth(
             await _until(lambda: _waiting_at(installed, home, run_id, "fraud_review"), 60,
                          "the run to wait for the fraud review")
             # The agent really called the model server, through the worker role's connection.
-            assert llm.chat_requests(), "the agent never called the LLM server"
+            assert llm.chat_requests, "the agent never called the LLM server"
             assert [ln.split()[1] for ln in marks(effects)] == ["charge"]
 
             kill(workers[0])  # SIGKILL while the run waits: it holds no worker anyway
@@ -189,6 +208,11 @@ async def test_order_scenario_from_an_empty_directory_with_auth(
             end = [e for e in orjson.loads(show.stdout) if e["event"] == "RunCompleted"]
             assert end and end[0]["output"]["status"] == "completed"
             assert end[0]["output"]["dock"] == 4
+
+            # The web UI `polos up` serves, from the wheel's templates, opened with its token.
+            [ui_url] = re.findall(r"^ui: (\S+)$", (home / "up.log").read_text(), flags=re.M)
+            page = await asyncio.to_thread(_open_ui, ui_url, f"/runs/{run_id}")
+            assert "process_order" in page and "fraud_review" in page
 
             lines = marks(effects)
             assert sum(ln.split()[1] == "charge" for ln in lines) == 1, lines

@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import inspect
 import time
+import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +39,18 @@ def current_step() -> StepInfo | None:
     return _current_step.get()
 
 
+TRACEBACK_LIMIT = 8192  # the last characters of a traceback kept with a failure
+
+
 def error_info(exc: BaseException, *, step: str | None = None, retryable: bool = True) -> dict[str, Any]:
+    tb = "".join(traceback.format_exception(exc))
     return {
         "type": type(exc).__name__,
         "message": str(exc),
         "step": step,
         "retryable": retryable,
+        # Where it happened, for whoever reads the failure (`polos show`, the UI).
+        "traceback": tb[-TRACEBACK_LIMIT:],
     }
 
 
@@ -142,6 +149,12 @@ class RunExecution:
             raise ValueError(f"step key must be 1-256 characters, got {key!r}")
         n = self._occurrences.get(key, 0) + 1
         self._occurrences[key] = n
+        return key if n == 1 else f"{key}#{n}"
+
+    def next_step_id(self, key: str) -> str:
+        """The key the next step asking for ``key`` will be recorded under (``step_id``
+        without taking it)."""
+        n = self._occurrences.get(key, 0) + 1
         return key if n == 1 else f"{key}#{n}"
 
     def recorded(

@@ -44,6 +44,7 @@ class Instance:
     url: str | None
     server_pid: int | None
     started_at: float | None
+    ui_url: str | None = None  # its web UI, without credentials
 
     def describe(self) -> str:
         bits = [f"pid {self.pid}" if self.pid else "pid unknown"]
@@ -56,7 +57,8 @@ def _parse(text: str) -> Instance:
         doc: dict[str, Any] = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError:
         doc = {}
-    return Instance(doc.get("pid"), doc.get("url"), doc.get("server_pid"), doc.get("started_at"))
+    return Instance(doc.get("pid"), doc.get("url"), doc.get("server_pid"), doc.get("started_at"),
+                    doc.get("ui_url"))
 
 
 def _alive(pid: int | None) -> bool:

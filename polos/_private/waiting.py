@@ -191,16 +191,30 @@ async def suspend(
         if out.get("timeout"):
             raise WaitTimeoutError(step_id, "suspend", out.get("timeout_at"))
         return Resumed(key=step_id, data=out.get("data"), at=float(out.get("at") or found.at))
+    shown = to_json(data, what=f"the data of suspend {step_id!r}")
+    if x.settings.ui_url and isinstance(shown, dict) and APPROVAL_URL not in shown:
+        # Where a human answers it: the workflow (or whoever reads the suspend) can send it on.
+        shown = {**shown, APPROVAL_URL: approval_url(x.settings.ui_url, x.run_id, step_id)}
     raise _suspend(
         x,
         ev.RunSuspended(
             run_id=x.run_id,
             step=step_id,
             kind="suspend",
-            data=to_json(data, what=f"the data of suspend {step_id!r}"),
+            data=shown,
             timeout_at=_timeout_at(timeout),
         ),
     )
+
+
+APPROVAL_URL = "_approval_url"
+
+
+def approval_url(ui_url: str, run_id: str, step_id: str) -> str:
+    """The web UI's page for answering the suspend ``step_id`` of ``run_id`` (docs/ui.md)."""
+    from urllib.parse import quote
+
+    return f"{ui_url.rstrip('/')}/approve/{run_id}/{quote(step_id, safe='/')}"
 
 
 async def wait_for_event(

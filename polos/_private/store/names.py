@@ -167,6 +167,10 @@ class Names:
     def ctl_filter(self) -> str:
         return f"{self.prefix}.run.*.ctl"
 
+    @property
+    def step_filter(self) -> str:
+        return f"{self.prefix}.run.*.step"
+
     # ------------------------------------------------------------------ tasks, events, dead letters
 
     def task_subject(self, workflow: str) -> str:

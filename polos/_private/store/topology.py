@@ -211,6 +211,10 @@ CORE_SUBJECTS: tuple[CoreSubject, ...] = (
     # Waiting for a run's end listens to its control subject (besides reading the history).
     CoreSubject(lambda n: n.ctl_filter, "run control events, as they are appended",
                 publish=(), subscribe=ANY),
+    # The web UI (the client role) follows a run page's step results as they are appended:
+    # what a client may read from the runs stream anyway.
+    CoreSubject(lambda n: n.step_filter, "run step results, as they are appended",
+                publish=(), subscribe=(SERVICE, CLIENT)),
 )
 
 
