@@ -192,7 +192,8 @@ async def _finish_on_a_second_worker(stack: Stack, first: Worker, run_id: str, w
 
 
 async def _stored(stack: Stack, stream: str, subject: str) -> list[jsl.StoredMsg]:
-    return await jsl.read_subject(stack.client.nc, stream, subject)
+    # As the service: only services read the command stream.
+    return await jsl.read_subject(stack.orchestrator.nc, stream, subject)
 
 
 async def test_ten_megabyte_resume_round_trips_through_replay(stack: Stack) -> None:
