@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from nats.aio.client import Client as NATS
 
 from polos._private import jetstream as jsl
+from polos._private.store.follow import follow
 from polos._private.telemetry import resolve_payload
 from polos.config import Settings
 
@@ -461,95 +462,40 @@ class Exporter:
         first new message, quiet or not): a pass reads the streams the services are writing, and
         deferring it past a burst keeps it from competing with the appends.
 
-        New messages are noticed by plain subscriptions on the streams' subjects (no polling),
-        each good for one message: the server drops it after the first delivery, and every pass
-        arms a fresh one before it reads. So a busy system sends this process at most one
-        notification per stream per pass, not a copy of every message (which woke it for each
-        event and slowed the services beside it), and nothing stored after a read goes
-        unnoticed. The export itself reads the streams by sequence, so a missed notification
-        only delays rows, and a restart picks up where the files end. Every ``compact_every``
-        exports the small files are merged (0: never).
+        New messages are noticed as ``store.follow`` notices them (one-shot subscriptions, a
+        pass after every woken one: no polling, no copy of every message, nothing missed). The
+        export itself reads the streams by sequence, so a restart picks up where the files
+        end. Every ``compact_every`` exports the small files are merged (0: never).
         """
         if self._nc is None:
             await self.connect()
-        nc = self._nc
-        assert nc is not None
-        dirty = asyncio.Event()
-        dirty.set()  # export what accumulated while we were down
-        notified = False
+        assert self._nc is not None
         exports = 0
 
-        async def poke(_msg: Any) -> None:
-            nonlocal notified
-            notified = True
-            dirty.set()
-
-        subs: list[Any] = []
-
-        async def arm() -> None:
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()  # fired ones are gone already
-            subs[:] = [await nc.subscribe(s.subject_filter, cb=poke, max_msgs=1)
-                       for s in sources(self.names)]
-
-        try:
-            while not stop.is_set():
-                waiter = asyncio.ensure_future(stop.wait())
-                woken = asyncio.ensure_future(dirty.wait())
-                await asyncio.wait({waiter, woken}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                woken.cancel()
-                if stop.is_set():
-                    break
-                if idle and notified:
-                    latest = time.monotonic() + max_lag
-                    while time.monotonic() < latest and not stop.is_set():
-                        notified = False
-                        await arm()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), timeout=idle)
-                        if not notified:
-                            break
-                    if stop.is_set():
-                        break
-                    notified = True  # the pass below was woken by news: one more follows it
-                dirty.clear()
-                by_notification, notified = notified, False
-                result = None
-                try:
-                    await arm()
-                    result = await self.export_once()
-                except Exception:
-                    log.exception("export failed; retrying after the flush interval")
-                    dirty.set()
-                # A subscriber can hear of a message before the stream has stored it, so a pass
-                # woken by a notification may not read that message yet: one more pass follows
-                # it (nothing new costs a millisecond), and passes go on while they find rows.
-                if by_notification or (result is not None and result.total):
-                    dirty.set()
-                if result is not None and result.total:
-                    exports += 1
-                    if on_export is not None:
-                        on_export(result)
-                    if compact_every and exports % compact_every == 0:
-                        try:
-                            await self.compact()
-                        except Exception:
-                            log.exception("compaction failed; the small files stay")
-                # Batch the next rows into one file instead of one file per message.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=flush_interval)
-            # A last export so a clean stop leaves nothing behind.
-            with contextlib.suppress(Exception):
-                result = await self.export_once()
-                if result.total and on_export is not None:
+        async def export_pass() -> int:
+            nonlocal exports
+            result = await self.export_once()
+            if result.total:
+                exports += 1
+                if on_export is not None:
                     on_export(result)
-        finally:
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                if compact_every and exports % compact_every == 0:
+                    try:
+                        await self.compact()
+                    except Exception:
+                        log.exception("compaction failed; the small files stay")
+            return int(result.total)
 
+        await follow(
+            self._nc, [s.subject_filter for s in sources(self.names)], stop, export_pass,
+            name="export", interval=flush_interval, idle=idle, max_lag=max_lag,
+            error_delay=flush_interval,
+        )
+        # A last export so a clean stop leaves nothing behind.
+        with contextlib.suppress(Exception):
+            result = await self.export_once()
+            if result.total and on_export is not None:
+                on_export(result)
 
 __all__ = [
     "HISTORY_SCHEMA",

@@ -228,10 +228,9 @@ async def test_up_runs_the_span_follower_when_otel_configures_an_exporter(tmp_pa
         assert done.returncode == 0, done.stdout + done.stderr
         spans = tmp_path / ".polos" / "analytics.log"  # the console exporter writes there
         deadline = time.monotonic() + 30
-        # A step span: the follower emits it when it reads the step's event. (The run span waits
-        # for the terminal event, which the follower reads only when a later notification
-        # comes; that race is the follower's own, not polos up's.)
-        while '"name": "step s1"' not in (spans.read_text() if spans.exists() else ""):
+        # The run span: the follower emits it when it reads the run's last event, which is the
+        # last message of the burst (no later notification wakes the follower for it).
+        while '"name": "run marked"' not in (spans.read_text() if spans.exists() else ""):
             assert time.monotonic() < deadline, (
                 "no run span from the follower polos up runs:\n"
                 + (spans.read_text()[-3000:] if spans.exists() else "(no log)"))

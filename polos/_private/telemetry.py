@@ -66,6 +66,7 @@ from opentelemetry.trace import (
 from polos import events as ev
 from polos._private import jetstream as jsl
 from polos._private.llm import LLMTotals, children_named, decision_of
+from polos._private.store.follow import follow
 from polos.config import Settings
 from polos.errors import PolosError
 
@@ -540,34 +541,13 @@ class SpanFollower:
                 return handled
 
     async def follow(self, stop: asyncio.Event) -> None:
-        """Handle events as they are appended (a plain subscription wakes it; no polling)."""
+        """Handle events as they are appended (``store.follow``: woken by the history's
+        subjects, no polling, and the last event of a burst is not missed)."""
         assert self._nc is not None, "follower not started"
-        wake = asyncio.Event()
-        wake.set()
-
-        async def poke(_msg: Any) -> None:
-            wake.set()
-
-        sub = await self._nc.subscribe(f"{self.names.prefix}.run.>", cb=poke)
-        try:
-            while not stop.is_set():
-                stopper = asyncio.ensure_future(stop.wait())
-                waker = asyncio.ensure_future(wake.wait())
-                await asyncio.wait({stopper, waker}, return_when=asyncio.FIRST_COMPLETED)
-                stopper.cancel()
-                waker.cancel()
-                if stop.is_set():
-                    break
-                wake.clear()
-                try:
-                    await self.process_available(stop)
-                except Exception:
-                    log.exception("telemetry follower: read failed; retrying on the next event")
-                    await asyncio.sleep(0.5)
-                    wake.set()
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await follow(
+            self._nc, [f"{self.names.prefix}.run.>"], stop,
+            lambda: self.process_available(stop), name="telemetry follower",
+        )
 
     async def _history(self, run_id: str, upto: int | None = None) -> list[tuple[int, ev.Event]]:
         assert self._nc is not None
