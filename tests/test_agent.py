@@ -296,8 +296,12 @@ async def test_provider_errors_retry_fail_clearly_and_need_a_key(
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     keyless = Agent("keyless", model="gpt-4o")  # the real OpenAI endpoint, no key anywhere
-    with pytest.raises(AgentConfigError, match="OPENAI_API_KEY"):
+    with pytest.raises(AgentConfigError) as missing:
         await keyless.run("hi")
+    # One line naming both ways out: a key, or the dev LLM (which says it is not a model).
+    text = str(missing.value)
+    assert "\n" not in text and "OPENAI_API_KEY" in text
+    assert "polos worker --dev-llm" in text and "not a model" in text
 
 
 bad_request_agent = Agent("bad_request_agent")

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,30 @@ async def test_crash_demo_runs_end_to_end() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "worker-1 killed with SIGKILL" in out.stdout
     assert "No completed step ran twice." in out.stdout
+
+
+async def test_worker_with_dev_llm_runs_the_order_agent_without_a_key(
+    env_factory: Any, subprocess_env: Any, tmp_path: Path
+) -> None:
+    """`polos worker --dev-llm examples/order.py` with no OPENAI_API_KEY: the agent talks to the
+    dev LLM the worker started (and says so), and the order reaches its fraud review."""
+    env = await env_factory([], with_worker=False)
+    worker_env = {k: v for k, v in subprocess_env.as_role("worker").items()
+                  if not k.startswith("OPENAI_")}
+    log = tmp_path / "w.out"
+    worker = spawn(["-m", "polos", "worker", "--dev-llm", "examples/order.py"], worker_env, log)
+    try:
+        handle = await env.client.start(
+            "process_order", {"id": "D-1", "amount": 2500, "email": "d@example.com"})
+        deadline = time.monotonic() + 60
+        while True:  # the index follows the log: the run may not be listed at once
+            runs = {r.run_id: r for r in await env.client.list_runs()}
+            run = runs.get(handle.run_id)
+            if run is not None and (run.waiting or {}).get("step") == "fraud_review":
+                break  # the agent (a child run) validated the order; the charge ran
+            assert time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.05)
+        assert run.status == "suspended"
+    finally:
+        stop(worker)
+    assert "agents use the Polos dev LLM (scripted test server, not a model)" in log.read_text()
