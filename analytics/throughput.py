@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private.server import EmbeddedServer
 from polos.config import Settings

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from nats.js.api import StorageType, StreamConfig
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private.runtime import terminate_all
 from polos._private.server import EmbeddedServer

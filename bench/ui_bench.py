@@ -179,8 +179,7 @@ async def _browser_delays(ui: UIServer, client: PolosClient, n: int) -> list[flo
         return []
     from playwright.async_api import async_playwright
 
-    from polos import events as ev
-
+    from polos import history as ev
     delays: list[float] = []
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium, headless=True, args=FLAGS)

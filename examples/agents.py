@@ -70,7 +70,7 @@ async def process_order(ctx: WorkflowContext, order: ProcessOrderInput) -> Proce
 
 
 async def main() -> None:
-    from polos import events as ev
+    from polos import history as ev
     from polos._private import waiting
     from polos.devllm import LABEL, DevLLM
     from polos.testing import EmbeddedServer, PolosEnvironment, fast_settings

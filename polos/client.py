@@ -21,7 +21,7 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private import payloads
 from polos.config import Settings

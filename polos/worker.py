@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private import limits
 from polos._private.execution import RunExecution, error_info

@@ -27,7 +27,7 @@ from polos import (
     tool,
     workflow,
 )
-from polos import events as ev
+from polos import history as ev
 from polos._private import waiting
 from polos.agent import AgentRequest, AgentResult, agent_workflow, stream_subject
 from polos.devllm import DevLLM, Reply

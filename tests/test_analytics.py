@@ -19,7 +19,7 @@ import pytest
 
 import polos_analytics as analytics
 from polos import NO_RETRY, RetryPolicy, WorkflowContext, workflow
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private.cli_analytics import cmd_analytics, cmd_sql, cmd_trace
 from polos_analytics.export import Exporter

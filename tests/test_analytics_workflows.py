@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from polos import WorkflowContext, workflow
-from polos import events as ev
+from polos import history as ev
 
 TOOLS = ["lookup_order", "refund", "escalate"]
 

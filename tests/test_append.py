@@ -8,7 +8,7 @@ import nats
 import nats.errors
 import pytest
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos.config import Settings
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from polos import CommandRejectedError, WorkflowCancelledError, WorkflowContext, workflow
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private import waiting as wt
 from polos._private.jetstream import read_subject

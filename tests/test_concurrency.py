@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from polos import Queue, WorkflowContext, workflow
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private import limits
 from polos.config import Settings

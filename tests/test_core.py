@@ -21,7 +21,7 @@ from polos import (
     current_step,
     workflow,
 )
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 
 # ----------------------------------------------------------------------------- workflows

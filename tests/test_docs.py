@@ -20,7 +20,7 @@ import nats
 import orjson
 import pytest
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import auth
 from polos._private import jetstream as jsl
 from polos._private.store.topology import CORE_SUBJECTS, TOPOLOGY

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 
 from polos import WorkflowContext, workflow
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 
 

@@ -27,7 +27,7 @@ import orjson
 import pytest
 
 from polos import WorkflowContext, workflow
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos.config import Settings
 from polos.worker import Worker

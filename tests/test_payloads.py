@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from polos import Worker, WorkflowContext, workflow
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private import payloads
 from tests import authstack

@@ -10,7 +10,7 @@ import nats
 import orjson
 
 from polos import WorkflowContext, workflow
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from tests import authstack
 from tests.authstack import Stack

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from polos import Queue, RateLimit, WorkflowContext, workflow
-from polos import events as ev
+from polos import history as ev
 from polos._private import limits
 from polos._private.limits import TokenLimiter, retry_after_seconds
 from polos._private.llm import estimate_request_tokens

@@ -129,7 +129,7 @@ async def test_timer_survives_nats_server_restart(tmp_path: Path) -> None:
 async def test_stale_timer_changes_nothing(env_factory: Any) -> None:
     """A timer that fires after the run moved on (resumed first) is fenced out."""
     env = await env_factory([])
-    from polos import events as ev
+    from polos import history as ev
     from polos._private import jetstream as jsl
 
     js, names = env.scheduler.js, env.client.names  # histories and wakes: a service's

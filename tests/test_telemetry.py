@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from polos import PolosClient, Worker
-from polos import events as ev
+from polos import history as ev
 from polos._private import auth
 from polos._private import jetstream as jsl
 from polos._private.server import default_config

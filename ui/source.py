@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private import limits, payloads
 from polos._private.llm import LLMTotals, children_named, decision_of

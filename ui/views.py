@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from polos import events as ev
+from polos import history as ev
 
 from .source import LLMTotals, RawEvent, children_named, decision_of
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private import output
 from polos._private.llm import LLMTotals, children_named, decision_of

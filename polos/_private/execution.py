@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from polos import events as ev
+from polos import history as ev
 from polos.converter import from_json, return_type, to_json
 from polos.errors import NonDeterminismError, SerializationError, StepFailedError
 from polos.workflow import DEFAULT_STEP_RETRY, RetryPolicy, StepInfo

@@ -31,7 +31,7 @@ from nats.js.api import (
     DeliverPolicy,
 )
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import connection, payloads
 
 # The catalogue of names and the topology live in the store layer; re-exported here so the

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from polos import events as ev
+from polos import history as ev
 from polos.errors import PolosError, StepFailedError
 
 if TYPE_CHECKING:

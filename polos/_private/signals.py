@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from polos import events as ev
+from polos import history as ev
 
 
 class Suspend(BaseException):

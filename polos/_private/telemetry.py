@@ -63,7 +63,7 @@ from opentelemetry.trace import (
     TraceFlags,
 )
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private.llm import LLMTotals, children_named, decision_of
 from polos._private.store.follow import follow

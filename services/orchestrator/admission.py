@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private import limits
 from polos._private.tasks import cancel_and_wait

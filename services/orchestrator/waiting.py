@@ -20,7 +20,7 @@ import nats.js.errors
 import orjson
 from nats.aio.msg import Msg
 
-from polos import events as ev
+from polos import history as ev
 from polos._private import jetstream as jsl
 from polos._private import payloads
 from polos._private import waiting as wt

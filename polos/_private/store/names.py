@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from polos import events as ev
+from polos import history as ev
 
 RUN_KINDS = ev.HISTORY_KINDS
 _DELTA_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from polos import events as ev
+from polos import history as ev
 
 
 def test_events_are_immutable_and_round_trip() -> None:

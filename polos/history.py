@@ -1,4 +1,7 @@
-"""Every fact Polos records, in one module.
+"""A run's history: every fact Polos records, and the fold that turns them into a run's state.
+
+``PolosClient.history(run_id)`` returns these events with their stream sequences. (The name
+``polos.events`` is kept for the publish/stream API of the original Polos SDK.)
 
 Events are immutable and named in the past tense. A run's state is never stored: it is a
 fold (`RunState.apply`) over the events of the run's history, in stream order, with a
