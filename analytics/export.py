@@ -29,7 +29,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from nats.aio.client import Client as NATS
 
-from polos._private import jetstream as jsl
+from polos._private.store import (
+    Names,
+    StoredMsg,
+    connect,
+    disconnect,
+    ensure_topology,
+    read_subject,
+)
 from polos._private.store.follow import follow
 from polos._private.telemetry import resolve_payload
 from polos.config import Settings
@@ -108,7 +115,7 @@ def _json_text(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value, default=str).decode()
 
 
-def history_row(msg: jsl.StoredMsg) -> dict[str, Any]:
+def history_row(msg: StoredMsg) -> dict[str, Any]:
     """One row of the ``history`` table for one stored run-history message."""
     parts = msg.subject.split(".")
     row: dict[str, Any] = {
@@ -145,7 +152,7 @@ def history_row(msg: jsl.StoredMsg) -> dict[str, Any]:
     return row
 
 
-def message_row(msg: jsl.StoredMsg, strip: str) -> dict[str, Any]:
+def message_row(msg: StoredMsg, strip: str) -> dict[str, Any]:
     """One row of the ``external_events`` or ``dead_letters`` table."""
     try:
         orjson.loads(msg.data)
@@ -171,13 +178,13 @@ class Source:
     stream: str
     subject_filter: str  # what is subscribed to for news; reads take the whole stream
     schema: pa.Schema
-    to_row: Callable[[jsl.StoredMsg], dict[str, Any]]
+    to_row: Callable[[StoredMsg], dict[str, Any]]
 
 
 TABLES = ("history", "external_events", "dead_letters", "commands")
 
 
-def sources(names: jsl.Names) -> list[Source]:
+def sources(names: Names) -> list[Source]:
     p = names.prefix
     return [
         Source("history", names.runs_stream, f"{p}.run.>", HISTORY_SCHEMA, history_row),
@@ -365,7 +372,7 @@ class Exporter:
         nc: NATS | None = None,
     ) -> None:
         self.settings = settings
-        self.names = jsl.Names(settings.prefix)
+        self.names = Names(settings.prefix)
         self.out = Path(out_dir)
         self.rows_per_file = rows_per_file
         self._nc = nc
@@ -383,14 +390,14 @@ class Exporter:
     async def connect(self) -> None:
         self._lock.acquire()
         if self._nc is None:
-            self._nc = await jsl.connect(self.settings, name="polos-analytics")
+            self._nc = await connect(self.settings, name="polos-analytics")
         js = self._nc.jetstream(timeout=self.settings.request_timeout)
-        await jsl.ensure_topology(js, self.names, self.settings)
+        await ensure_topology(js, self.names, self.settings)
 
     async def close(self) -> None:
         if self._own_nc and self._nc is not None:
             with contextlib.suppress(Exception):
-                await jsl.close(self._nc)
+                await disconnect(self._nc)
             self._nc = None
         self._lock.release()
 
@@ -421,7 +428,7 @@ class Exporter:
             # Every source is its whole stream. ">" is the server's unfiltered fast path; a
             # filter naming the stream's subjects (<p>.run.> over <p>.run.*.ctl and .step) makes
             # it match every message, which read the history 2-3x slower.
-            msgs = await jsl.read_subject(
+            msgs = await read_subject(
                 self._nc, src.stream, ">", start_seq=start,
                 limit=self.rows_per_file, timeout=self.settings.request_timeout,
             )

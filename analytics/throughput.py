@@ -18,8 +18,9 @@ import uuid
 from pathlib import Path
 
 from polos import history as ev
-from polos._private import jetstream as jsl
 from polos._private.server import EmbeddedServer
+from polos._private.store import Names, ensure_topology
+from polos._private.store import connect as connect_nats
 from polos.config import Settings
 
 
@@ -52,10 +53,10 @@ async def measure(events: int, keep: bool) -> None:
     server.start()
     try:
         settings = Settings(nats_url=server.url, prefix=f"b{uuid.uuid4().hex[:8]}")
-        names = jsl.Names(settings.prefix)
-        nc = await jsl.connect(settings, "export-bench")
+        names = Names(settings.prefix)
+        nc = await connect_nats(settings, "export-bench")
         js = nc.jetstream()
-        await jsl.ensure_topology(js, names, settings)
+        await ensure_topology(js, names, settings)
         t0 = time.perf_counter()
         n = 0
         now = time.time()

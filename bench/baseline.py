@@ -11,7 +11,8 @@ from typing import Any
 import orjson
 from nats.aio.client import Client as NATS
 
-from polos._private.jetstream import StoredMsg
+from polos._private.store import StoredMsg, natspy
+from polos._private.store.read import parse_header_lines
 
 
 async def read_subject_per_sub(
@@ -51,9 +52,8 @@ def original_header_parser() -> Iterator[None]:
     """nats-py's own header parser for the duration (Polos installs a faster, equivalent one)."""
     from nats.aio.client import Client
 
-    from polos._private import jetstream as jsl
 
-    original = jsl.NATS_HEADER_PARSER
+    original = natspy.NATS_HEADER_PARSER
     if original is None:
         yield
         return
@@ -61,4 +61,4 @@ def original_header_parser() -> Iterator[None]:
     try:
         yield
     finally:
-        Client._parse_header_lines = staticmethod(jsl._parse_header_lines)  # type: ignore[method-assign]
+        Client._parse_header_lines = staticmethod(parse_header_lines)  # type: ignore[method-assign]

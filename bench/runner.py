@@ -31,9 +31,18 @@ import orjson
 from nats.js.api import StorageType, StreamConfig
 
 from polos import history as ev
-from polos._private import jetstream as jsl
 from polos._private.runtime import terminate_all
 from polos._private.server import EmbeddedServer
+from polos._private.store import (
+    MSG_ID,
+    Names,
+    connect,
+    disconnect,
+    ensure_topology,
+    read_history,
+    read_run,
+    read_subject,
+)
 from polos.client import PolosClient
 from polos.config import Settings
 
@@ -295,7 +304,7 @@ class Bench:
     async def fig_publish(self) -> None:
         """Awaited publish to a file-backed stream: the floor under every durable step."""
         s = self.settings()
-        nc = await jsl.connect(s, "polos-bench")
+        nc = await connect(s, "polos-bench")
         js = nc.jetstream()
         stream = f"{s.prefix.upper()}_BENCHRAW"
         subject = f"{s.prefix}.benchraw"
@@ -307,7 +316,7 @@ class Bench:
             times = []
             for i in range(self.sizes.publishes):
                 t0 = time.perf_counter()
-                await js.publish(subject, payload, headers={jsl.MSG_ID: f"m{i}"})
+                await js.publish(subject, payload, headers={MSG_ID: f"m{i}"})
                 times.append((time.perf_counter() - t0) * 1000)
             p50 = statistics.median(times)
             self.report.publish_p50_ms = p50
@@ -365,11 +374,11 @@ class Bench:
         async with PolosEnvironment(s, [w.bench_steps]) as env:
             h = await env.client.start(w.bench_steps, w.Steps(steps=n))
             await h.result(timeout=120)
-            names = jsl.Names(s.prefix)
+            names = Names(s.prefix)
             reads, folds, walks, totals = [], [], [], []
             for _ in range(self.sizes.replay_repeats):
                 t0 = time.perf_counter()
-                history = await jsl.read_history(env.client.nc, names, h.run_id)
+                history = await read_history(env.client.nc, names, h.run_id)
                 t1 = time.perf_counter()
                 state = ev.RunState.fold(h.run_id, history)
                 t2 = time.perf_counter()
@@ -398,7 +407,7 @@ class Bench:
         from .baseline import original_header_parser, read_subject_per_sub
 
         s = self.settings()
-        names = jsl.Names(s.prefix)
+        names = Names(s.prefix)
         async with PolosEnvironment(s, [w.bench_steps]) as env:
             nc = env.client.nc
             for n in self.sizes.read_sizes:
@@ -410,7 +419,7 @@ class Bench:
                 reps = max(3, self.sizes.read_repeats * 10 // max(10, n // 10))
                 for _ in range(reps):
                     t0 = time.perf_counter()
-                    msgs = await jsl.read_run(nc, names, h.run_id)
+                    msgs = await read_run(nc, names, h.run_id)
                     now.append((time.perf_counter() - t0) * 1000)
                     with original_header_parser():
                         t0 = time.perf_counter()
@@ -426,11 +435,11 @@ class Bench:
     async def _deployment(self, s: Settings, workers: int) -> tuple[Processes, PolosClient]:
         # As `polos up` does before it says it is up: the topology exists before any worker
         # or client looks for it (they only check; the orchestrator may still be starting).
-        nc = await jsl.connect(s, "polos-bench-init")
+        nc = await connect(s, "polos-bench-init")
         try:
-            await jsl.ensure_topology(nc.jetstream(), jsl.Names(s.prefix), s)
+            await ensure_topology(nc.jetstream(), Names(s.prefix), s)
         finally:
-            await jsl.close(nc)
+            await disconnect(nc)
         procs = Processes(s, self.tmp)
         procs.orchestrator()
         for i in range(workers):
@@ -717,17 +726,17 @@ class Bench:
             # subjects); the wildcard filter it used before is timed beside it.
             # The first read of a run may have to load its messages' block from disk (the server
             # keeps recent blocks in memory); the second read of the same run shows the rest.
-            names = jsl.Names(s.prefix)
+            names = Names(s.prefix)
             reads, again, wildcard = [], [], []
             for r in ids[:: max(1, n // 20)]:
                 t_r = time.perf_counter()
-                msgs = await jsl.read_run(client.nc, names, r)
+                msgs = await read_run(client.nc, names, r)
                 reads.append((time.perf_counter() - t_r) * 1000)
                 t_r = time.perf_counter()
-                await jsl.read_run(client.nc, names, r)
+                await read_run(client.nc, names, r)
                 again.append((time.perf_counter() - t_r) * 1000)
                 t_r = time.perf_counter()
-                wild = await jsl.read_subject(client.nc, names.runs_stream, names.run_filter(r))
+                wild = await read_subject(client.nc, names.runs_stream, names.run_filter(r))
                 wildcard.append((time.perf_counter() - t_r) * 1000)
                 assert [m.seq for m in msgs] == [m.seq for m in wild]
             info = await client.js.stream_info(names.runs_stream)
@@ -775,7 +784,7 @@ class Bench:
     @staticmethod
     async def _orchestrator_idle(client: PolosClient, s: Settings, timeout: float) -> None:
         """No command or control event waits for the orchestrator (delivered or not)."""
-        names = jsl.Names(s.prefix)
+        names = Names(s.prefix)
 
         async def idle() -> bool:
             for stream, durable in ((names.cmd_stream, "orchestrator_cmd"),
@@ -794,7 +803,7 @@ class Bench:
 
         async def ready() -> bool:
             try:
-                await client.js.consumer_info(jsl.Names(s.prefix).timers_stream, DURABLE)
+                await client.js.consumer_info(Names(s.prefix).timers_stream, DURABLE)
             except Exception:
                 return False
             return True
@@ -838,11 +847,11 @@ class Bench:
                 "export throughput (events/s): the analytics exporter does not exist yet (issue 6)")
             return
         s = self.settings()
-        names = jsl.Names(s.prefix)
-        nc = await jsl.connect(s, "polos-bench-export")
+        names = Names(s.prefix)
+        nc = await connect(s, "polos-bench-export")
         js = nc.jetstream()
         try:
-            await jsl.ensure_topology(js, names, s)
+            await ensure_topology(js, names, s)
             runs, steps = self.sizes.export_runs, 10
             futs = []
             for r in range(runs):

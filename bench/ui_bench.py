@@ -28,8 +28,8 @@ import orjson
 
 from polos import PolosClient, Worker, WorkflowContext, workflow
 from polos._private import auth
-from polos._private import jetstream as jsl
 from polos._private.server import EmbeddedServer, default_config
+from polos._private.store import Names, connect, ensure_topology
 from polos.config import Settings
 from polos_ui import UIConfig, UIServer
 from polos_ui.projection import Query, encode_key
@@ -101,9 +101,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     services: list[Any] = []
     try:
-        nc = await jsl.connect(settings("service"), name="ui-bench")
+        nc = await connect(settings("service"), name="ui-bench")
         js = nc.jetstream()
-        await jsl.ensure_topology(js, jsl.Names(prefix), settings("service"))
+        await ensure_topology(js, Names(prefix), settings("service"))
         t = time.perf_counter()
         await fill_index(nc, prefix, args.runs, time.time() - 60)
         while (await js.stream_info(f"KV_{prefix}_runs")).state.messages < args.runs:

@@ -44,6 +44,7 @@ from polos._private.llm import (
     stream_subject,
 )
 from polos._private.memory import SharedMemory
+from polos._private.store import connect, disconnect
 from polos.converter import from_json, json_schema, to_json
 from polos.errors import PolosError
 from polos.tools import Tool, as_tool
@@ -291,14 +292,13 @@ class Agent(Generic[T]):
         and live streaming; without it neither is available."""
         if settings is None:
             return await _agent_loop(StepRunner(), "agent", AgentRun(self, input, session))
-        from polos._private import jetstream as jsl
 
-        nc = await jsl.connect(settings, name=f"polos-agent-{self.name}")
+        nc = await connect(settings, name=f"polos-agent-{self.name}")
         try:
             runner = StepRunner(nc, settings.prefix, nc.jetstream(timeout=settings.request_timeout))
             return await _agent_loop(runner, "agent", AgentRun(self, input, session))
         finally:
-            await jsl.close(nc)
+            await disconnect(nc)
 
     # ------------------------------------------------------------------ the request
 

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from polos import history as ev
-from polos._private import jetstream as jsl
 from polos._private import output
 from polos._private.instance import (
     DataDirInUseError,
@@ -36,6 +35,7 @@ from polos._private.runtime import (
     run_until_signal,
     settings_from_args,
 )
+from polos._private.store import read_history, read_run, read_subject
 from polos.client import PolosClient, RunInfo
 from polos.config import Settings
 from polos.errors import PolosError, WorkflowCancelledError, WorkflowFailedError
@@ -350,7 +350,7 @@ async def _follow_progress(
     sub = await client.nc.subscribe(client.names.run_subject(run_id, "ctl"), cb=on_ctl)
     try:
         served = any(workflow in w.get("workflows", []) for w in await client.workers())
-        history = await jsl.read_history(client.nc, client.names, run_id, kinds=("ctl",))
+        history = await read_history(client.nc, client.names, run_id, kinds=("ctl",))
         say(_progress(run_id, history[-1][1] if history else None, workflow, served))
         while True:
             data = await news.get()
@@ -466,7 +466,7 @@ async def _retries_of(client: PolosClient, run_ids: list[str]) -> dict[str, int]
 
     async def one(run_id: str) -> tuple[str, int]:
         async with sem:
-            msgs = await jsl.read_run(client.nc, client.names, run_id,
+            msgs = await read_run(client.nc, client.names, run_id,
                                       timeout=client.settings.request_timeout)
         types = []
         for m in msgs:
@@ -698,10 +698,10 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
         stream = client.names.dlq_stream
         subjects = f"{client.settings.prefix}.dlq.>"
         if args.action == "show":
-            msgs = await jsl.read_subject(client.nc, stream, subjects, start_seq=args.id, limit=1)
+            msgs = await read_subject(client.nc, stream, subjects, start_seq=args.id, limit=1)
             msgs = [m for m in msgs if m.seq == args.id]
         else:
-            msgs = (await jsl.read_subject(client.nc, stream, subjects))[-args.limit:]
+            msgs = (await read_subject(client.nc, stream, subjects))[-args.limit:]
     finally:
         await client.close()
     letters = [(m.seq, orjson.loads(m.data)) for m in msgs]

@@ -22,8 +22,20 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from polos import history as ev
-from polos._private import jetstream as jsl
-from polos._private import payloads
+from polos._private.store import (
+    MSG_ID,
+    Names,
+    connect,
+    disconnect,
+    last_per_subject,
+    load_state,
+    payloads,
+    publish,
+    read_history,
+    read_subject,
+    valid_token,
+)
+from polos._private.store import check_topology as require_topology
 from polos.config import Settings
 from polos.converter import from_json, to_json
 from polos.errors import RunNotFoundError, WorkflowCancelledError, WorkflowFailedError
@@ -119,7 +131,7 @@ class RunHandle(Generic[O]):
             while True:
                 # Control events only: the outcome is in them, and a long run's steps are not
                 # worth reading to learn it.
-                state = await jsl.load_state(nc, names, self.run_id, kinds=("ctl",))
+                state = await load_state(nc, names, self.run_id, kinds=("ctl",))
                 if state.done:
                     return self._outcome(state)
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -156,7 +168,7 @@ class PolosClient:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout)
         self.settings = settings
-        self.names = jsl.Names(settings.prefix)
+        self.names = Names(settings.prefix)
         self.workflows: dict[str, WorkflowDefinition[Any, Any]] = {}
         self._owns = owns_connection
         # Waiters to nudge after a reconnect (core subscriptions miss what was sent meanwhile).
@@ -192,14 +204,14 @@ class PolosClient:
             if holder:
                 await holder[0]._on_reconnect()
 
-        nc = await jsl.connect(s, name="polos-client", on_reconnect=reconnected)
+        nc = await connect(s, name="polos-client", on_reconnect=reconnected)
         client = cls(nc, s)
         holder.append(client)
         if check_topology:
             # Clients never create streams or buckets (the services do, at start): a missing
             # one is named in one line now, not a timeout on the first request that needs it.
             try:
-                await jsl.check_topology(client.js, client.names)
+                await require_topology(client.js, client.names)
             except BaseException:
                 await client.close()
                 raise
@@ -208,7 +220,7 @@ class PolosClient:
     async def close(self) -> None:
         if self._owns:
             with contextlib.suppress(Exception):
-                await jsl.close(self.nc)
+                await disconnect(self.nc)
 
     async def __aenter__(self) -> PolosClient:
         return self
@@ -235,10 +247,10 @@ class PolosClient:
             name, output_type = workflow.name, workflow.output_type
         else:
             name = workflow
-        if not jsl.valid_token(name):
+        if not valid_token(name):
             raise ValueError(f"workflow name {name!r} is not valid")
         run_id = run_id or uuid.uuid4().hex
-        if not jsl.valid_token(run_id):
+        if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} must be 1-128 letters, digits, '_' or '-'")
         body: dict[str, Any] = {"input": to_json(input, what="the workflow input"), "run_id": run_id}
         if queue is not None:
@@ -251,11 +263,11 @@ class PolosClient:
             ref = await payloads.put_value(self.js, self.names, run_id, orjson.dumps(body.pop("input")))
             body["input_ref"] = ref
             data = orjson.dumps(body)
-        await jsl.publish(
+        await publish(
             self.nc,
             self.names.start_subject(name),
             data,
-            headers={jsl.MSG_ID: f"start/{run_id}", "Polos-Client": "python"},
+            headers={MSG_ID: f"start/{run_id}", "Polos-Client": "python"},
             timeout=self.settings.request_timeout,
         )
         return RunHandle(self, run_id, name, output_type)
@@ -265,14 +277,14 @@ class PolosClient:
 
     async def get(self, run_id: str) -> RunInfo:
         """The run's current state, folded from its history (the truth, not the index)."""
-        state = await jsl.load_state(self.nc, self.names, run_id)
+        state = await load_state(self.nc, self.names, run_id)
         if state.requested is None:
             raise RunNotFoundError(f"no run {run_id!r} in namespace {self.settings.prefix!r}")
         return _info_from_state(state)
 
     async def history(self, run_id: str) -> list[tuple[int, ev.Event]]:
         """The run's events in order, with their stream sequences."""
-        return await jsl.read_history(self.nc, self.names, run_id)
+        return await read_history(self.nc, self.names, run_id)
 
     async def list_runs(
         self,
@@ -283,7 +295,7 @@ class PolosClient:
     ) -> list[RunInfo]:
         """Runs from the run index, newest first. ``status`` may be one status or a list."""
         wanted = {status} if isinstance(status, str) else set(status or [])
-        msgs = await jsl.last_per_subject(
+        msgs = await last_per_subject(
             self.nc, f"KV_{self.names.runs_bucket}", f"$KV.{self.names.runs_bucket}.>"
         )
         serving = await self._served_workflows()
@@ -320,7 +332,7 @@ class PolosClient:
 
     async def workers(self) -> list[dict[str, Any]]:
         """Live workers (their registrations expire when they stop heartbeating)."""
-        msgs = await jsl.last_per_subject(
+        msgs = await last_per_subject(
             self.nc, f"KV_{self.names.workers_bucket}", f"$KV.{self.names.workers_bucket}.>"
         )
         out = []
@@ -337,7 +349,7 @@ class PolosClient:
 
     async def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest dead-lettered messages with the reason each was kept aside."""
-        msgs = await jsl.read_subject(self.nc, self.names.dlq_stream, f"{self.settings.prefix}.dlq.>")
+        msgs = await read_subject(self.nc, self.names.dlq_stream, f"{self.settings.prefix}.dlq.>")
         return [orjson.loads(m.data) for m in msgs[-limit:]]
 
     # ------------------------------------------------------------------ waiting (docs/waiting.md)
@@ -352,7 +364,7 @@ class PolosClient:
         """
         from polos._private import waiting
 
-        if not jsl.valid_token(run_id):
+        if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} is not valid")
         body: dict[str, Any] = {"data": to_json(data, what="the resume data")}
         if len(orjson.dumps(body)) > payloads.inline_limit(self.nc):
@@ -373,7 +385,7 @@ class PolosClient:
         unknown or finished run."""
         from polos._private import waiting
 
-        if not jsl.valid_token(run_id):
+        if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} is not valid")
         body = {"reason": reason} if reason is not None else {}
         return await waiting.send_command(

@@ -28,6 +28,7 @@ from typing import Any
 
 from polos._private import auth
 from polos._private.server import EmbeddedServer, default_config, server_binary
+from polos._private.store import Names, connect, disconnect, ensure_topology
 from polos.client import PolosClient
 from polos.config import Settings
 from polos.worker import Worker
@@ -101,16 +102,15 @@ def as_role(settings: Settings, role: str) -> Settings:
 async def create_topology(settings: Settings) -> None:
     """What ``polos up`` (or ``polos init``) does first: the service role creates every stream
     and bucket of the namespace."""
-    from polos._private import jetstream as jsl
 
     service = as_role(settings, "service")
-    nc = await jsl.connect(service, name="polos-test-init")
+    nc = await connect(service, name="polos-test-init")
     try:
-        await jsl.ensure_topology(
-            nc.jetstream(timeout=service.request_timeout), jsl.Names(service.prefix), service
+        await ensure_topology(
+            nc.jetstream(timeout=service.request_timeout), Names(service.prefix), service
         )
     finally:
-        await jsl.close(nc)
+        await disconnect(nc)
 
 
 class SecuredServer(EmbeddedServer):

@@ -31,12 +31,25 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from polos import history as ev
-from polos._private import jetstream as jsl
 from polos._private import limits
 from polos._private.execution import RunExecution, error_info
 from polos._private.limits import register_queues, run_holding_slots
+from polos._private.model.aio import cancel_and_wait
 from polos._private.signals import Suspend
-from polos._private.tasks import cancel_and_wait
+from polos._private.store import (
+    AppendUnavailable,
+    Fatal,
+    FencedOut,
+    Names,
+    PullLoop,
+    check_topology,
+    connect_service,
+    dead_letter,
+    disconnect,
+    ensure_consumer,
+    load_state,
+    read_history,
+)
 from polos.config import Settings
 from polos.converter import from_json, json_schema, to_json, validation_errors
 from polos.errors import InputValidationError, NonDeterminismError, SerializationError
@@ -74,7 +87,7 @@ class Worker:
         if prefix is not None:
             base = base.with_(prefix=prefix)
         self.settings = base
-        self.names = jsl.Names(base.prefix)
+        self.names = Names(base.prefix)
         self.workflows: dict[str, WorkflowDefinition[Any, Any]] = {}
         for wf in workflows:
             if wf.name in self.workflows and self.workflows[wf.name] is not wf:
@@ -87,14 +100,14 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._loops: list[jsl.PullLoop] = []
+        self._loops: list[PullLoop] = []
         self._active: dict[str, _Active] = {}
         self._bg: list[asyncio.Task[None]] = []
         self._workers_kv: KeyValue | None = None
         self.completed_runs = 0
         self._stopped = asyncio.Event()
         # Set when the server refuses this worker's credentials on a reconnect: it cannot work.
-        self.fatal = jsl.Fatal()
+        self.fatal = Fatal()
         # The folded state of runs this worker suspended, newest last (at most ``state_cache``):
         # when such a run comes back here, only the events after it are read. Only a cache: a
         # run may wake on any worker, and a missing entry means a full read.
@@ -109,12 +122,12 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._nc = await jsl.connect_service(
+        self._nc = await connect_service(
             self.settings, name=f"polos-worker-{self.id}", on_fatal=self.fatal
         )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
         # Workers never create streams or buckets (the services do): say what is missing.
-        await jsl.check_topology(self._js, self.names)
+        await check_topology(self._js, self.names)
         await self._register_workflows()
         self._workers_kv = await self._js.key_value(self.names.workers_bucket)
         await self._announce()
@@ -123,7 +136,7 @@ class Worker:
         await self._nc.subscribe(self.names.cancel_signal_subject("*"), cb=self._on_cancel_signal)
         for wf in self.workflows.values():
             durable = self.names.worker_consumer(wf.name)
-            await jsl.ensure_consumer(
+            await ensure_consumer(
                 self._js,
                 self.names.tasks_stream,
                 durable,
@@ -131,7 +144,7 @@ class Worker:
                 ack_wait=self.settings.task_ack_wait,
                 max_ack_pending=100_000,
             )
-            loop = jsl.PullLoop(
+            loop = PullLoop(
                 self._nc,
                 self.names.tasks_stream,
                 durable,
@@ -156,7 +169,7 @@ class Worker:
                 await self._workers_kv.delete(self.id)
         if self._nc is not None:
             with contextlib.suppress(Exception):
-                await jsl.close(self._nc)
+                await disconnect(self._nc)
         self._stopped.set()
 
     async def run_forever(self) -> None:
@@ -240,7 +253,7 @@ class Worker:
             run_id = str(task["run_id"])
             workflow = str(task["workflow"])
         except Exception as exc:
-            await jsl.dead_letter(
+            await dead_letter(
                 self._js,
                 self.names,
                 source="task",
@@ -346,17 +359,17 @@ class Worker:
                 # This worker suspended the run: read only what came after (the wake).
                 state, held = held, None
                 try:
-                    for seq, event in await jsl.read_history(
+                    for seq, event in await read_history(
                         self._nc, self.names, run_id, start_seq=state.last_seq + 1
                     ):
                         state.apply(seq, event)
                 except ev.SequenceError:
-                    state = await jsl.load_state(self._nc, self.names, run_id)
+                    state = await load_state(self._nc, self.names, run_id)
                     self.history_reads["full"] += 1
                 else:
                     self.history_reads["delta"] += 1
             else:
-                state = await jsl.load_state(self._nc, self.names, run_id)
+                state = await load_state(self._nc, self.names, run_id)
                 self.history_reads["full"] += 1
             if state.requested is None:
                 log.warning("task for run %s which has no history; dropped", run_id)
@@ -371,7 +384,7 @@ class Worker:
                     await limits.send_to_admission(
                         self._js, self.names, state, queue, limits.NOT_ADMITTED
                     )
-                except jsl.FencedOut:
+                except FencedOut:
                     continue
                 if task.get("slots"):
                     # Taken for an admission under another queue: not this run's any more.
@@ -397,7 +410,7 @@ class Worker:
                     msg_id=f"{run_id}/c/{attempt}/{self.id}",
                 )
                 return exe
-            except jsl.FencedOut:
+            except FencedOut:
                 continue  # someone appended between our read and our claim: read again
         raise RuntimeError(f"run {run_id}: could not claim after 5 tries")
 
@@ -421,7 +434,7 @@ class Worker:
                 value = from_json(requested.input, wf.input_type) if wf.takes_input else None
             except pydantic.ValidationError as exc:
                 err = InputValidationError(wf.name, validation_errors(exc))
-                await jsl.dead_letter(
+                await dead_letter(
                     self._js,
                     self.names,
                     source="input",
@@ -444,7 +457,7 @@ class Worker:
             except (NonDeterminismError, SerializationError) as exc:
                 await self._fail(exe, exc)
                 return "done"
-            except (jsl.FencedOut, jsl.AppendUnavailable):
+            except (FencedOut, AppendUnavailable):
                 raise
             except Exception as exc:
                 await self._fail(exe, exc)
@@ -454,7 +467,7 @@ class Worker:
             )
             self.completed_runs += 1
             return "done"
-        except jsl.FencedOut:
+        except FencedOut:
             # Another worker (or a cancel) owns the run now; stop without writing anything.
             log.info("run %s: fenced out, another writer owns it", run_id)
             return "fenced"

@@ -29,6 +29,7 @@ from polos import (
 )
 from polos import history as ev
 from polos._private import waiting
+from polos._private.store import load_state
 from polos.agent import AgentRequest, AgentResult, agent_workflow, stream_subject
 from polos.devllm import DevLLM, Reply
 from polos.tools import Tool
@@ -465,9 +466,8 @@ async def _resume(env: Any, run_id: str, key: str, data: Any) -> None:
     if hasattr(env.client, "resume"):
         await env.client.resume(run_id, key, data)
         return
-    from polos._private import jetstream as jsl
 
-    state = await jsl.load_state(env.client.nc, env.client.names, run_id)
+    state = await load_state(env.client.nc, env.client.names, run_id)
     seq = await waiting.wake(
         env.client.js, env.client.names, run_id, key, expected_seq=state.last_seq,
         reason="resume", cause="resume", kind="suspend",

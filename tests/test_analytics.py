@@ -20,8 +20,8 @@ import pytest
 import polos_analytics as analytics
 from polos import NO_RETRY, RetryPolicy, WorkflowContext, workflow
 from polos import history as ev
-from polos._private import jetstream as jsl
 from polos._private.cli_analytics import cmd_analytics, cmd_sql, cmd_trace
+from polos._private.store import Names, append, load_state
 from polos_analytics.export import Exporter
 from tests.helpers import until
 from tests.test_analytics_workflows import plain_steps, support_agent
@@ -288,7 +288,7 @@ async def test_trace_shows_waits_and_child_runs(
     env_factory: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = await env_factory([plain_steps])
-    names: jsl.Names = env.orchestrator.names
+    names: Names = env.orchestrator.names
     parent = await env.client.start(plain_steps, 1)
     await parent.result(timeout=15)
     # A child run and a finished wait, written the way the orchestrator and worker write them.
@@ -299,14 +299,14 @@ async def test_trace_shows_waits_and_child_runs(
     await env.client.get_handle(child).result(timeout=15)
     other = await env.client.start(plain_steps, 0)
     await other.result(timeout=15)
-    state = await jsl.load_state(env.client.nc, names, other.run_id)
+    state = await load_state(env.client.nc, names, other.run_id)
     seq = state.last_seq
     for event, msg_id in (
         (ev.RunSuspended(run_id=other.run_id, step="approval", kind="suspend",
                          data={"amount": 5}, children=[child]), "t/sus"),
         (ev.RunWoken(run_id=other.run_id, step="approval", reason="resume"), "t/woke"),
     ):
-        seq = await jsl.append(env.orchestrator.js, names, other.run_id, event,
+        seq = await append(env.orchestrator.js, names, other.run_id, event,
                                expected_last_seq=seq, msg_id=f"{other.run_id}/{msg_id}")
     assert await cmd_trace(_args(env, "service", run_id=other.run_id)) == 0
     tree = capsys.readouterr().out

@@ -17,8 +17,8 @@ import pytest
 
 from polos import PolosClient, Worker, WorkflowContext, workflow
 from polos._private import auth
-from polos._private import jetstream as jsl
 from polos._private.server import default_config
+from polos._private.store import Names, connect, ensure_topology
 from polos.testing import EmbeddedServer, fast_settings
 
 pytestmark = pytest.mark.slow
@@ -118,11 +118,11 @@ async def test_client_cannot_append_to_a_run_history(stack: dict[str, Any]) -> N
 async def test_worker_cannot_publish_into_another_namespace(
     secured: tuple[EmbeddedServer, dict[str, Any]], stack: dict[str, Any]
 ) -> None:
-    worker_a = await jsl.connect(_settings(secured, A, "worker"), name="worker-a")
-    service_b = await jsl.connect(_settings(secured, B, "service"), name="service-b")
+    worker_a = await connect(_settings(secured, A, "worker"), name="worker-a")
+    service_b = await connect(_settings(secured, B, "service"), name="service-b")
     try:
-        names_b = jsl.Names(B)
-        await jsl.ensure_topology(service_b.jetstream(), names_b, _settings(secured, B, "service"))
+        names_b = Names(B)
+        await ensure_topology(service_b.jetstream(), names_b, _settings(secured, B, "service"))
         run_subject = names_b.run_subject("victim", "ctl")
         assert await _denied(worker_a, run_subject)
         assert await _denied(worker_a, names_b.start_subject("guarded"))
@@ -130,13 +130,13 @@ async def test_worker_cannot_publish_into_another_namespace(
         info = await service_b.jetstream().stream_info(names_b.runs_stream)
         assert info.state.messages == 0
         # Within its own namespace the same user may append (the fence still applies).
-        own = jsl.Names(A).run_subject(f"r{uuid.uuid4().hex}", "ctl")
+        own = Names(A).run_subject(f"r{uuid.uuid4().hex}", "ctl")
         assert not await _denied(worker_a, own)
         # It may not create or delete streams either: not even the buckets of its own features
         # (the limiter used to create the slots stream from workers, and timed out).
-        assert await _denied(worker_a, f"$JS.API.STREAM.DELETE.{jsl.Names(A).runs_stream}")
-        assert await _denied(worker_a, f"$JS.API.STREAM.CREATE.KV_{jsl.Names(A).slots_bucket}")
-        assert await _denied(worker_a, f"$JS.API.STREAM.CREATE.OBJ_{jsl.Names(A).payloads_bucket}")
+        assert await _denied(worker_a, f"$JS.API.STREAM.DELETE.{Names(A).runs_stream}")
+        assert await _denied(worker_a, f"$JS.API.STREAM.CREATE.KV_{Names(A).slots_bucket}")
+        assert await _denied(worker_a, f"$JS.API.STREAM.CREATE.OBJ_{Names(A).payloads_bucket}")
     finally:
         await worker_a.close()
         await service_b.close()
@@ -145,11 +145,11 @@ async def test_worker_cannot_publish_into_another_namespace(
 async def test_a_service_manages_only_its_own_namespace(
     secured: tuple[EmbeddedServer, dict[str, Any]], stack: dict[str, Any]
 ) -> None:
-    service_a = await jsl.connect(_settings(secured, A, "service"), name="service-a")
-    service_b = await jsl.connect(_settings(secured, B, "service"), name="service-b")
+    service_a = await connect(_settings(secured, A, "service"), name="service-a")
+    service_b = await connect(_settings(secured, B, "service"), name="service-b")
     try:
-        names_b = jsl.Names(B)
-        await jsl.ensure_topology(service_b.jetstream(), names_b, _settings(secured, B, "service"))
+        names_b = Names(B)
+        await ensure_topology(service_b.jetstream(), names_b, _settings(secured, B, "service"))
         for api in (f"$JS.API.STREAM.DELETE.{names_b.runs_stream}",
                     f"$JS.API.STREAM.PURGE.{names_b.cmd_stream}",
                     f"$JS.API.STREAM.CREATE.KV_{B}_extra"):
@@ -189,7 +189,7 @@ async def test_tls_with_a_self_made_certificate(
             await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
                                connect_timeout=2)
         monkeypatch.setenv("POLOS_TLS_CA", str(ca))
-        nc = await jsl.connect(fast_settings(url, prefix="tls"), name="tls-test")
+        nc = await connect(fast_settings(url, prefix="tls"), name="tls-test")
         try:
             assert nc.connected_url is not None and nc.connected_url.scheme == "tls"
             await nc.jetstream().account_info()

@@ -15,7 +15,8 @@ import orjson
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
-from polos._private import jetstream as jsl
+from polos._private.store import natspy, read_subject
+from polos._private.store.read import parse_header_lines
 from polos.testing import EmbeddedServer, fast_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,25 +93,25 @@ async def test_read_subject_returns_exactly_the_log(plain_nats_server: EmbeddedS
                                                headers={"Nats-Msg-Id": f"m{i}"}))
         await asyncio.gather(*futs)
 
-        everything = await jsl.read_subject(nc, stream, f"{p}.rt.>")
+        everything = await read_subject(nc, stream, f"{p}.rt.>")
         assert [m.seq for m in everything] == list(range(1, 2501))
         assert [orjson.loads(m.data)["i"] for m in everything] == list(range(2500))
         assert everything[5].headers is not None and everything[5].headers["Nats-Msg-Id"] == "m5"
         assert everything[5].subject == f"{p}.rt.a.5" and everything[5].time
 
-        only_b = await jsl.read_subject(nc, stream, f"{p}.rt.b.*")
+        only_b = await read_subject(nc, stream, f"{p}.rt.b.*")
         assert [orjson.loads(m.data)["i"] for m in only_b] == list(range(0, 2500, 3))
 
-        tail = await jsl.read_subject(nc, stream, f"{p}.rt.>", start_seq=2401)
+        tail = await read_subject(nc, stream, f"{p}.rt.>", start_seq=2401)
         assert [m.seq for m in tail] == list(range(2401, 2501))
 
-        limited = await jsl.read_subject(nc, stream, f"{p}.rt.>", start_seq=10, limit=1500)
+        limited = await read_subject(nc, stream, f"{p}.rt.>", start_seq=10, limit=1500)
         assert [m.seq for m in limited] == list(range(10, 1510))
 
-        assert await jsl.read_subject(nc, stream, f"{p}.rt.nothing.>") == []
+        assert await read_subject(nc, stream, f"{p}.rt.nothing.>") == []
 
         filters = [f"{p}.rt.a.{k}" for k in range(7)] * 3
-        results = await asyncio.gather(*(jsl.read_subject(nc, stream, f) for f in filters))
+        results = await asyncio.gather(*(read_subject(nc, stream, f) for f in filters))
         for f, msgs in zip(filters, results, strict=True):
             assert msgs and all(m.subject == f for m in msgs)
             assert [m.seq for m in msgs] == sorted(m.seq for m in msgs)
@@ -124,16 +125,16 @@ def test_fast_header_parser_matches_nats_py() -> None:
     """The faster parser Polos installs gives nats-py's results on any input, odd ones too."""
     import random
 
-    reference = jsl.NATS_HEADER_PARSER
+    reference = natspy.NATS_HEADER_PARSER
     if reference is None:  # nats-py changed: Polos left its own parser in place
         pytest.skip("fast header parser not installed")
     from nats.aio.client import Client
 
-    assert Client._parse_header_lines is jsl._parse_header_lines
+    assert Client._parse_header_lines is parse_header_lines
     rnd = random.Random(7)
     alphabet = [b"a", b"Z", b":", b" ", b"\t", b"\r\n", b"\r", b"\n", b"\x1c", b"\x1f", b"\x00",
                 b"\xc3\xa9", b"\xff", b"-", b"\x0b", b"\x0c", b"\x85", b"\xa0", b"\xc2\x85",
                 b"\xc2\xa0", b"Nats-Msg-Id", b"123"]
     for _ in range(20_000):
         raw = b"".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
-        assert jsl._parse_header_lines(raw) == reference(raw), raw
+        assert parse_header_lines(raw) == reference(raw), raw

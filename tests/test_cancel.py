@@ -12,9 +12,8 @@ import pytest
 
 from polos import CommandRejectedError, WorkflowCancelledError, WorkflowContext, workflow
 from polos import history as ev
-from polos._private import jetstream as jsl
 from polos._private import waiting as wt
-from polos._private.jetstream import read_subject
+from polos._private.store import connect, read_subject
 from tests import authstack
 from tests.authstack import Stack
 from tests.helpers import until
@@ -135,7 +134,7 @@ async def _request_child(stack: Stack, parent_run_id: str) -> str:
     """What the parent's worker sends when its code reaches ``invoke("spawn", k_sleeper)``."""
     req = wt.child_request(stack.client.names, parent_run_id, parent_run_id, "spawn", 0,
                            "k_sleeper", None)
-    nc = await jsl.connect(stack.settings("worker"), name="parent-worker")
+    nc = await connect(stack.settings("worker"), name="parent-worker")
     try:
         await nc.jetstream().publish(req.subject, req.body, headers=req.headers)
     finally:

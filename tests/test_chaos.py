@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from polos import PolosClient
-from polos._private import jetstream as jsl
 from polos._private.runtime import terminate_all
+from polos._private.store import load_state
 from polos.testing import SecuredServer, create_topology
 from tests.helpers import ROOT, marks, spawn
 from tests.workflows.chaos import ChaosJob, expected
@@ -210,7 +210,7 @@ async def run_chaos(tmp: Path, *, runs: int, seconds: float, workers: int, seed:
         while pending and time.monotonic() < deadline:
             for run_id in list(pending):
                 with contextlib.suppress(Exception):
-                    state = await jsl.load_state(client.nc, client.names, run_id)
+                    state = await load_state(client.nc, client.names, run_id)
                     if state.done:
                         outputs[run_id] = (state.status, state.output, state.error)
                         pending.discard(run_id)

@@ -16,8 +16,8 @@ import pytest
 
 from polos import Queue, WorkflowContext, workflow
 from polos import history as ev
-from polos._private import jetstream as jsl
 from polos._private import limits
+from polos._private.store import read_subject
 from polos.config import Settings
 from polos.errors import RunNotFoundError
 from polos.queues import configure_queue
@@ -254,7 +254,7 @@ async def test_admission_races_and_a_dead_admitter_neither_leak_nor_double_grant
     deadline = time.monotonic() + 10
     while not entries:
         assert time.monotonic() < deadline, "the run never got in line"
-        entries = await jsl.read_subject(a.client.nc, limits.admit_stream(a.client.names),
+        entries = await read_subject(a.client.nc, limits.admit_stream(a.client.names),
                                          limits.admit_filter(a.client.names, "cc_crash"))
         await asyncio.sleep(0.01)
     adm_a, adm_b = a.orchestrator.admission, b.orchestrator.admission
@@ -288,7 +288,7 @@ async def test_admission_races_and_a_dead_admitter_neither_leak_nor_double_grant
     subject = a.client.names.task_subject("cc_crash")
     tasks = await a.client.js.stream_info(a.client.names.tasks_stream, subjects_filter=subject)
     assert (tasks.state.subjects or {}).get(subject) == 1  # one task, for this one run
-    left = await jsl.read_subject(a.client.nc, limits.admit_stream(a.client.names),
+    left = await read_subject(a.client.nc, limits.admit_stream(a.client.names),
                                   limits.admit_filter(a.client.names, "cc_crash"))
     assert left == []
     info = await a.client.get(h.run_id)
@@ -403,7 +403,7 @@ async def test_an_admission_whose_task_was_never_published_is_repaired_from_the_
     deadline = time.monotonic() + 10
     while not entries:
         assert time.monotonic() < deadline, "the run never got in line"
-        entries = await jsl.read_subject(a.client.nc, limits.admit_stream(a.client.names),
+        entries = await read_subject(a.client.nc, limits.admit_stream(a.client.names),
                                          limits.admit_filter(a.client.names, "cc_repair"))
         await asyncio.sleep(0.01)
     adm = a.orchestrator.admission

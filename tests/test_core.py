@@ -22,7 +22,7 @@ from polos import (
     workflow,
 )
 from polos import history as ev
-from polos._private import jetstream as jsl
+from polos._private.store import MSG_ID, REPLY_HEADER
 
 # ----------------------------------------------------------------------------- workflows
 
@@ -317,7 +317,7 @@ async def test_unknown_command_subject_is_dead_lettered(env_factory: Any) -> Non
     inbox = env.client.nc.new_inbox()
     sub = await env.client.nc.subscribe(inbox)
     await env.client.js.publish(
-        f"{env.settings.prefix}.cmd.explode.now", b"{}", headers={jsl.REPLY_HEADER: inbox}
+        f"{env.settings.prefix}.cmd.explode.now", b"{}", headers={REPLY_HEADER: inbox}
     )
     reply = orjson.loads((await sub.next_msg(5)).data)
     assert reply["ok"] is False and "unknown command subject" in reply["error"]
@@ -359,9 +359,9 @@ async def _raw_start(
     nc = env.client.nc
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
-    headers = {jsl.REPLY_HEADER: inbox}
+    headers = {REPLY_HEADER: inbox}
     if msg_id:
-        headers[jsl.MSG_ID] = msg_id
+        headers[MSG_ID] = msg_id
     data = body if isinstance(body, bytes) else orjson.dumps(body)
     await env.client.js.publish(f"{env.settings.prefix}.cmd.start.{wf}", data, headers=headers)
     try:

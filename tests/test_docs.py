@@ -4,7 +4,7 @@ events and dead-letter sources say exactly what the code defines, so the documen
 The code side is collected in one place below (``code_*``), from the code's own definitions:
 the one catalogue of names (``store.names.Names``), the one topology table
 (``store.topology.TOPOLOGY`` and ``CORE_SUBJECTS``) and what it creates on a real server,
-``events``' registry and ``jetstream.DLQ_SOURCES``.
+``events``' registry and ``store.DLQ_SOURCES``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 
 from polos import history as ev
 from polos._private import auth
-from polos._private import jetstream as jsl
+from polos._private.store import DLQ_SOURCES, Names, dead_letter, ensure_topology
 from polos._private.store.topology import CORE_SUBJECTS, TOPOLOGY
 from polos.config import Settings
 
@@ -106,8 +106,8 @@ def doc_dlq_sources() -> set[str]:
 # --------------------------------------------------------------------------- the code
 
 
-def _names() -> jsl.Names:
-    return jsl.Names(PREFIX)
+def _names() -> Names:
+    return Names(PREFIX)
 
 
 def _module_functions(module: Any, suffix: str) -> list[Callable[..., Any]]:
@@ -143,16 +143,16 @@ def code_subjects() -> set[str]:
     """Every subject the code builds, rendered with placeholder tokens."""
     n = _names()
     out: list[str] = list(n.runs_subjects)
-    for attr in dir(jsl.Names):
+    for attr in dir(Names):
         if attr.endswith("_subject"):
-            out += _render(getattr(jsl.Names, attr), n)
+            out += _render(getattr(Names, attr), n)
     return set(out)
 
 
 def code_streams() -> set[str]:
     """The namespace's own streams (not the streams behind its KV buckets)."""
     n = _names()
-    found = {getattr(n, a) for a in dir(jsl.Names) if a.endswith("_stream")}
+    found = {getattr(n, a) for a in dir(Names) if a.endswith("_stream")}
     tables = {row.stream(n) for row in TOPOLOGY if row.kind == "stream"}
     assert found == tables, f"Names and the topology table disagree: {found ^ tables}"
     return found
@@ -196,7 +196,7 @@ async def server_filters(plain_nats_server: Any) -> dict[str, list[str]]:
     try:
         js = nc.jetstream()
         names = _names()
-        await jsl.ensure_topology(js, names, settings)
+        await ensure_topology(js, names, settings)
         # Every stream storing a subject of the namespace (the server may hold many others).
         reply = await nc.request("$JS.API.STREAM.NAMES",
                                  orjson.dumps({"subject": f"{PREFIX}.>"}), timeout=5)
@@ -277,17 +277,17 @@ def _dead_letter_calls() -> Iterator[tuple[str, int, ast.expr | None]]:
 
 def test_dead_letter_sources_table_is_the_code_s_closed_list() -> None:
     documented = doc_dlq_sources()
-    assert documented == set(jsl.DLQ_SOURCES), _diff("dead-letter sources", documented,
-                                                     set(jsl.DLQ_SOURCES))
+    assert documented == set(DLQ_SOURCES), _diff("dead-letter sources", documented,
+                                                     set(DLQ_SOURCES))
     used = set()
     for where, _, source in _dead_letter_calls():
-        assert isinstance(source, ast.Constant) and source.value in jsl.DLQ_SOURCES, (
-            f"{where}: dead_letter(source=...) must be one of jetstream.DLQ_SOURCES"
+        assert isinstance(source, ast.Constant) and source.value in DLQ_SOURCES, (
+            f"{where}: dead_letter(source=...) must be one of store.DLQ_SOURCES"
         )
         used.add(source.value)
     # Every listed source is written somewhere: the list is not a wish list.
-    assert used == set(jsl.DLQ_SOURCES), _diff("sources used by dead_letter calls",
-                                               set(jsl.DLQ_SOURCES), used)
+    assert used == set(DLQ_SOURCES), _diff("sources used by dead_letter calls",
+                                               set(DLQ_SOURCES), used)
 
 
 async def test_dead_letter_refuses_a_source_not_in_the_list(plain_nats_server: Any) -> None:
@@ -295,7 +295,7 @@ async def test_dead_letter_refuses_a_source_not_in_the_list(plain_nats_server: A
     nc = await nats.connect(plain_nats_server.url)
     try:
         with pytest.raises(ValueError, match="not one of cmd, ctl"):
-            await jsl.dead_letter(nc.jetstream(), _names(), source="oops",  # type: ignore[arg-type]
+            await dead_letter(nc.jetstream(), _names(), source="oops",  # type: ignore[arg-type]
                                   reason="x", subject="x", data=b"")
     finally:
         await nc.close()

@@ -21,7 +21,7 @@ from hypothesis import settings as hsettings
 
 from polos import WorkflowContext, workflow
 from polos import history as ev
-from polos._private import jetstream as jsl
+from polos._private.store import REPLY_HEADER, Names, read_subject
 
 
 @workflow
@@ -141,7 +141,7 @@ async def _send_all(env: Any, inputs: list[tuple[str, bytes]]) -> list[dict[str,
         for i, (tail, payload) in enumerate(inputs):
             inbox = f"{base}.{i}"
             answers[inbox] = loop.create_future()
-            await js.publish(f"{p}.cmd.{tail}", payload, headers={jsl.REPLY_HEADER: inbox})
+            await js.publish(f"{p}.cmd.{tail}", payload, headers={REPLY_HEADER: inbox})
         out = []
         for i, (tail, payload) in enumerate(inputs):
             try:
@@ -154,8 +154,8 @@ async def _send_all(env: Any, inputs: list[tuple[str, bytes]]) -> list[dict[str,
 
 
 async def _dead_letters(env: Any) -> list[dict[str, Any]]:
-    names = jsl.Names(env.settings.prefix)
-    msgs = await jsl.read_subject(env.client.nc, names.dlq_stream, f"{names.prefix}.dlq.>")
+    names = Names(env.settings.prefix)
+    msgs = await read_subject(env.client.nc, names.dlq_stream, f"{names.prefix}.dlq.>")
     return [orjson.loads(m.data) for m in msgs]
 
 

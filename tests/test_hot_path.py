@@ -10,7 +10,7 @@
   control hook; one the orchestrator dispatched itself is not dispatched again.
 - One orchestrator writes a run's index entry one event at a time: its own concurrent handlers
   never fail each other's compare-and-set.
-- ``jetstream.publish`` answers with the same acks and the same errors as ``js.publish``.
+- ``store.publish`` answers with the same acks and the same errors as ``js.publish``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,25 @@ import nats.js.errors
 import orjson
 import pytest
 
+import polos.worker
+import polos_services.orchestrator.orchestrator
 from polos import WorkflowContext, workflow
 from polos import history as ev
-from polos._private import jetstream as jsl
+from polos._private.store import (
+    EXPECTED_LAST_SUBJECT_SEQ,
+    EXPECTED_LAST_SUBJECT_SEQ_SUBJECT,
+    MSG_ID,
+    RUN_KINDS,
+    WRONG_LAST_SEQUENCE,
+    Ack,
+    Names,
+    append,
+    load_state,
+    publish,
+    read_history,
+    read_run,
+    read_subject,
+)
 from polos.config import Settings
 from polos.worker import Worker
 
@@ -52,20 +68,20 @@ class CountingReads:
     ``result()`` reads only control events, which is not what this counts)."""
 
     def __init__(self) -> None:
-        self._real = jsl.load_state
+        self._real = load_state
         self.runs: list[str] = []
 
     async def __call__(self, nc: Any, names: Any, run_id: str, **kw: Any) -> ev.RunState:
-        if kw.get("kinds", jsl.RUN_KINDS) == jsl.RUN_KINDS:
+        if kw.get("kinds", RUN_KINDS) == RUN_KINDS:
             self.runs.append(run_id)
         return await self._real(nc, names, run_id, **kw)
 
 
-async def _connect(settings: Settings) -> tuple[Any, Any, jsl.Names]:
+async def _connect(settings: Settings) -> tuple[Any, Any, Names]:
     """A worker's connection (it appends to histories and reads them)."""
     nc = await nats.connect(settings.worker.nats_url)
     js = nc.jetstream()
-    names = jsl.Names(settings.prefix)
+    names = Names(settings.prefix)
     return nc, js, names
 
 
@@ -82,16 +98,16 @@ async def test_history_read_by_kind_equals_the_wildcard_read(settings: Settings)
                     else ev.StepCompleted(key=f"s{i}", kind="run", output=i) if i % 3
                     else ev.RunClaimed(run_id=run, worker_id="w", attempt=i)
                 )
-                last[run] = await jsl.append(js, names, run, event, expected_last_seq=last[run],
+                last[run] = await append(js, names, run, event, expected_last_seq=last[run],
                                              msg_id=f"{run}/{i}")
         for run in runs:
-            wild = await jsl.read_subject(nc, names.runs_stream, names.run_filter(run))
-            by_kind = await jsl.read_run(nc, names, run)
+            wild = await read_subject(nc, names.runs_stream, names.run_filter(run))
+            by_kind = await read_run(nc, names, run)
             assert [(m.seq, m.data) for m in by_kind] == [(m.seq, m.data) for m in wild]
             assert len(by_kind) == 40 and by_kind[-1].seq == last[run]
-            ctl = await jsl.read_run(nc, names, run, kinds=("ctl",))
+            ctl = await read_run(nc, names, run, kinds=("ctl",))
             assert [m.seq for m in ctl] == [m.seq for m in wild if m.subject.endswith(".ctl")]
-            later = await jsl.read_history(nc, names, run, start_seq=by_kind[20].seq)
+            later = await read_history(nc, names, run, start_seq=by_kind[20].seq)
             assert [s for s, _ in later] == [m.seq for m in by_kind[20:]]
         # Nothing outside the known kinds can enter a run's history (the fence counts
         # <p>.run.<id>.*, so a read by kind must not be able to miss anything).
@@ -115,7 +131,7 @@ async def test_a_new_run_is_claimed_without_a_history_read(
     env_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads = CountingReads()
-    monkeypatch.setattr(jsl, "load_state", reads)
+    monkeypatch.setattr(polos.worker, "load_state", reads)
     env = await env_factory([hot_two_steps])
     tag = uuid.uuid4().hex[:8]
     handle = await env.client.start(hot_two_steps, tag)
@@ -131,19 +147,19 @@ async def test_a_stale_or_bogus_fresh_task_falls_back_to_reading(
     env_factory: Any, settings: Settings
 ) -> None:
     env = await env_factory([hot_two_steps], with_worker=False)
-    names = jsl.Names(settings.prefix)
+    names = Names(settings.prefix)
     tag = uuid.uuid4().hex[:8]
     handle = await env.client.start(hot_two_steps, tag)
     # The orchestrator's fresh task is in the queue, unclaimed. Before a worker sees it, the
     # run moves on (another claim is recorded), so a claim fenced on the request must fail.
-    state = await jsl.load_state(env.client.nc, names, handle.run_id)
+    state = await load_state(env.client.nc, names, handle.run_id)
     for _ in range(200):
         if state.requested is not None:
             break
         await asyncio.sleep(0.02)
-        state = await jsl.load_state(env.client.nc, names, handle.run_id)
+        state = await load_state(env.client.nc, names, handle.run_id)
     # Written as the services would (a client may write neither histories nor tasks).
-    await jsl.append(env.orchestrator.js, names, handle.run_id,
+    await append(env.orchestrator.js, names, handle.run_id,
                      ev.RunClaimed(run_id=handle.run_id, worker_id="gone", attempt=1),
                      expected_last_seq=state.last_seq, msg_id=f"{handle.run_id}/c/1/gone")
     # And a task for the same run carrying nonsense where the request should be.
@@ -193,23 +209,23 @@ async def test_publish_acks_and_errors_match_nats_py(settings: Settings) -> None
     try:
         subject = names.run_subject("pub", "ctl")
         body = ev.encode(ev.RunRequested(run_id="pub", workflow="w"))
-        ack = await jsl.publish(nc, subject, body, headers={jsl.MSG_ID: "pub/1"})
-        again = await jsl.publish(nc, subject, body, headers={jsl.MSG_ID: "pub/1"})
+        ack = await publish(nc, subject, body, headers={MSG_ID: "pub/1"})
+        again = await publish(nc, subject, body, headers={MSG_ID: "pub/1"})
         assert again.seq == ack.seq and again.duplicate and not ack.duplicate
-        fence = {jsl.EXPECTED_LAST_SUBJECT_SEQ: "0", jsl.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT:
+        fence = {EXPECTED_LAST_SUBJECT_SEQ: "0", EXPECTED_LAST_SUBJECT_SEQ_SUBJECT:
                  names.run_filter("pub")}
         with pytest.raises(nats.js.errors.APIError) as ours:
-            await jsl.publish(nc, subject, body, headers=fence)
+            await publish(nc, subject, body, headers=fence)
         with pytest.raises(nats.js.errors.APIError) as theirs:
             await js.publish(subject, body, headers=fence)
         assert type(ours.value) is type(theirs.value)
-        assert ours.value.err_code == theirs.value.err_code == jsl.WRONG_LAST_SEQUENCE
+        assert ours.value.err_code == theirs.value.err_code == WRONG_LAST_SEQUENCE
         with pytest.raises(nats.js.errors.NoStreamResponseError):
             # A subject the worker may publish on that no stream holds: live deltas.
-            await jsl.publish(nc, names.delta_subject(uuid.uuid4().hex, "s"), b"x", timeout=1)
+            await publish(nc, names.delta_subject(uuid.uuid4().hex, "s"), b"x", timeout=1)
         # Many at once on one connection: each answer reaches its own caller.
         acks = await asyncio.gather(*(
-            jsl.publish(nc, names.run_subject(f"pub{i}", "step"), b"{}") for i in range(50)))
+            publish(nc, names.run_subject(f"pub{i}", "step"), b"{}") for i in range(50)))
         assert len({a.seq for a in acks}) == 50
     finally:
         await nc.close()
@@ -233,7 +249,7 @@ async def hot_suspends(ctx: WorkflowContext, tag: str) -> int:
 
 async def _until_suspended(env: Any, run_id: str) -> None:
     for _ in range(500):
-        state = await jsl.load_state(env.client.nc, jsl.Names(env.settings.prefix), run_id)
+        state = await load_state(env.client.nc, Names(env.settings.prefix), run_id)
         if state.status == "suspended":
             return
         await asyncio.sleep(0.02)
@@ -316,11 +332,11 @@ async def test_a_wake_whose_waker_died_before_dispatching_is_dispatched_by_the_h
     from polos._private import waiting as wt
 
     env = await env_factory([hot_suspends])
-    names = jsl.Names(env.settings.prefix)
+    names = Names(env.settings.prefix)
     tag = uuid.uuid4().hex[:8]
     handle = await env.client.start(hot_suspends, tag)
     await _until_suspended(env, handle.run_id)
-    state = await jsl.load_state(env.client.nc, names, handle.run_id)
+    state = await load_state(env.client.nc, names, handle.run_id)
     # A waker in another process appends the wake and dies before it dispatches the task.
     woke = await wt.wake(
         env.orchestrator.js, names, handle.run_id, "more", expected_seq=state.last_seq,
@@ -367,16 +383,16 @@ async def test_a_task_publish_during_a_leader_election_is_retried(
 ) -> None:
     # The run exists as soon as RunRequested is stored, and nothing but this publish would put
     # its task out: giving up on it (or the command) would leave the run queued for ever.
-    real = jsl.publish
+    real = publish
     refused: list[str] = []
 
-    async def no_leader_at_first(nc: Any, subject: str, payload: bytes, **kw: Any) -> jsl.Ack:
+    async def no_leader_at_first(nc: Any, subject: str, payload: bytes, **kw: Any) -> Ack:
         if ".task." in subject and len(refused) < 6:
             refused.append(subject)
             raise nats.js.errors.NoStreamResponseError
         return await real(nc, subject, payload, **kw)
 
-    monkeypatch.setattr(jsl, "publish", no_leader_at_first)
+    monkeypatch.setattr(polos_services.orchestrator.orchestrator, "publish", no_leader_at_first)
     env = await env_factory([hot_two_steps])
     tag = uuid.uuid4().hex[:8]
     handle = await env.client.start(hot_two_steps, tag)

@@ -12,8 +12,7 @@ import orjson
 
 from polos import Worker, WorkflowContext, workflow
 from polos import history as ev
-from polos._private import jetstream as jsl
-from polos._private import payloads
+from polos._private.store import REPLY_HEADER, StoredMsg, payloads, read_subject
 from tests import authstack
 from tests.authstack import Stack
 from tests.test_waiting import until_status
@@ -58,7 +57,7 @@ async def test_ten_megabyte_step_output_round_trips_through_replay(
     handle = await env.client.start(big_output, "s1")
     t0 = time.perf_counter()
     while not any(
-        isinstance(e, jsl.ev.StepCompleted) and e.key == "big"
+        isinstance(e, ev.StepCompleted) and e.key == "big"
         for _, e in await env.client.history(handle.run_id)
     ):
         await asyncio.sleep(0.05)
@@ -74,7 +73,7 @@ async def test_ten_megabyte_step_output_round_trips_through_replay(
     assert out == {"len": BIG, "sha": hashlib.sha256(expected.encode()).hexdigest()}
     assert CALLS["big"] == 2  # once in the run, once here to compute the expectation
     # The history holds a stub, not 10 MB; the object is in the run's payload bucket.
-    msgs = await jsl.read_subject(
+    msgs = await read_subject(
         env.client.nc, env.client.names.runs_stream, env.client.names.run_filter(handle.run_id)
     )
     stubs = [m for m in msgs if (m.headers or {}).get(payloads.HEADER)]
@@ -106,7 +105,7 @@ async def test_small_events_stay_inline(env_factory: Any) -> None:
     env = await env_factory([big_result])
     handle = await env.client.start(big_result, 10)
     assert await handle.result(timeout=10) == "y" * 10
-    msgs = await jsl.read_subject(
+    msgs = await read_subject(
         env.client.nc, env.client.names.runs_stream, env.client.names.run_filter(handle.run_id)
     )
     assert not any((m.headers or {}).get(payloads.HEADER) for m in msgs)
@@ -125,7 +124,7 @@ async def test_ten_megabyte_input_goes_through_the_object_store(env_factory: Any
     out = await handle.result(timeout=60)
     assert out == {"len": BIG, "sha": hashlib.sha256(text.encode()).hexdigest()}
     [(_, requested), *_] = await env.client.history(handle.run_id)
-    assert isinstance(requested, jsl.ev.RunRequested) and requested.input == text
+    assert isinstance(requested, ev.RunRequested) and requested.input == text
 
 
 async def test_bad_input_ref_is_refused_with_a_reason(env_factory: Any) -> None:
@@ -136,7 +135,7 @@ async def test_bad_input_ref_is_refused_with_a_reason(env_factory: Any) -> None:
     for ref in ("elsewhere/abc", 5, "r1/0000"):
         await env.client.js.publish(
             f"{p}.cmd.start.big_input", orjson.dumps({"run_id": "r1", "input_ref": ref}),
-            headers={jsl.REPLY_HEADER: inbox},
+            headers={REPLY_HEADER: inbox},
         )
         reply = orjson.loads((await sub.next_msg(5)).data)
         assert reply["ok"] is False and reply["field"] == "input_ref", reply
@@ -191,9 +190,9 @@ async def _finish_on_a_second_worker(stack: Stack, first: Worker, run_id: str, w
     return await stack.client.get_handle(run_id).result(timeout=60)
 
 
-async def _stored(stack: Stack, stream: str, subject: str) -> list[jsl.StoredMsg]:
+async def _stored(stack: Stack, stream: str, subject: str) -> list[StoredMsg]:
     # As the service: only services read the command stream.
-    return await jsl.read_subject(stack.orchestrator.nc, stream, subject)
+    return await read_subject(stack.orchestrator.nc, stream, subject)
 
 
 async def test_ten_megabyte_resume_round_trips_through_replay(stack: Stack) -> None:
@@ -288,7 +287,7 @@ async def _answer(nc: Any, js: Any, subject: str, body: bytes, headers: dict[str
                   ) -> dict[str, Any]:
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, max_msgs=1)
-    await js.publish(subject, body, headers={jsl.REPLY_HEADER: inbox, **(headers or {})})
+    await js.publish(subject, body, headers={REPLY_HEADER: inbox, **(headers or {})})
     answer: dict[str, Any] = orjson.loads((await sub.next_msg(10)).data)
     return answer
 

@@ -11,7 +11,7 @@ import orjson
 
 from polos import WorkflowContext, workflow
 from polos import history as ev
-from polos._private import jetstream as jsl
+from polos._private.store import MSG_ID, REPLY_HEADER
 from tests import authstack
 from tests.authstack import Stack
 
@@ -37,7 +37,7 @@ async def test_a_repeated_start_is_acked_as_duplicate_and_answered_only_when_sto
 
         def start(value: int, msg_id: str, inbox: str) -> Any:
             return js.publish(subject, orjson.dumps({"input": value, "run_id": "job-7"}),
-                              headers={jsl.MSG_ID: msg_id, jsl.REPLY_HEADER: inbox})
+                              headers={MSG_ID: msg_id, REPLY_HEADER: inbox})
 
         first = await start(1, "try-1", inboxes[0])
         assert not first.duplicate

@@ -11,9 +11,8 @@ import nats.js.errors
 import pyarrow.parquet as pq
 
 from polos import WorkflowContext, workflow
-from polos._private import jetstream as jsl
-from polos._private import payloads
 from polos._private.retention import archive_exported_runs
+from polos._private.store import payloads, read_history
 from polos.errors import RunNotFoundError
 from polos_analytics.export import Exporter, exported_upto
 
@@ -70,7 +69,7 @@ async def test_finished_exported_runs_leave_the_hot_stream(
     assert sorted(result.archived) == sorted(h.run_id for h in done)
     assert result.kept_not_exported == 1 and result.payload_objects_deleted == 1
     for h in done:
-        assert await jsl.read_history(client.nc, names, h.run_id) == []
+        assert await read_history(client.nc, names, h.run_id) == []
         try:
             await client.get(h.run_id)
             raise AssertionError("archived run still readable from the hot stream")

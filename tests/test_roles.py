@@ -22,8 +22,14 @@ import pytest
 
 from polos import Agent, PolosClient, Queue, RateLimit, Worker, WorkflowContext, workflow
 from polos._private import auth, limits
-from polos._private import jetstream as jsl
-from polos._private.store import TOPOLOGY, TopologyMissingError
+from polos._private.store import (
+    TOPOLOGY,
+    Names,
+    TopologyMissingError,
+    connect,
+    disconnect,
+    ensure_topology,
+)
 from polos.agent import SharedMemory, agent_workflow
 from polos.devllm import DevLLM, Reply
 from polos.queues import configure_rate_limit
@@ -388,22 +394,22 @@ async def test_without_a_topology_workers_and_clients_say_what_is_missing(
 async def test_one_missing_bucket_is_named_and_recreated_by_a_service(
     bare: RoleSettings, env_factory: Any
 ) -> None:
-    nc = await jsl.connect(bare.service, name="test-service")
+    nc = await connect(bare.service, name="test-service")
     try:
         js = nc.jetstream()
-        await jsl.ensure_topology(js, jsl.Names(bare.prefix), bare.service)
-        await js.delete_key_value(jsl.Names(bare.prefix).slots_bucket)
+        await ensure_topology(js, Names(bare.prefix), bare.service)
+        await js.delete_key_value(Names(bare.prefix).slots_bucket)
         with pytest.raises(TopologyMissingError) as err:
             await PolosClient.connect(settings=bare)
         text = str(err.value)
         assert f"KV bucket {bare.prefix}_slots" in text and "concurrency slots" in text, text
         assert f"{bare.prefix}_runs" not in text  # only what is missing
         # Any service's start puts it back.
-        await jsl.ensure_topology(js, jsl.Names(bare.prefix), bare.service)
+        await ensure_topology(js, Names(bare.prefix), bare.service)
         async with await PolosClient.connect(settings=bare):
             pass
     finally:
-        await jsl.close(nc)
+        await disconnect(nc)
 
 
 async def test_the_server_holds_exactly_the_catalogued_streams_as_configured(
@@ -418,7 +424,7 @@ async def test_the_server_holds_exactly_the_catalogued_streams_as_configured(
     await (await env.client.start(roles_echo_big, "y" * (env.client.nc.max_payload + 1))).result(
         timeout=60)
     js = env.orchestrator.js
-    names = jsl.Names(settings.prefix)
+    names = Names(settings.prefix)
     all_names: list[str] = []
     while True:  # the names of every stream on the server, a page at a time
         page = orjson.loads((await env.orchestrator.nc.request(

@@ -13,6 +13,7 @@ from typing import Any
 
 from polos import RetryPolicy, WorkflowContext, workflow
 from polos._private import waiting as wt
+from polos._private.store import append
 from polos.testing import PolosEnvironment, SecuredServer
 from polos_services.scheduler import Scheduler
 from tests.test_waiting import until_status
@@ -130,13 +131,12 @@ async def test_stale_timer_changes_nothing(env_factory: Any) -> None:
     """A timer that fires after the run moved on (resumed first) is fenced out."""
     env = await env_factory([])
     from polos import history as ev
-    from polos._private import jetstream as jsl
 
     js, names = env.scheduler.js, env.client.names  # histories and wakes: a service's
     run = "stale1"
-    seq = await jsl.append(js, names, run, ev.RunRequested(run_id=run, workflow="x"),
+    seq = await append(js, names, run, ev.RunRequested(run_id=run, workflow="x"),
                            expected_last_seq=0, msg_id="r")
-    await jsl.append(js, names, run, ev.RunClaimed(run_id=run, worker_id="w", attempt=1),
+    await append(js, names, run, ev.RunClaimed(run_id=run, worker_id="w", attempt=1),
                      expected_last_seq=seq, msg_id="c")
     # The timer was armed for the state at ``seq``; the run moved on since.
     assert await wt.wake(js, names, run, "s", expected_seq=seq, reason="t", cause="timer",

@@ -22,8 +22,8 @@ from opentelemetry.trace import StatusCode
 from polos import PolosClient, Worker
 from polos import history as ev
 from polos._private import auth
-from polos._private import jetstream as jsl
 from polos._private.server import default_config
+from polos._private.store import Names, append, connect, load_state
 from polos._private.telemetry import (
     POSITION_KEY,
     SpanFollower,
@@ -114,7 +114,7 @@ async def test_crash_and_replay_emit_each_span_once(
         w2 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w2.out")
         assert await handle.result(timeout=30) == sum(i * i for i in range(1, 11))
         # The follower ran during the crash and the replay; let it reach the end of the log.
-        last = (await jsl.load_state(env.client.nc, env.client.names, handle.run_id)).last_seq
+        last = (await load_state(env.client.nc, env.client.names, handle.run_id)).last_seq
         await until(lambda: follower.position >= last, 20, "the follower to catch up")
     finally:
         stop_follow.set()
@@ -147,7 +147,7 @@ async def test_crash_and_replay_emit_each_span_once(
 
 async def test_child_runs_and_waits_share_the_root_trace(env_factory: Any) -> None:
     env = await env_factory([plain_steps])
-    names: jsl.Names = env.client.names
+    names: Names = env.client.names
     js = env.orchestrator.js  # histories written as the services write them
     parent = await env.client.start(plain_steps, 1)
     await parent.result(timeout=15)
@@ -164,7 +164,7 @@ async def test_child_runs_and_waits_share_the_root_trace(env_factory: Any) -> No
     await env.client.get_handle(grandchild).result(timeout=15)
     # A wait that ends: suspended, then woken, on a run that then fails.
     waiter = "w1" + parent.run_id[:10]
-    seq = await jsl.append(js, names, waiter, ev.RunRequested(run_id=waiter, workflow="manual"),
+    seq = await append(js, names, waiter, ev.RunRequested(run_id=waiter, workflow="manual"),
                            expected_last_seq=0, msg_id=f"{waiter}/req")
     for event in (
         ev.RunClaimed(run_id=waiter, worker_id="w-a", attempt=1),
@@ -177,7 +177,7 @@ async def test_child_runs_and_waits_share_the_root_trace(env_factory: Any) -> No
                       error={"type": "IOError", "message": "down"}, attempts=2),
         ev.RunFailed(run_id=waiter, error={"type": "StepFailedError", "message": "pay"}),
     ):
-        seq = await jsl.append(js, names, waiter, event, expected_last_seq=seq,
+        seq = await append(js, names, waiter, event, expected_last_seq=seq,
                                msg_id=f"{waiter}/{type(event).__name__}/{seq}")
 
     exporter = InMemorySpanExporter()
@@ -350,9 +350,9 @@ async def _position(service: Settings) -> int | None:
     """The span follower's saved position, read as the service user."""
     import nats.js.errors
 
-    nc = await jsl.connect(service, name="test-position")
+    nc = await connect(service, name="test-position")
     try:
-        kv = await nc.jetstream().key_value(telemetry_bucket(jsl.Names(service.prefix)))
+        kv = await nc.jetstream().key_value(telemetry_bucket(Names(service.prefix)))
         try:
             entry = await kv.get(POSITION_KEY)
         except nats.js.errors.KeyNotFoundError:
@@ -404,7 +404,7 @@ async def test_collector_down_then_up_every_span_arrives_once(
         await late.result(timeout=15)
         expected = {"run plain_steps": 3, "step s0": 3, "step s1": 2, "step s2": 1}
         await until(lambda: collector.span_names() == expected, 30, "the new run's spans")
-        last = max([(await jsl.load_state(client.nc, client.names, h.run_id)).last_seq
+        last = max([(await load_state(client.nc, client.names, h.run_id)).last_seq
                     for h in (*runs, late)])
 
         async def caught_up() -> bool:

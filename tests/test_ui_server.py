@@ -20,6 +20,7 @@ import pytest
 
 from polos import WorkflowContext, workflow
 from polos._private import auth
+from polos._private.store import connect
 from polos_ui.projection import Query
 from tests.helpers import ROOT
 from tests.uistack import http, stack_fixture, until
@@ -49,9 +50,8 @@ def bearer(stack: Any) -> dict[str, str]:
 
 async def _write_index(stack: Any, entries: list[dict[str, Any]]) -> None:
     """Index entries as the orchestrator writes them (the service role owns the bucket)."""
-    from polos._private import jetstream as jsl
 
-    nc = await jsl.connect(stack.settings("service"), name="test-index-writer")
+    nc = await connect(stack.settings("service"), name="test-index-writer")
     try:
         js = nc.jetstream()
         for e in entries:

@@ -73,7 +73,7 @@ async def w_event_timeout(ctx: WorkflowContext) -> str:
 
 
 def test_topic_tokens_are_reversible() -> None:
-    names = wt.jsl.Names("polos")
+    names = wt.Names("polos")
     for topic in ("warehouse.pickup/42", "a.b c.d*e>f", "ünï.cödé", "x=y.z"):
         subject = wt.event_subject(names, topic)
         assert " " not in subject and "*" not in subject.split(".", 2)[2]

@@ -17,9 +17,9 @@ from typing import Any
 import orjson
 
 from polos import history as ev
-from polos._private import jetstream as jsl
-from polos._private import limits, payloads
+from polos._private import limits
 from polos._private.llm import LLMTotals, children_named, decision_of
+from polos._private.store import last_per_subject, payloads, read_run
 from polos._private.waiting import encode_token
 from polos.client import PolosClient
 
@@ -53,7 +53,7 @@ class RawEvent:
 
 async def raw_history(client: PolosClient, run_id: str) -> list[RawEvent]:
     """The run's events in order, large fields left as references (``load_payload``)."""
-    msgs = await jsl.read_run(client.nc, client.names, run_id)
+    msgs = await read_run(client.nc, client.names, run_id)
     out: list[RawEvent] = []
     for m in msgs:
         body = orjson.loads(m.data)
@@ -90,7 +90,7 @@ async def _bucket_entries(client: PolosClient, bucket: str) -> list[tuple[str, A
     prefix = f"$KV.{bucket}."
     out: list[tuple[str, Any]] = []
     with contextlib.suppress(Exception):  # a bucket nobody created yet: nothing in it
-        for m in await jsl.last_per_subject(client.nc, f"KV_{bucket}", f"{prefix}>"):
+        for m in await last_per_subject(client.nc, f"KV_{bucket}", f"{prefix}>"):
             if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
                 continue
             with contextlib.suppress(orjson.JSONDecodeError):

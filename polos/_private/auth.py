@@ -25,7 +25,6 @@ import json
 import os
 import secrets
 import shutil
-import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -261,23 +260,6 @@ def make_self_signed(directory: str | Path, host: str = "127.0.0.1") -> tuple[Pa
     return ca, cert, key
 
 
-def client_tls() -> ssl.SSLContext | None:
-    """A TLS context trusting ``$POLOS_TLS_CA`` (a self-made CA), or None to use the defaults.
-
-    ``tls://`` URLs work without it when the server's certificate chains to a public CA.
-    """
-    ca = os.environ.get("POLOS_TLS_CA")
-    if not ca:
-        return None
-    ctx = ssl.create_default_context(cafile=ca)
-    cert, key = os.environ.get("POLOS_TLS_CERT"), os.environ.get("POLOS_TLS_KEY")
-    if cert and key:  # mutual TLS, when the server verifies clients
-        ctx.load_cert_chain(cert, key)
-    return ctx
-
-
-
-
 # --------------------------------------------------------------------------- polos up --auth
 
 CREDENTIALS_FILE = "credentials.json"
@@ -298,7 +280,6 @@ def secure_server_config(
 __all__ = [
     "CREDENTIALS_FILE",
     "ROLES",
-    "client_tls",
     "ensure_credentials",
     "make_self_signed",
     "permissions",

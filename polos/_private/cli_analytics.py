@@ -12,10 +12,10 @@ from typing import Any
 import orjson
 
 from polos import history as ev
-from polos._private import jetstream as jsl
 from polos._private import output
 from polos._private.llm import LLMTotals, children_named, decision_of
 from polos._private.runtime import default_export_dir, wait_for_signal
+from polos._private.store import Names, connect, read_history, valid_token
 from polos.cli import TIMELINE_STYLES, _data_dir, _settings, _table, command, retries_text
 
 DIR_HELP = ("the export directory (env POLOS_ANALYTICS_DIR, default DATA_DIR/exports: where "
@@ -263,12 +263,12 @@ def own_totals(history: list[tuple[int, ev.Event]]) -> LLMTotals:
 
 
 async def trace_tree(
-    nc: Any, names: jsl.Names, run_id: str, depth: int = 0
+    nc: Any, names: Names, run_id: str, depth: int = 0
 ) -> tuple[list[str], LLMTotals]:
     """A run as a tree, with its child runs drawn (recursively) where they were started, and
     the LLM totals of the run and every run under it (also on its head line when children
     add to them)."""
-    history = await jsl.read_history(nc, names, run_id)
+    history = await read_history(nc, names, run_id)
     head, items = render_run(run_id, history)
     own = own_totals(history)
     totals = LLMTotals()
@@ -294,7 +294,7 @@ async def trace_tree(
     return draw(head, drawn), totals
 
 
-async def trace_lines(nc: Any, names: jsl.Names, run_id: str, depth: int = 0) -> list[str]:
+async def trace_lines(nc: Any, names: Names, run_id: str, depth: int = 0) -> list[str]:
     """A run as a tree, with its child runs drawn (recursively) where they were started."""
     lines, _ = await trace_tree(nc, names, run_id, depth)
     return lines
@@ -307,12 +307,12 @@ def _add_trace(p: argparse.ArgumentParser) -> None:
 @command("trace", "a run as a tree: steps, decisions, tool calls, waits, child runs, cost")(_add_trace)
 async def cmd_trace(args: argparse.Namespace) -> int:
     settings = _settings(args, role="service")  # reads every stream of the namespace
-    nc = await jsl.connect(settings, name="polos-trace")
+    nc = await connect(settings, name="polos-trace")
     try:
-        if not jsl.valid_token(args.run_id):
+        if not valid_token(args.run_id):
             output.error(f"{args.run_id!r} is not a run id")
             return 2
-        lines = await trace_lines(nc, jsl.Names(settings.prefix), args.run_id)
+        lines = await trace_lines(nc, Names(settings.prefix), args.run_id)
     finally:
         await nc.close()
     if lines[0].endswith("no events"):

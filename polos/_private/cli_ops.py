@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from polos._private import auth
 from polos._private.instance import running
 from polos._private.runtime import default_export_dir
+from polos._private.store import connect, disconnect
 from polos.cli import _data_dir, _settings, command
 from polos.client import PolosClient
 
@@ -142,12 +143,11 @@ def _add_init(p: argparse.ArgumentParser) -> None:
 
 @command("init", "create the namespace's streams and buckets (service role) and exit")(_add_init)
 async def cmd_init(args: argparse.Namespace) -> int:
-    from polos._private import jetstream as jsl
     from polos._private.store import TOPOLOGY, Names, check_topology, ensure_topology
 
     settings = _settings(args, role="client" if args.check else "service")
     names = Names(settings.prefix)
-    nc = await jsl.connect(settings, name="polos-init")
+    nc = await connect(settings, name="polos-init")
     try:
         js = nc.jetstream(timeout=settings.request_timeout)
         if args.check:
@@ -155,7 +155,7 @@ async def cmd_init(args: argparse.Namespace) -> int:
         else:
             await ensure_topology(js, names, settings)
     finally:
-        await jsl.close(nc)
+        await disconnect(nc)
     kinds = [row.kind for row in TOPOLOGY]
     print(f"namespace {settings.prefix!r} {'has' if args.check else 'is ready:'} "
           f"{kinds.count('stream')} streams, {kinds.count('kv')} KV buckets and "

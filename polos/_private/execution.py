@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from polos import history as ev
+from polos._private.store import Names, append
 from polos.converter import from_json, return_type, to_json
 from polos.errors import NonDeterminismError, SerializationError, StepFailedError
 from polos.workflow import DEFAULT_STEP_RETRY, RetryPolicy, StepInfo
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
     from nats.js import JetStreamContext
 
-    from polos._private.jetstream import Names
     from polos.config import Settings
     from polos.workflow import WorkflowDefinition
 
@@ -121,8 +121,6 @@ class RunExecution:
 
     async def record(self, event: ev.Event, msg_id: str) -> int:
         """Append one event, fenced on the history this execution has seen."""
-        from polos._private.jetstream import append
-
         async with self._lock:
             seq = await append(
                 self.js,

@@ -41,8 +41,18 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from polos import history as ev
-from polos._private import jetstream as jsl
 from polos._private.signals import Suspend
+from polos._private.store import (
+    EXPECTED_LAST_SUBJECT_SEQ,
+    WRONG_LAST_SEQUENCE,
+    FencedOut,
+    Names,
+    append,
+    last_for_subject,
+    last_per_subject,
+    load_state,
+    valid_token,
+)
 from polos._private.store.names import kv_stream
 from polos.queues import Queue, RateLimit
 
@@ -63,28 +73,28 @@ TTL_HEADER = "Nats-TTL"
 # In the catalogue (polos/_private/store/names.py); these keep the callers' spelling.
 
 
-def slots_bucket(names: jsl.Names) -> str:
+def slots_bucket(names: Names) -> str:
     return names.slots_bucket
 
 
-def slots_stream(names: jsl.Names) -> str:
+def slots_stream(names: Names) -> str:
     return kv_stream(names.slots_bucket)
 
 
-def queues_bucket(names: jsl.Names) -> str:
+def queues_bucket(names: Names) -> str:
     return names.queues_bucket
 
 
-def admit_stream(names: jsl.Names) -> str:
+def admit_stream(names: Names) -> str:
     return names.admit_stream
 
 
-def admit_subject(names: jsl.Names, queue: str, key_tok: str) -> str:
+def admit_subject(names: Names, queue: str, key_tok: str) -> str:
     """Where a run waiting for admission to ``queue`` under one concurrency key is kept."""
     return names.admit_subject(queue, key_tok)
 
 
-def admit_filter(names: jsl.Names, queue: str | None = None) -> str:
+def admit_filter(names: Names, queue: str | None = None) -> str:
     return names.admit_filter(queue)
 
 
@@ -94,7 +104,7 @@ def token(value: str) -> str:
     Concurrency keys are user data (e-mail addresses, tenant names with dots); the raw value is
     always kept next to the token.
     """
-    if jsl.valid_token(value) and len(value) <= 64 and not value.startswith("h-"):
+    if valid_token(value) and len(value) <= 64 and not value.startswith("h-"):
         return value
     return "h-" + hashlib.sha1(value.encode()).hexdigest()[:20]
 
@@ -125,13 +135,13 @@ def rate_key(scope: str) -> str:
     return f"rate.{token(scope)}"
 
 
-async def put_queue(js: JetStreamContext, names: jsl.Names, queue: Queue) -> None:
+async def put_queue(js: JetStreamContext, names: Names, queue: Queue) -> None:
     kv = await js.key_value(queues_bucket(names))
     await kv.put(queue_key(queue.name), orjson.dumps(queue.to_dict()))
 
 
 async def put_rate_limit(
-    js: JetStreamContext, names: jsl.Names, scope: str, limit: RateLimit | None
+    js: JetStreamContext, names: Names, scope: str, limit: RateLimit | None
 ) -> None:
     kv = await js.key_value(queues_bucket(names))
     if limit is None:
@@ -144,7 +154,7 @@ async def put_rate_limit(
 async def register_queues(
     nc: NATS | None,
     js: JetStreamContext | None,
-    names: jsl.Names,
+    names: Names,
     settings: Settings,
     workflows: Iterable[WorkflowDefinition[Any, Any]],
 ) -> None:
@@ -164,7 +174,7 @@ class LimitsConfig:
     ``ttl`` bounds how long a changed limit takes to apply everywhere.
     """
 
-    def __init__(self, js: JetStreamContext, names: jsl.Names, ttl: float = 1.0) -> None:
+    def __init__(self, js: JetStreamContext, names: Names, ttl: float = 1.0) -> None:
         self._js = js
         self._names = names
         self._ttl = ttl
@@ -240,7 +250,7 @@ def _ttl(seconds: float) -> str:
 class SlotStore:
     """Compare-and-set operations on the slots bucket. One per connection is plenty."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, names: jsl.Names) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, names: Names) -> None:
         self.nc = nc
         self.js = js
         self.names = names
@@ -252,7 +262,7 @@ class SlotStore:
 
     async def entries(self, key_filter: str) -> list[Entry]:
         """Every live key matching ``key_filter`` (one direct-get request)."""
-        msgs = await jsl.last_per_subject(self.nc, self.stream, self.subject(key_filter))
+        msgs = await last_per_subject(self.nc, self.stream, self.subject(key_filter))
         out = []
         for m in msgs:
             if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
@@ -261,7 +271,7 @@ class SlotStore:
         return out
 
     async def get(self, key: str) -> Entry | None:
-        m = await jsl.last_for_subject(self.nc, self.stream, self.subject(key))
+        m = await last_for_subject(self.nc, self.stream, self.subject(key))
         if m is None or not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
             return None
         return Entry(key, m.seq, orjson.loads(m.data))
@@ -271,13 +281,13 @@ class SlotStore:
     ) -> int | None:
         """Write ``value`` iff the key's revision is ``expected`` (0: absent). The new revision,
         or None when someone else wrote first."""
-        headers = {jsl.EXPECTED_LAST_SUBJECT_SEQ: str(expected)}
+        headers = {EXPECTED_LAST_SUBJECT_SEQ: str(expected)}
         if ttl is not None:
             headers[TTL_HEADER] = _ttl(ttl)
         try:
             ack = await self.js.publish(self.subject(key), orjson.dumps(value), headers=headers)
         except nats.js.errors.APIError as exc:
-            if exc.err_code == jsl.WRONG_LAST_SEQUENCE:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
                 return None
             raise
         return int(ack.seq)
@@ -423,7 +433,7 @@ class SlotLease:
 _stores: weakref.WeakKeyDictionary[NATS, dict[str, SlotStore]] = weakref.WeakKeyDictionary()
 
 
-def store_for(nc: NATS, js: JetStreamContext, names: jsl.Names) -> SlotStore:
+def store_for(nc: NATS, js: JetStreamContext, names: Names) -> SlotStore:
     by_prefix = _stores.setdefault(nc, {})
     s = by_prefix.get(names.prefix)
     if s is None:
@@ -479,7 +489,7 @@ def admission_needed(
 
 
 async def send_to_admission(
-    js: JetStreamContext, names: jsl.Names, state: ev.RunState, queue: str | None, reason: str
+    js: JetStreamContext, names: Names, state: ev.RunState, queue: str | None, reason: str
 ) -> int:
     """Record ``RunSuspended(kind="slot", step="admission")`` fenced on the state's last event:
     the orchestrator puts the run in line for ``queue`` (None: the one it resolves) and admits
@@ -491,24 +501,24 @@ async def send_to_admission(
         data.update(queue=queue, concurrency_key=requested.concurrency_key or DEFAULT_KEY,
                     workflow=requested.workflow)
     event = ev.RunSuspended(run_id=state.run_id, step="admission", kind="slot", data=data)
-    return await jsl.append(
+    return await append(
         js, names, state.run_id, event, expected_last_seq=state.last_seq,
         msg_id=f"{state.run_id}/w/{state.last_seq}",
     )
 
 
 async def requeue_for_slot(
-    nc: NATS, js: JetStreamContext, names: jsl.Names, run_id: str, queue: str | None = None
+    nc: NATS, js: JetStreamContext, names: Names, run_id: str, queue: str | None = None
 ) -> None:
     """Send a run whose slot was lost back to admission: it waits again, holding no worker."""
     for _ in range(5):
-        state = await jsl.load_state(nc, names, run_id)
+        state = await load_state(nc, names, run_id)
         if state.done or state.status == "suspended" or state.requested is None:
             return
         try:
             await send_to_admission(js, names, state, queue, "slot lease lost")
             return
-        except jsl.FencedOut:
+        except FencedOut:
             continue
 
 
@@ -779,7 +789,7 @@ class TokenLimiter:
     A provider's 429: ``await limiter.backoff(provider=..., retry_after=seconds)``.
     """
 
-    def __init__(self, nc: NATS, js: JetStreamContext, names: jsl.Names, settings: Settings) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, names: Names, settings: Settings) -> None:
         self.nc = nc
         self.js = js
         self.names = names
@@ -791,7 +801,7 @@ class TokenLimiter:
 
     @classmethod
     def shared(
-        cls, nc: NATS, js: JetStreamContext, names: jsl.Names, settings: Settings
+        cls, nc: NATS, js: JetStreamContext, names: Names, settings: Settings
     ) -> TokenLimiter:
         by_prefix = _limiters.setdefault(nc, {})
         lim = by_prefix.get(names.prefix)
@@ -981,7 +991,7 @@ def retry_after_seconds(headers: Any, default: float = 1.0) -> float:
 # --------------------------------------------------------------------------- stats
 
 
-async def queue_stats(nc: NATS, js: JetStreamContext, names: jsl.Names) -> list[dict[str, Any]]:
+async def queue_stats(nc: NATS, js: JetStreamContext, names: Names) -> list[dict[str, Any]]:
     """Per queue and concurrency key: runs waiting for admission and slots held."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
 

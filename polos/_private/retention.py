@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 import nats.js.errors
 import orjson
 
-from polos._private import jetstream as jsl
-from polos._private import payloads
+from polos._private.store import Names, last_per_subject, payloads
 from polos._private.waiting import parse_time
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ class RetentionResult:
 async def archive_exported_runs(
     nc: NATS,
     js: JetStreamContext,
-    names: jsl.Names,
+    names: Names,
     *,
     exported_upto: int,
     older_than: float,
@@ -60,7 +59,7 @@ async def archive_exported_runs(
     result = RetentionResult()
     bucket = names.runs_bucket
     index = await js.key_value(bucket)
-    entries = await jsl.last_per_subject(nc, f"KV_{bucket}", f"$KV.{bucket}.>")
+    entries = await last_per_subject(nc, f"KV_{bucket}", f"$KV.{bucket}.>")
     # The run's payload objects, listed once: names are "<run_id>/<sha256>". External events'
     # objects ("event:<id>") go when their event has aged out of the events stream; a run
     # woken by one keeps its own copy.

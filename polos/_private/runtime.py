@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from polos._private.tasks import cancel_and_wait
+from polos._private.model.aio import cancel_and_wait
 from polos.config import Settings
 from polos.workflow import WorkflowDefinition
 
@@ -62,10 +62,10 @@ async def run_until_signal(*services: Service, on_started: Callable[[], None] | 
 
     The signal handlers go in before anything starts: a Ctrl-C while a service is still
     starting (a server recovering its streams) must stop the process, not be lost. A service
-    whose connection failed for good (its ``fatal``, see ``jetstream.connect_service``) stops
+    whose connection failed for good (its ``fatal``, see ``store.connect_service``) stops
     them all too, and its ``ConnectionFailedError`` is raised once they are stopped.
     """
-    from polos._private.connection import Fatal
+    from polos._private.store.connection import Fatal
 
     stop = _stop_event()
     started: list[Service] = []

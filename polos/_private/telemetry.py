@@ -64,8 +64,16 @@ from opentelemetry.trace import (
 )
 
 from polos import history as ev
-from polos._private import jetstream as jsl
 from polos._private.llm import LLMTotals, children_named, decision_of
+from polos._private.store import (
+    Names,
+    StoredMsg,
+    connect,
+    disconnect,
+    ensure_topology,
+    read_run,
+    read_subject,
+)
 from polos._private.store.follow import follow
 from polos.config import Settings
 from polos.errors import PolosError
@@ -76,18 +84,18 @@ POSITION_KEY = "otel_position"
 TERMINAL_TYPES = (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)
 
 
-def telemetry_bucket(names: jsl.Names) -> str:
+def telemetry_bucket(names: Names) -> str:
     """The KV bucket holding the followers' positions (a projection: delete it to re-emit)."""
     return names.telemetry_bucket
 
 
-async def resolve_payload(nc: NATS, names: jsl.Names, msg: jsl.StoredMsg) -> jsl.StoredMsg:
+async def resolve_payload(nc: NATS, names: Names, msg: StoredMsg) -> StoredMsg:
     """The message with large fields put back, when its event was stored as a stub."""
     header = "Polos-Payload"
     if not (msg.headers and msg.headers.get(header)):
         return msg
     try:
-        from polos._private import payloads
+        from polos._private.store import payloads
     except ImportError:  # a build without large payloads cannot have written stubs
         return msg
     try:
@@ -95,7 +103,7 @@ async def resolve_payload(nc: NATS, names: jsl.Names, msg: jsl.StoredMsg) -> jsl
     except Exception:
         log.warning("seq %d: large payload not found; using the stub", msg.seq)
         return msg
-    return jsl.StoredMsg(seq=msg.seq, subject=msg.subject, data=data, time=msg.time,
+    return StoredMsg(seq=msg.seq, subject=msg.subject, data=data, time=msg.time,
                          headers=msg.headers)
 
 
@@ -314,7 +322,7 @@ class SpanFollower:
         export_chunk: int = 512,
     ) -> None:
         self.settings = settings
-        self.names = jsl.Names(settings.prefix)
+        self.names = Names(settings.prefix)
         self.batch = batch
         self.export_chunk = export_chunk
         self.position_key = position_key
@@ -351,10 +359,10 @@ class SpanFollower:
         for logger in _exporter_loggers(self.exporter):
             logger.addFilter(self._exporter_log)
         if self._nc is None:
-            self._nc = await jsl.connect(self.settings, name="polos-telemetry")
+            self._nc = await connect(self.settings, name="polos-telemetry")
         js = self._nc.jetstream(timeout=self.settings.request_timeout)
         # A span follower is a service: it ensures the topology (its bucket is a row of it).
-        await jsl.ensure_topology(js, self.names, self.settings)
+        await ensure_topology(js, self.names, self.settings)
         self._kv = await js.key_value(telemetry_bucket(self.names))
         self.position = await self._load_position()
 
@@ -368,7 +376,7 @@ class SpanFollower:
             logger.removeFilter(self._exporter_log)
         if self._own_nc and self._nc is not None:
             with contextlib.suppress(Exception):
-                await jsl.close(self._nc)
+                await disconnect(self._nc)
             self._nc = None
 
     async def __aenter__(self) -> SpanFollower:
@@ -501,7 +509,7 @@ class SpanFollower:
             return handled
         while True:
             # The whole stream: ">" is the server's unfiltered fast path (see analytics.export).
-            msgs = await jsl.read_subject(
+            msgs = await read_subject(
                 self._nc, self.names.runs_stream, ">",
                 start_seq=self.position + 1, limit=self.batch,
                 timeout=self.settings.request_timeout,
@@ -551,7 +559,7 @@ class SpanFollower:
 
     async def _history(self, run_id: str, upto: int | None = None) -> list[tuple[int, ev.Event]]:
         assert self._nc is not None
-        msgs = await jsl.read_run(
+        msgs = await read_run(
             self._nc, self.names, run_id, timeout=self.settings.request_timeout
         )
         out: list[tuple[int, ev.Event]] = []
@@ -621,7 +629,7 @@ class SpanFollower:
         # Not seen since this follower started (it started mid-run): the first event says.
         assert self._nc is not None
         # RunRequested is the first control event.
-        msgs = await jsl.read_subject(
+        msgs = await read_subject(
             self._nc, self.names.runs_stream, self.names.run_subject(run_id, "ctl"), limit=1,
             timeout=self.settings.request_timeout,
         )

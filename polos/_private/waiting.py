@@ -31,9 +31,20 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from polos import history as ev
-from polos._private import jetstream as jsl
-from polos._private import payloads
 from polos._private.signals import Suspend
+from polos._private.store import (
+    MSG_ID,
+    REPLY_HEADER,
+    FencedOut,
+    Names,
+    append,
+    connection_of,
+    last_for_subject,
+    last_per_subject,
+    payloads,
+    read_subject,
+    valid_token,
+)
 from polos.converter import from_json, to_json
 from polos.errors import ChildWorkflowError, WaitTimeoutError
 
@@ -90,18 +101,18 @@ def topic_tokens(topic: str) -> str:
     return ".".join(encode_token(p) for p in parts)
 
 
-def topic_from_subject(names: jsl.Names, subject: str) -> str:
+def topic_from_subject(names: Names, subject: str) -> str:
     head = f"{names.prefix}.event."
     if not subject.startswith(head):
         raise ValueError(f"{subject!r} is not an event subject")
     return ".".join(decode_token(t) for t in subject[len(head) :].split("."))
 
 
-def event_subject(names: jsl.Names, topic: str) -> str:
+def event_subject(names: Names, topic: str) -> str:
     return names.event_subject(topic_tokens(topic))
 
 
-def resume_subject(names: jsl.Names, run_id: str, key: str) -> str:
+def resume_subject(names: Names, run_id: str, key: str) -> str:
     return names.resume_subject(run_id, encode_token(key))
 
 
@@ -298,7 +309,7 @@ def _wf_name(wf: Any) -> tuple[str, Any]:
 
     if isinstance(wf, WorkflowDefinition):
         return wf.name, wf.output_type
-    if isinstance(wf, str) and jsl.valid_token(wf):
+    if isinstance(wf, str) and valid_token(wf):
         return wf, None
     raise TypeError(f"a child workflow is a @workflow or its name, got {wf!r}")
 
@@ -313,7 +324,7 @@ class ChildRequest(NamedTuple):
 
 
 def child_request(
-    names: jsl.Names, parent_run_id: str, root_run_id: str, step_id: str, index: int,
+    names: Names, parent_run_id: str, root_run_id: str, step_id: str, index: int,
     workflow: str, input: Any,
 ) -> ChildRequest:
     child = child_run_id(parent_run_id, step_id, index)
@@ -326,7 +337,7 @@ def child_request(
     }
     return ChildRequest(
         child, names.child_subject(parent_run_id, child), orjson.dumps(body),
-        {jsl.MSG_ID: f"child/{child}"},
+        {MSG_ID: f"child/{child}"},
     )
 
 
@@ -338,7 +349,7 @@ async def _request_children(
         child_request(x.names, x.run_id, root, step_id, i, name, value)
         for i, (name, value) in enumerate(items, start=first_index)
     ]
-    limit = payloads.inline_limit(x.js._nc)
+    limit = payloads.inline_limit(x.nc)
     for i, r in enumerate(reqs):
         if len(r.body) > limit:
             # Too big for a command message: the input travels through the Object Store.
@@ -418,7 +429,7 @@ class Woken(NamedTuple):
 
 async def wake(
     js: JetStreamContext,
-    names: jsl.Names,
+    names: Names,
     run_id: str,
     step: str,
     *,
@@ -437,7 +448,7 @@ async def wake(
         run_id=run_id, step=step, reason=reason, kind=kind, output=output, workflow=workflow
     )
     try:
-        seq = await jsl.append(
+        seq = await append(
             js,
             names,
             run_id,
@@ -445,13 +456,13 @@ async def wake(
             expected_last_seq=expected_seq,
             msg_id=f"{run_id}/wake/{step}/{expected_seq}/{cause}",
         )
-    except jsl.FencedOut:
+    except FencedOut:
         return None
     return Woken(seq, event)
 
 
 async def first_event_after(
-    nc: NATS, names: jsl.Names, topic: str, cursor: int, since: float | None
+    nc: NATS, names: Names, topic: str, cursor: int, since: float | None
 ) -> dict[str, Any] | None:
     """The first well-formed event on ``topic`` after ``cursor`` (or, for a first wait, after
     the run started), as the step's recorded outcome."""
@@ -459,11 +470,11 @@ async def first_event_after(
     seq = cursor + 1
     for _ in range(100):
         if cursor == 0 and since is not None and seq == 1:
-            msgs = await jsl.read_subject(
+            msgs = await read_subject(
                 nc, names.events_stream, subject, start_time=_iso(since), limit=10
             )
         else:
-            msgs = await jsl.read_subject(nc, names.events_stream, subject, start_seq=seq, limit=10)
+            msgs = await read_subject(nc, names.events_stream, subject, start_seq=seq, limit=10)
         if not msgs:
             return None
         for m in msgs:
@@ -485,7 +496,7 @@ TIMER_LEAD = 0.5  # seconds a timer fires early; more than the server's schedule
 
 
 async def schedule_timer(
-    js: JetStreamContext, names: jsl.Names, run_id: str, seq: int, due: float, body: dict[str, Any]
+    js: JetStreamContext, names: Names, run_id: str, seq: int, due: float, body: dict[str, Any]
 ) -> None:
     """A one-shot timer for the run suspended at ``seq``: a message schedule the server holds
     (durable across restarts) and fires onto the timers' fire subject at ``due``."""
@@ -495,7 +506,7 @@ async def schedule_timer(
     # sleeps the rest in memory, so a timer is on time to the millisecond, not to the tick.
     fire_at = due - TIMER_LEAD
     if fire_at <= time.time() + 0.01:
-        await js.publish(target, payload, headers={jsl.MSG_ID: f"fire/{run_id}/{seq}"})
+        await js.publish(target, payload, headers={MSG_ID: f"fire/{run_id}/{seq}"})
         return
     await js.publish(
         names.timer_subject(run_id, seq),
@@ -503,12 +514,12 @@ async def schedule_timer(
         headers={
             "Nats-Schedule": f"@at {_iso(fire_at)}",
             "Nats-Schedule-Target": target,
-            jsl.MSG_ID: f"timer/{run_id}/{seq}",
+            MSG_ID: f"timer/{run_id}/{seq}",
         },
     )
 
 
-async def clear_timers(js: JetStreamContext, names: jsl.Names, run_id: str) -> None:
+async def clear_timers(js: JetStreamContext, names: Names, run_id: str) -> None:
     """Drop a run's pending timers (a cancelled run)."""
     with contextlib.suppress(nats.js.errors.NotFoundError):
         await js.purge_stream(names.timers_stream, subject=f"{names.prefix}.timer.at.{run_id}.>")
@@ -535,7 +546,7 @@ def cron_expression(spec: str) -> str:
 
 async def put_schedule(
     js: JetStreamContext,
-    names: jsl.Names,
+    names: Names,
     key: str,
     workflow: str,
     cron: str,
@@ -544,9 +555,9 @@ async def put_schedule(
     input: Any = None,
 ) -> dict[str, Any]:
     """Create or replace the keyed schedule ``key``."""
-    if not jsl.valid_token(key):
+    if not valid_token(key):
         raise ValueError(f"schedule key {key!r} must be 1-128 letters, digits, '_' or '-'")
-    if not jsl.valid_token(workflow):
+    if not valid_token(workflow):
         raise ValueError(f"workflow name {workflow!r} is not valid")
     if timezone is not None:
         try:
@@ -576,8 +587,8 @@ async def put_schedule(
     return doc
 
 
-async def list_schedules(nc: NATS, names: jsl.Names) -> list[dict[str, Any]]:
-    msgs = await jsl.last_per_subject(nc, names.timers_stream, f"{names.prefix}.timer.cron.>")
+async def list_schedules(nc: NATS, names: Names) -> list[dict[str, Any]]:
+    msgs = await last_per_subject(nc, names.timers_stream, f"{names.prefix}.timer.cron.>")
     out = []
     for m in msgs:
         with contextlib.suppress(orjson.JSONDecodeError):
@@ -585,10 +596,10 @@ async def list_schedules(nc: NATS, names: jsl.Names) -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: str(d.get("key")))
 
 
-async def delete_schedule(js: JetStreamContext, names: jsl.Names, key: str) -> bool:
-    if not jsl.valid_token(key):
+async def delete_schedule(js: JetStreamContext, names: Names, key: str) -> bool:
+    if not valid_token(key):
         raise ValueError(f"schedule key {key!r} is not valid")
-    last = await jsl.last_for_subject(js._nc, names.timers_stream, names.cron_subject(key))
+    last = await last_for_subject(connection_of(js), names.timers_stream, names.cron_subject(key))
     if last is None or not last.data:
         return False
     # Rolled up to an empty tombstone that expires, not purged: a client may write its
@@ -637,7 +648,7 @@ async def send_command(
         await js.publish(
             subject,
             orjson.dumps(body),
-            headers={jsl.MSG_ID: msg_id, jsl.REPLY_HEADER: inbox, "Polos-Client": "python",
+            headers={MSG_ID: msg_id, REPLY_HEADER: inbox, "Polos-Client": "python",
                      **(headers or {})},
         )
         try:

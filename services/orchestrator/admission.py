@@ -28,7 +28,7 @@ Crash safety, with any number of orchestrators:
 * die before deleting the entry: the next pass finds the run already admitted (duplicate or
   fenced) and deletes the entry.
 * JetStream unavailable for a moment (a leader election, a reconnect): ``RunAdmitted``, tasks
-  and waiting-line entries are written through the retrying path (``jetstream.append``,
+  and waiting-line entries are written through the retrying path (``store.append``,
   ``Orchestrator.publish_task``). A dispatch that parks the run while an earlier one of the
   same cause still holds a slot for it (a retried or repeated dispatch) loses nothing either:
   a run that records its wait gives back every slot it held.
@@ -56,9 +56,19 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from polos import history as ev
-from polos._private import jetstream as jsl
 from polos._private import limits
-from polos._private.tasks import cancel_and_wait
+from polos._private.model.aio import cancel_and_wait
+from polos._private.store import (
+    MSG_ID,
+    FencedOut,
+    append,
+    dead_letter,
+    load_state,
+    publish,
+    read_history,
+    read_subject,
+    retry_transient,
+)
 from polos.queues import Queue
 
 if TYPE_CHECKING:
@@ -138,7 +148,7 @@ class Admission:
                 key, workflow = entry.get("concurrency_key"), entry["workflow"]
             else:
                 # The request is a control event: no need to read the run's steps.
-                history = await jsl.read_history(self.orch.nc, self.names, run_id, kinds=("ctl",))
+                history = await read_history(self.orch.nc, self.names, run_id, kinds=("ctl",))
                 r = next((e for _, e in history if isinstance(e, ev.RunRequested)), None)
                 if r is None:
                     return None, limits.DEFAULT_KEY, workflow or ""
@@ -166,7 +176,7 @@ class Admission:
         if requested is None:
             # A wake, dispatched by its waker and again by a control hook: only a run the log
             # says is queued needs a slot (a parked or running one has its way already).
-            state = await jsl.load_state(self.orch.nc, self.names, run_id)
+            state = await load_state(self.orch.nc, self.names, run_id)
             if state.status != "queued" or state.last_seq > cause_seq:
                 return True
         ktok = limits.token(key)
@@ -204,7 +214,7 @@ class Admission:
             if shared
             else limits.admit_subject(self.names, queue.name, ktok)
         )
-        msgs = await jsl.read_subject(
+        msgs = await read_subject(
             self.orch.nc, limits.admit_stream(self.names), subject, limit=1
         )
         return bool(msgs)
@@ -241,14 +251,14 @@ class Admission:
         expected = cause_seq
         for _ in range(5):
             try:
-                await jsl.append(
+                await append(
                     self.orch.js, self.names, run_id, event, expected_last_seq=expected,
                     msg_id=f"{run_id}/w/{expected}",
                 )
                 self.waits += 1
                 return
-            except jsl.FencedOut:
-                state = await jsl.load_state(self.orch.nc, self.names, run_id)
+            except FencedOut:
+                state = await load_state(self.orch.nc, self.names, run_id)
                 if state.done or state.status in ("suspended", "running"):
                     return  # it moved on (cancelled, already parked, or a worker has it)
                 expected = state.last_seq
@@ -301,10 +311,10 @@ class Admission:
         body = {"run_id": run_id, "workflow": workflow, "queue": queue_name, "key": key,
                 "wait_seq": seq, "at": event.at}
         subject = limits.admit_subject(self.names, str(queue_name), limits.token(key))
-        payload, headers = orjson.dumps(body), {jsl.MSG_ID: f"{run_id}/q/{seq}"}
+        payload, headers = orjson.dumps(body), {MSG_ID: f"{run_id}/q/{seq}"}
         timeout = self.settings.request_timeout
-        await jsl.retry_transient(
-            lambda _: jsl.publish(self.orch.nc, subject, payload, headers=headers, timeout=timeout),
+        await retry_transient(
+            lambda _: publish(self.orch.nc, subject, payload, headers=headers, timeout=timeout),
             timeout=timeout, what=f"admission entry of run {run_id}",
         )
         self.kick(str(queue_name))
@@ -368,7 +378,7 @@ class Admission:
 
     async def admission_pass(self, queue_name: str) -> int:
         """Admit as many waiting runs of the queue as slots and rate allow. Returns how many."""
-        msgs = await jsl.read_subject(
+        msgs = await read_subject(
             self.orch.nc, limits.admit_stream(self.names),
             limits.admit_filter(self.names, queue_name), limit=5000,
         )
@@ -384,7 +394,7 @@ class Admission:
             try:
                 entry = orjson.loads(m.data)
             except orjson.JSONDecodeError:
-                await jsl.dead_letter(self.orch.js, self.names, source="admit",
+                await dead_letter(self.orch.js, self.names, source="admit",
                                       reason="malformed admission entry", subject=m.subject,
                                       data=m.data)
                 await self._drop_entry(m.seq)
@@ -443,7 +453,7 @@ class Admission:
         )
         try:
             seq = await self._append_fenced(run_id, event, wait_seq, f"{run_id}/adm/{wait_seq}")
-        except jsl.FencedOut:
+        except FencedOut:
             # Admitted by another instance (or cancelled meanwhile): not ours to run.
             self.lost_races += 1
             await self.store.release_keys(slots, run_id)
@@ -457,7 +467,7 @@ class Admission:
     async def _admit_unlimited(self, run_id: str, workflow: str, wait_seq: int, queue: str) -> None:
         event = ev.RunAdmitted(run_id=run_id, step="admission", reason="admitted", queue=queue,
                                lease=self.lease)
-        with contextlib.suppress(jsl.FencedOut):
+        with contextlib.suppress(FencedOut):
             seq = await self._append_fenced(run_id, event, wait_seq, f"{run_id}/adm/{wait_seq}")
             await self._publish_task(run_id, workflow, seq, [], wait_seq, queue)
 
@@ -467,7 +477,7 @@ class Admission:
         """Append through the retrying write path: the sequence when this very append is
         stored (a retry after a lost answer included), ``FencedOut`` when anything else is
         (another instance's admission of the run, a cancel)."""
-        return await jsl.append(
+        return await append(
             self.orch.js, self.names, run_id, event, expected_last_seq=expected, msg_id=msg_id,
             timeout=self.settings.request_timeout,
         )

@@ -24,8 +24,29 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from polos import history as ev
-from polos._private import jetstream as jsl
-from polos._private import payloads
+from polos._private.store import (
+    EXPECTED_LAST_SUBJECT_SEQ,
+    MSG_ID,
+    REPLY_HEADER,
+    WRONG_LAST_SEQUENCE,
+    AppendUnavailable,
+    Fatal,
+    FencedOut,
+    Names,
+    PullLoop,
+    append,
+    connect_service,
+    dead_letter,
+    disconnect,
+    ensure_consumer,
+    ensure_topology,
+    is_transient,
+    load_state,
+    payloads,
+    publish,
+    retry_transient,
+    valid_token,
+)
 from polos.config import Settings
 
 from .admission import Admission
@@ -78,11 +99,11 @@ class Orchestrator:
 
     def __init__(self, settings: Settings | None = None, *, index_cache: int = 50_000) -> None:
         self.settings = settings or Settings()
-        self.names = jsl.Names(self.settings.prefix)
+        self.names = Names(self.settings.prefix)
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._index: KeyValue | None = None
-        self._loops: list[jsl.PullLoop] = []
+        self._loops: list[PullLoop] = []
         # run_id -> (entry, kv revision): saves a read before every index update.
         self._cache: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
         self._cache_size = index_cache
@@ -97,7 +118,7 @@ class Orchestrator:
         self._index_locks: dict[str, _RunLock] = {}
         self.index_conflicts = 0
         # Set when the server refuses the service credentials on a reconnect.
-        self.fatal = jsl.Fatal()
+        self.fatal = Fatal()
 
     @property
     def js(self) -> JetStreamContext:
@@ -110,18 +131,18 @@ class Orchestrator:
         return self._nc
 
     async def start(self) -> None:
-        self._nc = await jsl.connect_service(
+        self._nc = await connect_service(
             self.settings, name="polos-orchestrator", on_fatal=self.fatal
         )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
         # The whole topology of the namespace, every feature's: only services create it.
-        await jsl.ensure_topology(self._js, self.names, self.settings)
+        await ensure_topology(self._js, self.names, self.settings)
         self._index = await self._js.key_value(self.names.runs_bucket)
-        await jsl.ensure_consumer(
+        await ensure_consumer(
             self._js, self.names.cmd_stream, "orchestrator_cmd", self.names.cmd_filter,
             ack_wait=self.settings.service_ack_wait,
         )
-        await jsl.ensure_consumer(
+        await ensure_consumer(
             self._js, self.names.runs_stream, "orchestrator_ctl", self.names.ctl_filter,
             ack_wait=self.settings.service_ack_wait,
         )
@@ -134,7 +155,7 @@ class Orchestrator:
             (self.names.cmd_stream, "orchestrator_cmd", self._on_command),
             (self.names.runs_stream, "orchestrator_ctl", self._on_control),
         ):
-            loop = jsl.PullLoop(self._nc, stream, durable, handler, capacity=256, name=durable)
+            loop = PullLoop(self._nc, stream, durable, handler, capacity=256, name=durable)
             loop.start()
             self._loops.append(loop)
         log.info("orchestrator started on namespace %r", self.settings.prefix)
@@ -147,7 +168,7 @@ class Orchestrator:
             await attached.stop()
         if self._nc is not None:
             with contextlib.suppress(Exception):
-                await jsl.close(self._nc)
+                await disconnect(self._nc)
 
     async def __aenter__(self) -> Orchestrator:
         await self.start()
@@ -159,7 +180,7 @@ class Orchestrator:
     # ------------------------------------------------------------------ commands
 
     async def _reply(self, msg: Msg, body: dict[str, Any]) -> None:
-        reply = (msg.headers or {}).get(jsl.REPLY_HEADER)
+        reply = (msg.headers or {}).get(REPLY_HEADER)
         if reply:
             with contextlib.suppress(Exception):
                 await self.nc.publish(reply, orjson.dumps(body))
@@ -167,7 +188,7 @@ class Orchestrator:
     async def _reject(self, msg: Msg, err: CommandError) -> None:
         self.dead_lettered += 1
         log.warning("rejected command on %s: %s", msg.subject, err.reason)
-        await jsl.dead_letter(
+        await dead_letter(
             self.js,
             self.names,
             source="cmd",
@@ -210,7 +231,7 @@ class Orchestrator:
             # unavailable (an election, a restart) is waited out for longer: giving up then
             # would leave a run that exists without its task.
             delivered = msg.metadata.num_delivered if msg.reply else 1
-            unavailable = jsl.is_transient(exc) or isinstance(exc, jsl.AppendUnavailable)
+            unavailable = is_transient(exc) or isinstance(exc, AppendUnavailable)
             if delivered >= (_UNAVAILABLE_RETRIES if unavailable else 5):
                 await self._reject(msg, CommandError(f"processing failed {delivered} times: {exc!r}"))
                 await msg.ack()
@@ -241,7 +262,7 @@ class Orchestrator:
         return body
 
     async def _start(self, msg: Msg, workflow: str) -> dict[str, Any]:
-        if not jsl.valid_token(workflow):
+        if not valid_token(workflow):
             raise CommandError(f"workflow name {workflow!r} is not valid", field="workflow")
         body = self.parse_object(msg)
         unknown = sorted(set(body) - _START_FIELDS)
@@ -254,9 +275,9 @@ class Orchestrator:
         run_id = body.get("run_id")
         if run_id is None:
             hdrs = msg.headers or {}
-            key = hdrs.get(jsl.MSG_ID) or f"seq/{msg.metadata.sequence.stream}"
+            key = hdrs.get(MSG_ID) or f"seq/{msg.metadata.sequence.stream}"
             run_id = derive_run_id(self.names.prefix, key)
-        elif not isinstance(run_id, str) or not jsl.valid_token(run_id):
+        elif not isinstance(run_id, str) or not valid_token(run_id):
             raise CommandError(
                 "run_id must be 1-128 letters, digits, '_' or '-'", field="run_id"
             )
@@ -298,13 +319,13 @@ class Orchestrator:
         """
         run_id = event.run_id
         try:
-            seq = await jsl.append(
+            seq = await append(
                 self.js, self.names, run_id, event, expected_last_seq=0, msg_id=f"{run_id}/req"
             )
-        except jsl.FencedOut:
+        except FencedOut:
             # The run exists: this is a repeated start. Re-dispatch only if it never ran, in
             # case an earlier instance died between creating it and dispatching it.
-            state = await jsl.load_state(self.nc, self.names, run_id)
+            state = await load_state(self.nc, self.names, run_id)
             answer = {"ok": True, "run_id": run_id, "existing": True, "status": state.status}
             if state.requested and state.status == "queued" and state.attempt == 0:
                 if hold is not None and await hold():
@@ -366,17 +387,17 @@ class Orchestrator:
         already (the stream dropped this copy); a retry that finds its own first try stored
         counts as putting it out."""
         subject, payload = self.names.task_subject(workflow), orjson.dumps(task)
-        headers = {jsl.MSG_ID: f"{run_id}/t/{cause_seq}"}
+        headers = {MSG_ID: f"{run_id}/t/{cause_seq}"}
         timeout = self.settings.request_timeout
 
         async def once(attempt: int) -> bool:
-            ack = await jsl.publish(self.nc, subject, payload, headers=headers, timeout=timeout)
+            ack = await publish(self.nc, subject, payload, headers=headers, timeout=timeout)
             # After a first try whose answer was lost, "duplicate" is most likely that try.
             return not ack.duplicate or attempt > 0
 
         # Retried through a leader election: the run's history already says it is due, and
         # nothing else would put its task out (the message id drops a second copy).
-        return await jsl.retry_transient(once, timeout=timeout, what=f"task of run {run_id}")
+        return await retry_transient(once, timeout=timeout, what=f"task of run {run_id}")
 
     def _note_dispatched(self, run_id: str, cause_seq: int) -> None:
         self._dispatched[f"{run_id}/t/{cause_seq}"] = None
@@ -396,7 +417,7 @@ class Orchestrator:
         try:
             event = ev.decode(msg.data)
         except ev.EventDecodeError as exc:
-            await jsl.dead_letter(
+            await dead_letter(
                 self.js, self.names, source="ctl", reason=str(exc), subject=msg.subject,
                 data=msg.data,
             )
@@ -472,16 +493,16 @@ class Orchestrator:
                 # What ``kv.create`` / ``kv.update`` send (a put fenced on the key's last
                 # revision, 0 for none), through the cheaper publish of the append path: three
                 # index writes per run make this the orchestrator's most frequent request.
-                ack = await jsl.publish(
+                ack = await publish(
                     self.nc,
                     f"$KV.{self.names.runs_bucket}.{run_id}",
                     orjson.dumps(new),
-                    headers={jsl.EXPECTED_LAST_SUBJECT_SEQ: str(revision or 0)},
+                    headers={EXPECTED_LAST_SUBJECT_SEQ: str(revision or 0)},
                     timeout=self.settings.request_timeout,
                 )
                 rev = ack.seq
             except nats.js.errors.APIError as exc:
-                if exc.err_code != jsl.WRONG_LAST_SEQUENCE:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
                     raise
                 self.index_conflicts += 1  # another instance wrote it: read and fold again
                 self._cache.pop(run_id, None)

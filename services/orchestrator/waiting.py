@@ -21,9 +21,22 @@ import orjson
 from nats.aio.msg import Msg
 
 from polos import history as ev
-from polos._private import jetstream as jsl
-from polos._private import payloads
 from polos._private import waiting as wt
+from polos._private.store import (
+    MSG_ID,
+    FencedOut,
+    PullLoop,
+    append,
+    dead_letter,
+    ensure_consumer,
+    last_for_subject,
+    last_per_subject,
+    load_run,
+    load_state,
+    payloads,
+    read_subject,
+    valid_token,
+)
 
 from .orchestrator import (
     CommandError,
@@ -63,7 +76,7 @@ async def _dispatch_woken(
     fenced its wake on) and ``woken`` (that wake, stored at ``seq``) together are the run's
     whole history: the task carries them and the worker claims without reading."""
     if workflow is None:
-        workflow = (await jsl.load_state(orch.nc, orch.names, run_id, kinds=CTL)).workflow
+        workflow = (await load_state(orch.nc, orch.names, run_id, kinds=CTL)).workflow
     if workflow:
         carried = None
         if history is not None and woken is not None:
@@ -95,7 +108,7 @@ async def _resume_data(orch: Orchestrator, run_id: str, body: dict[str, Any]) ->
 
 async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int, Any] | None:
     """The first well-formed resume stored for the run's step: the one that applies."""
-    msgs = await jsl.read_subject(
+    msgs = await read_subject(
         orch.nc, orch.names.cmd_stream, wt.resume_subject(orch.names, run_id, key), limit=20
     )
     for m in msgs:
@@ -112,7 +125,7 @@ async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int,
 
 
 async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
-    if len(tokens) != 2 or not jsl.valid_token(tokens[0]):
+    if len(tokens) != 2 or not valid_token(tokens[0]):
         raise CommandError(
             f"a resume goes to {orch.names.prefix}.cmd.resume.<run_id>.<step key>, got {msg.subject!r}"
         )
@@ -135,7 +148,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     seq = msg.metadata.sequence.stream
     answer = {"ok": True, "run_id": run_id, "key": key}
     for _ in range(10):
-        state, bodies = await jsl.load_run(orch.nc, orch.names, run_id)
+        state, bodies = await load_run(orch.nc, orch.names, run_id)
         if state.requested is None:
             raise RunNotYetKnown(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
         done = state.steps.get(key)
@@ -193,7 +206,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
 
 
 async def on_cancel(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
-    if len(tokens) != 1 or not jsl.valid_token(tokens[0]):
+    if len(tokens) != 1 or not valid_token(tokens[0]):
         raise CommandError(f"a cancel goes to {orch.names.prefix}.cmd.cancel.<run_id>, got {msg.subject!r}")
     run_id = tokens[0]
     body = orch.parse_object(msg)
@@ -218,7 +231,7 @@ async def cancel_run(orch: Orchestrator, run_id: str, reason: str | None, *, cas
     is no error, and one of a run not created yet is ``pending``: the orchestrator cancels a
     child whose parent is cancelled as it creates it (``on_child``)."""
     for _ in range(20):
-        state = await jsl.load_state(orch.nc, orch.names, run_id)
+        state = await load_state(orch.nc, orch.names, run_id)
         if state.requested is None:
             if cascade:
                 return "pending"
@@ -228,11 +241,11 @@ async def cancel_run(orch: Orchestrator, run_id: str, reason: str | None, *, cas
                 return state.status
             raise CommandError(f"run {run_id} is already {state.status}; nothing to cancel")
         try:
-            await jsl.append(
+            await append(
                 orch.js, orch.names, run_id, ev.RunCancelled(run_id=run_id, reason=reason),
                 expected_last_seq=state.last_seq, msg_id=f"{run_id}/cancel",
             )
-        except jsl.FencedOut:
+        except FencedOut:
             await asyncio.sleep(0.01)
             continue
         return "cancelled"
@@ -243,13 +256,13 @@ async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
     # Interrupt the worker holding it (if any) at its next await; it is fenced out anyway.
     await orch.nc.publish(orch.names.cancel_signal_subject(run_id), b"")
     await wt.clear_timers(orch.js, orch.names, run_id)
-    state = await jsl.load_state(orch.nc, orch.names, run_id)
+    state = await load_state(orch.nc, orch.names, run_id)
     # Every child the run ever requested: the requests are stored (under the parent) before
     # the parent records the child, so a child requested but not recorded (the record fenced
     # out by this very cancel) is found too. A request stored after this read creates its
     # child after the cancel, and that child is cancelled as it is created (``on_child``).
     children: dict[str, None] = {}
-    for m in await jsl.read_subject(orch.nc, orch.names.cmd_stream, orch.names.child_filter(run_id)):
+    for m in await read_subject(orch.nc, orch.names.cmd_stream, orch.names.child_filter(run_id)):
         children[m.subject.rsplit(".", 1)[1]] = None
     for step in state.steps.values():
         out = step.output if isinstance(step, ev.StepCompleted) else None
@@ -265,7 +278,7 @@ async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
         await orch.js.publish(
             orch.names.cancel_subject(child),
             orjson.dumps({"reason": f"parent run {run_id} was cancelled"}),
-            headers={jsl.MSG_ID: f"cancel/{child}", CASCADE_HEADER: "1"},
+            headers={MSG_ID: f"cancel/{child}", CASCADE_HEADER: "1"},
         )
 
 
@@ -274,7 +287,7 @@ async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
 
 async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
     # <parent>.<child>; a lone <child> token is the form workers used before, still accepted.
-    if not 1 <= len(tokens) <= 2 or not all(jsl.valid_token(t) for t in tokens):
+    if not 1 <= len(tokens) <= 2 or not all(valid_token(t) for t in tokens):
         raise CommandError(
             f"a child request goes to {orch.names.prefix}.cmd.child.<parent run_id>.<run_id>"
         )
@@ -285,7 +298,7 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
     for name in ("workflow", "parent_run_id", "parent_step"):
         if not isinstance(body.get(name), str) or not body[name]:
             raise CommandError(f"{name} must be a non-empty string", field=name)
-    if not jsl.valid_token(body["workflow"]):
+    if not valid_token(body["workflow"]):
         raise CommandError(f"workflow name {body['workflow']!r} is not valid", field="workflow")
     parent = body["parent_run_id"]
     if len(tokens) == 2 and tokens[0] != parent:
@@ -309,13 +322,13 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
         # After the child is durable: a parent cancelled from here on finds the child (its
         # request is stored); one cancelled before is seen here. The parent's RunCancelled is
         # its last control event (nothing appends after it), so one read of the last suffices.
-        last = await jsl.last_for_subject(
+        last = await last_for_subject(
             orch.nc, orch.names.runs_stream, orch.names.run_subject(parent, "ctl")
         )
         try:
             found = last is not None and isinstance(ev.decode(last.data), ev.RunCancelled)
         except ev.EventDecodeError:  # not an event (dead-lettered): fold the real ones
-            state = await jsl.load_state(orch.nc, orch.names, parent, kinds=CTL)
+            state = await load_state(orch.nc, orch.names, parent, kinds=CTL)
             found = state.status == "cancelled"
         cancelled.append(found)
         return found
@@ -344,7 +357,7 @@ async def _children_outcome(orch: Orchestrator, children: list[str]) -> list[dic
         if status not in ev.TERMINAL:
             return None
     states = await asyncio.gather(
-        *(jsl.load_state(orch.nc, orch.names, c, kinds=CTL) for c in children))
+        *(load_state(orch.nc, orch.names, c, kinds=CTL) for c in children))
     if any(not s.done for s in states):
         return None
     return [
@@ -410,14 +423,14 @@ class EventRouter:
 
     def __init__(self, orch: Orchestrator) -> None:
         self.orch = orch
-        self.loop: jsl.PullLoop | None = None
+        self.loop: PullLoop | None = None
 
     async def start(self) -> None:
         o = self.orch
         durable = "orchestrator_events"
-        await jsl.ensure_consumer(o.js, o.names.events_stream, durable,
+        await ensure_consumer(o.js, o.names.events_stream, durable,
                                   f"{o.names.prefix}.event.>", ack_wait=o.settings.service_ack_wait)
-        self.loop = jsl.PullLoop(o.nc, o.names.events_stream, durable, self.on_event,
+        self.loop = PullLoop(o.nc, o.names.events_stream, durable, self.on_event,
                                  capacity=64, name=durable)
         self.loop.start()
 
@@ -431,7 +444,7 @@ class EventRouter:
             topic = wt.topic_from_subject(o.names, msg.subject)
             data = await payloads.event_value(o.js, o.names, msg.headers, msg.data)
         except (ValueError, payloads.PayloadMissingError) as exc:  # JSONDecodeError included
-            await jsl.dead_letter(o.js, o.names, source="event", reason=f"malformed event: {exc}",
+            await dead_letter(o.js, o.names, source="event", reason=f"malformed event: {exc}",
                                   subject=msg.subject, data=msg.data,
                                   headers=dict(msg.headers or {}))
             await msg.ack()
@@ -449,7 +462,7 @@ class EventRouter:
     async def _wake_waiters(self, topic: str, seq: int) -> None:
         o = self.orch
         bucket = o.names.waits_bucket
-        msgs = await jsl.last_per_subject(
+        msgs = await last_per_subject(
             o.nc, f"KV_{bucket}", f"$KV.{bucket}.{wt.topic_tokens(topic)}.*"
         )
         kv = await _waits(o)
@@ -470,7 +483,7 @@ class EventRouter:
     async def _trigger(self, topic: str, seq: int, data: Any, msg: Msg) -> None:
         o = self.orch
         bucket = o.names.workflows_bucket
-        docs = await jsl.last_per_subject(o.nc, f"KV_{bucket}", f"$KV.{bucket}.>")
+        docs = await last_per_subject(o.nc, f"KV_{bucket}", f"$KV.{bucket}.>")
         for m in docs:
             if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
                 continue
@@ -521,11 +534,11 @@ async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event)
 async def _child_ended(orch: Orchestrator, run_id: str) -> None:
     # Its control events say whether it is a child: every run ending after its index entry left
     # the cache comes here, and a long run's steps are not worth reading for that.
-    child = await jsl.load_state(orch.nc, orch.names, run_id, kinds=CTL)
+    child = await load_state(orch.nc, orch.names, run_id, kinds=CTL)
     req = child.requested
     if req is None or not req.parent_run_id:
         return
-    parent, bodies = await jsl.load_run(orch.nc, orch.names, req.parent_run_id)
+    parent, bodies = await load_run(orch.nc, orch.names, req.parent_run_id)
     sus = parent.suspended
     if (parent.status == "suspended" and sus is not None and sus.kind == "child"
             and run_id in (sus.children or [])):
@@ -566,7 +579,7 @@ async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.Run
             with contextlib.suppress(Exception):
                 await kv.delete(key, last=rev)
     elif event.kind == "child":
-        state = await jsl.load_state(orch.nc, orch.names, run_id)
+        state = await load_state(orch.nc, orch.names, run_id)
         if state.status == "suspended" and state.last_seq == seq:
             await _wake_parent(orch, state, seq, event)
 

@@ -29,9 +29,20 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from polos._private import jetstream as jsl
 from polos._private import waiting as wt
-from polos._private.tasks import cancel_and_wait
+from polos._private.model.aio import cancel_and_wait
+from polos._private.store import (
+    MSG_ID,
+    Fatal,
+    Names,
+    PullLoop,
+    connect_service,
+    dead_letter,
+    disconnect,
+    ensure_consumer,
+    ensure_topology,
+    last_for_subject,
+)
 from polos.config import Settings
 
 log = logging.getLogger("polos.scheduler")
@@ -45,10 +56,10 @@ class Scheduler:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
-        self.names = jsl.Names(self.settings.prefix)
+        self.names = Names(self.settings.prefix)
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._loop: jsl.PullLoop | None = None
+        self._loop: PullLoop | None = None
         self._bg: list[asyncio.Task[None]] = []
         # figures for tests and the docs
         self.fired = 0
@@ -57,25 +68,30 @@ class Scheduler:
         self.cron_runs = 0
         self.lateness_ms: list[float] = []
         # Set when the server refuses the service credentials on a reconnect.
-        self.fatal = jsl.Fatal()
+        self.fatal = Fatal()
 
     @property
     def js(self) -> JetStreamContext:
         assert self._js is not None, "scheduler not started"
         return self._js
 
+    @property
+    def nc(self) -> NATS:
+        assert self._nc is not None, "scheduler not started"
+        return self._nc
+
     async def start(self) -> None:
-        self._nc = await jsl.connect_service(
+        self._nc = await connect_service(
             self.settings, name="polos-scheduler", on_fatal=self.fatal
         )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
         # The whole namespace's topology, not just the timers: a service creates it at start.
-        await jsl.ensure_topology(self._js, self.names, self.settings)
-        await jsl.ensure_consumer(
+        await ensure_topology(self._js, self.names, self.settings)
+        await ensure_consumer(
             self._js, self.names.timers_stream, DURABLE, f"{self.names.prefix}.timer.fire.>",
             ack_wait=self.settings.service_ack_wait,
         )
-        self._loop = jsl.PullLoop(
+        self._loop = PullLoop(
             self._nc, self.names.timers_stream, DURABLE, self._on_fire, capacity=256, name=DURABLE
         )
         self._loop.start()
@@ -88,7 +104,7 @@ class Scheduler:
             await self._loop.stop(drain_timeout=2.0)
         if self._nc is not None:
             with contextlib.suppress(Exception):
-                await jsl.close(self._nc)
+                await disconnect(self._nc)
 
     async def __aenter__(self) -> Scheduler:
         await self.start()
@@ -104,7 +120,7 @@ class Scheduler:
             body = orjson.loads(msg.data)
             kind = body["kind"]
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            await jsl.dead_letter(self.js, self.names, source="timer", reason=f"malformed timer: {exc}",
+            await dead_letter(self.js, self.names, source="timer", reason=f"malformed timer: {exc}",
                                   subject=msg.subject, data=msg.data)
             await self._done(msg)
             return
@@ -115,7 +131,7 @@ class Scheduler:
             elif kind == "cron":
                 await self._cron(body, msg)
             else:
-                await jsl.dead_letter(self.js, self.names, source="timer",
+                await dead_letter(self.js, self.names, source="timer",
                                       reason=f"unknown timer kind {kind!r}", subject=msg.subject,
                                       data=msg.data)
         except Exception:
@@ -169,7 +185,7 @@ class Scheduler:
         await self.js.publish(
             self.names.start_subject(workflow),
             orjson.dumps(payload),
-            headers={jsl.MSG_ID: f"start/{run_id}", "Polos-Client": "scheduler"},
+            headers={MSG_ID: f"start/{run_id}", "Polos-Client": "scheduler"},
         )
         self.cron_runs += 1
 
@@ -197,7 +213,7 @@ class Scheduler:
         if not spec or not name:
             return
         key = f"wf-{name}"
-        current = await jsl.last_for_subject(self.js._nc, self.names.timers_stream,
+        current = await last_for_subject(self.nc, self.names.timers_stream,
                                              self.names.cron_subject(key))
         if current is not None and current.data:  # empty: a deleted schedule's tombstone
             old = orjson.loads(current.data)
@@ -206,7 +222,7 @@ class Scheduler:
         try:
             await wt.put_schedule(self.js, self.names, key, name, spec, timezone=doc.get("timezone"))
         except ValueError as exc:
-            await jsl.dead_letter(self.js, self.names, source="schedule", reason=str(exc),
+            await dead_letter(self.js, self.names, source="schedule", reason=str(exc),
                                   subject=self.names.cron_subject(key), data=orjson.dumps(doc))
 
 

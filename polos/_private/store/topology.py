@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from polos._private.store.names import Names, kv_stream, object_stream
+from polos._private.store.natspy import connection_of
 from polos.config import Settings
 from polos.errors import TopologyMissingError
 
@@ -249,7 +250,7 @@ async def ensure_topology(js: JetStreamContext, names: Names, settings: Settings
     Service role only: other roles may not create streams. Workers and clients call
     ``check_topology``."""
     await asyncio.gather(*(_ensure_stream(js, row.config(names, settings)) for row in TOPOLOGY))
-    _checked.setdefault(js._nc, set()).add(names.prefix)
+    _checked.setdefault(connection_of(js), set()).add(names.prefix)
 
 
 # --------------------------------------------------------------------------- workers, clients
@@ -268,7 +269,7 @@ def missing(names: Names, name: str) -> TopologyMissingError:
 async def check_topology(js: JetStreamContext, names: Names) -> None:
     """Raise ``TopologyMissingError`` naming what is missing (or lacks subjects), once per
     connection. One stream-info request per row, all at once."""
-    done = _checked.setdefault(js._nc, set())
+    done = _checked.setdefault(connection_of(js), set())
     if names.prefix in done:
         return
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import re
 import socket
@@ -34,7 +35,6 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
 
-from polos._private import auth
 from polos.config import Settings
 from polos.errors import ConnectionFailedError
 
@@ -104,6 +104,21 @@ def classify(exc: BaseException, *, has_user: bool, timeout: float) -> tuple[str
     if isinstance(exc, OSError):
         return "unreachable", exc.strerror or text or type(exc).__name__
     return "error", text or type(exc).__name__
+
+
+def client_tls() -> ssl.SSLContext | None:
+    """A TLS context trusting ``$POLOS_TLS_CA`` (a self-made CA), or None to use the defaults.
+
+    ``tls://`` URLs work without it when the server's certificate chains to a public CA.
+    """
+    ca = os.environ.get("POLOS_TLS_CA")
+    if not ca:
+        return None
+    ctx = ssl.create_default_context(cafile=ca)
+    cert, key = os.environ.get("POLOS_TLS_CERT"), os.environ.get("POLOS_TLS_KEY")
+    if cert and key:  # mutual TLS, when the server verifies clients
+        ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 class _GiveUp(Exception):
@@ -237,7 +252,7 @@ class _Link:
 
     async def open(self) -> NATS:
         """One round over the servers: connected, or ConnectionFailedError."""
-        tls = auth.client_tls()  # None: nats-py's default context for tls:// URLs
+        tls = client_tls()  # None: nats-py's default context for tls:// URLs
         timeout = self.settings.request_timeout
         try:
             # A backstop only: every step of an attempt has its own timeout.
@@ -321,4 +336,19 @@ async def connect_service(
         return nc
 
 
-__all__ = ["Fatal", "classify", "connect", "connect_service", "display_url"]
+async def disconnect(nc: NATS, *, flush_timeout: float = 2.0) -> None:
+    """Close a connection whose owner has already stopped its own consumers.
+
+    Not ``drain()``: nats-py's drain waits (up to 30 s) for every subscription's pending
+    messages to be consumed, and an iterator subscription nobody reads any more (a KV watcher
+    of a cancelled task) never empties. Unacknowledged JetStream messages are redelivered to
+    another instance anyway; what matters is that our own publishes are flushed.
+    """
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.flush(), timeout=flush_timeout)
+    with contextlib.suppress(Exception):
+        await nc.close()
+
+
+
+__all__ = ["Fatal", "classify", "connect", "connect_service", "disconnect", "display_url"]

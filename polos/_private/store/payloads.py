@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.object_store import ObjectStore
 
-    from polos._private.jetstream import Names
+    from polos._private.store.names import Names
 
 HEADER = "Polos-Payload"
 # An external event whose data does not fit in one message: the body is empty and this header
