@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from polos._private.runtime import default_export_dir, settings_from_args, wait_for_signal
+from polos._private.ops.runtime import default_export_dir, settings_from_args, wait_for_signal
 
 from .export import ExportDirBusy, Exporter, ExportResult
 

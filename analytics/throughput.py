@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from polos import history as ev
-from polos._private.server import EmbeddedServer
+from polos._private.ops.server import EmbeddedServer
 from polos._private.store import Names, ensure_topology
 from polos._private.store import connect as connect_nats
 from polos.config import Settings

@@ -31,8 +31,8 @@ import orjson
 from nats.js.api import StorageType, StreamConfig
 
 from polos import history as ev
-from polos._private.runtime import terminate_all
-from polos._private.server import EmbeddedServer
+from polos._private.ops.runtime import terminate_all
+from polos._private.ops.server import EmbeddedServer
 from polos._private.store import (
     MSG_ID,
     Names,
@@ -363,7 +363,7 @@ class Bench:
 
     async def fig_replay(self) -> None:
         """Replay of a finished run with N recorded steps: read + fold + re-walk the code."""
-        from polos._private.execution import RunExecution
+        from polos._private.run.execution import RunExecution
         from polos.testing import PolosEnvironment
         from polos.workflow import WorkflowContext
 

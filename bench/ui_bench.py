@@ -27,8 +27,8 @@ from typing import Any
 import orjson
 
 from polos import PolosClient, Worker, WorkflowContext, workflow
-from polos._private import auth
-from polos._private.server import EmbeddedServer, default_config
+from polos._private.ops import auth
+from polos._private.ops.server import EmbeddedServer, default_config
 from polos._private.store import Names, connect, ensure_topology
 from polos.config import Settings
 from polos_ui import UIConfig, UIServer

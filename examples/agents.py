@@ -71,7 +71,7 @@ async def process_order(ctx: WorkflowContext, order: ProcessOrderInput) -> Proce
 
 async def main() -> None:
     from polos import history as ev
-    from polos._private import waiting
+    from polos._private.run import waits as waiting
     from polos.devllm import LABEL, DevLLM
     from polos.testing import EmbeddedServer, PolosEnvironment, fast_settings
 

@@ -3,8 +3,8 @@
 The public API is what ``__all__`` lists; ``tests/test_public_api.py`` pins it.
 """
 
-from polos._private.execution import current_step
-from polos._private.waiting import ChildHandle, ReceivedEvent, Resumed
+from polos._private.run.execution import current_step
+from polos._private.run.waits import ChildHandle, ReceivedEvent, Resumed
 from polos.agent import (
     Agent,
     AgentConfigError,

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import orjson
 import pydantic
 
-from polos._private import llm
-from polos._private.llm import (
+from polos._private.agents import provider as llm
+from polos._private.agents.memory import SharedMemory
+from polos._private.agents.provider import (
     PRICES,
     AgentConfigError,
     LLMRetry,
@@ -43,7 +44,6 @@ from polos._private.llm import (
     set_price,
     stream_subject,
 )
-from polos._private.memory import SharedMemory
 from polos._private.store import connect, disconnect
 from polos.converter import from_json, json_schema, to_json
 from polos.errors import PolosError
@@ -51,7 +51,7 @@ from polos.tools import Tool, as_tool
 from polos.workflow import WorkflowContext, workflow
 
 if TYPE_CHECKING:
-    from polos._private.execution import RunExecution
+    from polos._private.run.execution import RunExecution
     from polos.config import Settings
 
 T = TypeVar("T")
@@ -757,7 +757,7 @@ def _short_errors(exc: pydantic.ValidationError) -> str:
 
 async def run_agent_in_execution(execution: RunExecution, key: str, run: AgentRun) -> AgentResult[Any]:
     """Run an agent's loop in a run's own history under ``key`` (LLM and tool calls as steps)."""
-    from polos._private.llm import DurableRunner
+    from polos._private.agents.provider import DurableRunner
 
     if not isinstance(run, AgentRun):
         raise TypeError(
@@ -818,8 +818,7 @@ async def invoke_agent(execution: RunExecution, key: str, run: AgentRun, *, inli
             f"agent_invoke_and_wait({key!r}, ...) needs agent.with_input(...), got {type(run).__name__}"
         )
     get_agent(run.agent.name)  # two agents under one name would make the child run the wrong one
-    from polos._private import waiting
-
+    from polos._private.run import waits as waiting
     if not execution.is_replaying:
         await _warn_if_unserved(execution)
 

@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from polos import history as ev
-from polos._private import output
-from polos._private.instance import (
+from polos._private.cli import output
+from polos._private.ops.instance import (
     DataDirInUseError,
     DataDirLock,
     data_dir_from,
     leftover_server,
     running,
 )
-from polos._private.runtime import (
+from polos._private.ops.runtime import (
     load_workflows,
     run_until_signal,
     settings_from_args,
@@ -41,7 +41,7 @@ from polos.config import Settings
 from polos.errors import PolosError, WorkflowCancelledError, WorkflowFailedError
 
 if TYPE_CHECKING:
-    from polos._private.analytics_process import AnalyticsProcess
+    from polos._private.ops.analytics_process import AnalyticsProcess
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {}
@@ -74,8 +74,7 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 def _local_url(role: str, prefix: str, data_dir: Path) -> str | None:
     """The URL of the `polos up` running on ``data_dir``, with ``role``'s credentials."""
-    from polos._private import auth
-
+    from polos._private.ops import auth
     instance = running(data_dir)
     if instance is None or not instance.url:
         return None  # none runs there (a `url` file left by a killed one is stale)
@@ -156,7 +155,7 @@ def _add_up(p: argparse.ArgumentParser) -> None:
 def _analytics_child(args: argparse.Namespace, settings: Settings) -> AnalyticsProcess | None:
     """The analytics child `polos up` runs: the export unless --no-export, spans when OTEL_*
     ask for them; None for neither."""
-    from polos._private.analytics_process import AnalyticsProcess, otel_configured
+    from polos._private.ops.analytics_process import AnalyticsProcess, otel_configured
 
     otel = otel_configured()
     if not (args.export or otel):
@@ -175,7 +174,7 @@ def _analytics_child(args: argparse.Namespace, settings: Settings) -> AnalyticsP
 
 @command("up", "start nats-server (embedded) with the orchestrator and the scheduler")(_add_up)
 async def cmd_up(args: argparse.Namespace) -> int:
-    from polos._private.server import EmbeddedServer
+    from polos._private.ops.server import EmbeddedServer
     from polos_services.orchestrator import Orchestrator
     from polos_services.scheduler import Scheduler
 
@@ -190,8 +189,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
         lock = _lock_data_dir(data_dir)
         config = args.config
         if args.auth:
-            from polos._private import auth
-            from polos._private.server import default_config
+            from polos._private.ops import auth
+            from polos._private.ops.server import default_config
 
             creds, config = auth.secure_server_config(
                 data_dir, _settings(args).prefix, config or default_config()
@@ -743,7 +742,7 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 # Modules that add subcommands when imported.
-PLUGINS = ["polos._private.cli_ops", "polos._private.demo", "polos_bench", "polos._private.cli_analytics", "polos._private.cli_queues", "polos._private.cli_waiting", "polos_ui.cli"]
+PLUGINS = ["polos._private.cli.ops", "polos._private.cli.demo", "polos_bench", "polos._private.cli.analytics", "polos._private.cli.queues", "polos._private.cli.waiting", "polos_ui.cli"]
 
 
 def _load_plugins() -> None:

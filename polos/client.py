@@ -362,8 +362,7 @@ class PolosClient:
         (the resume is kept and applied when it does). A resume that cannot apply (unknown or
         finished run, key already resumed) raises ``CommandRejectedError`` and changes nothing.
         """
-        from polos._private import waiting
-
+        from polos._private.run import waits as waiting
         if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} is not valid")
         body: dict[str, Any] = {"data": to_json(data, what="the resume data")}
@@ -383,8 +382,7 @@ class PolosClient:
         """Cancel a run: its worker is interrupted at the next await, its children are
         cancelled, its timers and waits are cleared. Raises ``CommandRejectedError`` for an
         unknown or finished run."""
-        from polos._private import waiting
-
+        from polos._private.run import waits as waiting
         if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} is not valid")
         body = {"reason": reason} if reason is not None else {}
@@ -398,8 +396,7 @@ class PolosClient:
         """Publish an external event on ``topic`` (see docs/waiting.md for the subject it maps
         to); returns its sequence in the events stream. Same as a raw JSON publish; data too
         big for one message goes through the Object Store (docs/operations.md)."""
-        from polos._private import waiting
-
+        from polos._private.run import waits as waiting
         subject = waiting.event_subject(self.names, topic)
         encoded = orjson.dumps(to_json(data, what="the event data"))
         headers = None
@@ -420,22 +417,19 @@ class PolosClient:
         input: Any = None,
     ) -> dict[str, Any]:
         """Create (or replace) the keyed cron schedule ``key``: each firing starts one run."""
-        from polos._private import waiting
-
+        from polos._private.run import waits as waiting
         name = workflow.name if isinstance(workflow, WorkflowDefinition) else workflow
         return await waiting.put_schedule(
             self.js, self.names, key, name, cron, timezone=timezone, input=input
         )
 
     async def list_schedules(self) -> list[dict[str, Any]]:
-        from polos._private import waiting
-
+        from polos._private.run import waits as waiting
         return await waiting.list_schedules(self.nc, self.names)
 
     async def delete_schedule(self, key: str) -> bool:
         """Delete the keyed schedule; False if there was none."""
-        from polos._private import waiting
-
+        from polos._private.run import waits as waiting
         return await waiting.delete_schedule(self.js, self.names, key)
 
     async def waiting(self, limit: int = 100) -> list[RunInfo]:

@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from polos._private import auth
-from polos._private.server import EmbeddedServer, default_config, server_binary
+from polos._private.ops import auth
+from polos._private.ops.server import EmbeddedServer, default_config, server_binary
 from polos._private.store import Names, connect, disconnect, ensure_topology
 from polos.client import PolosClient
 from polos.config import Settings

@@ -32,10 +32,10 @@ from nats.js.kv import KeyValue
 
 from polos import history as ev
 from polos._private import limits
-from polos._private.execution import RunExecution, error_info
 from polos._private.limits import register_queues, run_holding_slots
 from polos._private.model.aio import cancel_and_wait
-from polos._private.signals import Suspend
+from polos._private.run.execution import RunExecution, error_info
+from polos._private.run.signals import Suspend
 from polos._private.store import (
     AppendUnavailable,
     Fatal,

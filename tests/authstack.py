@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from polos import PolosClient, Worker
-from polos._private import auth
-from polos._private.server import default_config
+from polos._private.ops import auth
+from polos._private.ops.server import default_config
 from polos.config import Settings
 from polos.testing import EmbeddedServer, fast_settings
 

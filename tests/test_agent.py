@@ -28,7 +28,7 @@ from polos import (
     workflow,
 )
 from polos import history as ev
-from polos._private import waiting
+from polos._private.run import waits as waiting
 from polos._private.store import load_state
 from polos.agent import AgentRequest, AgentResult, agent_workflow, stream_subject
 from polos.devllm import DevLLM, Reply

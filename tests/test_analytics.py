@@ -20,7 +20,7 @@ import pytest
 import polos_analytics as analytics
 from polos import NO_RETRY, RetryPolicy, WorkflowContext, workflow
 from polos import history as ev
-from polos._private.cli_analytics import cmd_analytics, cmd_sql, cmd_trace
+from polos._private.cli.analytics import cmd_analytics, cmd_sql, cmd_trace
 from polos._private.store import Names, append, load_state
 from polos_analytics.export import Exporter
 from tests.helpers import until

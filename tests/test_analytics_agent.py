@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import polos_analytics as analytics
 from polos import Agent, WorkflowContext, workflow
-from polos._private.cli_analytics import trace_lines
+from polos._private.cli.analytics import trace_lines
 from polos._private.telemetry import SpanFollower, trace_id_for
 from polos.agent import agent_workflow
 from polos.devllm import DevLLM, Reply

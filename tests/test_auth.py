@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from polos import PolosClient, Worker, WorkflowContext, workflow
-from polos._private import auth
-from polos._private.server import default_config
+from polos._private.ops import auth
+from polos._private.ops.server import default_config
 from polos._private.store import Names, connect, ensure_topology
 from polos.testing import EmbeddedServer, fast_settings
 

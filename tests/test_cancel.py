@@ -12,7 +12,7 @@ import pytest
 
 from polos import CommandRejectedError, WorkflowCancelledError, WorkflowContext, workflow
 from polos import history as ev
-from polos._private import waiting as wt
+from polos._private.run import waits as wt
 from polos._private.store import connect, read_subject
 from tests import authstack
 from tests.authstack import Stack

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from polos import PolosClient
-from polos._private.runtime import terminate_all
+from polos._private.ops.runtime import terminate_all
 from polos._private.store import load_state
 from polos.testing import SecuredServer, create_topology
 from tests.helpers import ROOT, marks, spawn

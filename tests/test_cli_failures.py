@@ -27,8 +27,8 @@ import nats
 import pytest
 
 from polos import PolosClient
-from polos._private import auth
-from polos._private.server import EmbeddedServer, default_config
+from polos._private.ops import auth
+from polos._private.ops.server import EmbeddedServer, default_config
 from polos.testing import PolosEnvironment, fast_settings
 from tests.helpers import ROOT, stop, until
 from tests.workflows.marked import marked

@@ -33,7 +33,7 @@ import orjson
 import pytest
 
 from polos import RetryPolicy, WorkflowContext, workflow
-from polos._private import waiting as wt
+from polos._private.run import waits as wt
 from polos_analytics.export import Exporter
 from polos_analytics.sql import VIEWS_FILE
 from tests.helpers import ROOT, spawn, stop
@@ -245,7 +245,7 @@ async def test_up_runs_the_span_follower_when_otel_configures_an_exporter(tmp_pa
 
 
 def test_otel_configured_reads_the_standard_variables() -> None:
-    from polos._private.analytics_process import otel_configured
+    from polos._private.ops.analytics_process import otel_configured
 
     assert not otel_configured({})  # OpenTelemetry's default (OTLP to localhost): not started
     assert otel_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from polos import WorkflowContext, workflow
-from polos._private.cluster import CONFIG_DIR, DEFAULT_PORTS, LocalCluster, render_config
+from polos._private.ops.cluster import CONFIG_DIR, DEFAULT_PORTS, LocalCluster, render_config
 from polos._private.store import load_state
 from polos.testing import PolosEnvironment, fast_settings
 

@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from polos import history as ev
-from polos._private import auth
+from polos._private.ops import auth
 from polos._private.store import DLQ_SOURCES, Names, dead_letter, ensure_topology
 from polos._private.store.topology import CORE_SUBJECTS, TOPOLOGY
 from polos.config import Settings

@@ -329,8 +329,7 @@ async def test_a_run_woken_on_the_worker_that_suspended_it_reads_only_the_wake(
 async def test_a_wake_whose_waker_died_before_dispatching_is_dispatched_by_the_hook(
     env_factory: Any,
 ) -> None:
-    from polos._private import waiting as wt
-
+    from polos._private.run import waits as wt
     env = await env_factory([hot_suspends])
     names = Names(env.settings.prefix)
     tag = uuid.uuid4().hex[:8]

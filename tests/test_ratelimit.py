@@ -23,8 +23,8 @@ import pytest
 from polos import Queue, RateLimit, WorkflowContext, workflow
 from polos import history as ev
 from polos._private import limits
+from polos._private.agents.provider import estimate_request_tokens
 from polos._private.limits import TokenLimiter, retry_after_seconds
-from polos._private.llm import estimate_request_tokens
 from polos.agent import Agent
 from polos.config import Settings
 from polos.devllm import DevLLM

@@ -11,7 +11,7 @@ import nats.js.errors
 import pyarrow.parquet as pq
 
 from polos import WorkflowContext, workflow
-from polos._private.retention import archive_exported_runs
+from polos._private.ops.retention import archive_exported_runs
 from polos._private.store import payloads, read_history
 from polos.errors import RunNotFoundError
 from polos_analytics.export import Exporter, exported_upto

@@ -21,7 +21,8 @@ import orjson
 import pytest
 
 from polos import Agent, PolosClient, Queue, RateLimit, Worker, WorkflowContext, workflow
-from polos._private import auth, limits
+from polos._private import limits
+from polos._private.ops import auth
 from polos._private.store import (
     TOPOLOGY,
     Names,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from polos import RetryPolicy, WorkflowContext, workflow
-from polos._private import waiting as wt
+from polos._private.run import waits as wt
 from polos._private.store import append
 from polos.testing import PolosEnvironment, SecuredServer
 from polos_services.scheduler import Scheduler

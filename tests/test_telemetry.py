@@ -21,8 +21,8 @@ from opentelemetry.trace import StatusCode
 
 from polos import PolosClient, Worker
 from polos import history as ev
-from polos._private import auth
-from polos._private.server import default_config
+from polos._private.ops import auth
+from polos._private.ops.server import default_config
 from polos._private.store import Names, append, connect, load_state
 from polos._private.telemetry import (
     POSITION_KEY,

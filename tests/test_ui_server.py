@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from polos import WorkflowContext, workflow
-from polos._private import auth
+from polos._private.ops import auth
 from polos._private.store import connect
 from polos_ui.projection import Query
 from tests.helpers import ROOT

@@ -18,7 +18,7 @@ from polos import (
     WorkflowContext,
     workflow,
 )
-from polos._private import waiting as wt
+from polos._private.run import waits as wt
 from tests.helpers import until
 
 CALLS: dict[str, int] = {}

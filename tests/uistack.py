@@ -25,8 +25,8 @@ import pytest
 import pytest_asyncio
 
 from polos import PolosClient, Worker
-from polos._private import auth
-from polos._private.server import default_config
+from polos._private.ops import auth
+from polos._private.ops.server import default_config
 from polos.config import Settings
 from polos.devllm import DevLLM
 from polos.testing import EmbeddedServer, fast_settings

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from polos._private.runtime import run_until_signal
+from polos._private.ops.runtime import run_until_signal
 from polos.cli import _data_dir, _settings, command
 from polos.config import Settings
 

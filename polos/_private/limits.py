@@ -41,7 +41,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from polos import history as ev
-from polos._private.signals import Suspend
+from polos._private.model.values import Queue, RateLimit
+from polos._private.run.signals import Suspend
 from polos._private.store import (
     EXPECTED_LAST_SUBJECT_SEQ,
     WRONG_LAST_SEQUENCE,
@@ -54,12 +55,11 @@ from polos._private.store import (
     valid_token,
 )
 from polos._private.store.names import kv_stream
-from polos.queues import Queue, RateLimit
 
 if TYPE_CHECKING:
-    from polos._private.execution import RunExecution
+    from polos._private.model.values import WorkflowDefinition
+    from polos._private.run.execution import RunExecution
     from polos.config import Settings
-    from polos.workflow import WorkflowDefinition
 
 log = logging.getLogger("polos.limits")
 

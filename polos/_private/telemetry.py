@@ -64,7 +64,7 @@ from opentelemetry.trace import (
 )
 
 from polos import history as ev
-from polos._private.llm import LLMTotals, children_named, decision_of
+from polos._private.agents.provider import LLMTotals, children_named, decision_of
 from polos._private.store import (
     Names,
     StoredMsg,

@@ -58,6 +58,7 @@ import orjson
 from polos import history as ev
 from polos._private import limits
 from polos._private.model.aio import cancel_and_wait
+from polos._private.model.values import Queue
 from polos._private.store import (
     MSG_ID,
     FencedOut,
@@ -69,7 +70,6 @@ from polos._private.store import (
     read_subject,
     retry_transient,
 )
-from polos.queues import Queue
 
 if TYPE_CHECKING:
     from .orchestrator import Orchestrator

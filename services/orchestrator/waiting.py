@@ -21,7 +21,7 @@ import orjson
 from nats.aio.msg import Msg
 
 from polos import history as ev
-from polos._private import waiting as wt
+from polos._private.run import waits as wt
 from polos._private.store import (
     MSG_ID,
     FencedOut,

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from polos import WorkflowContext, workflow
-from polos._private import waiting as wt
-from polos._private.server import EmbeddedServer
+from polos._private.ops.server import EmbeddedServer
+from polos._private.run import waits as wt
 from polos.testing import PolosEnvironment, fast_settings
 
 

@@ -29,8 +29,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from polos._private import waiting as wt
 from polos._private.model.aio import cancel_and_wait
+from polos._private.run import waits as wt
 from polos._private.store import (
     MSG_ID,
     Fatal,

@@ -11,7 +11,7 @@ import time
 from pydantic import BaseModel
 
 from polos import RetryPolicy, WorkflowContext, workflow
-from polos._private.execution import current_step
+from polos._private.run.execution import current_step
 
 
 class ChaosJob(BaseModel):

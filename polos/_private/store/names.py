@@ -103,7 +103,7 @@ class Names:
 
     @property
     def memory_bucket(self) -> str:
-        """Agents' shared memory (polos/_private/memory.py)."""
+        """Agents' shared memory (polos/_private/agents/memory.py)."""
         return f"{self.prefix}_memory"
 
     @property

@@ -5,7 +5,7 @@ Only the service role creates or updates the topology (``ensure_topology``: the 
 the scheduler, the exporters at start, ``polos up`` before it says it is up, ``polos init``).
 Workers and clients never do: they ``check_topology`` once per connection, which turns "not
 there" into one line naming what is missing and how to create it, instead of a timeout on a
-request their user may not make. ``polos._private.auth`` generates every role's NATS
+request their user may not make. ``polos._private.ops.auth`` generates every role's NATS
 permissions from ``TOPOLOGY`` and ``CORE_SUBJECTS``, so a new bucket is granted where it is
 declared, or nowhere.
 """

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polos._private.runtime import terminate_all
-from polos._private.server import EmbeddedServer
+from polos._private.ops.runtime import terminate_all
+from polos._private.ops.server import EmbeddedServer
 from polos.cli import command, timeline
 from polos.client import PolosClient, RunHandle
 from polos.config import Settings

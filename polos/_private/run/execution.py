@@ -17,17 +17,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from polos import history as ev
+from polos._private.model.values import DEFAULT_STEP_RETRY, RetryPolicy, StepInfo
 from polos._private.store import Names, append
 from polos.converter import from_json, return_type, to_json
 from polos.errors import NonDeterminismError, SerializationError, StepFailedError
-from polos.workflow import DEFAULT_STEP_RETRY, RetryPolicy, StepInfo
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
     from nats.js import JetStreamContext
 
+    from polos._private.model.values import WorkflowDefinition
     from polos.config import Settings
-    from polos.workflow import WorkflowDefinition
 
 _current_step: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
     "polos_current_step", default=None
@@ -309,7 +309,7 @@ class RunExecution:
                     )
                     if delay > self.settings.local_retry_limit:
                         # A long back-off waits in the scheduler: the run holds no worker.
-                        from polos._private.waiting import retry_later
+                        from polos._private.run.waits import retry_later
 
                         retry_later(self, step_id, attempt, delay)
                     await asyncio.sleep(delay)

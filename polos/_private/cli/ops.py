@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from polos._private import auth
-from polos._private.instance import running
-from polos._private.runtime import default_export_dir
+from polos._private.ops import auth
+from polos._private.ops.instance import running
+from polos._private.ops.runtime import default_export_dir
 from polos._private.store import connect, disconnect
 from polos.cli import _data_dir, _settings, command
 from polos.client import PolosClient
@@ -115,7 +115,7 @@ def _add_retention(p: argparse.ArgumentParser) -> None:
 
 @command("retention", "remove finished, exported runs from the hot history stream")(_add_retention)
 async def cmd_retention(args: argparse.Namespace) -> int:
-    from polos._private.retention import archive_exported_runs
+    from polos._private.ops.retention import archive_exported_runs
     from polos_analytics.export import exported_upto
 
     export_dir = Path(args.export_dir or default_export_dir(_data_dir(args)))

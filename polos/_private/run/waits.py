@@ -31,7 +31,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from polos import history as ev
-from polos._private.signals import Suspend
+from polos._private.run.signals import Suspend
 from polos._private.store import (
     MSG_ID,
     REPLY_HEADER,
@@ -49,7 +49,7 @@ from polos.converter import from_json, to_json
 from polos.errors import ChildWorkflowError, WaitTimeoutError
 
 if TYPE_CHECKING:
-    from polos._private.execution import RunExecution
+    from polos._private.run.execution import RunExecution
 
 # The kinds of RunSuspended this module owns (admission owns "slot" and "rate"; an LLM step's
 # "rate" wait, with its wake_at, is a timer like a sleep: limits.reserve_for_step).
@@ -305,7 +305,7 @@ def retry_later(x: RunExecution, step_id: str, attempt: int, delay: float) -> No
 
 
 def _wf_name(wf: Any) -> tuple[str, Any]:
-    from polos.workflow import WorkflowDefinition
+    from polos._private.model.values import WorkflowDefinition
 
     if isinstance(wf, WorkflowDefinition):
         return wf.name, wf.output_type

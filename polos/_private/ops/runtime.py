@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from polos._private.model.aio import cancel_and_wait
+from polos._private.model.values import WorkflowDefinition
 from polos.config import Settings
-from polos.workflow import WorkflowDefinition
 
 
 class Service(Protocol):

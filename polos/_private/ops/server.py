@@ -17,7 +17,7 @@ from pathlib import Path
 
 # The project's nats.conf, shipped inside the package (a link to the repository's top-level
 # file), so an installed `polos up` runs the same server configuration as the repository.
-PACKAGED_CONFIG = Path(__file__).resolve().with_name("nats.conf")
+PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "nats.conf"
 
 
 def server_binary() -> str:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
     from nats.js import JetStreamContext
 
-    from polos._private.execution import RunExecution
+    from polos._private.run.execution import RunExecution
 
 
 class AgentConfigError(PolosError):
