@@ -254,8 +254,8 @@ async def test_admission_races_and_a_dead_admitter_neither_leak_nor_double_grant
     deadline = time.monotonic() + 10
     while not entries:
         assert time.monotonic() < deadline, "the run never got in line"
-        entries = await read_subject(a.client.nc, limits.admit_stream(a.client.names),
-                                         limits.admit_filter(a.client.names, "cc_crash"))
+        entries = await read_subject(a.client.nc, a.client.names.admit_stream,
+                                         a.client.names.admit_filter("cc_crash"))
         await asyncio.sleep(0.01)
     adm_a, adm_b = a.orchestrator.admission, b.orchestrator.admission
     for adm in (adm_a, adm_b):
@@ -288,8 +288,8 @@ async def test_admission_races_and_a_dead_admitter_neither_leak_nor_double_grant
     subject = a.client.names.task_subject("cc_crash")
     tasks = await a.client.js.stream_info(a.client.names.tasks_stream, subjects_filter=subject)
     assert (tasks.state.subjects or {}).get(subject) == 1  # one task, for this one run
-    left = await read_subject(a.client.nc, limits.admit_stream(a.client.names),
-                                  limits.admit_filter(a.client.names, "cc_crash"))
+    left = await read_subject(a.client.nc, a.client.names.admit_stream,
+                                  a.client.names.admit_filter("cc_crash"))
     assert left == []
     info = await a.client.get(h.run_id)
     assert info.status == "queued"  # admitted, waiting for a worker
@@ -403,8 +403,8 @@ async def test_an_admission_whose_task_was_never_published_is_repaired_from_the_
     deadline = time.monotonic() + 10
     while not entries:
         assert time.monotonic() < deadline, "the run never got in line"
-        entries = await read_subject(a.client.nc, limits.admit_stream(a.client.names),
-                                         limits.admit_filter(a.client.names, "cc_repair"))
+        entries = await read_subject(a.client.nc, a.client.names.admit_stream,
+                                         a.client.names.admit_filter("cc_repair"))
         await asyncio.sleep(0.01)
     adm = a.orchestrator.admission
     adm._stopping = True  # no passes: this test plays the admitter that dies

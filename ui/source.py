@@ -110,7 +110,7 @@ async def queue_rows(client: PolosClient) -> tuple[list[dict[str, Any]], list[di
     stats = await limits.queue_stats(client.nc, client.js, client.names)
     queues: dict[str, dict[str, Any]] = {}
     rates: list[dict[str, Any]] = []
-    for key, doc in await _bucket_entries(client, limits.queues_bucket(client.names)):
+    for key, doc in await _bucket_entries(client, client.names.queues_bucket):
         if not isinstance(doc, dict):
             continue
         kind, _, name = key.partition(".")

@@ -210,12 +210,12 @@ class Admission:
         # limit only makes the run wait behind its own key.
         shared = queue.concurrency is not None or queue.rate_limit is not None
         subject = (
-            limits.admit_filter(self.names, queue.name)
+            self.names.admit_filter(queue.name)
             if shared
-            else limits.admit_subject(self.names, queue.name, ktok)
+            else self.names.admit_subject(queue.name, ktok)
         )
         msgs = await read_subject(
-            self.orch.nc, limits.admit_stream(self.names), subject, limit=1
+            self.orch.nc, self.names.admit_stream, subject, limit=1
         )
         return bool(msgs)
 
@@ -310,7 +310,7 @@ class Admission:
         key = key or limits.DEFAULT_KEY
         body = {"run_id": run_id, "workflow": workflow, "queue": queue_name, "key": key,
                 "wait_seq": seq, "at": event.at}
-        subject = limits.admit_subject(self.names, str(queue_name), limits.token(key))
+        subject = self.names.admit_subject(str(queue_name), limits.token(key))
         payload, headers = orjson.dumps(body), {MSG_ID: f"{run_id}/q/{seq}"}
         timeout = self.settings.request_timeout
         await retry_transient(
@@ -379,8 +379,8 @@ class Admission:
     async def admission_pass(self, queue_name: str) -> int:
         """Admit as many waiting runs of the queue as slots and rate allow. Returns how many."""
         msgs = await read_subject(
-            self.orch.nc, limits.admit_stream(self.names),
-            limits.admit_filter(self.names, queue_name), limit=5000,
+            self.orch.nc, self.names.admit_stream,
+            self.names.admit_filter(queue_name), limit=5000,
         )
         if not msgs:
             return 0
@@ -485,7 +485,7 @@ class Admission:
     async def _drop_entry(self, pseq: int) -> None:
         with contextlib.suppress(Exception):
             await self.orch.nc.request(
-                f"$JS.API.STREAM.MSG.DELETE.{limits.admit_stream(self.names)}",
+                f"$JS.API.STREAM.MSG.DELETE.{self.names.admit_stream}",
                 orjson.dumps({"seq": pseq, "no_erase": True}),
                 timeout=self.settings.request_timeout,
             )
@@ -497,7 +497,7 @@ class Admission:
             await asyncio.sleep(interval)
             try:
                 info = await self.orch.js.stream_info(
-                    limits.admit_stream(self.names), subjects_filter=limits.admit_filter(self.names)
+                    self.names.admit_stream, subjects_filter=self.names.admit_filter()
                 )
             except Exception:
                 continue
