@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from polos import history as ev
+from polos._private.run import timers
 from polos._private.store import (
     MSG_ID,
     Names,
@@ -36,6 +37,8 @@ from polos._private.store import (
     valid_token,
 )
 from polos._private.store import check_topology as require_topology
+from polos._private.store.commands import send_command
+from polos._private.store.tokens import event_subject, resume_subject
 from polos.config import Settings
 from polos.converter import from_json, to_json
 from polos.errors import RunNotFoundError, WorkflowCancelledError, WorkflowFailedError
@@ -362,7 +365,6 @@ class PolosClient:
         (the resume is kept and applied when it does). A resume that cannot apply (unknown or
         finished run, key already resumed) raises ``CommandRejectedError`` and changes nothing.
         """
-        from polos._private.run import waits as waiting
         if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} is not valid")
         body: dict[str, Any] = {"data": to_json(data, what="the resume data")}
@@ -370,8 +372,8 @@ class PolosClient:
             # Too big for a command message: the data travels through the Object Store.
             ref = await payloads.put_value(self.js, self.names, run_id, orjson.dumps(body["data"]))
             body = {"data_ref": ref}
-        return await waiting.send_command(
-            self.nc, self.js, waiting.resume_subject(self.names, run_id, key), body,
+        return await send_command(
+            self.nc, self.js, resume_subject(self.names, run_id, key), body,
             msg_id=f"resume/{run_id}/{uuid.uuid4().hex}",
             timeout=timeout or self.settings.request_timeout,
         )
@@ -382,11 +384,10 @@ class PolosClient:
         """Cancel a run: its worker is interrupted at the next await, its children are
         cancelled, its timers and waits are cleared. Raises ``CommandRejectedError`` for an
         unknown or finished run."""
-        from polos._private.run import waits as waiting
         if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} is not valid")
         body = {"reason": reason} if reason is not None else {}
-        return await waiting.send_command(
+        return await send_command(
             self.nc, self.js, self.names.cancel_subject(run_id), body,
             msg_id=f"cancel/{run_id}/{uuid.uuid4().hex}",
             timeout=timeout or self.settings.request_timeout,
@@ -396,8 +397,7 @@ class PolosClient:
         """Publish an external event on ``topic`` (see docs/waiting.md for the subject it maps
         to); returns its sequence in the events stream. Same as a raw JSON publish; data too
         big for one message goes through the Object Store (docs/operations.md)."""
-        from polos._private.run import waits as waiting
-        subject = waiting.event_subject(self.names, topic)
+        subject = event_subject(self.names, topic)
         encoded = orjson.dumps(to_json(data, what="the event data"))
         headers = None
         if len(encoded) > payloads.inline_limit(self.nc):
@@ -417,20 +417,17 @@ class PolosClient:
         input: Any = None,
     ) -> dict[str, Any]:
         """Create (or replace) the keyed cron schedule ``key``: each firing starts one run."""
-        from polos._private.run import waits as waiting
         name = workflow.name if isinstance(workflow, WorkflowDefinition) else workflow
-        return await waiting.put_schedule(
+        return await timers.put_schedule(
             self.js, self.names, key, name, cron, timezone=timezone, input=input
         )
 
     async def list_schedules(self) -> list[dict[str, Any]]:
-        from polos._private.run import waits as waiting
-        return await waiting.list_schedules(self.nc, self.names)
+        return await timers.list_schedules(self.nc, self.names)
 
     async def delete_schedule(self, key: str) -> bool:
         """Delete the keyed schedule; False if there was none."""
-        from polos._private.run import waits as waiting
-        return await waiting.delete_schedule(self.js, self.names, key)
+        return await timers.delete_schedule(self.js, self.names, key)
 
     async def waiting(self, limit: int = 100) -> list[RunInfo]:
         """Runs suspended for a human (``ctx.step.suspend``), with the data they showed."""

@@ -26,6 +26,7 @@ from polos._private.model.values import (
     StepInfo,
     WorkflowDefinition,
 )
+from polos._private.run import waits as waiting
 from polos._private.run.definitions import registered_workflows, workflow
 
 if TYPE_CHECKING:
@@ -97,7 +98,6 @@ class Step:
         ``data`` is shown to whoever resumes (``polos runs --waiting``). After ``timeout``
         seconds without a resume, ``WaitTimeoutError`` is raised here.
         """
-        from polos._private.run import waits as waiting
         return await waiting.suspend(self._x, key, data, timeout)
 
     async def wait_for_event(
@@ -105,32 +105,26 @@ class Step:
     ) -> ReceivedEvent:
         """The first event on ``topic`` published after the run started (after the previous
         wait on the same topic, in a loop) - waiting for it if none has come yet."""
-        from polos._private.run import waits as waiting
         return await waiting.wait_for_event(self._x, key, topic, timeout)
 
     async def sleep(self, key: str, duration: float | timedelta) -> None:
         """A durable sleep: the scheduler wakes the run; no worker waits."""
-        from polos._private.run import waits as waiting
         await waiting.sleep(self._x, key, duration)
 
     async def sleep_until(self, key: str, when: datetime) -> None:
-        from polos._private.run import waits as waiting
         await waiting.sleep_until(self._x, key, when)
 
     async def invoke(self, key: str, workflow: Any, input: Any = None) -> ChildHandle:
         """Start a child run (exactly once for this step) without waiting for it."""
-        from polos._private.run import waits as waiting
         return await waiting.invoke(self._x, key, workflow, input)
 
     async def invoke_and_wait(self, key: str, workflow: Any, input: Any = None) -> Any:
         """Run a child workflow and return its output; the parent waits without a worker.
         A failed or cancelled child raises ``ChildWorkflowError``."""
-        from polos._private.run import waits as waiting
         return await waiting.invoke_and_wait(self._x, key, workflow, input)
 
     async def batch_invoke_and_wait(self, key: str, items: Iterable[tuple[Any, Any]]) -> list[Any]:
         """Fan out ``(workflow, input)`` pairs as child runs, fan in their outputs (in order)."""
-        from polos._private.run import waits as waiting
         return await waiting.batch_invoke_and_wait(self._x, key, items)
 
 
@@ -168,10 +162,8 @@ class WorkflowContext:
         run, to put in an email or a chat message before suspending; the suspend's data
         carries it too, as ``_approval_url``. None when the worker does not know the UI's URL
         (``POLOS_UI_URL``; workers started beside ``polos up`` do). See docs/ui.md."""
-        from polos._private.run.waits import approval_url
-
         base = self._x.settings.ui_url
-        return approval_url(base, self._x.run_id, self._x.next_step_id(key)) if base else None
+        return waiting.approval_url(base, self._x.run_id, self._x.next_step_id(key)) if base else None
 
     async def patched(self, patch_id: str) -> bool:
         """Roll out a code change safely: ``if await ctx.patched("v2"): new() else: old()``.

@@ -29,6 +29,7 @@ from polos import (
 )
 from polos import history as ev
 from polos._private.run import waits as waiting
+from polos._private.run.wake import wake
 from polos._private.store import load_state
 from polos.agent import AgentRequest, AgentResult, agent_workflow, stream_subject
 from polos.devllm import DevLLM, Reply
@@ -468,7 +469,7 @@ async def _resume(env: Any, run_id: str, key: str, data: Any) -> None:
         return
 
     state = await load_state(env.client.nc, env.client.names, run_id)
-    seq = await waiting.wake(
+    seq = await wake(
         env.client.js, env.client.names, run_id, key, expected_seq=state.last_seq,
         reason="resume", cause="resume", kind="suspend",
         output={"data": data, "at": 0.0}, workflow=state.workflow,

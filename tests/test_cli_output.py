@@ -33,7 +33,7 @@ import orjson
 import pytest
 
 from polos import RetryPolicy, WorkflowContext, workflow
-from polos._private.run import waits as wt
+from polos._private.store.tokens import resume_subject
 from polos_analytics.export import Exporter
 from polos_analytics.sql import VIEWS_FILE
 from tests.helpers import ROOT, spawn, stop
@@ -391,7 +391,7 @@ async def test_dlq_shows_the_whole_reason_the_run_and_the_payload(
     handle = await env.client.start(w_approval, {"id": "dlq-1", "amount": 3})
     await until_status(env, handle.run_id, "suspended")
     field = "a_field_name_long_enough_that_the_reason_goes_well_past_sixty_characters"
-    await env.client.js.publish(wt.resume_subject(env.client.names, handle.run_id, "approval"),
+    await env.client.js.publish(resume_subject(env.client.names, handle.run_id, "approval"),
                                 orjson.dumps({field: {"approved": True}}))
     deadline = time.monotonic() + 20
     while not any(field in d["reason"] for d in await env.client.dead_letters()):

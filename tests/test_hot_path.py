@@ -329,7 +329,7 @@ async def test_a_run_woken_on_the_worker_that_suspended_it_reads_only_the_wake(
 async def test_a_wake_whose_waker_died_before_dispatching_is_dispatched_by_the_hook(
     env_factory: Any,
 ) -> None:
-    from polos._private.run import waits as wt
+    from polos._private.run.wake import wake
     env = await env_factory([hot_suspends])
     names = Names(env.settings.prefix)
     tag = uuid.uuid4().hex[:8]
@@ -337,7 +337,7 @@ async def test_a_wake_whose_waker_died_before_dispatching_is_dispatched_by_the_h
     await _until_suspended(env, handle.run_id)
     state = await load_state(env.client.nc, names, handle.run_id)
     # A waker in another process appends the wake and dies before it dispatches the task.
-    woke = await wt.wake(
+    woke = await wake(
         env.orchestrator.js, names, handle.run_id, "more", expected_seq=state.last_seq,
         reason="resumed", cause="test", kind="suspend", output={"data": {"n": 7}, "seq": 0},
         workflow="hot_suspends",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from polos import RetryPolicy, WorkflowContext, workflow
-from polos._private.run import waits as wt
+from polos._private.run.wake import wake
 from polos._private.store import append
 from polos.testing import PolosEnvironment, SecuredServer
 from polos_services.scheduler import Scheduler
@@ -139,7 +139,7 @@ async def test_stale_timer_changes_nothing(env_factory: Any) -> None:
     await append(js, names, run, ev.RunClaimed(run_id=run, worker_id="w", attempt=1),
                      expected_last_seq=seq, msg_id="c")
     # The timer was armed for the state at ``seq``; the run moved on since.
-    assert await wt.wake(js, names, run, "s", expected_seq=seq, reason="t", cause="timer",
+    assert await wake(js, names, run, "s", expected_seq=seq, reason="t", cause="timer",
                          kind="sleep") is None
     assert len(await env.client.history(run)) == 2
 

@@ -19,6 +19,12 @@ from polos import (
     workflow,
 )
 from polos._private.run import waits as wt
+from polos._private.store.tokens import (
+    event_subject,
+    resume_subject,
+    topic_from_subject,
+    topic_tokens,
+)
 from tests.helpers import until
 
 CALLS: dict[str, int] = {}
@@ -75,12 +81,12 @@ async def w_event_timeout(ctx: WorkflowContext) -> str:
 def test_topic_tokens_are_reversible() -> None:
     names = wt.Names("polos")
     for topic in ("warehouse.pickup/42", "a.b c.d*e>f", "ünï.cödé", "x=y.z"):
-        subject = wt.event_subject(names, topic)
+        subject = event_subject(names, topic)
         assert " " not in subject and "*" not in subject.split(".", 2)[2]
-        assert wt.topic_from_subject(names, subject) == topic
-    assert wt.event_subject(names, "warehouse.pickup/42") == "polos.event.warehouse.pickup=2F42"
+        assert topic_from_subject(names, subject) == topic
+    assert event_subject(names, "warehouse.pickup/42") == "polos.event.warehouse.pickup=2F42"
     with pytest.raises(ValueError):
-        wt.topic_tokens("a..b")
+        topic_tokens("a..b")
 
 
 async def test_suspend_holds_no_worker_and_resume_continues(env_factory: Any) -> None:
@@ -130,14 +136,14 @@ async def test_resume_errors_are_clear_and_dead_lettered(env_factory: Any) -> No
     handle = await env.client.start(w_approval, {"id": "o3", "amount": 1})
     await until_status(env, handle.run_id, "suspended")
     # A raw publish with a bad body: dead-lettered, the run unchanged.
-    await env.client.js.publish(wt.resume_subject(env.client.names, handle.run_id, "approval"),
+    await env.client.js.publish(resume_subject(env.client.names, handle.run_id, "approval"),
                                 b'{"approved": true}')
     await asyncio.sleep(0.3)
     assert (await env.client.get(handle.run_id)).status == "suspended"
     letters = await env.client.dead_letters()
     assert any("unknown field" in d["reason"] for d in letters)
     # A raw, well-formed resume works like the client's.
-    await env.client.js.publish(wt.resume_subject(env.client.names, handle.run_id, "approval"),
+    await env.client.js.publish(resume_subject(env.client.names, handle.run_id, "approval"),
                                 orjson.dumps({"data": {"approved": False}}))
     assert (await handle.result(timeout=20))["approved"] is False
 

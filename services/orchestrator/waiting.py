@@ -22,6 +22,8 @@ from nats.aio.msg import Msg
 
 from polos import history as ev
 from polos._private.run import waits as wt
+from polos._private.run.timers import clear_timers, schedule_timer
+from polos._private.run.wake import first_event_after, wake
 from polos._private.store import (
     MSG_ID,
     FencedOut,
@@ -36,6 +38,12 @@ from polos._private.store import (
     payloads,
     read_subject,
     valid_token,
+)
+from polos._private.store.tokens import (
+    decode_token,
+    resume_subject,
+    topic_from_subject,
+    topic_tokens,
 )
 
 from .orchestrator import (
@@ -109,7 +117,7 @@ async def _resume_data(orch: Orchestrator, run_id: str, body: dict[str, Any]) ->
 async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int, Any] | None:
     """The first well-formed resume stored for the run's step: the one that applies."""
     msgs = await read_subject(
-        orch.nc, orch.names.cmd_stream, wt.resume_subject(orch.names, run_id, key), limit=20
+        orch.nc, orch.names.cmd_stream, resume_subject(orch.names, run_id, key), limit=20
     )
     for m in msgs:
         try:
@@ -131,7 +139,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
         )
     run_id = tokens[0]
     try:
-        key = wt.decode_token(tokens[1])
+        key = decode_token(tokens[1])
     except UnicodeDecodeError as exc:
         raise CommandError(f"step key token {tokens[1]!r} is not valid", field="key") from exc
     body = orch.parse_object(msg)
@@ -175,7 +183,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
                 raise CommandError(
                     f"run {run_id} waits at {key!r} for a {sus.kind}, not for a resume", field="key"
                 )
-            woke = await wt.wake(
+            woke = await wake(
                 orch.js, orch.names, run_id, key,
                 expected_seq=state.last_seq, reason="resumed", cause=f"r{seq}", kind="suspend",
                 output={"data": data, "seq": seq, "at": time.time()}, workflow=state.workflow,
@@ -255,7 +263,7 @@ async def cancel_run(orch: Orchestrator, run_id: str, reason: str | None, *, cas
 async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
     # Interrupt the worker holding it (if any) at its next await; it is fenced out anyway.
     await orch.nc.publish(orch.names.cancel_signal_subject(run_id), b"")
-    await wt.clear_timers(orch.js, orch.names, run_id)
+    await clear_timers(orch.js, orch.names, run_id)
     state = await load_state(orch.nc, orch.names, run_id)
     # Every child the run ever requested: the requests are stored (under the parent) before
     # the parent records the child, so a child requested but not recorded (the record fenced
@@ -375,7 +383,7 @@ async def _wake_parent(
     results = await _children_outcome(orch, list(sus.children or []))
     if results is None:
         return
-    woke = await wt.wake(
+    woke = await wake(
         orch.js, orch.names, state.run_id, sus.step, expected_seq=seq, reason="children ended",
         cause="children", kind="child", output={"children": results}, workflow=state.workflow,
     )
@@ -396,7 +404,7 @@ async def _waits(orch: Orchestrator) -> KeyValue:
 
 
 def _wait_key(topic: str, run_id: str) -> str:
-    return f"{wt.topic_tokens(topic)}.{run_id}"
+    return f"{topic_tokens(topic)}.{run_id}"
 
 
 async def _wake_event_waiter(
@@ -405,10 +413,10 @@ async def _wake_event_waiter(
 ) -> bool | None:
     """Wake a run waiting on ``topic`` with the first event after its cursor. True: woken;
     False: no event yet; None: the wait is stale (the run moved on)."""
-    found = await wt.first_event_after(orch.nc, orch.names, topic, cursor, since)
+    found = await first_event_after(orch.nc, orch.names, topic, cursor, since)
     if found is None:
         return False
-    woke = await wt.wake(
+    woke = await wake(
         orch.js, orch.names, run_id, step, expected_seq=seq, reason=f"event {topic}",
         cause=f"e{found['seq']}", kind="event", output=found, workflow=workflow,
     )
@@ -441,7 +449,7 @@ class EventRouter:
     async def on_event(self, msg: Msg) -> None:
         o = self.orch
         try:
-            topic = wt.topic_from_subject(o.names, msg.subject)
+            topic = topic_from_subject(o.names, msg.subject)
             data = await payloads.event_value(o.js, o.names, msg.headers, msg.data)
         except (ValueError, payloads.PayloadMissingError) as exc:  # JSONDecodeError included
             await dead_letter(o.js, o.names, source="event", reason=f"malformed event: {exc}",
@@ -463,7 +471,7 @@ class EventRouter:
         o = self.orch
         bucket = o.names.waits_bucket
         msgs = await last_per_subject(
-            o.nc, f"KV_{bucket}", f"$KV.{bucket}.{wt.topic_tokens(topic)}.*"
+            o.nc, f"KV_{bucket}", f"$KV.{bucket}.{topic_tokens(topic)}.*"
         )
         kv = await _waits(o)
         for m in msgs:
@@ -549,14 +557,14 @@ async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.Run
     workflow = _workflow_of(orch, run_id)
     due = event.wake_at if event.kind in ("sleep", "retry", "rate") else event.timeout_at
     if due is not None:
-        await wt.schedule_timer(
+        await schedule_timer(
             orch.js, orch.names, run_id, seq, due,
             {"kind": "wake", "step": event.step, "wait_kind": event.kind, "workflow": workflow},
         )
     if event.kind == "suspend":
         first = await _first_resume(orch, run_id, event.step)
         if first is not None:
-            woke = await wt.wake(
+            woke = await wake(
                 orch.js, orch.names, run_id, event.step, expected_seq=seq, reason="resumed",
                 cause=f"r{first[0]}", kind="suspend",
                 output={"data": first[1], "seq": first[0], "at": time.time()}, workflow=workflow,

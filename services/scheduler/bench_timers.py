@@ -17,7 +17,7 @@ from typing import Any
 
 from polos import WorkflowContext, workflow
 from polos._private.ops.server import EmbeddedServer
-from polos._private.run import waits as wt
+from polos._private.run.timers import schedule_timer
 from polos.testing import PolosEnvironment, fast_settings
 
 
@@ -53,7 +53,7 @@ async def pending_timers(n: int) -> None:
                 t0 = time.perf_counter()
                 batch: list[Any] = []
                 for i in range(n):
-                    batch.append(wt.schedule_timer(
+                    batch.append(schedule_timer(
                         js, names, f"r{i:08d}", 1, due + i % 3600,
                         {"kind": "wake", "step": "nap", "wait_kind": "sleep", "workflow": "w"},
                     ))
@@ -74,7 +74,7 @@ async def pending_timers(n: int) -> None:
                 print(f"  nats-server RSS 10 s later: {_rss_mb(pid):.0f} MB")
                 # One more timer, due soon, among all of them: still on time?
                 t_due = time.time() + 1.2
-                await wt.schedule_timer(js, names, "probe", 1, t_due, {"kind": "wake", "step": "x",
+                await schedule_timer(js, names, "probe", 1, t_due, {"kind": "wake", "step": "x",
                                                                         "wait_kind": "sleep"})
                 sched = env.scheduler
                 while not sched.lateness_ms:

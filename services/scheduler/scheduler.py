@@ -30,7 +30,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from polos._private.model.aio import cancel_and_wait
-from polos._private.run import waits as wt
+from polos._private.run.timers import put_schedule
+from polos._private.run.wake import wake
 from polos._private.store import (
     MSG_ID,
     Fatal,
@@ -166,7 +167,7 @@ class Scheduler:
         else:
             kind, reason = wait_kind, "timeout"
             output = {"timeout": True, "timeout_at": due, "at": now}
-        woke = await wt.wake(
+        woke = await wake(
             self.js, self.names, run_id, step, expected_seq=seq, reason=reason, cause="timer",
             kind=kind, output=output, workflow=body.get("workflow"),
         )
@@ -220,7 +221,7 @@ class Scheduler:
             if old.get("cron") == spec and old.get("timezone") == doc.get("timezone"):
                 return  # already scheduled: a restart must not move the next firing
         try:
-            await wt.put_schedule(self.js, self.names, key, name, spec, timezone=doc.get("timezone"))
+            await put_schedule(self.js, self.names, key, name, spec, timezone=doc.get("timezone"))
         except ValueError as exc:
             await dead_letter(self.js, self.names, source="schedule", reason=str(exc),
                                   subject=self.names.cron_subject(key), data=orjson.dumps(doc))

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import nats.js.errors
 import orjson
 
-from polos._private.run.waits import parse_time
 from polos._private.store import Names, last_per_subject, payloads
+from polos._private.store.tokens import parse_time
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS

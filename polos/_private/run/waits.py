@@ -14,37 +14,24 @@ See docs/waiting.md for the subjects and the decisions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import re
 import time
 import uuid
-import zoneinfo
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import nats.errors
-import nats.js.errors
 import orjson
-from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
 from polos import history as ev
 from polos._private.run.signals import Suspend
 from polos._private.store import (
     MSG_ID,
-    REPLY_HEADER,
-    FencedOut,
     Names,
-    append,
-    connection_of,
-    last_for_subject,
-    last_per_subject,
     payloads,
-    read_subject,
     valid_token,
 )
+from polos._private.store.tokens import topic_tokens
 from polos.converter import from_json, to_json
 from polos.errors import ChildWorkflowError, WaitTimeoutError
 
@@ -56,85 +43,9 @@ if TYPE_CHECKING:
 WAIT_KINDS = frozenset({"suspend", "event", "sleep", "child", "retry"})
 _CHILD_NS = uuid.UUID("0b6f1c0e-9d57-4a8e-8a39-0b1e1f0c2d77")
 
-# --------------------------------------------------------------------------- subject tokens
-
-_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-_ESC = re.compile(r"=([0-9A-F]{2})")
-
-
-def encode_token(text: str) -> str:
-    """One subject token (and KV key token) for any text, reversibly: letters, digits, '_' and
-    '-' stay, every other byte of the UTF-8 text becomes ``=XX`` (hex). ``pickup/42`` ->
-    ``pickup=2F42``."""
-    if not text:
-        raise ValueError("an empty name cannot be a subject token")
-    out: list[str] = []
-    for ch in text:
-        if ch in _SAFE:
-            out.append(ch)
-        else:
-            out.extend(f"={b:02X}" for b in ch.encode("utf-8"))
-    return "".join(out)
-
-
-def decode_token(token: str) -> str:
-    raw = bytearray()
-    i = 0
-    while i < len(token):
-        m = _ESC.match(token, i)
-        if m:
-            raw.append(int(m.group(1), 16))
-            i = m.end()
-        else:
-            raw.extend(token[i].encode())
-            i += 1
-    return raw.decode("utf-8")
-
-
-def topic_tokens(topic: str) -> str:
-    """The subject tokens of a topic: split on '.', each part encoded (``encode_token``)."""
-    if not isinstance(topic, str) or not topic:
-        raise ValueError("an event topic must be a non-empty string")
-    parts = topic.split(".")
-    if any(not p for p in parts):
-        raise ValueError(f"event topic {topic!r} has an empty part between dots")
-    return ".".join(encode_token(p) for p in parts)
-
-
-def topic_from_subject(names: Names, subject: str) -> str:
-    head = f"{names.prefix}.event."
-    if not subject.startswith(head):
-        raise ValueError(f"{subject!r} is not an event subject")
-    return ".".join(decode_token(t) for t in subject[len(head) :].split("."))
-
-
-def event_subject(names: Names, topic: str) -> str:
-    return names.event_subject(topic_tokens(topic))
-
-
-def resume_subject(names: Names, run_id: str, key: str) -> str:
-    return names.resume_subject(run_id, encode_token(key))
-
-
 def child_run_id(parent_run_id: str, step_id: str, index: int) -> str:
     """The same child id every time the parent's code reaches the same step."""
     return uuid.uuid5(_CHILD_NS, f"{parent_run_id}/{step_id}/{index}").hex
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(stamp: str | None) -> float:
-    """A JetStream timestamp (RFC 3339, nanoseconds) as epoch seconds."""
-    if not stamp:
-        return time.time()
-    m = re.match(r"^(.*T\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", stamp)
-    if not m:
-        return time.time()
-    base = datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
-    frac = float("0." + m.group(2)) if m.group(2) else 0.0
-    return base.timestamp() + frac
 
 
 # --------------------------------------------------------------------------- public results
@@ -420,248 +331,23 @@ async def invoke_and_wait(x: RunExecution, key: str, wf: Any, input: Any = None)
 # --------------------------------------------------------------------------- wake machinery
 
 
-class Woken(NamedTuple):
-    """A wake as appended: its sequence and the event."""
-
-    seq: int
-    event: ev.RunWoken
-
-
-async def wake(
-    js: JetStreamContext,
-    names: Names,
-    run_id: str,
-    step: str,
-    *,
-    expected_seq: int,
-    reason: str,
-    cause: str,
-    kind: str | None,
-    output: Any = None,
-    workflow: str | None = None,
-) -> Woken | None:
-    """Append the wake of a run suspended at ``expected_seq``; None if it moved on (someone
-    else woke it, it was cancelled, or this wake is stale). ``cause`` names what woke it, so a
-    different waker of the same step fails the fence instead of looking like a duplicate. The
-    event is returned too: a waker that read the whole history can send it on in the task."""
-    event = ev.RunWoken(
-        run_id=run_id, step=step, reason=reason, kind=kind, output=output, workflow=workflow
-    )
-    try:
-        seq = await append(
-            js,
-            names,
-            run_id,
-            event,
-            expected_last_seq=expected_seq,
-            msg_id=f"{run_id}/wake/{step}/{expected_seq}/{cause}",
-        )
-    except FencedOut:
-        return None
-    return Woken(seq, event)
-
-
-async def first_event_after(
-    nc: NATS, names: Names, topic: str, cursor: int, since: float | None
-) -> dict[str, Any] | None:
-    """The first well-formed event on ``topic`` after ``cursor`` (or, for a first wait, after
-    the run started), as the step's recorded outcome."""
-    subject = event_subject(names, topic)
-    seq = cursor + 1
-    for _ in range(100):
-        if cursor == 0 and since is not None and seq == 1:
-            msgs = await read_subject(
-                nc, names.events_stream, subject, start_time=_iso(since), limit=10
-            )
-        else:
-            msgs = await read_subject(nc, names.events_stream, subject, start_seq=seq, limit=10)
-        if not msgs:
-            return None
-        for m in msgs:
-            try:
-                if m.headers and payloads.EVENT_REF in m.headers:
-                    data = await payloads.event_value(nc.jetstream(), names, m.headers, m.data)
-                else:
-                    data = orjson.loads(m.data) if m.data else None
-            except (ValueError, payloads.PayloadMissingError):  # JSONDecodeError included
-                continue  # dead-lettered by the orchestrator; a waiter never sees it
-            return {"topic": topic, "data": data, "time": parse_time(m.time), "seq": m.seq}
-        seq = msgs[-1].seq + 1
-    return None
-
-
-# --------------------------------------------------------------------------- timers
-
-TIMER_LEAD = 0.5  # seconds a timer fires early; more than the server's schedule tick (250 ms)
-
-
-async def schedule_timer(
-    js: JetStreamContext, names: Names, run_id: str, seq: int, due: float, body: dict[str, Any]
-) -> None:
-    """A one-shot timer for the run suspended at ``seq``: a message schedule the server holds
-    (durable across restarts) and fires onto the timers' fire subject at ``due``."""
-    target = names.timer_fire_subject(run_id, seq)
-    payload = orjson.dumps({**body, "run_id": run_id, "seq": seq, "due": due})
-    # The server checks schedules every ~250 ms; it fires TIMER_LEAD early and the scheduler
-    # sleeps the rest in memory, so a timer is on time to the millisecond, not to the tick.
-    fire_at = due - TIMER_LEAD
-    if fire_at <= time.time() + 0.01:
-        await js.publish(target, payload, headers={MSG_ID: f"fire/{run_id}/{seq}"})
-        return
-    await js.publish(
-        names.timer_subject(run_id, seq),
-        payload,
-        headers={
-            "Nats-Schedule": f"@at {_iso(fire_at)}",
-            "Nats-Schedule-Target": target,
-            MSG_ID: f"timer/{run_id}/{seq}",
-        },
-    )
-
-
-async def clear_timers(js: JetStreamContext, names: Names, run_id: str) -> None:
-    """Drop a run's pending timers (a cancelled run)."""
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        await js.purge_stream(names.timers_stream, subject=f"{names.prefix}.timer.at.{run_id}.>")
-
-
-# --------------------------------------------------------------------------- cron schedules
-
-
-CRON_TOMBSTONE_TTL = "60s"  # how long a deleted schedule's empty tombstone stays
-
-
-def cron_expression(spec: str) -> str:
-    """The server's cron form (seconds first) of a 5-field cron, a 6-field cron or ``@every``."""
-    spec = " ".join(spec.split())
-    if spec.startswith("@"):
-        return spec
-    fields = spec.split(" ")
-    if len(fields) == 5:
-        return "0 " + spec
-    if len(fields) == 6:
-        return spec
-    raise ValueError(f"schedule {spec!r}: expected 5 cron fields (min hour day month weekday)")
-
-
-async def put_schedule(
-    js: JetStreamContext,
-    names: Names,
-    key: str,
-    workflow: str,
-    cron: str,
-    *,
-    timezone: str | None = None,
-    input: Any = None,
-) -> dict[str, Any]:
-    """Create or replace the keyed schedule ``key``."""
-    if not valid_token(key):
-        raise ValueError(f"schedule key {key!r} must be 1-128 letters, digits, '_' or '-'")
-    if not valid_token(workflow):
-        raise ValueError(f"workflow name {workflow!r} is not valid")
-    if timezone is not None:
-        try:
-            zoneinfo.ZoneInfo(timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {timezone!r}") from exc
-    doc = {
-        "kind": "cron",
-        "key": key,
-        "workflow": workflow,
-        "cron": cron,
-        "timezone": timezone,
-        "input": to_json(input, what="the schedule's input"),
-        "created_at": time.time(),
-    }
-    headers = {
-        "Nats-Schedule": cron_expression(cron),
-        "Nats-Schedule-Target": names.cron_fire_subject(key),
-        "Nats-Rollup": "sub",  # replaces the key's previous schedule
-    }
-    if timezone:
-        headers["Nats-Schedule-Time-Zone"] = timezone
-    try:
-        await js.publish(names.cron_subject(key), orjson.dumps(doc), headers=headers)
-    except nats.js.errors.APIError as exc:
-        raise ValueError(f"schedule {cron!r} rejected by the server: {exc.description}") from exc
-    return doc
-
-
-async def list_schedules(nc: NATS, names: Names) -> list[dict[str, Any]]:
-    msgs = await last_per_subject(nc, names.timers_stream, f"{names.prefix}.timer.cron.>")
-    out = []
-    for m in msgs:
-        with contextlib.suppress(orjson.JSONDecodeError):
-            out.append(orjson.loads(m.data))
-    return sorted(out, key=lambda d: str(d.get("key")))
-
-
-async def delete_schedule(js: JetStreamContext, names: Names, key: str) -> bool:
-    if not valid_token(key):
-        raise ValueError(f"schedule key {key!r} is not valid")
-    last = await last_for_subject(connection_of(js), names.timers_stream, names.cron_subject(key))
-    if last is None or not last.data:
-        return False
-    # Rolled up to an empty tombstone that expires, not purged: a client may write its
-    # schedules' subjects but not purge the timers stream (every run's timers are in it).
-    await js.publish(
-        names.cron_subject(key), b"",
-        headers={"Nats-Rollup": "sub", "Nats-TTL": CRON_TOMBSTONE_TTL},
-    )
-    return True
-
 
 __all__ = [
+    "APPROVAL_URL",
+    "WAIT_KINDS",
     "ChildHandle",
+    "ChildRequest",
     "ReceivedEvent",
     "Resumed",
-    "decode_token",
-    "encode_token",
-    "topic_tokens",
+    "approval_url",
+    "batch_invoke_and_wait",
+    "child_request",
+    "child_run_id",
+    "invoke",
+    "invoke_and_wait",
+    "retry_later",
+    "sleep",
+    "sleep_until",
+    "suspend",
+    "wait_for_event",
 ]
-
-
-# --------------------------------------------------------------------------- client side
-
-
-async def send_command(
-    nc: NATS,
-    js: JetStreamContext,
-    subject: str,
-    body: dict[str, Any],
-    *,
-    msg_id: str,
-    timeout: float,
-    headers: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Store a command and wait for the orchestrator's answer (on the ``Polos-Reply`` inbox).
-
-    Raises ``CommandRejectedError`` with the orchestrator's reason when it refused the command,
-    and ``TimeoutError`` when no orchestrator answered (the command is stored all the same and
-    will be processed when one runs).
-    """
-    from polos.errors import CommandRejectedError
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, max_msgs=1)
-    try:
-        await js.publish(
-            subject,
-            orjson.dumps(body),
-            headers={MSG_ID: msg_id, REPLY_HEADER: inbox, "Polos-Client": "python",
-                     **(headers or {})},
-        )
-        try:
-            msg = await sub.next_msg(timeout)
-        except nats.errors.TimeoutError as exc:
-            raise TimeoutError(
-                f"no orchestrator answered within {timeout}s; the command is stored on "
-                f"{subject} and will be processed when one runs"
-            ) from exc
-        answer: dict[str, Any] = orjson.loads(msg.data)
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    if not answer.get("ok"):
-        raise CommandRejectedError(str(answer.get("error")), answer)
-    return answer
