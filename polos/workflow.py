@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from polos._private.agents.loop import invoke_agent
 from polos._private.model.values import (
     DEFAULT_STEP_RETRY,
     NO_RETRY,
@@ -79,9 +80,7 @@ class Step:
     async def agent_invoke_and_wait(self, key: str, run: Any, *, inline: bool = False) -> Any:
         """Run ``agent.with_input(...)`` durably under ``key`` as a child run (``inline=True``:
         in this run's own history); returns an ``AgentResult`` whose ``.result`` is typed by
-        the agent's ``output_type``. See polos/agent.py and docs/agents.md."""
-        from polos.agent import invoke_agent
-
+        the agent's ``output_type``. See docs/agents.md."""
         return await invoke_agent(self._x, key, run, inline=inline)
 
     def idempotency_key(self, key: str) -> str:

@@ -18,7 +18,9 @@ import orjson
 
 from polos import history as ev
 from polos._private import limits
-from polos._private.agents.provider import LLMTotals, children_named, decision_of
+from polos._private.agents.decisions import decision_of
+from polos._private.agents.pricing import LLMTotals
+from polos._private.model.lineage import children_named
 from polos._private.store import last_per_subject, payloads, read_run
 from polos._private.store.tokens import encode_token
 from polos.client import PolosClient

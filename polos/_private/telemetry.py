@@ -64,7 +64,9 @@ from opentelemetry.trace import (
 )
 
 from polos import history as ev
-from polos._private.agents.provider import LLMTotals, children_named, decision_of
+from polos._private.agents.decisions import decision_of
+from polos._private.agents.pricing import LLMTotals
+from polos._private.model.lineage import children_named
 from polos._private.store import (
     Names,
     StoredMsg,

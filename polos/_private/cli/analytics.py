@@ -12,8 +12,10 @@ from typing import Any
 import orjson
 
 from polos import history as ev
-from polos._private.agents.provider import LLMTotals, children_named, decision_of
+from polos._private.agents.decisions import decision_of
+from polos._private.agents.pricing import LLMTotals
 from polos._private.cli import output
+from polos._private.model.lineage import children_named
 from polos._private.ops.runtime import default_export_dir, wait_for_signal
 from polos._private.store import Names, connect, read_history, valid_token
 from polos.cli import TIMELINE_STYLES, _data_dir, _settings, _table, command, retries_text

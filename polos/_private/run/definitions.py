@@ -23,6 +23,26 @@ def registered_workflows() -> dict[str, WorkflowDefinition[Any, Any]]:
     return dict(_REGISTRY)
 
 
+def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The function's annotations, evaluated one by one: an annotation that cannot be evaluated
+    here (a ``ctx: WorkflowContext`` imported only for type checking) stays a string and does not
+    keep the input's and the output's from being resolved."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        pass
+    out: dict[str, Any] = {}
+    namespace = getattr(fn, "__globals__", {})
+    for name, value in dict(getattr(fn, "__annotations__", {})).items():
+        if isinstance(value, str):
+            try:
+                value = eval(value, namespace)  # what get_type_hints does, per name
+            except Exception:
+                pass
+        out[name] = value
+    return out
+
+
 def _define(
     fn: Callable[..., Awaitable[Any]],
     name: str | None,
@@ -43,10 +63,7 @@ def _define(
     params = list(inspect.signature(fn).parameters.values())
     if not params or len(params) > 2:
         raise TypeError(f"workflow {wf_name!r} must take (ctx) or (ctx, input)")
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:
-        hints = dict(getattr(fn, "__annotations__", {}))
+    hints = _type_hints(fn)
     takes_input = len(params) == 2
     input_type = hints.get(params[1].name) if takes_input else None
     output_type = hints.get("return")
