@@ -41,7 +41,7 @@ async def serve(args: argparse.Namespace) -> None:
     exporter = None
     follower = None
     if args.otel:
-        from polos._private.telemetry import SpanFollower
+        from .spans import SpanFollower
 
         # Made first: an exporter that cannot be made stops the service before it reads.
         follower = SpanFollower(settings)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("nothing to do: --no-export without --otel")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from polos._private.telemetry import TelemetryConfigError
+    from .spans import TelemetryConfigError
 
     try:
         asyncio.run(serve(args))

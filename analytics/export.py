@@ -36,9 +36,9 @@ from polos._private.store import (
     disconnect,
     ensure_topology,
     read_subject,
+    resolve_payload,
 )
 from polos._private.store.follow import follow
-from polos._private.telemetry import resolve_payload
 from polos.config import Settings
 
 log = logging.getLogger("polos.analytics")

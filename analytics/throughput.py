@@ -105,7 +105,7 @@ async def measure(events: int, keep: bool) -> None:
                 Counting.spans += len(spans)  # type: ignore[arg-type]
                 return SpanExportResult.SUCCESS
 
-        from polos._private.telemetry import SpanFollower
+        from .spans import SpanFollower
 
         async with SpanFollower(settings, exporter=Counting(), nc=nc) as follower:
             t4 = time.perf_counter()

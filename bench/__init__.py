@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import os
 
-from polos.cli import command
+from polos._private.ops.commands import command
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

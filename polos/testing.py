@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from polos._private.ops import auth
+from polos._private.ops import auth, plugins
 from polos._private.ops.server import EmbeddedServer, default_config, server_binary
 from polos._private.store import Names, connect, disconnect, ensure_topology
 from polos.client import PolosClient
@@ -263,13 +263,10 @@ class PolosEnvironment:
         return self._client
 
     async def start(self) -> PolosEnvironment:
-        from polos_services.orchestrator import Orchestrator
-        from polos_services.scheduler import Scheduler
-
         # Services first: they create the topology the client and the worker only check.
-        self.orchestrator = Orchestrator(self.as_role("service"))
+        self.orchestrator = plugins.service("orchestrator")(self.as_role("service"))
         await self.orchestrator.start()
-        self.scheduler = Scheduler(self.as_role("service"))
+        self.scheduler = plugins.service("scheduler")(self.as_role("service"))
         await self.scheduler.start()
         self._client = await PolosClient.connect(settings=self.as_role("client"))
         if self.with_worker:

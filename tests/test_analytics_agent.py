@@ -13,11 +13,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import polos_analytics as analytics
 from polos import Agent, WorkflowContext, workflow
-from polos._private.cli.analytics import trace_lines
-from polos._private.telemetry import SpanFollower, trace_id_for
+from polos._private.cli.trace import trace_lines
 from polos.agent import agent_workflow
 from polos.devllm import DevLLM, Reply
 from polos_analytics.export import Exporter
+from polos_analytics.spans import SpanFollower, trace_id_for
 
 
 def lookup_order(order_id: str) -> dict[str, Any]:

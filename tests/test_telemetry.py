@@ -24,7 +24,9 @@ from polos import history as ev
 from polos._private.ops import auth
 from polos._private.ops.server import default_config
 from polos._private.store import Names, append, connect, load_state
-from polos._private.telemetry import (
+from polos.config import Settings
+from polos.testing import EmbeddedServer, fast_settings
+from polos_analytics.spans import (
     POSITION_KEY,
     SpanFollower,
     run_span_id,
@@ -32,8 +34,6 @@ from polos._private.telemetry import (
     telemetry_bucket,
     trace_id_for,
 )
-from polos.config import Settings
-from polos.testing import EmbeddedServer, fast_settings
 from tests.helpers import counts, kill, marks, spawn, stop, until
 from tests.test_analytics_workflows import plain_steps, support_agent
 from tests.workflows.marked import Job
@@ -500,7 +500,7 @@ async def test_follower_without_its_exporter_refuses_to_start(
 
 
 async def test_once_gives_up_on_a_dead_collector_without_moving(env_factory: Any) -> None:
-    from polos._private.telemetry import ExportStalled
+    from polos_analytics.spans import ExportStalled
 
     env = await env_factory([plain_steps])
     h = await env.client.start(plain_steps, 1)

@@ -1,5 +1,5 @@
 """``polos ui`` and the UI part of ``polos up`` (``--ui-port``, ``--ui-host``, ``--no-ui``).
-Registered on import (see ``polos.cli.PLUGINS``)."""
+Registered on import (the ``polos.commands`` entry point ``ui``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from polos._private.ops.commands import command, data_dir, settings_for, up_extension
 from polos._private.ops.runtime import run_until_signal
-from polos.cli import _data_dir, _settings, command
 from polos.config import Settings
 
 from .server import DEFAULT_PORT, UIConfig, UIServer, service_role_refused
@@ -40,18 +40,18 @@ def add_ui_args(p: argparse.ArgumentParser, *, for_up: bool) -> None:
 
 
 def ui_config(args: argparse.Namespace, settings: Settings, *, auth: bool) -> UIConfig:
-    data_dir = _data_dir(args)
+    ddir = data_dir(args)
     explicit = args.ui_port if args.ui_port is not None else (
         int(os.environ["POLOS_UI_PORT"]) if os.environ.get("POLOS_UI_PORT") else None)
     export = (getattr(args, "ui_export_dir", None) or getattr(args, "export_dir", None)
-              or os.environ.get("POLOS_ANALYTICS_DIR") or str(data_dir / "exports"))
+              or os.environ.get("POLOS_ANALYTICS_DIR") or str(ddir / "exports"))
     return UIConfig(
         settings=settings,
         host=args.ui_host,
         port=_port_default() if explicit is None else explicit,
         port_fallback=explicit is None,
         auth=auth,
-        data_dir=data_dir,
+        data_dir=ddir,
         export_dir=Path(export),
         public_url=args.ui_url,
     )
@@ -81,7 +81,7 @@ def _add_ui(p: argparse.ArgumentParser) -> None:
 
 @command("ui", "serve the web UI against a running server or cluster (--nats-url)")(_add_ui)
 async def cmd_ui(args: argparse.Namespace) -> int:
-    settings = _settings(args, role="client")
+    settings = settings_for(args, role="client")
     why = service_role_refused(settings.nats_url)
     if why:
         print(f"error: {why}", file=sys.stderr)
@@ -92,5 +92,7 @@ async def cmd_ui(args: argparse.Namespace) -> int:
     await run_until_signal(ui, on_started=lambda: print(f"ui: {ui.login_url}", flush=True))
     return 0
 
+
+up_extension(lambda p: add_ui_args(p, for_up=True), ui_for_up)
 
 __all__ = ["add_ui_args", "cmd_ui", "ui_for_up"]

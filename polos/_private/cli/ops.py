@@ -1,4 +1,4 @@
-"""Operations commands, registered on import (see ``polos.cli.PLUGINS``):
+"""Operations commands, registered on import (by the ``polos`` command):
 
 - ``polos credentials ROLE [--format url|env|context|json]``: the user and password a role
   connects with to the running ``polos up``, and that server's URL;
@@ -13,16 +13,13 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from polos._private.ops import auth
+from polos._private.ops.commands import command, data_dir, settings_for
 from polos._private.ops.instance import running
-from polos._private.ops.runtime import default_export_dir
 from polos._private.store import connect, disconnect
-from polos.cli import _data_dir, _settings, command
-from polos.client import PolosClient
 
 CREDENTIAL_FORMATS = ("url", "env", "context", "json")
 
@@ -77,15 +74,15 @@ def credentials_text(creds: dict[str, dict[str, str]], user: str, base: str, fmt
     _add_credentials
 )
 async def cmd_credentials(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
-    path = data_dir / auth.CREDENTIALS_FILE
+    ddir = data_dir(args)
+    path = ddir / auth.CREDENTIALS_FILE
     if not path.exists():
-        print(f"error: no credentials in {data_dir}: `polos up` makes them on its first start "
+        print(f"error: no credentials in {ddir}: `polos up` makes them on its first start "
               "there (not with --no-auth); --data-dir or POLOS_DATA_DIR names another data dir",
               file=sys.stderr)
         return 1
     creds = json.loads(path.read_text())
-    settings = _settings(args)
+    settings = settings_for(args)
     user = f"{settings.prefix}-{args.role}"
     if user not in creds:
         print(f"error: {path} has no user {user!r} (namespace {settings.prefix!r}; --prefix "
@@ -94,45 +91,13 @@ async def cmd_credentials(args: argparse.Namespace) -> int:
     # The server that actually runs on this data dir, unless told another (a remote host).
     base = args.nats_url or os.environ.get("POLOS_NATS_URL")
     if not base:
-        instance = running(data_dir)
+        instance = running(ddir)
         if instance is None or not instance.url:
-            print(f"error: no `polos up` runs on {data_dir.resolve()}, so its URL is unknown: "
+            print(f"error: no `polos up` runs on {ddir.resolve()}, so its URL is unknown: "
                   "start it, or name the server with --nats-url", file=sys.stderr)
             return 1
         base = instance.url
     print(credentials_text(creds, user, base, args.format))
-    return 0
-
-
-def _add_retention(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--export-dir", default=None,
-                   help="the analytics export directory (its history table is the safe point; "
-                        "default: where `polos up` exports, DATA_DIR/exports)")
-    p.add_argument("--older-than", type=float, default=7 * 24 * 3600,
-                   help="seconds a run must have been finished (default 7 days)")
-    p.add_argument("--dry-run", action="store_true", help="only say what would be archived")
-
-
-@command("retention", "remove finished, exported runs from the hot history stream")(_add_retention)
-async def cmd_retention(args: argparse.Namespace) -> int:
-    from polos._private.ops.retention import archive_exported_runs
-    from polos_analytics.export import exported_upto
-
-    export_dir = Path(args.export_dir or default_export_dir(_data_dir(args)))
-    upto = exported_upto(export_dir / "history")
-    # Purging history is the services' right, not a client's.
-    client = await PolosClient.connect(settings=_settings(args, role="service"))
-    try:
-        result = await archive_exported_runs(
-            client.nc, client.js, client.names, exported_upto=upto,
-            older_than=args.older_than, dry_run=args.dry_run,
-        )
-    finally:
-        await client.close()
-    verb = "would archive" if args.dry_run else "archived"
-    print(f"{verb} {len(result.archived)} runs (exported up to seq {upto}); kept "
-          f"{result.kept_not_exported} not yet exported, {result.kept_too_recent} too recent; "
-          f"{result.payload_objects_deleted} payload objects deleted")
     return 0
 
 
@@ -145,7 +110,7 @@ def _add_init(p: argparse.ArgumentParser) -> None:
 async def cmd_init(args: argparse.Namespace) -> int:
     from polos._private.store import TOPOLOGY, Names, check_topology, ensure_topology
 
-    settings = _settings(args, role="client" if args.check else "service")
+    settings = settings_for(args, role="client" if args.check else "service")
     names = Names(settings.prefix)
     nc = await connect(settings, name="polos-init")
     try:

@@ -1,12 +1,12 @@
 """``polos queues``: runs waiting for admission and slots held, per queue and concurrency key.
-Registered on import (see ``polos.cli.PLUGINS``)."""
+Registered on import by the ``polos`` command."""
 
 from __future__ import annotations
 
 import argparse
 
 from polos._private import limits
-from polos.cli import _client, _dumps, _table, command
+from polos._private.ops.commands import client_for, command, dumps, table
 
 
 def _add_queues(p: argparse.ArgumentParser) -> None:
@@ -17,18 +17,18 @@ def _add_queues(p: argparse.ArgumentParser) -> None:
     _add_queues
 )
 async def cmd_queues(args: argparse.Namespace) -> int:
-    client = await _client(args)
+    client = await client_for(args)
     try:
         rows = await limits.queue_stats(client.nc, client.js, client.names)
     finally:
         await client.close()
     if args.json:
-        print(_dumps(rows))
+        print(dumps(rows))
         return 0
     if not rows:
         print("no run waits for a slot and no slot is held")
         return 0
-    table = [
+    cells = [
         [
             r["queue"],
             r["key"],
@@ -39,7 +39,7 @@ async def cmd_queues(args: argparse.Namespace) -> int:
         ]
         for r in rows
     ]
-    print(_table(table, ["QUEUE", "KEY", "WAITING", "ACTIVE", "LIMIT", "PER KEY"]))
+    print(table(cells, ["QUEUE", "KEY", "WAITING", "ACTIVE", "LIMIT", "PER KEY"]))
     print("KEY * counts the queue-wide slots; other keys count per-key slots and waiting runs.")
     return 0
 

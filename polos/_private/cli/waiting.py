@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from polos.cli import _client, _dumps, _table, _ts, command
+from polos._private.ops.commands import client_for, command, dumps, table, ts
 from polos.errors import CommandRejectedError
 
 
@@ -33,7 +33,7 @@ def _add_resume(p: argparse.ArgumentParser) -> None:
 @command("resume", "resume a run suspended at ctx.step.suspend(KEY) with --data JSON")(_add_resume)
 async def cmd_resume(args: argparse.Namespace) -> int:
     data = _json_arg(args.data)
-    client = await _client(args)
+    client = await client_for(args)
     try:
         answer = await client.resume(args.run_id, args.key, data)
     except CommandRejectedError as exc:
@@ -52,7 +52,7 @@ def _add_cancel(p: argparse.ArgumentParser) -> None:
 
 @command("cancel", "cancel a run (and its children)")(_add_cancel)
 async def cmd_cancel(args: argparse.Namespace) -> int:
-    client = await _client(args)
+    client = await client_for(args)
     try:
         await client.cancel(args.run_id, args.reason)
     except CommandRejectedError as exc:
@@ -72,7 +72,7 @@ def _add_event(p: argparse.ArgumentParser) -> None:
 @command("event", "publish an external event on a topic")(_add_event)
 async def cmd_event(args: argparse.Namespace) -> int:
     data = _json_arg(args.data)
-    client = await _client(args)
+    client = await client_for(args)
     try:
         seq = await client.publish_event(args.topic, data)
     finally:
@@ -93,7 +93,7 @@ def _add_schedules(p: argparse.ArgumentParser) -> None:
 
 @command("schedules", "list, create or delete keyed cron schedules")(_add_schedules)
 async def cmd_schedules(args: argparse.Namespace) -> int:
-    client = await _client(args)
+    client = await client_for(args)
     try:
         if args.action == "create":
             if not (args.key and args.workflow and args.cron):
@@ -112,12 +112,12 @@ async def cmd_schedules(args: argparse.Namespace) -> int:
     finally:
         await client.close()
     if args.json:
-        print(_dumps(docs))
+        print(dumps(docs))
         return 0
     if not docs:
         print("no schedules")
         return 0
-    rows = [[d["key"], d["workflow"], d["cron"], d.get("timezone") or "UTC", _ts(d.get("created_at"))]
+    rows = [[d["key"], d["workflow"], d["cron"], d.get("timezone") or "UTC", ts(d.get("created_at"))]
             for d in docs]
-    print(_table(rows, ["KEY", "WORKFLOW", "CRON", "TIMEZONE", "CREATED"]))
+    print(table(rows, ["KEY", "WORKFLOW", "CRON", "TIMEZONE", "CREATED"]))
     return 0

@@ -42,6 +42,7 @@ from polos._private.store.read import (
     read_history,
     read_run,
     read_subject,
+    resolve_payload,
 )
 from polos._private.store.topology import (
     TOPOLOGY,
@@ -101,6 +102,7 @@ __all__ = [
     "read_history",
     "read_run",
     "read_subject",
+    "resolve_payload",
     "retry_transient",
     "valid_token",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from nats.aio.msg import Msg
 from polos import history as ev
 from polos._private.store import payloads
 from polos._private.store.names import RUN_KINDS, Names
+
+log = logging.getLogger("polos.read")
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +356,19 @@ async def load_run(
 
 
 
+async def resolve_payload(nc: NATS, names: Names, msg: StoredMsg) -> StoredMsg:
+    """The message with large fields put back, when its event was stored as a stub."""
+    if not (msg.headers and msg.headers.get(payloads.HEADER)):
+        return msg
+    try:
+        data = await payloads.resolve(nc.jetstream(), names, msg.data)
+    except Exception:
+        log.warning("seq %d: large payload not found; using the stub", msg.seq)
+        return msg
+    return StoredMsg(seq=msg.seq, subject=msg.subject, data=data, time=msg.time,
+                         headers=msg.headers)
+
+
 __all__ = [
     "StoredMsg",
     "last_for_subject",
@@ -362,4 +378,5 @@ __all__ = [
     "read_history",
     "read_run",
     "read_subject",
+    "resolve_payload",
 ]

@@ -69,12 +69,12 @@ from polos._private.agents.pricing import LLMTotals
 from polos._private.model.lineage import children_named
 from polos._private.store import (
     Names,
-    StoredMsg,
     connect,
     disconnect,
     ensure_topology,
     read_run,
     read_subject,
+    resolve_payload,
 )
 from polos._private.store.follow import follow
 from polos.config import Settings
@@ -89,24 +89,6 @@ TERMINAL_TYPES = (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)
 def telemetry_bucket(names: Names) -> str:
     """The KV bucket holding the followers' positions (a projection: delete it to re-emit)."""
     return names.telemetry_bucket
-
-
-async def resolve_payload(nc: NATS, names: Names, msg: StoredMsg) -> StoredMsg:
-    """The message with large fields put back, when its event was stored as a stub."""
-    header = "Polos-Payload"
-    if not (msg.headers and msg.headers.get(header)):
-        return msg
-    try:
-        from polos._private.store import payloads
-    except ImportError:  # a build without large payloads cannot have written stubs
-        return msg
-    try:
-        data = await payloads.resolve(nc.jetstream(), names, msg.data)
-    except Exception:
-        log.warning("seq %d: large payload not found; using the stub", msg.seq)
-        return msg
-    return StoredMsg(seq=msg.seq, subject=msg.subject, data=data, time=msg.time,
-                         headers=msg.headers)
 
 
 # --------------------------------------------------------------------------- deterministic ids

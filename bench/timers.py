@@ -1,6 +1,6 @@
 """Figures for docs/waiting.md: pending-timer capacity, timer accuracy, resume latency.
 
-    python -m polos_services.scheduler.bench_timers --timers 200000 --runs 30
+    python -m polos_bench.timers --timers 200000 --runs 30
 
 Starts its own nats-server (temp dir) so the numbers are not mixed with anything else.
 """
