@@ -5,14 +5,12 @@ change side by side."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
 
 from polos._private.store import StoredMsg, natspy
-from polos._private.store.read import parse_header_lines
 
 
 async def read_subject_per_sub(
@@ -47,18 +45,6 @@ async def read_subject_per_sub(
             return out
 
 
-@contextlib.contextmanager
-def original_header_parser() -> Iterator[None]:
+def original_header_parser() -> contextlib.AbstractContextManager[None]:
     """nats-py's own header parser for the duration (Polos installs a faster, equivalent one)."""
-    from nats.aio.client import Client
-
-
-    original = natspy.NATS_HEADER_PARSER
-    if original is None:
-        yield
-        return
-    Client._parse_header_lines = staticmethod(original)  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        Client._parse_header_lines = staticmethod(parse_header_lines)  # type: ignore[method-assign]
+    return natspy.nats_own_header_parser()

@@ -72,7 +72,7 @@ async def fill_index(nc: Any, prefix: str, n: int, now: float) -> None:
     for start in range(0, n, 5000):
         for i in range(start, min(n, start + 5000)):
             status = statuses[i % len(statuses)]
-            e = {"run_id": f"b{i:07d}", "workflow": f"wf{i % 12}", "status": status,
+            e: dict[str, Any] = {"run_id": f"b{i:07d}", "workflow": f"wf{i % 12}", "status": status,
                  "created_at": now - (n - i) * 0.5, "updated_at": now - (n - i) * 0.5 + 0.2,
                  "queue": f"q{i % 4}", "attempt": 1, "worker_id": "w-1", "seq": i + 1,
                  "parent_run_id": None if i % 7 else f"b{max(0, i - 1):07d}",

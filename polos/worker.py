@@ -34,6 +34,7 @@ from polos import history as ev
 from polos._private import limits
 from polos._private.limits import register_queues, run_holding_slots
 from polos._private.model.aio import cancel_and_wait
+from polos._private.ops.runtime import load_workflows, run_until_signal
 from polos._private.run.execution import RunExecution, error_info
 from polos._private.run.signals import Suspend
 from polos._private.store import (
@@ -52,6 +53,7 @@ from polos._private.store import (
 )
 from polos.config import Settings
 from polos.converter import from_json, json_schema, to_json, validation_errors
+from polos.devllm import serve_this_process
 from polos.errors import InputValidationError, NonDeterminismError, SerializationError
 from polos.workflow import WorkflowContext, WorkflowDefinition
 
@@ -496,4 +498,30 @@ class Worker:
         await exe.record(ev.RunFailed(run_id=exe.run_id, error=info), msg_id=f"{exe.run_id}/end")
 
 
-__all__ = ["Worker"]
+
+async def serve_module(
+    module: str,
+    settings: Settings,
+    *,
+    max_concurrent_runs: int = 200,
+    worker_id: str | None = None,
+    dev_llm: bool = False,
+) -> None:
+    """Serve every workflow of ``module`` (a module name or a ``.py`` path) until SIGTERM or
+    SIGINT: ``polos worker MODULE`` and ``python -m polos_services.worker MODULE``. Raises
+    ``ConnectionFailedError`` when the server refuses the credentials. ``dev_llm``: agents
+    talk to the Polos dev LLM started in this process (``polos.devllm``)."""
+    devllm = await serve_this_process() if dev_llm else None
+    worker = Worker(
+        load_workflows(module), settings=settings, max_concurrent_runs=max_concurrent_runs,
+        worker_id=worker_id,
+    )
+    try:
+        await run_until_signal(worker, on_started=lambda: print(
+            f"worker {worker.id} serving: {', '.join(worker.workflows)}", flush=True))
+    finally:
+        if devllm is not None:
+            await devllm.stop()
+
+
+__all__ = ["Worker", "serve_module"]

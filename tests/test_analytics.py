@@ -20,8 +20,8 @@ import pytest
 import polos_analytics as analytics
 from polos import NO_RETRY, RetryPolicy, WorkflowContext, workflow
 from polos import history as ev
-from polos._private.cli.trace import cmd_trace
 from polos._private.store import Names, append, load_state
+from polos.cli.trace import cmd_trace
 from polos_analytics.commands import cmd_analytics, cmd_sql
 from polos_analytics.export import Exporter
 from tests.helpers import until

@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import polos_analytics as analytics
 from polos import Agent, WorkflowContext, workflow
-from polos._private.cli.trace import trace_lines
 from polos.agent import agent_workflow
+from polos.cli.trace import trace_lines
 from polos.devllm import DevLLM, Reply
 from polos_analytics.export import Exporter
 from polos_analytics.spans import SpanFollower, trace_id_for

@@ -1,6 +1,6 @@
 """``python -m polos_services.worker MODULE``: serve every workflow of MODULE until SIGTERM.
 
-The same command as ``polos worker`` (one implementation, ``polos._private.ops.serve``),
+The same command as ``polos worker`` (one implementation, ``polos.worker.serve_module``),
 logging at INFO like the other services.
 """
 
@@ -11,9 +11,9 @@ import asyncio
 import logging
 import sys
 
-from polos._private.ops.commands import DATA_DIR_HELP
-from polos._private.ops.serve import add_worker_args, serve_worker
+from polos._private.ops.commands import DATA_DIR_HELP, add_worker_args, settings_for
 from polos.errors import PolosError
+from polos.worker import serve_module
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        code = asyncio.run(serve_worker(args))
+        asyncio.run(serve_module(args.module, settings_for(args, role="worker"),
+                                 max_concurrent_runs=args.max_concurrent_runs,
+                                 worker_id=args.worker_id, dev_llm=args.dev_llm))
+        code = 0
     except KeyboardInterrupt:
         code = 130
     except (PolosError, ValueError, TimeoutError, OSError) as exc:

@@ -1,5 +1,5 @@
 """The ``polos`` command's registry and what its subcommands share: a subcommand is added with
-``@command(name, help)(add_args)(handler)`` by the module that implements it (``polos._private.cli``
+``@command(name, help)(add_args)(handler)`` by the module that implements it (``polos.cli``
 for the SDK's own, and the plugins the ``polos.commands`` entry points name: the analytics,
 the web UI, the benchmark). Settings come from flags and ``POLOS_*`` variables, else from the
 ``polos up`` running on the data dir, with the credentials of the role a command acts as.
@@ -19,7 +19,6 @@ import orjson
 from polos._private.ops import output
 from polos._private.ops.instance import data_dir_from, running
 from polos._private.ops.runtime import settings_from_args
-from polos.client import PolosClient
 from polos.config import Settings
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -83,10 +82,6 @@ def settings_for(args: argparse.Namespace, role: str = "client") -> Settings:
     return settings.with_(nats_url=local) if local else settings
 
 
-async def client_for(args: argparse.Namespace) -> PolosClient:
-    return await PolosClient.connect(settings=settings_for(args))
-
-
 def ts(t: float | None) -> str:
     if not t:
         return "-"
@@ -105,6 +100,17 @@ def table(
     return output.table(rows, headers, wrap=wrap)
 
 
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``polos worker`` and ``python -m polos_services.worker``."""
+    p.add_argument("module", help="module name or .py file that defines @workflow functions")
+    p.add_argument("--max-concurrent-runs", type=int, default=200)
+    p.add_argument("--worker-id")
+    p.add_argument("--dev-llm", action="store_true",
+                   help="agents talk to the Polos dev LLM, a scripted OpenAI-compatible test "
+                        "server started in this process (not a model: it calls each offered "
+                        "tool once, then answers from the output schema)")
 
 
 # `polos up` runs what its extensions add (the web UI): each adds its flags to `up`'s parser and
@@ -126,7 +132,7 @@ __all__ = [
     "UP_EXTENSIONS",
     "URL_FILE",
     "Handler",
-    "client_for",
+    "add_worker_args",
     "command",
     "data_dir",
     "dumps",

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polos._private.cli.core import timeline
 from polos._private.ops import plugins
 from polos._private.ops.commands import command
 from polos._private.ops.runtime import terminate_all
 from polos._private.ops.server import EmbeddedServer
+from polos.cli.core import timeline
 from polos.client import PolosClient, RunHandle
 from polos.config import Settings
 from polos.errors import RunNotFoundError

@@ -19,7 +19,7 @@ from polos._private.ops import output, plugins
 from polos._private.ops.commands import (
     UP_EXTENSIONS,
     URL_FILE,
-    client_for,
+    add_worker_args,
     command,
     data_dir,
     dumps,
@@ -35,11 +35,11 @@ from polos._private.ops.instance import (
 from polos._private.ops.runtime import (
     run_until_signal,
 )
-from polos._private.ops.serve import add_worker_args, serve_worker
 from polos._private.store import read_history, read_run, read_subject
 from polos.client import PolosClient, RunInfo
 from polos.config import Settings
 from polos.errors import WorkflowCancelledError, WorkflowFailedError
+from polos.worker import serve_module
 
 if TYPE_CHECKING:
     from polos._private.ops.analytics_process import AnalyticsProcess
@@ -180,7 +180,17 @@ def _lock_data_dir(data_dir: Path) -> DataDirLock:
 # --------------------------------------------------------------------------- worker
 
 
-command("worker", "serve the workflows of a module")(add_worker_args)(serve_worker)
+async def client_for(args: argparse.Namespace) -> PolosClient:
+    return await PolosClient.connect(settings=settings_for(args))
+
+
+@command("worker", "serve the workflows of a module")(add_worker_args)
+async def cmd_worker(args: argparse.Namespace) -> int:
+    # Stops on SIGINT/SIGTERM, or with the error when the server refuses the credentials.
+    await serve_module(args.module, settings_for(args, role="worker"),
+                       max_concurrent_runs=args.max_concurrent_runs, worker_id=args.worker_id,
+                       dev_llm=args.dev_llm)
+    return 0
 
 
 # --------------------------------------------------------------------------- start

@@ -10,11 +10,11 @@ import orjson
 from polos import history as ev
 from polos._private.agents.decisions import decision_of
 from polos._private.agents.pricing import LLMTotals
-from polos._private.cli.core import TIMELINE_STYLES, retries_text
 from polos._private.model.lineage import children_named
 from polos._private.ops import output
 from polos._private.ops.commands import command, settings_for
 from polos._private.store import Names, connect, read_history, valid_token
+from polos.cli.core import TIMELINE_STYLES, retries_text
 
 
 def _dumps(value: Any, limit: int = 120) -> str:

@@ -23,7 +23,7 @@ _OWN = ("core", "ops", "queues", "waiting", "trace", "demo")
 
 def _load_plugins() -> None:
     for name in _OWN:
-        importlib.import_module(f"polos._private.cli.{name}")
+        importlib.import_module(f"polos.cli.{name}")
     plugins.load_commands()
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import orjson
 
-from polos._private.ops.commands import client_for, command, dumps, table, ts
+from polos._private.ops.commands import command, dumps, table, ts
+from polos.cli.core import client_for
 from polos.errors import CommandRejectedError
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 from polos._private import limits
-from polos._private.ops.commands import client_for, command, dumps, table
+from polos._private.ops.commands import command, dumps, table
+from polos.cli.core import client_for
 
 
 def _add_queues(p: argparse.ArgumentParser) -> None:
