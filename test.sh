@@ -7,5 +7,5 @@ cd "$(dirname "$0")"
 source ./bootstrap.sh
 "$PY" -m ruff check .
 "$PY" -m mypy polos services analytics bench ui
-"$(dirname "$PY")/lint-imports"
+"$PY" -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 exec "$PY" -m pytest -q "$@"
