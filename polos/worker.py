@@ -51,6 +51,7 @@ from polos._private.store import (
     load_state,
     read_history,
 )
+from polos._private.store.task import Task, TaskDecodeError, decode_task
 from polos.config import Settings
 from polos.converter import from_json, json_schema, to_json, validation_errors
 from polos.devllm import serve_this_process
@@ -251,20 +252,19 @@ class Worker:
     async def _on_task(self, msg: Msg) -> None:
         assert self._js is not None
         try:
-            task = orjson.loads(msg.data)
-            run_id = str(task["run_id"])
-            workflow = str(task["workflow"])
-        except Exception as exc:
+            task = decode_task(msg.data)
+        except TaskDecodeError as exc:
             await dead_letter(
                 self._js,
                 self.names,
                 source="task",
-                reason=f"malformed task: {exc}",
+                reason=str(exc),
                 subject=msg.subject,
                 data=msg.data,
             )
             await msg.term()
             return
+        run_id, workflow = task.run_id, task.workflow
         if run_id in self._active:
             # JetStream redelivered a task we still execute (a missed heartbeat): adopt the new
             # delivery so our heartbeats and final ack apply to it.
@@ -308,49 +308,11 @@ class Worker:
         else:
             await active.msg.ack()
 
-    @staticmethod
-    def _carried_state(run_id: str, task: dict[str, Any]) -> ev.RunState | None:
-        """The run's state from the history its task carries, or None.
-
-        A new run's task carries its RunRequested; a woken run's task, the whole history the
-        waker read plus the wake. Only a guess until the claim lands: the claim is fenced on
-        the task's ``seq``, so it succeeds only if the history still ends there.
-        """
-        seq = task.get("seq")
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq <= 0:
-            return None
-        carried = task.get("history")
-        if carried is None and "requested" in task:
-            # A new run's task as orchestrators before 2026-11-30 wrote it (still in flight
-            # during an upgrade).
-            carried = [[seq, task["requested"]]]
-        if not isinstance(carried, list) or not carried:
-            return None
-        history: list[tuple[int, ev.Event]] = []
-        for item in carried:
-            if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int)
-                    or not isinstance(item[1], dict)):
-                return None
-            try:
-                event = ev.decode_body(item[1])
-            except ev.EventDecodeError:
-                return None
-            if getattr(event, "run_id", run_id) != run_id:
-                return None
-            history.append((item[0], event))
-        try:
-            state = ev.RunState.fold(run_id, history)
-        except ev.SequenceError:
-            return None
-        if not isinstance(history[0][1], ev.RunRequested) or state.last_seq != seq:
-            return None
-        return state
-
     async def _claim(
-        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: dict[str, Any]
+        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: Task
     ) -> RunExecution | None:
         assert self._nc is not None and self._js is not None
-        fresh = self._carried_state(run_id, task)
+        fresh = task.carried_state()
         held = self._states.pop(run_id, None)
         for _ in range(5):
             if fresh is not None:
@@ -388,10 +350,10 @@ class Worker:
                     )
                 except FencedOut:
                     continue
-                if task.get("slots"):
+                if task.slots:
                     # Taken for an admission under another queue: not this run's any more.
-                    store = limits.store_for(self._nc, self._js, self.names)
-                    await store.release_keys([str(k) for k in task["slots"]], run_id)
+                    slots = limits.store_for(self._nc, self._js, self.names)
+                    await slots.release_keys(task.slots, run_id)
                 self.sent_to_admission += 1
                 log.info("run %s: its task was not admitted under queue %r; sent to admission",
                          run_id, queue)
@@ -417,7 +379,7 @@ class Worker:
         raise RuntimeError(f"run {run_id}: could not claim after 5 tries")
 
     async def _execute(
-        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: dict[str, Any]
+        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: Task
     ) -> str:
         exe = await self._claim(wf, run_id, task)
         if exe is None:

@@ -26,8 +26,8 @@ import nats.js.errors
 import orjson
 import pytest
 
+import polos._private.store.task
 import polos.worker
-import polos_services.orchestrator.orchestrator
 from polos import WorkflowContext, workflow
 from polos import history as ev
 from polos._private.store import (
@@ -45,6 +45,7 @@ from polos._private.store import (
     read_run,
     read_subject,
 )
+from polos._private.store.task import decode_task
 from polos.config import Settings
 from polos.worker import Worker
 
@@ -166,16 +167,23 @@ async def test_a_stale_or_bogus_fresh_task_falls_back_to_reading(
     await env.orchestrator.js.publish(
         names.task_subject("hot_two_steps"),
         orjson.dumps({"run_id": handle.run_id, "workflow": "hot_two_steps", "seq": 1,
-                      "requested": {"t": "NoSuchEvent"}}))
+                      "history": [[1, {"t": "NoSuchEvent"}]]}))
     async with Worker([hot_two_steps], settings=settings.worker):
         assert await handle.result(timeout=10) == 2
     assert RAN[f"{tag}:a"] == 1 and RAN[f"{tag}:b"] == 1
     claims = [e for _, e in await env.client.history(handle.run_id) if isinstance(e, ev.RunClaimed)]
     assert [c.attempt for c in claims] == [1, 2]  # read the history, claimed as attempt 2
-    assert Worker._carried_state("x", {"run_id": "x", "seq": 3, "requested": [1]}) is None
+    assert _carried("x", [[3, [1]]], 3) is None
     wrong_run = _body(ev.RunRequested(run_id="y", workflow="w"))
-    assert Worker._carried_state("x", {"seq": 3, "requested": wrong_run}) is None
-    assert Worker._carried_state("y", {"seq": 3, "requested": wrong_run}) is not None
+    assert _carried("x", [[3, wrong_run]], 3) is None
+    assert _carried("y", [[3, wrong_run]], 3) is not None
+
+
+def _carried(run_id: str, history: Any, seq: Any) -> ev.RunState | None:
+    """The state a task carrying ``history`` up to ``seq`` gives its worker."""
+    task = decode_task(orjson.dumps({"run_id": run_id, "workflow": "w", "seq": seq,
+                                     "history": history}))
+    return task.carried_state()
 
 
 def _body(event: ev.Event) -> dict[str, Any]:
@@ -189,7 +197,7 @@ def test_a_carried_history_is_used_only_when_it_is_whole_and_in_order() -> None:
     woken = _body(ev.RunWoken(run_id="r", step="k", reason="resumed", kind="suspend"))
 
     def carried(history: Any, seq: Any) -> ev.RunState | None:
-        return Worker._carried_state("r", {"run_id": "r", "seq": seq, "history": history})
+        return _carried("r", history, seq)
 
     state = carried([[1, req], [2, claimed], [5, woken]], 5)
     assert state is not None and state.last_seq == 5 and state.attempt == 1
@@ -391,7 +399,7 @@ async def test_a_task_publish_during_a_leader_election_is_retried(
             raise nats.js.errors.NoStreamResponseError
         return await real(nc, subject, payload, **kw)
 
-    monkeypatch.setattr(polos_services.orchestrator.orchestrator, "publish", no_leader_at_first)
+    monkeypatch.setattr(polos._private.store.task, "publish", no_leader_at_first)
     env = await env_factory([hot_two_steps])
     tag = uuid.uuid4().hex[:8]
     handle = await env.client.start(hot_two_steps, tag)

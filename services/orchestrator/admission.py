@@ -29,7 +29,7 @@ Crash safety, with any number of orchestrators:
   fenced) and deletes the entry.
 * JetStream unavailable for a moment (a leader election, a reconnect): ``RunAdmitted``, tasks
   and waiting-line entries are written through the retrying path (``store.append``,
-  ``Orchestrator.publish_task``). A dispatch that parks the run while an earlier one of the
+  ``store.task.publish_task``). A dispatch that parks the run while an earlier one of the
   same cause still holds a slot for it (a retried or repeated dispatch) loses nothing either:
   a run that records its wait gives back every slot it held.
 
@@ -70,6 +70,7 @@ from polos._private.store import (
     read_subject,
     retry_transient,
 )
+from polos._private.store.task import encode_task, publish_task
 
 if TYPE_CHECKING:
     from .orchestrator import Orchestrator
@@ -234,9 +235,9 @@ class Admission:
     ) -> bool:
         # ``queue`` and ``adm`` say the run was admitted under that queue: a worker whose
         # workflow declares a limited queue executes nothing else (``limits.admission_needed``).
-        body = {"run_id": run_id, "workflow": workflow, "queue": queue, "slots": slots,
-                "adm": adm, "lease": self.lease}
-        return await self.orch.publish_task(run_id, workflow, cause_seq, body)
+        task = encode_task(run_id, workflow, queue=queue, slots=slots, adm=adm, lease=self.lease)
+        return await publish_task(self.orch.nc, self.names, run_id, workflow, cause_seq, task,
+                                  timeout=self.settings.request_timeout)
 
     async def _park(
         self, run_id: str, workflow: str, queue: Queue, key: str, cause_seq: int, reason: str

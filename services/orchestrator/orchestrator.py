@@ -44,9 +44,9 @@ from polos._private.store import (
     load_state,
     payloads,
     publish,
-    retry_transient,
     valid_token,
 )
+from polos._private.store.task import encode_task, publish_task, task_msg_id
 from polos.config import Settings
 
 from .admission import Admission
@@ -75,9 +75,6 @@ class RunNotYetKnown(CommandError):
     answer is final.
     """
 
-
-# The most history a task carries, in bytes of stored events (more: the worker reads it).
-_INLINE_HISTORY = 32 * 1024
 
 # How many task ids the orchestrator remembers having dispatched (see Orchestrator.dispatched).
 _DISPATCHED_KEPT = 10_000
@@ -361,52 +358,32 @@ class Orchestrator:
         run moved on, and the worker reads it as usual).
 
         ``history``: the run's whole history as stored, ending at ``cause_seq`` (a waker that
-        read the run and appended its wake). The task carries it, up to ``_INLINE_HISTORY``
-        bytes, and the worker claims fenced on ``cause_seq`` without reading, as for a new run.
+        read the run and appended its wake). The task carries it, up to ``INLINE_HISTORY``
+        bytes, and the worker claims fenced on ``cause_seq`` without reading, as for a new run
+        (``store.task``).
         """
         if self.admission is not None and await self.admission.route(
             run_id, workflow, cause_seq, requested
         ):
             self._note_dispatched(run_id, cause_seq)
             return
-        task: dict[str, Any] = {"run_id": run_id, "workflow": workflow}
         if fresh and requested is not None:
             history = [(cause_seq, ev.encode(requested))]
-        if (history and history[-1][0] == cause_seq
-                and sum(len(body) for _, body in history) <= _INLINE_HISTORY):
-            task["seq"] = cause_seq
-            task["history"] = [[seq, orjson.Fragment(body)] for seq, body in history]
-        await self.publish_task(run_id, workflow, cause_seq, task)
+        carried = history if history and history[-1][0] == cause_seq else None
+        await publish_task(
+            self.nc, self.names, run_id, workflow, cause_seq, encode_task(run_id, workflow, history=carried),
+            timeout=self.settings.request_timeout,
+        )
         self._note_dispatched(run_id, cause_seq)
 
-    async def publish_task(
-        self, run_id: str, workflow: str, cause_seq: int, task: dict[str, Any]
-    ) -> bool:
-        """Put ``task`` on the workflow's task subject, once per cause (message id
-        ``<run>/t/<cause seq>``). False when an earlier dispatch of this cause had put it out
-        already (the stream dropped this copy); a retry that finds its own first try stored
-        counts as putting it out."""
-        subject, payload = self.names.task_subject(workflow), orjson.dumps(task)
-        headers = {MSG_ID: f"{run_id}/t/{cause_seq}"}
-        timeout = self.settings.request_timeout
-
-        async def once(attempt: int) -> bool:
-            ack = await publish(self.nc, subject, payload, headers=headers, timeout=timeout)
-            # After a first try whose answer was lost, "duplicate" is most likely that try.
-            return not ack.duplicate or attempt > 0
-
-        # Retried through a leader election: the run's history already says it is due, and
-        # nothing else would put its task out (the message id drops a second copy).
-        return await retry_transient(once, timeout=timeout, what=f"task of run {run_id}")
-
     def _note_dispatched(self, run_id: str, cause_seq: int) -> None:
-        self._dispatched[f"{run_id}/t/{cause_seq}"] = None
+        self._dispatched[task_msg_id(run_id, cause_seq)] = None
         if len(self._dispatched) > _DISPATCHED_KEPT:
             self._dispatched.popitem(last=False)
 
     def dispatched(self, run_id: str, cause_seq: int) -> bool:
         """Whether this process has put out (or admitted) the run's task for that cause."""
-        return f"{run_id}/t/{cause_seq}" in self._dispatched
+        return task_msg_id(run_id, cause_seq) in self._dispatched
 
     # Other issues register their verbs here: resume, cancel, ...
     command_handlers: ClassVar[dict[str, Any]] = {}

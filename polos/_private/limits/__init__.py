@@ -11,7 +11,6 @@ from polos._private.limits.admission import (
     requeue_for_slot,
     run_holding_slots,
     send_to_admission,
-    task_queue,
 )
 from polos._private.limits.config import (
     LimitsConfig,
@@ -70,6 +69,5 @@ __all__ = [
     "scopes",
     "send_to_admission",
     "store_for",
-    "task_queue",
     "token",
 ]

@@ -22,6 +22,7 @@ from polos._private.store import (
     append,
     load_state,
 )
+from polos._private.store.task import Task
 
 if TYPE_CHECKING:
     from polos._private.model.values import WorkflowDefinition
@@ -42,20 +43,8 @@ def declared_queues(workflows: Iterable[WorkflowDefinition[Any, Any]]) -> dict[s
     return out
 
 
-def task_queue(task: dict[str, Any]) -> str | None:
-    """The queue a task was admitted under: its ``queue``, or for a task from an orchestrator
-    that did not write one, the queue its slot keys name (``q.<queue>.…``)."""
-    name = task.get("queue")
-    if isinstance(name, str):
-        return name
-    slots = task.get("slots") or []
-    if slots and isinstance(slots[0], str) and slots[0].startswith("q."):
-        return slots[0].split(".")[1]
-    return None
-
-
 def admission_needed(
-    declared: dict[str, Queue], wf: WorkflowDefinition[Any, Any], task: dict[str, Any],
+    declared: dict[str, Queue], wf: WorkflowDefinition[Any, Any], task: Task,
     requested: ev.RunRequested,
 ) -> str | None:
     """The queue a run must be admitted under before this worker may execute it, or None.
@@ -71,7 +60,7 @@ def admission_needed(
     name = requested.queue or wf.task_queue
     if name not in declared:
         return None
-    if task.get("adm") is not None and task_queue(task) == name:
+    if task.admitted and task.queue == name:
         return None
     return name
 
@@ -111,7 +100,7 @@ async def requeue_for_slot(
 
 
 async def run_holding_slots(
-    worker: Any, task: dict[str, Any], execute: Callable[[], Awaitable[str]]
+    worker: Any, task: Task, execute: Callable[[], Awaitable[str]]
 ) -> str:
     """Run ``execute`` while keeping the task's slot leases alive (a no-op for unlimited runs).
 
@@ -119,16 +108,15 @@ async def run_holding_slots(
     takes a slot. The orchestrator releases the slots when the run's history says it ended or
     suspended; if this worker dies the leases run out.
     """
-    keys = task.get("slots")
-    if not keys:
+    if not task.slots:
         return await execute()
     nc, js = worker._nc, worker._js
     store = store_for(nc, js, worker.names)
-    run_id = str(task["run_id"])
-    lease = SlotLease(store, run_id, int(task.get("adm", 0)), float(task.get("lease", 30.0)))
-    if not await lease.take_over([str(k) for k in keys]):
+    run_id = task.run_id
+    lease = SlotLease(store, run_id, task.adm or 0, task.lease)
+    if not await lease.take_over(list(task.slots)):
         log.info("run %s: its slot was taken while it waited; back to admission", run_id)
-        await requeue_for_slot(nc, js, worker.names, run_id, task_queue(task))
+        await requeue_for_slot(nc, js, worker.names, run_id, task.queue)
         return "done"
     keeper = asyncio.create_task(lease.keep_alive(), name=f"lease-{run_id}")
     try:
@@ -141,4 +129,4 @@ async def run_holding_slots(
 
 
 __all__ = ["NOT_ADMITTED", "admission_needed", "declared_queues", "requeue_for_slot",
-           "run_holding_slots", "send_to_admission", "task_queue"]
+           "run_holding_slots", "send_to_admission"]
