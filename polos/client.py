@@ -28,7 +28,7 @@ from polos._private.store import (
     Names,
     connect,
     disconnect,
-    last_per_subject,
+    kv_entries,
     load_state,
     payloads,
     publish,
@@ -37,7 +37,13 @@ from polos._private.store import (
     valid_token,
 )
 from polos._private.store import check_topology as require_topology
-from polos._private.store.commands import send_command
+from polos._private.store.commands import (
+    CancelCommand,
+    ResumeCommand,
+    StartCommand,
+    send_command,
+)
+from polos._private.store.index import IndexEntry
 from polos._private.store.tokens import event_subject, resume_subject
 from polos.config import Settings
 from polos.converter import from_json, to_json
@@ -255,7 +261,7 @@ class PolosClient:
         run_id = run_id or uuid.uuid4().hex
         if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} must be 1-128 letters, digits, '_' or '-'")
-        body: dict[str, Any] = {"input": to_json(input, what="the workflow input"), "run_id": run_id}
+        body: StartCommand = {"input": to_json(input, what="the workflow input"), "run_id": run_id}
         if queue is not None:
             body["queue"] = queue
         if concurrency_key is not None:
@@ -298,15 +304,11 @@ class PolosClient:
     ) -> list[RunInfo]:
         """Runs from the run index, newest first. ``status`` may be one status or a list."""
         wanted = {status} if isinstance(status, str) else set(status or [])
-        msgs = await last_per_subject(
-            self.nc, f"KV_{self.names.runs_bucket}", f"$KV.{self.names.runs_bucket}.>"
-        )
+        entries = await kv_entries(self.nc, self.names.runs_bucket)
         serving = await self._served_workflows()
         out: list[RunInfo] = []
-        for m in msgs:
-            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                continue
-            e = orjson.loads(m.data)
+        for m in entries:
+            e: IndexEntry = orjson.loads(m.value)
             if wanted and e.get("status") not in wanted:
                 continue
             if workflow and e.get("workflow") != workflow:
@@ -324,7 +326,7 @@ class PolosClient:
                     attempt=e.get("attempt", 0),
                     worker_id=e.get("worker_id"),
                     error=e.get("error"),
-                    waiting=e.get("waiting"),
+                    waiting=dict(w) if (w := e.get("waiting")) else None,
                     parent_run_id=e.get("parent_run_id"),
                     note=note,
                     extra={k: v for k, v in e.items() if k not in RunInfo.__dataclass_fields__},
@@ -335,14 +337,7 @@ class PolosClient:
 
     async def workers(self) -> list[dict[str, Any]]:
         """Live workers (their registrations expire when they stop heartbeating)."""
-        msgs = await last_per_subject(
-            self.nc, f"KV_{self.names.workers_bucket}", f"$KV.{self.names.workers_bucket}.>"
-        )
-        out = []
-        for m in msgs:
-            if m.data and (m.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
-                out.append(orjson.loads(m.data))
-        return out
+        return [orjson.loads(m.value) for m in await kv_entries(self.nc, self.names.workers_bucket)]
 
     async def _served_workflows(self) -> set[str]:
         served: set[str] = set()
@@ -367,7 +362,7 @@ class PolosClient:
         """
         if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} is not valid")
-        body: dict[str, Any] = {"data": to_json(data, what="the resume data")}
+        body: ResumeCommand = {"data": to_json(data, what="the resume data")}
         if len(orjson.dumps(body)) > payloads.inline_limit(self.nc):
             # Too big for a command message: the data travels through the Object Store.
             ref = await payloads.put_value(self.js, self.names, run_id, orjson.dumps(body["data"]))
@@ -386,7 +381,7 @@ class PolosClient:
         unknown or finished run."""
         if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} is not valid")
-        body = {"reason": reason} if reason is not None else {}
+        body: CancelCommand = {"reason": reason} if reason is not None else {}
         return await send_command(
             self.nc, self.js, self.names.cancel_subject(run_id), body,
             msg_id=f"cancel/{run_id}/{uuid.uuid4().hex}",

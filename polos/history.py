@@ -17,11 +17,25 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import orjson
 
 JSON = Any  # a value orjson can encode: dict, list, str, int, float, bool, None
+
+# What a run is doing, as its history says (``RunState.status``, the run index, ``polos runs``).
+RunStatus = Literal["unknown", "queued", "running", "suspended", "completed", "failed", "cancelled"]
+RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
+# What a recorded step was (``StepCompleted.kind``): the ``ctx.step`` call that made it.
+StepKind = Literal[
+    "run", "now", "uuid", "random", "patch", "suspend", "event", "sleep", "child", "invoke",
+    "llm", "tool",
+]
+# What a suspended run waits for (``RunSuspended.kind``): a resume, an event, a timer, its
+# children, a retry back-off, a concurrency slot, a rate (a queue's, or an LLM step's tokens).
+WaitKind = Literal["suspend", "event", "sleep", "child", "retry", "slot", "rate"]
+# Who asked for a run (``RunRequested.source``).
+RunSource = Literal["client", "raw", "child", "event", "schedule"]
 
 
 def _now() -> float:
@@ -61,7 +75,7 @@ class RunRequested(Event):
     parent_step: str | None = None
     root_run_id: str | None = None
     trace_id: str | None = None
-    source: str = "client"  # client | raw | child | event | schedule
+    source: RunSource = "client"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,7 +116,7 @@ class RunSuspended(Event):
 
     run_id: str
     step: str
-    kind: str
+    kind: WaitKind
     data: JSON = None
     topic: str | None = None
     wake_at: float | None = None
@@ -125,7 +139,7 @@ class RunWoken(Event):
     # the wake carries one: the fold records it as the step's StepCompleted of ``kind``, so
     # replay finds it in the history like any other step. None for a wake without an outcome
     # (a retry back-off ended).
-    kind: str | None = None
+    kind: StepKind | None = None
     output: JSON = None
     workflow: str | None = None
 
@@ -152,7 +166,7 @@ class RunAdmitted(RunWoken):
 class StepCompleted(Event):
     KIND: ClassVar[str] = "step"
     key: str
-    kind: str  # run | now | uuid | random | suspend | event | sleep | child | llm | tool | ...
+    kind: StepKind
     name: str | None = None  # the function's qualified name, for the determinism check
     output: JSON = None
     attempts: int = 1
@@ -165,7 +179,7 @@ class StepCompleted(Event):
 class StepAttemptFailed(Event):
     KIND: ClassVar[str] = "step"
     key: str
-    kind: str
+    kind: StepKind
     name: str | None
     attempt: int
     error: dict[str, JSON]
@@ -176,7 +190,7 @@ class StepAttemptFailed(Event):
 class StepFailed(Event):
     KIND: ClassVar[str] = "step"
     key: str
-    kind: str
+    kind: StepKind
     name: str | None
     error: dict[str, JSON]
     attempts: int = 1
@@ -267,7 +281,7 @@ def decode_body(body: Any, raw: bytes | None = None) -> Event:
 
 # --------------------------------------------------------------------------- state as a fold
 
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
+TERMINAL: frozenset[RunStatus] = frozenset({"completed", "failed", "cancelled"})
 
 
 class SequenceError(RuntimeError):
@@ -282,7 +296,7 @@ class RunState:
     last_seq: int = 0
     workflow: str | None = None
     requested: RunRequested | None = None
-    status: str = "unknown"  # unknown | queued | running | suspended | completed | failed | cancelled
+    status: RunStatus = "unknown"
     attempt: int = 0
     worker_id: str | None = None
     steps: dict[str, StepCompleted | StepFailed] = field(default_factory=dict)
@@ -359,6 +373,7 @@ class RunState:
 
 
 __all__ = [
+    "RUN_STATUSES",
     "TERMINAL",
     "ErrorInfo",
     "Event",
@@ -369,13 +384,17 @@ __all__ = [
     "RunCompleted",
     "RunFailed",
     "RunRequested",
+    "RunSource",
     "RunState",
+    "RunStatus",
     "RunSuspended",
     "RunWoken",
     "SequenceError",
     "StepAttemptFailed",
     "StepCompleted",
     "StepFailed",
+    "StepKind",
+    "WaitKind",
     "decode",
     "decode_body",
     "encode",

@@ -375,10 +375,11 @@ async def test_one_orchestrator_writes_a_runs_index_entry_one_event_at_a_time(
                for i in range(20)]
     # All at once, as the control consumer hands them out: without the per-run lock most of
     # these would fail their compare-and-set against each other and read before writing again.
-    await asyncio.gather(*(orch.update_index(run_id, seq, e) for seq, e in reversed(events)))
+    await asyncio.gather(*(orch.index.update(run_id, seq, e) for seq, e in reversed(events)))
     assert orch.index_conflicts == 0
-    assert orch._index_locks == {}
-    entry = orjson.loads((await orch._index.get(run_id)).value)
+    assert orch.index._locks == {}  # the last handler of a run removes its lock
+    entry = await orch.index.read(run_id)
+    assert entry is not None
     # The request, folded last here, still gives the entry its workflow; the status is the
     # latest event's.
     assert (entry["seq"], entry["status"], entry["workflow"]) == (21, "running", "w")

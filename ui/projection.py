@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from polos._private.store import is_live
 from polos.client import PolosClient
 
 from .source import runs_bucket_stream
@@ -159,9 +160,8 @@ class RunIndex:
 
     async def _on_msg(self, msg: Any) -> None:
         run_id = msg.subject.rsplit(".", 1)[-1]
-        op = (msg.headers or {}).get("KV-Operation")
         try:
-            if op in ("DEL", "PURGE") or not msg.data:
+            if not is_live(msg):
                 self._remove(run_id)
             else:
                 entry = orjson.loads(msg.data)

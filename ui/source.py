@@ -21,7 +21,7 @@ from polos._private import limits
 from polos._private.agents.decisions import decision_of
 from polos._private.agents.pricing import LLMTotals
 from polos._private.model.lineage import children_named
-from polos._private.store import last_per_subject, payloads, read_run
+from polos._private.store import kv_entries, kv_stream, payloads, read_run
 from polos._private.store.tokens import encode_token
 from polos.client import PolosClient
 
@@ -85,18 +85,15 @@ def run_subjects(client: PolosClient, run_id: str) -> list[str]:
 def runs_bucket_stream(client: PolosClient) -> tuple[str, str]:
     """The run index's stream and its subject filter (the projection watches it)."""
     bucket = client.names.runs_bucket
-    return f"KV_{bucket}", f"$KV.{bucket}.>"
+    return kv_stream(bucket), f"$KV.{bucket}.>"
 
 
 async def _bucket_entries(client: PolosClient, bucket: str) -> list[tuple[str, Any]]:
-    prefix = f"$KV.{bucket}."
     out: list[tuple[str, Any]] = []
     with contextlib.suppress(Exception):  # a bucket nobody created yet: nothing in it
-        for m in await last_per_subject(client.nc, f"KV_{bucket}", f"{prefix}>"):
-            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                continue
+        for e in await kv_entries(client.nc, bucket):
             with contextlib.suppress(orjson.JSONDecodeError):
-                out.append((m.subject[len(prefix):], orjson.loads(m.data)))
+                out.append((e.key, orjson.loads(e.value)))
     return out
 
 

@@ -57,6 +57,7 @@ import orjson
 
 from polos import history as ev
 from polos._private import limits
+from polos._private.limits import LimitsConfig, RateStore, SlotStore, store_for
 from polos._private.model.aio import cancel_and_wait
 from polos._private.model.values import Queue
 from polos._private.store import (
@@ -73,7 +74,7 @@ from polos._private.store import (
 from polos._private.store.task import encode_task, publish_task
 
 if TYPE_CHECKING:
-    from .orchestrator import Orchestrator
+    from .orchestrator import CommandHandler, Orchestrator
 
 log = logging.getLogger("polos.admission")
 
@@ -91,9 +92,10 @@ class Admission:
         self.names = orch.names
         self.settings = orch.settings
         self.lease = float(self.settings.slot_lease)
-        self.config = limits.LimitsConfig(orch.js, orch.names)
-        self.store = limits.store_for(orch.nc, orch.js, orch.names)
-        self.rates = limits.RateStore(self.store)
+        # Opened at start (they need the orchestrator's connection).
+        self.config: LimitsConfig
+        self.store: SlotStore
+        self.rates: RateStore
         self._want: dict[str, bool] = {}
         self._passes: dict[str, asyncio.Task[None]] = {}
         self._last_key: dict[str, str] = {}
@@ -110,16 +112,16 @@ class Admission:
         self.lost_races = 0
         self.lock_busy = 0
 
-    @classmethod
-    async def attach(cls, orch: Orchestrator) -> Admission:
+    def commands(self) -> dict[str, CommandHandler]:
+        return {}  # admission answers no command: it routes the dispatches of limited queues
+
+    async def start(self) -> None:
         # Its slots bucket, queues bucket and admission stream are in the topology the
         # orchestrator ensured at start.
-        adm = cls(orch)
-        hooks = type(orch).control_hooks
-        if on_control not in hooks:
-            hooks.append(on_control)
-        adm._sweeper = asyncio.create_task(adm._sweep(), name="admission-sweep")
-        return adm
+        self.config = LimitsConfig(self.orch.js, self.names)
+        self.store = store_for(self.orch.nc, self.orch.js, self.names)
+        self.rates = RateStore(self.store)
+        self._sweeper = asyncio.create_task(self._sweep(), name="admission-sweep")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -142,8 +144,7 @@ class Admission:
         if requested is not None:
             queue_name, key, workflow = requested.queue, requested.concurrency_key, requested.workflow
         else:
-            cached = self.orch._cache.get(run_id)
-            entry = cached[0] if cached else None
+            entry = self.orch.index.cached(run_id)
             if entry is not None and entry.get("workflow"):
                 queue_name = entry.get("admitted_queue") or entry.get("queue")
                 key, workflow = entry.get("concurrency_key"), entry["workflow"]
@@ -181,7 +182,7 @@ class Admission:
             if state.status != "queued" or state.last_seq > cause_seq:
                 return True
         ktok = limits.token(key)
-        reason = "slot"
+        reason: ev.WaitKind = "slot"
         # Both at once, to keep admission off the critical path: the slot is given back if
         # someone waits ahead of this run.
         waiting, (slots, _) = await asyncio.gather(
@@ -240,7 +241,7 @@ class Admission:
                                   timeout=self.settings.request_timeout)
 
     async def _park(
-        self, run_id: str, workflow: str, queue: Queue, key: str, cause_seq: int, reason: str
+        self, run_id: str, workflow: str, queue: Queue, key: str, cause_seq: int, reason: ev.WaitKind
     ) -> None:
         """Record that the run waits for admission; the control hook queues it."""
         event = ev.RunSuspended(
@@ -267,7 +268,8 @@ class Admission:
 
     # ------------------------------------------------------------------ control events
 
-    async def on_event(self, run_id: str, seq: int, event: ev.Event) -> None:
+    async def on_control(self, run_id: str, seq: int, event: ev.Event) -> None:
+        """Queue waiting runs, repair admissions, give slots back."""
         if isinstance(event, ev.RunAdmitted):
             await self._repair_admitted(run_id, seq, event)
         elif isinstance(event, ev.RunSuspended) and event.kind in WAIT_KINDS \
@@ -510,11 +512,4 @@ class Admission:
                 "lost_races": self.lost_races, "lock_busy": self.lock_busy, "at": time.time()}
 
 
-async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event) -> None:
-    """Control hook: queue waiting runs, repair admissions, give slots back."""
-    adm: Admission | None = getattr(orch, "admission", None)
-    if adm is not None:
-        await adm.on_event(run_id, seq, event)
-
-
-__all__ = ["Admission", "on_control"]
+__all__ = ["Admission"]

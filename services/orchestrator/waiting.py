@@ -16,7 +16,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import nats.js.errors
 import orjson
 from nats.aio.msg import Msg
 
@@ -31,14 +30,15 @@ from polos._private.store import (
     append,
     dead_letter,
     ensure_consumer,
+    kv_entries,
     last_for_subject,
-    last_per_subject,
     load_run,
     load_state,
     payloads,
     read_subject,
     valid_token,
 )
+from polos._private.store.commands import CANCEL_FIELDS, CHILD_FIELDS, RESUME_FIELDS
 from polos._private.store.tokens import (
     decode_token,
     resume_subject,
@@ -46,29 +46,25 @@ from polos._private.store.tokens import (
     topic_tokens,
 )
 
-from .orchestrator import (
-    CommandError,
-    Orchestrator,
-    RunNotYetKnown,
-    derive_run_id,
-)
+from .commands import CommandError, RunNotYetKnown, derive_run_id, parse_object
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
+
+    from .orchestrator import CommandHandler, Orchestrator
 
 log = logging.getLogger("polos.waiting")
 
 # Reads that need a run's status, workflow or outcome, not its steps.
 CTL = ("ctl",)
 CASCADE_HEADER = "Polos-Cascade"  # a cancel sent by a parent's cancellation, not by a user
-_CHILD_FIELDS = {"workflow", "input", "input_ref", "parent_run_id", "parent_step", "root_run_id"}
 
 
 def _workflow_of(orch: Orchestrator, run_id: str, state: ev.RunState | None = None) -> str | None:
     if state is not None and state.workflow:
         return state.workflow
-    cached = orch._cache.get(run_id)
-    return cached[0].get("workflow") if cached else None
+    cached = orch.index.cached(run_id)
+    return cached.get("workflow") if cached else None
 
 
 async def _dispatch_woken(
@@ -95,7 +91,8 @@ async def _dispatch_woken(
 # --------------------------------------------------------------------------- resume
 
 
-_RESUME_FIELDS: tuple[set[str], ...] = ({"data"}, {"data_ref"}, set())
+# A resume holds its data inline, or names the object holding it, or has none.
+_RESUME_FORMS: tuple[set[str], ...] = ({"data"}, {"data_ref"}, set())
 
 
 async def _resume_data(orch: Orchestrator, run_id: str, body: dict[str, Any]) -> Any:
@@ -124,7 +121,7 @@ async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int,
             body = orjson.loads(m.data) if m.data else {}
         except orjson.JSONDecodeError:
             continue
-        if isinstance(body, dict) and set(body) in _RESUME_FIELDS:
+        if isinstance(body, dict) and set(body) in _RESUME_FORMS:
             try:
                 return m.seq, await _resume_data(orch, run_id, body)
             except CommandError:
@@ -142,15 +139,15 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
         key = decode_token(tokens[1])
     except UnicodeDecodeError as exc:
         raise CommandError(f"step key token {tokens[1]!r} is not valid", field="key") from exc
-    body = orch.parse_object(msg)
-    unknown = sorted(set(body) - {"data", "data_ref"})
+    body = parse_object(msg)
+    unknown = sorted(set(body) - RESUME_FIELDS)
     if unknown:
         raise CommandError(
             f"unknown field(s) {', '.join(unknown)}; a resume is {{\"data\": <any JSON>}} or, "
             'for data too big for a message, {"data_ref": "<run_id>/<object>"}',
             field=unknown[0],
         )
-    if set(body) not in _RESUME_FIELDS:
+    if set(body) not in _RESUME_FORMS:
         raise CommandError("a resume has data or data_ref, not both", field="data_ref")
     data = await _resume_data(orch, run_id, body)
     seq = msg.metadata.sequence.stream
@@ -217,8 +214,8 @@ async def on_cancel(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     if len(tokens) != 1 or not valid_token(tokens[0]):
         raise CommandError(f"a cancel goes to {orch.names.prefix}.cmd.cancel.<run_id>, got {msg.subject!r}")
     run_id = tokens[0]
-    body = orch.parse_object(msg)
-    unknown = sorted(set(body) - {"reason"})
+    body = parse_object(msg)
+    unknown = sorted(set(body) - CANCEL_FIELDS)
     if unknown:
         raise CommandError(f"unknown field(s) {', '.join(unknown)}; a cancel takes reason", field=unknown[0])
     reason = body.get("reason")
@@ -299,8 +296,8 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
         raise CommandError(
             f"a child request goes to {orch.names.prefix}.cmd.child.<parent run_id>.<run_id>"
         )
-    body = orch.parse_object(msg)
-    unknown = sorted(set(body) - _CHILD_FIELDS)
+    body = parse_object(msg)
+    unknown = sorted(set(body) - CHILD_FIELDS)
     if unknown:
         raise CommandError(f"unknown field(s) {', '.join(unknown)}", field=unknown[0])
     for name in ("workflow", "parent_run_id", "parent_step"):
@@ -318,7 +315,7 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
     event = ev.RunRequested(
         run_id=child,
         workflow=body["workflow"],
-        input=await orch._input(body, child),
+        input=await orch.command_input(body, child),
         parent_run_id=parent,
         parent_step=body["parent_step"],
         root_run_id=body.get("root_run_id"),
@@ -352,16 +349,15 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
 
 async def _children_outcome(orch: Orchestrator, children: list[str]) -> list[dict[str, Any]] | None:
     """Every child's outcome if all have ended, else None (a later child end looks again)."""
-    assert orch._index is not None
     for child in children:
-        cached = orch._cache.get(child)
-        status = cached[0].get("status") if cached else None
+        cached = orch.index.cached(child)
+        status = cached.get("status") if cached else None
         if status not in ev.TERMINAL:
-            try:
-                entry = await orch._index.get(child)
-                status = orjson.loads(entry.value or b"{}").get("status")
-            except nats.js.errors.KeyNotFoundError:
+            # Another instance may have folded the child's end: the bucket says.
+            entry = await orch.index.read(child)
+            if entry is None:
                 return None
+            status = entry.get("status")
         if status not in ev.TERMINAL:
             return None
     states = await asyncio.gather(
@@ -397,10 +393,7 @@ async def _wake_parent(
 
 
 async def _waits(orch: Orchestrator) -> KeyValue:
-    # Kept on the orchestrator: ``js.key_value`` is a stream-info round trip per call.
-    if orch.waits_kv is None:
-        orch.waits_kv = await orch.js.key_value(orch.names.waits_bucket)
-    return orch.waits_kv
+    return await orch.waiting.waits()
 
 
 def _wait_key(topic: str, run_id: str) -> str:
@@ -469,15 +462,10 @@ class EventRouter:
 
     async def _wake_waiters(self, topic: str, seq: int) -> None:
         o = self.orch
-        bucket = o.names.waits_bucket
-        msgs = await last_per_subject(
-            o.nc, f"KV_{bucket}", f"$KV.{bucket}.{topic_tokens(topic)}.*"
-        )
+        waiters = await kv_entries(o.nc, o.names.waits_bucket, f"{topic_tokens(topic)}.*")
         kv = await _waits(o)
-        for m in msgs:
-            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                continue
-            w = orjson.loads(m.data)
+        for m in waiters:
+            w = orjson.loads(m.value)
             if int(w.get("cursor") or 0) >= seq:
                 continue
             outcome = await _wake_event_waiter(
@@ -486,16 +474,12 @@ class EventRouter:
             )
             if outcome is not False:
                 with contextlib.suppress(Exception):
-                    await kv.delete(m.subject.split(".", 2)[2], last=m.seq)
+                    await kv.delete(m.key, last=m.revision)
 
     async def _trigger(self, topic: str, seq: int, data: Any, msg: Msg) -> None:
         o = self.orch
-        bucket = o.names.workflows_bucket
-        docs = await last_per_subject(o.nc, f"KV_{bucket}", f"$KV.{bucket}.>")
-        for m in docs:
-            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                continue
-            doc = orjson.loads(m.data)
+        for m in await kv_entries(o.nc, o.names.workflows_bucket):
+            doc = orjson.loads(m.value)
             if doc.get("trigger_on_event") != topic:
                 continue
             name = doc["name"]
@@ -509,12 +493,6 @@ class EventRouter:
                 source="event",
             )
             await o.request_run(event)
-
-
-async def _start_router(orch: Orchestrator) -> EventRouter:
-    router = EventRouter(orch)
-    await router.start()
-    return router
 
 
 # --------------------------------------------------------------------------- control hook
@@ -534,8 +512,8 @@ async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event)
     elif isinstance(event, (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
         if isinstance(event, ev.RunCancelled):
             await _after_cancel(orch, run_id)
-        cached = orch._cache.get(run_id)
-        if cached is None or cached[0].get("parent_run_id"):
+        cached = orch.index.cached(run_id)
+        if cached is None or cached.get("parent_run_id"):
             await _child_ended(orch, run_id)
 
 
@@ -592,15 +570,44 @@ async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.Run
             await _wake_parent(orch, state, seq, event)
 
 
-def register() -> None:
-    """Plug the waiting features into every Orchestrator (idempotent)."""
-    Orchestrator.command_handlers.setdefault("resume", on_resume)
-    Orchestrator.command_handlers.setdefault("cancel", on_cancel)
-    Orchestrator.command_handlers.setdefault("child", on_child)
-    if on_control not in Orchestrator.control_hooks:
-        Orchestrator.control_hooks.append(on_control)
-    if _start_router not in Orchestrator.start_hooks:
-        Orchestrator.start_hooks.append(_start_router)
+class Waiting:
+    """The orchestrator's waiting feature: the resume, cancel and child commands, the external
+    events (their own consumer), and the control hooks that wake suspended runs."""
+
+    def __init__(self, orch: Orchestrator) -> None:
+        self.orch = orch
+        self.router = EventRouter(orch)
+        # The waiters bucket's handle, opened on first use (``js.key_value`` is a stream-info
+        # round trip per call).
+        self._waits: KeyValue | None = None
+
+    def commands(self) -> dict[str, CommandHandler]:
+        orch = self.orch
+
+        async def resume(msg: Msg, tokens: list[str]) -> dict[str, Any]:
+            return await on_resume(orch, msg, tokens)
+
+        async def cancel(msg: Msg, tokens: list[str]) -> dict[str, Any]:
+            return await on_cancel(orch, msg, tokens)
+
+        async def child(msg: Msg, tokens: list[str]) -> dict[str, Any]:
+            return await on_child(orch, msg, tokens)
+
+        return {"resume": resume, "cancel": cancel, "child": child}
+
+    async def waits(self) -> KeyValue:
+        if self._waits is None:
+            self._waits = await self.orch.js.key_value(self.orch.names.waits_bucket)
+        return self._waits
+
+    async def start(self) -> None:
+        await self.router.start()
+
+    async def stop(self) -> None:
+        await self.router.stop()
+
+    async def on_control(self, run_id: str, seq: int, event: ev.Event) -> None:
+        await on_control(self.orch, run_id, seq, event)
 
 
-register()
+__all__ = ["EventRouter", "Waiting", "cancel_run"]

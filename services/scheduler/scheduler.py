@@ -29,6 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from polos import history as ev
 from polos._private.model.aio import cancel_and_wait
 from polos._private.run.timers import put_schedule
 from polos._private.run.wake import wake
@@ -44,12 +45,15 @@ from polos._private.store import (
     ensure_topology,
     last_for_subject,
 )
+from polos._private.store.commands import StartCommand
 from polos.config import Settings
 
 log = logging.getLogger("polos.scheduler")
 
 _CRON_NS = uuid.UUID("3c0e4b8a-61f2-4f0e-a3f5-7f0f3e1f8b21")
 DURABLE = "scheduler_fire"
+# The waits a timer ends: sleeps, retry back-offs, LLM rate waits, and timeouts of these two.
+_TIMED_WAITS = ("sleep", "retry", "rate", "suspend", "event")
 
 
 class Scheduler:
@@ -127,7 +131,12 @@ class Scheduler:
             return
         self.fired += 1
         try:
-            if kind == "wake":
+            if kind == "wake" and body.get("wait_kind") not in _TIMED_WAITS:
+                await dead_letter(self.js, self.names, source="timer",
+                                  reason=f"unknown wait kind {body.get('wait_kind')!r}; a timer "
+                                  f"wakes {', '.join(_TIMED_WAITS)}", subject=msg.subject,
+                                  data=msg.data)
+            elif kind == "wake":
                 await self._wake(body)
             elif kind == "cron":
                 await self._cron(body, msg)
@@ -156,7 +165,7 @@ class Scheduler:
             await asyncio.sleep(early)
         now = time.time()
         self.lateness_ms.append((now - due) * 1000)
-        kind: str | None
+        kind: ev.StepKind | None
         if wait_kind == "sleep":
             kind, reason, output = "sleep", "timer", {"due": due, "at": now}
         elif wait_kind == "retry":
@@ -164,9 +173,11 @@ class Scheduler:
         elif wait_kind == "rate":
             # The LLM step's booked tokens are there; the step itself runs once the run is back.
             kind, reason, output = None, "rate capacity there", None
-        else:
+        elif wait_kind in ("suspend", "event"):
             kind, reason = wait_kind, "timeout"
             output = {"timeout": True, "timeout_at": due, "at": now}
+        else:
+            raise AssertionError(wait_kind)  # refused by _on_fire
         woke = await wake(
             self.js, self.names, run_id, step, expected_seq=seq, reason=reason, cause="timer",
             kind=kind, output=output, workflow=body.get("workflow"),
@@ -182,7 +193,7 @@ class Scheduler:
         # same run id, and the start is idempotent on it.
         fired = msg.metadata.sequence.stream
         run_id = uuid.uuid5(_CRON_NS, f"{self.names.prefix}/{key}/{fired}").hex
-        payload = {"input": body.get("input"), "run_id": run_id}
+        payload: StartCommand = {"input": body.get("input"), "run_id": run_id}
         await self.js.publish(
             self.names.start_subject(workflow),
             orjson.dumps(payload),

@@ -68,7 +68,7 @@ class StepRunner:
         return False
 
     async def step(
-        self, key: str, kind: str, name: str | None, fn: Callable[[str], Awaitable[StepDone]]
+        self, key: str, kind: ev.StepKind, name: str | None, fn: Callable[[str], Awaitable[StepDone]]
     ) -> Recorded:
         try:
             done = await fn(key)
@@ -94,7 +94,7 @@ class DurableRunner(StepRunner):
         return self.execution.is_replaying
 
     async def step(
-        self, key: str, kind: str, name: str | None, fn: Callable[[str], Awaitable[StepDone]]
+        self, key: str, kind: ev.StepKind, name: str | None, fn: Callable[[str], Awaitable[StepDone]]
     ) -> Recorded:
         exe = self.execution
         assert exe is not None

@@ -35,8 +35,8 @@ from polos._private.store import (
     EXPECTED_LAST_SUBJECT_SEQ,
     WRONG_LAST_SEQUENCE,
     Names,
-    last_for_subject,
-    last_per_subject,
+    kv_entries,
+    kv_entry,
     valid_token,
 )
 from polos._private.store.names import kv_stream
@@ -102,19 +102,12 @@ class SlotStore:
 
     async def entries(self, key_filter: str) -> list[Entry]:
         """Every live key matching ``key_filter`` (one direct-get request)."""
-        msgs = await last_per_subject(self.nc, self.stream, self.subject(key_filter))
-        out = []
-        for m in msgs:
-            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                continue
-            out.append(Entry(m.subject[len(self.bucket) + 5 :], m.seq, orjson.loads(m.data)))
-        return out
+        return [Entry(e.key, e.revision, orjson.loads(e.value))
+                for e in await kv_entries(self.nc, self.bucket, key_filter)]
 
     async def get(self, key: str) -> Entry | None:
-        m = await last_for_subject(self.nc, self.stream, self.subject(key))
-        if m is None or not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-            return None
-        return Entry(key, m.seq, orjson.loads(m.data))
+        e = await kv_entry(self.nc, self.bucket, key)
+        return None if e is None else Entry(key, e.revision, orjson.loads(e.value))
 
     async def put(
         self, key: str, value: dict[str, Any], *, expected: int, ttl: float | None = None

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import nats.js.errors
 import orjson
 
-from polos._private.store import Names, last_per_subject, payloads
+from polos._private.store import Names, is_live, last_per_subject, payloads
 from polos._private.store.tokens import parse_time
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ async def archive_exported_runs(
         await obs.delete(name)
         result.payload_objects_deleted += 1
     for msg in entries:
-        if not msg.data or (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+        if not is_live(msg):
             continue
         entry: dict[str, Any] = orjson.loads(msg.data)
         if entry.get("archived") or entry.get("status") not in TERMINAL:

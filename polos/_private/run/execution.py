@@ -221,7 +221,7 @@ class RunExecution:
         self._patches[patch_id] = value
         return value
 
-    async def record_value(self, key: str | None, kind: str, make: Callable[[], Any]) -> Any:
+    async def record_value(self, key: str | None, kind: ev.StepKind, make: Callable[[], Any]) -> Any:
         step_id = self.step_id(key, kind)
         found = self.recorded(step_id, kind, None)
         if isinstance(found, ev.StepCompleted):

@@ -31,6 +31,7 @@ from polos._private.store import (
     payloads,
     valid_token,
 )
+from polos._private.store.commands import ChildCommand
 from polos._private.store.tokens import topic_tokens
 from polos.converter import from_json, to_json
 from polos.errors import ChildWorkflowError, WaitTimeoutError
@@ -239,7 +240,7 @@ def child_request(
     workflow: str, input: Any,
 ) -> ChildRequest:
     child = child_run_id(parent_run_id, step_id, index)
-    body = {
+    body: ChildCommand = {
         "workflow": workflow,
         "input": to_json(input, what=f"the input of child {index} of step {step_id!r}"),
         "parent_run_id": parent_run_id,

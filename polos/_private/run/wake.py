@@ -46,7 +46,7 @@ async def wake(
     expected_seq: int,
     reason: str,
     cause: str,
-    kind: str | None,
+    kind: ev.StepKind | None,
     output: Any = None,
     workflow: str | None = None,
 ) -> Woken | None:

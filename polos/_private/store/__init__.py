@@ -34,7 +34,11 @@ from polos._private.store.dlq import DLQ_SOURCES, DlqSource, dead_letter
 from polos._private.store.names import RUN_KINDS, Names, kv_stream, object_stream, valid_token
 from polos._private.store.natspy import connection_of
 from polos._private.store.read import (
+    KVEntry,
     StoredMsg,
+    is_live,
+    kv_entries,
+    kv_entry,
     last_for_subject,
     last_per_subject,
     load_run,
@@ -77,6 +81,7 @@ __all__ = [
     "DlqSource",
     "Fatal",
     "FencedOut",
+    "KVEntry",
     "Names",
     "PullLoop",
     "StoredMsg",
@@ -91,7 +96,10 @@ __all__ = [
     "display_url",
     "ensure_consumer",
     "ensure_topology",
+    "is_live",
     "is_transient",
+    "kv_entries",
+    "kv_entry",
     "kv_stream",
     "last_for_subject",
     "last_per_subject",

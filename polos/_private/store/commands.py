@@ -1,9 +1,19 @@
-"""Sending a command and waiting for the orchestrator's answer (its ``Polos-Reply`` inbox)."""
+"""Commands: the body of each command (one typed envelope per verb, for every writer and the
+orchestrator, which refuses any other field), and sending one and waiting for the
+orchestrator's answer (its ``Polos-Reply`` inbox).
+
+On ``<p>.cmd.<verb>.…`` (stream ``<P>_CMD``), one JSON object each:
+
+- start ``<p>.cmd.start.<workflow>``: ``StartCommand``;
+- resume ``<p>.cmd.resume.<run_id>.<key token>``: ``ResumeCommand`` (``data`` or ``data_ref``);
+- cancel ``<p>.cmd.cancel.<run_id>``: ``CancelCommand``;
+- child ``<p>.cmd.child.<parent>.<child>`` (a parent's worker): ``ChildCommand``.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import nats.errors
 import nats.js.errors
@@ -21,11 +31,43 @@ if TYPE_CHECKING:
 
 
 
+class StartCommand(TypedDict, total=False):
+    input: Any
+    input_ref: str  # instead of input: the run's payload object ``<run_id>/<sha256>``
+    run_id: str
+    queue: str
+    concurrency_key: str
+
+
+class ResumeCommand(TypedDict, total=False):
+    data: Any
+    data_ref: str  # instead of data: the run's payload object ``<run_id>/<name>``
+
+
+class CancelCommand(TypedDict, total=False):
+    reason: str
+
+
+class ChildCommand(TypedDict, total=False):
+    workflow: str
+    input: Any
+    input_ref: str
+    parent_run_id: str
+    parent_step: str
+    root_run_id: str
+
+
+START_FIELDS = frozenset(StartCommand.__annotations__)
+RESUME_FIELDS = frozenset(ResumeCommand.__annotations__)
+CANCEL_FIELDS = frozenset(CancelCommand.__annotations__)
+CHILD_FIELDS = frozenset(ChildCommand.__annotations__)
+
+
 async def send_command(
     nc: NATS,
     js: JetStreamContext,
     subject: str,
-    body: dict[str, Any],
+    body: ResumeCommand | CancelCommand,
     *,
     msg_id: str,
     timeout: float,
@@ -64,4 +106,14 @@ async def send_command(
     return answer
 
 
-__all__ = ["send_command"]
+__all__ = [
+    "CANCEL_FIELDS",
+    "CHILD_FIELDS",
+    "RESUME_FIELDS",
+    "START_FIELDS",
+    "CancelCommand",
+    "ChildCommand",
+    "ResumeCommand",
+    "StartCommand",
+    "send_command",
+]

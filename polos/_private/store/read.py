@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 
 from polos import history as ev
 from polos._private.store import payloads
-from polos._private.store.names import RUN_KINDS, Names
+from polos._private.store.names import RUN_KINDS, Names, kv_stream
 
 log = logging.getLogger("polos.read")
 
@@ -310,6 +310,39 @@ async def load_run(
 
 
 
+# --------------------------------------------------------------------------- KV buckets
+
+_GONE = ("DEL", "PURGE")  # the KV operations that leave a key without a value
+
+
+@dataclass(frozen=True, slots=True)
+class KVEntry:
+    """A live KV entry: its key, its revision (the stream sequence) and its stored bytes."""
+
+    key: str
+    revision: int
+    value: bytes
+
+
+def is_live(msg: StoredMsg) -> bool:
+    """Whether a KV message holds a value (not a delete or purge marker, not empty)."""
+    return bool(msg.data) and (msg.headers or {}).get("KV-Operation") not in _GONE
+
+
+async def kv_entries(nc: NATS, bucket: str, key_filter: str = ">") -> list[KVEntry]:
+    """The live entries of ``bucket`` whose keys match ``key_filter`` (one direct-get request
+    per 1,024 keys; deleted and purged keys left out)."""
+    head = f"$KV.{bucket}."
+    msgs = await last_per_subject(nc, kv_stream(bucket), head + key_filter)
+    return [KVEntry(m.subject[len(head):], m.seq, m.data) for m in msgs if is_live(m)]
+
+
+async def kv_entry(nc: NATS, bucket: str, key: str) -> KVEntry | None:
+    """The live entry of ``key``, or None."""
+    m = await last_for_subject(nc, kv_stream(bucket), f"$KV.{bucket}.{key}")
+    return KVEntry(key, m.seq, m.data) if m is not None and is_live(m) else None
+
+
 async def resolve_payload(nc: NATS, names: Names, msg: StoredMsg) -> StoredMsg:
     """The message with large fields put back, when its event was stored as a stub."""
     if not (msg.headers and msg.headers.get(payloads.HEADER)):
@@ -324,7 +357,11 @@ async def resolve_payload(nc: NATS, names: Names, msg: StoredMsg) -> StoredMsg:
 
 
 __all__ = [
+    "KVEntry",
     "StoredMsg",
+    "is_live",
+    "kv_entries",
+    "kv_entry",
     "last_for_subject",
     "last_per_subject",
     "load_run",
