@@ -59,7 +59,7 @@ class Sizes:
     overhead_runs: int = 3
     e2e_runs: int = 50
     first_step_runs: int = 50
-    # Two sizes: 200 is what the peers were measured with (DESIGN.md); a 200-run round lasts
+    # Two sizes: 200 is what the peers were measured with (BENCHMARKS.md); a 200-run round lasts
     # half a second here, so its ramp-up and tail weigh on it. 1,000 shows the steady state.
     throughput_runs: tuple[int, ...] = (200, 1000)
     throughput_steps: int = 10

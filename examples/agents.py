@@ -1,4 +1,4 @@
-"""The order example of DESIGN.md, with an agent that validates the order.
+"""The order example (README, docs/agents.md), with an agent that validates the order.
 
     python -m examples.agents
 
@@ -62,8 +62,9 @@ async def process_order(ctx: WorkflowContext, order: ProcessOrderInput) -> Proce
     )
     if not validation.result.valid:
         return ProcessOrderOutput(status="invalid", reason=validation.result.reason)
-    # DESIGN.md's order also suspends for a human above $1000 and waits for the warehouse
-    # (ctx.step.suspend / wait_for_event); see docs/agents.md for approval-gated tools.
+    # The demo's order (examples/order.py) also suspends for a human above $1000 and waits for
+    # the warehouse (ctx.step.suspend / wait_for_event); see docs/agents.md for approval-gated
+    # tools.
     payment = await ctx.step.run("charge", charge_stripe, order)  # never charged twice
     await ctx.step.run("notify", send_shipping_email, order)
     return ProcessOrderOutput(status="completed", reason=validation.result.reason, payment_id=payment.id)

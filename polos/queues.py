@@ -19,24 +19,26 @@ a key, round robin across keys. See docs/concurrency.md.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
+from polos._private import limits
 from polos._private.model.values import Queue, RateLimit
 
+if TYPE_CHECKING:
+    from polos.client import PolosClient
 
-async def configure_queue(client: Any, queue: Queue) -> None:
+
+async def configure_queue(client: PolosClient, queue: Queue) -> None:
     """Set a queue's limits system-wide from a ``PolosClient`` (no worker needed). Workers also
     publish the ``Queue`` objects of their workflows when they start."""
-    from polos._private import limits
-
     await limits.put_queue(client.js, client.names, queue)
 
 
-async def configure_rate_limit(client: Any, scope: str, limit: RateLimit | None) -> None:
+async def configure_rate_limit(
+    client: PolosClient, scope: str, limit: RateLimit | None
+) -> None:
     """Set (None: remove) the system-wide limit of LLM calls to ``"model:<name>"`` or
     ``"provider:<name>"`` from a ``PolosClient``."""
-    from polos._private import limits
-
     if not (scope.startswith("model:") or scope.startswith("provider:")):
         raise ValueError(f"scope must be 'model:<name>' or 'provider:<name>', got {scope!r}")
     await limits.put_rate_limit(client.js, client.names, scope, limit)

@@ -385,7 +385,10 @@ class Worker:
         if exe is None:
             return "done"
         # A run of a limited queue carries its slot leases: kept alive while it executes.
-        return await run_holding_slots(self, task, lambda: self._run(wf, exe))
+        assert self._nc is not None and self._js is not None
+        return await run_holding_slots(
+            self._nc, self._js, self.names, task, lambda: self._run(wf, exe)
+        )
 
     async def _run(self, wf: WorkflowDefinition[Any, Any], exe: RunExecution) -> str:
         assert self._js is not None

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
     from datetime import timedelta
 
+    from polos._private.agents.loop import AgentResult, AgentRun
     from polos._private.run.execution import RunExecution
     from polos._private.run.waits import ChildHandle, ReceivedEvent, Resumed
 
@@ -77,7 +78,9 @@ class Step:
         """A random float in [0, 1), recorded."""
         return float(await self._x.record_value(key, "random", _random.random))
 
-    async def agent_invoke_and_wait(self, key: str, run: Any, *, inline: bool = False) -> Any:
+    async def agent_invoke_and_wait(
+        self, key: str, run: AgentRun, *, inline: bool = False
+    ) -> AgentResult[Any]:
         """Run ``agent.with_input(...)`` durably under ``key`` as a child run (``inline=True``:
         in this run's own history); returns an ``AgentResult`` whose ``.result`` is typed by
         the agent's ``output_type``. See docs/agents.md."""
@@ -113,16 +116,22 @@ class Step:
     async def sleep_until(self, key: str, when: datetime) -> None:
         await waiting.sleep_until(self._x, key, when)
 
-    async def invoke(self, key: str, workflow: Any, input: Any = None) -> ChildHandle:
+    async def invoke(
+        self, key: str, workflow: WorkflowDefinition[Any, Any] | str, input: Any = None
+    ) -> ChildHandle:
         """Start a child run (exactly once for this step) without waiting for it."""
         return await waiting.invoke(self._x, key, workflow, input)
 
-    async def invoke_and_wait(self, key: str, workflow: Any, input: Any = None) -> Any:
+    async def invoke_and_wait(
+        self, key: str, workflow: WorkflowDefinition[Any, Any] | str, input: Any = None
+    ) -> Any:
         """Run a child workflow and return its output; the parent waits without a worker.
         A failed or cancelled child raises ``ChildWorkflowError``."""
         return await waiting.invoke_and_wait(self._x, key, workflow, input)
 
-    async def batch_invoke_and_wait(self, key: str, items: Iterable[tuple[Any, Any]]) -> list[Any]:
+    async def batch_invoke_and_wait(
+        self, key: str, items: Iterable[tuple[WorkflowDefinition[Any, Any] | str, Any]]
+    ) -> list[Any]:
         """Fan out ``(workflow, input)`` pairs as child runs, fan in their outputs (in order)."""
         return await waiting.batch_invoke_and_wait(self._x, key, items)
 

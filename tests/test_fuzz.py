@@ -112,7 +112,7 @@ CORPUS: list[tuple[str, bytes, str | None]] = [
     ("start", b"{}", "unknown command subject"),
     ("start.fuzz_target.extra", b"{}", "unknown command subject"),
     ("explode.now", b"{}", "unknown command subject"),
-    ("resume", b"{}", None),  # a verb other issues own: whatever it answers, it must answer
+    ("resume", b"{}", None),  # a resume with no run or key: refused, with an answer
     ("resume.no_such_run.approval", b'{"approved": true}', None),
     ("resume.no_such_run.approval", b"{not json", None),
     ("cancel.no_such_run", b"{}", None),

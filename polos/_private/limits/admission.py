@@ -100,7 +100,7 @@ async def requeue_for_slot(
 
 
 async def run_holding_slots(
-    worker: Any, task: Task, execute: Callable[[], Awaitable[str]]
+    nc: NATS, js: JetStreamContext, names: Names, task: Task, execute: Callable[[], Awaitable[str]]
 ) -> str:
     """Run ``execute`` while keeping the task's slot leases alive (a no-op for unlimited runs).
 
@@ -110,13 +110,12 @@ async def run_holding_slots(
     """
     if not task.slots:
         return await execute()
-    nc, js = worker._nc, worker._js
-    store = store_for(nc, js, worker.names)
+    store = store_for(nc, js, names)
     run_id = task.run_id
     lease = SlotLease(store, run_id, task.adm or 0, task.lease)
     if not await lease.take_over(list(task.slots)):
         log.info("run %s: its slot was taken while it waited; back to admission", run_id)
-        await requeue_for_slot(nc, js, worker.names, run_id, task.queue)
+        await requeue_for_slot(nc, js, names, run_id, task.queue)
         return "done"
     keeper = asyncio.create_task(lease.keep_alive(), name=f"lease-{run_id}")
     try:

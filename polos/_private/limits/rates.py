@@ -33,6 +33,7 @@ from polos._private.store import (
 if TYPE_CHECKING:
     from polos._private.run.execution import RunExecution
     from polos.config import Settings
+    from polos.workflow import WorkflowContext
 
 log = logging.getLogger("polos.limits")
 
@@ -296,7 +297,7 @@ class TokenLimiter:
         return lim
 
     @classmethod
-    def for_context(cls, ctx: Any) -> TokenLimiter:
+    def for_context(cls, ctx: WorkflowContext) -> TokenLimiter:
         """The limiter of the worker executing ``ctx`` (a ``WorkflowContext``)."""
         x = ctx._x
         return cls.shared(x.nc, x.js, x.names, x.settings)

@@ -8,7 +8,7 @@ import typing
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
 
-from polos._private.model.values import WorkflowDefinition
+from polos._private.model.values import Queue, WorkflowDefinition
 
 O = TypeVar("O")  # noqa: E741
 
@@ -46,7 +46,7 @@ def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
 def _define(
     fn: Callable[..., Awaitable[Any]],
     name: str | None,
-    queue: Any,
+    queue: str | Queue | None,
     trigger_on_event: str | None,
     schedule: str | None,
     timezone: str | None,
@@ -69,7 +69,7 @@ def _define(
     output_type = hints.get("return")
     if output_type is type(None):
         output_type = None
-    queue_name = getattr(queue, "name", queue)
+    queue_name = queue.name if isinstance(queue, Queue) else queue
     if queue is not None:
         options.setdefault("queue_def", queue)
     definition: WorkflowDefinition[Any, Any] = WorkflowDefinition(
@@ -96,7 +96,7 @@ def workflow(fn: Callable[..., Awaitable[O]], /) -> WorkflowDefinition[Any, O]: 
 def workflow(
     *,
     name: str | None = None,
-    queue: Any = None,
+    queue: str | Queue | None = None,
     trigger_on_event: str | None = None,
     schedule: str | None = None,
     timezone: str | None = None,
@@ -109,7 +109,7 @@ def workflow(
     /,
     *,
     name: str | None = None,
-    queue: Any = None,
+    queue: str | Queue | None = None,
     trigger_on_event: str | None = None,
     schedule: str | None = None,
     timezone: str | None = None,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 
 from polos import history as ev
+from polos._private.model.values import WorkflowDefinition
 from polos._private.run.signals import Suspend
 from polos._private.store import (
     MSG_ID,
@@ -216,9 +217,10 @@ def retry_later(x: RunExecution, step_id: str, attempt: int, delay: float) -> No
     )
 
 
-def _wf_name(wf: Any) -> tuple[str, Any]:
-    from polos._private.model.values import WorkflowDefinition
+ChildWorkflow = WorkflowDefinition[Any, Any] | str  # a child: its definition, or its name
 
+
+def _wf_name(wf: ChildWorkflow) -> tuple[str, Any]:
     if isinstance(wf, WorkflowDefinition):
         return wf.name, wf.output_type
     if isinstance(wf, str) and valid_token(wf):
@@ -278,7 +280,7 @@ async def _request_children(
     return [r.run_id for r in reqs]
 
 
-async def invoke(x: RunExecution, key: str, wf: Any, input: Any = None) -> ChildHandle:
+async def invoke(x: RunExecution, key: str, wf: ChildWorkflow, input: Any = None) -> ChildHandle:
     name, _ = _wf_name(wf)
     step_id, found = await _begin(x, key, "invoke")
     if found is not None:
@@ -293,7 +295,7 @@ async def invoke(x: RunExecution, key: str, wf: Any, input: Any = None) -> Child
 
 
 async def batch_invoke_and_wait(
-    x: RunExecution, key: str, items: Iterable[tuple[Any, Any]]
+    x: RunExecution, key: str, items: Iterable[tuple[ChildWorkflow, Any]]
 ) -> list[Any]:
     resolved = [(_wf_name(wf), value) for wf, value in items]
     step_id, found = await _begin(x, key, "child")
@@ -324,7 +326,7 @@ async def batch_invoke_and_wait(
     )
 
 
-async def invoke_and_wait(x: RunExecution, key: str, wf: Any, input: Any = None) -> Any:
+async def invoke_and_wait(x: RunExecution, key: str, wf: ChildWorkflow, input: Any = None) -> Any:
     [result] = await batch_invoke_and_wait(x, key, [(wf, input)])
     return result
 
