@@ -251,7 +251,13 @@ class PolosEnvironment:
         self.orchestrator: Any = None
         self.scheduler: Any = None
         self.worker: Worker | None = None
+        # Every worker running on the namespace: ``worker`` and those ``add_worker`` started.
+        self.workers: list[Worker] = []
         self._client: PolosClient | None = None
+
+    @property
+    def prefix(self) -> str:
+        return self.settings.prefix
 
     def as_role(self, role: str) -> Settings:
         """This environment's settings for ``role`` (the same settings without auth)."""
@@ -270,12 +276,27 @@ class PolosEnvironment:
         await self.scheduler.start()
         self._client = await PolosClient.connect(settings=self.as_role("client"))
         if self.with_worker:
-            self.worker = Worker(self.workflows, settings=self.as_role("worker"))
-            await self.worker.start()
+            self.worker = await self.add_worker(self.workflows)
         return self
 
+    async def add_worker(
+        self, workflows: Iterable[WorkflowDefinition[Any, Any]], **options: Any
+    ) -> Worker:
+        """Start one more worker (as the worker role) serving ``workflows``; stopped with the
+        environment, or before with ``stop_worker``."""
+        worker = Worker(workflows, settings=self.as_role("worker"), **options)
+        await worker.start()
+        self.workers.append(worker)
+        return worker
+
+    async def stop_worker(self, worker: Worker, timeout: float | None = None) -> None:
+        await worker.stop(timeout=timeout)
+        self.workers.remove(worker)
+
     async def stop(self) -> None:
-        for svc in (self.worker, self.scheduler, self.orchestrator):
+        for w in list(self.workers):
+            await w.stop()
+        for svc in (self.scheduler, self.orchestrator):
             if svc is not None:
                 await svc.stop()
         if self._client is not None:

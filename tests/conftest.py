@@ -127,3 +127,11 @@ async def env_factory(settings: RoleSettings) -> AsyncIterator[object]:
     yield make
     for env in reversed(started):
         await env.stop()
+
+
+@pytest.fixture
+async def stack(env_factory: Any) -> PolosEnvironment:
+    """The test's namespace with an orchestrator, a scheduler and a client, and no worker yet
+    (``await stack.add_worker([...])``), each on its role."""
+    env: PolosEnvironment = await env_factory(with_worker=False)
+    return env

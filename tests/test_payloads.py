@@ -13,8 +13,7 @@ import orjson
 from polos import Worker, WorkflowContext, workflow
 from polos import history as ev
 from polos._private.store import REPLY_HEADER, StoredMsg, payloads, read_subject
-from tests import authstack
-from tests.authstack import Stack
+from polos.testing import PolosEnvironment as Stack
 from tests.test_waiting import until_status
 
 BIG = 10 * 1024 * 1024
@@ -147,7 +146,6 @@ async def test_bad_input_ref_is_refused_with_a_reason(env_factory: Any) -> None:
 # Under authentication, each process on its role's user: the client stores the big value, the
 # orchestrator (service) reads it and wakes the run, workers replay it.
 
-secured, stack = authstack.secured, authstack.stack  # fixtures: a namespace under auth
 
 
 def _sha(value: str) -> str:
@@ -183,10 +181,9 @@ async def _finish_on_a_second_worker(stack: Stack, first: Worker, run_id: str, w
                   for _, e in await stack.client.history(run_id)):
         assert time.monotonic() < deadline, "the run never recorded its digest"
         await asyncio.sleep(0.05)
-    await first.stop(timeout=0)
-    stack.workers.remove(first)
+    await stack.stop_worker(first, timeout=0)
     GATE.setdefault(run_id, asyncio.Event()).set()
-    await stack.worker(wfs)
+    await stack.add_worker(wfs)
     return await stack.client.get_handle(run_id).result(timeout=60)
 
 
@@ -196,7 +193,7 @@ async def _stored(stack: Stack, stream: str, subject: str) -> list[StoredMsg]:
 
 
 async def test_ten_megabyte_resume_round_trips_through_replay(stack: Stack) -> None:
-    w1 = await stack.worker([big_approval])
+    w1 = await stack.add_worker([big_approval])
     handle = await stack.client.start(big_approval)
     await until_status(stack, handle.run_id, "suspended")
     text = make_big("resume")
@@ -217,7 +214,7 @@ async def test_ten_megabyte_resume_round_trips_through_replay(stack: Stack) -> N
 
 async def test_ten_megabyte_event_round_trips_through_replay(stack: Stack) -> None:
     topic = f"big.pickup/{uuid.uuid4().hex[:6]}"
-    w1 = await stack.worker([big_pickup, big_triggered])
+    w1 = await stack.add_worker([big_pickup, big_triggered])
     handle = await stack.client.start(big_pickup, topic)
     await until_status(stack, handle.run_id, "suspended")
     text = make_big("event")
@@ -246,7 +243,7 @@ async def big_parent(ctx: WorkflowContext, seed: str) -> dict[str, Any]:
 
 
 async def test_ten_megabyte_child_input(stack: Stack) -> None:
-    await stack.worker([big_parent, big_input])
+    await stack.add_worker([big_parent, big_input])
     handle = await stack.client.start(big_parent, "kid")
     out = await handle.result(timeout=60)
     assert out == {"len": BIG, "sha": _sha(make_big("kid"))}
@@ -273,7 +270,7 @@ async def _raw_client(stack: Stack) -> Any:
     import nats
     import nats.js.errors
 
-    nc = await nats.connect(stack.settings("client").nats_url)
+    nc = await nats.connect(stack.as_role("client").nats_url)
     js = nc.jetstream()
     bucket = f"{stack.prefix}_payloads"
     try:
@@ -293,7 +290,7 @@ async def _answer(nc: Any, js: Any, subject: str, body: bytes, headers: dict[str
 
 
 async def test_raw_publisher_sends_big_resume_and_event_by_reference(stack: Stack) -> None:
-    await stack.worker([raw_approval, raw_pickup])
+    await stack.add_worker([raw_approval, raw_pickup])
     nc, js, obs = await _raw_client(stack)
     p = stack.prefix
     try:
@@ -316,7 +313,7 @@ async def test_raw_publisher_sends_big_resume_and_event_by_reference(stack: Stac
 
 
 async def test_bad_references_are_refused_and_dead_lettered(stack: Stack) -> None:
-    await stack.worker([raw_approval, raw_pickup])
+    await stack.add_worker([raw_approval, raw_pickup])
     nc, js, obs = await _raw_client(stack)
     p = stack.prefix
     try:
