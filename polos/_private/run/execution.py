@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from polos import history as ev
 from polos._private.model.values import DEFAULT_STEP_RETRY, RetryPolicy, StepInfo
+from polos._private.run.waits import retry_later
 from polos._private.store import Names, append
 from polos.converter import from_json, return_type, to_json
 from polos.errors import NonDeterminismError, SerializationError, StepFailedError
@@ -295,35 +296,9 @@ class RunExecution:
                 raise
             except Exception as exc:
                 if policy.retries(exc, attempt):
-                    delay = policy.delay(attempt)
-                    await self.record(
-                        ev.StepAttemptFailed(
-                            key=step_id,
-                            kind="run",
-                            name=name,
-                            attempt=attempt,
-                            error=error_info(exc, step=step_id),
-                            retry_in=delay,
-                        ),
-                        msg_id=f"{self.run_id}/a/{step_id}/{attempt}",
-                    )
-                    if delay > self.settings.local_retry_limit:
-                        # A long back-off waits in the scheduler: the run holds no worker.
-                        from polos._private.run.waits import retry_later
-
-                        retry_later(self, step_id, attempt, delay)
-                    await asyncio.sleep(delay)
+                    await self._retry_later(step_id, name, attempt, exc, policy.delay(attempt))
                     continue
-                await self.record(
-                    ev.StepFailed(
-                        key=step_id,
-                        kind="run",
-                        name=name,
-                        error=error_info(exc, step=step_id, retryable=False),
-                        attempts=attempt,
-                    ),
-                    msg_id=f"{self.run_id}/s/{step_id}",
-                )
+                await self._record_failure(step_id, name, attempt, exc)
                 raise StepFailedError(step_id, type(exc).__name__, str(exc), attempt) from exc
             finally:
                 _current_step.reset(token)
@@ -331,16 +306,7 @@ class RunExecution:
             try:
                 output = to_json(result, what=f"the output of step {step_id!r}")
             except SerializationError as exc:
-                await self.record(
-                    ev.StepFailed(
-                        key=step_id,
-                        kind="run",
-                        name=name,
-                        error=error_info(exc, step=step_id, retryable=False),
-                        attempts=attempt,
-                    ),
-                    msg_id=f"{self.run_id}/s/{step_id}",
-                )
+                await self._record_failure(step_id, name, attempt, exc)
                 raise StepFailedError(step_id, "SerializationError", str(exc), attempt) from exc
             await self.record(
                 ev.StepCompleted(
@@ -355,6 +321,36 @@ class RunExecution:
                 msg_id=f"{self.run_id}/s/{step_id}",
             )
             return result
+
+
+    async def _retry_later(
+        self, step_id: str, name: str, attempt: int, exc: Exception, delay: float
+    ) -> None:
+        """Record a failed attempt that will be tried again after ``delay``, and wait for it:
+        here for a short back-off, in the scheduler for a long one (the run holds no worker)."""
+        await self.record(
+            ev.StepAttemptFailed(
+                key=step_id, kind="run", name=name, attempt=attempt,
+                error=error_info(exc, step=step_id), retry_in=delay,
+            ),
+            msg_id=f"{self.run_id}/a/{step_id}/{attempt}",
+        )
+        if delay > self.settings.local_retry_limit:
+            retry_later(self, step_id, attempt, delay)  # raises Suspend
+        await asyncio.sleep(delay)
+
+    async def _record_failure(
+        self, step_id: str, name: str, attempt: int, exc: Exception
+    ) -> None:
+        """Record that the step failed for good (its last attempt, or an output that is not
+        JSON): replay raises the same ``StepFailedError`` from it."""
+        await self.record(
+            ev.StepFailed(
+                key=step_id, kind="run", name=name,
+                error=error_info(exc, step=step_id, retryable=False), attempts=attempt,
+            ),
+            msg_id=f"{self.run_id}/s/{step_id}",
+        )
 
 
 async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
