@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source ./bootstrap.sh
 "$PY" -m ruff check .
+"$PY" -m ruff format --check .
 "$PY" -m mypy polos services analytics bench ui
 "$PY" -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 exec "$PY" -m pytest -q "$@"

@@ -23,8 +23,10 @@ from .spans import ExportStalled, SpanFollower, TelemetryConfigError
 from .sql import connect as duckdb_connect
 from .sql import views_sql
 
-DIR_HELP = ("the export directory (env POLOS_ANALYTICS_DIR, default DATA_DIR/exports: where "
-            "`polos up` keeps it current)")
+DIR_HELP = (
+    "the export directory (env POLOS_ANALYTICS_DIR, default DATA_DIR/exports: where "
+    "`polos up` keeps it current)"
+)
 
 
 def _dumps(value: Any, limit: int = 120) -> str:
@@ -36,13 +38,20 @@ def _dumps(value: Any, limit: int = 120) -> str:
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["export", "compact"],
-                   help="export: copy new log messages to Parquet; "
-                        "compact: merge small files (left by --follow) into big ones")
+    p.add_argument(
+        "action",
+        choices=["export", "compact"],
+        help="export: copy new log messages to Parquet; "
+        "compact: merge small files (left by --follow) into big ones",
+    )
     p.add_argument("--dir", default=None, help=DIR_HELP)
     p.add_argument("--follow", action="store_true", help="keep exporting as messages arrive")
-    p.add_argument("--flush-interval", type=float, default=5.0,
-                   help="with --follow: at most one file per table per this many seconds")
+    p.add_argument(
+        "--flush-interval",
+        type=float,
+        default=5.0,
+        help="with --follow: at most one file per table per this many seconds",
+    )
     p.add_argument("--rows-per-file", type=int, default=100_000)
 
 
@@ -54,8 +63,11 @@ async def cmd_analytics(args: argparse.Namespace) -> int:
 
     def report(result: ExportResult) -> None:
         rows = ", ".join(f"{t} {n}" for t, n in result.rows.items())
-        print(f"exported {result.total} rows ({rows}) in {result.seconds:.3f} s "
-              f"= {result.per_second:,.0f} events/s -> {args.dir}", flush=True)
+        print(
+            f"exported {result.total} rows ({rows}) in {result.seconds:.3f} s "
+            f"= {result.per_second:,.0f} events/s -> {args.dir}",
+            flush=True,
+        )
 
     try:
         if args.action == "compact":
@@ -69,8 +81,10 @@ async def cmd_analytics(args: argparse.Namespace) -> int:
             stop = asyncio.Event()
             signal_task = asyncio.create_task(wait_for_signal())
             signal_task.add_done_callback(lambda _t: stop.set())
-            print(f"following namespace {settings.prefix!r} into {args.dir} (Ctrl-C stops)",
-                  flush=True)
+            print(
+                f"following namespace {settings.prefix!r} into {args.dir} (Ctrl-C stops)",
+                flush=True,
+            )
             await exporter.follow(stop, flush_interval=args.flush_interval, on_export=report)
             signal_task.cancel()
     except ExportDirBusy as exc:
@@ -83,15 +97,22 @@ async def cmd_analytics(args: argparse.Namespace) -> int:
 
 
 def _add_sql(p: argparse.ArgumentParser) -> None:
-    p.add_argument("query", nargs="?", help="SQL over the views runs, run_tree, run_ancestors, "
-                   "steps, events, llm_calls, tool_calls, decisions, costs, external_events, "
-                   "dead_letters, commands")
+    p.add_argument(
+        "query",
+        nargs="?",
+        help="SQL over the views runs, run_tree, run_ancestors, "
+        "steps, events, llm_calls, tool_calls, decisions, costs, external_events, "
+        "dead_letters, commands",
+    )
     p.add_argument("--dir", default=None, help=DIR_HELP)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--max-rows", type=int, default=200)
-    p.add_argument("--print-views", action="store_true",
-                   help="print the views as SQL for --dir (paths filled in), for the duckdb CLI: "
-                        "polos sql --print-views > polos.sql; duckdb -init polos.sql")
+    p.add_argument(
+        "--print-views",
+        action="store_true",
+        help="print the views as SQL for --dir (paths filled in), for the duckdb CLI: "
+        "polos sql --print-views > polos.sql; duckdb -init polos.sql",
+    )
 
 
 def _cell(value: Any) -> output.Cell:
@@ -106,12 +127,13 @@ def _cell(value: Any) -> output.Cell:
 async def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-
     args.dir = args.dir or str(default_export_dir(data_dir(args)))
 
     if getattr(args, "print_views", False):
-        print(f"-- Printed by `polos sql --print-views` for {Path(args.dir).resolve()}: the paths "
-              "below are filled in;\n-- run it in duckdb with `duckdb -init FILE` or `.read FILE`.\n")
+        print(
+            f"-- Printed by `polos sql --print-views` for {Path(args.dir).resolve()}: the paths "
+            "below are filled in;\n-- run it in duckdb with `duckdb -init FILE` or `.read FILE`.\n"
+        )
         print(views_sql(args.dir))
         return 0
     if not args.query:
@@ -119,9 +141,12 @@ async def cmd_sql(args: argparse.Namespace) -> int:
         return 2
     if not has_data(args.dir):
         where = Path(args.dir).resolve()
-        print(f"nothing exported yet in {where}: `polos up` run from this directory exports "
-              f"there as runs happen (unless --no-export); for another server, `polos analytics "
-              f"export --dir {args.dir}`", file=sys.stderr)
+        print(
+            f"nothing exported yet in {where}: `polos up` run from this directory exports "
+            f"there as runs happen (unless --no-export); for another server, `polos analytics "
+            f"export --dir {args.dir}`",
+            file=sys.stderr,
+        )
         return 1
     con = duckdb_connect(args.dir)
     try:
@@ -138,8 +163,7 @@ async def cmd_sql(args: argparse.Namespace) -> int:
         rows = rows[: args.max_rows]
         cells = [[_cell(v) for v in r] for r in rows]
         # On a terminal the long columns (JSON, text) wrap; the short ones (ids) stay whole.
-        long = [c for i, c in enumerate(columns)
-                if max((len(r[i]) for r in cells), default=0) > 40]
+        long = [c for i, c in enumerate(columns) if max((len(r[i]) for r in cells), default=0) > 40]
         print(table(cells, columns, wrap=long or columns[-1:]))
         if more:
             output.hint(f"first {args.max_rows} rows shown (--max-rows N for more)")
@@ -148,8 +172,9 @@ async def cmd_sql(args: argparse.Namespace) -> int:
         return 0
     rows = rel.fetchall()
     if args.format == "json":
-        print(orjson.dumps([dict(zip(columns, r, strict=True)) for r in rows],
-                           default=str).decode())
+        print(
+            orjson.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str).decode()
+        )
     else:
         import csv
 
@@ -163,11 +188,17 @@ async def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def _add_telemetry(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--once", action="store_true",
-                   help="emit spans for what is in the log now, then exit")
-    p.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
-                   help="with --once: how long to retry an exporter that refuses spans before "
-                        "exiting 1 (the position stays before the spans not sent)")
+    p.add_argument(
+        "--once", action="store_true", help="emit spans for what is in the log now, then exit"
+    )
+    p.add_argument(
+        "--retry-for",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --once: how long to retry an exporter that refuses spans before "
+        "exiting 1 (the position stays before the spans not sent)",
+    )
 
 
 @command("telemetry", "emit OpenTelemetry spans from the run history (OTEL_* configure it)")(
@@ -192,8 +223,11 @@ async def cmd_telemetry(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         signal_task = asyncio.create_task(wait_for_signal())
         signal_task.add_done_callback(lambda _t: stop.set())
-        print(f"emitting spans for namespace {settings.prefix!r} from seq "
-              f"{follower.position + 1} (Ctrl-C stops)", flush=True)
+        print(
+            f"emitting spans for namespace {settings.prefix!r} from seq "
+            f"{follower.position + 1} (Ctrl-C stops)",
+            flush=True,
+        )
         await follower.follow(stop)
         signal_task.cancel()
     return 0
@@ -203,11 +237,18 @@ async def cmd_telemetry(args: argparse.Namespace) -> int:
 
 
 def _add_retention(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--export-dir", default=None,
-                   help="the analytics export directory (its history table is the safe point; "
-                        "default: where `polos up` exports, DATA_DIR/exports)")
-    p.add_argument("--older-than", type=float, default=7 * 24 * 3600,
-                   help="seconds a run must have been finished (default 7 days)")
+    p.add_argument(
+        "--export-dir",
+        default=None,
+        help="the analytics export directory (its history table is the safe point; "
+        "default: where `polos up` exports, DATA_DIR/exports)",
+    )
+    p.add_argument(
+        "--older-than",
+        type=float,
+        default=7 * 24 * 3600,
+        help="seconds a run must have been finished (default 7 days)",
+    )
     p.add_argument("--dry-run", action="store_true", help="only say what would be archived")
 
 
@@ -219,13 +260,19 @@ async def cmd_retention(args: argparse.Namespace) -> int:
     client = await PolosClient.connect(settings=settings_for(args, role="service"))
     try:
         result = await archive_exported_runs(
-            client.nc, client.js, client.names, exported_upto=upto,
-            older_than=args.older_than, dry_run=args.dry_run,
+            client.nc,
+            client.js,
+            client.names,
+            exported_upto=upto,
+            older_than=args.older_than,
+            dry_run=args.dry_run,
         )
     finally:
         await client.close()
     verb = "would archive" if args.dry_run else "archived"
-    print(f"{verb} {len(result.archived)} runs (exported up to seq {upto}); kept "
-          f"{result.kept_not_exported} not yet exported, {result.kept_too_recent} too recent; "
-          f"{result.payload_objects_deleted} payload objects deleted")
+    print(
+        f"{verb} {len(result.archived)} runs (exported up to seq {upto}); kept "
+        f"{result.kept_not_exported} not yet exported, {result.kept_too_recent} too recent; "
+        f"{result.payload_objects_deleted} payload objects deleted"
+    )
     return 0

@@ -164,7 +164,7 @@ def message_row(msg: StoredMsg, strip: str) -> dict[str, Any]:
         "seq": msg.seq,
         "subject": msg.subject,
         "stored_at": _server_time(msg.time),
-        "topic": msg.subject[len(strip):] if msg.subject.startswith(strip) else msg.subject,
+        "topic": msg.subject[len(strip) :] if msg.subject.startswith(strip) else msg.subject,
         "data": data,
         "headers": _json_text(headers) if headers else None,
     }
@@ -189,15 +189,24 @@ def sources(names: Names) -> list[Source]:
     return [
         Source("history", names.runs_stream, f"{p}.run.>", HISTORY_SCHEMA, history_row),
         Source(
-            "external_events", names.events_stream, f"{p}.event.>", MESSAGE_SCHEMA,
+            "external_events",
+            names.events_stream,
+            f"{p}.event.>",
+            MESSAGE_SCHEMA,
             lambda m: message_row(m, f"{p}.event."),
         ),
         Source(
-            "dead_letters", names.dlq_stream, f"{p}.dlq.>", MESSAGE_SCHEMA,
+            "dead_letters",
+            names.dlq_stream,
+            f"{p}.dlq.>",
+            MESSAGE_SCHEMA,
             lambda m: message_row(m, f"{p}.dlq."),
         ),
         Source(
-            "commands", names.cmd_stream, f"{p}.cmd.>", MESSAGE_SCHEMA,
+            "commands",
+            names.cmd_stream,
+            f"{p}.cmd.>",
+            MESSAGE_SCHEMA,
             lambda m: message_row(m, f"{p}.cmd."),
         ),
     ]
@@ -331,9 +340,7 @@ def compact(table_dir: Path, schema: pa.Schema, target_rows: int) -> int:
     for group in groups:
         if len(group) < 2:
             continue
-        table = pa.concat_tables(
-            [pq.read_table(p, schema=schema) for _, _, p in group]
-        )
+        table = pa.concat_tables([pq.read_table(p, schema=schema) for _, _, p in group])
         final = table_dir / f"{group[0][0]:020d}-{group[-1][1]:020d}.parquet"
         tmp = table_dir / f".{final.name}.{os.getpid()}.tmp"
         pq.write_table(table, tmp, compression="zstd")
@@ -429,8 +436,12 @@ class Exporter:
             # filter naming the stream's subjects (<p>.run.> over <p>.run.*.ctl and .step) makes
             # it match every message, which read the history 2-3x slower.
             msgs = await read_subject(
-                self._nc, src.stream, ">", start_seq=start,
-                limit=self.rows_per_file, timeout=self.settings.request_timeout,
+                self._nc,
+                src.stream,
+                ">",
+                start_seq=start,
+                limit=self.rows_per_file,
+                timeout=self.settings.request_timeout,
             )
             if not msgs:
                 return
@@ -458,7 +469,10 @@ class Exporter:
         return result
 
     async def follow(
-        self, stop: asyncio.Event, *, flush_interval: float = 5.0,
+        self,
+        stop: asyncio.Event,
+        *,
+        flush_interval: float = 5.0,
         on_export: Callable[[ExportResult], None] | None = None,
         compact_every: int = 100,
         idle: float = 0.0,
@@ -494,8 +508,14 @@ class Exporter:
             return int(result.total)
 
         await follow(
-            self._nc, [s.subject_filter for s in sources(self.names)], stop, export_pass,
-            name="export", interval=flush_interval, idle=idle, max_lag=max_lag,
+            self._nc,
+            [s.subject_filter for s in sources(self.names)],
+            stop,
+            export_pass,
+            name="export",
+            interval=flush_interval,
+            idle=idle,
+            max_lag=max_lag,
             error_delay=flush_interval,
         )
         # A last export so a clean stop leaves nothing behind.
@@ -503,6 +523,7 @@ class Exporter:
             result = await self.export_once()
             if result.total and on_export is not None:
                 on_export(result)
+
 
 __all__ = [
     "HISTORY_SCHEMA",

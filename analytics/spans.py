@@ -142,8 +142,10 @@ class ExportStalled(PolosError):
 
 
 _OTLP_PACKAGES = {
-    "http": ("opentelemetry-exporter-otlp-proto-http",
-             "it is a dependency of polos: reinstall polos"),
+    "http": (
+        "opentelemetry-exporter-otlp-proto-http",
+        "it is a dependency of polos: reinstall polos",
+    ),
     "grpc": ("opentelemetry-exporter-otlp-proto-grpc", "pip install 'polos[grpc]'"),
 }
 
@@ -160,10 +162,14 @@ def exporter_from_env() -> SpanExporter:
     if choice == "console":
         return ConsoleSpanExporter()
     if choice == "otlp":
-        protocol = os.environ.get(
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-            os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-        ).strip().lower()
+        protocol = (
+            os.environ.get(
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            )
+            .strip()
+            .lower()
+        )
         if protocol not in ("http/protobuf", "grpc"):
             raise TelemetryConfigError(
                 f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: use http/protobuf "
@@ -218,9 +224,11 @@ class _ExporterLog(logging.Filter):
 def _exporter_loggers(exporter: SpanExporter) -> list[logging.Logger]:
     """The loggers an exporter writes to: its classes' modules, and the OTLP clients'."""
     names = {cls.__module__ for cls in type(exporter).__mro__}
-    names |= {"opentelemetry.exporter.otlp.common.http",
-              "opentelemetry.exporter.otlp.proto.grpc.exporter",
-              "opentelemetry.exporter.otlp.proto.http.trace_exporter"}
+    names |= {
+        "opentelemetry.exporter.otlp.common.http",
+        "opentelemetry.exporter.otlp.proto.grpc.exporter",
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    }
     return [logging.getLogger(n) for n in sorted(names) if n.startswith("opentelemetry")]
 
 
@@ -257,8 +265,9 @@ class _Run:
         if isinstance(event, ev.RunClaimed):
             self.attempts = max(self.attempts, event.attempt)
             self.workers.add(event.worker_id)
-            self.marks.append(("claimed", event.at,
-                               {"worker_id": event.worker_id, "attempt": event.attempt}))
+            self.marks.append(
+                ("claimed", event.at, {"worker_id": event.worker_id, "attempt": event.attempt})
+            )
         elif isinstance(event, ev.RunSuspended):
             self.marks.append(("suspended", event.at, {"step": event.step, "kind": event.kind}))
         elif isinstance(event, ev.RunWoken):
@@ -312,8 +321,10 @@ class SpanFollower:
         self.position_key = position_key
         self.stats = FollowerStats()
         self._ids = _PlannedIds()
-        attrs = {"service.name": os.environ.get("OTEL_SERVICE_NAME", "polos"),
-                 "polos.namespace": settings.prefix}
+        attrs = {
+            "service.name": os.environ.get("OTEL_SERVICE_NAME", "polos"),
+            "polos.namespace": settings.prefix,
+        }
         self.provider = TracerProvider(
             resource=resource or Resource.create(attrs), id_generator=self._ids
         )
@@ -430,7 +441,9 @@ class SpanFollower:
                     since, tries = self._outage
                     log.warning(
                         "telemetry: the exporter accepts spans again after %.1f s and %d failed "
-                        "tries; sending from seq %d on", time.monotonic() - since, tries,
+                        "tries; sending from seq %d on",
+                        time.monotonic() - since,
+                        tries,
                         self.position + 1,
                     )
                     self._outage = None
@@ -441,7 +454,9 @@ class SpanFollower:
                 log.warning(
                     "telemetry: the exporter did not accept %d spans (%s); retrying with back-off "
                     "up to %g s, the position stays at seq %d until it does",
-                    len(self._pending), why or "no reason given", self.settings.telemetry_retry_max,
+                    len(self._pending),
+                    why or "no reason given",
+                    self.settings.telemetry_retry_max,
                     self.position,
                 )
             else:
@@ -494,8 +509,11 @@ class SpanFollower:
         while True:
             # The whole stream: ">" is the server's unfiltered fast path (see analytics.export).
             msgs = await read_subject(
-                self._nc, self.names.runs_stream, ">",
-                start_seq=self.position + 1, limit=self.batch,
+                self._nc,
+                self.names.runs_stream,
+                ">",
+                start_seq=self.position + 1,
+                limit=self.batch,
                 timeout=self.settings.request_timeout,
             )
             if not msgs:
@@ -537,15 +555,16 @@ class SpanFollower:
         subjects, no polling, and the last event of a burst is not missed)."""
         assert self._nc is not None, "follower not started"
         await follow(
-            self._nc, [f"{self.names.prefix}.run.>"], stop,
-            lambda: self.process_available(stop), name="telemetry follower",
+            self._nc,
+            [f"{self.names.prefix}.run.>"],
+            stop,
+            lambda: self.process_available(stop),
+            name="telemetry follower",
         )
 
     async def _history(self, run_id: str, upto: int | None = None) -> list[tuple[int, ev.Event]]:
         assert self._nc is not None
-        msgs = await read_run(
-            self._nc, self.names, run_id, timeout=self.settings.request_timeout
-        )
+        msgs = await read_run(self._nc, self.names, run_id, timeout=self.settings.request_timeout)
         out: list[tuple[int, ev.Event]] = []
         for m in msgs:
             if upto is not None and m.seq > upto:
@@ -614,7 +633,10 @@ class SpanFollower:
         assert self._nc is not None
         # RunRequested is the first control event.
         msgs = await read_subject(
-            self._nc, self.names.runs_stream, self.names.run_subject(run_id, "ctl"), limit=1,
+            self._nc,
+            self.names.runs_stream,
+            self.names.run_subject(run_id, "ctl"),
+            limit=1,
             timeout=self.settings.request_timeout,
         )
         if not msgs:
@@ -628,7 +650,9 @@ class SpanFollower:
         if parent_span_id is None:
             return None
         parent = SpanContext(
-            trace_id=run.trace_id, span_id=parent_span_id, is_remote=True,
+            trace_id=run.trace_id,
+            span_id=parent_span_id,
+            is_remote=True,
             trace_flags=TraceFlags(TraceFlags.SAMPLED),
         )
         return trace.set_span_in_context(NonRecordingSpan(parent))
@@ -657,8 +681,9 @@ class SpanFollower:
             attributes={k: _attr(v) for k, v in attributes.items() if v is not None},
         )
         for ev_name, at, attrs in events or []:
-            span.add_event(ev_name, {k: _attr(v) for k, v in attrs.items() if v is not None},
-                           timestamp=_ns(at))
+            span.add_event(
+                ev_name, {k: _attr(v) for k, v in attrs.items() if v is not None}, timestamp=_ns(at)
+            )
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, error))
         else:
@@ -684,20 +709,33 @@ class SpanFollower:
             self._step_span(run, seq, event, base)
         elif isinstance(event, ev.StepAttemptFailed):
             self._emit(
-                run, name=f"step {event.key} attempt {event.attempt}",
+                run,
+                name=f"step {event.key} attempt {event.attempt}",
                 span_id=_h(f"polos/attempt/{run_id}/{event.key}/{event.attempt}", 64),
-                parent_span_id=run_span_id(run_id), start=event.at, end=event.at,
-                attributes={**base, "polos.step.key": event.key, "polos.step.kind": event.kind,
-                            "polos.step.attempt": event.attempt,
-                            "polos.retry_in_s": event.retry_in,
-                            "error.type": event.error.get("type")},
+                parent_span_id=run_span_id(run_id),
+                start=event.at,
+                end=event.at,
+                attributes={
+                    **base,
+                    "polos.step.key": event.key,
+                    "polos.step.kind": event.kind,
+                    "polos.step.attempt": event.attempt,
+                    "polos.retry_in_s": event.retry_in,
+                    "error.type": event.error.get("type"),
+                },
                 error=str(event.error.get("message")),
             )
         elif isinstance(event, ev.RunSuspended):
             run.open_wait = (seq, event)
         elif isinstance(event, ev.RunWoken):
-            await self._close_wait(run, seq, event.at, base, reason=event.reason,
-                                   records_step=bool(getattr(event, "kind", None)))
+            await self._close_wait(
+                run,
+                seq,
+                event.at,
+                base,
+                reason=event.reason,
+                records_step=bool(getattr(event, "kind", None)),
+            )
         elif isinstance(event, TERMINAL_TYPES):
             if not run.complete:
                 # Seen only part of the run (a restart, an evicted cache): the log has the rest.
@@ -710,11 +748,13 @@ class SpanFollower:
                     fresh.open_wait = run.open_wait
                     run = fresh
                 run.tree = await self._tree_from_log(run_id, history, seq)
-                await self._close_wait(run, seq, event.at, base, reason=type(event).__name__,
-                                       history=history)
+                await self._close_wait(
+                    run, seq, event.at, base, reason=type(event).__name__, history=history
+                )
             else:
-                await self._close_wait(run, seq, event.at, base, reason=type(event).__name__,
-                                       history=[])
+                await self._close_wait(
+                    run, seq, event.at, base, reason=type(event).__name__, history=[]
+                )
             self._run_span(run, event, base)
             self._runs.pop(run_id, None)
 
@@ -762,59 +802,72 @@ class SpanFollower:
         if started is None:
             started = e.at - (duration or 0.0) / 1000.0
         attrs: dict[str, Any] = {
-            **base, "polos.step.key": e.key, "polos.step.kind": e.kind,
-            "polos.step.name": e.name, "polos.step.attempts": e.attempts,
+            **base,
+            "polos.step.key": e.key,
+            "polos.step.kind": e.kind,
+            "polos.step.name": e.name,
+            "polos.step.attempts": e.attempts,
             "polos.idempotency_key": f"{run.run_id}:{e.key}",
         }
         name = f"step {e.key}"
         kind = SpanKind.INTERNAL
         if e.kind == "llm":
             usage = meta.get("usage") or {}
-            output = e.output if isinstance(e, ev.StepCompleted) and isinstance(e.output, dict) else {}
+            output = (
+                e.output if isinstance(e, ev.StepCompleted) and isinstance(e.output, dict) else {}
+            )
             model = meta.get("model") or e.name
             name = f"chat {model}"
             kind = SpanKind.CLIENT
             finish = meta.get("finish_reason")
-            attrs.update({
-                "gen_ai.operation.name": "chat",
-                "gen_ai.system": meta.get("provider"),
-                "gen_ai.provider.name": meta.get("provider"),
-                "gen_ai.request.model": model,
-                "gen_ai.response.model": model,
-                "gen_ai.request.temperature": meta.get("temperature"),
-                "gen_ai.usage.input_tokens": usage.get("prompt_tokens"),
-                "gen_ai.usage.output_tokens": usage.get("completion_tokens"),
-                "gen_ai.usage.cached_tokens": usage.get("cached_tokens"),
-                "gen_ai.response.finish_reasons": [finish] if isinstance(finish, str) else None,
-                "gen_ai.agent.name": meta.get("agent"),
-                "gen_ai.request.tools": [str(t) for t in meta.get("tools_offered") or []],
-                "polos.llm.tool_calls": [
-                    str(c.get("name")) for c in output.get("tool_calls") or [] if isinstance(c, dict)
-                ],
-                "polos.llm.latency_ms": meta.get("latency_ms"),
-                "polos.cost_usd": meta.get("cost_usd"),
-                "server.address": meta.get("base_url"),
-                # What the cost rolls up to: the run that was started and its workflow (an
-                # agent's own run is the generic polos_agent workflow).
-                "polos.root_run_id": run.root_run_id,
-                "polos.root_workflow": run.root_workflow,
-            })
+            attrs.update(
+                {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.system": meta.get("provider"),
+                    "gen_ai.provider.name": meta.get("provider"),
+                    "gen_ai.request.model": model,
+                    "gen_ai.response.model": model,
+                    "gen_ai.request.temperature": meta.get("temperature"),
+                    "gen_ai.usage.input_tokens": usage.get("prompt_tokens"),
+                    "gen_ai.usage.output_tokens": usage.get("completion_tokens"),
+                    "gen_ai.usage.cached_tokens": usage.get("cached_tokens"),
+                    "gen_ai.response.finish_reasons": [finish] if isinstance(finish, str) else None,
+                    "gen_ai.agent.name": meta.get("agent"),
+                    "gen_ai.request.tools": [str(t) for t in meta.get("tools_offered") or []],
+                    "polos.llm.tool_calls": [
+                        str(c.get("name"))
+                        for c in output.get("tool_calls") or []
+                        if isinstance(c, dict)
+                    ],
+                    "polos.llm.latency_ms": meta.get("latency_ms"),
+                    "polos.cost_usd": meta.get("cost_usd"),
+                    "server.address": meta.get("base_url"),
+                    # What the cost rolls up to: the run that was started and its workflow (an
+                    # agent's own run is the generic polos_agent workflow).
+                    "polos.root_run_id": run.root_run_id,
+                    "polos.root_workflow": run.root_workflow,
+                }
+            )
             choice = decision_of(output, meta)
             if choice["chosen"]:
-                attrs.update({
-                    "polos.decision.chosen": [str(t) for t in choice["chosen"]],
-                    "polos.decision.alternatives": [str(t) for t in choice["alternatives"]],
-                })
+                attrs.update(
+                    {
+                        "polos.decision.chosen": [str(t) for t in choice["chosen"]],
+                        "polos.decision.alternatives": [str(t) for t in choice["alternatives"]],
+                    }
+                )
             attrs["polos.decision.reason"] = choice.get("reason")
         elif e.kind == "tool":
             name = f"execute_tool {e.name}"
-            attrs.update({
-                "gen_ai.operation.name": "execute_tool",
-                "gen_ai.tool.name": e.name,
-                "gen_ai.tool.call.id": meta.get("tool_call_id"),
-                "gen_ai.agent.name": meta.get("agent"),
-                "polos.tool.decision": meta.get("decision"),
-            })
+            attrs.update(
+                {
+                    "gen_ai.operation.name": "execute_tool",
+                    "gen_ai.tool.name": e.name,
+                    "gen_ai.tool.call.id": meta.get("tool_call_id"),
+                    "gen_ai.agent.name": meta.get("agent"),
+                    "polos.tool.decision": meta.get("decision"),
+                }
+            )
         error: str | None = None
         if isinstance(e, ev.StepFailed):
             error = f"{e.error.get('type')}: {e.error.get('message')}"
@@ -823,14 +876,27 @@ class SpanFollower:
             error = str(meta.get("error"))
             attrs["error.type"] = "ToolError"
         self._emit(
-            run, name=name, span_id=step_span_id(run.run_id, e.key),
-            parent_span_id=run_span_id(run.run_id), start=started, end=e.at,
-            attributes=attrs, error=error, kind=kind,
+            run,
+            name=name,
+            span_id=step_span_id(run.run_id, e.key),
+            parent_span_id=run_span_id(run.run_id),
+            start=started,
+            end=e.at,
+            attributes=attrs,
+            error=error,
+            kind=kind,
         )
 
     async def _close_wait(
-        self, run: _Run, seq: int, at: float, base: dict[str, Any], *, reason: str,
-        history: list[tuple[int, ev.Event]] | None = None, records_step: bool = False,
+        self,
+        run: _Run,
+        seq: int,
+        at: float,
+        base: dict[str, Any],
+        *,
+        reason: str,
+        history: list[tuple[int, ev.Event]] | None = None,
+        records_step: bool = False,
     ) -> None:
         opened = run.open_wait
         if opened is None:
@@ -850,20 +916,32 @@ class SpanFollower:
         s_seq, sus = opened
         # A wake that records the awaited step's outcome is that step's only record, so the
         # wait span takes the step's span id: child runs started by the step hang under it.
-        span_id = (step_span_id(run.run_id, sus.step) if records_step
-                   else _h(f"polos/wait/{run.run_id}/{s_seq}", 64))
+        span_id = (
+            step_span_id(run.run_id, sus.step)
+            if records_step
+            else _h(f"polos/wait/{run.run_id}/{s_seq}", 64)
+        )
         self._emit(
-            run, name=f"wait {sus.kind} {sus.step}",
+            run,
+            name=f"wait {sus.kind} {sus.step}",
             span_id=span_id,
-            parent_span_id=run_span_id(run.run_id), start=sus.at, end=at,
-            attributes={**base, "polos.wait.kind": sus.kind, "polos.wait.step": sus.step,
-                        "polos.wait.topic": sus.topic, "polos.wait.children": sus.children,
-                        "polos.wait.woken_by": reason},
+            parent_span_id=run_span_id(run.run_id),
+            start=sus.at,
+            end=at,
+            attributes={
+                **base,
+                "polos.wait.kind": sus.kind,
+                "polos.wait.step": sus.step,
+                "polos.wait.topic": sus.topic,
+                "polos.wait.children": sus.children,
+                "polos.wait.woken_by": reason,
+            },
         )
 
     def _run_span(self, run: _Run, end: ev.Event, base: dict[str, Any]) -> None:
-        status = {"RunCompleted": "completed", "RunFailed": "failed",
-                  "RunCancelled": "cancelled"}[type(end).__name__]
+        status = {"RunCompleted": "completed", "RunFailed": "failed", "RunCancelled": "cancelled"}[
+            type(end).__name__
+        ]
         error = None
         if isinstance(end, ev.RunFailed):
             error = f"{end.error.get('type')}: {end.error.get('message')}"
@@ -871,22 +949,38 @@ class SpanFollower:
         # Totals of the run and every run under it (child workflows, agents), under names of
         # their own: backends that sum gen_ai.usage.* over a trace's spans count each LLM call
         # once, on its chat span.
-        totals: dict[str, Any] = {
-            "polos.total.llm_calls": tree.llm_calls,
-            "polos.total.input_tokens": tree.input_tokens,
-            "polos.total.output_tokens": tree.output_tokens,
-            "polos.total.tokens": tree.total_tokens,
-            "polos.total.cost_usd": round(tree.cost_usd, 10),
-        } if tree.llm_calls else {}
+        totals: dict[str, Any] = (
+            {
+                "polos.total.llm_calls": tree.llm_calls,
+                "polos.total.input_tokens": tree.input_tokens,
+                "polos.total.output_tokens": tree.output_tokens,
+                "polos.total.tokens": tree.total_tokens,
+                "polos.total.cost_usd": round(tree.cost_usd, 10),
+            }
+            if tree.llm_calls
+            else {}
+        )
         agent = {"gen_ai.agent.name": run.agent} if run.agent else {}
         self._emit(
-            run, name=f"run {run.workflow}", span_id=run_span_id(run.run_id),
-            parent_span_id=run.parent_span_id, start=run.requested_at, end=end.at,
-            attributes={**base, "polos.status": status, "polos.attempts": run.attempts,
-                        "polos.workers": len(run.workers), "polos.steps": run.steps,
-                        "polos.root_run_id": run.root_run_id,
-                        "polos.root_workflow": run.root_workflow, **agent, **totals},
-            error=error, events=run.marks,
+            run,
+            name=f"run {run.workflow}",
+            span_id=run_span_id(run.run_id),
+            parent_span_id=run.parent_span_id,
+            start=run.requested_at,
+            end=end.at,
+            attributes={
+                **base,
+                "polos.status": status,
+                "polos.attempts": run.attempts,
+                "polos.workers": len(run.workers),
+                "polos.steps": run.steps,
+                "polos.root_run_id": run.root_run_id,
+                "polos.root_workflow": run.root_workflow,
+                **agent,
+                **totals,
+            },
+            error=error,
+            events=run.marks,
             kind=SpanKind.SERVER if run.parent_span_id is None else SpanKind.INTERNAL,
         )
 

@@ -36,8 +36,15 @@ async def read_subject_per_sub(
                         raise RuntimeError(f"direct get on {stream}: {status} {hdrs}")
                     break
                 s = int(hdrs["Nats-Sequence"])
-                out.append(StoredMsg(seq=s, subject=hdrs.get("Nats-Subject", ""), data=msg.data,
-                                     time=hdrs.get("Nats-Time-Stamp"), headers=hdrs))
+                out.append(
+                    StoredMsg(
+                        seq=s,
+                        subject=hdrs.get("Nats-Subject", ""),
+                        data=msg.data,
+                        time=hdrs.get("Nats-Time-Stamp"),
+                        headers=hdrs,
+                    )
+                )
                 seq = s + 1
         finally:
             await sub.unsubscribe()

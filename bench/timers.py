@@ -53,10 +53,16 @@ async def pending_timers(n: int) -> None:
                 t0 = time.perf_counter()
                 batch: list[Any] = []
                 for i in range(n):
-                    batch.append(schedule_timer(
-                        js, names, f"r{i:08d}", 1, due + i % 3600,
-                        {"kind": "wake", "step": "nap", "wait_kind": "sleep", "workflow": "w"},
-                    ))
+                    batch.append(
+                        schedule_timer(
+                            js,
+                            names,
+                            f"r{i:08d}",
+                            1,
+                            due + i % 3600,
+                            {"kind": "wake", "step": "nap", "wait_kind": "sleep", "workflow": "w"},
+                        )
+                    )
                     if len(batch) == 2000:
                         await asyncio.gather(*batch)
                         batch.clear()
@@ -66,16 +72,26 @@ async def pending_timers(n: int) -> None:
                 rss1 = _rss_mb(pid)
                 per = info.state.bytes / max(1, info.state.messages)
                 print(f"{n} pending timers armed in {took:.1f} s ({n / took:,.0f}/s)")
-                print(f"  stream: {info.state.messages} msgs, {info.state.bytes / 1e6:.1f} MB "
-                      f"({per:.0f} B/timer) -> 1M timers ~ {per:.0f} MB on disk")
-                print(f"  nats-server RSS: {rss0:.0f} MB -> {rss1:.0f} MB "
-                      f"(~{(rss1 - rss0) / n * 1e6:.0f} MB per 1M timers)")
+                print(
+                    f"  stream: {info.state.messages} msgs, {info.state.bytes / 1e6:.1f} MB "
+                    f"({per:.0f} B/timer) -> 1M timers ~ {per:.0f} MB on disk"
+                )
+                print(
+                    f"  nats-server RSS: {rss0:.0f} MB -> {rss1:.0f} MB "
+                    f"(~{(rss1 - rss0) / n * 1e6:.0f} MB per 1M timers)"
+                )
                 await asyncio.sleep(10)
                 print(f"  nats-server RSS 10 s later: {_rss_mb(pid):.0f} MB")
                 # One more timer, due soon, among all of them: still on time?
                 t_due = time.time() + 1.2
-                await schedule_timer(js, names, "probe", 1, t_due, {"kind": "wake", "step": "x",
-                                                                        "wait_kind": "sleep"})
+                await schedule_timer(
+                    js,
+                    names,
+                    "probe",
+                    1,
+                    t_due,
+                    {"kind": "wake", "step": "x", "wait_kind": "sleep"},
+                )
                 sched = env.scheduler
                 while not sched.lateness_ms:
                     await asyncio.sleep(0.01)
@@ -103,15 +119,19 @@ async def latencies(runs: int) -> None:
                     hist = await c.history(h.run_id)
                     claim = [e for _, e in hist if type(e).__name__ == "RunClaimed"][-1]
                     resume_ms.append((claim.at - t0) * 1000)
-                print(f"resume latency (client publishes resume -> worker claims the run and runs "
-                      f"the next step), {runs} runs: p50 {statistics.median(resume_ms):.1f} ms, "
-                      f"p90 {sorted(resume_ms)[int(runs * 0.9) - 1]:.1f} ms, max {max(resume_ms):.1f} ms")
+                print(
+                    f"resume latency (client publishes resume -> worker claims the run and runs "
+                    f"the next step), {runs} runs: p50 {statistics.median(resume_ms):.1f} ms, "
+                    f"p90 {sorted(resume_ms)[int(runs * 0.9) - 1]:.1f} ms, max {max(resume_ms):.1f} ms"
+                )
                 handles = [await c.start(bench_wait, "sleep") for _ in range(runs)]
                 for h in handles:
                     await h.result(timeout=60)
                 late = env.scheduler.lateness_ms
-                print(f"timer accuracy (wake appended - due), {len(late)} sleeps of 1 s: "
-                      f"p50 {statistics.median(late):.1f} ms, max {max(late):.1f} ms")
+                print(
+                    f"timer accuracy (wake appended - due), {len(late)} sleeps of 1 s: "
+                    f"p50 {statistics.median(late):.1f} ms, max {max(late):.1f} ms"
+                )
         finally:
             server.stop()
 

@@ -20,7 +20,6 @@ class OrderValidation(BaseModel):
     reason: str
 
 
-
 @tool
 def check_inventory(sku: str, quantity: int = 1) -> dict[str, object]:
     """Check whether enough items are in stock.
@@ -55,5 +54,3 @@ order_validation_agent = Agent(
     temperature=0,
     max_steps=6,
 )
-
-

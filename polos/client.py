@@ -77,8 +77,14 @@ def _info_from_state(state: ev.RunState) -> RunInfo:
     waiting = None
     if state.status == "suspended" and state.suspended is not None:
         s = state.suspended
-        waiting = {"step": s.step, "kind": s.kind, "data": s.data, "topic": s.topic,
-                   "wake_at": s.wake_at, "timeout_at": s.timeout_at}
+        waiting = {
+            "step": s.step,
+            "kind": s.kind,
+            "data": s.data,
+            "topic": s.topic,
+            "wake_at": s.wake_at,
+            "timeout_at": s.timeout_at,
+        }
     return RunInfo(
         run_id=state.run_id,
         workflow=state.workflow,
@@ -99,7 +105,9 @@ class RunHandle(Generic[O]):
     """A started run. ``result()`` waits for it without polling: it listens to the run's
     control subject and reads the history once to catch up."""
 
-    def __init__(self, client: PolosClient, run_id: str, workflow: str | None, output_type: Any = None) -> None:
+    def __init__(
+        self, client: PolosClient, run_id: str, workflow: str | None, output_type: Any = None
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.workflow = workflow
@@ -126,7 +134,9 @@ class RunHandle(Generic[O]):
 
         async def on_ctl(msg: Any) -> None:
             with contextlib.suppress(Exception):
-                if isinstance(ev.decode(msg.data), (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
+                if isinstance(
+                    ev.decode(msg.data), (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)
+                ):
                     news.put_nowait(None)
 
         # Subscribe before reading, so an ending between the read and the subscribe is not missed.
@@ -269,7 +279,9 @@ class PolosClient:
         data = orjson.dumps(body)
         if len(data) > payloads.inline_limit(self.nc):
             # Too big for a command message: the input travels through the Object Store.
-            ref = await payloads.put_value(self.js, self.names, run_id, orjson.dumps(body.pop("input")))
+            ref = await payloads.put_value(
+                self.js, self.names, run_id, orjson.dumps(body.pop("input"))
+            )
             body["input_ref"] = ref
             data = orjson.dumps(body)
         await publish(
@@ -368,7 +380,10 @@ class PolosClient:
             ref = await payloads.put_value(self.js, self.names, run_id, orjson.dumps(body["data"]))
             body = {"data_ref": ref}
         return await send_command(
-            self.nc, self.js, resume_subject(self.names, run_id, key), body,
+            self.nc,
+            self.js,
+            resume_subject(self.names, run_id, key),
+            body,
             msg_id=f"resume/{run_id}/{uuid.uuid4().hex}",
             timeout=timeout or self.settings.request_timeout,
         )
@@ -383,7 +398,10 @@ class PolosClient:
             raise ValueError(f"run_id {run_id!r} is not valid")
         body: CancelCommand = {"reason": reason} if reason is not None else {}
         return await send_command(
-            self.nc, self.js, self.names.cancel_subject(run_id), body,
+            self.nc,
+            self.js,
+            self.names.cancel_subject(run_id),
+            body,
             msg_id=f"cancel/{run_id}/{uuid.uuid4().hex}",
             timeout=timeout or self.settings.request_timeout,
         )
@@ -397,7 +415,9 @@ class PolosClient:
         headers = None
         if len(encoded) > payloads.inline_limit(self.nc):
             # Too big for one message: the data goes to the Object Store, the event names it.
-            headers = {payloads.EVENT_REF: await payloads.put_event_value(self.js, self.names, encoded)}
+            headers = {
+                payloads.EVENT_REF: await payloads.put_event_value(self.js, self.names, encoded)
+            }
             encoded = b""
         ack = await self.js.publish(subject, encoded, headers=headers)
         return int(ack.seq)

@@ -24,7 +24,9 @@ class StepFailedError(PolosError):
     """
 
     def __init__(self, key: str, error_type: str, message: str, attempts: int = 1) -> None:
-        super().__init__(f"step {key!r} failed after {attempts} attempt(s): {error_type}: {message}")
+        super().__init__(
+            f"step {key!r} failed after {attempts} attempt(s): {error_type}: {message}"
+        )
         self.key = key
         self.error_type = error_type
         self.message = message

@@ -28,8 +28,18 @@ RunStatus = Literal["unknown", "queued", "running", "suspended", "completed", "f
 RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
 # What a recorded step was (``StepCompleted.kind``): the ``ctx.step`` call that made it.
 StepKind = Literal[
-    "run", "now", "uuid", "random", "patch", "suspend", "event", "sleep", "child", "invoke",
-    "llm", "tool",
+    "run",
+    "now",
+    "uuid",
+    "random",
+    "patch",
+    "suspend",
+    "event",
+    "sleep",
+    "child",
+    "invoke",
+    "llm",
+    "tool",
 ]
 # What a suspended run waits for (``RunSuspended.kind``): a resume, an event, a timer, its
 # children, a retry back-off, a concurrency slot, a rate (a queue's, or an LLM step's tokens).

@@ -34,9 +34,7 @@ async def configure_queue(client: PolosClient, queue: Queue) -> None:
     await limits.put_queue(client.js, client.names, queue)
 
 
-async def configure_rate_limit(
-    client: PolosClient, scope: str, limit: RateLimit | None
-) -> None:
+async def configure_rate_limit(client: PolosClient, scope: str, limit: RateLimit | None) -> None:
     """Set (None: remove) the system-wide limit of LLM calls to ``"model:<name>"`` or
     ``"provider:<name>"`` from a ``PolosClient``."""
     if not (scope.startswith("model:") or scope.startswith("provider:")):

@@ -147,7 +147,9 @@ class SecuredServer(EmbeddedServer):
         for prefix in prefixes:
             for role in ROLES:
                 self.creds[f"{prefix}-{role}"] = {
-                    "password": uuid.uuid4().hex, "role": role, "prefix": prefix,
+                    "password": uuid.uuid4().hex,
+                    "role": role,
+                    "prefix": prefix,
                 }
 
     def _write(self) -> None:
@@ -188,8 +190,9 @@ class SecuredServer(EmbeddedServer):
 
     # ------------------------------------------------------------------ namespaces
 
-    def namespace(self, prefix: str | None = None, role: str = "client",
-                  **overrides: Any) -> RoleSettings:
+    def namespace(
+        self, prefix: str | None = None, role: str = "client", **overrides: Any
+    ) -> RoleSettings:
         """Test-sized settings of a fresh namespace (``prefix`` to choose it), as ``role``."""
         if prefix is None:
             if not self._free:
@@ -201,9 +204,7 @@ class SecuredServer(EmbeddedServer):
             self._add([prefix])
             if self.proc is not None:
                 self._reload()
-        urls = tuple(
-            (r, auth.url_for(self.creds, f"{prefix}-{r}", self.url)) for r in ROLES
-        )
+        urls = tuple((r, auth.url_for(self.creds, f"{prefix}-{r}", self.url)) for r in ROLES)
         values = _fast(dict(urls)[role], prefix)
         values.update(overrides)
         return RoleSettings(**values, role=role, role_urls=urls)
@@ -221,8 +222,7 @@ class SecuredServer(EmbeddedServer):
                 text = f.read().decode(errors="replace")
         except OSError:
             return []
-        return [ln for ln in text.splitlines()
-                if "Violation" in ln and f"user:{prefix}-" in ln]
+        return [ln for ln in text.splitlines() if "Violation" in ln and f"user:{prefix}-" in ln]
 
     def log_offset(self) -> int:
         try:

@@ -206,7 +206,9 @@ class Worker:
         assert self._js is not None
         # Queues first: an orchestrator that finds a workflow naming its queue finds the
         # queue's limits too.
-        await register_queues(self._nc, self._js, self.names, self.settings, self.workflows.values())
+        await register_queues(
+            self._nc, self._js, self.names, self.settings, self.workflows.values()
+        )
         kv = await self._js.key_value(self.names.workflows_bucket)
         for wf in self.workflows.values():
             doc = {
@@ -355,8 +357,11 @@ class Worker:
                     slots = limits.store_for(self._nc, self._js, self.names)
                     await slots.release_keys(task.slots, run_id)
                 self.sent_to_admission += 1
-                log.info("run %s: its task was not admitted under queue %r; sent to admission",
-                         run_id, queue)
+                log.info(
+                    "run %s: its task was not admitted under queue %r; sent to admission",
+                    run_id,
+                    queue,
+                )
                 return None
             exe = RunExecution(
                 js=self._js,
@@ -378,9 +383,7 @@ class Worker:
                 continue  # someone appended between our read and our claim: read again
         raise RuntimeError(f"run {run_id}: could not claim after 5 tries")
 
-    async def _execute(
-        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: Task
-    ) -> str:
+    async def _execute(self, wf: WorkflowDefinition[Any, Any], run_id: str, task: Task) -> str:
         exe = await self._claim(wf, run_id, task)
         if exe is None:
             return "done"
@@ -429,9 +432,7 @@ class Worker:
             except Exception as exc:
                 await self._fail(exe, exc)
                 return "done"
-            await exe.record(
-                ev.RunCompleted(run_id=run_id, output=output), msg_id=f"{run_id}/end"
-            )
+            await exe.record(ev.RunCompleted(run_id=run_id, output=output), msg_id=f"{run_id}/end")
             self.completed_runs += 1
             return "done"
         except FencedOut:
@@ -463,7 +464,6 @@ class Worker:
         await exe.record(ev.RunFailed(run_id=exe.run_id, error=info), msg_id=f"{exe.run_id}/end")
 
 
-
 async def serve_module(
     module: str,
     settings: Settings,
@@ -478,12 +478,18 @@ async def serve_module(
     talk to the Polos dev LLM started in this process (``polos.devllm``)."""
     devllm = await serve_this_process() if dev_llm else None
     worker = Worker(
-        load_workflows(module), settings=settings, max_concurrent_runs=max_concurrent_runs,
+        load_workflows(module),
+        settings=settings,
+        max_concurrent_runs=max_concurrent_runs,
         worker_id=worker_id,
     )
     try:
-        await run_until_signal(worker, on_started=lambda: print(
-            f"worker {worker.id} serving: {', '.join(worker.workflows)}", flush=True))
+        await run_until_signal(
+            worker,
+            on_started=lambda: print(
+                f"worker {worker.id} serving: {', '.join(worker.workflows)}", flush=True
+            ),
+        )
     finally:
         if devllm is not None:
             await devllm.stop()

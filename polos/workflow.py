@@ -171,7 +171,9 @@ class WorkflowContext:
         carries it too, as ``_approval_url``. None when the worker does not know the UI's URL
         (``POLOS_UI_URL``; workers started beside ``polos up`` do). See docs/ui.md."""
         base = self._x.settings.ui_url
-        return waiting.approval_url(base, self._x.run_id, self._x.next_step_id(key)) if base else None
+        return (
+            waiting.approval_url(base, self._x.run_id, self._x.next_step_id(key)) if base else None
+        )
 
     async def patched(self, patch_id: str) -> bool:
         """Roll out a code change safely: ``if await ctx.patched("v2"): new() else: old()``.

@@ -79,8 +79,10 @@ async def make_settings(nats_server: SecuredServer) -> AsyncIterator[MakeSetting
     for s in made:
         nats_server.release(s.prefix)
     if violations:
-        pytest.fail("the server refused a role something it did:\n" + "\n".join(violations[:20]),
-                    pytrace=False)
+        pytest.fail(
+            "the server refused a role something it did:\n" + "\n".join(violations[:20]),
+            pytrace=False,
+        )
 
 
 @pytest.fixture

@@ -45,8 +45,14 @@ async def _requested(settings: Settings, run: str) -> tuple[Any, Any, Names, int
     nc = await nats.connect(settings.worker.nats_url)
     js = nc.jetstream()
     names = Names(settings.prefix)
-    first = await append(js, names, run, ev.RunRequested(run_id=run, workflow="w"),
-                             expected_last_seq=0, msg_id=f"{run}/req")
+    first = await append(
+        js,
+        names,
+        run,
+        ev.RunRequested(run_id=run, workflow="w"),
+        expected_last_seq=0,
+        msg_id=f"{run}/req",
+    )
     return nc, js, names, first
 
 
@@ -59,15 +65,20 @@ async def test_a_retried_append_whose_ack_was_lost_is_written_once(
     step = ev.StepCompleted(key="charge", kind="run", output={"id": 1})
     with monkeypatch.context() as patch:
         patch.setattr(store_append, "publish", flaky)
-        seq = await append(js, names, run, step, expected_last_seq=first,
-                               msg_id=f"{run}/s/charge")
+        seq = await append(js, names, run, step, expected_last_seq=first, msg_id=f"{run}/s/charge")
     assert flaky.publishes == 2
     history = await read_history(nc, names, run)
     assert [s for s, _ in history] == [first, seq]  # stored once, and the retry knows where
     # Another writer's append of the same fact (other bytes) is still fenced out.
     with pytest.raises(FencedOut):
-        await append(js, names, run, ev.StepCompleted(key="charge", kind="run", output=2),
-                         expected_last_seq=first, msg_id=f"{run}/s/charge")
+        await append(
+            js,
+            names,
+            run,
+            ev.StepCompleted(key="charge", kind="run", output=2),
+            expected_last_seq=first,
+            msg_id=f"{run}/s/charge",
+        )
     await nc.close()
 
 
@@ -78,16 +89,33 @@ async def test_a_duplicate_ack_for_another_writers_record_is_fenced_out(settings
     # fence first; a fence that happens to match shows the same answer here.
     run = "dup-ack"
     nc, js, names, first = await _requested(settings, run)
-    charged = await append(js, names, run, ev.StepCompleted(key="charge", kind="run", output=1),
-                               expected_last_seq=first, msg_id=f"{run}/s/charge")
-    raw = await publish(nc, names.run_subject(run, "step"),
-                            ev.encode(ev.StepCompleted(key="charge", kind="run", output=2)),
-                            headers={MSG_ID: f"{run}/s/charge",
-                                     EXPECTED_LAST_SUBJECT_SEQ: str(charged),
-                                     EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: names.run_filter(run)})
+    charged = await append(
+        js,
+        names,
+        run,
+        ev.StepCompleted(key="charge", kind="run", output=1),
+        expected_last_seq=first,
+        msg_id=f"{run}/s/charge",
+    )
+    raw = await publish(
+        nc,
+        names.run_subject(run, "step"),
+        ev.encode(ev.StepCompleted(key="charge", kind="run", output=2)),
+        headers={
+            MSG_ID: f"{run}/s/charge",
+            EXPECTED_LAST_SUBJECT_SEQ: str(charged),
+            EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: names.run_filter(run),
+        },
+    )
     assert raw.duplicate and raw.seq == charged  # what the server answers
     with pytest.raises(FencedOut):
-        await append(js, names, run, ev.StepCompleted(key="charge", kind="run", output=2),
-                         expected_last_seq=charged, msg_id=f"{run}/s/charge")
+        await append(
+            js,
+            names,
+            run,
+            ev.StepCompleted(key="charge", kind="run", output=2),
+            expected_last_seq=charged,
+            msg_id=f"{run}/s/charge",
+        )
     assert [s for s, _ in await read_history(nc, names, run)] == [first, charged]
     await nc.close()

@@ -33,7 +33,9 @@ async def guarded(ctx: WorkflowContext, n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmbeddedServer, dict[str, Any]]]:
+def secured(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[EmbeddedServer, dict[str, Any]]]:
     d = tmp_path_factory.mktemp("auth")
     creds = auth.ensure_credentials(d / "credentials.json", [A, B])
     conf = auth.write_server_config(d / "nats-auth.conf", default_config(), creds)
@@ -150,9 +152,11 @@ async def test_a_service_manages_only_its_own_namespace(
     try:
         names_b = Names(B)
         await ensure_topology(service_b.jetstream(), names_b, _settings(secured, B, "service"))
-        for api in (f"$JS.API.STREAM.DELETE.{names_b.runs_stream}",
-                    f"$JS.API.STREAM.PURGE.{names_b.cmd_stream}",
-                    f"$JS.API.STREAM.CREATE.KV_{B}_extra"):
+        for api in (
+            f"$JS.API.STREAM.DELETE.{names_b.runs_stream}",
+            f"$JS.API.STREAM.PURGE.{names_b.cmd_stream}",
+            f"$JS.API.STREAM.CREATE.KV_{B}_extra",
+        ):
             assert await _denied(service_a, api), api
         assert (await service_b.jetstream().stream_info(names_b.runs_stream)).config.name
     finally:
@@ -161,13 +165,14 @@ async def test_a_service_manages_only_its_own_namespace(
 
 
 async def test_anonymous_and_wrong_password_get_nothing(
-    secured: tuple[EmbeddedServer, dict[str, Any]]
+    secured: tuple[EmbeddedServer, dict[str, Any]],
 ) -> None:
     server, _ = secured
     for url in (server.url, server.url.replace("nats://", f"nats://{A}-client:wrong@")):
         with pytest.raises(Exception) as info:
-            await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
-                               connect_timeout=2)
+            await nats.connect(
+                url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2
+            )
         assert "uthorization" in str(info.value) or isinstance(info.value, nats.errors.Error)
 
 
@@ -186,8 +191,9 @@ async def test_tls_with_a_self_made_certificate(
         url = auth.url_for(creds, "tls-client", server.url.replace("nats://", "tls://"))
         # Without trusting the self-made CA the certificate is refused.
         with pytest.raises(Exception):  # noqa: B017 - ssl or nats error, either is a refusal
-            await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
-                               connect_timeout=2)
+            await nats.connect(
+                url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2
+            )
         monkeypatch.setenv("POLOS_TLS_CA", str(ca))
         nc = await connect(fast_settings(url, prefix="tls"), name="tls-test")
         try:
@@ -199,7 +205,9 @@ async def test_tls_with_a_self_made_certificate(
         server.stop()
 
 
-async def test_polos_up_has_auth_on_generates_credentials_and_refuses_anonymous(tmp_path: Path) -> None:
+async def test_polos_up_has_auth_on_generates_credentials_and_refuses_anonymous(
+    tmp_path: Path,
+) -> None:
     import asyncio
     import os
     import re
@@ -212,9 +220,22 @@ async def test_polos_up_has_auth_on_generates_credentials_and_refuses_anonymous(
     env.pop("POLOS_NATS_URL", None)
     up = subprocess.Popen(
         # Authentication is on by default: no flag.
-        [sys.executable, "-m", "polos", "up", "--data-dir", str(data), "--port", "0",
-         "--prefix", "upauth"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "polos",
+            "up",
+            "--data-dir",
+            str(data),
+            "--port",
+            "0",
+            "--prefix",
+            "upauth",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         url = None
@@ -229,12 +250,27 @@ async def test_polos_up_has_auth_on_generates_credentials_and_refuses_anonymous(
         for name in ("credentials.json", "nats-auth.conf"):
             assert stat.S_IMODE((data / name).stat().st_mode) == 0o600
         with pytest.raises(Exception):  # noqa: B017 - authorization violation
-            await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
-                               connect_timeout=2)
+            await nats.connect(
+                url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2
+            )
         out = subprocess.run(
-            [sys.executable, "-m", "polos", "credentials", "client", "--data-dir", str(data),
-             "--nats-url", url, "--prefix", "upauth"],
-            capture_output=True, text=True, env=env, check=True,
+            [
+                sys.executable,
+                "-m",
+                "polos",
+                "credentials",
+                "client",
+                "--data-dir",
+                str(data),
+                "--nats-url",
+                url,
+                "--prefix",
+                "upauth",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
         ).stdout.strip()
         assert out.startswith("nats://upauth-client:")
         client = await PolosClient.connect(settings=fast_settings(out, prefix="upauth"))
@@ -252,8 +288,12 @@ async def test_polos_up_has_auth_on_generates_credentials_and_refuses_anonymous(
         # The CLI run beside `polos up` finds the server and its role's credentials by itself.
         local = dict(env, POLOS_DATA_DIR=str(data))
         runs = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "polos", "runs", "--prefix", "upauth"],
-            capture_output=True, text=True, env=local, timeout=60,
+            subprocess.run,
+            [sys.executable, "-m", "polos", "runs", "--prefix", "upauth"],
+            capture_output=True,
+            text=True,
+            env=local,
+            timeout=60,
         )
         assert runs.returncode == 0, runs.stderr
         assert handle.run_id in runs.stdout

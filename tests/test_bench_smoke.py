@@ -25,7 +25,10 @@ def test_bench_quick_runs_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "polos_bench", "--quick", "--json", str(out)],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=120,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     print(proc.stdout[-6000:])
     print(proc.stderr[-6000:])
@@ -65,7 +68,10 @@ def test_polos_bench_subcommand_is_registered() -> None:
 def test_polos_bench_rejects_unknown_figure() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "polos_bench", "--only", "nonsense"],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=60,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "unknown figure" in proc.stdout
@@ -82,14 +88,20 @@ async def test_read_subject_returns_exactly_the_log(plain_nats_server: EmbeddedS
     js = nc.jetstream()
     stream = f"{settings.prefix.upper()}_READTEST"
     p = settings.prefix
-    await js.add_stream(StreamConfig(name=stream, subjects=[f"{p}.rt.>"], storage=StorageType.FILE,
-                                     allow_direct=True))
+    await js.add_stream(
+        StreamConfig(
+            name=stream, subjects=[f"{p}.rt.>"], storage=StorageType.FILE, allow_direct=True
+        )
+    )
     try:
         futs = []
         for i in range(2500):
             subj = f"{p}.rt.{'a' if i % 3 else 'b'}.{i % 7}"
-            futs.append(await js.publish_async(subj, orjson.dumps({"i": i}),
-                                               headers={"Nats-Msg-Id": f"m{i}"}))
+            futs.append(
+                await js.publish_async(
+                    subj, orjson.dumps({"i": i}), headers={"Nats-Msg-Id": f"m{i}"}
+                )
+            )
         await asyncio.gather(*futs)
 
         everything = await read_subject(nc, stream, f"{p}.rt.>")
@@ -131,9 +143,30 @@ def test_fast_header_parser_matches_nats_py() -> None:
 
     assert Client._parse_header_lines is natspy.parse_header_lines
     rnd = random.Random(7)
-    alphabet = [b"a", b"Z", b":", b" ", b"\t", b"\r\n", b"\r", b"\n", b"\x1c", b"\x1f", b"\x00",
-                b"\xc3\xa9", b"\xff", b"-", b"\x0b", b"\x0c", b"\x85", b"\xa0", b"\xc2\x85",
-                b"\xc2\xa0", b"Nats-Msg-Id", b"123"]
+    alphabet = [
+        b"a",
+        b"Z",
+        b":",
+        b" ",
+        b"\t",
+        b"\r\n",
+        b"\r",
+        b"\n",
+        b"\x1c",
+        b"\x1f",
+        b"\x00",
+        b"\xc3\xa9",
+        b"\xff",
+        b"-",
+        b"\x0b",
+        b"\x0c",
+        b"\x85",
+        b"\xa0",
+        b"\xc2\x85",
+        b"\xc2\xa0",
+        b"Nats-Msg-Id",
+        b"123",
+    ]
     for _ in range(20_000):
         raw = b"".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
         assert natspy.parse_header_lines(raw) == reference(raw), raw

@@ -130,8 +130,9 @@ async def k_holder(ctx: WorkflowContext) -> str:
 
 async def _request_child(stack: Stack, parent_run_id: str) -> str:
     """What the parent's worker sends when its code reaches ``invoke("spawn", k_sleeper)``."""
-    req = wt.child_request(stack.client.names, parent_run_id, parent_run_id, "spawn", 0,
-                           "k_sleeper", None)
+    req = wt.child_request(
+        stack.client.names, parent_run_id, parent_run_id, "spawn", 0, "k_sleeper", None
+    )
     nc = await connect(stack.as_role("worker"), name="parent-worker")
     try:
         await nc.jetstream().publish(req.subject, req.body, headers=req.headers)
@@ -157,8 +158,9 @@ async def test_cancel_reaches_a_child_requested_but_not_recorded(stack: Stack) -
         isinstance(e, ev.StepCompleted) and e.kind == "invoke"
         for _, e in await stack.client.history(parent.run_id)
     )
-    reasons = [e.reason for _, e in await stack.client.history(child)
-               if isinstance(e, ev.RunCancelled)]
+    reasons = [
+        e.reason for _, e in await stack.client.history(child) if isinstance(e, ev.RunCancelled)
+    ]
     assert reasons == [f"parent run {parent.run_id} was cancelled"]
 
 
@@ -182,8 +184,9 @@ async def test_child_request_and_parent_cancel_held_back_together(stack: Stack) 
     await until_status(stack, parent.run_id, "suspended")
     await stack.orchestrator.stop()
     child = await _request_child(stack, parent.run_id)
-    await stack.client.js.publish(stack.client.names.cancel_subject(parent.run_id),
-                                  orjson.dumps({"reason": "stop"}))
+    await stack.client.js.publish(
+        stack.client.names.cancel_subject(parent.run_id), orjson.dumps({"reason": "stop"})
+    )
     from polos_services.orchestrator import Orchestrator
 
     stack.orchestrator = Orchestrator(stack.as_role("service"))

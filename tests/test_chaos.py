@@ -167,16 +167,24 @@ async def _explain(client: PolosClient, cluster: Cluster, run_ids: list[str]) ->
         history = await client.history(run_id)
         print(f"\nSTUCK {run_id}:")
         for seq, e in history:
-            print(f"  {seq} {type(e).__name__} {getattr(e, 'key', '')} "
-                  f"{getattr(e, 'worker_id', '')} {getattr(e, 'kind', '')}")
+            print(
+                f"  {seq} {type(e).__name__} {getattr(e, 'key', '')} "
+                f"{getattr(e, 'worker_id', '')} {getattr(e, 'kind', '')}"
+            )
     for durable in ("wf_chaos_mix", "wf_chaos_child"):
         with contextlib.suppress(Exception):
             info = await client.js.consumer_info(client.names.tasks_stream, durable)
-            print(f"consumer {durable}: pending {info.num_pending} ack_pending "
-                  f"{info.num_ack_pending} redelivered {info.num_redelivered} "
-                  f"waiting {info.num_waiting}")
-    print("workers alive:", cluster.alive(), "registered:",
-          [w.get("id") for w in await client.workers()])
+            print(
+                f"consumer {durable}: pending {info.num_pending} ack_pending "
+                f"{info.num_ack_pending} redelivered {info.num_redelivered} "
+                f"waiting {info.num_waiting}"
+            )
+    print(
+        "workers alive:",
+        cluster.alive(),
+        "registered:",
+        [w.get("id") for w in await client.workers()],
+    )
 
 
 async def run_chaos(tmp: Path, *, runs: int, seconds: float, workers: int, seed: int) -> None:

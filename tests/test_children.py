@@ -44,7 +44,11 @@ async def p_catch(ctx: WorkflowContext) -> dict[str, Any]:
     try:
         await ctx.step.invoke_and_wait("bad", c_boom, 7)
     except ChildWorkflowError as exc:
-        return {"caught": exc.status, "type": exc.error.get("type"), "msg": exc.error.get("message")}
+        return {
+            "caught": exc.status,
+            "type": exc.error.get("type"),
+            "msg": exc.error.get("message"),
+        }
     return {"caught": None}
 
 

@@ -42,7 +42,9 @@ async def clustered(ctx: WorkflowContext, steps: int) -> int:
 
 def test_shipped_cluster_configs_are_current() -> None:
     for i in range(1, 4):
-        assert (CONFIG_DIR / f"nats-cluster-{i}.conf").read_text() == render_config(i, DEFAULT_PORTS)
+        assert (CONFIG_DIR / f"nats-cluster-{i}.conf").read_text() == render_config(
+            i, DEFAULT_PORTS
+        )
 
 
 async def test_stream_leader_killed_under_load_work_continues(tmp_path: Path) -> None:
@@ -122,5 +124,3 @@ async def test_stream_leader_killed_under_load_work_continues(tmp_path: Path) ->
         if env is not None:
             await env.stop()
         cluster.stop()
-
-

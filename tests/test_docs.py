@@ -76,7 +76,8 @@ def doc_streams() -> dict[str, set[str]]:
 
 def doc_core_subjects() -> set[str]:
     para = next(
-        p for p in _section("Streams and subjects").split("\n\n")
+        p
+        for p in _section("Streams and subjects").split("\n\n")
         if p.startswith("Core NATS subjects")
     )
     return {_doc_subject(s) for s in _ticks(para) if s.startswith("<p>.")}
@@ -112,7 +113,8 @@ def _names() -> Names:
 
 def _module_functions(module: Any, suffix: str) -> list[Callable[..., Any]]:
     return [
-        f for name, f in vars(module).items()
+        f
+        for name, f in vars(module).items()
         if name.endswith(suffix) and inspect.isfunction(f) and f.__module__ == module.__name__
     ]
 
@@ -168,7 +170,8 @@ def code_buckets() -> set[str]:
     n = _names()
     return {
         row.bucket(n) if row.kind == "kv" else f"object store {row.bucket(n)}"
-        for row in TOPOLOGY if row.kind != "stream"
+        for row in TOPOLOGY
+        if row.kind != "stream"
     }
 
 
@@ -198,8 +201,9 @@ async def server_filters(plain_nats_server: Any) -> dict[str, list[str]]:
         names = _names()
         await ensure_topology(js, names, settings)
         # Every stream storing a subject of the namespace (the server may hold many others).
-        reply = await nc.request("$JS.API.STREAM.NAMES",
-                                 orjson.dumps({"subject": f"{PREFIX}.>"}), timeout=5)
+        reply = await nc.request(
+            "$JS.API.STREAM.NAMES", orjson.dumps({"subject": f"{PREFIX}.>"}), timeout=5
+        )
         out = {}
         for name in orjson.loads(reply.data).get("streams") or []:
             info = await js.stream_info(name)
@@ -210,8 +214,10 @@ async def server_filters(plain_nats_server: Any) -> dict[str, list[str]]:
 
 
 def _diff(what: str, doc: set[str], code: set[str]) -> str:
-    return (f"{what}: in docs/architecture.md but not in the code: {sorted(doc - code)}; "
-            f"in the code but not in the document: {sorted(code - doc)}")
+    return (
+        f"{what}: in docs/architecture.md but not in the code: {sorted(doc - code)}; "
+        f"in the code but not in the document: {sorted(code - doc)}"
+    )
 
 
 # --------------------------------------------------------------------------- the checks
@@ -233,7 +239,8 @@ async def test_streams_table_lists_every_stream_and_its_subjects(
     unstored = set(subjects)
     for stream, doc_subjects in documented.items():
         stored = {
-            shape for shape, subject in subjects.items()
+            shape
+            for shape, subject in subjects.items()
             if any(_subject_matches(subject, f) for f in server_filters[stream])
         }
         unstored -= stored
@@ -242,8 +249,11 @@ async def test_streams_table_lists_every_stream_and_its_subjects(
     assert core == unstored, _diff("core NATS subjects (in no stream)", core, unstored)
     # ... and each is declared (with who may use it) in the topology table's core subjects.
     filters = [c.subject(_names()) for c in CORE_SUBJECTS]
-    undeclared = {shape for shape in unstored
-                  if not any(_subject_matches(subjects[shape], f) for f in filters)}
+    undeclared = {
+        shape
+        for shape in unstored
+        if not any(_subject_matches(subjects[shape], f) for f in filters)
+    }
     assert not undeclared, f"core NATS subjects missing from topology.CORE_SUBJECTS: {undeclared}"
 
 
@@ -277,8 +287,9 @@ def _dead_letter_calls() -> Iterator[tuple[str, int, ast.expr | None]]:
 
 def test_dead_letter_sources_table_is_the_code_s_closed_list() -> None:
     documented = doc_dlq_sources()
-    assert documented == set(DLQ_SOURCES), _diff("dead-letter sources", documented,
-                                                     set(DLQ_SOURCES))
+    assert documented == set(DLQ_SOURCES), _diff(
+        "dead-letter sources", documented, set(DLQ_SOURCES)
+    )
     used = set()
     for where, _, source in _dead_letter_calls():
         assert isinstance(source, ast.Constant) and source.value in DLQ_SOURCES, (
@@ -286,8 +297,9 @@ def test_dead_letter_sources_table_is_the_code_s_closed_list() -> None:
         )
         used.add(source.value)
     # Every listed source is written somewhere: the list is not a wish list.
-    assert used == set(DLQ_SOURCES), _diff("sources used by dead_letter calls",
-                                               set(DLQ_SOURCES), used)
+    assert used == set(DLQ_SOURCES), _diff(
+        "sources used by dead_letter calls", set(DLQ_SOURCES), used
+    )
 
 
 async def test_dead_letter_refuses_a_source_not_in_the_list(plain_nats_server: Any) -> None:
@@ -295,7 +307,13 @@ async def test_dead_letter_refuses_a_source_not_in_the_list(plain_nats_server: A
     nc = await nats.connect(plain_nats_server.url)
     try:
         with pytest.raises(ValueError, match="not one of cmd, ctl"):
-            await dead_letter(nc.jetstream(), _names(), source="oops",  # type: ignore[arg-type]
-                                  reason="x", subject="x", data=b"")
+            await dead_letter(
+                nc.jetstream(),
+                _names(),
+                source="oops",  # type: ignore[arg-type]
+                reason="x",
+                subject="x",
+                data=b"",
+            )
     finally:
         await nc.close()

@@ -38,8 +38,13 @@ def test_garbage_is_not_an_event(data: bytes) -> None:
 
 
 def test_every_event_is_past_tense_and_registered() -> None:
-    names = [n for n in ev.__all__ if isinstance(getattr(ev, n), type)
-             and issubclass(getattr(ev, n), ev.Event) and getattr(ev, n) is not ev.Event]
+    names = [
+        n
+        for n in ev.__all__
+        if isinstance(getattr(ev, n), type)
+        and issubclass(getattr(ev, n), ev.Event)
+        and getattr(ev, n) is not ev.Event
+    ]
     for name in names:
         assert name.endswith(("ed", "Failed", "Woken")), name
         assert ev.decode(ev.encode(_sample(getattr(ev, name)))).__class__.__name__ == name
@@ -49,5 +54,9 @@ def _sample(cls: type[ev.Event]) -> ev.Event:
     kwargs: dict[str, object] = {}
     for f in dataclasses.fields(cls):
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            kwargs[f.name] = {} if "error" in f.name else (1 if f.name in ("attempt",) else 0.5 if f.name == "retry_in" else "x")
+            kwargs[f.name] = (
+                {}
+                if "error" in f.name
+                else (1 if f.name in ("attempt",) else 0.5 if f.name == "retry_in" else "x")
+            )
     return cls(**kwargs)

@@ -95,12 +95,15 @@ async def test_history_read_by_kind_equals_the_wildcard_read(settings: Settings)
         for i in range(40):
             for run in runs:
                 event: ev.Event = (
-                    ev.RunRequested(run_id=run, workflow="w") if i == 0
-                    else ev.StepCompleted(key=f"s{i}", kind="run", output=i) if i % 3
+                    ev.RunRequested(run_id=run, workflow="w")
+                    if i == 0
+                    else ev.StepCompleted(key=f"s{i}", kind="run", output=i)
+                    if i % 3
                     else ev.RunClaimed(run_id=run, worker_id="w", attempt=i)
                 )
-                last[run] = await append(js, names, run, event, expected_last_seq=last[run],
-                                             msg_id=f"{run}/{i}")
+                last[run] = await append(
+                    js, names, run, event, expected_last_seq=last[run], msg_id=f"{run}/{i}"
+                )
         for run in runs:
             wild = await read_subject(nc, names.runs_stream, names.run_filter(run))
             by_kind = await read_run(nc, names, run)
@@ -140,8 +143,7 @@ async def test_a_new_run_is_claimed_without_a_history_read(
     assert handle.run_id not in reads.runs  # the worker claimed from the task alone
     assert RAN[f"{tag}:a"] == 1 and RAN[f"{tag}:b"] == 1
     types = [type(e).__name__ for _, e in await env.client.history(handle.run_id)]
-    assert types == ["RunRequested", "RunClaimed", "StepCompleted", "StepCompleted",
-                     "RunCompleted"]
+    assert types == ["RunRequested", "RunClaimed", "StepCompleted", "StepCompleted", "RunCompleted"]
 
 
 async def test_a_stale_or_bogus_fresh_task_falls_back_to_reading(
@@ -160,14 +162,26 @@ async def test_a_stale_or_bogus_fresh_task_falls_back_to_reading(
         await asyncio.sleep(0.02)
         state = await load_state(env.client.nc, names, handle.run_id)
     # Written as the services would (a client may write neither histories nor tasks).
-    await append(env.orchestrator.js, names, handle.run_id,
-                     ev.RunClaimed(run_id=handle.run_id, worker_id="gone", attempt=1),
-                     expected_last_seq=state.last_seq, msg_id=f"{handle.run_id}/c/1/gone")
+    await append(
+        env.orchestrator.js,
+        names,
+        handle.run_id,
+        ev.RunClaimed(run_id=handle.run_id, worker_id="gone", attempt=1),
+        expected_last_seq=state.last_seq,
+        msg_id=f"{handle.run_id}/c/1/gone",
+    )
     # And a task for the same run carrying nonsense where the request should be.
     await env.orchestrator.js.publish(
         names.task_subject("hot_two_steps"),
-        orjson.dumps({"run_id": handle.run_id, "workflow": "hot_two_steps", "seq": 1,
-                      "history": [[1, {"t": "NoSuchEvent"}]]}))
+        orjson.dumps(
+            {
+                "run_id": handle.run_id,
+                "workflow": "hot_two_steps",
+                "seq": 1,
+                "history": [[1, {"t": "NoSuchEvent"}]],
+            }
+        ),
+    )
     async with Worker([hot_two_steps], settings=settings.worker):
         assert await handle.result(timeout=10) == 2
     assert RAN[f"{tag}:a"] == 1 and RAN[f"{tag}:b"] == 1
@@ -181,8 +195,9 @@ async def test_a_stale_or_bogus_fresh_task_falls_back_to_reading(
 
 def _carried(run_id: str, history: Any, seq: Any) -> ev.RunState | None:
     """The state a task carrying ``history`` up to ``seq`` gives its worker."""
-    task = decode_task(orjson.dumps({"run_id": run_id, "workflow": "w", "seq": seq,
-                                     "history": history}))
+    task = decode_task(
+        orjson.dumps({"run_id": run_id, "workflow": "w", "seq": seq, "history": history})
+    )
     return task.carried_state()
 
 
@@ -220,8 +235,10 @@ async def test_publish_acks_and_errors_match_nats_py(settings: Settings) -> None
         ack = await publish(nc, subject, body, headers={MSG_ID: "pub/1"})
         again = await publish(nc, subject, body, headers={MSG_ID: "pub/1"})
         assert again.seq == ack.seq and again.duplicate and not ack.duplicate
-        fence = {EXPECTED_LAST_SUBJECT_SEQ: "0", EXPECTED_LAST_SUBJECT_SEQ_SUBJECT:
-                 names.run_filter("pub")}
+        fence = {
+            EXPECTED_LAST_SUBJECT_SEQ: "0",
+            EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: names.run_filter("pub"),
+        }
         with pytest.raises(nats.js.errors.APIError) as ours:
             await publish(nc, subject, body, headers=fence)
         with pytest.raises(nats.js.errors.APIError) as theirs:
@@ -232,8 +249,9 @@ async def test_publish_acks_and_errors_match_nats_py(settings: Settings) -> None
             # A subject the worker may publish on that no stream holds: live deltas.
             await publish(nc, names.delta_subject(uuid.uuid4().hex, "s"), b"x", timeout=1)
         # Many at once on one connection: each answer reaches its own caller.
-        acks = await asyncio.gather(*(
-            publish(nc, names.run_subject(f"pub{i}", "step"), b"{}") for i in range(50)))
+        acks = await asyncio.gather(
+            *(publish(nc, names.run_subject(f"pub{i}", "step"), b"{}") for i in range(50))
+        )
         assert len({a.seq for a in acks}) == 50
     finally:
         await nc.close()
@@ -338,6 +356,7 @@ async def test_a_wake_whose_waker_died_before_dispatching_is_dispatched_by_the_h
     env_factory: Any,
 ) -> None:
     from polos._private.run.wake import wake
+
     env = await env_factory([hot_suspends])
     names = Names(env.settings.prefix)
     tag = uuid.uuid4().hex[:8]
@@ -346,8 +365,15 @@ async def test_a_wake_whose_waker_died_before_dispatching_is_dispatched_by_the_h
     state = await load_state(env.client.nc, names, handle.run_id)
     # A waker in another process appends the wake and dies before it dispatches the task.
     woke = await wake(
-        env.orchestrator.js, names, handle.run_id, "more", expected_seq=state.last_seq,
-        reason="resumed", cause="test", kind="suspend", output={"data": {"n": 7}, "seq": 0},
+        env.orchestrator.js,
+        names,
+        handle.run_id,
+        "more",
+        expected_seq=state.last_seq,
+        reason="resumed",
+        cause="test",
+        kind="suspend",
+        output={"data": {"n": 7}, "seq": 0},
         workflow="hot_suspends",
     )
     assert woke is not None
@@ -371,8 +397,9 @@ async def test_one_orchestrator_writes_a_runs_index_entry_one_event_at_a_time(
     orch = env.orchestrator
     run_id = uuid.uuid4().hex
     events: list[tuple[int, ev.Event]] = [(1, ev.RunRequested(run_id=run_id, workflow="w"))]
-    events += [(2 + i, ev.RunClaimed(run_id=run_id, worker_id=f"w{i}", attempt=i + 1))
-               for i in range(20)]
+    events += [
+        (2 + i, ev.RunClaimed(run_id=run_id, worker_id=f"w{i}", attempt=i + 1)) for i in range(20)
+    ]
     # All at once, as the control consumer hands them out: without the per-run lock most of
     # these would fail their compare-and-set against each other and read before writing again.
     await asyncio.gather(*(orch.index.update(run_id, seq, e) for seq, e in reversed(events)))

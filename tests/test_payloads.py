@@ -79,8 +79,10 @@ async def test_ten_megabyte_step_output_round_trips_through_replay(
     assert len(stubs) == 1 and len(stubs[0].data) < 4096
     body = orjson.loads(stubs[0].data)
     assert body["output"] is None and body["$refs"]["output"].startswith(f"{handle.run_id}/")
-    print(f"\n10 MB step: run + store {first:.2f}s, replay on a new worker + finish {replay:.2f}s, "
-          f"stub {len(stubs[0].data)} bytes")
+    print(
+        f"\n10 MB step: run + store {first:.2f}s, replay on a new worker + finish {replay:.2f}s, "
+        f"stub {len(stubs[0].data)} bytes"
+    )
 
 
 async def test_large_workflow_result_reaches_the_client(env_factory: Any) -> None:
@@ -133,7 +135,8 @@ async def test_bad_input_ref_is_refused_with_a_reason(env_factory: Any) -> None:
     sub = await env.client.nc.subscribe(inbox)
     for ref in ("elsewhere/abc", 5, "r1/0000"):
         await env.client.js.publish(
-            f"{p}.cmd.start.big_input", orjson.dumps({"run_id": "r1", "input_ref": ref}),
+            f"{p}.cmd.start.big_input",
+            orjson.dumps({"run_id": "r1", "input_ref": ref}),
             headers={REPLY_HEADER: inbox},
         )
         reply = orjson.loads((await sub.next_msg(5)).data)
@@ -145,7 +148,6 @@ async def test_bad_input_ref_is_refused_with_a_reason(env_factory: Any) -> None:
 #
 # Under authentication, each process on its role's user: the client stores the big value, the
 # orchestrator (service) reads it and wakes the run, workers replay it.
-
 
 
 def _sha(value: str) -> str:
@@ -174,11 +176,15 @@ async def big_triggered(ctx: WorkflowContext, event: dict[str, Any]) -> dict[str
     return {"len": len(event["data"]), "sha": _sha(event["data"])}
 
 
-async def _finish_on_a_second_worker(stack: Stack, first: Worker, run_id: str, wfs: list[Any]) -> Any:
+async def _finish_on_a_second_worker(
+    stack: Stack, first: Worker, run_id: str, wfs: list[Any]
+) -> Any:
     """Wait for the run to record its digest on ``first``, stop it, finish on a new worker."""
     deadline = time.monotonic() + 60
-    while not any(isinstance(e, ev.StepCompleted) and e.key == "digest"
-                  for _, e in await stack.client.history(run_id)):
+    while not any(
+        isinstance(e, ev.StepCompleted) and e.key == "digest"
+        for _, e in await stack.client.history(run_id)
+    ):
         assert time.monotonic() < deadline, "the run never recorded its digest"
         await asyncio.sleep(0.05)
     await stack.stop_worker(first, timeout=0)
@@ -206,8 +212,11 @@ async def test_ten_megabyte_resume_round_trips_through_replay(stack: Stack) -> N
     [cmd] = await _stored(stack, names.cmd_stream, f"{names.prefix}.cmd.resume.{handle.run_id}.>")
     ref = orjson.loads(cmd.data)["data_ref"]
     assert len(cmd.data) < 200 and ref.startswith(f"{handle.run_id}/")
-    woken = [m for m in await _stored(stack, names.runs_stream, names.run_filter(handle.run_id))
-             if (m.headers or {}).get(payloads.HEADER) and b"RunWoken" in m.data]
+    woken = [
+        m
+        for m in await _stored(stack, names.runs_stream, names.run_filter(handle.run_id))
+        if (m.headers or {}).get(payloads.HEADER) and b"RunWoken" in m.data
+    ]
     assert len(woken) == 1 and len(woken[0].data) < 4096
     assert orjson.loads(woken[0].data)["$refs"] == {"output.data": ref}
 
@@ -222,8 +231,11 @@ async def test_ten_megabyte_event_round_trips_through_replay(stack: Stack) -> No
     out = await _finish_on_a_second_worker(stack, w1, handle.run_id, [big_pickup, big_triggered])
     assert out == {"len": BIG, "sha": _sha(text), "recorded": _sha(text)}
     names = stack.client.names
-    [stored] = [m for m in await _stored(stack, names.events_stream, f"{names.prefix}.event.>")
-                if m.seq == seq]
+    [stored] = [
+        m
+        for m in await _stored(stack, names.events_stream, f"{names.prefix}.event.>")
+        if m.seq == seq
+    ]
     assert stored.data == b"" and stored.headers[payloads.EVENT_REF].startswith("event:")
     # A triggered run gets the 10 MB too, as its input.
     other = make_big("drop")
@@ -233,7 +245,9 @@ async def test_ten_megabyte_event_round_trips_through_replay(stack: Stack) -> No
         assert time.monotonic() < deadline, "the triggered run never completed"
         await asyncio.sleep(0.05)
     assert await stack.client.get_handle(runs[0].run_id).result(timeout=5) == {
-        "len": BIG, "sha": _sha(other)}
+        "len": BIG,
+        "sha": _sha(other),
+    }
 
 
 @workflow
@@ -280,8 +294,9 @@ async def _raw_client(stack: Stack) -> Any:
     return nc, js, obs
 
 
-async def _answer(nc: Any, js: Any, subject: str, body: bytes, headers: dict[str, str] | None = None
-                  ) -> dict[str, Any]:
+async def _answer(
+    nc: Any, js: Any, subject: str, body: bytes, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, max_msgs=1)
     await js.publish(subject, body, headers={REPLY_HEADER: inbox, **(headers or {})})
@@ -298,8 +313,12 @@ async def test_raw_publisher_sends_big_resume_and_event_by_reference(stack: Stac
         run = await stack.client.start(raw_approval)
         await until_status(stack, run.run_id, "suspended")
         await obs.put(f"{run.run_id}/approval", orjson.dumps(text))
-        answer = await _answer(nc, js, f"{p}.cmd.resume.{run.run_id}.approve",
-                               orjson.dumps({"data_ref": f"{run.run_id}/approval"}))
+        answer = await _answer(
+            nc,
+            js,
+            f"{p}.cmd.resume.{run.run_id}.approve",
+            orjson.dumps({"data_ref": f"{run.run_id}/approval"}),
+        )
         assert answer["ok"] and answer["status"] == "resumed", answer
         assert await run.result(timeout=60) == _sha(text)
 

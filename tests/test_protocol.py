@@ -33,8 +33,11 @@ async def test_a_repeated_start_is_acked_as_duplicate_and_answered_only_when_sto
         subs = [await nc.subscribe(i) for i in inboxes]
 
         def start(value: int, msg_id: str, inbox: str) -> Any:
-            return js.publish(subject, orjson.dumps({"input": value, "run_id": "job-7"}),
-                              headers={MSG_ID: msg_id, REPLY_HEADER: inbox})
+            return js.publish(
+                subject,
+                orjson.dumps({"input": value, "run_id": "job-7"}),
+                headers={MSG_ID: msg_id, REPLY_HEADER: inbox},
+            )
 
         first = await start(1, "try-1", inboxes[0])
         assert not first.duplicate

@@ -50,8 +50,11 @@ def test_every_public_name_resolves_and_internals_stay_private() -> None:
     assert not [n for n in polos.__all__ if n.startswith("_")]
     assert not [n for n in polos.__all__ if getattr(polos, n, None) is None]
     # Nothing public is defined where users are told not to look.
-    private = [n for n in polos.__all__ if not getattr(getattr(polos, n), "__module__", "polos")
-               .startswith("polos")]
+    private = [
+        n
+        for n in polos.__all__
+        if not getattr(getattr(polos, n), "__module__", "polos").startswith("polos")
+    ]
     assert not private
 
 

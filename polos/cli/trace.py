@@ -42,8 +42,10 @@ def render_run(run_id: str, history: list[tuple[int, ev.Event]]) -> tuple[str, l
     t0 = history[0][1].at
     own = own_totals(history)
     end = history[-1][1].at
-    head = (f"run {run_id}  {state.workflow}  {state.status}  {_ms(end - t0)}  "
-            f"{retries_text(history)}  steps {len(state.steps)}")
+    head = (
+        f"run {run_id}  {state.workflow}  {state.status}  {_ms(end - t0)}  "
+        f"{retries_text(history)}  steps {len(state.steps)}"
+    )
     if own.llm_calls:
         head += f"  tokens {own.total_tokens}  cost ${own.cost_usd:.4f}"
     items: list[Item] = []
@@ -59,9 +61,11 @@ def render_run(run_id: str, history: list[tuple[int, ev.Event]]) -> tuple[str, l
             meta = e.meta if isinstance(e.meta, dict) else {}
             out = e.output if isinstance(e.output, dict) else {}
             usage = meta.get("usage") or {}
-            line = [f"{at}  {e.key}  llm {meta.get('model') or e.name}"
-                    f"  {e.duration_ms or 0:.1f} ms  tokens {usage.get('total_tokens', '?')}"
-                    f"  cost ${float(meta.get('cost_usd') or 0):.4f}"]
+            line = [
+                f"{at}  {e.key}  llm {meta.get('model') or e.name}"
+                f"  {e.duration_ms or 0:.1f} ms  tokens {usage.get('total_tokens', '?')}"
+                f"  cost ${float(meta.get('cost_usd') or 0):.4f}"
+            ]
             offered = [str(t) for t in meta.get("tools_offered") or []]
             choice = decision_of(out, meta)
             reason = choice.get("reason")
@@ -76,22 +80,38 @@ def render_run(run_id: str, history: list[tuple[int, ev.Event]]) -> tuple[str, l
         elif isinstance(e, ev.StepCompleted) and e.kind == "tool":
             meta = e.meta if isinstance(e.meta, dict) else {}
             status = f"ERROR {meta['error']}" if meta.get("error") else f"-> {_dumps(e.output, 80)}"
-            items.append([f"{at}  {e.key}  tool {e.name}({_dumps(meta.get('arguments'), 60)})"
-                          f"  {e.duration_ms or 0:.1f} ms  {status}"
-                          + (f"  (decision {meta['decision']})" if meta.get("decision") else "")])
+            items.append(
+                [
+                    f"{at}  {e.key}  tool {e.name}({_dumps(meta.get('arguments'), 60)})"
+                    f"  {e.duration_ms or 0:.1f} ms  {status}"
+                    + (f"  (decision {meta['decision']})" if meta.get("decision") else "")
+                ]
+            )
         elif isinstance(e, ev.StepCompleted):
             took = f"  {e.duration_ms:.1f} ms" if e.duration_ms is not None else ""
             tries = f"  after {e.attempts} attempts" if e.attempts > 1 else ""
             items.append([f"{at}  {e.key}  {e.kind}{took}{tries} -> {_dumps(e.output, 80)}"])
         elif isinstance(e, ev.StepAttemptFailed):
-            items.append([f"{at}  {e.key}  attempt {e.attempt} failed: "
-                          f"{e.error.get('type')}: {e.error.get('message')}"])
+            items.append(
+                [
+                    f"{at}  {e.key}  attempt {e.attempt} failed: "
+                    f"{e.error.get('type')}: {e.error.get('message')}"
+                ]
+            )
         elif isinstance(e, ev.StepFailed):
-            items.append([f"{at}  {e.key}  FAILED after {e.attempts} attempts: "
-                          f"{e.error.get('type')}: {e.error.get('message')}"])
+            items.append(
+                [
+                    f"{at}  {e.key}  FAILED after {e.attempts} attempts: "
+                    f"{e.error.get('type')}: {e.error.get('message')}"
+                ]
+            )
         elif isinstance(e, ev.RunSuspended):
             suspended_at[e.step] = e.at
-            what = f"topic {e.topic}" if e.topic else (f"data {_dumps(e.data, 60)}" if e.data is not None else "")
+            what = (
+                f"topic {e.topic}"
+                if e.topic
+                else (f"data {_dumps(e.data, 60)}" if e.data is not None else "")
+            )
             items.append([f"{at}  wait {e.kind} {e.step!r} {what}".rstrip()])
         elif isinstance(e, ev.RunWoken):
             waited = e.at - suspended_at.get(e.step, e.at)
@@ -154,8 +174,10 @@ async def trace_tree(
             drawn.append([item[0], *("   " + extra for extra in item[1:])])
     if totals.llm_calls > own.llm_calls:
         runs = "1 child run" if under == 1 else f"{under} child runs"
-        head += (f"  total with {runs}: {totals.llm_calls} llm calls  "
-                 f"tokens {totals.total_tokens}  cost ${totals.cost_usd:.4f}")
+        head += (
+            f"  total with {runs}: {totals.llm_calls} llm calls  "
+            f"tokens {totals.total_tokens}  cost ${totals.cost_usd:.4f}"
+        )
     return draw(head, drawn), totals
 
 
@@ -169,7 +191,9 @@ def _add_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_id")
 
 
-@command("trace", "a run as a tree: steps, decisions, tool calls, waits, child runs, cost")(_add_trace)
+@command("trace", "a run as a tree: steps, decisions, tool calls, waits, child runs, cost")(
+    _add_trace
+)
 async def cmd_trace(args: argparse.Namespace) -> int:
     settings = settings_for(args, role="service")  # reads every stream of the namespace
     nc = await connect(settings, name="polos-trace")
@@ -185,5 +209,3 @@ async def cmd_trace(args: argparse.Namespace) -> int:
         return 1
     print(output.lines(lines, highlights=TIMELINE_STYLES))
     return 0
-
-

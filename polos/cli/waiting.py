@@ -99,8 +99,13 @@ async def cmd_schedules(args: argparse.Namespace) -> int:
         if args.action == "create":
             if not (args.key and args.workflow and args.cron):
                 raise ValueError("schedules create KEY --workflow NAME --cron SPEC")
-            await client.create_schedule(args.key, args.workflow, args.cron,
-                                         timezone=args.timezone, input=_json_arg(args.input))
+            await client.create_schedule(
+                args.key,
+                args.workflow,
+                args.cron,
+                timezone=args.timezone,
+                input=_json_arg(args.input),
+            )
             print(f"schedule {args.key!r} created")
             return 0
         if args.action == "delete":
@@ -118,7 +123,9 @@ async def cmd_schedules(args: argparse.Namespace) -> int:
     if not docs:
         print("no schedules")
         return 0
-    rows = [[d["key"], d["workflow"], d["cron"], d.get("timezone") or "UTC", ts(d.get("created_at"))]
-            for d in docs]
+    rows = [
+        [d["key"], d["workflow"], d["cron"], d.get("timezone") or "UTC", ts(d.get("created_at"))]
+        for d in docs
+    ]
     print(table(rows, ["KEY", "WORKFLOW", "CRON", "TIMEZONE", "CREATED"]))
     return 0

@@ -142,7 +142,11 @@ class Admission:
         queue_name: str | None
         key: str | None
         if requested is not None:
-            queue_name, key, workflow = requested.queue, requested.concurrency_key, requested.workflow
+            queue_name, key, workflow = (
+                requested.queue,
+                requested.concurrency_key,
+                requested.workflow,
+            )
         else:
             entry = self.orch.index.cached(run_id)
             if entry is not None and entry.get("workflow"):
@@ -154,8 +158,9 @@ class Admission:
                 r = next((e for _, e in history if isinstance(e, ev.RunRequested)), None)
                 if r is None:
                     return None, limits.DEFAULT_KEY, workflow or ""
-                admitted = next((e.queue for _, e in reversed(history)
-                                 if isinstance(e, ev.RunAdmitted)), None)
+                admitted = next(
+                    (e.queue for _, e in reversed(history) if isinstance(e, ev.RunAdmitted)), None
+                )
                 queue_name, key, workflow = admitted or r.queue, r.concurrency_key, r.workflow
         assert workflow is not None
         if not queue_name:
@@ -216,9 +221,7 @@ class Admission:
             if shared
             else self.names.admit_subject(queue.name, ktok)
         )
-        msgs = await read_subject(
-            self.orch.nc, self.names.admit_stream, subject, limit=1
-        )
+        msgs = await read_subject(self.orch.nc, self.names.admit_stream, subject, limit=1)
         return bool(msgs)
 
     async def _rate_ok(self, queue: Queue) -> bool:
@@ -237,11 +240,24 @@ class Admission:
         # ``queue`` and ``adm`` say the run was admitted under that queue: a worker whose
         # workflow declares a limited queue executes nothing else (``limits.admission_needed``).
         task = encode_task(run_id, workflow, queue=queue, slots=slots, adm=adm, lease=self.lease)
-        return await publish_task(self.orch.nc, self.names, run_id, workflow, cause_seq, task,
-                                  timeout=self.settings.request_timeout)
+        return await publish_task(
+            self.orch.nc,
+            self.names,
+            run_id,
+            workflow,
+            cause_seq,
+            task,
+            timeout=self.settings.request_timeout,
+        )
 
     async def _park(
-        self, run_id: str, workflow: str, queue: Queue, key: str, cause_seq: int, reason: ev.WaitKind
+        self,
+        run_id: str,
+        workflow: str,
+        queue: Queue,
+        key: str,
+        cause_seq: int,
+        reason: ev.WaitKind,
     ) -> None:
         """Record that the run waits for admission; the control hook queues it."""
         event = ev.RunSuspended(
@@ -254,7 +270,11 @@ class Admission:
         for _ in range(5):
             try:
                 await append(
-                    self.orch.js, self.names, run_id, event, expected_last_seq=expected,
+                    self.orch.js,
+                    self.names,
+                    run_id,
+                    event,
+                    expected_last_seq=expected,
                     msg_id=f"{run_id}/w/{expected}",
                 )
                 self.waits += 1
@@ -272,8 +292,11 @@ class Admission:
         """Queue waiting runs, repair admissions, give slots back."""
         if isinstance(event, ev.RunAdmitted):
             await self._repair_admitted(run_id, seq, event)
-        elif isinstance(event, ev.RunSuspended) and event.kind in WAIT_KINDS \
-                and event.step == "admission":
+        elif (
+            isinstance(event, ev.RunSuspended)
+            and event.kind in WAIT_KINDS
+            and event.step == "admission"
+        ):
             # A run in line holds no slot: one taken for it before (a dispatch of the same
             # cause that was retried or repeated, then parked) would otherwise stay taken, with
             # the run waiting behind it, until its lease ran out.
@@ -298,7 +321,11 @@ class Admission:
 
     async def _enqueue(self, run_id: str, seq: int, event: ev.RunSuspended) -> None:
         data = event.data if isinstance(event.data, dict) else {}
-        queue_name, key, workflow = data.get("queue"), data.get("concurrency_key"), data.get("workflow")
+        queue_name, key, workflow = (
+            data.get("queue"),
+            data.get("concurrency_key"),
+            data.get("workflow"),
+        )
         if not (queue_name and workflow):
             queue, key, workflow = await self.resolve(run_id, None, None)
             if queue is None:
@@ -311,14 +338,21 @@ class Admission:
             # instance has cached about the workflow and its queue is out of date.
             self.config.forget(workflow=str(workflow), queue=str(queue_name))
         key = key or limits.DEFAULT_KEY
-        body = {"run_id": run_id, "workflow": workflow, "queue": queue_name, "key": key,
-                "wait_seq": seq, "at": event.at}
+        body = {
+            "run_id": run_id,
+            "workflow": workflow,
+            "queue": queue_name,
+            "key": key,
+            "wait_seq": seq,
+            "at": event.at,
+        }
         subject = self.names.admit_subject(str(queue_name), limits.token(key))
         payload, headers = orjson.dumps(body), {MSG_ID: f"{run_id}/q/{seq}"}
         timeout = self.settings.request_timeout
         await retry_transient(
             lambda _: publish(self.orch.nc, subject, payload, headers=headers, timeout=timeout),
-            timeout=timeout, what=f"admission entry of run {run_id}",
+            timeout=timeout,
+            what=f"admission entry of run {run_id}",
         )
         self.kick(str(queue_name))
 
@@ -352,8 +386,9 @@ class Admission:
             # others retry shortly, so a kick they received is never lost; if the holder dies,
             # its lock runs out after lock_ttl (a third of the slot lease, 1 to 5 s).
             lock = f"lock.{queue}"
-            rev = await self.store.put(lock, {"by": self.id, "at": time.time()}, expected=0,
-                                       ttl=self.lock_ttl)
+            rev = await self.store.put(
+                lock, {"by": self.id, "at": time.time()}, expected=0, ttl=self.lock_ttl
+            )
             if rev is None:
                 self.lock_busy += 1
                 self._later(queue, self.LOCK_RETRY)
@@ -374,16 +409,19 @@ class Admission:
         rev = self._lock_rev.get(queue)
         if rev is None:
             return
-        new = await self.store.put(f"lock.{queue}", {"by": self.id, "at": time.time()},
-                                   expected=rev, ttl=self.lock_ttl)
+        new = await self.store.put(
+            f"lock.{queue}", {"by": self.id, "at": time.time()}, expected=rev, ttl=self.lock_ttl
+        )
         if new is not None:
             self._lock_rev[queue] = new
 
     async def admission_pass(self, queue_name: str) -> int:
         """Admit as many waiting runs of the queue as slots and rate allow. Returns how many."""
         msgs = await read_subject(
-            self.orch.nc, self.names.admit_stream,
-            self.names.admit_filter(queue_name), limit=5000,
+            self.orch.nc,
+            self.names.admit_stream,
+            self.names.admit_filter(queue_name),
+            limit=5000,
         )
         if not msgs:
             return 0
@@ -397,9 +435,14 @@ class Admission:
             try:
                 entry = orjson.loads(m.data)
             except orjson.JSONDecodeError:
-                await dead_letter(self.orch.js, self.names, source="admit",
-                                      reason="malformed admission entry", subject=m.subject,
-                                      data=m.data)
+                await dead_letter(
+                    self.orch.js,
+                    self.names,
+                    source="admit",
+                    reason="malformed admission entry",
+                    subject=m.subject,
+                    data=m.data,
+                )
                 await self._drop_entry(m.seq)
                 continue
             groups.setdefault(m.subject.split(".")[-1], deque()).append((m.seq, entry))
@@ -450,9 +493,13 @@ class Admission:
                 await self.store.release_keys(slots, run_id)
                 return "rate"
         event = ev.RunAdmitted(
-            run_id=run_id, step="admission", reason="admitted",
-            queue=str(entry.get("queue")), concurrency_key=None if key == limits.DEFAULT_KEY else key,
-            slots=slots, lease=self.lease,
+            run_id=run_id,
+            step="admission",
+            reason="admitted",
+            queue=str(entry.get("queue")),
+            concurrency_key=None if key == limits.DEFAULT_KEY else key,
+            slots=slots,
+            lease=self.lease,
         )
         try:
             seq = await self._append_fenced(run_id, event, wait_seq, f"{run_id}/adm/{wait_seq}")
@@ -468,20 +515,24 @@ class Admission:
         return "admitted"
 
     async def _admit_unlimited(self, run_id: str, workflow: str, wait_seq: int, queue: str) -> None:
-        event = ev.RunAdmitted(run_id=run_id, step="admission", reason="admitted", queue=queue,
-                               lease=self.lease)
+        event = ev.RunAdmitted(
+            run_id=run_id, step="admission", reason="admitted", queue=queue, lease=self.lease
+        )
         with contextlib.suppress(FencedOut):
             seq = await self._append_fenced(run_id, event, wait_seq, f"{run_id}/adm/{wait_seq}")
             await self._publish_task(run_id, workflow, seq, [], wait_seq, queue)
 
-    async def _append_fenced(
-        self, run_id: str, event: ev.Event, expected: int, msg_id: str
-    ) -> int:
+    async def _append_fenced(self, run_id: str, event: ev.Event, expected: int, msg_id: str) -> int:
         """Append through the retrying write path: the sequence when this very append is
         stored (a retry after a lost answer included), ``FencedOut`` when anything else is
         (another instance's admission of the run, a cancel)."""
         return await append(
-            self.orch.js, self.names, run_id, event, expected_last_seq=expected, msg_id=msg_id,
+            self.orch.js,
+            self.names,
+            run_id,
+            event,
+            expected_last_seq=expected,
+            msg_id=msg_id,
             timeout=self.settings.request_timeout,
         )
 
@@ -504,12 +555,18 @@ class Admission:
                 )
             except Exception:
                 continue
-            for subj in (info.state.subjects or {}):
+            for subj in info.state.subjects or {}:
                 self.kick(subj.split(".")[2])
 
     def stats(self) -> dict[str, Any]:
-        return {"fast_admits": self.fast_admits, "waits": self.waits, "admitted": self.admitted,
-                "lost_races": self.lost_races, "lock_busy": self.lock_busy, "at": time.time()}
+        return {
+            "fast_admits": self.fast_admits,
+            "waits": self.waits,
+            "admitted": self.admitted,
+            "lost_races": self.lost_races,
+            "lock_busy": self.lock_busy,
+            "at": time.time(),
+        }
 
 
 __all__ = ["Admission"]

@@ -103,7 +103,9 @@ class RunIndex:
             else:
                 current, revision = {**cached[0]}, cached[1]
             stale = current is not None and current.get("seq", 0) >= seq
-            if stale and not (isinstance(event, ev.RunRequested) and "workflow" not in (current or {})):
+            if stale and not (
+                isinstance(event, ev.RunRequested) and "workflow" not in (current or {})
+            ):
                 return
             new = fold_index(current or {"run_id": run_id}, seq, event, stale=stale)
             try:

@@ -52,7 +52,6 @@ from .waiting import Waiting
 log = logging.getLogger("polos.orchestrator")
 
 
-
 # How many task ids the orchestrator remembers having dispatched (see Orchestrator.dispatched).
 _DISPATCHED_KEPT = 10_000
 
@@ -91,8 +90,9 @@ class Orchestrator:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._loops: list[PullLoop] = []
-        self.index = RunIndex(self.names, cache_size=index_cache,
-                              timeout=self.settings.request_timeout)
+        self.index = RunIndex(
+            self.names, cache_size=index_cache, timeout=self.settings.request_timeout
+        )
         self.commands_handled = 0
         self.dead_lettered = 0
         # Tasks this process has put out, by message id: the control hook's repeat of a wake's
@@ -136,11 +136,17 @@ class Orchestrator:
         await ensure_topology(self._js, self.names, self.settings)
         await self.index.open(self._nc, self._js)
         await ensure_consumer(
-            self._js, self.names.cmd_stream, "orchestrator_cmd", self.names.cmd_filter,
+            self._js,
+            self.names.cmd_stream,
+            "orchestrator_cmd",
+            self.names.cmd_filter,
             ack_wait=self.settings.service_ack_wait,
         )
         await ensure_consumer(
-            self._js, self.names.runs_stream, "orchestrator_ctl", self.names.ctl_filter,
+            self._js,
+            self.names.runs_stream,
+            "orchestrator_ctl",
+            self.names.ctl_filter,
             ack_wait=self.settings.service_ack_wait,
         )
         # Before the loops: queues with limits admit from the first command on.
@@ -208,7 +214,9 @@ class Orchestrator:
                     )
                 body = await handler(msg, tokens[3:])
         except RunNotYetKnown as err:
-            if msg.metadata.num_delivered < _NOT_YET_RETRIES and await self._older_commands_pending(msg):
+            if msg.metadata.num_delivered < _NOT_YET_RETRIES and await self._older_commands_pending(
+                msg
+            ):
                 await msg.nak(delay=0.05)
                 return
             await self._reject(msg, err)
@@ -226,7 +234,9 @@ class Orchestrator:
             delivered = msg.metadata.num_delivered if msg.reply else 1
             unavailable = is_transient(exc) or isinstance(exc, AppendUnavailable)
             if delivered >= (_UNAVAILABLE_RETRIES if unavailable else 5):
-                await self._reject(msg, CommandError(f"processing failed {delivered} times: {exc!r}"))
+                await self._reject(
+                    msg, CommandError(f"processing failed {delivered} times: {exc!r}")
+                )
                 await msg.ack()
             else:
                 log.exception("command on %s failed; will retry", msg.subject)
@@ -261,9 +271,7 @@ class Orchestrator:
             key = hdrs.get(MSG_ID) or f"seq/{msg.metadata.sequence.stream}"
             run_id = derive_run_id(self.names.prefix, key)
         elif not isinstance(run_id, str) or not valid_token(run_id):
-            raise CommandError(
-                "run_id must be 1-128 letters, digits, '_' or '-'", field="run_id"
-            )
+            raise CommandError("run_id must be 1-128 letters, digits, '_' or '-'", field="run_id")
         for name in ("queue", "concurrency_key"):
             if body.get(name) is not None and not isinstance(body[name], str):
                 raise CommandError(f"{name} must be a string", field=name)
@@ -318,8 +326,13 @@ class Orchestrator:
                 )
             return answer
         if hold is not None and await hold():
-            return {"ok": True, "run_id": run_id, "existing": False, "status": "queued",
-                    "held": True}
+            return {
+                "ok": True,
+                "run_id": run_id,
+                "existing": False,
+                "status": "queued",
+                "held": True,
+            }
         await self.dispatch(run_id, event.workflow, seq, requested=event, fresh=True)
         return {"ok": True, "run_id": run_id, "existing": False, "status": "queued"}
 
@@ -348,16 +361,19 @@ class Orchestrator:
         bytes, and the worker claims fenced on ``cause_seq`` without reading, as for a new run
         (``store.task``).
         """
-        if await self.admission.route(
-            run_id, workflow, cause_seq, requested
-        ):
+        if await self.admission.route(run_id, workflow, cause_seq, requested):
             self._note_dispatched(run_id, cause_seq)
             return
         if fresh and requested is not None:
             history = [(cause_seq, ev.encode(requested))]
         carried = history if history and history[-1][0] == cause_seq else None
         await publish_task(
-            self.nc, self.names, run_id, workflow, cause_seq, encode_task(run_id, workflow, history=carried),
+            self.nc,
+            self.names,
+            run_id,
+            workflow,
+            cause_seq,
+            encode_task(run_id, workflow, history=carried),
             timeout=self.settings.request_timeout,
         )
         self._note_dispatched(run_id, cause_seq)
@@ -378,7 +394,11 @@ class Orchestrator:
             event = ev.decode(msg.data)
         except ev.EventDecodeError as exc:
             await dead_letter(
-                self.js, self.names, source="ctl", reason=str(exc), subject=msg.subject,
+                self.js,
+                self.names,
+                source="ctl",
+                reason=str(exc),
+                subject=msg.subject,
                 data=msg.data,
             )
             await msg.ack()
@@ -390,8 +410,9 @@ class Orchestrator:
             for feature in self.features:
                 await feature.on_control(run_id, seq, event)
         except Exception:
-            log.exception("control event %s of run %s failed; will retry", type(event).__name__, run_id)
+            log.exception(
+                "control event %s of run %s failed; will retry", type(event).__name__, run_id
+            )
             await msg.nak(delay=0.5)
             return
         await msg.ack()
-

@@ -143,7 +143,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     unknown = sorted(set(body) - RESUME_FIELDS)
     if unknown:
         raise CommandError(
-            f"unknown field(s) {', '.join(unknown)}; a resume is {{\"data\": <any JSON>}} or, "
+            f'unknown field(s) {", ".join(unknown)}; a resume is {{"data": <any JSON>}} or, '
             'for data too big for a message, {"data_ref": "<run_id>/<object>"}',
             field=unknown[0],
         )
@@ -155,12 +155,16 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     for _ in range(10):
         state, bodies = await load_run(orch.nc, orch.names, run_id)
         if state.requested is None:
-            raise RunNotYetKnown(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
+            raise RunNotYetKnown(
+                f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id"
+            )
         done = state.steps.get(key)
         if done is not None:
             out = done.output if isinstance(done, ev.StepCompleted) else None
             if done.kind != "suspend":
-                raise CommandError(f"run {run_id}: step {key!r} is a {done.kind} step, not a suspend", field="key")
+                raise CommandError(
+                    f"run {run_id}: step {key!r} is a {done.kind} step, not a suspend", field="key"
+                )
             if isinstance(out, dict) and out.get("seq") == seq:
                 return {**answer, "status": "resumed"}  # this very command, redelivered
             if isinstance(out, dict) and out.get("timeout"):
@@ -181,9 +185,16 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
                     f"run {run_id} waits at {key!r} for a {sus.kind}, not for a resume", field="key"
                 )
             woke = await wake(
-                orch.js, orch.names, run_id, key,
-                expected_seq=state.last_seq, reason="resumed", cause=f"r{seq}", kind="suspend",
-                output={"data": data, "seq": seq, "at": time.time()}, workflow=state.workflow,
+                orch.js,
+                orch.names,
+                run_id,
+                key,
+                expected_seq=state.last_seq,
+                reason="resumed",
+                cause=f"r{seq}",
+                kind="suspend",
+                output={"data": data, "seq": seq, "at": time.time()},
+                workflow=state.workflow,
             )
             if woke is None:
                 continue  # the history moved (a timeout, a cancel, another resume): look again
@@ -212,12 +223,16 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
 
 async def on_cancel(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
     if len(tokens) != 1 or not valid_token(tokens[0]):
-        raise CommandError(f"a cancel goes to {orch.names.prefix}.cmd.cancel.<run_id>, got {msg.subject!r}")
+        raise CommandError(
+            f"a cancel goes to {orch.names.prefix}.cmd.cancel.<run_id>, got {msg.subject!r}"
+        )
     run_id = tokens[0]
     body = parse_object(msg)
     unknown = sorted(set(body) - CANCEL_FIELDS)
     if unknown:
-        raise CommandError(f"unknown field(s) {', '.join(unknown)}; a cancel takes reason", field=unknown[0])
+        raise CommandError(
+            f"unknown field(s) {', '.join(unknown)}; a cancel takes reason", field=unknown[0]
+        )
     reason = body.get("reason")
     if reason is not None and not isinstance(reason, str):
         raise CommandError("reason must be a string", field="reason")
@@ -225,8 +240,10 @@ async def on_cancel(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     status = await cancel_run(orch, run_id, reason, cascade=cascade)
     answer = {"ok": True, "run_id": run_id, "status": status}
     if status == "pending":
-        answer["message"] = (f"run {run_id} is not created yet; it is cancelled as it is "
-                             "created, since its parent is cancelled")
+        answer["message"] = (
+            f"run {run_id} is not created yet; it is cancelled as it is "
+            "created, since its parent is cancelled"
+        )
     return answer
 
 
@@ -240,15 +257,21 @@ async def cancel_run(orch: Orchestrator, run_id: str, reason: str | None, *, cas
         if state.requested is None:
             if cascade:
                 return "pending"
-            raise RunNotYetKnown(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
+            raise RunNotYetKnown(
+                f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id"
+            )
         if state.done:
             if cascade:
                 return state.status
             raise CommandError(f"run {run_id} is already {state.status}; nothing to cancel")
         try:
             await append(
-                orch.js, orch.names, run_id, ev.RunCancelled(run_id=run_id, reason=reason),
-                expected_last_seq=state.last_seq, msg_id=f"{run_id}/cancel",
+                orch.js,
+                orch.names,
+                run_id,
+                ev.RunCancelled(run_id=run_id, reason=reason),
+                expected_last_seq=state.last_seq,
+                msg_id=f"{run_id}/cancel",
             )
         except FencedOut:
             await asyncio.sleep(0.01)
@@ -361,18 +384,27 @@ async def _children_outcome(orch: Orchestrator, children: list[str]) -> list[dic
         if status not in ev.TERMINAL:
             return None
     states = await asyncio.gather(
-        *(load_state(orch.nc, orch.names, c, kinds=CTL) for c in children))
+        *(load_state(orch.nc, orch.names, c, kinds=CTL) for c in children)
+    )
     if any(not s.done for s in states):
         return None
     return [
-        {"run_id": s.run_id, "workflow": s.workflow, "status": s.status, "output": s.output,
-         "error": s.error}
+        {
+            "run_id": s.run_id,
+            "workflow": s.workflow,
+            "status": s.status,
+            "output": s.output,
+            "error": s.error,
+        }
         for s in states
     ]
 
 
 async def _wake_parent(
-    orch: Orchestrator, state: ev.RunState, seq: int, sus: ev.RunSuspended,
+    orch: Orchestrator,
+    state: ev.RunState,
+    seq: int,
+    sus: ev.RunSuspended,
     bodies: list[tuple[int, bytes]] | None = None,
 ) -> None:
     """``bodies``: the parent's stored history up to ``seq``, when the caller read it all."""
@@ -380,8 +412,16 @@ async def _wake_parent(
     if results is None:
         return
     woke = await wake(
-        orch.js, orch.names, state.run_id, sus.step, expected_seq=seq, reason="children ended",
-        cause="children", kind="child", output={"children": results}, workflow=state.workflow,
+        orch.js,
+        orch.names,
+        state.run_id,
+        sus.step,
+        expected_seq=seq,
+        reason="children ended",
+        cause="children",
+        kind="child",
+        output={"children": results},
+        workflow=state.workflow,
     )
     if woke is not None:
         await _dispatch_woken(
@@ -401,8 +441,14 @@ def _wait_key(topic: str, run_id: str) -> str:
 
 
 async def _wake_event_waiter(
-    orch: Orchestrator, run_id: str, step: str, seq: int, topic: str, cursor: int,
-    since: float | None, workflow: str | None,
+    orch: Orchestrator,
+    run_id: str,
+    step: str,
+    seq: int,
+    topic: str,
+    cursor: int,
+    since: float | None,
+    workflow: str | None,
 ) -> bool | None:
     """Wake a run waiting on ``topic`` with the first event after its cursor. True: woken;
     False: no event yet; None: the wait is stale (the run moved on)."""
@@ -410,8 +456,16 @@ async def _wake_event_waiter(
     if found is None:
         return False
     woke = await wake(
-        orch.js, orch.names, run_id, step, expected_seq=seq, reason=f"event {topic}",
-        cause=f"e{found['seq']}", kind="event", output=found, workflow=workflow,
+        orch.js,
+        orch.names,
+        run_id,
+        step,
+        expected_seq=seq,
+        reason=f"event {topic}",
+        cause=f"e{found['seq']}",
+        kind="event",
+        output=found,
+        workflow=workflow,
     )
     if woke is None:
         return None
@@ -429,10 +483,16 @@ class EventRouter:
     async def start(self) -> None:
         o = self.orch
         durable = "orchestrator_events"
-        await ensure_consumer(o.js, o.names.events_stream, durable,
-                                  f"{o.names.prefix}.event.>", ack_wait=o.settings.service_ack_wait)
-        self.loop = PullLoop(o.nc, o.names.events_stream, durable, self.on_event,
-                                 capacity=64, name=durable)
+        await ensure_consumer(
+            o.js,
+            o.names.events_stream,
+            durable,
+            f"{o.names.prefix}.event.>",
+            ack_wait=o.settings.service_ack_wait,
+        )
+        self.loop = PullLoop(
+            o.nc, o.names.events_stream, durable, self.on_event, capacity=64, name=durable
+        )
         self.loop.start()
 
     async def stop(self) -> None:
@@ -445,9 +505,15 @@ class EventRouter:
             topic = topic_from_subject(o.names, msg.subject)
             data = await payloads.event_value(o.js, o.names, msg.headers, msg.data)
         except (ValueError, payloads.PayloadMissingError) as exc:  # JSONDecodeError included
-            await dead_letter(o.js, o.names, source="event", reason=f"malformed event: {exc}",
-                                  subject=msg.subject, data=msg.data,
-                                  headers=dict(msg.headers or {}))
+            await dead_letter(
+                o.js,
+                o.names,
+                source="event",
+                reason=f"malformed event: {exc}",
+                subject=msg.subject,
+                data=msg.data,
+                headers=dict(msg.headers or {}),
+            )
             await msg.ack()
             return
         seq = msg.metadata.sequence.stream
@@ -469,8 +535,14 @@ class EventRouter:
             if int(w.get("cursor") or 0) >= seq:
                 continue
             outcome = await _wake_event_waiter(
-                o, w["run_id"], w["step"], int(w["seq"]), topic, int(w.get("cursor") or 0),
-                w.get("since"), w.get("workflow"),
+                o,
+                w["run_id"],
+                w["step"],
+                int(w["seq"]),
+                topic,
+                int(w.get("cursor") or 0),
+                w.get("since"),
+                w.get("workflow"),
             )
             if outcome is not False:
                 with contextlib.suppress(Exception):
@@ -488,8 +560,12 @@ class EventRouter:
                 # One run per (workflow, event), however often the event is delivered.
                 run_id=derive_run_id(o.names.prefix, f"event/{name}/{seq}"),
                 workflow=name,
-                input={"topic": topic, "data": data, "seq": seq,
-                       "time": meta.timestamp.timestamp() if meta.timestamp else time.time()},
+                input={
+                    "topic": topic,
+                    "data": data,
+                    "seq": seq,
+                    "time": meta.timestamp.timestamp() if meta.timestamp else time.time(),
+                },
                 source="event",
             )
             await o.request_run(event)
@@ -526,8 +602,12 @@ async def _child_ended(orch: Orchestrator, run_id: str) -> None:
         return
     parent, bodies = await load_run(orch.nc, orch.names, req.parent_run_id)
     sus = parent.suspended
-    if (parent.status == "suspended" and sus is not None and sus.kind == "child"
-            and run_id in (sus.children or [])):
+    if (
+        parent.status == "suspended"
+        and sus is not None
+        and sus.kind == "child"
+        and run_id in (sus.children or [])
+    ):
         await _wake_parent(orch, parent, parent.last_seq, sus, bodies)
 
 
@@ -536,26 +616,47 @@ async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.Run
     due = event.wake_at if event.kind in ("sleep", "retry", "rate") else event.timeout_at
     if due is not None:
         await schedule_timer(
-            orch.js, orch.names, run_id, seq, due,
+            orch.js,
+            orch.names,
+            run_id,
+            seq,
+            due,
             {"kind": "wake", "step": event.step, "wait_kind": event.kind, "workflow": workflow},
         )
     if event.kind == "suspend":
         first = await _first_resume(orch, run_id, event.step)
         if first is not None:
             woke = await wake(
-                orch.js, orch.names, run_id, event.step, expected_seq=seq, reason="resumed",
-                cause=f"r{first[0]}", kind="suspend",
-                output={"data": first[1], "seq": first[0], "at": time.time()}, workflow=workflow,
+                orch.js,
+                orch.names,
+                run_id,
+                event.step,
+                expected_seq=seq,
+                reason="resumed",
+                cause=f"r{first[0]}",
+                kind="suspend",
+                output={"data": first[1], "seq": first[0], "at": time.time()},
+                workflow=workflow,
             )
             if woke is not None:
                 await _dispatch_woken(orch, run_id, workflow, woke.seq)
     elif event.kind == "event" and event.topic:
         kv = await _waits(orch)
         key = _wait_key(event.topic, run_id)
-        rev = await kv.put(key, orjson.dumps({
-            "run_id": run_id, "step": event.step, "seq": seq, "topic": event.topic,
-            "cursor": event.cursor or 0, "since": event.since, "workflow": workflow,
-        }))
+        rev = await kv.put(
+            key,
+            orjson.dumps(
+                {
+                    "run_id": run_id,
+                    "step": event.step,
+                    "seq": seq,
+                    "topic": event.topic,
+                    "cursor": event.cursor or 0,
+                    "since": event.since,
+                    "workflow": workflow,
+                }
+            ),
+        )
         # After the put: an event stored from here on finds the waiter; one stored before is
         # found by this read.
         outcome = await _wake_event_waiter(

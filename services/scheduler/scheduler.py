@@ -86,14 +86,15 @@ class Scheduler:
         return self._nc
 
     async def start(self) -> None:
-        self._nc = await connect_service(
-            self.settings, name="polos-scheduler", on_fatal=self.fatal
-        )
+        self._nc = await connect_service(self.settings, name="polos-scheduler", on_fatal=self.fatal)
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
         # The whole namespace's topology, not just the timers: a service creates it at start.
         await ensure_topology(self._js, self.names, self.settings)
         await ensure_consumer(
-            self._js, self.names.timers_stream, DURABLE, f"{self.names.prefix}.timer.fire.>",
+            self._js,
+            self.names.timers_stream,
+            DURABLE,
+            f"{self.names.prefix}.timer.fire.>",
             ack_wait=self.settings.service_ack_wait,
         )
         self._loop = PullLoop(
@@ -125,25 +126,41 @@ class Scheduler:
             body = orjson.loads(msg.data)
             kind = body["kind"]
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            await dead_letter(self.js, self.names, source="timer", reason=f"malformed timer: {exc}",
-                                  subject=msg.subject, data=msg.data)
+            await dead_letter(
+                self.js,
+                self.names,
+                source="timer",
+                reason=f"malformed timer: {exc}",
+                subject=msg.subject,
+                data=msg.data,
+            )
             await self._done(msg)
             return
         self.fired += 1
         try:
             if kind == "wake" and body.get("wait_kind") not in _TIMED_WAITS:
-                await dead_letter(self.js, self.names, source="timer",
-                                  reason=f"unknown wait kind {body.get('wait_kind')!r}; a timer "
-                                  f"wakes {', '.join(_TIMED_WAITS)}", subject=msg.subject,
-                                  data=msg.data)
+                await dead_letter(
+                    self.js,
+                    self.names,
+                    source="timer",
+                    reason=f"unknown wait kind {body.get('wait_kind')!r}; a timer "
+                    f"wakes {', '.join(_TIMED_WAITS)}",
+                    subject=msg.subject,
+                    data=msg.data,
+                )
             elif kind == "wake":
                 await self._wake(body)
             elif kind == "cron":
                 await self._cron(body, msg)
             else:
-                await dead_letter(self.js, self.names, source="timer",
-                                      reason=f"unknown timer kind {kind!r}", subject=msg.subject,
-                                      data=msg.data)
+                await dead_letter(
+                    self.js,
+                    self.names,
+                    source="timer",
+                    reason=f"unknown timer kind {kind!r}",
+                    subject=msg.subject,
+                    data=msg.data,
+                )
         except Exception:
             log.exception("timer on %s failed; will retry", msg.subject)
             await msg.nak(delay=0.5)
@@ -179,8 +196,16 @@ class Scheduler:
         else:
             raise AssertionError(wait_kind)  # refused by _on_fire
         woke = await wake(
-            self.js, self.names, run_id, step, expected_seq=seq, reason=reason, cause="timer",
-            kind=kind, output=output, workflow=body.get("workflow"),
+            self.js,
+            self.names,
+            run_id,
+            step,
+            expected_seq=seq,
+            reason=reason,
+            cause="timer",
+            kind=kind,
+            output=output,
+            workflow=body.get("workflow"),
         )
         if woke is None:
             self.stale += 1  # resumed, cancelled or woken by another instance first
@@ -225,8 +250,9 @@ class Scheduler:
         if not spec or not name:
             return
         key = f"wf-{name}"
-        current = await last_for_subject(self.nc, self.names.timers_stream,
-                                             self.names.cron_subject(key))
+        current = await last_for_subject(
+            self.nc, self.names.timers_stream, self.names.cron_subject(key)
+        )
         if current is not None and current.data:  # empty: a deleted schedule's tombstone
             old = orjson.loads(current.data)
             if old.get("cron") == spec and old.get("timezone") == doc.get("timezone"):
@@ -234,8 +260,14 @@ class Scheduler:
         try:
             await put_schedule(self.js, self.names, key, name, spec, timezone=doc.get("timezone"))
         except ValueError as exc:
-            await dead_letter(self.js, self.names, source="schedule", reason=str(exc),
-                                  subject=self.names.cron_subject(key), data=orjson.dumps(doc))
+            await dead_letter(
+                self.js,
+                self.names,
+                source="schedule",
+                reason=str(exc),
+                subject=self.names.cron_subject(key),
+                data=orjson.dumps(doc),
+            )
 
 
 __all__ = ["Scheduler"]

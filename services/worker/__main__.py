@@ -25,9 +25,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        asyncio.run(serve_module(args.module, settings_for(args, role="worker"),
-                                 max_concurrent_runs=args.max_concurrent_runs,
-                                 worker_id=args.worker_id, dev_llm=args.dev_llm))
+        asyncio.run(
+            serve_module(
+                args.module,
+                settings_for(args, role="worker"),
+                max_concurrent_runs=args.max_concurrent_runs,
+                worker_id=args.worker_id,
+                dev_llm=args.dev_llm,
+            )
+        )
         code = 0
     except KeyboardInterrupt:
         code = 130

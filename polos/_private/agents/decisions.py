@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-
     pass
 
 
@@ -40,7 +39,9 @@ def decision_of(output: Any, meta: Any) -> dict[str, Any]:
     """The decision record of a recorded llm step (rebuilt for steps recorded before it was)."""
     if isinstance(meta, dict) and isinstance(meta.get("choice"), dict):
         return dict(meta["choice"])
-    offered = [str(t) for t in (meta.get("tools_offered") if isinstance(meta, dict) else None) or []]
+    offered = [
+        str(t) for t in (meta.get("tools_offered") if isinstance(meta, dict) else None) or []
+    ]
     return decision_record(output if isinstance(output, dict) else {}, offered)
 
 

@@ -95,7 +95,9 @@ class Usage:
         self.completion_tokens += int(usage.get("completion_tokens", 0) or 0)
         self.cached_tokens += int(usage.get("cached_tokens", 0) or 0)
         self.total_tokens += int(usage.get("total_tokens", 0) or 0)
-        self.cost_usd = None if cost is None or self.cost_usd is None else round(self.cost_usd + cost, 10)
+        self.cost_usd = (
+            None if cost is None or self.cost_usd is None else round(self.cost_usd + cost, 10)
+        )
         self.llm_calls += 1
 
 
@@ -144,7 +146,11 @@ class AgentResult(Generic[T]):
     @classmethod
     def from_json(cls, data: dict[str, Any], output_type: Any = None) -> AgentResult[Any]:
         result = data.get("result")
-        if output_type is not None and result is not None and data.get("stop_reason") == "completed":
+        if (
+            output_type is not None
+            and result is not None
+            and data.get("stop_reason") == "completed"
+        ):
             result = from_json(result, output_type)
         return cls(
             result=result,
@@ -243,7 +249,9 @@ class Agent(Generic[T]):
         self.provider = provider
         self.model = model
         self.instructions = instructions if instructions is not None else system_prompt
-        self.description = description or (self.instructions or f"the {name} agent").split("\n")[0][:200]
+        self.description = (
+            description or (self.instructions or f"the {name} agent").split("\n")[0][:200]
+        )
         self.tools = [as_tool(t) for t in tools]
         names = [t.name for t in self.tools]
         if len(set(names)) != len(names):
@@ -277,7 +285,9 @@ class Agent(Generic[T]):
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, model={self.model!r}, tools={[t.name for t in self.tools]})"
 
-    def with_input(self, input: str | list[dict[str, Any]], *, session: str | None = None) -> AgentRun:
+    def with_input(
+        self, input: str | list[dict[str, Any]], *, session: str | None = None
+    ) -> AgentRun:
         """This agent with an input (text, or OpenAI-style messages), for agent_invoke_and_wait.
 
         Agents given the same ``session`` share working memory (``memory=True``)."""
@@ -342,7 +352,9 @@ def _handoff_schema(target: Agent[Any]) -> dict[str, Any]:
 def _memory_tools(mem: SharedMemory | None) -> list[Tool]:
     async def _need() -> SharedMemory:
         if mem is None:
-            raise AgentConfigError("shared memory needs a NATS connection (run the agent in a workflow)")
+            raise AgentConfigError(
+                "shared memory needs a NATS connection (run the agent in a workflow)"
+            )
         return mem
 
     async def memory_get(key: str) -> Any:
@@ -465,7 +477,15 @@ class _Loop:
                     seq += 1
                     await nc.publish(
                         subject,
-                        orjson.dumps({"run_id": runner.run_id, "step": step_id, "agent": agent.name, "seq": seq, "delta": delta}),
+                        orjson.dumps(
+                            {
+                                "run_id": runner.run_id,
+                                "step": step_id,
+                                "agent": agent.name,
+                                "seq": seq,
+                                "delta": delta,
+                            }
+                        ),
                     )
 
             headers = {"X-Polos-Step": f"{runner.run_id}:{step_id}"}
@@ -478,24 +498,44 @@ class _Loop:
                     # estimate (a long wait suspends the run: it holds no worker meanwhile),
                     # settle with the real usage, and share a 429 with every process.
                     async def blocked(seconds: float) -> None:
-                        await limiter.backoff(model=agent.model, provider=agent.provider, retry_after=seconds)
+                        await limiter.backoff(
+                            model=agent.model, provider=agent.provider, retry_after=seconds
+                        )
 
                     assert runner.execution is not None
                     reservation = await reserve_for_step(
-                        runner.execution, step_id, limiter, model=agent.model,
-                        provider=agent.provider, tokens=estimate_request_tokens(req),
+                        runner.execution,
+                        step_id,
+                        limiter,
+                        model=agent.model,
+                        provider=agent.provider,
+                        tokens=estimate_request_tokens(req),
                     )
                     async with reservation:
                         outcome = await call_llm(
-                            agent.config, req, headers=headers, on_delta=on_delta, on_rate_limited=blocked
+                            agent.config,
+                            req,
+                            headers=headers,
+                            on_delta=on_delta,
+                            on_rate_limited=blocked,
                         )
                         reservation.settle(outcome.usage.get("total_tokens", 0))
             except ProviderError as exc:
-                raise StepError(exc.error_type, exc.message, {"status": exc.status, "agent": agent.name}) from exc
+                raise StepError(
+                    exc.error_type, exc.message, {"status": exc.status, "agent": agent.name}
+                ) from exc
             if subject is not None and nc is not None:
                 await nc.publish(
                     subject,
-                    orjson.dumps({"run_id": runner.run_id, "step": step_id, "agent": agent.name, "done": True, "finish_reason": outcome.finish_reason}),
+                    orjson.dumps(
+                        {
+                            "run_id": runner.run_id,
+                            "step": step_id,
+                            "agent": agent.name,
+                            "done": True,
+                            "finish_reason": outcome.finish_reason,
+                        }
+                    ),
                 )
             cost = cost_usd(agent.model, outcome.usage)
             meta = {
@@ -520,7 +560,15 @@ class _Loop:
         usage = rec.meta.get("usage") or {}
         self.usage.add(usage, rec.meta.get("cost_usd"))
         self.steps.append(
-            AgentStep("llm", rec.key, agent.model, agent.name, rec.output, usage=usage, replayed=rec.replayed)
+            AgentStep(
+                "llm",
+                rec.key,
+                agent.model,
+                agent.name,
+                rec.output,
+                usage=usage,
+                replayed=rec.replayed,
+            )
         )
         return dict(rec.output)
 
@@ -550,11 +598,15 @@ class _Loop:
             }
             try:
                 if tool is None:
-                    raise LookupError(f"no tool named {name!r}; available: {sorted(self.tools_of(agent))}")
+                    raise LookupError(
+                        f"no tool named {name!r}; available: {sorted(self.tools_of(agent))}"
+                    )
                 if not isinstance(args, dict):
                     raise ValueError(f"arguments must be a JSON object, got {args!r}")
                 if approved is False:
-                    raise PermissionError(f"a human rejected this call: {reason or 'no reason given'}")
+                    raise PermissionError(
+                        f"a human rejected this call: {reason or 'no reason given'}"
+                    )
                 for guard in agent.tool_guardrails:
                     rewritten = await _maybe_await(guard(name, args))
                     if rewritten is not None:
@@ -573,7 +625,14 @@ class _Loop:
         # Not appended to self.steps here: parallel calls finish in any order, and the result
         # lists them in the order the model asked for them.
         return rec.output, AgentStep(
-            "tool", rec.key, name, agent.name, rec.output, arguments=arguments, error=err, replayed=rec.replayed
+            "tool",
+            rec.key,
+            name,
+            agent.name,
+            rec.output,
+            arguments=arguments,
+            error=err,
+            replayed=rec.replayed,
         )
 
     async def approval(self, key: str, tool: Tool, arguments: Any) -> tuple[bool, str | None]:
@@ -593,7 +652,9 @@ class _Loop:
             data = {"approved": bool(data)}
         return bool(data.get("approved")), data.get("reason")
 
-    async def handoff(self, call: dict[str, Any], decision: str, n: int, target: Agent[Any]) -> None:
+    async def handoff(
+        self, call: dict[str, Any], decision: str, n: int, target: Agent[Any]
+    ) -> None:
         source = self.active
 
         async def record(step_id: str) -> StepDone:
@@ -611,7 +672,17 @@ class _Loop:
 
         name = str(call.get("name"))
         rec = await self.runner.step(f"{self.key}/tool/{n}/{name}", "tool", name, record)
-        self.steps.append(AgentStep("tool", rec.key, name, source.name, rec.output, arguments=call.get("arguments"), replayed=rec.replayed))
+        self.steps.append(
+            AgentStep(
+                "tool",
+                rec.key,
+                name,
+                source.name,
+                rec.output,
+                arguments=call.get("arguments"),
+                replayed=rec.replayed,
+            )
+        )
         self.active = target
 
 
@@ -631,7 +702,9 @@ def _input_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"role": "user", "content": input}]
     if isinstance(input, list) and all(isinstance(m, dict) and "role" in m for m in input):
         return [dict(m) for m in input]
-    raise TypeError("an agent's input is a string or a list of {'role': ..., 'content': ...} messages")
+    raise TypeError(
+        "an agent's input is a string or a list of {'role': ..., 'content': ...} messages"
+    )
 
 
 async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResult[Any]:
@@ -653,9 +726,13 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
     guard_tries = 0
     last_text: str | None = None
 
-    def result(value: Any, text: str | None, reason: str, messages: list[dict[str, Any]]) -> AgentResult[Any]:
+    def result(
+        value: Any, text: str | None, reason: str, messages: list[dict[str, Any]]
+    ) -> AgentResult[Any]:
         run_id = runner.run_id if runner.execution is not None else None
-        return AgentResult(value, text, loop.active.name, loop.usage, loop.steps, reason, messages, run_id)
+        return AgentResult(
+            value, text, loop.active.name, loop.usage, loop.steps, reason, messages, run_id
+        )
 
     while True:
         active = loop.active
@@ -684,8 +761,12 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
             for n, c in regular:
                 gated = loop.tools_of(active).get(str(c.get("name")))
                 if gated is not None and gated.approval:
-                    verdicts[n] = await loop.approval(loop.tool_key(c, n), gated, c.get("arguments"))
-            outs = await asyncio.gather(*(loop.tool_call(c, decision, n, verdicts.get(n)) for n, c in regular))
+                    verdicts[n] = await loop.approval(
+                        loop.tool_key(c, n), gated, c.get("arguments")
+                    )
+            outs = await asyncio.gather(
+                *(loop.tool_call(c, decision, n, verdicts.get(n)) for n, c in regular)
+            )
             by_id = {c.get("id"): o for (_, c), o in zip(regular, outs, strict=True)}
             loop.steps.extend(step for _, step in outs)
             loop.usage.tool_calls += len(outs)
@@ -700,9 +781,15 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
                 else:
                     content = _dumps(by_id[c.get("id")][0])
                 convo.append({"role": "tool", "tool_call_id": c.get("id"), "content": content})
-            stopped = [(c, by_id[c.get("id")][0]) for _, c in regular if c.get("name") in active.stop_on_tools]
+            stopped = [
+                (c, by_id[c.get("id")][0])
+                for _, c in regular
+                if c.get("name") in active.stop_on_tools
+            ]
             if stopped:
-                return result(stopped[0][1], last_text, "tool_called", active.system_message() + convo)
+                return result(
+                    stopped[0][1], last_text, "tool_called", active.system_message() + convo
+                )
             continue
         # A final answer.
         text = out.get("content")
@@ -735,18 +822,23 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
             if guard_tries >= active.guardrail_retries:
                 raise AgentGuardrailError(f"agent {active.name!r}: output rejected: {exc}") from exc
             guard_tries += 1
-            convo.append({"role": "user", "content": f"Your answer was rejected: {exc}. Try again."})
+            convo.append(
+                {"role": "user", "content": f"Your answer was rejected: {exc}. Try again."}
+            )
             continue
         return result(value, text, "completed", active.system_message() + convo)
 
 
 def _short_errors(exc: pydantic.ValidationError) -> str:
     return "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ())) or '(root)'}: {e.get('msg')}" for e in exc.errors()[:5]
+        f"{'.'.join(str(p) for p in e.get('loc', ())) or '(root)'}: {e.get('msg')}"
+        for e in exc.errors()[:5]
     )
 
 
-async def run_agent_in_execution(execution: RunExecution, key: str, run: AgentRun) -> AgentResult[Any]:
+async def run_agent_in_execution(
+    execution: RunExecution, key: str, run: AgentRun
+) -> AgentResult[Any]:
     """Run an agent's loop in a run's own history under ``key`` (LLM and tool calls as steps)."""
     if not isinstance(run, AgentRun):
         raise TypeError(
@@ -797,7 +889,9 @@ async def agent_workflow(ctx: WorkflowContext, req: AgentRequest) -> dict[str, A
     return result.to_json()
 
 
-async def invoke_agent(execution: RunExecution, key: str, run: AgentRun, *, inline: bool = False) -> AgentResult[Any]:
+async def invoke_agent(
+    execution: RunExecution, key: str, run: AgentRun, *, inline: bool = False
+) -> AgentResult[Any]:
     """``ctx.step.agent_invoke_and_wait``: the agent as a child run (the ``polos_agent``
     workflow; the parent waits holding no worker), or ``inline`` in the parent's history."""
     if inline:
@@ -817,7 +911,11 @@ async def invoke_agent(execution: RunExecution, key: str, run: AgentRun, *, inli
     output = await waits.invoke_and_wait(execution, key, agent_workflow, request)
     result = AgentResult.from_json(output)
     final = _AGENTS.get(result.agent, run.agent)
-    if final.output_type is not None and result.result is not None and result.stop_reason == "completed":
+    if (
+        final.output_type is not None
+        and result.result is not None
+        and result.stop_reason == "completed"
+    ):
         result.result = from_json(result.result, final.output_type)
     return result
 

@@ -38,7 +38,9 @@ class MemoryConflictError(RuntimeError):
 class SharedMemory:
     """The working memory of one session. Values are JSON."""
 
-    def __init__(self, js: JetStreamContext, prefix: str, session: str, *, max_tries: int = 200) -> None:
+    def __init__(
+        self, js: JetStreamContext, prefix: str, session: str, *, max_tries: int = 200
+    ) -> None:
         if not _TOKEN_RE.match(session):
             raise ValueError(
                 f"session {session!r} must be 1-128 letters, digits, '_', '-' or '=' (a KV key token)"
@@ -98,7 +100,9 @@ class SharedMemory:
                 self.conflicts += 1
                 # A short, growing pause spreads writers that keep colliding.
                 await asyncio.sleep(min(0.05, 0.001 * attempt))
-        raise MemoryConflictError(f"memory {key!r}: gave up after {self.max_tries} conflicting writes")
+        raise MemoryConflictError(
+            f"memory {key!r}: gave up after {self.max_tries} conflicting writes"
+        )
 
     async def set(self, name: str, value: Any) -> Any:
         return await self.update(name, lambda _old: value)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-
     pass
 
 
@@ -46,10 +45,12 @@ def cost_usd(model: str, usage: dict[str, int]) -> float | None:
     cached = usage.get("cached_tokens", 0) or 0
     fresh = max(0, (usage.get("prompt_tokens", 0) or 0) - cached)
     cached_price = price.cached_input if price.cached_input is not None else price.input
-    total = fresh * price.input + cached * cached_price + (usage.get("completion_tokens", 0) or 0) * price.output
+    total = (
+        fresh * price.input
+        + cached * cached_price
+        + (usage.get("completion_tokens", 0) or 0) * price.output
+    )
     return round(total / 1_000_000, 10)
-
-
 
 
 @dataclass

@@ -17,7 +17,6 @@ import orjson
 from polos.errors import PolosError
 
 if TYPE_CHECKING:
-
     pass
 
 
@@ -117,7 +116,9 @@ class LLMOutcome:
 def estimate_request_tokens(request: dict[str, Any]) -> int:
     """A cheap upper-side guess of a call's tokens, for reserving rate-limit capacity before
     the provider reports the real usage (four characters a token, plus the answer's cap)."""
-    size = len(orjson.dumps(request.get("messages"))) + len(orjson.dumps(request.get("tools") or []))
+    size = len(orjson.dumps(request.get("messages"))) + len(
+        orjson.dumps(request.get("tools") or [])
+    )
     answer = request.get("max_completion_tokens") or request.get("max_tokens") or 512
     return size // 4 + int(answer)
 
@@ -221,7 +222,11 @@ async def call_llm(
                 latency_ms=round((time.perf_counter() - t0) * 1000, 3),
                 attempts=attempt,
             )
-        except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as exc:
+        except (
+            openai.RateLimitError,
+            openai.InternalServerError,
+            openai.APIConnectionError,
+        ) as exc:
             if attempt >= cfg.retry.max_attempts:
                 status = getattr(exc, "status_code", None)
                 raise ProviderError(status, _provider_message(exc), type(exc).__name__) from exc
@@ -236,7 +241,9 @@ async def call_llm(
                 await asyncio.sleep(min(cfg.retry.max_interval, _retry_after(exc) or delay))
                 delay = min(cfg.retry.max_interval, delay * 2)
                 continue
-            raise ProviderError(exc.status_code, _provider_message(exc), type(exc).__name__) from exc
+            raise ProviderError(
+                exc.status_code, _provider_message(exc), type(exc).__name__
+            ) from exc
 
 
 async def _stream(
@@ -291,7 +298,12 @@ async def _stream(
     return message, usage, finish
 
 
-
-
-__all__ = ["AgentConfigError", "LLMOutcome", "LLMRetry", "ProviderConfig", "ProviderError",
-           "call_llm", "estimate_request_tokens"]
+__all__ = [
+    "AgentConfigError",
+    "LLMOutcome",
+    "LLMRetry",
+    "ProviderConfig",
+    "ProviderError",
+    "call_llm",
+    "estimate_request_tokens",
+]

@@ -53,7 +53,9 @@ class Recorded:
 class StepRunner:
     """Runs an agent's steps outside a run: no history, nothing replayed."""
 
-    def __init__(self, nc: NATS | None = None, prefix: str | None = None, js: JetStreamContext | None = None) -> None:
+    def __init__(
+        self, nc: NATS | None = None, prefix: str | None = None, js: JetStreamContext | None = None
+    ) -> None:
         self.run_id = f"local-{uuid.uuid4().hex[:12]}"
         # Streams are published under the root run (the one a client started), so a client
         # follows every agent of the tree, children included, on one subject.
@@ -68,7 +70,11 @@ class StepRunner:
         return False
 
     async def step(
-        self, key: str, kind: ev.StepKind, name: str | None, fn: Callable[[str], Awaitable[StepDone]]
+        self,
+        key: str,
+        kind: ev.StepKind,
+        name: str | None,
+        fn: Callable[[str], Awaitable[StepDone]],
     ) -> Recorded:
         try:
             done = await fn(key)
@@ -94,7 +100,11 @@ class DurableRunner(StepRunner):
         return self.execution.is_replaying
 
     async def step(
-        self, key: str, kind: ev.StepKind, name: str | None, fn: Callable[[str], Awaitable[StepDone]]
+        self,
+        key: str,
+        kind: ev.StepKind,
+        name: str | None,
+        fn: Callable[[str], Awaitable[StepDone]],
     ) -> Recorded:
         exe = self.execution
         assert exe is not None
@@ -107,7 +117,10 @@ class DurableRunner(StepRunner):
             return Recorded(found.output, dict(found.meta or {}), step_id, True)
         if isinstance(found, ev.StepFailed):
             raise StepFailedError(
-                step_id, str(found.error.get("type")), str(found.error.get("message")), found.attempts
+                step_id,
+                str(found.error.get("type")),
+                str(found.error.get("message")),
+                found.attempts,
             )
         await exe.check_new_step(step_id)
         started = time.time()

@@ -44,7 +44,9 @@ def declared_queues(workflows: Iterable[WorkflowDefinition[Any, Any]]) -> dict[s
 
 
 def admission_needed(
-    declared: dict[str, Queue], wf: WorkflowDefinition[Any, Any], task: Task,
+    declared: dict[str, Queue],
+    wf: WorkflowDefinition[Any, Any],
+    task: Task,
     requested: ev.RunRequested,
 ) -> str | None:
     """The queue a run must be admitted under before this worker may execute it, or None.
@@ -75,11 +77,18 @@ async def send_to_admission(
     assert requested is not None
     data: dict[str, Any] = {"reason": reason}
     if queue is not None:
-        data.update(queue=queue, concurrency_key=requested.concurrency_key or DEFAULT_KEY,
-                    workflow=requested.workflow)
+        data.update(
+            queue=queue,
+            concurrency_key=requested.concurrency_key or DEFAULT_KEY,
+            workflow=requested.workflow,
+        )
     event = ev.RunSuspended(run_id=state.run_id, step="admission", kind="slot", data=data)
     return await append(
-        js, names, state.run_id, event, expected_last_seq=state.last_seq,
+        js,
+        names,
+        state.run_id,
+        event,
+        expected_last_seq=state.last_seq,
         msg_id=f"{state.run_id}/w/{state.last_seq}",
     )
 
@@ -126,6 +135,11 @@ async def run_holding_slots(
             await keeper
 
 
-
-__all__ = ["NOT_ADMITTED", "admission_needed", "declared_queues", "requeue_for_slot",
-           "run_holding_slots", "send_to_admission"]
+__all__ = [
+    "NOT_ADMITTED",
+    "admission_needed",
+    "declared_queues",
+    "requeue_for_slot",
+    "run_holding_slots",
+    "send_to_admission",
+]

@@ -139,7 +139,6 @@ class LimitsConfig:
         return RateLimit.from_dict(data)
 
 
-
 # --------------------------------------------------------------------------- stats
 
 
@@ -148,8 +147,10 @@ async def queue_stats(nc: NATS, js: JetStreamContext, names: Names) -> list[dict
     rows: dict[tuple[str, str], dict[str, Any]] = {}
 
     def row(q: str, k: str) -> dict[str, Any]:
-        return rows.setdefault((q, k), {"queue": q, "key": k, "waiting": 0, "active": 0,
-                                        "limit": None, "per_key": None})
+        return rows.setdefault(
+            (q, k),
+            {"queue": q, "key": k, "waiting": 0, "active": 0, "limit": None, "per_key": None},
+        )
 
     with contextlib.suppress(nats.js.errors.NotFoundError):
         info = await js.stream_info(names.admit_stream, subjects_filter=names.admit_filter())
@@ -173,6 +174,12 @@ async def queue_stats(nc: NATS, js: JetStreamContext, names: Names) -> list[dict
     return sorted(rows.values(), key=lambda r: (r["queue"], r["key"]))
 
 
-
-__all__ = ["LimitsConfig", "put_queue", "put_rate_limit", "queue_key", "queue_stats", "rate_key",
-           "register_queues"]
+__all__ = [
+    "LimitsConfig",
+    "put_queue",
+    "put_rate_limit",
+    "queue_key",
+    "queue_stats",
+    "rate_key",
+    "register_queues",
+]

@@ -60,8 +60,14 @@ class RateStore:
     @staticmethod
     def _refill(value: dict[str, Any] | None, limit: RateLimit, now: float) -> dict[str, float]:
         if value is None:
-            return {"tok": limit.token_capacity, "req": limit.request_capacity, "at": now,
-                    "until": 0.0, "due": 0.0, "booked": 0.0}
+            return {
+                "tok": limit.token_capacity,
+                "req": limit.request_capacity,
+                "at": now,
+                "until": 0.0,
+                "due": 0.0,
+                "booked": 0.0,
+            }
         dt = max(0.0, now - float(value.get("at", now)))
         tok = float(value.get("tok", 0.0))
         req = float(value.get("req", 0.0))
@@ -69,8 +75,14 @@ class RateStore:
             tok = min(limit.token_capacity, tok + dt * limit.tokens_per_minute / 60.0)
         if limit.requests_per_minute:
             req = min(limit.request_capacity, req + dt * limit.requests_per_minute / 60.0)
-        return {"tok": tok, "req": req, "at": now, "until": float(value.get("until", 0.0)),
-                "due": float(value.get("due", 0.0)), "booked": float(value.get("booked", 0.0))}
+        return {
+            "tok": tok,
+            "req": req,
+            "at": now,
+            "until": float(value.get("until", 0.0)),
+            "due": float(value.get("due", 0.0)),
+            "booked": float(value.get("booked", 0.0)),
+        }
 
     async def _update(
         self,
@@ -152,7 +164,9 @@ class RateStore:
                 return ready, rev, s["booked"]
         raise RuntimeError(f"rate limit {scope!r}: too much contention")
 
-    async def shortfall(self, scope: str, limit: RateLimit, *, place: float, tokens: float) -> float:
+    async def shortfall(
+        self, scope: str, limit: RateLimit, *, place: float, tokens: float
+    ) -> float:
         """Seconds until a booking of ``tokens`` at ``place`` in line (``book``) is covered:
         0 when it is. The time ``book`` gave is an estimate made before the calls ahead settled;
         one that used more than it reserved is charged to the balance, and so delays every
@@ -247,16 +261,23 @@ class Booking:
     place: dict[str, float]
 
     def to_json(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "requests": self.requests, "ready_at": self.ready_at,
-                "order": self.order, "place": self.place,
-                "scopes": [{"scope": sc, **lim.to_dict()} for sc, lim in self.held]}
+        return {
+            "tokens": self.tokens,
+            "requests": self.requests,
+            "ready_at": self.ready_at,
+            "order": self.order,
+            "place": self.place,
+            "scopes": [{"scope": sc, **lim.to_dict()} for sc, lim in self.held],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Booking:
         return cls(
             held=[(str(d["scope"]), RateLimit.from_dict(d)) for d in data.get("scopes") or []],
-            tokens=float(data.get("tokens") or 0), requests=float(data.get("requests") or 0),
-            ready_at=float(data.get("ready_at") or 0), order=dict(data.get("order") or {}),
+            tokens=float(data.get("tokens") or 0),
+            requests=float(data.get("requests") or 0),
+            ready_at=float(data.get("ready_at") or 0),
+            order=dict(data.get("order") or {}),
             place={k: float(v) for k, v in (data.get("place") or {}).items()},
         )
 
@@ -361,8 +382,12 @@ class TokenLimiter:
         calls ahead of it that used more than they reserved, or a 429, push it back."""
         wait = 0.0
         for scope, limit in booking.held:
-            wait = max(wait, await self.rates.shortfall(
-                scope, limit, place=booking.place.get(scope, 0.0), tokens=booking.tokens))
+            wait = max(
+                wait,
+                await self.rates.shortfall(
+                    scope, limit, place=booking.place.get(scope, 0.0), tokens=booking.tokens
+                ),
+            )
         return wait
 
     async def _take_all(
@@ -447,7 +472,10 @@ def _suspend_if_long(exe: RunExecution, step_id: str, booking: Booking, wait: fl
     if wait <= exe.settings.rate_wait_limit:
         return
     event = ev.RunSuspended(
-        run_id=exe.run_id, step=step_id, kind="rate", wake_at=time.time() + wait,
+        run_id=exe.run_id,
+        step=step_id,
+        kind="rate",
+        wake_at=time.time() + wait,
         data={**booking.to_json(), "attempt": exe.attempt},
     )
     raise Suspend(event, msg_id=f"{exe.run_id}/w/{step_id}/rate/{exe.attempt}")
@@ -475,6 +503,13 @@ def retry_after_seconds(headers: Any, default: float = 1.0) -> float:
     return default
 
 
-
-__all__ = ["Booking", "RateLimited", "RateStore", "Reservation", "TokenLimiter", "reserve_for_step",
-           "retry_after_seconds", "scopes"]
+__all__ = [
+    "Booking",
+    "RateLimited",
+    "RateStore",
+    "Reservation",
+    "TokenLimiter",
+    "reserve_for_step",
+    "retry_after_seconds",
+    "scopes",
+]

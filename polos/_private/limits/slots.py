@@ -71,7 +71,6 @@ def pool_names(queue: Queue, key_tok: str) -> list[tuple[str, int]]:
     return pools
 
 
-
 # --------------------------------------------------------------------------- raw KV ops
 
 
@@ -102,8 +101,10 @@ class SlotStore:
 
     async def entries(self, key_filter: str) -> list[Entry]:
         """Every live key matching ``key_filter`` (one direct-get request)."""
-        return [Entry(e.key, e.revision, orjson.loads(e.value))
-                for e in await kv_entries(self.nc, self.bucket, key_filter)]
+        return [
+            Entry(e.key, e.revision, orjson.loads(e.value))
+            for e in await kv_entries(self.nc, self.bucket, key_filter)
+        ]
 
     async def get(self, key: str) -> Entry | None:
         e = await kv_entry(self.nc, self.bucket, key)
@@ -172,7 +173,9 @@ class SlotStore:
             got.append(key)
         return got, None
 
-    async def release_keys(self, keys: Iterable[str], run_id: str, before: int | None = None) -> int:
+    async def release_keys(
+        self, keys: Iterable[str], run_id: str, before: int | None = None
+    ) -> int:
         """Give back these slots if ``run_id`` still holds them (admitted before ``before``)."""
         n = 0
         for key in keys:
@@ -234,7 +237,12 @@ class SlotLease:
                 self.revisions[key] = e.revision
                 continue
             if e is None:
-                value = {"run": self.run_id, "adm": self.adm, "at": time.time(), "lease": self.lease}
+                value = {
+                    "run": self.run_id,
+                    "adm": self.adm,
+                    "at": time.time(),
+                    "lease": self.lease,
+                }
                 rev = await self.store.put(key, value, expected=0, ttl=self.lease)
                 if rev is not None:
                     self.revisions[key] = rev
@@ -272,7 +280,6 @@ def store_for(nc: NATS, js: JetStreamContext, names: Names) -> SlotStore:
     if s is None:
         s = by_prefix[names.prefix] = SlotStore(nc, js, names)
     return s
-
 
 
 __all__ = ["DEFAULT_KEY", "Entry", "SlotLease", "SlotStore", "pool_names", "store_for", "token"]

@@ -27,8 +27,11 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], *, patience: float
             t.cancel()
         _, pending = await asyncio.wait(pending, timeout=0.2)
         if pending and loop.time() > deadline:
-            log.warning("%d task(s) ignored cancellation: %s", len(pending),
-                        ", ".join(t.get_name() for t in pending))
+            log.warning(
+                "%d task(s) ignored cancellation: %s",
+                len(pending),
+                ", ".join(t.get_name() for t in pending),
+            )
             return
     for t in tasks:
         if t.done() and not t.cancelled():

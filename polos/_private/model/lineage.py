@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 from polos import history as ev
 
 if TYPE_CHECKING:
-
     pass
 
 

@@ -155,9 +155,7 @@ class Queue:
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
-            raise ValueError(
-                f"queue name {self.name!r} must be 1-128 letters, digits, '_' or '-'"
-            )
+            raise ValueError(f"queue name {self.name!r} must be 1-128 letters, digits, '_' or '-'")
         for name in ("concurrency", "per_key"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

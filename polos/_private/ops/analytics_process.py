@@ -45,7 +45,9 @@ def otel_configured(env: Mapping[str, str] = os.environ) -> bool:
     choice = env.get("OTEL_TRACES_EXPORTER", "").split(",")[0].strip().lower()
     if choice:
         return choice != "none"
-    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
 
 
 class AnalyticsProcess:
@@ -83,9 +85,22 @@ class AnalyticsProcess:
         return " and ".join(what)
 
     def _args(self) -> list[str]:
-        args = [sys.executable, "-m", "polos_analytics", "--until-stdin-closes",
-                "--flush-interval", str(self.flush_interval), "--idle", str(self.flush_interval),
-                "--max-lag", str(MAX_LAG), "--log-level", "warning", "--nice", str(self.nice)]
+        args = [
+            sys.executable,
+            "-m",
+            "polos_analytics",
+            "--until-stdin-closes",
+            "--flush-interval",
+            str(self.flush_interval),
+            "--idle",
+            str(self.flush_interval),
+            "--max-lag",
+            str(MAX_LAG),
+            "--log-level",
+            "warning",
+            "--nice",
+            str(self.nice),
+        ]
         if self.export_dir is not None:
             args += ["--dir", str(self.export_dir)]
         else:
@@ -103,7 +118,11 @@ class AnalyticsProcess:
         # A local file opened once per start of the child: not worth a thread.
         with open(self.log_file, "ab") as log:  # noqa: ASYNC230
             return await asyncio.create_subprocess_exec(
-                *self._args(), stdin=asyncio.subprocess.PIPE, stdout=log, stderr=log, env=env,
+                *self._args(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=log,
+                stderr=log,
+                env=env,
                 start_new_session=True,
             )
 
@@ -123,12 +142,19 @@ class AnalyticsProcess:
             quick_exits = quick_exits + 1 if time.monotonic() - started < QUICK_EXIT_SECONDS else 0
             last = _last_line(self.log_file)
             if quick_exits >= QUICK_EXITS_TO_GIVE_UP:
-                print(f"analytics: exited with code {code} {quick_exits} times in a row; polos "
-                      f"up goes on without it ({last}; log {self.log_file})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"analytics: exited with code {code} {quick_exits} times in a row; polos "
+                    f"up goes on without it ({last}; log {self.log_file})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
-            print(f"analytics: exited with code {code}; restarting in {delay:g}s ({last}; log "
-                  f"{self.log_file})", file=sys.stderr, flush=True)
+            print(
+                f"analytics: exited with code {code}; restarting in {delay:g}s ({last}; log "
+                f"{self.log_file})",
+                file=sys.stderr,
+                flush=True,
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
             if self._stopping:

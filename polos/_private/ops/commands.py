@@ -30,7 +30,9 @@ def command(
 ) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable[[Handler], Handler]]:
     """Register a subcommand: ``@command("x", "...")(add_args)(handler)``."""
 
-    def with_args(add_args: Callable[[argparse.ArgumentParser], None]) -> Callable[[Handler], Handler]:
+    def with_args(
+        add_args: Callable[[argparse.ArgumentParser], None],
+    ) -> Callable[[Handler], Handler]:
         def with_handler(handler: Handler) -> Handler:
             COMMANDS[name] = (add_args, handler, help)
             return handler
@@ -40,8 +42,10 @@ def command(
     return with_args
 
 
-DATA_DIR_HELP = ("the data dir of `polos up`: where it keeps its streams and credentials, and where "
-                 "other commands find it (env POLOS_DATA_DIR, default ./.polos)")
+DATA_DIR_HELP = (
+    "the data dir of `polos up`: where it keeps its streams and credentials, and where "
+    "other commands find it (env POLOS_DATA_DIR, default ./.polos)"
+)
 URL_FILE = "url"  # in the data dir while `polos up` runs: the embedded server's URL
 
 
@@ -53,6 +57,7 @@ def data_dir(args: argparse.Namespace) -> Path:
 def local_url(role: str, prefix: str, data_dir: Path) -> str | None:
     """The URL of the `polos up` running on ``data_dir``, with ``role``'s credentials."""
     from polos._private.ops import auth
+
     instance = running(data_dir)
     if instance is None or not instance.url:
         return None  # none runs there (a `url` file left by a killed one is stale)
@@ -93,13 +98,13 @@ def dumps(value: Any) -> str:
 
 
 def table(
-    rows: Sequence[Sequence[output.Cell]], headers: Sequence[str], *,
+    rows: Sequence[Sequence[output.Cell]],
+    headers: Sequence[str],
+    *,
     wrap: Collection[str] | None = None,
 ) -> str:
     """A table for stdout: fitted to a terminal, plain and whole when piped (see output)."""
     return output.table(rows, headers, wrap=wrap)
-
-
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -107,21 +112,28 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("module", help="module name or .py file that defines @workflow functions")
     p.add_argument("--max-concurrent-runs", type=int, default=200)
     p.add_argument("--worker-id")
-    p.add_argument("--dev-llm", action="store_true",
-                   help="agents talk to the Polos dev LLM, a scripted OpenAI-compatible test "
-                        "server started in this process (not a model: it calls each offered "
-                        "tool once, then answers from the output schema)")
+    p.add_argument(
+        "--dev-llm",
+        action="store_true",
+        help="agents talk to the Polos dev LLM, a scripted OpenAI-compatible test "
+        "server started in this process (not a model: it calls each offered "
+        "tool once, then answers from the output schema)",
+    )
 
 
 # `polos up` runs what its extensions add (the web UI): each adds its flags to `up`'s parser and
 # makes, from the parsed flags and the client role's settings, something to run beside the
 # services (``start``/``stop``), or None.
-UpExtension = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, Settings], Any]]
+UpExtension = tuple[
+    Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, Settings], Any]
+]
 UP_EXTENSIONS: list[UpExtension] = []
 
 
-def up_extension(add_args: Callable[[argparse.ArgumentParser], None],
-                 make: Callable[[argparse.Namespace, Settings], Any]) -> None:
+def up_extension(
+    add_args: Callable[[argparse.ArgumentParser], None],
+    make: Callable[[argparse.Namespace, Settings], Any],
+) -> None:
     """Add something `polos up` runs (see ``UP_EXTENSIONS``)."""
     UP_EXTENSIONS.append((add_args, make))
 

@@ -57,8 +57,13 @@ def _parse(text: str) -> Instance:
         doc: dict[str, Any] = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError:
         doc = {}
-    return Instance(doc.get("pid"), doc.get("url"), doc.get("server_pid"), doc.get("started_at"),
-                    doc.get("ui_url"))
+    return Instance(
+        doc.get("pid"),
+        doc.get("url"),
+        doc.get("server_pid"),
+        doc.get("started_at"),
+        doc.get("ui_url"),
+    )
 
 
 def _alive(pid: int | None) -> bool:

@@ -44,8 +44,14 @@ def console(file: IO[str] | None = None) -> Console:
     probe = Console(file=out)
     if probe.is_terminal:
         return Console(file=out, highlight=False)
-    return Console(file=out, highlight=False, width=_UNBOUNDED, no_color=True,
-                   color_system=None, soft_wrap=True)
+    return Console(
+        file=out,
+        highlight=False,
+        width=_UNBOUNDED,
+        no_color=True,
+        color_system=None,
+        soft_wrap=True,
+    )
 
 
 def err_console() -> Console:
@@ -107,8 +113,12 @@ def table(
     return render(con, t)
 
 
-def lines(text_lines: Sequence[str], *, highlights: Sequence[tuple[str, str]] = (),
-          file: IO[str] | None = None) -> str:
+def lines(
+    text_lines: Sequence[str],
+    *,
+    highlights: Sequence[tuple[str, str]] = (),
+    file: IO[str] | None = None,
+) -> str:
     """Lines as text for stdout, each regular expression of ``highlights`` in its style (on a
     terminal; piped, the lines are returned as they are)."""
     con = console(file)
@@ -152,8 +162,11 @@ def waiting(description: str) -> Iterator[Any]:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-        console=con, transient=True,
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=con,
+        transient=True,
     ) as progress:
         task = progress.add_task(description, total=None)
         yield lambda text: progress.update(task, description=text)

@@ -105,8 +105,9 @@ async def archive_exported_runs(
             result.payload_objects_deleted += 1
         entry.update(archived=True, archived_at=now)
         # A concurrent index update (another retention pass) is harmless: it says the same.
-        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError,
-                                 nats.js.errors.BadRequestError):
+        with contextlib.suppress(
+            nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError
+        ):
             await index.update(run_id, orjson.dumps(entry), last=msg.seq)
     result.seconds = time.perf_counter() - t0
     return result

@@ -57,7 +57,9 @@ async def wait_for_signal() -> None:
     await _stop_event().wait()
 
 
-async def run_until_signal(*services: Service, on_started: Callable[[], None] | None = None) -> None:
+async def run_until_signal(
+    *services: Service, on_started: Callable[[], None] | None = None
+) -> None:
     """Start the services, run until SIGINT/SIGTERM, stop them in reverse order.
 
     The signal handlers go in before anything starts: a Ctrl-C while a service is still
@@ -90,8 +92,10 @@ async def run_until_signal(*services: Service, on_started: Callable[[], None] | 
         if not stop.is_set():
             if on_started is not None:
                 on_started()
-            waiters = [asyncio.ensure_future(stop.wait()),
-                       *(asyncio.ensure_future(f.wait()) for f in failures)]
+            waiters = [
+                asyncio.ensure_future(stop.wait()),
+                *(asyncio.ensure_future(f.wait()) for f in failures),
+            ]
             try:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:

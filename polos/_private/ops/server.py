@@ -136,19 +136,28 @@ class EmbeddedServer:
         port = self.port if self.port else -1
         args += [
             "-js",
-            "-sd", str(self.data_dir / "jetstream"),
-            "-a", self.host,
-            "-p", str(port),
-            "--ports_file_dir", str(ports_dir),
-            "-l", str(self.log_file),
-            "-P", str(self.pid_file),
+            "-sd",
+            str(self.data_dir / "jetstream"),
+            "-a",
+            self.host,
+            "-p",
+            str(port),
+            "--ports_file_dir",
+            str(ports_dir),
+            "-l",
+            str(self.log_file),
+            "-P",
+            str(self.pid_file),
             *self.extra_args,
         ]
         log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         # Its own session: a Ctrl-C in the terminal reaches `polos up`, which stops the
         # services before the server, instead of reaching the server first.
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
             preexec_fn=_die_with_parent() if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout

@@ -43,7 +43,9 @@ def current_step() -> StepInfo | None:
 TRACEBACK_LIMIT = 8192  # the last characters of a traceback kept with a failure
 
 
-def error_info(exc: BaseException, *, step: str | None = None, retryable: bool = True) -> dict[str, Any]:
+def error_info(
+    exc: BaseException, *, step: str | None = None, retryable: bool = True
+) -> dict[str, Any]:
     tb = "".join(traceback.format_exception(exc))
     return {
         "type": type(exc).__name__,
@@ -162,7 +164,9 @@ class RunExecution:
         found = self.state.steps.get(step_id)
         if found is None:
             return None
-        if found.kind != kind or (name is not None and found.name is not None and found.name != name):
+        if found.kind != kind or (
+            name is not None and found.name is not None and found.name != name
+        ):
             raise NonDeterminismError(
                 f"run {self.run_id}: step {step_id!r} is recorded as {found.kind} "
                 f"{found.name or ''} but the code now asks for {kind} {name or ''} "
@@ -222,7 +226,9 @@ class RunExecution:
         self._patches[patch_id] = value
         return value
 
-    async def record_value(self, key: str | None, kind: ev.StepKind, make: Callable[[], Any]) -> Any:
+    async def record_value(
+        self, key: str | None, kind: ev.StepKind, make: Callable[[], Any]
+    ) -> Any:
         step_id = self.step_id(key, kind)
         found = self.recorded(step_id, kind, None)
         if isinstance(found, ev.StepCompleted):
@@ -322,7 +328,6 @@ class RunExecution:
             )
             return result
 
-
     async def _retry_later(
         self, step_id: str, name: str, attempt: int, exc: Exception, delay: float
     ) -> None:
@@ -330,8 +335,12 @@ class RunExecution:
         here for a short back-off, in the scheduler for a long one (the run holds no worker)."""
         await self.record(
             ev.StepAttemptFailed(
-                key=step_id, kind="run", name=name, attempt=attempt,
-                error=error_info(exc, step=step_id), retry_in=delay,
+                key=step_id,
+                kind="run",
+                name=name,
+                attempt=attempt,
+                error=error_info(exc, step=step_id),
+                retry_in=delay,
             ),
             msg_id=f"{self.run_id}/a/{step_id}/{attempt}",
         )
@@ -339,15 +348,16 @@ class RunExecution:
             retry_later(self, step_id, attempt, delay)  # raises Suspend
         await asyncio.sleep(delay)
 
-    async def _record_failure(
-        self, step_id: str, name: str, attempt: int, exc: Exception
-    ) -> None:
+    async def _record_failure(self, step_id: str, name: str, attempt: int, exc: Exception) -> None:
         """Record that the step failed for good (its last attempt, or an output that is not
         JSON): replay raises the same ``StepFailedError`` from it."""
         await self.record(
             ev.StepFailed(
-                key=step_id, kind="run", name=name,
-                error=error_info(exc, step=step_id, retryable=False), attempts=attempt,
+                key=step_id,
+                kind="run",
+                name=name,
+                error=error_info(exc, step=step_id, retryable=False),
+                attempts=attempt,
             ),
             msg_id=f"{self.run_id}/s/{step_id}",
         )

@@ -142,11 +142,20 @@ async def delete_schedule(js: JetStreamContext, names: Names, key: str) -> bool:
     # Rolled up to an empty tombstone that expires, not purged: a client may write its
     # schedules' subjects but not purge the timers stream (every run's timers are in it).
     await js.publish(
-        names.cron_subject(key), b"",
+        names.cron_subject(key),
+        b"",
         headers={"Nats-Rollup": "sub", "Nats-TTL": CRON_TOMBSTONE_TTL},
     )
     return True
 
 
-__all__ = ["CRON_TOMBSTONE_TTL", "TIMER_LEAD", "clear_timers", "cron_expression", "delete_schedule",
-           "list_schedules", "put_schedule", "schedule_timer"]
+__all__ = [
+    "CRON_TOMBSTONE_TTL",
+    "TIMER_LEAD",
+    "clear_timers",
+    "cron_expression",
+    "delete_schedule",
+    "list_schedules",
+    "put_schedule",
+    "schedule_timer",
+]

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 WAIT_KINDS = frozenset({"suspend", "event", "sleep", "child", "retry"})
 _CHILD_NS = uuid.UUID("0b6f1c0e-9d57-4a8e-8a39-0b1e1f0c2d77")
 
+
 def child_run_id(parent_run_id: str, step_id: str, index: int) -> str:
     """The same child id every time the parent's code reaches the same step."""
     return uuid.uuid5(_CHILD_NS, f"{parent_run_id}/{step_id}/{index}").hex
@@ -88,7 +89,9 @@ def _suspend(x: RunExecution, event: ev.RunSuspended, suffix: str = "") -> Suspe
     return Suspend(event, msg_id=f"{x.run_id}/w/{event.step}{suffix}")
 
 
-async def _begin(x: RunExecution, key: str | None, kind: str) -> tuple[str, ev.StepCompleted | None]:
+async def _begin(
+    x: RunExecution, key: str | None, kind: str
+) -> tuple[str, ev.StepCompleted | None]:
     step_id = x.step_id(key, kind)
     found = x.recorded(step_id, kind, None)
     if isinstance(found, ev.StepCompleted):
@@ -190,9 +193,7 @@ async def sleep_until(x: RunExecution, key: str, when: datetime | float) -> None
             msg_id=f"{x.run_id}/s/{step_id}",
         )
         return
-    raise _suspend(
-        x, ev.RunSuspended(run_id=x.run_id, step=step_id, kind="sleep", wake_at=due)
-    )
+    raise _suspend(x, ev.RunSuspended(run_id=x.run_id, step=step_id, kind="sleep", wake_at=due))
 
 
 async def sleep(x: RunExecution, key: str, duration: float | timedelta) -> None:
@@ -238,8 +239,13 @@ class ChildRequest(NamedTuple):
 
 
 def child_request(
-    names: Names, parent_run_id: str, root_run_id: str, step_id: str, index: int,
-    workflow: str, input: Any,
+    names: Names,
+    parent_run_id: str,
+    root_run_id: str,
+    step_id: str,
+    index: int,
+    workflow: str,
+    input: Any,
 ) -> ChildRequest:
     child = child_run_id(parent_run_id, step_id, index)
     body: ChildCommand = {
@@ -250,7 +256,9 @@ def child_request(
         "root_run_id": root_run_id,
     }
     return ChildRequest(
-        child, names.child_subject(parent_run_id, child), orjson.dumps(body),
+        child,
+        names.child_subject(parent_run_id, child),
+        orjson.dumps(body),
         {MSG_ID: f"child/{child}"},
     )
 
@@ -273,10 +281,12 @@ async def _request_children(
     # Stored in the command stream before the parent records anything: a crash before the
     # record replays to the same child id, and the message id makes the repeat a no-op. A
     # cancel of the parent in between finds the request there (services/orchestrator/waiting).
-    await asyncio.gather(*(
-        x.js.publish(r.subject, r.body, headers=r.headers, timeout=x.settings.request_timeout)
-        for r in reqs
-    ))
+    await asyncio.gather(
+        *(
+            x.js.publish(r.subject, r.body, headers=r.headers, timeout=x.settings.request_timeout)
+            for r in reqs
+        )
+    )
     return [r.run_id for r in reqs]
 
 
@@ -332,7 +342,6 @@ async def invoke_and_wait(x: RunExecution, key: str, wf: ChildWorkflow, input: A
 
 
 # --------------------------------------------------------------------------- wake machinery
-
 
 
 __all__ = [

@@ -100,5 +100,4 @@ async def first_event_after(
     return None
 
 
-
 __all__ = ["Woken", "first_event_after", "wake"]

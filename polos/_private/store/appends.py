@@ -30,7 +30,6 @@ class FencedOut(Exception):
         self.expected = expected
 
 
-
 async def append(
     js: JetStreamContext,
     names: Names,
@@ -63,7 +62,9 @@ async def append(
 
     async def once(attempt: int) -> int:
         try:
-            ack = await publish(connection_of(js), subject, payload, timeout=timeout, headers=headers)
+            ack = await publish(
+                connection_of(js), subject, payload, timeout=timeout, headers=headers
+            )
         except nats.js.errors.APIError as exc:
             if exc.err_code != WRONG_LAST_SEQUENCE:
                 raise
@@ -91,7 +92,6 @@ async def _is_stored_at(
     return bool(msgs) and msgs[0].seq == seq and msgs[0].data == payload
 
 
-
 async def _stored_by_us(
     js: JetStreamContext, names: Names, subject: str, msg_id: str, payload: bytes
 ) -> int | None:
@@ -101,7 +101,6 @@ async def _stored_by_us(
     if last is not None and (last.headers or {}).get(MSG_ID) == msg_id and last.data == payload:
         return last.seq
     return None
-
 
 
 __all__ = ["FencedOut", "append"]

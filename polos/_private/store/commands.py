@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     pass
 
 
-
 class StartCommand(TypedDict, total=False):
     input: Any
     input_ref: str  # instead of input: the run's payload object ``<run_id>/<sha256>``
@@ -87,8 +86,12 @@ async def send_command(
         await js.publish(
             subject,
             orjson.dumps(body),
-            headers={MSG_ID: msg_id, REPLY_HEADER: inbox, "Polos-Client": "python",
-                     **(headers or {})},
+            headers={
+                MSG_ID: msg_id,
+                REPLY_HEADER: inbox,
+                "Polos-Client": "python",
+                **(headers or {}),
+            },
         )
         try:
             msg = await sub.next_msg(timeout)

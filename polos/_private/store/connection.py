@@ -67,24 +67,32 @@ def display_url(url: str) -> str:
 
 
 def _has_user(url: str) -> bool:
-    return all("@" in (u if "://" in u else "//" + u).split("//", 1)[1]
-               for u in url.split(",") if u.strip())
+    return all(
+        "@" in (u if "://" in u else "//" + u).split("//", 1)[1]
+        for u in url.split(",")
+        if u.strip()
+    )
 
 
 def classify(exc: BaseException, *, has_user: bool, timeout: float) -> tuple[str, str]:
     """(reason, one-line detail) for a connection failure; reasons as in ConnectionFailedError."""
     text = str(exc).strip()
     low = text.lower()
-    if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in low \
-            or "authentication" in low:
+    if (
+        isinstance(exc, nats.errors.AuthorizationError)
+        or "authorization violation" in low
+        or "authentication" in low
+    ):
         if has_user:
             return "authorization", (
                 "authorization violation: the server refused this user and password "
-                "(`polos credentials ROLE` prints the ones of the `polos up` in the data dir)")
+                "(`polos credentials ROLE` prints the ones of the `polos up` in the data dir)"
+            )
         return "authorization", (
             "authorization violation: the server requires a user and password (`polos "
             "credentials ROLE` prints a URL with them; `polos` commands find them with "
-            "--data-dir or POLOS_DATA_DIR)")
+            "--data-dir or POLOS_DATA_DIR)"
+        )
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "tls", f"TLS: {exc.verify_message or exc.reason} (POLOS_TLS_CA names a CA to trust)"
     if isinstance(exc, ssl.SSLError):
@@ -178,7 +186,9 @@ class _Link:
         self._closing: asyncio.Task[None] | None = None
 
     def error(self, exc: BaseException) -> ConnectionFailedError:
-        reason, detail = classify(exc, has_user=self.has_user, timeout=self.settings.request_timeout)
+        reason, detail = classify(
+            exc, has_user=self.has_user, timeout=self.settings.request_timeout
+        )
         return ConnectionFailedError(self.url, reason, detail)
 
     # ------------------------------------------------------------------ nats-py callbacks
@@ -211,8 +221,12 @@ class _Link:
         log.warning("%s: lost the connection to %s (%s); reconnecting", self.name, self.url, cause)
 
     async def reconnected_cb(self) -> None:
-        log.warning("%s: the connection to %s is back after %.1f s", self.name, self.url,
-                    time.monotonic() - self.lost_at)
+        log.warning(
+            "%s: the connection to %s is back after %.1f s",
+            self.name,
+            self.url,
+            time.monotonic() - self.lost_at,
+        )
         if self.on_reconnect is not None:
             await self.on_reconnect()
 
@@ -220,7 +234,9 @@ class _Link:
         # The server ends a connection whose credentials it no longer accepts with an error
         # that nats-py reports only as the connection's last error, then closes it.
         err = self.nc.last_error
-        if not (self.connecting or self.abandoned) and isinstance(err, nats.errors.AuthorizationError):
+        if not (self.connecting or self.abandoned) and isinstance(
+            err, nats.errors.AuthorizationError
+        ):
             self._fail(self.error(err))
 
     def pick_server(self, servers: list[Server], _info: dict[str, Any]) -> tuple[Server, float]:
@@ -327,12 +343,18 @@ async def connect_service(
                 waited_since = time.monotonic()
                 log.warning("%s: %s; waiting for it", name, exc)
             cap = settings.reconnect_max_wait
-            await asyncio.sleep(min(cap, min(_FIRST_WAIT, cap) * 2**rounds) * random.uniform(0.8, 1.0))
+            await asyncio.sleep(
+                min(cap, min(_FIRST_WAIT, cap) * 2**rounds) * random.uniform(0.8, 1.0)
+            )
             rounds += 1
             continue
         if waited_since is not None:
-            log.warning("%s: connected to %s after %.1f s", name, display_url(settings.nats_url),
-                        time.monotonic() - waited_since)
+            log.warning(
+                "%s: connected to %s after %.1f s",
+                name,
+                display_url(settings.nats_url),
+                time.monotonic() - waited_since,
+            )
         return nc
 
 
@@ -348,7 +370,6 @@ async def disconnect(nc: NATS, *, flush_timeout: float = 2.0) -> None:
         await asyncio.wait_for(nc.flush(), timeout=flush_timeout)
     with contextlib.suppress(Exception):
         await nc.close()
-
 
 
 __all__ = ["Fatal", "classify", "connect", "connect_service", "disconnect", "display_url"]

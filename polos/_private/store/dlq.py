@@ -15,7 +15,6 @@ from polos._private.store.names import Names
 log = logging.getLogger("polos.dlq")
 
 
-
 # Who dead-letters, one subject each (``<p>.dlq.<source>``): a command the orchestrator cannot
 # act on, a control-subject message that is not an event, a run input that fails its
 # annotation, a task that is not a task, an external event that is not JSON (or whose payload
@@ -58,7 +57,6 @@ async def dead_letter(
         await js.publish(names.dlq_subject(source), orjson.dumps(body, default=str))
     except Exception:  # the dead-letter path must never take a service down with it
         log.exception("could not dead-letter a message from %s: %s", subject, reason)
-
 
 
 __all__ = ["DLQ_SOURCES", "DlqSource", "dead_letter"]

@@ -50,8 +50,14 @@ class IndexEntry(TypedDict, total=False):
 
 
 def waiting_of(event: ev.RunSuspended) -> Waiting:
-    return {"step": event.step, "kind": event.kind, "data": event.data, "topic": event.topic,
-            "wake_at": event.wake_at, "timeout_at": event.timeout_at}
+    return {
+        "step": event.step,
+        "kind": event.kind,
+        "data": event.data,
+        "topic": event.topic,
+        "wake_at": event.wake_at,
+        "timeout_at": event.timeout_at,
+    }
 
 
 def fold_index(entry: IndexEntry, seq: int, event: ev.Event, *, stale: bool = False) -> IndexEntry:
@@ -62,12 +68,31 @@ def fold_index(entry: IndexEntry, seq: int, event: ev.Event, *, stale: bool = Fa
         # A newer event was folded first (instances race): keep its status, add the run's
         # identity from the request.
         assert isinstance(event, ev.RunRequested)
-        e.update({"workflow": event.workflow, "created_at": event.at, "queue": event.queue, "concurrency_key": event.concurrency_key, "parent_run_id": event.parent_run_id, "source": event.source})
+        e.update(
+            {
+                "workflow": event.workflow,
+                "created_at": event.at,
+                "queue": event.queue,
+                "concurrency_key": event.concurrency_key,
+                "parent_run_id": event.parent_run_id,
+                "source": event.source,
+            }
+        )
         return e
     e["seq"] = seq
     e["updated_at"] = event.at
     if isinstance(event, ev.RunRequested):
-        e.update({"workflow": event.workflow, "status": "queued", "created_at": event.at, "queue": event.queue, "concurrency_key": event.concurrency_key, "parent_run_id": event.parent_run_id, "source": event.source})
+        e.update(
+            {
+                "workflow": event.workflow,
+                "status": "queued",
+                "created_at": event.at,
+                "queue": event.queue,
+                "concurrency_key": event.concurrency_key,
+                "parent_run_id": event.parent_run_id,
+                "source": event.source,
+            }
+        )
     elif isinstance(event, ev.RunClaimed):
         e.update({"status": "running", "worker_id": event.worker_id, "attempt": event.attempt})
         e.setdefault("started_at", event.at)

@@ -110,5 +110,10 @@ def nats_own_header_parser() -> Iterator[None]:
         Client._parse_header_lines = staticmethod(parse_header_lines)  # type: ignore[method-assign]
 
 
-__all__ = ["HEADER_SAMPLES", "NATS_HEADER_PARSER", "connection_of", "nats_own_header_parser",
-           "parse_header_lines"]
+__all__ = [
+    "HEADER_SAMPLES",
+    "NATS_HEADER_PARSER",
+    "connection_of",
+    "nats_own_header_parser",
+    "parse_header_lines",
+]

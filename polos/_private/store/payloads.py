@@ -212,7 +212,6 @@ async def delete_run(js: JetStreamContext, names: Names, run_id: str) -> int:
     return removed
 
 
-
 __all__ = [
     "EVENT_PREFIX",
     "EVENT_REF",

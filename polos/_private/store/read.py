@@ -77,7 +77,9 @@ class _DirectReader:
             )
         )
 
-    async def get(self, stream: str, req: dict[str, Any], timeout: float) -> tuple[_Batch, dict[str, str]]:
+    async def get(
+        self, stream: str, req: dict[str, Any], timeout: float
+    ) -> tuple[_Batch, dict[str, str]]:
         if self._sub is None:
             async with self._lock:
                 if self._sub is None:
@@ -105,7 +107,6 @@ class _DirectReader:
 
 
 _readers: weakref.WeakKeyDictionary[NATS, _DirectReader] = weakref.WeakKeyDictionary()
-
 
 
 async def read_subject(
@@ -170,9 +171,7 @@ async def last_for_subject(
 ) -> StoredMsg | None:
     """The last message stored on ``subject`` (a literal subject), or None."""
     try:
-        msg = await nc.request(
-            f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", timeout=timeout
-        )
+        msg = await nc.request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", timeout=timeout)
     except nats.errors.NoRespondersError:
         return None
     hdrs = msg.headers or {}
@@ -254,18 +253,29 @@ async def read_run(
     stores only these kinds (``Names.runs_subjects``), so nothing the fence counts is missed.
     ``kinds`` narrows the read (control events only: the run's status and outcome).
     """
-    parts = await asyncio.gather(*(
-        read_subject(nc, names.runs_stream, names.run_subject(run_id, kind),
-                     start_seq=start_seq, timeout=timeout)
-        for kind in kinds
-    ))
+    parts = await asyncio.gather(
+        *(
+            read_subject(
+                nc,
+                names.runs_stream,
+                names.run_subject(run_id, kind),
+                start_seq=start_seq,
+                timeout=timeout,
+            )
+            for kind in kinds
+        )
+    )
     if len(parts) == 1:
         return parts[0]
     return list(heapq.merge(*parts, key=lambda m: m.seq))
 
 
 async def read_history(
-    nc: NATS, names: Names, run_id: str, *, start_seq: int = 1,
+    nc: NATS,
+    names: Names,
+    run_id: str,
+    *,
+    start_seq: int = 1,
     kinds: tuple[str, ...] = RUN_KINDS,
 ) -> list[tuple[int, ev.Event]]:
     """The run's events in stream order (one batch direct get per kind for up to 1,000)."""
@@ -309,7 +319,6 @@ async def load_run(
     return ev.RunState.fold(run_id, history), bodies
 
 
-
 # --------------------------------------------------------------------------- KV buckets
 
 _GONE = ("DEL", "PURGE")  # the KV operations that leave a key without a value
@@ -334,7 +343,7 @@ async def kv_entries(nc: NATS, bucket: str, key_filter: str = ">") -> list[KVEnt
     per 1,024 keys; deleted and purged keys left out)."""
     head = f"$KV.{bucket}."
     msgs = await last_per_subject(nc, kv_stream(bucket), head + key_filter)
-    return [KVEntry(m.subject[len(head):], m.seq, m.data) for m in msgs if is_live(m)]
+    return [KVEntry(m.subject[len(head) :], m.seq, m.data) for m in msgs if is_live(m)]
 
 
 async def kv_entry(nc: NATS, bucket: str, key: str) -> KVEntry | None:
@@ -352,8 +361,9 @@ async def resolve_payload(nc: NATS, names: Names, msg: StoredMsg) -> StoredMsg:
     except Exception:
         log.warning("seq %d: large payload not found; using the stub", msg.seq)
         return msg
-    return StoredMsg(seq=msg.seq, subject=msg.subject, data=data, time=msg.time,
-                         headers=msg.headers)
+    return StoredMsg(
+        seq=msg.seq, subject=msg.subject, data=data, time=msg.time, headers=msg.headers
+    )
 
 
 __all__ = [

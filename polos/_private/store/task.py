@@ -103,16 +103,21 @@ def decode_task(data: bytes) -> Task:
         raise TaskDecodeError("malformed task: run_id and workflow must be strings")
     slots = body.get("slots") or []
     adm, lease, queue = body.get("adm"), body.get("lease", 30.0), body.get("queue")
-    if (not isinstance(slots, list) or not all(isinstance(s, str) for s in slots)
-            or not (adm is None or _is_int(adm)) or not isinstance(lease, int | float)
-            or not (queue is None or isinstance(queue, str))):
+    if (
+        not isinstance(slots, list)
+        or not all(isinstance(s, str) for s in slots)
+        or not (adm is None or _is_int(adm))
+        or not isinstance(lease, int | float)
+        or not (queue is None or isinstance(queue, str))
+    ):
         raise TaskDecodeError("malformed task: queue, slots, adm or lease of the wrong type")
     seq = body.get("seq")
     if not (isinstance(seq, int) and not isinstance(seq, bool) and seq > 0):
         seq = None
     history = _history(body.get("history")) if seq is not None else ()
-    return Task(run_id, workflow, seq if history else None, history, queue, tuple(slots), adm,
-                float(lease))
+    return Task(
+        run_id, workflow, seq if history else None, history, queue, tuple(slots), adm, float(lease)
+    )
 
 
 def _is_int(value: Any) -> bool:
@@ -124,8 +129,12 @@ def _history(carried: Any) -> tuple[tuple[int, ev.Event], ...]:
         return ()
     out: list[tuple[int, ev.Event]] = []
     for item in carried:
-        if not (isinstance(item, list) and len(item) == 2 and _is_int(item[0])
-                and isinstance(item[1], dict)):
+        if not (
+            isinstance(item, list)
+            and len(item) == 2
+            and _is_int(item[0])
+            and isinstance(item[1], dict)
+        ):
             return ()
         try:
             out.append((item[0], ev.decode_body(item[1])))
@@ -135,7 +144,13 @@ def _history(carried: Any) -> tuple[tuple[int, ev.Event], ...]:
 
 
 async def publish_task(
-    nc: NATS, names: Names, run_id: str, workflow: str, cause_seq: int, task: bytes, *,
+    nc: NATS,
+    names: Names,
+    run_id: str,
+    workflow: str,
+    cause_seq: int,
+    task: bytes,
+    *,
     timeout: float,
 ) -> bool:
     """Put ``task`` on the workflow's task subject, once per cause (message id

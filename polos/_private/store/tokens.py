@@ -67,7 +67,6 @@ def resume_subject(names: Names, run_id: str, key: str) -> str:
     return names.resume_subject(run_id, encode_token(key))
 
 
-
 def iso_time(t: float) -> str:
     return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -84,6 +83,13 @@ def parse_time(stamp: str | None) -> float:
     return base.timestamp() + frac
 
 
-
-__all__ = ["decode_token", "encode_token", "event_subject", "iso_time", "parse_time",
-           "resume_subject", "topic_from_subject", "topic_tokens"]
+__all__ = [
+    "decode_token",
+    "encode_token",
+    "event_subject",
+    "iso_time",
+    "parse_time",
+    "resume_subject",
+    "topic_from_subject",
+    "topic_tokens",
+]

@@ -33,20 +33,23 @@ class AppendUnavailable(TimeoutError):
     """
 
 
-
 def is_transient(exc: BaseException) -> bool:
     """Whether JetStream may take the same request a moment later: no stream leader (an
     election), no responders, a reconnect, or no answer (maybe a lost ack)."""
     if isinstance(exc, nats.js.errors.APIError):
         return exc.code == 503
-    return isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                            nats.js.errors.NoStreamResponseError,
-                            nats.errors.ConnectionReconnectingError))
+    return isinstance(
+        exc,
+        (
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.js.errors.NoStreamResponseError,
+            nats.errors.ConnectionReconnectingError,
+        ),
+    )
 
 
-async def retry_transient(
-    op: Callable[[int], Awaitable[_T]], *, timeout: float, what: str
-) -> _T:
+async def retry_transient(op: Callable[[int], Awaitable[_T]], *, timeout: float, what: str) -> _T:
     """``op(attempt)`` until it returns, retrying transient errors (``is_transient``) with
     back-off for long enough to ride out a leader election or a server restart; then
     ``AppendUnavailable``. Only for writes a retry cannot double: a ``Nats-Msg-Id`` or a
@@ -63,7 +66,6 @@ async def retry_transient(
         if time.monotonic() > deadline:
             raise AppendUnavailable(f"{what} timed out")
         await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-
 
 
 def _expire(fut: asyncio.Future[Msg]) -> None:
@@ -144,7 +146,6 @@ async def publish(
     if err:
         nats.js.errors.APIError.from_error(err)  # raises the matching APIError subclass
     return Ack(seq=int(resp["seq"]), duplicate=bool(resp.get("duplicate", False)))
-
 
 
 __all__ = [
