@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+from functools import singledispatch
 from typing import Any
 
 import orjson
@@ -33,6 +35,124 @@ def _ms(seconds: float) -> str:
 Item = list[str] | str  # the lines of one tree item, or the id of a child run to draw there
 
 
+@dataclass
+class _Walk:
+    """What drawing one event needs from the events before it."""
+
+    t0: float
+    suspended_at: dict[str, float] = field(default_factory=dict)  # step -> when it began to wait
+
+    def at(self, e: ev.Event) -> str:
+        return f"+{_ms(e.at - self.t0)}"
+
+
+@singledispatch
+def _item(e: ev.Event, walk: _Walk) -> list[str] | None:
+    """One event's tree item (its lines), or None for an event the tree leaves out."""
+    return [f"{walk.at(e)}  {type(e).__name__}"]
+
+
+@_item.register
+def _requested(e: ev.RunRequested, walk: _Walk) -> None:
+    return None  # the head line says it
+
+
+@_item.register
+def _claimed(e: ev.RunClaimed, walk: _Walk) -> list[str]:
+    return [f"{walk.at(e)}  claimed by {e.worker_id} (claim {e.attempt})"]
+
+
+def _llm_step(e: ev.StepCompleted, at: str) -> list[str]:
+    meta = e.meta if isinstance(e.meta, dict) else {}
+    out = e.output if isinstance(e.output, dict) else {}
+    usage = meta.get("usage") or {}
+    lines = [
+        f"{at}  {e.key}  llm {meta.get('model') or e.name}"
+        f"  {e.duration_ms or 0:.1f} ms  tokens {usage.get('total_tokens', '?')}"
+        f"  cost ${float(meta.get('cost_usd') or 0):.4f}"
+    ]
+    offered = [str(t) for t in meta.get("tools_offered") or []]
+    choice = decision_of(out, meta)
+    reason = choice.get("reason")
+    if choice["chosen"]:
+        chosen = [str(t) for t in choice["chosen"]]
+        lines.append(f"decision: chose {', '.join(chosen)} of [{', '.join(offered)}]")
+    elif offered:
+        lines.append(f"decision: answered without a tool (offered [{', '.join(offered)}])")
+    if reason:
+        lines.append(f"reason: {_dumps(reason)}")
+    return lines
+
+
+def _tool_step(e: ev.StepCompleted, at: str) -> list[str]:
+    meta = e.meta if isinstance(e.meta, dict) else {}
+    status = f"ERROR {meta['error']}" if meta.get("error") else f"-> {_dumps(e.output, 80)}"
+    decision = f"  (decision {meta['decision']})" if meta.get("decision") else ""
+    return [
+        f"{at}  {e.key}  tool {e.name}({_dumps(meta.get('arguments'), 60)})"
+        f"  {e.duration_ms or 0:.1f} ms  {status}{decision}"
+    ]
+
+
+@_item.register
+def _step_completed(e: ev.StepCompleted, walk: _Walk) -> list[str]:
+    at = walk.at(e)
+    if e.kind == "llm":
+        return _llm_step(e, at)
+    if e.kind == "tool":
+        return _tool_step(e, at)
+    took = f"  {e.duration_ms:.1f} ms" if e.duration_ms is not None else ""
+    tries = f"  after {e.attempts} attempts" if e.attempts > 1 else ""
+    return [f"{at}  {e.key}  {e.kind}{took}{tries} -> {_dumps(e.output, 80)}"]
+
+
+@_item.register
+def _attempt_failed(e: ev.StepAttemptFailed, walk: _Walk) -> list[str]:
+    return [
+        f"{walk.at(e)}  {e.key}  attempt {e.attempt} failed: "
+        f"{e.error.get('type')}: {e.error.get('message')}"
+    ]
+
+
+@_item.register
+def _step_failed(e: ev.StepFailed, walk: _Walk) -> list[str]:
+    return [
+        f"{walk.at(e)}  {e.key}  FAILED after {e.attempts} attempts: "
+        f"{e.error.get('type')}: {e.error.get('message')}"
+    ]
+
+
+@_item.register
+def _suspended(e: ev.RunSuspended, walk: _Walk) -> list[str]:
+    walk.suspended_at[e.step] = e.at
+    if e.topic:
+        what = f"topic {e.topic}"
+    else:
+        what = f"data {_dumps(e.data, 60)}" if e.data is not None else ""
+    return [f"{walk.at(e)}  wait {e.kind} {e.step!r} {what}".rstrip()]
+
+
+@_item.register
+def _woken(e: ev.RunWoken, walk: _Walk) -> list[str]:  # an admission too (a RunWoken)
+    waited = e.at - walk.suspended_at.get(e.step, e.at)
+    return [f"{walk.at(e)}  woken at {e.step!r} by {e.reason} after {_ms(waited)}"]
+
+
+@_item.register
+def _completed(e: ev.RunCompleted, walk: _Walk) -> list[str]:
+    return [f"{walk.at(e)}  completed -> {_dumps(e.output)}"]
+
+
+@_item.register
+def _failed(e: ev.RunFailed, walk: _Walk) -> list[str]:
+    return [f"{walk.at(e)}  FAILED {e.error.get('type')}: {e.error.get('message')}"]
+
+
+@_item.register
+def _cancelled(e: ev.RunCancelled, walk: _Walk) -> list[str]:
+    return [f"{walk.at(e)}  cancelled" + (f": {e.reason}" if e.reason else "")]
+
+
 def render_run(run_id: str, history: list[tuple[int, ev.Event]]) -> tuple[str, list[Item]]:
     """The head line of one run and its tree items; a child run is its id, placed right after
     the event that names it."""
@@ -50,80 +170,13 @@ def render_run(run_id: str, history: list[tuple[int, ev.Event]]) -> tuple[str, l
         head += f"  tokens {own.total_tokens}  cost ${own.cost_usd:.4f}"
     items: list[Item] = []
     children: list[str] = []
-    suspended_at: dict[str, float] = {}
+    walk = _Walk(t0)
     for _, e in history:
-        at = f"+{_ms(e.at - t0)}"
         named = [c for c in children_named(e) if c not in children]
         children.extend(named)
-        if isinstance(e, ev.RunClaimed):
-            items.append([f"{at}  claimed by {e.worker_id} (claim {e.attempt})"])
-        elif isinstance(e, ev.StepCompleted) and e.kind == "llm":
-            meta = e.meta if isinstance(e.meta, dict) else {}
-            out = e.output if isinstance(e.output, dict) else {}
-            usage = meta.get("usage") or {}
-            line = [
-                f"{at}  {e.key}  llm {meta.get('model') or e.name}"
-                f"  {e.duration_ms or 0:.1f} ms  tokens {usage.get('total_tokens', '?')}"
-                f"  cost ${float(meta.get('cost_usd') or 0):.4f}"
-            ]
-            offered = [str(t) for t in meta.get("tools_offered") or []]
-            choice = decision_of(out, meta)
-            reason = choice.get("reason")
-            if choice["chosen"]:
-                chosen = [str(t) for t in choice["chosen"]]
-                line.append(f"decision: chose {', '.join(chosen)} of [{', '.join(offered)}]")
-            elif offered:
-                line.append(f"decision: answered without a tool (offered [{', '.join(offered)}])")
-            if reason:
-                line.append(f"reason: {_dumps(reason)}")
-            items.append(line)
-        elif isinstance(e, ev.StepCompleted) and e.kind == "tool":
-            meta = e.meta if isinstance(e.meta, dict) else {}
-            status = f"ERROR {meta['error']}" if meta.get("error") else f"-> {_dumps(e.output, 80)}"
-            items.append(
-                [
-                    f"{at}  {e.key}  tool {e.name}({_dumps(meta.get('arguments'), 60)})"
-                    f"  {e.duration_ms or 0:.1f} ms  {status}"
-                    + (f"  (decision {meta['decision']})" if meta.get("decision") else "")
-                ]
-            )
-        elif isinstance(e, ev.StepCompleted):
-            took = f"  {e.duration_ms:.1f} ms" if e.duration_ms is not None else ""
-            tries = f"  after {e.attempts} attempts" if e.attempts > 1 else ""
-            items.append([f"{at}  {e.key}  {e.kind}{took}{tries} -> {_dumps(e.output, 80)}"])
-        elif isinstance(e, ev.StepAttemptFailed):
-            items.append(
-                [
-                    f"{at}  {e.key}  attempt {e.attempt} failed: "
-                    f"{e.error.get('type')}: {e.error.get('message')}"
-                ]
-            )
-        elif isinstance(e, ev.StepFailed):
-            items.append(
-                [
-                    f"{at}  {e.key}  FAILED after {e.attempts} attempts: "
-                    f"{e.error.get('type')}: {e.error.get('message')}"
-                ]
-            )
-        elif isinstance(e, ev.RunSuspended):
-            suspended_at[e.step] = e.at
-            what = (
-                f"topic {e.topic}"
-                if e.topic
-                else (f"data {_dumps(e.data, 60)}" if e.data is not None else "")
-            )
-            items.append([f"{at}  wait {e.kind} {e.step!r} {what}".rstrip()])
-        elif isinstance(e, ev.RunWoken):
-            waited = e.at - suspended_at.get(e.step, e.at)
-            items.append([f"{at}  woken at {e.step!r} by {e.reason} after {_ms(waited)}"])
-        elif isinstance(e, ev.RunCompleted):
-            items.append([f"{at}  completed -> {_dumps(e.output)}"])
-        elif isinstance(e, ev.RunFailed):
-            items.append([f"{at}  FAILED {e.error.get('type')}: {e.error.get('message')}"])
-        elif isinstance(e, ev.RunCancelled):
-            items.append([f"{at}  cancelled" + (f": {e.reason}" if e.reason else "")])
-        elif not isinstance(e, ev.RunRequested):
-            items.append([f"{at}  {type(e).__name__}"])
+        item = _item(e, walk)
+        if item is not None:
+            items.append(item)
         items.extend(named)
     return head, items
 

@@ -129,12 +129,14 @@ async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int,
     return None
 
 
-async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
+def _resume_target(
+    orch: Orchestrator, msg: Msg, tokens: list[str]
+) -> tuple[str, str, dict[str, Any]]:
+    """The run, the step key and the body of a resume command; a malformed one is refused."""
     if len(tokens) != 2 or not valid_token(tokens[0]):
         raise CommandError(
             f"a resume goes to {orch.names.prefix}.cmd.resume.<run_id>.<step key>, got {msg.subject!r}"
         )
-    run_id = tokens[0]
     try:
         key = decode_token(tokens[1])
     except UnicodeDecodeError as exc:
@@ -149,6 +151,79 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
         )
     if set(body) not in _RESUME_FORMS:
         raise CommandError("a resume has data or data_ref, not both", field="data_ref")
+    return tokens[0], key, body
+
+
+def _check_settled(run_id: str, key: str, done: ev.StepCompleted | ev.StepFailed, seq: int) -> None:
+    """The step is recorded already: fine if by this very command (redelivered), else the
+    resume is refused with why it changes nothing."""
+    out = done.output if isinstance(done, ev.StepCompleted) else None
+    if done.kind != "suspend":
+        raise CommandError(
+            f"run {run_id}: step {key!r} is a {done.kind} step, not a suspend", field="key"
+        )
+    if isinstance(out, dict) and out.get("seq") == seq:
+        return
+    if isinstance(out, dict) and out.get("timeout"):
+        raise CommandError(
+            f"run {run_id}: suspend {key!r} timed out before this resume; it changes nothing",
+            field="key",
+        )
+    raise CommandError(
+        f"run {run_id}: step {key!r} was already resumed; this resume changes nothing",
+        field="key",
+    )
+
+
+async def _check_first_pending(orch: Orchestrator, run_id: str, key: str, seq: int) -> None:
+    """The run is not at the step yet: the first resume stored for it is the one that will
+    apply, so a later one is refused."""
+    first = await _first_resume(orch, run_id, key)
+    if first is not None and first[0] != seq:
+        raise CommandError(
+            f"run {run_id}: a resume of step {key!r} is already pending (sent earlier); "
+            "this one changes nothing",
+            field="key",
+        )
+
+
+async def _resume_now(
+    orch: Orchestrator,
+    state: ev.RunState,
+    bodies: list[tuple[int, bytes]] | None,
+    sus: ev.RunSuspended,
+    data: Any,
+    seq: int,
+) -> bool:
+    """Wake the run suspended at the resumed step and dispatch it; False when the history
+    moved under the wake (a timeout, a cancel, another resume)."""
+    if sus.kind != "suspend":
+        raise CommandError(
+            f"run {state.run_id} waits at {sus.step!r} for a {sus.kind}, not for a resume",
+            field="key",
+        )
+    woke = await wake(
+        orch.js,
+        orch.names,
+        state.run_id,
+        sus.step,
+        expected_seq=state.last_seq,
+        reason="resumed",
+        cause=f"r{seq}",
+        kind="suspend",
+        output={"data": data, "seq": seq, "at": time.time()},
+        workflow=state.workflow,
+    )
+    if woke is None:
+        return False
+    await _dispatch_woken(
+        orch, state.run_id, state.workflow, woke.seq, history=bodies, woken=woke.event
+    )
+    return True
+
+
+async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
+    run_id, key, body = _resume_target(orch, msg, tokens)
     data = await _resume_data(orch, run_id, body)
     seq = msg.metadata.sequence.stream
     answer = {"ok": True, "run_id": run_id, "key": key}
@@ -160,55 +235,16 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
             )
         done = state.steps.get(key)
         if done is not None:
-            out = done.output if isinstance(done, ev.StepCompleted) else None
-            if done.kind != "suspend":
-                raise CommandError(
-                    f"run {run_id}: step {key!r} is a {done.kind} step, not a suspend", field="key"
-                )
-            if isinstance(out, dict) and out.get("seq") == seq:
-                return {**answer, "status": "resumed"}  # this very command, redelivered
-            if isinstance(out, dict) and out.get("timeout"):
-                raise CommandError(
-                    f"run {run_id}: suspend {key!r} timed out before this resume; it changes nothing",
-                    field="key",
-                )
-            raise CommandError(
-                f"run {run_id}: step {key!r} was already resumed; this resume changes nothing",
-                field="key",
-            )
+            _check_settled(run_id, key, done, seq)
+            return {**answer, "status": "resumed"}  # this very command, redelivered
         if state.done:
             raise CommandError(f"run {run_id} is {state.status}; there is nothing to resume")
         sus = state.suspended
         if state.status == "suspended" and sus is not None and sus.step == key:
-            if sus.kind != "suspend":
-                raise CommandError(
-                    f"run {run_id} waits at {key!r} for a {sus.kind}, not for a resume", field="key"
-                )
-            woke = await wake(
-                orch.js,
-                orch.names,
-                run_id,
-                key,
-                expected_seq=state.last_seq,
-                reason="resumed",
-                cause=f"r{seq}",
-                kind="suspend",
-                output={"data": data, "seq": seq, "at": time.time()},
-                workflow=state.workflow,
-            )
-            if woke is None:
-                continue  # the history moved (a timeout, a cancel, another resume): look again
-            await _dispatch_woken(
-                orch, run_id, state.workflow, woke.seq, history=bodies, woken=woke.event
-            )
-            return {**answer, "status": "resumed"}
-        first = await _first_resume(orch, run_id, key)
-        if first is not None and first[0] != seq:
-            raise CommandError(
-                f"run {run_id}: a resume of step {key!r} is already pending (sent earlier); "
-                "this one changes nothing",
-                field="key",
-            )
+            if await _resume_now(orch, state, bodies, sus, data, seq):
+                return {**answer, "status": "resumed"}
+            continue  # the history moved: look again
+        await _check_first_pending(orch, run_id, key, seq)
         return {
             **answer,
             "status": "pending",
