@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from polos._private.model.values import RateLimit
 from polos._private.run.signals import Suspend
 from polos._private.store import (
     Names,
+    namespace,
 )
 
 if TYPE_CHECKING:
@@ -311,11 +311,9 @@ class TokenLimiter:
     def shared(
         cls, nc: NATS, js: JetStreamContext, names: Names, settings: Settings
     ) -> TokenLimiter:
-        by_prefix = _limiters.setdefault(nc, {})
-        lim = by_prefix.get(names.prefix)
-        if lim is None:
-            lim = by_prefix[names.prefix] = cls(nc, js, names, settings)
-        return lim
+        """The namespace's one limiter on this connection (the first caller's settings)."""
+        ns = namespace(js, names, settings, nc=nc)
+        return ns.feature(TokenLimiter, lambda: cls(nc, js, names, settings))
 
     @classmethod
     def for_context(cls, ctx: WorkflowContext) -> TokenLimiter:
@@ -422,9 +420,6 @@ class TokenLimiter:
         until = time.time() + max(0.0, retry_after)
         for scope, limit in await self._limits(model, provider):
             await self.rates.block(scope, limit, until)
-
-
-_limiters: weakref.WeakKeyDictionary[NATS, dict[str, TokenLimiter]] = weakref.WeakKeyDictionary()
 
 
 async def reserve_for_step(

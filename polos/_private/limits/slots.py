@@ -19,7 +19,6 @@ import logging
 import math
 import random
 import time
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,7 @@ from polos._private.store import (
     Names,
     kv_entries,
     kv_entry,
+    namespace,
     valid_token,
 )
 from polos._private.store.names import kv_stream
@@ -271,15 +271,9 @@ class SlotLease:
                 await self.renew()
 
 
-_stores: weakref.WeakKeyDictionary[NATS, dict[str, SlotStore]] = weakref.WeakKeyDictionary()
-
-
 def store_for(nc: NATS, js: JetStreamContext, names: Names) -> SlotStore:
-    by_prefix = _stores.setdefault(nc, {})
-    s = by_prefix.get(names.prefix)
-    if s is None:
-        s = by_prefix[names.prefix] = SlotStore(nc, js, names)
-    return s
+    """The namespace's one slot store on this connection (it caches its bucket handles)."""
+    return namespace(js, names, nc=nc).feature(SlotStore, lambda: SlotStore(nc, js, names))
 
 
 __all__ = ["DEFAULT_KEY", "Entry", "SlotLease", "SlotStore", "pool_names", "store_for", "token"]

@@ -14,6 +14,8 @@
 - ``dlq``: dead letters.
 - ``payloads``: fields too large for a message, in the Object Store.
 - ``follow``: follow the log without polling (exporter, span follower).
+- ``namespace``: the ``Namespace`` handle, what a process keeps per namespace and connection
+  (bucket handles, the topology checked, the slot store, the limiter, the reply inboxes).
 - ``natspy``: the one place that touches nats-py's private attributes.
 
 What this module exports is the store's documented internal API: the layers above (the run
@@ -32,6 +34,7 @@ from polos._private.store.connection import (
 from polos._private.store.consume import PullLoop, ensure_consumer
 from polos._private.store.dlq import DLQ_SOURCES, DlqSource, dead_letter
 from polos._private.store.names import RUN_KINDS, Names, kv_stream, object_stream, valid_token
+from polos._private.store.namespace import Namespace, namespace
 from polos._private.store.natspy import connection_of
 from polos._private.store.read import (
     KVEntry,
@@ -83,6 +86,7 @@ __all__ = [
     "FencedOut",
     "KVEntry",
     "Names",
+    "Namespace",
     "PullLoop",
     "StoredMsg",
     "TopologyMissingError",
@@ -105,6 +109,7 @@ __all__ = [
     "last_per_subject",
     "load_run",
     "load_state",
+    "namespace",
     "object_stream",
     "publish",
     "read_history",

@@ -24,11 +24,12 @@ import asyncio
 import contextlib
 import hashlib
 import uuid
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import nats.js.errors
 import orjson
+
+from polos._private.store.namespace import namespace
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -51,8 +52,6 @@ FIELD_THRESHOLD = 1024
 # The most of a large object field that stays inline when its large members move out.
 _INLINE_REST = 16 * 1024
 
-_stores: weakref.WeakKeyDictionary[Any, dict[str, ObjectStore]] = weakref.WeakKeyDictionary()
-
 
 class PayloadMissingError(RuntimeError):
     """A stub refers to an object that is not in the store (deleted by hand, or a lost bucket)."""
@@ -69,18 +68,16 @@ def inline_limit(nc: NATS) -> int:
 
 async def store(js: JetStreamContext, names: Names) -> ObjectStore:
     """The namespace's payload bucket (a row of the topology the services create)."""
-    per_js = _stores.setdefault(js, {})
-    bucket = bucket_name(names)
-    found = per_js.get(bucket)
-    if found is not None:
-        return found
+    ns = namespace(js, names)
+    if ns.payloads is not None:
+        return ns.payloads
     try:
-        obs = await js.object_store(bucket)
+        obs = await js.object_store(bucket_name(names))
     except nats.js.errors.BucketNotFoundError:
         from polos._private.store.topology import missing
 
         raise missing(names, "payloads_bucket") from None
-    per_js[bucket] = obs
+    ns.payloads = obs
     return obs
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ from nats.aio.msg import Msg
 from polos import history as ev
 from polos._private.store import payloads
 from polos._private.store.names import RUN_KINDS, Names, kv_stream
+from polos._private.store.namespace import connection
 
 log = logging.getLogger("polos.read")
 
@@ -106,9 +106,6 @@ class _DirectReader:
             self._open.pop(token, None)
 
 
-_readers: weakref.WeakKeyDictionary[NATS, _DirectReader] = weakref.WeakKeyDictionary()
-
-
 async def read_subject(
     nc: NATS,
     stream: str,
@@ -123,9 +120,10 @@ async def read_subject(
 
     One request per 1,000 messages: the server streams them back and ends with an EOB status.
     """
-    reader = _readers.get(nc)
+    conn = connection(nc)
+    reader = conn.reader
     if reader is None:
-        reader = _readers[nc] = _DirectReader(nc)
+        reader = conn.reader = _DirectReader(nc)
     out: list[StoredMsg] = []
     seq = start_seq
     unavailable = 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from polos._private.store.names import Names, kv_stream, object_stream
-from polos._private.store.natspy import connection_of
+from polos._private.store.namespace import namespace
 from polos.config import Settings
 from polos.errors import TopologyMissingError
 
@@ -325,12 +324,10 @@ async def ensure_topology(js: JetStreamContext, names: Names, settings: Settings
     Service role only: other roles may not create streams. Workers and clients call
     ``check_topology``."""
     await asyncio.gather(*(_ensure_stream(js, row.config(names, settings)) for row in TOPOLOGY))
-    _checked.setdefault(connection_of(js), set()).add(names.prefix)
+    namespace(js, names, settings).topology_checked = True
 
 
 # --------------------------------------------------------------------------- workers, clients
-
-_checked: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
 def missing(names: Names, name: str) -> TopologyMissingError:
@@ -344,8 +341,8 @@ def missing(names: Names, name: str) -> TopologyMissingError:
 async def check_topology(js: JetStreamContext, names: Names) -> None:
     """Raise ``TopologyMissingError`` naming what is missing (or lacks subjects), once per
     connection. One stream-info request per row, all at once."""
-    done = _checked.setdefault(connection_of(js), set())
-    if names.prefix in done:
+    ns = namespace(js, names)
+    if ns.topology_checked:
         return
 
     async def look(row: Store) -> str | None:
@@ -365,7 +362,7 @@ async def check_topology(js: JetStreamContext, names: Names) -> None:
     found = await asyncio.gather(*(look(row) for row in TOPOLOGY))
     bad = [(row, why) for row, why in zip(TOPOLOGY, found, strict=True) if why is not None]
     if not bad:
-        done.add(names.prefix)
+        ns.topology_checked = True
         return
     if all(why == "missing" for _, why in bad) and len(bad) == len(TOPOLOGY):
         raise TopologyMissingError(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -16,6 +15,8 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+
+from polos._private.store.namespace import connection
 
 _T = TypeVar("_T")
 
@@ -117,9 +118,6 @@ class _Requester:
             self._open.pop(token, None)
 
 
-_requesters: weakref.WeakKeyDictionary[NATS, _Requester] = weakref.WeakKeyDictionary()
-
-
 @dataclass(frozen=True, slots=True)
 class Ack:
     seq: int
@@ -135,9 +133,10 @@ async def publish(
     timeout: float = 5.0,
 ) -> Ack:
     """``js.publish`` with the same errors, at less CPU per call (see ``_Requester``)."""
-    req = _requesters.get(nc)
+    conn = connection(nc)
+    req = conn.requester
     if req is None:
-        req = _requesters[nc] = _Requester(nc)
+        req = conn.requester = _Requester(nc)
     msg = await req.request(subject, payload, headers, timeout)
     if msg.headers and msg.headers.get("Status") == "503":
         raise nats.js.errors.NoStreamResponseError
