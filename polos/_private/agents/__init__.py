@@ -1,1 +1,1 @@
-"""TODO"""
+"""Agents: the loop and its steps, the provider call, prices, decision records, tools, memory."""

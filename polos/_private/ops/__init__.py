@@ -1,1 +1,1 @@
-"""TODO"""
+"""Operations: auth, embedded server and cluster, instance lock, retention, commands, plumbing."""

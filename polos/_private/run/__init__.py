@@ -1,1 +1,1 @@
-"""TODO"""
+"""The run runtime: execution (replay, steps, fenced appends), in-run waits, wakes, timers."""
