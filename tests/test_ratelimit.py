@@ -450,7 +450,7 @@ async def rated_kill(ctx: WorkflowContext, n: int) -> str:
 async def test_a_worker_sigkilled_while_runs_wait_for_tokens_loses_nothing(
     env_factory: Any, subprocess_env: dict[str, str], tmp_path: Any
 ) -> None:
-    """Runs waiting for tokens are in no worker: SIGKILL the only worker while three wait,
+    """Runs waiting for tokens are in no worker: SIGKILL the only worker while they wait,
     start another one, and every run finishes, each LLM call made once."""
     from tests.helpers import kill, spawn, stop
 
@@ -479,7 +479,9 @@ async def test_a_worker_sigkilled_while_runs_wait_for_tokens_loses_nothing(
                     for r in await env.client.list_runs(status="suspended")
                     if (r.waiting or {}).get("kind") == "rate"
                 ]
-                if len(waiting) == 3:
+                # Three wait, 1.5 s apart; under load the first may get its tokens before the
+                # third is seen waiting, so two waiting at once is the proof asked for.
+                if len(waiting) >= 2:
                     break
                 assert time.monotonic() < deadline, f"{len(waiting)} runs waiting for tokens"
                 await asyncio.sleep(0.02)
@@ -507,6 +509,6 @@ async def test_a_worker_sigkilled_while_runs_wait_for_tokens_loses_nothing(
         if h.run_id in waiting_ids:  # claimed by the first worker, finished by the second
             assert len(set(claims)) == 2, claims
     print(
-        f"\n3 runs waiting for tokens when their worker was SIGKILLed: all finished on the "
+        f"\n{len(waiting)} runs waiting for tokens when their worker was SIGKILLed: all finished on the "
         f"next worker, {len(requests)} LLM calls for 4 steps"
     )
