@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from polos._private.runtime import default_export_dir, settings_from_args, wait_for_signal
+from polos._private.ops.runtime import default_export_dir, settings_from_args, wait_for_signal
 
 from .export import ExportDirBusy, Exporter, ExportResult
 
@@ -41,7 +41,7 @@ async def serve(args: argparse.Namespace) -> None:
     exporter = None
     follower = None
     if args.otel:
-        from polos._private.telemetry import SpanFollower
+        from .spans import SpanFollower
 
         # Made first: an exporter that cannot be made stops the service before it reads.
         follower = SpanFollower(settings)
@@ -49,9 +49,17 @@ async def serve(args: argparse.Namespace) -> None:
         if args.export:
             exporter = Exporter(settings, args.dir, rows_per_file=args.rows_per_file)
             await exporter.connect()
-            tasks.append(asyncio.create_task(
-                exporter.follow(stop, flush_interval=args.flush_interval, on_export=report,
-                                idle=args.idle, max_lag=args.max_lag)))
+            tasks.append(
+                asyncio.create_task(
+                    exporter.follow(
+                        stop,
+                        flush_interval=args.flush_interval,
+                        on_export=report,
+                        idle=args.idle,
+                        max_lag=args.max_lag,
+                    )
+                )
+            )
             log.info("exporting namespace %r into %s", settings.prefix, args.dir)
         if follower is not None:
             await follower.start()
@@ -79,36 +87,64 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m polos_analytics")
     parser.add_argument("--nats-url")
     parser.add_argument("--prefix")
-    parser.add_argument("--dir", default=str(default_export_dir()),
-                        help="where the Parquet files go (env POLOS_ANALYTICS_DIR, default "
-                             "<POLOS_DATA_DIR or .polos>/exports)")
-    parser.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
-                        help="follow the streams into Parquet (--no-export: spans only)")
-    parser.add_argument("--flush-interval", type=float,
-                        default=float(os.environ.get("POLOS_ANALYTICS_FLUSH_INTERVAL", "5")))
+    parser.add_argument(
+        "--dir",
+        default=str(default_export_dir()),
+        help="where the Parquet files go (env POLOS_ANALYTICS_DIR, default "
+        "<POLOS_DATA_DIR or .polos>/exports)",
+    )
+    parser.add_argument(
+        "--export",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="follow the streams into Parquet (--no-export: spans only)",
+    )
+    parser.add_argument(
+        "--flush-interval",
+        type=float,
+        default=float(os.environ.get("POLOS_ANALYTICS_FLUSH_INTERVAL", "5")),
+    )
     parser.add_argument("--rows-per-file", type=int, default=100_000)
-    parser.add_argument("--idle", type=float, default=0.0,
-                        help="export only once the streams were quiet this many seconds (0: at "
-                             "once), so a pass never competes with a burst of appends")
-    parser.add_argument("--max-lag", type=float, default=30.0,
-                        help="with --idle: export at the latest this many seconds after new "
-                             "messages, quiet or not")
-    parser.add_argument("--otel", action="store_true",
-                        help="also emit OpenTelemetry spans (configured by OTEL_* variables)")
-    parser.add_argument("--until-stdin-closes", action="store_true",
-                        help="also stop when stdin closes (a parent process holds it open)")
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        help="export only once the streams were quiet this many seconds (0: at "
+        "once), so a pass never competes with a burst of appends",
+    )
+    parser.add_argument(
+        "--max-lag",
+        type=float,
+        default=30.0,
+        help="with --idle: export at the latest this many seconds after new messages, quiet or not",
+    )
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="also emit OpenTelemetry spans (configured by OTEL_* variables)",
+    )
+    parser.add_argument(
+        "--until-stdin-closes",
+        action="store_true",
+        help="also stop when stdin closes (a parent process holds it open)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    parser.add_argument("--nice", type=int, default=0,
-                        help="lower this process's CPU priority by N (os.nice): beside the "
-                             "services on one machine, exporting yields the CPU to them")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="lower this process's CPU priority by N (os.nice): beside the "
+        "services on one machine, exporting yields the CPU to them",
+    )
     args = parser.parse_args(argv)
     if args.nice:
         os.nice(args.nice)
     if not (args.export or args.otel):
         parser.error("nothing to do: --no-export without --otel")
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from polos._private.telemetry import TelemetryConfigError
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    from .spans import TelemetryConfigError
 
     try:
         asyncio.run(serve(args))

@@ -29,9 +29,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from nats.aio.client import Client as NATS
 
-from polos._private import jetstream as jsl
+from polos._private.store import (
+    Names,
+    StoredMsg,
+    connect,
+    disconnect,
+    ensure_topology,
+    read_subject,
+    resolve_payload,
+)
 from polos._private.store.follow import follow
-from polos._private.telemetry import resolve_payload
 from polos.config import Settings
 
 log = logging.getLogger("polos.analytics")
@@ -108,7 +115,7 @@ def _json_text(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value, default=str).decode()
 
 
-def history_row(msg: jsl.StoredMsg) -> dict[str, Any]:
+def history_row(msg: StoredMsg) -> dict[str, Any]:
     """One row of the ``history`` table for one stored run-history message."""
     parts = msg.subject.split(".")
     row: dict[str, Any] = {
@@ -145,7 +152,7 @@ def history_row(msg: jsl.StoredMsg) -> dict[str, Any]:
     return row
 
 
-def message_row(msg: jsl.StoredMsg, strip: str) -> dict[str, Any]:
+def message_row(msg: StoredMsg, strip: str) -> dict[str, Any]:
     """One row of the ``external_events`` or ``dead_letters`` table."""
     try:
         orjson.loads(msg.data)
@@ -157,7 +164,7 @@ def message_row(msg: jsl.StoredMsg, strip: str) -> dict[str, Any]:
         "seq": msg.seq,
         "subject": msg.subject,
         "stored_at": _server_time(msg.time),
-        "topic": msg.subject[len(strip):] if msg.subject.startswith(strip) else msg.subject,
+        "topic": msg.subject[len(strip) :] if msg.subject.startswith(strip) else msg.subject,
         "data": data,
         "headers": _json_text(headers) if headers else None,
     }
@@ -171,26 +178,35 @@ class Source:
     stream: str
     subject_filter: str  # what is subscribed to for news; reads take the whole stream
     schema: pa.Schema
-    to_row: Callable[[jsl.StoredMsg], dict[str, Any]]
+    to_row: Callable[[StoredMsg], dict[str, Any]]
 
 
 TABLES = ("history", "external_events", "dead_letters", "commands")
 
 
-def sources(names: jsl.Names) -> list[Source]:
+def sources(names: Names) -> list[Source]:
     p = names.prefix
     return [
         Source("history", names.runs_stream, f"{p}.run.>", HISTORY_SCHEMA, history_row),
         Source(
-            "external_events", names.events_stream, f"{p}.event.>", MESSAGE_SCHEMA,
+            "external_events",
+            names.events_stream,
+            f"{p}.event.>",
+            MESSAGE_SCHEMA,
             lambda m: message_row(m, f"{p}.event."),
         ),
         Source(
-            "dead_letters", names.dlq_stream, f"{p}.dlq.>", MESSAGE_SCHEMA,
+            "dead_letters",
+            names.dlq_stream,
+            f"{p}.dlq.>",
+            MESSAGE_SCHEMA,
             lambda m: message_row(m, f"{p}.dlq."),
         ),
         Source(
-            "commands", names.cmd_stream, f"{p}.cmd.>", MESSAGE_SCHEMA,
+            "commands",
+            names.cmd_stream,
+            f"{p}.cmd.>",
+            MESSAGE_SCHEMA,
             lambda m: message_row(m, f"{p}.cmd."),
         ),
     ]
@@ -324,9 +340,7 @@ def compact(table_dir: Path, schema: pa.Schema, target_rows: int) -> int:
     for group in groups:
         if len(group) < 2:
             continue
-        table = pa.concat_tables(
-            [pq.read_table(p, schema=schema) for _, _, p in group]
-        )
+        table = pa.concat_tables([pq.read_table(p, schema=schema) for _, _, p in group])
         final = table_dir / f"{group[0][0]:020d}-{group[-1][1]:020d}.parquet"
         tmp = table_dir / f".{final.name}.{os.getpid()}.tmp"
         pq.write_table(table, tmp, compression="zstd")
@@ -365,7 +379,7 @@ class Exporter:
         nc: NATS | None = None,
     ) -> None:
         self.settings = settings
-        self.names = jsl.Names(settings.prefix)
+        self.names = Names(settings.prefix)
         self.out = Path(out_dir)
         self.rows_per_file = rows_per_file
         self._nc = nc
@@ -383,14 +397,14 @@ class Exporter:
     async def connect(self) -> None:
         self._lock.acquire()
         if self._nc is None:
-            self._nc = await jsl.connect(self.settings, name="polos-analytics")
+            self._nc = await connect(self.settings, name="polos-analytics")
         js = self._nc.jetstream(timeout=self.settings.request_timeout)
-        await jsl.ensure_topology(js, self.names, self.settings)
+        await ensure_topology(js, self.names, self.settings)
 
     async def close(self) -> None:
         if self._own_nc and self._nc is not None:
             with contextlib.suppress(Exception):
-                await jsl.close(self._nc)
+                await disconnect(self._nc)
             self._nc = None
         self._lock.release()
 
@@ -421,9 +435,13 @@ class Exporter:
             # Every source is its whole stream. ">" is the server's unfiltered fast path; a
             # filter naming the stream's subjects (<p>.run.> over <p>.run.*.ctl and .step) makes
             # it match every message, which read the history 2-3x slower.
-            msgs = await jsl.read_subject(
-                self._nc, src.stream, ">", start_seq=start,
-                limit=self.rows_per_file, timeout=self.settings.request_timeout,
+            msgs = await read_subject(
+                self._nc,
+                src.stream,
+                ">",
+                start_seq=start,
+                limit=self.rows_per_file,
+                timeout=self.settings.request_timeout,
             )
             if not msgs:
                 return
@@ -451,7 +469,10 @@ class Exporter:
         return result
 
     async def follow(
-        self, stop: asyncio.Event, *, flush_interval: float = 5.0,
+        self,
+        stop: asyncio.Event,
+        *,
+        flush_interval: float = 5.0,
         on_export: Callable[[ExportResult], None] | None = None,
         compact_every: int = 100,
         idle: float = 0.0,
@@ -487,8 +508,14 @@ class Exporter:
             return int(result.total)
 
         await follow(
-            self._nc, [s.subject_filter for s in sources(self.names)], stop, export_pass,
-            name="export", interval=flush_interval, idle=idle, max_lag=max_lag,
+            self._nc,
+            [s.subject_filter for s in sources(self.names)],
+            stop,
+            export_pass,
+            name="export",
+            interval=flush_interval,
+            idle=idle,
+            max_lag=max_lag,
             error_delay=flush_interval,
         )
         # A last export so a clean stop leaves nothing behind.
@@ -496,6 +523,7 @@ class Exporter:
             result = await self.export_once()
             if result.total and on_export is not None:
                 on_export(result)
+
 
 __all__ = [
     "HISTORY_SCHEMA",

@@ -33,8 +33,18 @@ VIEWS_FILE = Path(__file__).resolve().with_name("views.sql")
 VIEWS = VIEWS_FILE.read_text()
 
 VIEW_NAMES = (
-    "runs", "run_tree", "run_ancestors", "steps", "events", "llm_calls", "tool_calls",
-    "decisions", "costs", "external_events", "dead_letters", "commands",
+    "runs",
+    "run_tree",
+    "run_ancestors",
+    "steps",
+    "events",
+    "llm_calls",
+    "tool_calls",
+    "decisions",
+    "costs",
+    "external_events",
+    "dead_letters",
+    "commands",
 )
 
 

@@ -17,9 +17,10 @@ import time
 import uuid
 from pathlib import Path
 
-from polos import events as ev
-from polos._private import jetstream as jsl
-from polos._private.server import EmbeddedServer
+from polos import history as ev
+from polos._private.ops.server import EmbeddedServer
+from polos._private.store import Names, ensure_topology
+from polos._private.store import connect as connect_nats
 from polos.config import Settings
 
 
@@ -30,18 +31,44 @@ def _run_events(run_id: str, t: float) -> list[ev.Event]:
     ]
     for i in range(10):
         if i % 5 == 4:
-            out.append(ev.StepCompleted(
-                key=f"llm:{i}", kind="llm", name="dev-small", duration_ms=40.0, at=t,
-                output={"content": "ok", "tool_calls": [], "reasoning": None},
-                meta={"agent": "a", "provider": "devllm", "model": "dev-small",
-                      "messages": [{"role": "user", "content": "x" * 200}] * 3,
-                      "tools_offered": ["a", "b"],
-                      "usage": {"prompt_tokens": 300, "completion_tokens": 20,
-                                "cached_tokens": 0, "total_tokens": 320},
-                      "latency_ms": 40.0, "finish_reason": "stop", "cost_usd": 0.0004}))
+            out.append(
+                ev.StepCompleted(
+                    key=f"llm:{i}",
+                    kind="llm",
+                    name="dev-small",
+                    duration_ms=40.0,
+                    at=t,
+                    output={"content": "ok", "tool_calls": [], "reasoning": None},
+                    meta={
+                        "agent": "a",
+                        "provider": "devllm",
+                        "model": "dev-small",
+                        "messages": [{"role": "user", "content": "x" * 200}] * 3,
+                        "tools_offered": ["a", "b"],
+                        "usage": {
+                            "prompt_tokens": 300,
+                            "completion_tokens": 20,
+                            "cached_tokens": 0,
+                            "total_tokens": 320,
+                        },
+                        "latency_ms": 40.0,
+                        "finish_reason": "stop",
+                        "cost_usd": 0.0004,
+                    },
+                )
+            )
         else:
-            out.append(ev.StepCompleted(key=f"s{i}", kind="run", name="step", output=i,
-                                        duration_ms=0.5, started_at=t, at=t))
+            out.append(
+                ev.StepCompleted(
+                    key=f"s{i}",
+                    kind="run",
+                    name="step",
+                    output=i,
+                    duration_ms=0.5,
+                    started_at=t,
+                    at=t,
+                )
+            )
     out.append(ev.RunCompleted(run_id=run_id, output=10, at=t))
     return out
 
@@ -52,10 +79,10 @@ async def measure(events: int, keep: bool) -> None:
     server.start()
     try:
         settings = Settings(nats_url=server.url, prefix=f"b{uuid.uuid4().hex[:8]}")
-        names = jsl.Names(settings.prefix)
-        nc = await jsl.connect(settings, "export-bench")
+        names = Names(settings.prefix)
+        nc = await connect_nats(settings, "export-bench")
         js = nc.jetstream()
-        await jsl.ensure_topology(js, names, settings)
+        await ensure_topology(js, names, settings)
         t0 = time.perf_counter()
         n = 0
         now = time.time()
@@ -81,20 +108,26 @@ async def measure(events: int, keep: bool) -> None:
             result = await exporter.export_once()
             again = await exporter.export_once()
         disk = sum(f.stat().st_size for f in out.rglob("*.parquet"))
-        print(f"export: {result.total:,} events in {result.seconds:.2f} s = "
-              f"{result.per_second:,.0f} events/s; {len(result.files)} files, "
-              f"{disk / 1e6:.1f} MB Parquet; second run: {again.total} events in "
-              f"{again.seconds * 1000:.1f} ms")
+        print(
+            f"export: {result.total:,} events in {result.seconds:.2f} s = "
+            f"{result.per_second:,.0f} events/s; {len(result.files)} files, "
+            f"{disk / 1e6:.1f} MB Parquet; second run: {again.total} events in "
+            f"{again.seconds * 1000:.1f} ms"
+        )
         con = connect(out)
         t1 = time.perf_counter()
-        row = con.execute("select count(*), count(*) filter (where status = 'completed') "
-                          "from runs").fetchall()[0]
+        row = con.execute(
+            "select count(*), count(*) filter (where status = 'completed') from runs"
+        ).fetchall()[0]
         t2 = time.perf_counter()
-        cost = con.execute("select sum(total_tokens), round(sum(cost_usd), 2) "
-                           "from llm_calls").fetchall()[0]
+        cost = con.execute(
+            "select sum(total_tokens), round(sum(cost_usd), 2) from llm_calls"
+        ).fetchall()[0]
         t3 = time.perf_counter()
-        print(f"duckdb: runs view {row[0]:,} runs ({row[1]:,} completed) in "
-              f"{(t2 - t1) * 1000:.0f} ms; llm_calls tokens/cost {cost} in {(t3 - t2) * 1000:.0f} ms")
+        print(
+            f"duckdb: runs view {row[0]:,} runs ({row[1]:,} completed) in "
+            f"{(t2 - t1) * 1000:.0f} ms; llm_calls tokens/cost {cost} in {(t3 - t2) * 1000:.0f} ms"
+        )
         from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
         class Counting(SpanExporter):
@@ -104,14 +137,16 @@ async def measure(events: int, keep: bool) -> None:
                 Counting.spans += len(spans)  # type: ignore[arg-type]
                 return SpanExportResult.SUCCESS
 
-        from polos._private.telemetry import SpanFollower
+        from .spans import SpanFollower
 
         async with SpanFollower(settings, exporter=Counting(), nc=nc) as follower:
             t4 = time.perf_counter()
             handled = await follower.process_available()
             t5 = time.perf_counter()
-        print(f"spans: {handled:,} events -> {Counting.spans:,} spans in {t5 - t4:.2f} s = "
-              f"{handled / (t5 - t4):,.0f} events/s")
+        print(
+            f"spans: {handled:,} events -> {Counting.spans:,} spans in {t5 - t4:.2f} s = "
+            f"{handled / (t5 - t4):,.0f} events/s"
+        )
         await nc.close()
     finally:
         server.stop()

@@ -6,21 +6,35 @@ import argparse
 import dataclasses
 import os
 
-from polos.cli import command
+from polos._private.ops.commands import command
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes: checks the benchmark runs, not how fast (CI smoke)")
-    p.add_argument("--only", action="append", default=None,
-                   help="run only this figure (repeatable): publish, overhead, reads, e2e, first_step, "
-                        "throughput, failover, replay, suspend, export")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes: checks the benchmark runs, not how fast (CI smoke)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        help="run only this figure (repeatable): publish, overhead, reads, e2e, first_step, "
+        "throughput, failover, replay, suspend, export",
+    )
     p.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (server data, logs)")
-    p.add_argument("--suspended-runs", type=int, default=None,
-                   help="how many runs to suspend at once (default 10,000; the target is 100,000)")
-    p.add_argument("--external", action="store_true",
-                   help="use the server at --nats-url instead of an embedded one")
+    p.add_argument(
+        "--suspended-runs",
+        type=int,
+        default=None,
+        help="how many runs to suspend at once (default 10,000; the target is 100,000)",
+    )
+    p.add_argument(
+        "--external",
+        action="store_true",
+        help="use the server at --nats-url instead of an embedded one",
+    )
 
 
 @command("bench", "measure Polos against raw JetStream on this machine")(add_args)
@@ -31,16 +45,23 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     only = set(args.only) if args.only else None
     unknown = (only or set()) - set(FIGURES)
     if unknown:
-        print(f"error: unknown figure(s) {', '.join(sorted(unknown))}; choose from "
-              f"{', '.join(FIGURES)}")
+        print(
+            f"error: unknown figure(s) {', '.join(sorted(unknown))}; choose from "
+            f"{', '.join(FIGURES)}"
+        )
         return 2
-    url = (getattr(args, "nats_url", None) or os.environ.get("POLOS_NATS_URL")) if args.external else None
+    url = (
+        (getattr(args, "nats_url", None) or os.environ.get("POLOS_NATS_URL"))
+        if args.external
+        else None
+    )
     if args.external and not url:
         print("error: --external needs --nats-url (or POLOS_NATS_URL)")
         return 2
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.suspended_runs:
         sizes = dataclasses.replace(sizes, suspended_runs=args.suspended_runs)
-    report = await run_bench(sizes, only=only, nats_url=url,
-                             keep=args.keep, json_path=args.json_path)
+    report = await run_bench(
+        sizes, only=only, nats_url=url, keep=args.keep, json_path=args.json_path
+    )
     return 1 if report.failed else 0

@@ -5,13 +5,12 @@ change side by side."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
 
-from polos._private.jetstream import StoredMsg
+from polos._private.store import StoredMsg, natspy
 
 
 async def read_subject_per_sub(
@@ -37,8 +36,15 @@ async def read_subject_per_sub(
                         raise RuntimeError(f"direct get on {stream}: {status} {hdrs}")
                     break
                 s = int(hdrs["Nats-Sequence"])
-                out.append(StoredMsg(seq=s, subject=hdrs.get("Nats-Subject", ""), data=msg.data,
-                                     time=hdrs.get("Nats-Time-Stamp"), headers=hdrs))
+                out.append(
+                    StoredMsg(
+                        seq=s,
+                        subject=hdrs.get("Nats-Subject", ""),
+                        data=msg.data,
+                        time=hdrs.get("Nats-Time-Stamp"),
+                        headers=hdrs,
+                    )
+                )
                 seq = s + 1
         finally:
             await sub.unsubscribe()
@@ -46,19 +52,6 @@ async def read_subject_per_sub(
             return out
 
 
-@contextlib.contextmanager
-def original_header_parser() -> Iterator[None]:
+def original_header_parser() -> contextlib.AbstractContextManager[None]:
     """nats-py's own header parser for the duration (Polos installs a faster, equivalent one)."""
-    from nats.aio.client import Client
-
-    from polos._private import jetstream as jsl
-
-    original = jsl.NATS_HEADER_PARSER
-    if original is None:
-        yield
-        return
-    Client._parse_header_lines = staticmethod(original)  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        Client._parse_header_lines = staticmethod(jsl._parse_header_lines)  # type: ignore[method-assign]
+    return natspy.nats_own_header_parser()

@@ -30,10 +30,19 @@ from typing import Any
 import orjson
 from nats.js.api import StorageType, StreamConfig
 
-from polos import events as ev
-from polos._private import jetstream as jsl
-from polos._private.runtime import terminate_all
-from polos._private.server import EmbeddedServer
+from polos import history as ev
+from polos._private.ops.runtime import terminate_all
+from polos._private.ops.server import EmbeddedServer
+from polos._private.store import (
+    MSG_ID,
+    Names,
+    connect,
+    disconnect,
+    ensure_topology,
+    read_history,
+    read_run,
+    read_subject,
+)
 from polos.client import PolosClient
 from polos.config import Settings
 
@@ -50,7 +59,7 @@ class Sizes:
     overhead_runs: int = 3
     e2e_runs: int = 50
     first_step_runs: int = 50
-    # Two sizes: 200 is what the peers were measured with (DESIGN.md); a 200-run round lasts
+    # Two sizes: 200 is what the peers were measured with (BENCHMARKS.md); a 200-run round lasts
     # half a second here, so its ramp-up and tail weigh on it. 1,000 shows the steady state.
     throughput_runs: tuple[int, ...] = (200, 1000)
     throughput_steps: int = 10
@@ -106,8 +115,18 @@ _E2E_PARTS: dict[str, str] = {
     "RunCompleted -> client has the result": "append, notification, client reads the ctl events",
 }
 
-FIGURES = ("publish", "overhead", "reads", "e2e", "first_step", "throughput", "failover", "replay",
-           "suspend", "export")
+FIGURES = (
+    "publish",
+    "overhead",
+    "reads",
+    "e2e",
+    "first_step",
+    "throughput",
+    "failover",
+    "replay",
+    "suspend",
+    "export",
+)
 
 
 # --------------------------------------------------------------------------- results
@@ -200,7 +219,10 @@ class Processes:
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         out = open(self.log_dir / f"{self.settings.prefix}-{name}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, *args], env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, *args],
+            env=self.env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
             cwd=str(self.log_dir),
         )
         out.close()
@@ -211,8 +233,16 @@ class Processes:
         self.spawn("orchestrator", "-m", "polos_services.orchestrator")
 
     def worker(self, name: str, max_runs: int = 200) -> None:
-        self.spawn(name, "-m", "polos_services.worker", "polos_bench.workflows", "--worker-id", name,
-                   "--max-concurrent-runs", str(max_runs))
+        self.spawn(
+            name,
+            "-m",
+            "polos_services.worker",
+            "polos_bench.workflows",
+            "--worker-id",
+            name,
+            "--max-concurrent-runs",
+            str(max_runs),
+        )
 
     def kill(self, name: str) -> None:
         proc = self.procs[name]
@@ -295,7 +325,7 @@ class Bench:
     async def fig_publish(self) -> None:
         """Awaited publish to a file-backed stream: the floor under every durable step."""
         s = self.settings()
-        nc = await jsl.connect(s, "polos-bench")
+        nc = await connect(s, "polos-bench")
         js = nc.jetstream()
         stream = f"{s.prefix.upper()}_BENCHRAW"
         subject = f"{s.prefix}.benchraw"
@@ -307,7 +337,7 @@ class Bench:
             times = []
             for i in range(self.sizes.publishes):
                 t0 = time.perf_counter()
-                await js.publish(subject, payload, headers={jsl.MSG_ID: f"m{i}"})
+                await js.publish(subject, payload, headers={MSG_ID: f"m{i}"})
                 times.append((time.perf_counter() - t0) * 1000)
             p50 = statistics.median(times)
             self.report.publish_p50_ms = p50
@@ -348,13 +378,19 @@ class Bench:
             await w.noop()
         bare = (time.perf_counter() - t0) / 10_000 * 1000
         note = f"{len(times)} steps; bare call {bare * 1000:.2f} us subtracted"
-        self.report.add(Figure("step overhead p50 (no-op step, in-process worker)",
-                               statistics.median(times) - bare, "ms", note=note))
+        self.report.add(
+            Figure(
+                "step overhead p50 (no-op step, in-process worker)",
+                statistics.median(times) - bare,
+                "ms",
+                note=note,
+            )
+        )
         self.report.add(Figure("step overhead p99", pct(times, 99) - bare, "ms"))
 
     async def fig_replay(self) -> None:
         """Replay of a finished run with N recorded steps: read + fold + re-walk the code."""
-        from polos._private.execution import RunExecution
+        from polos._private.run.execution import RunExecution
         from polos.testing import PolosEnvironment
         from polos.workflow import WorkflowContext
 
@@ -365,16 +401,23 @@ class Bench:
         async with PolosEnvironment(s, [w.bench_steps]) as env:
             h = await env.client.start(w.bench_steps, w.Steps(steps=n))
             await h.result(timeout=120)
-            names = jsl.Names(s.prefix)
+            names = Names(s.prefix)
             reads, folds, walks, totals = [], [], [], []
             for _ in range(self.sizes.replay_repeats):
                 t0 = time.perf_counter()
-                history = await jsl.read_history(env.client.nc, names, h.run_id)
+                history = await read_history(env.client.nc, names, h.run_id)
                 t1 = time.perf_counter()
                 state = ev.RunState.fold(h.run_id, history)
                 t2 = time.perf_counter()
-                exe = RunExecution(js=env.client.js, nc=env.client.nc, names=names, settings=s,
-                                   workflow=w.bench_steps, state=state, worker_id="bench")
+                exe = RunExecution(
+                    js=env.client.js,
+                    nc=env.client.nc,
+                    names=names,
+                    settings=s,
+                    workflow=w.bench_steps,
+                    state=state,
+                    worker_id="bench",
+                )
                 out = await w.bench_steps(WorkflowContext(exe), w.Steps(steps=n))
                 exe.check_all_replayed()
                 t3 = time.perf_counter()
@@ -383,10 +426,18 @@ class Bench:
                 folds.append((t2 - t1) * 1000)
                 walks.append((t3 - t2) * 1000)
                 totals.append((t3 - t0) * 1000)
-        note = (f"{len(history)} events; read {statistics.median(reads):.1f} + fold "
-                f"{statistics.median(folds):.1f} + re-walk {statistics.median(walks):.1f} ms")
-        self.report.add(Figure(f"replay of a run with {n} completed steps", statistics.median(totals),
-                               "ms", note=note))
+        note = (
+            f"{len(history)} events; read {statistics.median(reads):.1f} + fold "
+            f"{statistics.median(folds):.1f} + re-walk {statistics.median(walks):.1f} ms"
+        )
+        self.report.add(
+            Figure(
+                f"replay of a run with {n} completed steps",
+                statistics.median(totals),
+                "ms",
+                note=note,
+            )
+        )
 
     async def fig_reads(self) -> None:
         """A run's history read, now (kind by kind, shared inbox, fast header parser) and as it
@@ -398,7 +449,7 @@ class Bench:
         from .baseline import original_header_parser, read_subject_per_sub
 
         s = self.settings()
-        names = jsl.Names(s.prefix)
+        names = Names(s.prefix)
         async with PolosEnvironment(s, [w.bench_steps]) as env:
             nc = env.client.nc
             for n in self.sizes.read_sizes:
@@ -410,7 +461,7 @@ class Bench:
                 reps = max(3, self.sizes.read_repeats * 10 // max(10, n // 10))
                 for _ in range(reps):
                     t0 = time.perf_counter()
-                    msgs = await jsl.read_run(nc, names, h.run_id)
+                    msgs = await read_run(nc, names, h.run_id)
                     now.append((time.perf_counter() - t0) * 1000)
                     with original_header_parser():
                         t0 = time.perf_counter()
@@ -418,19 +469,25 @@ class Bench:
                         before.append((time.perf_counter() - t0) * 1000)
                     assert len(msgs) == len(old) == n + 3
                 b, a = statistics.median(before), statistics.median(now)
-                self.report.add(Figure(f"history read, {n + 3} events p50", a, "ms",
-                                       note=f"before: {b:.2f} ms ({b / a:.1f}x slower)"))
+                self.report.add(
+                    Figure(
+                        f"history read, {n + 3} events p50",
+                        a,
+                        "ms",
+                        note=f"before: {b:.2f} ms ({b / a:.1f}x slower)",
+                    )
+                )
 
     # ------------------------------------------------------------------ deployed figures
 
     async def _deployment(self, s: Settings, workers: int) -> tuple[Processes, PolosClient]:
         # As `polos up` does before it says it is up: the topology exists before any worker
         # or client looks for it (they only check; the orchestrator may still be starting).
-        nc = await jsl.connect(s, "polos-bench-init")
+        nc = await connect(s, "polos-bench-init")
         try:
-            await jsl.ensure_topology(nc.jetstream(), jsl.Names(s.prefix), s)
+            await ensure_topology(nc.jetstream(), Names(s.prefix), s)
         finally:
-            await jsl.close(nc)
+            await disconnect(nc)
         procs = Processes(s, self.tmp)
         procs.orchestrator()
         for i in range(workers):
@@ -460,25 +517,45 @@ class Bench:
                 # an event's ``at`` is taken just before its append.
                 hist = [e for _, e in await client.history(h.run_id)]
                 t_end = t_wall + e2e[-1] / 1000
-                marks = [t_wall, hist[0].at, hist[1].at, hist[2].at, hist[-2].at, hist[-1].at, t_end]
+                marks = [
+                    t_wall,
+                    hist[0].at,
+                    hist[1].at,
+                    hist[2].at,
+                    hist[-2].at,
+                    hist[-1].at,
+                    t_end,
+                ]
                 for i, k in enumerate(_E2E_PARTS):
                     d = (marks[i + 1] - marks[i]) * 1000
                     parts[k].append(d / 9 if k == "per further step" else d)
-            self.report.add(Figure("10-step workflow end to end, sequential p50",
-                                   statistics.median(e2e), "ms",
-                                   note=f"p99 {pct(e2e, 99):.1f} ms; "
-                                        f"{1000 / statistics.mean(e2e):.1f} wf/s sequential"))
+            self.report.add(
+                Figure(
+                    "10-step workflow end to end, sequential p50",
+                    statistics.median(e2e),
+                    "ms",
+                    note=f"p99 {pct(e2e, 99):.1f} ms; "
+                    f"{1000 / statistics.mean(e2e):.1f} wf/s sequential",
+                )
+            )
             for k, v in parts.items():
-                self.report.add(Figure(f"  e2e part: {k} p50", statistics.median(v), "ms",
-                                       note=_E2E_PARTS[k]))
+                self.report.add(
+                    Figure(f"  e2e part: {k} p50", statistics.median(v), "ms", note=_E2E_PARTS[k])
+                )
             firsts = []
             for _ in range(self.sizes.first_step_runs):
                 t0 = time.time()
                 fh = await client.start(w.first_step)
                 ran_at = float(await fh.result(timeout=30))
                 firsts.append((ran_at - t0) * 1000)
-            self.report.add(Figure("start -> first step runs p50", statistics.median(firsts), "ms",
-                                   note=f"p99 {pct(firsts, 99):.1f} ms"))
+            self.report.add(
+                Figure(
+                    "start -> first step runs p50",
+                    statistics.median(firsts),
+                    "ms",
+                    note=f"p99 {pct(firsts, 99):.1f} ms",
+                )
+            )
         finally:
             await client.close()
             procs.stop_all()
@@ -503,12 +580,17 @@ class Bench:
                     took, _started = await self._throughput_round(client, s, n, steps)
                     rates.append(n / took)
                 rate = statistics.median(rates)
-                self.report.add(Figure(
-                    f"{steps}-step workflows/s, {n:,} started at once, {workers} worker process"
-                    + ("es" if workers > 1 else ""),
-                    rate, "wf/s", kind="rate",
-                    note=f"median of {len(rates)} rounds ({', '.join(f'{r:.0f}' for r in rates)}); "
-                         f"{rate * (steps + 3):,.0f} appends/s"))
+                self.report.add(
+                    Figure(
+                        f"{steps}-step workflows/s, {n:,} started at once, {workers} worker process"
+                        + ("es" if workers > 1 else ""),
+                        rate,
+                        "wf/s",
+                        kind="rate",
+                        note=f"median of {len(rates)} rounds ({', '.join(f'{r:.0f}' for r in rates)}); "
+                        f"{rate * (steps + 3):,.0f} appends/s",
+                    )
+                )
         finally:
             await client.close()
             procs.stop_all()
@@ -571,8 +653,9 @@ class Bench:
                 changed.set()
 
             sub = await client.nc.subscribe(f"{s.prefix}.run.{run_id}.*", cb=on_event)
-            job = w.Steps(steps=self.sizes.failover_steps,
-                          step_seconds=self.sizes.failover_step_seconds)
+            job = w.Steps(
+                steps=self.sizes.failover_steps, step_seconds=self.sizes.failover_step_seconds
+            )
             await client.start(w.slow_steps, job, run_id=run_id)
             # The standby starts after w1 claimed the run, so the run begins on w1.
             await self._wait_event(events, changed, lambda e: isinstance(e, ev.RunClaimed))
@@ -582,27 +665,39 @@ class Bench:
             # far longer than a worker's start); kill w1 in the middle of the next step.
             done_before = sum(isinstance(e, ev.StepCompleted) for e in events)
             await self._wait_event(
-                events, changed,
-                lambda e: sum(isinstance(x, ev.StepCompleted) for x in events) > done_before)
+                events,
+                changed,
+                lambda e: sum(isinstance(x, ev.StepCompleted) for x in events) > done_before,
+            )
             await asyncio.sleep(self.sizes.failover_step_seconds / 2)
             t_kill = time.time()
             procs.kill("w1")
             claim = await self._wait_event(
-                events, changed,
-                lambda e: isinstance(e, ev.RunClaimed) and e.worker_id == "w2", timeout=60)
+                events,
+                changed,
+                lambda e: isinstance(e, ev.RunClaimed) and e.worker_id == "w2",
+                timeout=60,
+            )
             step = await self._wait_event(
-                events, changed,
-                lambda e: isinstance(e, ev.StepCompleted) and e.at > claim.at, timeout=60)
+                events,
+                changed,
+                lambda e: isinstance(e, ev.StepCompleted) and e.at > claim.at,
+                timeout=60,
+            )
             # The rest of the run is not needed: w2 goes without a graceful drain.
             procs.kill("w2")
             await sub.unsubscribe()
             ack = s.task_ack_wait
-            self.report.add(Figure(
-                f"failover: SIGKILL -> standby claims ({label}: ack_wait {ack:g}s, "
-                f"hb {s.heartbeat_interval:g}s)",
-                (claim.at - t_kill) * 1000, "ms",
-                note=f"next step done {(step.at - t_kill) * 1000:.0f} ms after the kill "
-                     f"(includes re-running the interrupted {job.step_seconds:g}s step)"))
+            self.report.add(
+                Figure(
+                    f"failover: SIGKILL -> standby claims ({label}: ack_wait {ack:g}s, "
+                    f"hb {s.heartbeat_interval:g}s)",
+                    (claim.at - t_kill) * 1000,
+                    "ms",
+                    note=f"next step done {(step.at - t_kill) * 1000:.0f} ms after the kill "
+                    f"(includes re-running the interrupted {job.step_seconds:g}s step)",
+                )
+            )
         finally:
             await client.close()
             procs.stop_all()
@@ -637,7 +732,8 @@ class Bench:
         if not hasattr(Step, "suspend"):
             self.report.pending.append(
                 "suspend/resume (resume latency, suspended runs: memory and time-to-resume-all):"
-                " ctx.step.suspend does not exist yet (issue 3)")
+                " ctx.step.suspend does not exist yet (issue 3)"
+            )
             return
         s = self.settings()
         procs, client = await self._deployment(s, 1)
@@ -666,7 +762,10 @@ class Bench:
                     return
                 ended.add(run_id)
                 counts["failed" if b'"t":"RunFailed"' in data else "completed"] += 1
-                if target["completed"] and counts["completed"] + counts["failed"] >= target["completed"]:
+                if (
+                    target["completed"]
+                    and counts["completed"] + counts["failed"] >= target["completed"]
+                ):
                     all_there.set()
 
         sub = await client.nc.subscribe(f"{s.prefix}.run.*.ctl", cb=on_ctl)
@@ -683,10 +782,15 @@ class Bench:
                 acks.append((time.time() - t0) * 1000)
                 ran_at = float(await h.result(timeout=30))
                 lat.append((ran_at - t0) * 1000)
-            self.report.add(Figure("resume -> next step runs p50 (run held no worker)",
-                                   statistics.median(lat), "ms",
-                                   note=f"p99 {pct(lat, 99):.1f} ms; resume command answered "
-                                        f"in {statistics.median(acks):.1f} ms p50"))
+            self.report.add(
+                Figure(
+                    "resume -> next step runs p50 (run held no worker)",
+                    statistics.median(lat),
+                    "ms",
+                    note=f"p99 {pct(lat, 99):.1f} ms; resume command answered "
+                    f"in {statistics.median(acks):.1f} ms p50",
+                )
+            )
 
             # Many suspended runs at once.
             n = self.sizes.suspended_runs
@@ -717,37 +821,53 @@ class Bench:
             # subjects); the wildcard filter it used before is timed beside it.
             # The first read of a run may have to load its messages' block from disk (the server
             # keeps recent blocks in memory); the second read of the same run shows the rest.
-            names = jsl.Names(s.prefix)
+            names = Names(s.prefix)
             reads, again, wildcard = [], [], []
             for r in ids[:: max(1, n // 20)]:
                 t_r = time.perf_counter()
-                msgs = await jsl.read_run(client.nc, names, r)
+                msgs = await read_run(client.nc, names, r)
                 reads.append((time.perf_counter() - t_r) * 1000)
                 t_r = time.perf_counter()
-                await jsl.read_run(client.nc, names, r)
+                await read_run(client.nc, names, r)
                 again.append((time.perf_counter() - t_r) * 1000)
                 t_r = time.perf_counter()
-                wild = await jsl.read_subject(client.nc, names.runs_stream, names.run_filter(r))
+                wild = await read_subject(client.nc, names.runs_stream, names.run_filter(r))
                 wildcard.append((time.perf_counter() - t_r) * 1000)
                 assert [m.seq for m in msgs] == [m.seq for m in wild]
             info = await client.js.stream_info(names.runs_stream)
-            self.report.add(Figure(
-                f"history read of one suspended run, {info.state.messages:,} msgs in the stream",
-                statistics.median(reads), "ms",
-                note=f"p99 {pct(reads, 99):.2f} ms; read again at once {statistics.median(again):.2f}"
-                     f" ms; wildcard filter <p>.run.<id>.* (after) {statistics.median(wildcard):.2f}"
-                     " ms"))
-            self.report.add(Figure(
-                f"{n:,} runs started and suspended", n / t_susp, "wf/s", kind="rate",
-                note=f"{t_susp:.1f} s; the run index caught up {caught_up:.1f} s later"))
+            self.report.add(
+                Figure(
+                    f"history read of one suspended run, {info.state.messages:,} msgs in the stream",
+                    statistics.median(reads),
+                    "ms",
+                    note=f"p99 {pct(reads, 99):.2f} ms; read again at once {statistics.median(again):.2f}"
+                    f" ms; wildcard filter <p>.run.<id>.* (after) {statistics.median(wildcard):.2f}"
+                    " ms",
+                )
+            )
+            self.report.add(
+                Figure(
+                    f"{n:,} runs started and suspended",
+                    n / t_susp,
+                    "wf/s",
+                    kind="rate",
+                    note=f"{t_susp:.1f} s; the run index caught up {caught_up:.1f} s later",
+                )
+            )
             for proc_name in ("orchestrator", "scheduler", "worker", "nats-server"):
                 now, was = rss.get(proc_name), rss_before.get(proc_name)
                 parts = [] if was is None else [f"before the runs {was:.0f} MB"]
                 if proc_name == "nats-server":
                     parts.append(f"stored in JetStream {stored:.0f} MB")
-                self.report.add(Figure(
-                    f"memory with {n:,} suspended runs: {proc_name} RSS", now, "MB",
-                    kind="other", note="; ".join(parts)))
+                self.report.add(
+                    Figure(
+                        f"memory with {n:,} suspended runs: {proc_name} RSS",
+                        now,
+                        "MB",
+                        kind="other",
+                        note="; ".join(parts),
+                    )
+                )
 
             all_there.clear()
             target["suspended"] = 0
@@ -764,9 +884,14 @@ class Bench:
             t_all = time.perf_counter() - t0
             if counts["failed"] > base["failed"]:
                 raise RuntimeError(f"{counts['failed'] - base['failed']} resumed runs failed")
-            self.report.add(Figure(
-                f"time to resume all {n:,} suspended runs", t_all * 1000, "ms",
-                note=f"{n / t_all:,.0f} runs/s finished; resumes answered in {t_sent:.1f} s"))
+            self.report.add(
+                Figure(
+                    f"time to resume all {n:,} suspended runs",
+                    t_all * 1000,
+                    "ms",
+                    note=f"{n / t_all:,.0f} runs/s finished; resumes answered in {t_sent:.1f} s",
+                )
+            )
         finally:
             await sub.unsubscribe()
             await client.close()
@@ -775,11 +900,13 @@ class Bench:
     @staticmethod
     async def _orchestrator_idle(client: PolosClient, s: Settings, timeout: float) -> None:
         """No command or control event waits for the orchestrator (delivered or not)."""
-        names = jsl.Names(s.prefix)
+        names = Names(s.prefix)
 
         async def idle() -> bool:
-            for stream, durable in ((names.cmd_stream, "orchestrator_cmd"),
-                                    (names.runs_stream, "orchestrator_ctl")):
+            for stream, durable in (
+                (names.cmd_stream, "orchestrator_cmd"),
+                (names.runs_stream, "orchestrator_ctl"),
+            ):
                 info = await client.js.consumer_info(stream, durable)
                 if info.num_pending or info.num_ack_pending:
                     return False
@@ -794,7 +921,7 @@ class Bench:
 
         async def ready() -> bool:
             try:
-                await client.js.consumer_info(jsl.Names(s.prefix).timers_stream, DURABLE)
+                await client.js.consumer_info(Names(s.prefix).timers_stream, DURABLE)
             except Exception:
                 return False
             return True
@@ -804,10 +931,15 @@ class Bench:
 
     def _rss(self, procs: Processes) -> dict[str, float]:
         """Resident memory (MB) of the services, from /proc (Linux)."""
-        pids = {name: procs.procs[key].pid
-                for name, key in (("worker", "w1"), ("orchestrator", "orchestrator"),
-                                  ("scheduler", "scheduler"))
-                if key in procs.procs}
+        pids = {
+            name: procs.procs[key].pid
+            for name, key in (
+                ("worker", "w1"),
+                ("orchestrator", "orchestrator"),
+                ("scheduler", "scheduler"),
+            )
+            if key in procs.procs
+        }
         if self.server is not None and self.server.proc is not None:
             pids["nats-server"] = self.server.proc.pid
         out: dict[str, float] = {}
@@ -835,14 +967,15 @@ class Bench:
             from polos_analytics.export import Exporter
         except ImportError:
             self.report.pending.append(
-                "export throughput (events/s): the analytics exporter does not exist yet (issue 6)")
+                "export throughput (events/s): the analytics exporter does not exist yet (issue 6)"
+            )
             return
         s = self.settings()
-        names = jsl.Names(s.prefix)
-        nc = await jsl.connect(s, "polos-bench-export")
+        names = Names(s.prefix)
+        nc = await connect(s, "polos-bench-export")
         js = nc.jetstream()
         try:
-            await jsl.ensure_topology(js, names, s)
+            await ensure_topology(js, names, s)
             runs, steps = self.sizes.export_runs, 10
             futs = []
             for r in range(runs):
@@ -850,13 +983,18 @@ class Bench:
                 batch: list[ev.Event] = [
                     ev.RunRequested(run_id=run_id, workflow="bench_steps", input={"steps": steps}),
                     ev.RunClaimed(run_id=run_id, worker_id="w1", attempt=1),
-                    *(ev.StepCompleted(key=f"s{i}", kind="run", name="noop", output=1,
-                                       duration_ms=0.01) for i in range(steps)),
+                    *(
+                        ev.StepCompleted(
+                            key=f"s{i}", kind="run", name="noop", output=1, duration_ms=0.01
+                        )
+                        for i in range(steps)
+                    ),
                     ev.RunCompleted(run_id=run_id, output=steps),
                 ]
                 for e in batch:
-                    futs.append(await js.publish_async(names.run_subject(run_id, e.KIND),
-                                                       ev.encode(e)))
+                    futs.append(
+                        await js.publish_async(names.run_subject(run_id, e.KIND), ev.encode(e))
+                    )
             await asyncio.gather(*futs)
             out = self.tmp / f"export-{s.prefix}"
             async with Exporter(s, out, nc=nc) as exporter:
@@ -864,17 +1002,28 @@ class Bench:
                 again = await exporter.export_once()
         finally:
             await nc.close()
-        self.report.add(Figure(
-            f"analytics export to Parquet ({first.total:,} rows, one pass)", first.per_second,
-            "ev/s", kind="rate",
-            note=f"{first.seconds * 1000:.0f} ms; a second export found {again.total} new rows"))
+        self.report.add(
+            Figure(
+                f"analytics export to Parquet ({first.total:,} rows, one pass)",
+                first.per_second,
+                "ev/s",
+                kind="rate",
+                note=f"{first.seconds * 1000:.0f} ms; a second export found {again.total} new rows",
+            )
+        )
         if again.total:
-            raise RuntimeError(f"export is not idempotent: the second pass wrote {again.total} rows")
+            raise RuntimeError(
+                f"export is not idempotent: the second pass wrote {again.total} rows"
+            )
 
 
 async def run_bench(
-    sizes: Sizes, *, only: set[str] | None = None, nats_url: str | None = None,
-    keep: bool = False, json_path: str | None = None,
+    sizes: Sizes,
+    *,
+    only: set[str] | None = None,
+    nats_url: str | None = None,
+    keep: bool = False,
+    json_path: str | None = None,
 ) -> Report:
     bench = Bench(sizes, nats_url=nats_url, keep=keep)
     report = await bench.run(only)

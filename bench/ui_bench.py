@@ -27,15 +27,23 @@ from typing import Any
 import orjson
 
 from polos import PolosClient, Worker, WorkflowContext, workflow
-from polos._private import auth
-from polos._private import jetstream as jsl
-from polos._private.server import EmbeddedServer, default_config
+from polos._private.ops import auth
+from polos._private.ops.server import EmbeddedServer, default_config
+from polos._private.store import Names, connect, ensure_topology
 from polos.config import Settings
 from polos_ui import UIConfig, UIServer
 from polos_ui.projection import Query, encode_key
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 async def _work(n: int) -> int:
@@ -72,14 +80,25 @@ async def fill_index(nc: Any, prefix: str, n: int, now: float) -> None:
     for start in range(0, n, 5000):
         for i in range(start, min(n, start + 5000)):
             status = statuses[i % len(statuses)]
-            e = {"run_id": f"b{i:07d}", "workflow": f"wf{i % 12}", "status": status,
-                 "created_at": now - (n - i) * 0.5, "updated_at": now - (n - i) * 0.5 + 0.2,
-                 "queue": f"q{i % 4}", "attempt": 1, "worker_id": "w-1", "seq": i + 1,
-                 "parent_run_id": None if i % 7 else f"b{max(0, i - 1):07d}",
-                 "ended_at": now - (n - i) * 0.5 + 0.2 if status in ("completed", "failed") else None,
-                 "error": {"type": "ValueError", "message": "bad"} if status == "failed" else None,
-                 "waiting": {"step": "review", "kind": "suspend", "data": {"n": i}}
-                 if status == "suspended" else None}
+            e: dict[str, Any] = {
+                "run_id": f"b{i:07d}",
+                "workflow": f"wf{i % 12}",
+                "status": status,
+                "created_at": now - (n - i) * 0.5,
+                "updated_at": now - (n - i) * 0.5 + 0.2,
+                "queue": f"q{i % 4}",
+                "attempt": 1,
+                "worker_id": "w-1",
+                "seq": i + 1,
+                "parent_run_id": None if i % 7 else f"b{max(0, i - 1):07d}",
+                "ended_at": now - (n - i) * 0.5 + 0.2
+                if status in ("completed", "failed")
+                else None,
+                "error": {"type": "ValueError", "message": "bad"} if status == "failed" else None,
+                "waiting": {"step": "review", "kind": "suspend", "data": {"n": i}}
+                if status == "suspended"
+                else None,
+            }
             await nc.publish(subject + e["run_id"], orjson.dumps(e))
         await nc.flush()
 
@@ -101,9 +120,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     services: list[Any] = []
     try:
-        nc = await jsl.connect(settings("service"), name="ui-bench")
+        nc = await connect(settings("service"), name="ui-bench")
         js = nc.jetstream()
-        await jsl.ensure_topology(js, jsl.Names(prefix), settings("service"))
+        await ensure_topology(js, Names(prefix), settings("service"))
         t = time.perf_counter()
         await fill_index(nc, prefix, args.runs, time.time() - 60)
         while (await js.stream_info(f"KV_{prefix}_runs")).state.messages < args.runs:
@@ -111,8 +130,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         figures["fill_seconds"] = round(time.perf_counter() - t, 2)
         await nc.close()
 
-        ui = UIServer(UIConfig(settings=settings("client"), port=0, data_dir=tmp / "ui",
-                               live_interval=0.1))
+        ui = UIServer(
+            UIConfig(settings=settings("client"), port=0, data_dir=tmp / "ui", live_interval=0.1)
+        )
         t = time.perf_counter()
         await ui.start()
         assert ui.index is not None
@@ -133,8 +153,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "run id prefix search": "/runs?q=b00999",
         }
         for name, path in pages.items():
-            samples = [await asyncio.to_thread(_get, ui.base_url + path, token)
-                       for _ in range(args.requests)]
+            samples = [
+                await asyncio.to_thread(_get, ui.base_url + path, token)
+                for _ in range(args.requests)
+            ]
             server_ms = [s for s, _, _ in samples[5:]]
             wall_ms = [w for _, w, _ in samples[5:]]
             figures[f"runs page, {name}"] = {
@@ -160,9 +182,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await client.close()
         if delays:
             figures["RunCompleted to the browser, ms"] = {
-                "p50": round(_pct(delays, 50), 1), "p99": round(_pct(delays, 99), 1),
-                "max": round(max(delays), 1), "mean": round(statistics.mean(delays), 1),
-                "n": len(delays)}
+                "p50": round(_pct(delays, 50), 1),
+                "p99": round(_pct(delays, 99), 1),
+                "max": round(max(delays), 1),
+                "mean": round(statistics.mean(delays), 1),
+                "n": len(delays),
+            }
             print("RunCompleted -> browser", figures["RunCompleted to the browser, ms"], flush=True)
     finally:
         for s in services:
@@ -179,7 +204,7 @@ async def _browser_delays(ui: UIServer, client: PolosClient, n: int) -> list[flo
         return []
     from playwright.async_api import async_playwright
 
-    from polos import events as ev
+    from polos import history as ev
 
     delays: list[float] = []
     async with async_playwright() as pw:

@@ -32,15 +32,30 @@ def _start(export: bool) -> tuple[Path, str, subprocess.Popen[str], subprocess.P
     env = {**os.environ, "POLOS_PREFIX": "upx", "PYTHONUNBUFFERED": "1"}
     env.pop("POLOS_NATS_URL", None)
     up = subprocess.Popen(
-        [sys.executable, "-m", "polos", "up", "--port", "0", "--no-auth",
-         *([] if export else ["--no-export"])],
-        cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "polos",
+            "up",
+            "--port",
+            "0",
+            "--no-auth",
+            *([] if export else ["--no-export"]),
+        ],
+        cwd=d,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert up.stdout is not None
     url = next(m.group(1) for line in up.stdout if (m := re.search(r"NATS_URL=(\S+)", line)))
     worker = subprocess.Popen(
         [sys.executable, "-m", "polos", "worker", "polos_bench.workflows", "--nats-url", url],
-        cwd=d, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=d,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return d, url, up, worker
 
@@ -69,7 +84,8 @@ async def measure(export: bool, sequential: int, burst: int) -> tuple[float, flo
                 took.append((time.perf_counter() - t0) * 1000)
             t0 = time.perf_counter()
             handles = await asyncio.gather(
-                *(client.start(w.bench_steps, w.Steps(steps=10)) for _ in range(burst)))
+                *(client.start(w.bench_steps, w.Steps(steps=10)) for _ in range(burst))
+            )
             await asyncio.gather(*(h.result(timeout=300) for h in handles))
             rate = burst / (time.perf_counter() - t0)
         finally:
@@ -86,14 +102,19 @@ async def main(rounds: int, sequential: int, burst: int) -> None:
         for export in (False, True) if i % 2 == 0 else (True, False):
             r = await measure(export, sequential, burst)
             results[export].append(r)
-            print(f"export {'on ' if export else 'off'}: p50 {r[0]:.2f} ms  p99 {r[1]:.2f} ms  "
-                  f"burst {r[2]:.0f} runs/s", flush=True)
+            print(
+                f"export {'on ' if export else 'off'}: p50 {r[0]:.2f} ms  p99 {r[1]:.2f} ms  "
+                f"burst {r[2]:.0f} runs/s",
+                flush=True,
+            )
     for export in (False, True):
         rs = results[export]
-        print(f"export {'on ' if export else 'off'}, medians of {rounds}: "
-              f"p50 {statistics.median(r[0] for r in rs):.2f} ms, "
-              f"p99 {statistics.median(r[1] for r in rs):.2f} ms, "
-              f"burst {statistics.median(r[2] for r in rs):.0f} runs/s")
+        print(
+            f"export {'on ' if export else 'off'}, medians of {rounds}: "
+            f"p50 {statistics.median(r[0] for r in rs):.2f} ms, "
+            f"p99 {statistics.median(r[1] for r in rs):.2f} ms, "
+            f"burst {statistics.median(r[2] for r in rs):.0f} runs/s"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The order example of DESIGN.md, with an agent that validates the order.
+"""The order example (README, docs/agents.md), with an agent that validates the order.
 
     python -m examples.agents
 
@@ -58,20 +58,24 @@ def send_shipping_email(order: ProcessOrderInput) -> str:
 @workflow
 async def process_order(ctx: WorkflowContext, order: ProcessOrderInput) -> ProcessOrderOutput:
     validation = await ctx.step.agent_invoke_and_wait(
-        "validate_order", order_validation_agent.with_input(f"Validate this order: {order.model_dump_json()}")
+        "validate_order",
+        order_validation_agent.with_input(f"Validate this order: {order.model_dump_json()}"),
     )
     if not validation.result.valid:
         return ProcessOrderOutput(status="invalid", reason=validation.result.reason)
-    # DESIGN.md's order also suspends for a human above $1000 and waits for the warehouse
-    # (ctx.step.suspend / wait_for_event); see docs/agents.md for approval-gated tools.
+    # The demo's order (examples/order.py) also suspends for a human above $1000 and waits for
+    # the warehouse (ctx.step.suspend / wait_for_event); see docs/agents.md for approval-gated
+    # tools.
     payment = await ctx.step.run("charge", charge_stripe, order)  # never charged twice
     await ctx.step.run("notify", send_shipping_email, order)
-    return ProcessOrderOutput(status="completed", reason=validation.result.reason, payment_id=payment.id)
+    return ProcessOrderOutput(
+        status="completed", reason=validation.result.reason, payment_id=payment.id
+    )
 
 
 async def main() -> None:
-    from polos import events as ev
-    from polos._private import waiting
+    from polos import history as ev
+    from polos._private.run import waits as waiting
     from polos.devllm import LABEL, DevLLM
     from polos.testing import EmbeddedServer, PolosEnvironment, fast_settings
 
@@ -84,7 +88,9 @@ async def main() -> None:
         async with PolosEnvironment(
             fast_settings(server.url, prefix="example"), [process_order, agent_workflow]
         ) as env:
-            order = ProcessOrderInput(id="o-1", sku="SKU-42", quantity=2, country="DE", amount=120.0)
+            order = ProcessOrderInput(
+                id="o-1", sku="SKU-42", quantity=2, country="DE", amount=120.0
+            )
             handle = await env.client.start(process_order, order)
             result = await handle.result(timeout=120)
             print(f"run {handle.run_id}: {result!r}")
@@ -96,7 +102,9 @@ async def main() -> None:
                     extra = (
                         f"tokens={meta['usage']['total_tokens']} cost=${meta['cost_usd']}"
                         if e.kind == "llm"
-                        else f"args={meta.get('arguments')}" if e.kind == "tool" else ""
+                        else f"args={meta.get('arguments')}"
+                        if e.kind == "tool"
+                        else ""
                     )
                     print(f"  {e.kind:5} {e.key:40} {e.duration_ms or 0:8.1f} ms  {extra}")
     if devllm is not None:

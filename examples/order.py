@@ -81,7 +81,11 @@ async def process_order(ctx: WorkflowContext, order: Order) -> OrderResult:
             "fraud_review", data={"order": order.id, "amount": order.amount, "payment": payment.id}
         )
         if not review.data.get("approved"):
-            return OrderResult(status="rejected", payment_id=payment.id, reason=review.data.get("reason"))
+            return OrderResult(
+                status="rejected", payment_id=payment.id, reason=review.data.get("reason")
+            )
     pickup = await ctx.step.wait_for_event("wait_pickup", topic=f"warehouse.pickup/{order.id}")
     await ctx.step.run("notify", send_shipping_email, order, (pickup.data or {}).get("dock"))
-    return OrderResult(status="completed", payment_id=payment.id, dock=(pickup.data or {}).get("dock"))
+    return OrderResult(
+        status="completed", payment_id=payment.id, dock=(pickup.data or {}).get("dock")
+    )

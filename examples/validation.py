@@ -1,4 +1,4 @@
-"""The order-validation agent of DESIGN.md's example, shared by examples/order.py (the demo)
+"""The order-validation agent of the order example, shared by examples/order.py (the demo)
 and examples/agents.py: an LLM that checks inventory and shipping with two tools and answers
 with a typed ``OrderValidation``.
 
@@ -18,7 +18,6 @@ from polos import Agent, tool
 class OrderValidation(BaseModel):
     valid: bool
     reason: str
-
 
 
 @tool
@@ -55,5 +54,3 @@ order_validation_agent = Agent(
     temperature=0,
     max_steps=6,
 )
-
-

@@ -3,8 +3,8 @@
 The public API is what ``__all__`` lists; ``tests/test_public_api.py`` pins it.
 """
 
-from polos._private.execution import current_step
-from polos._private.waiting import ChildHandle, ReceivedEvent, Resumed
+from polos._private.run.execution import current_step
+from polos._private.run.waits import ChildHandle, ReceivedEvent, Resumed
 from polos.agent import (
     Agent,
     AgentConfigError,
@@ -27,12 +27,14 @@ from polos.errors import (
     PolosError,
     RunNotFoundError,
     SerializationError,
+    StepExecutionError,
     StepFailedError,
     WaitTimeoutError,
     WorkflowCancelledError,
     WorkflowFailedError,
     WorkflowNotFoundError,
 )
+from polos.middleware import HookAction, HookContext, HookResult, hook
 from polos.queues import Queue, RateLimit
 from polos.tools import Tool, tool
 from polos.worker import Worker
@@ -62,6 +64,9 @@ __all__ = [
     "CommandRejectedError",
     "ConnectionFailedError",
     "GuardrailViolation",
+    "HookAction",
+    "HookContext",
+    "HookResult",
     "InputValidationError",
     "NonDeterminismError",
     "PolosClient",
@@ -78,6 +83,7 @@ __all__ = [
     "SerializationError",
     "Settings",
     "Step",
+    "StepExecutionError",
     "StepFailedError",
     "StepInfo",
     "Tool",
@@ -89,6 +95,7 @@ __all__ = [
     "WorkflowFailedError",
     "WorkflowNotFoundError",
     "current_step",
+    "hook",
     "tool",
     "workflow",
 ]

@@ -21,9 +21,30 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from polos import events as ev
-from polos._private import jetstream as jsl
-from polos._private import payloads
+from polos import history as ev
+from polos._private.run import timers
+from polos._private.store import (
+    MSG_ID,
+    Names,
+    connect,
+    disconnect,
+    kv_entries,
+    load_state,
+    payloads,
+    publish,
+    read_history,
+    read_subject,
+    valid_token,
+)
+from polos._private.store import check_topology as require_topology
+from polos._private.store.commands import (
+    CancelCommand,
+    ResumeCommand,
+    StartCommand,
+    send_command,
+)
+from polos._private.store.index import IndexEntry
+from polos._private.store.tokens import event_subject, resume_subject
 from polos.config import Settings
 from polos.converter import from_json, to_json
 from polos.errors import RunNotFoundError, WorkflowCancelledError, WorkflowFailedError
@@ -56,8 +77,14 @@ def _info_from_state(state: ev.RunState) -> RunInfo:
     waiting = None
     if state.status == "suspended" and state.suspended is not None:
         s = state.suspended
-        waiting = {"step": s.step, "kind": s.kind, "data": s.data, "topic": s.topic,
-                   "wake_at": s.wake_at, "timeout_at": s.timeout_at}
+        waiting = {
+            "step": s.step,
+            "kind": s.kind,
+            "data": s.data,
+            "topic": s.topic,
+            "wake_at": s.wake_at,
+            "timeout_at": s.timeout_at,
+        }
     return RunInfo(
         run_id=state.run_id,
         workflow=state.workflow,
@@ -78,7 +105,9 @@ class RunHandle(Generic[O]):
     """A started run. ``result()`` waits for it without polling: it listens to the run's
     control subject and reads the history once to catch up."""
 
-    def __init__(self, client: PolosClient, run_id: str, workflow: str | None, output_type: Any = None) -> None:
+    def __init__(
+        self, client: PolosClient, run_id: str, workflow: str | None, output_type: Any = None
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.workflow = workflow
@@ -105,7 +134,9 @@ class RunHandle(Generic[O]):
 
         async def on_ctl(msg: Any) -> None:
             with contextlib.suppress(Exception):
-                if isinstance(ev.decode(msg.data), (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
+                if isinstance(
+                    ev.decode(msg.data), (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)
+                ):
                     news.put_nowait(None)
 
         # Subscribe before reading, so an ending between the read and the subscribe is not missed.
@@ -119,7 +150,7 @@ class RunHandle(Generic[O]):
             while True:
                 # Control events only: the outcome is in them, and a long run's steps are not
                 # worth reading to learn it.
-                state = await jsl.load_state(nc, names, self.run_id, kinds=("ctl",))
+                state = await load_state(nc, names, self.run_id, kinds=("ctl",))
                 if state.done:
                     return self._outcome(state)
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -156,7 +187,7 @@ class PolosClient:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout)
         self.settings = settings
-        self.names = jsl.Names(settings.prefix)
+        self.names = Names(settings.prefix)
         self.workflows: dict[str, WorkflowDefinition[Any, Any]] = {}
         self._owns = owns_connection
         # Waiters to nudge after a reconnect (core subscriptions miss what was sent meanwhile).
@@ -192,14 +223,14 @@ class PolosClient:
             if holder:
                 await holder[0]._on_reconnect()
 
-        nc = await jsl.connect(s, name="polos-client", on_reconnect=reconnected)
+        nc = await connect(s, name="polos-client", on_reconnect=reconnected)
         client = cls(nc, s)
         holder.append(client)
         if check_topology:
             # Clients never create streams or buckets (the services do, at start): a missing
             # one is named in one line now, not a timeout on the first request that needs it.
             try:
-                await jsl.check_topology(client.js, client.names)
+                await require_topology(client.js, client.names)
             except BaseException:
                 await client.close()
                 raise
@@ -208,7 +239,7 @@ class PolosClient:
     async def close(self) -> None:
         if self._owns:
             with contextlib.suppress(Exception):
-                await jsl.close(self.nc)
+                await disconnect(self.nc)
 
     async def __aenter__(self) -> PolosClient:
         return self
@@ -235,12 +266,12 @@ class PolosClient:
             name, output_type = workflow.name, workflow.output_type
         else:
             name = workflow
-        if not jsl.valid_token(name):
+        if not valid_token(name):
             raise ValueError(f"workflow name {name!r} is not valid")
         run_id = run_id or uuid.uuid4().hex
-        if not jsl.valid_token(run_id):
+        if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} must be 1-128 letters, digits, '_' or '-'")
-        body: dict[str, Any] = {"input": to_json(input, what="the workflow input"), "run_id": run_id}
+        body: StartCommand = {"input": to_json(input, what="the workflow input"), "run_id": run_id}
         if queue is not None:
             body["queue"] = queue
         if concurrency_key is not None:
@@ -248,14 +279,16 @@ class PolosClient:
         data = orjson.dumps(body)
         if len(data) > payloads.inline_limit(self.nc):
             # Too big for a command message: the input travels through the Object Store.
-            ref = await payloads.put_value(self.js, self.names, run_id, orjson.dumps(body.pop("input")))
+            ref = await payloads.put_value(
+                self.js, self.names, run_id, orjson.dumps(body.pop("input"))
+            )
             body["input_ref"] = ref
             data = orjson.dumps(body)
-        await jsl.publish(
+        await publish(
             self.nc,
             self.names.start_subject(name),
             data,
-            headers={jsl.MSG_ID: f"start/{run_id}", "Polos-Client": "python"},
+            headers={MSG_ID: f"start/{run_id}", "Polos-Client": "python"},
             timeout=self.settings.request_timeout,
         )
         return RunHandle(self, run_id, name, output_type)
@@ -265,14 +298,14 @@ class PolosClient:
 
     async def get(self, run_id: str) -> RunInfo:
         """The run's current state, folded from its history (the truth, not the index)."""
-        state = await jsl.load_state(self.nc, self.names, run_id)
+        state = await load_state(self.nc, self.names, run_id)
         if state.requested is None:
             raise RunNotFoundError(f"no run {run_id!r} in namespace {self.settings.prefix!r}")
         return _info_from_state(state)
 
     async def history(self, run_id: str) -> list[tuple[int, ev.Event]]:
         """The run's events in order, with their stream sequences."""
-        return await jsl.read_history(self.nc, self.names, run_id)
+        return await read_history(self.nc, self.names, run_id)
 
     async def list_runs(
         self,
@@ -283,15 +316,11 @@ class PolosClient:
     ) -> list[RunInfo]:
         """Runs from the run index, newest first. ``status`` may be one status or a list."""
         wanted = {status} if isinstance(status, str) else set(status or [])
-        msgs = await jsl.last_per_subject(
-            self.nc, f"KV_{self.names.runs_bucket}", f"$KV.{self.names.runs_bucket}.>"
-        )
+        entries = await kv_entries(self.nc, self.names.runs_bucket)
         serving = await self._served_workflows()
         out: list[RunInfo] = []
-        for m in msgs:
-            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                continue
-            e = orjson.loads(m.data)
+        for m in entries:
+            e: IndexEntry = orjson.loads(m.value)
             if wanted and e.get("status") not in wanted:
                 continue
             if workflow and e.get("workflow") != workflow:
@@ -309,7 +338,7 @@ class PolosClient:
                     attempt=e.get("attempt", 0),
                     worker_id=e.get("worker_id"),
                     error=e.get("error"),
-                    waiting=e.get("waiting"),
+                    waiting=dict(w) if (w := e.get("waiting")) else None,
                     parent_run_id=e.get("parent_run_id"),
                     note=note,
                     extra={k: v for k, v in e.items() if k not in RunInfo.__dataclass_fields__},
@@ -320,14 +349,7 @@ class PolosClient:
 
     async def workers(self) -> list[dict[str, Any]]:
         """Live workers (their registrations expire when they stop heartbeating)."""
-        msgs = await jsl.last_per_subject(
-            self.nc, f"KV_{self.names.workers_bucket}", f"$KV.{self.names.workers_bucket}.>"
-        )
-        out = []
-        for m in msgs:
-            if m.data and (m.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
-                out.append(orjson.loads(m.data))
-        return out
+        return [orjson.loads(m.value) for m in await kv_entries(self.nc, self.names.workers_bucket)]
 
     async def _served_workflows(self) -> set[str]:
         served: set[str] = set()
@@ -337,7 +359,7 @@ class PolosClient:
 
     async def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest dead-lettered messages with the reason each was kept aside."""
-        msgs = await jsl.read_subject(self.nc, self.names.dlq_stream, f"{self.settings.prefix}.dlq.>")
+        msgs = await read_subject(self.nc, self.names.dlq_stream, f"{self.settings.prefix}.dlq.>")
         return [orjson.loads(m.data) for m in msgs[-limit:]]
 
     # ------------------------------------------------------------------ waiting (docs/waiting.md)
@@ -350,17 +372,18 @@ class PolosClient:
         (the resume is kept and applied when it does). A resume that cannot apply (unknown or
         finished run, key already resumed) raises ``CommandRejectedError`` and changes nothing.
         """
-        from polos._private import waiting
-
-        if not jsl.valid_token(run_id):
+        if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} is not valid")
-        body: dict[str, Any] = {"data": to_json(data, what="the resume data")}
+        body: ResumeCommand = {"data": to_json(data, what="the resume data")}
         if len(orjson.dumps(body)) > payloads.inline_limit(self.nc):
             # Too big for a command message: the data travels through the Object Store.
             ref = await payloads.put_value(self.js, self.names, run_id, orjson.dumps(body["data"]))
             body = {"data_ref": ref}
-        return await waiting.send_command(
-            self.nc, self.js, waiting.resume_subject(self.names, run_id, key), body,
+        return await send_command(
+            self.nc,
+            self.js,
+            resume_subject(self.names, run_id, key),
+            body,
             msg_id=f"resume/{run_id}/{uuid.uuid4().hex}",
             timeout=timeout or self.settings.request_timeout,
         )
@@ -371,13 +394,14 @@ class PolosClient:
         """Cancel a run: its worker is interrupted at the next await, its children are
         cancelled, its timers and waits are cleared. Raises ``CommandRejectedError`` for an
         unknown or finished run."""
-        from polos._private import waiting
-
-        if not jsl.valid_token(run_id):
+        if not valid_token(run_id):
             raise ValueError(f"run_id {run_id!r} is not valid")
-        body = {"reason": reason} if reason is not None else {}
-        return await waiting.send_command(
-            self.nc, self.js, self.names.cancel_subject(run_id), body,
+        body: CancelCommand = {"reason": reason} if reason is not None else {}
+        return await send_command(
+            self.nc,
+            self.js,
+            self.names.cancel_subject(run_id),
+            body,
             msg_id=f"cancel/{run_id}/{uuid.uuid4().hex}",
             timeout=timeout or self.settings.request_timeout,
         )
@@ -386,14 +410,14 @@ class PolosClient:
         """Publish an external event on ``topic`` (see docs/waiting.md for the subject it maps
         to); returns its sequence in the events stream. Same as a raw JSON publish; data too
         big for one message goes through the Object Store (docs/operations.md)."""
-        from polos._private import waiting
-
-        subject = waiting.event_subject(self.names, topic)
+        subject = event_subject(self.names, topic)
         encoded = orjson.dumps(to_json(data, what="the event data"))
         headers = None
         if len(encoded) > payloads.inline_limit(self.nc):
             # Too big for one message: the data goes to the Object Store, the event names it.
-            headers = {payloads.EVENT_REF: await payloads.put_event_value(self.js, self.names, encoded)}
+            headers = {
+                payloads.EVENT_REF: await payloads.put_event_value(self.js, self.names, encoded)
+            }
             encoded = b""
         ack = await self.js.publish(subject, encoded, headers=headers)
         return int(ack.seq)
@@ -408,23 +432,17 @@ class PolosClient:
         input: Any = None,
     ) -> dict[str, Any]:
         """Create (or replace) the keyed cron schedule ``key``: each firing starts one run."""
-        from polos._private import waiting
-
         name = workflow.name if isinstance(workflow, WorkflowDefinition) else workflow
-        return await waiting.put_schedule(
+        return await timers.put_schedule(
             self.js, self.names, key, name, cron, timezone=timezone, input=input
         )
 
     async def list_schedules(self) -> list[dict[str, Any]]:
-        from polos._private import waiting
-
-        return await waiting.list_schedules(self.nc, self.names)
+        return await timers.list_schedules(self.nc, self.names)
 
     async def delete_schedule(self, key: str) -> bool:
         """Delete the keyed schedule; False if there was none."""
-        from polos._private import waiting
-
-        return await waiting.delete_schedule(self.js, self.names, key)
+        return await timers.delete_schedule(self.js, self.names, key)
 
     async def waiting(self, limit: int = 100) -> list[RunInfo]:
         """Runs suspended for a human (``ctx.step.suspend``), with the data they showed."""

@@ -23,7 +23,9 @@ def _env_float(name: str, default: float) -> float:
 class Settings:
     """Connection and timing settings. Every field can be set from a ``POLOS_*`` variable."""
 
-    nats_url: str = field(default_factory=lambda: os.environ.get("POLOS_NATS_URL", DEFAULT_NATS_URL))
+    nats_url: str = field(
+        default_factory=lambda: os.environ.get("POLOS_NATS_URL", DEFAULT_NATS_URL)
+    )
     # Namespaces every subject, stream and bucket, so tenants and tests share one server.
     prefix: str = field(default_factory=lambda: os.environ.get("POLOS_PREFIX", "polos"))
     # How long a task may go without a heartbeat before JetStream gives it to another worker.
@@ -40,9 +42,7 @@ class Settings:
     )
     # An LLM step whose tokens are there within this many seconds waits for them inside the
     # worker; a longer wait suspends the run (kind "rate") until they are, holding no worker.
-    rate_wait_limit: float = field(
-        default_factory=lambda: _env_float("POLOS_RATE_WAIT_LIMIT", 1.0)
-    )
+    rate_wait_limit: float = field(default_factory=lambda: _env_float("POLOS_RATE_WAIT_LIMIT", 1.0))
     request_timeout: float = field(default_factory=lambda: _env_float("POLOS_REQUEST_TIMEOUT", 5.0))
     # A concurrency slot's lease: a worker that dies holding one gives it back this long after
     # its last renewal (renewed every third of it while the run executes).

@@ -70,7 +70,9 @@ class Reply:
         return cls(tool_calls=list(calls), **kw)
 
     @classmethod
-    def error(cls, status: int, message: str = "scripted error", retry_after: float | None = None) -> Reply:
+    def error(
+        cls, status: int, message: str = "scripted error", retry_after: float | None = None
+    ) -> Reply:
         return cls(status=status, error_message=message, retry_after=retry_after)
 
 
@@ -139,11 +141,15 @@ def default_reply(body: dict[str, Any]) -> Reply:
     callable_tools = [
         t["function"]
         for t in tools
-        if t.get("type") == "function" and not t["function"]["name"].startswith(("transfer_to_", "memory_"))
+        if t.get("type") == "function"
+        and not t["function"]["name"].startswith(("transfer_to_", "memory_"))
     ]
     if callable_tools and not tool_results_since:
         return Reply.tools(
-            *((f["name"], _example(f.get("parameters") or {"type": "object"})) for f in callable_tools)
+            *(
+                (f["name"], _example(f.get("parameters") or {"type": "object"}))
+                for f in callable_tools
+            )
         )
     fmt = body.get("response_format") or {}
     if fmt.get("type") == "json_schema":
@@ -247,7 +253,11 @@ class DevLLM:
                 writer.close()
 
     async def _send(
-        self, writer: asyncio.StreamWriter, status: int, body: Any, extra: dict[str, str] | None = None
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: Any,
+        extra: dict[str, str] | None = None,
     ) -> None:
         data = orjson.dumps(body)
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests"}.get(
@@ -275,7 +285,11 @@ class DevLLM:
             await self._send(writer, 404, _error_body(f"no route {entry.method} {entry.path}", 404))
             return
         body = entry.body
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body.get("model"):
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("messages"), list)
+            or not body.get("model")
+        ):
             entry.status = 400
             await self._send(writer, 400, _error_body("'model' and 'messages' are required", 400))
             return
@@ -284,8 +298,15 @@ class DevLLM:
             await asyncio.sleep(reply.delay)
         entry.status = reply.status
         if reply.status != 200:
-            extra = {"Retry-After": f"{reply.retry_after:g}"} if reply.retry_after is not None else {}
-            await self._send(writer, reply.status, _error_body(reply.error_message or "error", reply.status), extra)
+            extra = (
+                {"Retry-After": f"{reply.retry_after:g}"} if reply.retry_after is not None else {}
+            )
+            await self._send(
+                writer,
+                reply.status,
+                _error_body(reply.error_message or "error", reply.status),
+                extra,
+            )
             return
         if body.get("stream"):
             await self._stream(writer, body, reply)
@@ -347,24 +368,37 @@ class DevLLM:
             "created": int(time.time()),
             "model": body["model"],
             "system_fingerprint": "polos-devllm",
-            "choices": [{"index": 0, "message": message, "finish_reason": self._finish(reply), "logprobs": None}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": self._finish(reply),
+                    "logprobs": None,
+                }
+            ],
             "usage": self._usage(body, reply),
         }
 
-    async def _stream(self, writer: asyncio.StreamWriter, body: dict[str, Any], reply: Reply) -> None:
+    async def _stream(
+        self, writer: asyncio.StreamWriter, body: dict[str, Any], reply: Reply
+    ) -> None:
         rid = f"{len(self.requests)}"
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
             b"Connection: close\r\n\r\n"
         )
 
-        async def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> None:
+        async def chunk(
+            delta: dict[str, Any], finish: str | None = None, usage: Any = None
+        ) -> None:
             doc: dict[str, Any] = {
                 "id": f"chatcmpl-dev-{rid}",
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
                 "model": body["model"],
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else [],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
+                if delta is not None
+                else [],
             }
             if usage is not None:
                 doc["usage"] = usage

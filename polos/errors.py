@@ -16,7 +16,16 @@ class NonDeterminismError(PolosError):
     """
 
 
-class StepFailedError(PolosError):
+class StepExecutionError(PolosError):
+    """A step, a hook or a child could not complete; the run fails with it (no retry at the
+    workflow level). The original Polos name: user code catches this one. ``reason`` says why."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(reason or "step execution failed")
+        self.reason = reason
+
+
+class StepFailedError(StepExecutionError):
     """A step ran out of attempts. The same exception is raised live and on replay.
 
     The original exception object cannot be rebuilt from the log, so its type name and message
@@ -24,7 +33,9 @@ class StepFailedError(PolosError):
     """
 
     def __init__(self, key: str, error_type: str, message: str, attempts: int = 1) -> None:
-        super().__init__(f"step {key!r} failed after {attempts} attempt(s): {error_type}: {message}")
+        super().__init__(
+            f"step {key!r} failed after {attempts} attempt(s): {error_type}: {message}"
+        )
         self.key = key
         self.error_type = error_type
         self.message = message
@@ -150,6 +161,7 @@ __all__ = [
     "PolosError",
     "RunNotFoundError",
     "SerializationError",
+    "StepExecutionError",
     "StepFailedError",
     "TopologyMissingError",
     "WaitTimeoutError",

@@ -26,8 +26,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from polos._private import auth
-from polos._private.server import EmbeddedServer, default_config, server_binary
+from polos._private.ops import auth, plugins
+from polos._private.ops.server import EmbeddedServer, default_config, server_binary
+from polos._private.store import Names, connect, disconnect, ensure_topology
 from polos.client import PolosClient
 from polos.config import Settings
 from polos.worker import Worker
@@ -101,16 +102,15 @@ def as_role(settings: Settings, role: str) -> Settings:
 async def create_topology(settings: Settings) -> None:
     """What ``polos up`` (or ``polos init``) does first: the service role creates every stream
     and bucket of the namespace."""
-    from polos._private import jetstream as jsl
 
     service = as_role(settings, "service")
-    nc = await jsl.connect(service, name="polos-test-init")
+    nc = await connect(service, name="polos-test-init")
     try:
-        await jsl.ensure_topology(
-            nc.jetstream(timeout=service.request_timeout), jsl.Names(service.prefix), service
+        await ensure_topology(
+            nc.jetstream(timeout=service.request_timeout), Names(service.prefix), service
         )
     finally:
-        await jsl.close(nc)
+        await disconnect(nc)
 
 
 class SecuredServer(EmbeddedServer):
@@ -147,7 +147,9 @@ class SecuredServer(EmbeddedServer):
         for prefix in prefixes:
             for role in ROLES:
                 self.creds[f"{prefix}-{role}"] = {
-                    "password": uuid.uuid4().hex, "role": role, "prefix": prefix,
+                    "password": uuid.uuid4().hex,
+                    "role": role,
+                    "prefix": prefix,
                 }
 
     def _write(self) -> None:
@@ -188,8 +190,9 @@ class SecuredServer(EmbeddedServer):
 
     # ------------------------------------------------------------------ namespaces
 
-    def namespace(self, prefix: str | None = None, role: str = "client",
-                  **overrides: Any) -> RoleSettings:
+    def namespace(
+        self, prefix: str | None = None, role: str = "client", **overrides: Any
+    ) -> RoleSettings:
         """Test-sized settings of a fresh namespace (``prefix`` to choose it), as ``role``."""
         if prefix is None:
             if not self._free:
@@ -201,9 +204,7 @@ class SecuredServer(EmbeddedServer):
             self._add([prefix])
             if self.proc is not None:
                 self._reload()
-        urls = tuple(
-            (r, auth.url_for(self.creds, f"{prefix}-{r}", self.url)) for r in ROLES
-        )
+        urls = tuple((r, auth.url_for(self.creds, f"{prefix}-{r}", self.url)) for r in ROLES)
         values = _fast(dict(urls)[role], prefix)
         values.update(overrides)
         return RoleSettings(**values, role=role, role_urls=urls)
@@ -221,8 +222,7 @@ class SecuredServer(EmbeddedServer):
                 text = f.read().decode(errors="replace")
         except OSError:
             return []
-        return [ln for ln in text.splitlines()
-                if "Violation" in ln and f"user:{prefix}-" in ln]
+        return [ln for ln in text.splitlines() if "Violation" in ln and f"user:{prefix}-" in ln]
 
     def log_offset(self) -> int:
         try:
@@ -251,7 +251,13 @@ class PolosEnvironment:
         self.orchestrator: Any = None
         self.scheduler: Any = None
         self.worker: Worker | None = None
+        # Every worker running on the namespace: ``worker`` and those ``add_worker`` started.
+        self.workers: list[Worker] = []
         self._client: PolosClient | None = None
+
+    @property
+    def prefix(self) -> str:
+        return self.settings.prefix
 
     def as_role(self, role: str) -> Settings:
         """This environment's settings for ``role`` (the same settings without auth)."""
@@ -263,22 +269,34 @@ class PolosEnvironment:
         return self._client
 
     async def start(self) -> PolosEnvironment:
-        from polos_services.orchestrator import Orchestrator
-        from polos_services.scheduler import Scheduler
-
         # Services first: they create the topology the client and the worker only check.
-        self.orchestrator = Orchestrator(self.as_role("service"))
+        self.orchestrator = plugins.service("orchestrator")(self.as_role("service"))
         await self.orchestrator.start()
-        self.scheduler = Scheduler(self.as_role("service"))
+        self.scheduler = plugins.service("scheduler")(self.as_role("service"))
         await self.scheduler.start()
         self._client = await PolosClient.connect(settings=self.as_role("client"))
         if self.with_worker:
-            self.worker = Worker(self.workflows, settings=self.as_role("worker"))
-            await self.worker.start()
+            self.worker = await self.add_worker(self.workflows)
         return self
 
+    async def add_worker(
+        self, workflows: Iterable[WorkflowDefinition[Any, Any]], **options: Any
+    ) -> Worker:
+        """Start one more worker (as the worker role) serving ``workflows``; stopped with the
+        environment, or before with ``stop_worker``."""
+        worker = Worker(workflows, settings=self.as_role("worker"), **options)
+        await worker.start()
+        self.workers.append(worker)
+        return worker
+
+    async def stop_worker(self, worker: Worker, timeout: float | None = None) -> None:
+        await worker.stop(timeout=timeout)
+        self.workers.remove(worker)
+
     async def stop(self) -> None:
-        for svc in (self.worker, self.scheduler, self.orchestrator):
+        for w in list(self.workers):
+            await w.stop()
+        for svc in (self.scheduler, self.orchestrator):
             if svc is not None:
                 await svc.stop()
         if self._client is not None:

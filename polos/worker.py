@@ -30,15 +30,31 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from polos import events as ev
-from polos._private import jetstream as jsl
+from polos import history as ev
 from polos._private import limits
-from polos._private.execution import RunExecution, error_info
 from polos._private.limits import register_queues, run_holding_slots
-from polos._private.signals import Suspend
-from polos._private.tasks import cancel_and_wait
+from polos._private.model.aio import cancel_and_wait
+from polos._private.ops.runtime import load_workflows, run_until_signal
+from polos._private.run.execution import RunExecution, error_info
+from polos._private.run.signals import Suspend
+from polos._private.store import (
+    AppendUnavailable,
+    Fatal,
+    FencedOut,
+    Names,
+    PullLoop,
+    check_topology,
+    connect_service,
+    dead_letter,
+    disconnect,
+    ensure_consumer,
+    load_state,
+    read_history,
+)
+from polos._private.store.task import Task, TaskDecodeError, decode_task
 from polos.config import Settings
 from polos.converter import from_json, json_schema, to_json, validation_errors
+from polos.devllm import serve_this_process
 from polos.errors import InputValidationError, NonDeterminismError, SerializationError
 from polos.workflow import WorkflowContext, WorkflowDefinition
 
@@ -74,7 +90,7 @@ class Worker:
         if prefix is not None:
             base = base.with_(prefix=prefix)
         self.settings = base
-        self.names = jsl.Names(base.prefix)
+        self.names = Names(base.prefix)
         self.workflows: dict[str, WorkflowDefinition[Any, Any]] = {}
         for wf in workflows:
             if wf.name in self.workflows and self.workflows[wf.name] is not wf:
@@ -87,14 +103,14 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._loops: list[jsl.PullLoop] = []
+        self._loops: list[PullLoop] = []
         self._active: dict[str, _Active] = {}
         self._bg: list[asyncio.Task[None]] = []
         self._workers_kv: KeyValue | None = None
         self.completed_runs = 0
         self._stopped = asyncio.Event()
         # Set when the server refuses this worker's credentials on a reconnect: it cannot work.
-        self.fatal = jsl.Fatal()
+        self.fatal = Fatal()
         # The folded state of runs this worker suspended, newest last (at most ``state_cache``):
         # when such a run comes back here, only the events after it are read. Only a cache: a
         # run may wake on any worker, and a missing entry means a full read.
@@ -109,12 +125,12 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._nc = await jsl.connect_service(
+        self._nc = await connect_service(
             self.settings, name=f"polos-worker-{self.id}", on_fatal=self.fatal
         )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
         # Workers never create streams or buckets (the services do): say what is missing.
-        await jsl.check_topology(self._js, self.names)
+        await check_topology(self._js, self.names)
         await self._register_workflows()
         self._workers_kv = await self._js.key_value(self.names.workers_bucket)
         await self._announce()
@@ -123,7 +139,7 @@ class Worker:
         await self._nc.subscribe(self.names.cancel_signal_subject("*"), cb=self._on_cancel_signal)
         for wf in self.workflows.values():
             durable = self.names.worker_consumer(wf.name)
-            await jsl.ensure_consumer(
+            await ensure_consumer(
                 self._js,
                 self.names.tasks_stream,
                 durable,
@@ -131,7 +147,7 @@ class Worker:
                 ack_wait=self.settings.task_ack_wait,
                 max_ack_pending=100_000,
             )
-            loop = jsl.PullLoop(
+            loop = PullLoop(
                 self._nc,
                 self.names.tasks_stream,
                 durable,
@@ -156,7 +172,7 @@ class Worker:
                 await self._workers_kv.delete(self.id)
         if self._nc is not None:
             with contextlib.suppress(Exception):
-                await jsl.close(self._nc)
+                await disconnect(self._nc)
         self._stopped.set()
 
     async def run_forever(self) -> None:
@@ -190,7 +206,9 @@ class Worker:
         assert self._js is not None
         # Queues first: an orchestrator that finds a workflow naming its queue finds the
         # queue's limits too.
-        await register_queues(self._nc, self._js, self.names, self.settings, self.workflows.values())
+        await register_queues(
+            self._nc, self._js, self.names, self.settings, self.workflows.values()
+        )
         kv = await self._js.key_value(self.names.workflows_bucket)
         for wf in self.workflows.values():
             doc = {
@@ -236,20 +254,19 @@ class Worker:
     async def _on_task(self, msg: Msg) -> None:
         assert self._js is not None
         try:
-            task = orjson.loads(msg.data)
-            run_id = str(task["run_id"])
-            workflow = str(task["workflow"])
-        except Exception as exc:
-            await jsl.dead_letter(
+            task = decode_task(msg.data)
+        except TaskDecodeError as exc:
+            await dead_letter(
                 self._js,
                 self.names,
                 source="task",
-                reason=f"malformed task: {exc}",
+                reason=str(exc),
                 subject=msg.subject,
                 data=msg.data,
             )
             await msg.term()
             return
+        run_id, workflow = task.run_id, task.workflow
         if run_id in self._active:
             # JetStream redelivered a task we still execute (a missed heartbeat): adopt the new
             # delivery so our heartbeats and final ack apply to it.
@@ -293,49 +310,11 @@ class Worker:
         else:
             await active.msg.ack()
 
-    @staticmethod
-    def _carried_state(run_id: str, task: dict[str, Any]) -> ev.RunState | None:
-        """The run's state from the history its task carries, or None.
-
-        A new run's task carries its RunRequested; a woken run's task, the whole history the
-        waker read plus the wake. Only a guess until the claim lands: the claim is fenced on
-        the task's ``seq``, so it succeeds only if the history still ends there.
-        """
-        seq = task.get("seq")
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq <= 0:
-            return None
-        carried = task.get("history")
-        if carried is None and "requested" in task:
-            # A new run's task as orchestrators before 2026-11-30 wrote it (still in flight
-            # during an upgrade).
-            carried = [[seq, task["requested"]]]
-        if not isinstance(carried, list) or not carried:
-            return None
-        history: list[tuple[int, ev.Event]] = []
-        for item in carried:
-            if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int)
-                    or not isinstance(item[1], dict)):
-                return None
-            try:
-                event = ev.decode_body(item[1])
-            except ev.EventDecodeError:
-                return None
-            if getattr(event, "run_id", run_id) != run_id:
-                return None
-            history.append((item[0], event))
-        try:
-            state = ev.RunState.fold(run_id, history)
-        except ev.SequenceError:
-            return None
-        if not isinstance(history[0][1], ev.RunRequested) or state.last_seq != seq:
-            return None
-        return state
-
     async def _claim(
-        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: dict[str, Any]
+        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: Task
     ) -> RunExecution | None:
         assert self._nc is not None and self._js is not None
-        fresh = self._carried_state(run_id, task)
+        fresh = task.carried_state()
         held = self._states.pop(run_id, None)
         for _ in range(5):
             if fresh is not None:
@@ -346,17 +325,17 @@ class Worker:
                 # This worker suspended the run: read only what came after (the wake).
                 state, held = held, None
                 try:
-                    for seq, event in await jsl.read_history(
+                    for seq, event in await read_history(
                         self._nc, self.names, run_id, start_seq=state.last_seq + 1
                     ):
                         state.apply(seq, event)
                 except ev.SequenceError:
-                    state = await jsl.load_state(self._nc, self.names, run_id)
+                    state = await load_state(self._nc, self.names, run_id)
                     self.history_reads["full"] += 1
                 else:
                     self.history_reads["delta"] += 1
             else:
-                state = await jsl.load_state(self._nc, self.names, run_id)
+                state = await load_state(self._nc, self.names, run_id)
                 self.history_reads["full"] += 1
             if state.requested is None:
                 log.warning("task for run %s which has no history; dropped", run_id)
@@ -371,15 +350,18 @@ class Worker:
                     await limits.send_to_admission(
                         self._js, self.names, state, queue, limits.NOT_ADMITTED
                     )
-                except jsl.FencedOut:
+                except FencedOut:
                     continue
-                if task.get("slots"):
+                if task.slots:
                     # Taken for an admission under another queue: not this run's any more.
-                    store = limits.store_for(self._nc, self._js, self.names)
-                    await store.release_keys([str(k) for k in task["slots"]], run_id)
+                    slots = limits.store_for(self._nc, self._js, self.names)
+                    await slots.release_keys(task.slots, run_id)
                 self.sent_to_admission += 1
-                log.info("run %s: its task was not admitted under queue %r; sent to admission",
-                         run_id, queue)
+                log.info(
+                    "run %s: its task was not admitted under queue %r; sent to admission",
+                    run_id,
+                    queue,
+                )
                 return None
             exe = RunExecution(
                 js=self._js,
@@ -397,18 +379,19 @@ class Worker:
                     msg_id=f"{run_id}/c/{attempt}/{self.id}",
                 )
                 return exe
-            except jsl.FencedOut:
+            except FencedOut:
                 continue  # someone appended between our read and our claim: read again
         raise RuntimeError(f"run {run_id}: could not claim after 5 tries")
 
-    async def _execute(
-        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: dict[str, Any]
-    ) -> str:
+    async def _execute(self, wf: WorkflowDefinition[Any, Any], run_id: str, task: Task) -> str:
         exe = await self._claim(wf, run_id, task)
         if exe is None:
             return "done"
         # A run of a limited queue carries its slot leases: kept alive while it executes.
-        return await run_holding_slots(self, task, lambda: self._run(wf, exe))
+        assert self._nc is not None and self._js is not None
+        return await run_holding_slots(
+            self._nc, self._js, self.names, task, lambda: self._run(wf, exe)
+        )
 
     async def _run(self, wf: WorkflowDefinition[Any, Any], exe: RunExecution) -> str:
         assert self._js is not None
@@ -421,7 +404,7 @@ class Worker:
                 value = from_json(requested.input, wf.input_type) if wf.takes_input else None
             except pydantic.ValidationError as exc:
                 err = InputValidationError(wf.name, validation_errors(exc))
-                await jsl.dead_letter(
+                await dead_letter(
                     self._js,
                     self.names,
                     source="input",
@@ -444,17 +427,15 @@ class Worker:
             except (NonDeterminismError, SerializationError) as exc:
                 await self._fail(exe, exc)
                 return "done"
-            except (jsl.FencedOut, jsl.AppendUnavailable):
+            except (FencedOut, AppendUnavailable):
                 raise
             except Exception as exc:
                 await self._fail(exe, exc)
                 return "done"
-            await exe.record(
-                ev.RunCompleted(run_id=run_id, output=output), msg_id=f"{run_id}/end"
-            )
+            await exe.record(ev.RunCompleted(run_id=run_id, output=output), msg_id=f"{run_id}/end")
             self.completed_runs += 1
             return "done"
-        except jsl.FencedOut:
+        except FencedOut:
             # Another worker (or a cancel) owns the run now; stop without writing anything.
             log.info("run %s: fenced out, another writer owns it", run_id)
             return "fenced"
@@ -483,4 +464,35 @@ class Worker:
         await exe.record(ev.RunFailed(run_id=exe.run_id, error=info), msg_id=f"{exe.run_id}/end")
 
 
-__all__ = ["Worker"]
+async def serve_module(
+    module: str,
+    settings: Settings,
+    *,
+    max_concurrent_runs: int = 200,
+    worker_id: str | None = None,
+    dev_llm: bool = False,
+) -> None:
+    """Serve every workflow of ``module`` (a module name or a ``.py`` path) until SIGTERM or
+    SIGINT: ``polos worker MODULE`` and ``python -m polos_services.worker MODULE``. Raises
+    ``ConnectionFailedError`` when the server refuses the credentials. ``dev_llm``: agents
+    talk to the Polos dev LLM started in this process (``polos.devllm``)."""
+    devllm = await serve_this_process() if dev_llm else None
+    worker = Worker(
+        load_workflows(module),
+        settings=settings,
+        max_concurrent_runs=max_concurrent_runs,
+        worker_id=worker_id,
+    )
+    try:
+        await run_until_signal(
+            worker,
+            on_started=lambda: print(
+                f"worker {worker.id} serving: {', '.join(worker.workflows)}", flush=True
+            ),
+        )
+    finally:
+        if devllm is not None:
+            await devllm.stop()
+
+
+__all__ = ["Worker", "serve_module"]

@@ -79,8 +79,10 @@ async def make_settings(nats_server: SecuredServer) -> AsyncIterator[MakeSetting
     for s in made:
         nats_server.release(s.prefix)
     if violations:
-        pytest.fail("the server refused a role something it did:\n" + "\n".join(violations[:20]),
-                    pytrace=False)
+        pytest.fail(
+            "the server refused a role something it did:\n" + "\n".join(violations[:20]),
+            pytrace=False,
+        )
 
 
 @pytest.fixture
@@ -127,3 +129,11 @@ async def env_factory(settings: RoleSettings) -> AsyncIterator[object]:
     yield make
     for env in reversed(started):
         await env.stop()
+
+
+@pytest.fixture
+async def stack(env_factory: Any) -> PolosEnvironment:
+    """The test's namespace with an orchestrator, a scheduler and a client, and no worker yet
+    (``await stack.add_worker([...])``), each on its role."""
+    env: PolosEnvironment = await env_factory(with_worker=False)
+    return env

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from polos._private.runtime import terminate_all
+from polos._private.ops.runtime import terminate_all
 
 ROOT = Path(__file__).resolve().parents[1]
 

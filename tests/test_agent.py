@@ -27,8 +27,10 @@ from polos import (
     tool,
     workflow,
 )
-from polos import events as ev
-from polos._private import waiting
+from polos import history as ev
+from polos._private.run import waits as waiting
+from polos._private.run.wake import wake
+from polos._private.store import load_state
 from polos.agent import AgentRequest, AgentResult, agent_workflow, stream_subject
 from polos.devllm import DevLLM, Reply
 from polos.tools import Tool
@@ -121,7 +123,10 @@ async def test_parallel_tool_calls_structured_output_and_record_format(
     validator.config = dataclasses.replace(validator.config, base_url=llm.url)
     CALLS.clear()
     llm.script(
-        Reply.tools(("check_inventory", {"sku": "A1", "quantity": 2}), ("calculate_shipping", {"country": "DE", "weight_kg": 1.5})),
+        Reply.tools(
+            ("check_inventory", {"sku": "A1", "quantity": 2}),
+            ("calculate_shipping", {"country": "DE", "weight_kg": 1.5}),
+        ),
         Reply.json({"valid": True, "reason": "in stock, ships for 8.0"}),
     )
     env = await env_factory([validate_wf, agent_workflow])
@@ -135,7 +140,9 @@ async def test_parallel_tool_calls_structured_output_and_record_format(
     parent = ev.RunState.fold(h.run_id, await env.client.history(h.run_id))
     assert [s.kind for s in parent.steps.values()] == ["child"]
 
-    steps = [e for _, e in await env.client.history(out["run_id"]) if isinstance(e, ev.StepCompleted)]
+    steps = [
+        e for _, e in await env.client.history(out["run_id"]) if isinstance(e, ev.StepCompleted)
+    ]
     assert (steps[0].kind, steps[0].key) == ("llm", "validate_order/llm/1")
     assert {s.key for s in steps} == {
         "validate_order/llm/1",
@@ -148,11 +155,18 @@ async def test_parallel_tool_calls_structured_output_and_record_format(
     assert first.output["tool_calls"][0]["arguments"] == {"sku": "A1", "quantity": 2}
     assert set(first.output) == {"content", "tool_calls", "reasoning"}
     meta = first.meta
-    assert meta["agent"] == "validator" and meta["provider"] == "openai" and meta["model"] == "gpt-4o"
+    assert (
+        meta["agent"] == "validator" and meta["provider"] == "openai" and meta["model"] == "gpt-4o"
+    )
     assert meta["base_url"] == llm.url and meta["temperature"] == 0.2
     assert meta["messages"][0] == {"role": "system", "content": "You validate orders."}
     assert meta["tools_offered"] == ["check_inventory", "calculate_shipping"]
-    assert set(meta["usage"]) == {"prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens"}
+    assert set(meta["usage"]) == {
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "total_tokens",
+    }
     assert meta["cost_usd"] > 0 and meta["finish_reason"] == "tool_calls" and meta["latency_ms"] > 0
     tool_step = next(s for s in steps if s.kind == "tool" and s.name == "calculate_shipping")
     assert tool_step.output == 8.0
@@ -161,19 +175,33 @@ async def test_parallel_tool_calls_structured_output_and_record_format(
     assert tool_step.meta["error"] is None and tool_step.meta["tool_call_id"]
     # Both tool calls came in one LLM answer; the second request carried both results.
     second = llm.chat_requests[1].body
-    assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "tool", "tool"]
+    assert [m["role"] for m in second["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "tool",
+    ]
     assert second["response_format"]["type"] == "json_schema"
     assert second["temperature"] == 0.2
 
 
 async def test_tool_error_goes_back_to_the_model(llm: DevLLM) -> None:
     agent = Agent("errs", tools=[explode], base_url=llm.url)
-    llm.script(Reply.tools(("explode", {"reason": "x"})), Reply.tools(("explode", "{not json")), Reply.text("gave up"))
+    llm.script(
+        Reply.tools(("explode", {"reason": "x"})),
+        Reply.tools(("explode", "{not json")),
+        Reply.text("gave up"),
+    )
     r = await agent.run("try it")
     assert r.result == "gave up"
     tools = [s for s in r.steps if s.kind == "tool"]
-    assert tools[0].error == "RuntimeError: boom: x" and tools[0].output == {"error": "RuntimeError: boom: x"}
-    assert tools[1].error is not None and tools[1].error.startswith("ValueError: arguments must be a JSON object")
+    assert tools[0].error == "RuntimeError: boom: x" and tools[0].output == {
+        "error": "RuntimeError: boom: x"
+    }
+    assert tools[1].error is not None and tools[1].error.startswith(
+        "ValueError: arguments must be a JSON object"
+    )
     sent = llm.chat_requests[1].body["messages"][-1]
     assert sent["role"] == "tool" and "boom: x" in sent["content"]
 
@@ -193,8 +221,12 @@ async def test_structured_output_gets_one_corrective_retry(llm: DevLLM) -> None:
 
 
 async def test_handoff_moves_the_conversation_to_the_specialist(llm: DevLLM) -> None:
-    refunds = Agent("refunds", instructions="You handle refunds.", output_type=OrderValidation, base_url=llm.url)
-    triage = Agent("triage", instructions="Route the customer.", handoffs=[refunds], base_url=llm.url)
+    refunds = Agent(
+        "refunds", instructions="You handle refunds.", output_type=OrderValidation, base_url=llm.url
+    )
+    triage = Agent(
+        "triage", instructions="Route the customer.", handoffs=[refunds], base_url=llm.url
+    )
     llm.script(
         Reply.tools(("transfer_to_refunds", {"reason": "refund request"})),
         Reply.json({"valid": True, "reason": "refund approved"}),
@@ -209,7 +241,11 @@ async def test_handoff_moves_the_conversation_to_the_specialist(llm: DevLLM) -> 
     assert second["messages"][-1]["role"] == "tool"
     assert "response_format" in second and "tools" not in second
     handoff = next(s for s in r.steps if s.kind == "tool")
-    assert (handoff.name, handoff.agent, handoff.output) == ("transfer_to_refunds", "triage", {"transferred_to": "refunds"})
+    assert (handoff.name, handoff.agent, handoff.output) == (
+        "transfer_to_refunds",
+        "triage",
+        {"transferred_to": "refunds"},
+    )
 
 
 async def test_guardrails_check_and_rewrite_input_tool_calls_and_output(llm: DevLLM) -> None:
@@ -242,7 +278,10 @@ async def test_guardrails_check_and_rewrite_input_tool_calls_and_output(llm: Dev
     assert llm.chat_requests == []  # rejected before any call
 
     llm.script(
-        Reply.tools(("check_inventory", {"sku": "A1", "quantity": 9}), ("check_inventory", {"sku": "FORBIDDEN"})),
+        Reply.tools(
+            ("check_inventory", {"sku": "A1", "quantity": 9}),
+            ("check_inventory", {"sku": "FORBIDDEN"}),
+        ),
         Reply.text("that is a stupid order"),
         Reply.text("all good"),
     )
@@ -251,7 +290,11 @@ async def test_guardrails_check_and_rewrite_input_tool_calls_and_output(llm: Dev
     ok, blocked = (s for s in r.steps if s.kind == "tool")
     assert ok.output == {"sku": "A1", "in_stock": True}  # quantity rewritten 9 -> 3
     assert blocked.error == "GuardrailViolation: that SKU is off limits"
-    assert llm.chat_requests[2].body["messages"][-1]["content"].startswith("Your answer was rejected: be polite")
+    assert (
+        llm.chat_requests[2]
+        .body["messages"][-1]["content"]
+        .startswith("Your answer was rejected: be polite")
+    )
     assert r.result == "ALL GOOD" and r.text == "all good"
 
     llm.script(Reply.text("stupid"), Reply.text("stupid again"))
@@ -270,7 +313,9 @@ async def test_stop_conditions(llm: DevLLM) -> None:
     assert r.stop_reason == "max_tokens" and r.usage.total_tokens >= 60
     print(f"\nmax_tokens=60 stopped after {r.usage.llm_calls} calls, {r.usage.total_tokens} tokens")
 
-    stopper = Agent("stopper", tools=[check_inventory], stop_on_tools=["check_inventory"], base_url=llm.url)
+    stopper = Agent(
+        "stopper", tools=[check_inventory], stop_on_tools=["check_inventory"], base_url=llm.url
+    )
     r = await stopper.run("check once")
     assert r.stop_reason == "tool_called" and r.result == {"sku": "A1", "in_stock": True}
     assert r.usage.llm_calls == 1
@@ -282,7 +327,11 @@ async def test_provider_errors_retry_fail_clearly_and_need_a_key(
     from polos.agent import LLMRetry
 
     agent = Agent("flaky", base_url=llm.url, retry=LLMRetry(initial_interval=0.01))
-    llm.script(Reply.error(429, "slow down", retry_after=0.05), Reply.error(503, "overloaded"), Reply.text("finally"))
+    llm.script(
+        Reply.error(429, "slow down", retry_after=0.05),
+        Reply.error(503, "overloaded"),
+        Reply.text("finally"),
+    )
     r = await agent.run("hi")
     assert r.result == "finally"
     assert [q.status for q in llm.chat_requests] == [429, 503, 200]
@@ -313,7 +362,9 @@ async def bad_request_wf(ctx: WorkflowContext, text: str) -> str:
     return str(r.result)
 
 
-async def test_bad_request_fails_the_step_with_the_providers_message(env_factory: Any, llm: DevLLM) -> None:
+async def test_bad_request_fails_the_step_with_the_providers_message(
+    env_factory: Any, llm: DevLLM
+) -> None:
     bad_request_agent.config = dataclasses.replace(bad_request_agent.config, base_url=llm.url)
     llm.script(Reply.error(400, "unknown parameter: frobnicate"))
     env = await env_factory([bad_request_wf, agent_workflow])
@@ -359,11 +410,16 @@ async def test_streaming_publishes_text_deltas_live(env_factory: Any, llm: DevLL
     assert len(deltas) > 3 and "".join(d["delta"] for d in deltas) == text
     assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
     assert deltas[0]["step"] == "talk/llm/1"
-    assert stream_subject(env.settings.prefix, run_id, "talk/llm/1") == f"{env.settings.prefix}.stream.{run_id}.talk/llm/1"
+    assert (
+        stream_subject(env.settings.prefix, run_id, "talk/llm/1")
+        == f"{env.settings.prefix}.stream.{run_id}.talk/llm/1"
+    )
     assert llm.chat_requests[0].body["stream"] is True
     child_id = waiting.child_run_id(run_id, "talk", 0)
     assert deltas[0]["run_id"] == child_id  # published under the root run the client started
-    llm_steps = [e for _, e in await env.client.history(child_id) if isinstance(e, ev.StepCompleted)]
+    llm_steps = [
+        e for _, e in await env.client.history(child_id) if isinstance(e, ev.StepCompleted)
+    ]
     assert len(llm_steps) == 1 and llm_steps[0].output["content"] == text  # the durable record
     print(f"\n{len(deltas)} deltas published for a {len(text)}-character answer")
 
@@ -372,7 +428,9 @@ async def test_agent_runs_as_its_own_run(env_factory: Any, llm: DevLLM) -> None:
     Agent("standalone", instructions="Answer briefly.", base_url=llm.url)
     llm.script(Reply.text("42"))
     env = await env_factory([agent_workflow])
-    h = await env.client.start(agent_workflow, AgentRequest(agent="standalone", input="meaning of life?"))
+    h = await env.client.start(
+        agent_workflow, AgentRequest(agent="standalone", input="meaning of life?")
+    )
     out = AgentResult.from_json(await h.result(timeout=15))
     assert out.result == "42" and out.agent == "standalone" and out.usage.llm_calls == 1
     keys = [e.key for _, e in await env.client.history(h.run_id) if isinstance(e, ev.StepCompleted)]
@@ -393,7 +451,9 @@ async def test_shared_memory_compare_and_set_loses_no_update(env_factory: Any) -
         clients.append(await PolosClient.connect(settings=env.settings))
     try:
         mems = [SharedMemory(c.js, env.settings.prefix, "session1") for c in clients]
-        await asyncio.gather(*(m.append("notes", f"{i}-{j}") for i, m in enumerate(mems) for j in range(15)))
+        await asyncio.gather(
+            *(m.append("notes", f"{i}-{j}") for i, m in enumerate(mems) for j in range(15))
+        )
         notes = await mems[0].get("notes")
         assert len(notes) == 45 and len(set(notes)) == 45
         assert await mems[1].snapshot() == {"notes": notes}
@@ -410,8 +470,12 @@ reader_agent = Agent("mem_reader", memory=True)
 
 @workflow
 async def memory_wf(ctx: WorkflowContext, session: str) -> Any:
-    await ctx.step.agent_invoke_and_wait("write", writer_agent.with_input("note it", session=session))
-    r = await ctx.step.agent_invoke_and_wait("read", reader_agent.with_input("recall", session=session))
+    await ctx.step.agent_invoke_and_wait(
+        "write", writer_agent.with_input("note it", session=session)
+    )
+    r = await ctx.step.agent_invoke_and_wait(
+        "read", reader_agent.with_input("recall", session=session)
+    )
     return r.result
 
 
@@ -465,13 +529,19 @@ async def _resume(env: Any, run_id: str, key: str, data: Any) -> None:
     if hasattr(env.client, "resume"):
         await env.client.resume(run_id, key, data)
         return
-    from polos._private import jetstream as jsl
 
-    state = await jsl.load_state(env.client.nc, env.client.names, run_id)
-    seq = await waiting.wake(
-        env.client.js, env.client.names, run_id, key, expected_seq=state.last_seq,
-        reason="resume", cause="resume", kind="suspend",
-        output={"data": data, "at": 0.0}, workflow=state.workflow,
+    state = await load_state(env.client.nc, env.client.names, run_id)
+    seq = await wake(
+        env.client.js,
+        env.client.names,
+        run_id,
+        key,
+        expected_seq=state.last_seq,
+        reason="resume",
+        cause="resume",
+        kind="suspend",
+        output={"data": data, "at": 0.0},
+        workflow=state.workflow,
     )
     assert seq is not None
     await env.orchestrator.dispatch(run_id, str(state.workflow), seq)
@@ -493,7 +563,9 @@ async def test_approval_gated_tool_waits_for_a_human(env_factory: Any, llm: DevL
     approver.config = dataclasses.replace(approver.config, base_url=llm.url)
     CALLS.clear()
     llm.script(
-        Reply.tools(("refund", {"order_id": "o1", "amount": 30}), ("check_inventory", {"sku": "A"})),
+        Reply.tools(
+            ("refund", {"order_id": "o1", "amount": 30}), ("check_inventory", {"sku": "A"})
+        ),
         Reply.tools(("refund", {"order_id": "o2", "amount": 999})),
         Reply.text("refunded o1; o2 was declined"),
     )
@@ -502,7 +574,11 @@ async def test_approval_gated_tool_waits_for_a_human(env_factory: Any, llm: DevL
     child_id = waiting.child_run_id(h.run_id, "support", 0)
     sus = await _suspended(env, child_id, 1)
     assert (sus.kind, sus.step) == ("suspend", "support/tool/1/refund/approval")
-    assert sus.data == {"agent": "approver", "tool": "refund", "arguments": {"order_id": "o1", "amount": 30}}
+    assert sus.data == {
+        "agent": "approver",
+        "tool": "refund",
+        "arguments": {"order_id": "o1", "amount": 30},
+    }
     assert CALLS == {}  # nothing of that turn ran before the human decided
     await _resume(env, child_id, sus.step, {"approved": True})
     sus2 = await _suspended(env, child_id, 2)
@@ -512,7 +588,9 @@ async def test_approval_gated_tool_waits_for_a_human(env_factory: Any, llm: DevL
     assert CALLS == {"refund": 1, "check_inventory": 1}
     assert len(llm.chat_requests) == 3  # the resumed runs replayed the LLM calls, not repeated them
     declined = llm.chat_requests[2].body["messages"][-1]
-    assert declined["role"] == "tool" and "a human rejected this call: too much" in declined["content"]
+    assert (
+        declined["role"] == "tool" and "a human rejected this call: too much" in declined["content"]
+    )
 
 
 # --------------------------------------------------------------------------- token rate limits
@@ -532,15 +610,23 @@ async def test_llm_calls_go_through_the_shared_token_limiter(env_factory: Any, l
 
     limited_agent.config = dataclasses.replace(limited_agent.config, base_url=llm.url)
     env = await env_factory([limited_wf, agent_workflow])
-    await limits.TokenLimiter.shared(env.client.nc, env.client.js, env.client.names, env.settings).configure(
-        "model:gpt-4o-mini", RateLimit(requests_per_minute=240, burst_seconds=0.25)
+    await limits.TokenLimiter.shared(
+        env.client.nc, env.client.js, env.client.names, env.settings
+    ).configure("model:gpt-4o-mini", RateLimit(requests_per_minute=240, burst_seconds=0.25))
+    llm.script(
+        Reply.tools(("check_inventory", {"sku": "A"})),
+        Reply.tools(("check_inventory", {"sku": "B"})),
+        Reply.text("ok"),
     )
-    llm.script(Reply.tools(("check_inventory", {"sku": "A"})), Reply.tools(("check_inventory", {"sku": "B"})), Reply.text("ok"))
     assert await (await env.client.start(limited_wf, "go")).result(timeout=20) == 3
     assert env.worker is not None
-    limiter = limits.TokenLimiter.shared(env.worker._nc, env.worker._js, env.worker.names, env.settings)  # type: ignore[arg-type]
+    limiter = limits.TokenLimiter.shared(
+        env.worker._nc, env.worker._js, env.worker.names, env.settings
+    )  # type: ignore[arg-type]
     assert limiter.waited > 0  # a one-request burst: the 2nd and 3rd calls had to wait
-    print(f"\n3 LLM calls under 4 requests/s with a burst of 1: waited {limiter.waited:.2f}s in all")
+    print(
+        f"\n3 LLM calls under 4 requests/s with a burst of 1: waited {limiter.waited:.2f}s in all"
+    )
 
 
 # --------------------------------------------------------------------------- the example
@@ -558,7 +644,10 @@ async def test_order_example_runs_on_the_dev_llm_default_rule(
     out = await (await env.client.start(process_order, order)).result(timeout=20)
     assert out.status == "completed" and out.payment_id
     first = llm.chat_requests[0].body
-    assert [t["function"]["name"] for t in first["tools"]] == ["check_inventory", "calculate_shipping"]
+    assert [t["function"]["name"] for t in first["tools"]] == [
+        "check_inventory",
+        "calculate_shipping",
+    ]
     assert len(llm.chat_requests) == 2  # every tool once, then the JSON answer
 
 
@@ -579,17 +668,23 @@ big_agent = Agent("big_reader", tools=[fetch_document])
 
 @workflow
 async def big_wf(ctx: WorkflowContext, name: str) -> int:
-    r = await ctx.step.agent_invoke_and_wait("read", big_agent.with_input(f"read {name}"), inline=True)
+    r = await ctx.step.agent_invoke_and_wait(
+        "read", big_agent.with_input(f"read {name}"), inline=True
+    )
     return len(str(r.steps[1].output)) + len(str(r.result))
 
 
-async def test_a_tool_result_bigger_than_a_nats_message_is_recorded(env_factory: Any, llm: DevLLM) -> None:
+async def test_a_tool_result_bigger_than_a_nats_message_is_recorded(
+    env_factory: Any, llm: DevLLM
+) -> None:
     big_agent.config = dataclasses.replace(big_agent.config, base_url=llm.url)
     llm.script(Reply.tools(("fetch_document", {"name": "manual"})), Reply.text("read it"))
     env = await env_factory([big_wf])
     h = await env.client.start(big_wf, "manual")
     assert await h.result(timeout=20) == 1_500_000 + len("read it")
-    steps = {e.key: e for _, e in await env.client.history(h.run_id) if isinstance(e, ev.StepCompleted)}
+    steps = {
+        e.key: e for _, e in await env.client.history(h.run_id) if isinstance(e, ev.StepCompleted)
+    }
     assert len(steps["read/tool/1/fetch_document"].output) == 1_500_000
     assert len(steps["read/llm/2"].meta["messages"][-1]["content"]) == 1_500_000
 
@@ -599,7 +694,9 @@ async def test_plain_agent_run_with_settings_uses_shared_memory(settings: Any, l
     from polos.agent import SharedMemory
 
     notes = Agent("plain_notes", memory=True, base_url=llm.url)
-    llm.script(Reply.tools(("memory_set", {"key": "plan", "value": {"step": 1}})), Reply.text("noted"))
+    llm.script(
+        Reply.tools(("memory_set", {"key": "plan", "value": {"step": 1}})), Reply.text("noted")
+    )
     r = await notes.run("remember the plan", session="plain1", settings=settings)
     assert r.result == "noted" and r.run_id is None
     async with await PolosClient.connect(settings=settings) as client:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from polos import events as ev
+from polos import history as ev
 from polos.devllm import DevLLM, Reply
 from tests.helpers import counts, kill, marks, spawn, stop
 

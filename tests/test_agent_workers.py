@@ -52,4 +52,9 @@ async def agent_crash(ctx: WorkflowContext, job: CrashJob) -> dict[str, object]:
     r = await ctx.step.agent_invoke_and_wait(
         "loop", crash_agent.with_input(f"Do {job.units} units."), inline=job.inline
     )
-    return {"text": r.result, "llm_calls": r.usage.llm_calls, "tool_calls": r.usage.tool_calls, "run_id": r.run_id}
+    return {
+        "text": r.result,
+        "llm_calls": r.usage.llm_calls,
+        "tool_calls": r.usage.tool_calls,
+        "run_id": r.run_id,
+    }

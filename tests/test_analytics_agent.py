@@ -13,11 +13,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import polos_analytics as analytics
 from polos import Agent, WorkflowContext, workflow
-from polos._private.cli_analytics import trace_lines
-from polos._private.telemetry import SpanFollower, trace_id_for
 from polos.agent import agent_workflow
+from polos.cli.trace import trace_lines
 from polos.devllm import DevLLM, Reply
 from polos_analytics.export import Exporter
+from polos_analytics.spans import SpanFollower, trace_id_for
 
 
 def lookup_order(order_id: str) -> dict[str, Any]:
@@ -48,8 +48,12 @@ def escalate(reason: str) -> str:
     return "escalated"
 
 
-support = Agent("support", model="gpt-4o", instructions="You resolve refunds.",
-                tools=[lookup_order, refund, escalate])
+support = Agent(
+    "support",
+    model="gpt-4o",
+    instructions="You resolve refunds.",
+    tools=[lookup_order, refund, escalate],
+)
 
 
 @workflow
@@ -93,7 +97,8 @@ async def test_views_and_spans_over_a_real_agent_run(
     con = analytics.connect(out)
     decisions = con.execute(
         "select decision, chosen_tool, alternatives, reason, tool_result::VARCHAR "
-        "from decisions order by seq").fetchall()
+        "from decisions order by seq"
+    ).fetchall()
     print(decisions)
     assert [(d[0], d[1], d[2]) for d in decisions] == [
         ("resolve/llm/1", "lookup_order", ["refund", "escalate"]),
@@ -102,23 +107,30 @@ async def test_views_and_spans_over_a_real_agent_run(
     assert decisions[0][3] == "need the order state"
     assert decisions[1][3] == "delivered: refund"
     assert '"delivered"' in decisions[0][4] and '"refunded"' in decisions[1][4]
-    llm_rows = con.execute("select count(*), sum(total_tokens) > 0, sum(cost_usd) > 0, "
-                           "min(n_messages) from llm_calls").fetchall()
+    llm_rows = con.execute(
+        "select count(*), sum(total_tokens) > 0, sum(cost_usd) > 0, min(n_messages) from llm_calls"
+    ).fetchall()
     assert llm_rows == [(3, True, True, 2)]
     # The parent's wait for its child is a step too (the wake carries the child's result).
-    assert con.execute(f"select key, kind from steps where run_id = '{h.run_id}'").fetchall() \
-        == [("resolve", "child")]
+    assert con.execute(f"select key, kind from steps where run_id = '{h.run_id}'").fetchall() == [
+        ("resolve", "child")
+    ]
     # The agent runs as a child run of the generic polos_agent workflow: its cost rolls up to
     # the root run, the workflow that was started, and the agent's own name.
-    costs = con.execute("select workflow, root_run_id, root_workflow, agent, model, llm_calls "
-                        "from costs").fetchall()
+    costs = con.execute(
+        "select workflow, root_run_id, root_workflow, agent, model, llm_calls from costs"
+    ).fetchall()
     assert costs == [("polos_agent", h.run_id, "support_wf", "support", "gpt-4o", 3)]
     spent, tokens = con.execute("select sum(cost_usd), sum(total_tokens) from llm_calls").fetchone()
     assert spent > 0 and tokens > 0
-    by_run = con.execute("select workflow, root_workflow, llm_calls, total_tokens, cost_usd "
-                         "from runs order by created_at").fetchall()
-    assert [r[:4] for r in by_run] == [("support_wf", "support_wf", 3, tokens),
-                                       ("polos_agent", "support_wf", 3, tokens)]
+    by_run = con.execute(
+        "select workflow, root_workflow, llm_calls, total_tokens, cost_usd "
+        "from runs order by created_at"
+    ).fetchall()
+    assert [r[:4] for r in by_run] == [
+        ("support_wf", "support_wf", 3, tokens),
+        ("polos_agent", "support_wf", 3, tokens),
+    ]
     assert all(abs(r[4] - spent) < 1e-12 for r in by_run)
     # The documented question "what does each workflow cost per run" answers support_wf.
     per_run = con.execute(_doc_query("costs per run")).fetchall()
@@ -132,9 +144,18 @@ async def test_views_and_spans_over_a_real_agent_run(
         await follower.process_available()
     spans = exporter_spans.get_finished_spans()
     names = sorted(s.name for s in spans)
-    assert names == sorted(["run support_wf", "run polos_agent", "chat gpt-4o", "chat gpt-4o",
-                            "chat gpt-4o", "execute_tool lookup_order", "execute_tool refund",
-                            "wait child resolve"])
+    assert names == sorted(
+        [
+            "run support_wf",
+            "run polos_agent",
+            "chat gpt-4o",
+            "chat gpt-4o",
+            "chat gpt-4o",
+            "execute_tool lookup_order",
+            "execute_tool refund",
+            "wait child resolve",
+        ]
+    )
     # One trace for the workflow and its agent child run.
     runs = {s.name: s for s in spans if s.name.startswith("run ")}
     assert runs["run support_wf"].attributes["polos.steps"] == 1
@@ -146,8 +167,9 @@ async def test_views_and_spans_over_a_real_agent_run(
     assert all(s.attributes["gen_ai.usage.input_tokens"] > 0 for s in chat)
     assert all(s.attributes["gen_ai.agent.name"] == "support" for s in chat)
     # Every chat span names what its cost rolls up to; run spans carry the totals.
-    assert {(s.attributes["polos.root_run_id"], s.attributes["polos.root_workflow"])
-            for s in chat} == {(h.run_id, "support_wf")}
+    assert {
+        (s.attributes["polos.root_run_id"], s.attributes["polos.root_workflow"]) for s in chat
+    } == {(h.run_id, "support_wf")}
     for run_span in runs.values():
         assert run_span.attributes["polos.total.llm_calls"] == 3
         assert run_span.attributes["polos.total.tokens"] == tokens
@@ -156,8 +178,9 @@ async def test_views_and_spans_over_a_real_agent_run(
     # A follower that forgets runs between their events (a restart, a full cache) reads the
     # totals back from the log: the same figures.
     forgetful = InMemorySpanExporter()
-    async with SpanFollower(env.as_role("service"), exporter=forgetful, batch=2, cache_size=1,
-                            position_key="forgetful") as follower:
+    async with SpanFollower(
+        env.as_role("service"), exporter=forgetful, batch=2, cache_size=1, position_key="forgetful"
+    ) as follower:
         await follower.process_available()
     again = {s.name: s for s in forgetful.get_finished_spans() if s.name.startswith("run ")}
     for name, run_span in runs.items():
@@ -170,15 +193,25 @@ async def test_views_and_spans_over_a_real_agent_run(
     assert "child run " in tree and "polos_agent  completed" in tree
     # The root run (no LLM call of its own) shows what it cost with its agent.
     assert tree.splitlines()[0].endswith(
-        f"total with 1 child run: 3 llm calls  tokens {tokens}  cost ${spent:.4f}")
+        f"total with 1 child run: 3 llm calls  tokens {tokens}  cost ${spent:.4f}"
+    )
     assert "decision: chose lookup_order of [lookup_order, refund, escalate]" in tree
     assert 'reason: "need the order state"' in tree
 
 
-triage = Agent("decider", model="gpt-4o", instructions="You resolve refunds.",
-               tools=[lookup_order, refund, escalate])
-triage_streaming = Agent("decider_streaming", model="gpt-4o", instructions="You resolve refunds.",
-                         tools=[lookup_order, refund, escalate], stream=True)
+triage = Agent(
+    "decider",
+    model="gpt-4o",
+    instructions="You resolve refunds.",
+    tools=[lookup_order, refund, escalate],
+)
+triage_streaming = Agent(
+    "decider_streaming",
+    model="gpt-4o",
+    instructions="You resolve refunds.",
+    tools=[lookup_order, refund, escalate],
+    stream=True,
+)
 
 
 @workflow
@@ -196,13 +229,17 @@ async def test_parallel_decisions_name_only_unchosen_alternatives_and_keep_the_r
         agent.config = agent.config.__class__(**{**agent.config.__dict__, "base_url": llm.url})
     llm.script(
         # Two tools at once, with the model's text before the calls.
-        Reply.tools(("lookup_order", {"order_id": "o-7"}), ("refund", {"order_id": "o-7",
-                                                                      "amount": 40}),
-                    content="Look the order up and refund it in one go."),
+        Reply.tools(
+            ("lookup_order", {"order_id": "o-7"}),
+            ("refund", {"order_id": "o-7", "amount": 40}),
+            content="Look the order up and refund it in one go.",
+        ),
         # A reasoning model's reasoning, no text (streamed the way Ollama sends it).
-        Reply.tools(("escalate", {"reason": "asked for a human"}),
-                    reasoning="Refund done, but the customer asked for a person.",
-                    reasoning_as="reasoning" if streaming else "reasoning_content"),
+        Reply.tools(
+            ("escalate", {"reason": "asked for a human"}),
+            reasoning="Refund done, but the customer asked for a person.",
+            reasoning_as="reasoning" if streaming else "reasoning_content",
+        ),
         # A final answer: no decision, so no reason (the answer is not one).
         Reply.text("Refunded 40 and escalated."),
     )
@@ -214,8 +251,10 @@ async def test_parallel_decisions_name_only_unchosen_alternatives_and_keep_the_r
     async with Exporter(env.as_role("service"), out) as exporter:
         await exporter.export_once()
     con = analytics.connect(out)
-    rows = con.execute("select decision, chosen_tool, alternatives, reason from decisions "
-                       "order by seq, chosen_tool").fetchall()
+    rows = con.execute(
+        "select decision, chosen_tool, alternatives, reason from decisions "
+        "order by seq, chosen_tool"
+    ).fetchall()
     print(rows)
     both = "Look the order up and refund it in one go."
     why = "Refund done, but the customer asked for a person."
@@ -225,29 +264,46 @@ async def test_parallel_decisions_name_only_unchosen_alternatives_and_keep_the_r
         ("triage/llm/2", "escalate", ["lookup_order", "refund"], why),
     ]
     # The record is written with the call, in the llm step's meta.
-    choices = con.execute("select key, meta->'choice' from steps where kind = 'llm' "
-                          "order by seq").fetchall()
+    choices = con.execute(
+        "select key, meta->'choice' from steps where kind = 'llm' order by seq"
+    ).fetchall()
     assert [(k, orjson.loads(c)) for k, c in choices] == [
-        ("triage/llm/1", {"chosen": ["lookup_order", "refund"], "alternatives": ["escalate"],
-                          "reason": both}),
-        ("triage/llm/2", {"chosen": ["escalate"], "alternatives": ["lookup_order", "refund"],
-                          "reason": why}),
-        ("triage/llm/3", {"chosen": [], "alternatives": ["lookup_order", "refund", "escalate"],
-                          "reason": None}),
+        (
+            "triage/llm/1",
+            {"chosen": ["lookup_order", "refund"], "alternatives": ["escalate"], "reason": both},
+        ),
+        (
+            "triage/llm/2",
+            {"chosen": ["escalate"], "alternatives": ["lookup_order", "refund"], "reason": why},
+        ),
+        (
+            "triage/llm/3",
+            {"chosen": [], "alternatives": ["lookup_order", "refund", "escalate"], "reason": None},
+        ),
     ]
-    assert con.execute("select key, alternatives, reason from llm_calls order by seq").fetchall() \
-        == [("triage/llm/1", ["escalate"], both),
-            ("triage/llm/2", ["lookup_order", "refund"], why),
-            ("triage/llm/3", ["lookup_order", "refund", "escalate"], None)]
+    assert con.execute(
+        "select key, alternatives, reason from llm_calls order by seq"
+    ).fetchall() == [
+        ("triage/llm/1", ["escalate"], both),
+        ("triage/llm/2", ["lookup_order", "refund"], why),
+        ("triage/llm/3", ["lookup_order", "refund", "escalate"], None),
+    ]
 
     spans = InMemorySpanExporter()
     async with SpanFollower(env.as_role("service"), exporter=spans) as follower:
         await follower.process_available()
-    chat = sorted((s for s in spans.get_finished_spans() if s.name == "chat gpt-4o"),
-                  key=lambda s: s.attributes["polos.seq"])
-    assert [(tuple(s.attributes["polos.decision.chosen"]),
-             tuple(s.attributes["polos.decision.alternatives"]),
-             s.attributes["polos.decision.reason"]) for s in chat[:2]] == [
+    chat = sorted(
+        (s for s in spans.get_finished_spans() if s.name == "chat gpt-4o"),
+        key=lambda s: s.attributes["polos.seq"],
+    )
+    assert [
+        (
+            tuple(s.attributes["polos.decision.chosen"]),
+            tuple(s.attributes["polos.decision.alternatives"]),
+            s.attributes["polos.decision.reason"],
+        )
+        for s in chat[:2]
+    ] == [
         (("lookup_order", "refund"), ("escalate",), both),
         (("escalate",), ("lookup_order", "refund"), why),
     ]
@@ -256,5 +312,5 @@ async def test_parallel_decisions_name_only_unchosen_alternatives_and_keep_the_r
     tree = "\n".join(await trace_lines(env.client.nc, env.client.names, h.run_id))
     print(tree)
     assert "decision: chose lookup_order, refund of [lookup_order, refund, escalate]" in tree
-    assert f"reason: \"{both}\"" in tree and f"reason: \"{why}\"" in tree
+    assert f'reason: "{both}"' in tree and f'reason: "{why}"' in tree
     assert tree.count("reason: ") == 2

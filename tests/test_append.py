@@ -8,8 +8,18 @@ import nats
 import nats.errors
 import pytest
 
-from polos import events as ev
-from polos._private import jetstream as jsl
+from polos import history as ev
+from polos._private.store import (
+    EXPECTED_LAST_SUBJECT_SEQ,
+    EXPECTED_LAST_SUBJECT_SEQ_SUBJECT,
+    MSG_ID,
+    FencedOut,
+    Names,
+    append,
+    publish,
+    read_history,
+)
+from polos._private.store import appends as store_append
 from polos.config import Settings
 
 
@@ -18,7 +28,7 @@ class LosesFirstAck:
     the fault the message id and the fence together must absorb."""
 
     def __init__(self) -> None:
-        self._real = jsl.publish
+        self._real = publish
         self.publishes = 0
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -29,14 +39,20 @@ class LosesFirstAck:
         return ack
 
 
-async def _requested(settings: Settings, run: str) -> tuple[Any, Any, jsl.Names, int]:
+async def _requested(settings: Settings, run: str) -> tuple[Any, Any, Names, int]:
     """A worker's connection, and a run whose history is its RunRequested (at the returned
     sequence)."""
     nc = await nats.connect(settings.worker.nats_url)
     js = nc.jetstream()
-    names = jsl.Names(settings.prefix)
-    first = await jsl.append(js, names, run, ev.RunRequested(run_id=run, workflow="w"),
-                             expected_last_seq=0, msg_id=f"{run}/req")
+    names = Names(settings.prefix)
+    first = await append(
+        js,
+        names,
+        run,
+        ev.RunRequested(run_id=run, workflow="w"),
+        expected_last_seq=0,
+        msg_id=f"{run}/req",
+    )
     return nc, js, names, first
 
 
@@ -48,16 +64,21 @@ async def test_a_retried_append_whose_ack_was_lost_is_written_once(
     flaky = LosesFirstAck()
     step = ev.StepCompleted(key="charge", kind="run", output={"id": 1})
     with monkeypatch.context() as patch:
-        patch.setattr(jsl, "publish", flaky)
-        seq = await jsl.append(js, names, run, step, expected_last_seq=first,
-                               msg_id=f"{run}/s/charge")
+        patch.setattr(store_append, "publish", flaky)
+        seq = await append(js, names, run, step, expected_last_seq=first, msg_id=f"{run}/s/charge")
     assert flaky.publishes == 2
-    history = await jsl.read_history(nc, names, run)
+    history = await read_history(nc, names, run)
     assert [s for s, _ in history] == [first, seq]  # stored once, and the retry knows where
     # Another writer's append of the same fact (other bytes) is still fenced out.
-    with pytest.raises(jsl.FencedOut):
-        await jsl.append(js, names, run, ev.StepCompleted(key="charge", kind="run", output=2),
-                         expected_last_seq=first, msg_id=f"{run}/s/charge")
+    with pytest.raises(FencedOut):
+        await append(
+            js,
+            names,
+            run,
+            ev.StepCompleted(key="charge", kind="run", output=2),
+            expected_last_seq=first,
+            msg_id=f"{run}/s/charge",
+        )
     await nc.close()
 
 
@@ -68,16 +89,33 @@ async def test_a_duplicate_ack_for_another_writers_record_is_fenced_out(settings
     # fence first; a fence that happens to match shows the same answer here.
     run = "dup-ack"
     nc, js, names, first = await _requested(settings, run)
-    charged = await jsl.append(js, names, run, ev.StepCompleted(key="charge", kind="run", output=1),
-                               expected_last_seq=first, msg_id=f"{run}/s/charge")
-    raw = await jsl.publish(nc, names.run_subject(run, "step"),
-                            ev.encode(ev.StepCompleted(key="charge", kind="run", output=2)),
-                            headers={jsl.MSG_ID: f"{run}/s/charge",
-                                     jsl.EXPECTED_LAST_SUBJECT_SEQ: str(charged),
-                                     jsl.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: names.run_filter(run)})
+    charged = await append(
+        js,
+        names,
+        run,
+        ev.StepCompleted(key="charge", kind="run", output=1),
+        expected_last_seq=first,
+        msg_id=f"{run}/s/charge",
+    )
+    raw = await publish(
+        nc,
+        names.run_subject(run, "step"),
+        ev.encode(ev.StepCompleted(key="charge", kind="run", output=2)),
+        headers={
+            MSG_ID: f"{run}/s/charge",
+            EXPECTED_LAST_SUBJECT_SEQ: str(charged),
+            EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: names.run_filter(run),
+        },
+    )
     assert raw.duplicate and raw.seq == charged  # what the server answers
-    with pytest.raises(jsl.FencedOut):
-        await jsl.append(js, names, run, ev.StepCompleted(key="charge", kind="run", output=2),
-                         expected_last_seq=charged, msg_id=f"{run}/s/charge")
-    assert [s for s, _ in await jsl.read_history(nc, names, run)] == [first, charged]
+    with pytest.raises(FencedOut):
+        await append(
+            js,
+            names,
+            run,
+            ev.StepCompleted(key="charge", kind="run", output=2),
+            expected_last_seq=charged,
+            msg_id=f"{run}/s/charge",
+        )
+    assert [s for s, _ in await read_history(nc, names, run)] == [first, charged]
     await nc.close()

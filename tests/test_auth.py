@@ -16,9 +16,9 @@ import orjson
 import pytest
 
 from polos import PolosClient, Worker, WorkflowContext, workflow
-from polos._private import auth
-from polos._private import jetstream as jsl
-from polos._private.server import default_config
+from polos._private.ops import auth
+from polos._private.ops.server import default_config
+from polos._private.store import Names, connect, ensure_topology
 from polos.testing import EmbeddedServer, fast_settings
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,9 @@ async def guarded(ctx: WorkflowContext, n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmbeddedServer, dict[str, Any]]]:
+def secured(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[EmbeddedServer, dict[str, Any]]]:
     d = tmp_path_factory.mktemp("auth")
     creds = auth.ensure_credentials(d / "credentials.json", [A, B])
     conf = auth.write_server_config(d / "nats-auth.conf", default_config(), creds)
@@ -118,11 +120,11 @@ async def test_client_cannot_append_to_a_run_history(stack: dict[str, Any]) -> N
 async def test_worker_cannot_publish_into_another_namespace(
     secured: tuple[EmbeddedServer, dict[str, Any]], stack: dict[str, Any]
 ) -> None:
-    worker_a = await jsl.connect(_settings(secured, A, "worker"), name="worker-a")
-    service_b = await jsl.connect(_settings(secured, B, "service"), name="service-b")
+    worker_a = await connect(_settings(secured, A, "worker"), name="worker-a")
+    service_b = await connect(_settings(secured, B, "service"), name="service-b")
     try:
-        names_b = jsl.Names(B)
-        await jsl.ensure_topology(service_b.jetstream(), names_b, _settings(secured, B, "service"))
+        names_b = Names(B)
+        await ensure_topology(service_b.jetstream(), names_b, _settings(secured, B, "service"))
         run_subject = names_b.run_subject("victim", "ctl")
         assert await _denied(worker_a, run_subject)
         assert await _denied(worker_a, names_b.start_subject("guarded"))
@@ -130,13 +132,13 @@ async def test_worker_cannot_publish_into_another_namespace(
         info = await service_b.jetstream().stream_info(names_b.runs_stream)
         assert info.state.messages == 0
         # Within its own namespace the same user may append (the fence still applies).
-        own = jsl.Names(A).run_subject(f"r{uuid.uuid4().hex}", "ctl")
+        own = Names(A).run_subject(f"r{uuid.uuid4().hex}", "ctl")
         assert not await _denied(worker_a, own)
         # It may not create or delete streams either: not even the buckets of its own features
         # (the limiter used to create the slots stream from workers, and timed out).
-        assert await _denied(worker_a, f"$JS.API.STREAM.DELETE.{jsl.Names(A).runs_stream}")
-        assert await _denied(worker_a, f"$JS.API.STREAM.CREATE.KV_{jsl.Names(A).slots_bucket}")
-        assert await _denied(worker_a, f"$JS.API.STREAM.CREATE.OBJ_{jsl.Names(A).payloads_bucket}")
+        assert await _denied(worker_a, f"$JS.API.STREAM.DELETE.{Names(A).runs_stream}")
+        assert await _denied(worker_a, f"$JS.API.STREAM.CREATE.KV_{Names(A).slots_bucket}")
+        assert await _denied(worker_a, f"$JS.API.STREAM.CREATE.OBJ_{Names(A).payloads_bucket}")
     finally:
         await worker_a.close()
         await service_b.close()
@@ -145,14 +147,16 @@ async def test_worker_cannot_publish_into_another_namespace(
 async def test_a_service_manages_only_its_own_namespace(
     secured: tuple[EmbeddedServer, dict[str, Any]], stack: dict[str, Any]
 ) -> None:
-    service_a = await jsl.connect(_settings(secured, A, "service"), name="service-a")
-    service_b = await jsl.connect(_settings(secured, B, "service"), name="service-b")
+    service_a = await connect(_settings(secured, A, "service"), name="service-a")
+    service_b = await connect(_settings(secured, B, "service"), name="service-b")
     try:
-        names_b = jsl.Names(B)
-        await jsl.ensure_topology(service_b.jetstream(), names_b, _settings(secured, B, "service"))
-        for api in (f"$JS.API.STREAM.DELETE.{names_b.runs_stream}",
-                    f"$JS.API.STREAM.PURGE.{names_b.cmd_stream}",
-                    f"$JS.API.STREAM.CREATE.KV_{B}_extra"):
+        names_b = Names(B)
+        await ensure_topology(service_b.jetstream(), names_b, _settings(secured, B, "service"))
+        for api in (
+            f"$JS.API.STREAM.DELETE.{names_b.runs_stream}",
+            f"$JS.API.STREAM.PURGE.{names_b.cmd_stream}",
+            f"$JS.API.STREAM.CREATE.KV_{B}_extra",
+        ):
             assert await _denied(service_a, api), api
         assert (await service_b.jetstream().stream_info(names_b.runs_stream)).config.name
     finally:
@@ -161,13 +165,14 @@ async def test_a_service_manages_only_its_own_namespace(
 
 
 async def test_anonymous_and_wrong_password_get_nothing(
-    secured: tuple[EmbeddedServer, dict[str, Any]]
+    secured: tuple[EmbeddedServer, dict[str, Any]],
 ) -> None:
     server, _ = secured
     for url in (server.url, server.url.replace("nats://", f"nats://{A}-client:wrong@")):
         with pytest.raises(Exception) as info:
-            await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
-                               connect_timeout=2)
+            await nats.connect(
+                url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2
+            )
         assert "uthorization" in str(info.value) or isinstance(info.value, nats.errors.Error)
 
 
@@ -186,10 +191,11 @@ async def test_tls_with_a_self_made_certificate(
         url = auth.url_for(creds, "tls-client", server.url.replace("nats://", "tls://"))
         # Without trusting the self-made CA the certificate is refused.
         with pytest.raises(Exception):  # noqa: B017 - ssl or nats error, either is a refusal
-            await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
-                               connect_timeout=2)
+            await nats.connect(
+                url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2
+            )
         monkeypatch.setenv("POLOS_TLS_CA", str(ca))
-        nc = await jsl.connect(fast_settings(url, prefix="tls"), name="tls-test")
+        nc = await connect(fast_settings(url, prefix="tls"), name="tls-test")
         try:
             assert nc.connected_url is not None and nc.connected_url.scheme == "tls"
             await nc.jetstream().account_info()
@@ -199,7 +205,9 @@ async def test_tls_with_a_self_made_certificate(
         server.stop()
 
 
-async def test_polos_up_has_auth_on_generates_credentials_and_refuses_anonymous(tmp_path: Path) -> None:
+async def test_polos_up_has_auth_on_generates_credentials_and_refuses_anonymous(
+    tmp_path: Path,
+) -> None:
     import asyncio
     import os
     import re
@@ -212,9 +220,22 @@ async def test_polos_up_has_auth_on_generates_credentials_and_refuses_anonymous(
     env.pop("POLOS_NATS_URL", None)
     up = subprocess.Popen(
         # Authentication is on by default: no flag.
-        [sys.executable, "-m", "polos", "up", "--data-dir", str(data), "--port", "0",
-         "--prefix", "upauth"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "polos",
+            "up",
+            "--data-dir",
+            str(data),
+            "--port",
+            "0",
+            "--prefix",
+            "upauth",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         url = None
@@ -229,12 +250,27 @@ async def test_polos_up_has_auth_on_generates_credentials_and_refuses_anonymous(
         for name in ("credentials.json", "nats-auth.conf"):
             assert stat.S_IMODE((data / name).stat().st_mode) == 0o600
         with pytest.raises(Exception):  # noqa: B017 - authorization violation
-            await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
-                               connect_timeout=2)
+            await nats.connect(
+                url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2
+            )
         out = subprocess.run(
-            [sys.executable, "-m", "polos", "credentials", "client", "--data-dir", str(data),
-             "--nats-url", url, "--prefix", "upauth"],
-            capture_output=True, text=True, env=env, check=True,
+            [
+                sys.executable,
+                "-m",
+                "polos",
+                "credentials",
+                "client",
+                "--data-dir",
+                str(data),
+                "--nats-url",
+                url,
+                "--prefix",
+                "upauth",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
         ).stdout.strip()
         assert out.startswith("nats://upauth-client:")
         client = await PolosClient.connect(settings=fast_settings(out, prefix="upauth"))
@@ -252,8 +288,12 @@ async def test_polos_up_has_auth_on_generates_credentials_and_refuses_anonymous(
         # The CLI run beside `polos up` finds the server and its role's credentials by itself.
         local = dict(env, POLOS_DATA_DIR=str(data))
         runs = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "polos", "runs", "--prefix", "upauth"],
-            capture_output=True, text=True, env=local, timeout=60,
+            subprocess.run,
+            [sys.executable, "-m", "polos", "runs", "--prefix", "upauth"],
+            capture_output=True,
+            text=True,
+            env=local,
+            timeout=60,
         )
         assert runs.returncode == 0, runs.stderr
         assert handle.run_id in runs.stdout

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
-from polos._private import jetstream as jsl
+from polos._private.store import natspy, read_subject
 from polos.testing import EmbeddedServer, fast_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,10 @@ def test_bench_quick_runs_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "polos_bench", "--quick", "--json", str(out)],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=120,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     print(proc.stdout[-6000:])
     print(proc.stderr[-6000:])
@@ -65,7 +68,10 @@ def test_polos_bench_subcommand_is_registered() -> None:
 def test_polos_bench_rejects_unknown_figure() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "polos_bench", "--only", "nonsense"],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=60,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "unknown figure" in proc.stdout
@@ -82,35 +88,41 @@ async def test_read_subject_returns_exactly_the_log(plain_nats_server: EmbeddedS
     js = nc.jetstream()
     stream = f"{settings.prefix.upper()}_READTEST"
     p = settings.prefix
-    await js.add_stream(StreamConfig(name=stream, subjects=[f"{p}.rt.>"], storage=StorageType.FILE,
-                                     allow_direct=True))
+    await js.add_stream(
+        StreamConfig(
+            name=stream, subjects=[f"{p}.rt.>"], storage=StorageType.FILE, allow_direct=True
+        )
+    )
     try:
         futs = []
         for i in range(2500):
             subj = f"{p}.rt.{'a' if i % 3 else 'b'}.{i % 7}"
-            futs.append(await js.publish_async(subj, orjson.dumps({"i": i}),
-                                               headers={"Nats-Msg-Id": f"m{i}"}))
+            futs.append(
+                await js.publish_async(
+                    subj, orjson.dumps({"i": i}), headers={"Nats-Msg-Id": f"m{i}"}
+                )
+            )
         await asyncio.gather(*futs)
 
-        everything = await jsl.read_subject(nc, stream, f"{p}.rt.>")
+        everything = await read_subject(nc, stream, f"{p}.rt.>")
         assert [m.seq for m in everything] == list(range(1, 2501))
         assert [orjson.loads(m.data)["i"] for m in everything] == list(range(2500))
         assert everything[5].headers is not None and everything[5].headers["Nats-Msg-Id"] == "m5"
         assert everything[5].subject == f"{p}.rt.a.5" and everything[5].time
 
-        only_b = await jsl.read_subject(nc, stream, f"{p}.rt.b.*")
+        only_b = await read_subject(nc, stream, f"{p}.rt.b.*")
         assert [orjson.loads(m.data)["i"] for m in only_b] == list(range(0, 2500, 3))
 
-        tail = await jsl.read_subject(nc, stream, f"{p}.rt.>", start_seq=2401)
+        tail = await read_subject(nc, stream, f"{p}.rt.>", start_seq=2401)
         assert [m.seq for m in tail] == list(range(2401, 2501))
 
-        limited = await jsl.read_subject(nc, stream, f"{p}.rt.>", start_seq=10, limit=1500)
+        limited = await read_subject(nc, stream, f"{p}.rt.>", start_seq=10, limit=1500)
         assert [m.seq for m in limited] == list(range(10, 1510))
 
-        assert await jsl.read_subject(nc, stream, f"{p}.rt.nothing.>") == []
+        assert await read_subject(nc, stream, f"{p}.rt.nothing.>") == []
 
         filters = [f"{p}.rt.a.{k}" for k in range(7)] * 3
-        results = await asyncio.gather(*(jsl.read_subject(nc, stream, f) for f in filters))
+        results = await asyncio.gather(*(read_subject(nc, stream, f) for f in filters))
         for f, msgs in zip(filters, results, strict=True):
             assert msgs and all(m.subject == f for m in msgs)
             assert [m.seq for m in msgs] == sorted(m.seq for m in msgs)
@@ -124,16 +136,37 @@ def test_fast_header_parser_matches_nats_py() -> None:
     """The faster parser Polos installs gives nats-py's results on any input, odd ones too."""
     import random
 
-    reference = jsl.NATS_HEADER_PARSER
+    reference = natspy.NATS_HEADER_PARSER
     if reference is None:  # nats-py changed: Polos left its own parser in place
         pytest.skip("fast header parser not installed")
     from nats.aio.client import Client
 
-    assert Client._parse_header_lines is jsl._parse_header_lines
+    assert Client._parse_header_lines is natspy.parse_header_lines
     rnd = random.Random(7)
-    alphabet = [b"a", b"Z", b":", b" ", b"\t", b"\r\n", b"\r", b"\n", b"\x1c", b"\x1f", b"\x00",
-                b"\xc3\xa9", b"\xff", b"-", b"\x0b", b"\x0c", b"\x85", b"\xa0", b"\xc2\x85",
-                b"\xc2\xa0", b"Nats-Msg-Id", b"123"]
+    alphabet = [
+        b"a",
+        b"Z",
+        b":",
+        b" ",
+        b"\t",
+        b"\r\n",
+        b"\r",
+        b"\n",
+        b"\x1c",
+        b"\x1f",
+        b"\x00",
+        b"\xc3\xa9",
+        b"\xff",
+        b"-",
+        b"\x0b",
+        b"\x0c",
+        b"\x85",
+        b"\xa0",
+        b"\xc2\x85",
+        b"\xc2\xa0",
+        b"Nats-Msg-Id",
+        b"123",
+    ]
     for _ in range(20_000):
         raw = b"".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
-        assert jsl._parse_header_lines(raw) == reference(raw), raw
+        assert natspy.parse_header_lines(raw) == reference(raw), raw

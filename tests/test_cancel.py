@@ -11,16 +11,13 @@ import orjson
 import pytest
 
 from polos import CommandRejectedError, WorkflowCancelledError, WorkflowContext, workflow
-from polos import events as ev
-from polos._private import jetstream as jsl
-from polos._private import waiting as wt
-from polos._private.jetstream import read_subject
-from tests import authstack
-from tests.authstack import Stack
+from polos import history as ev
+from polos._private.run import waits as wt
+from polos._private.store import connect, read_subject
+from polos.testing import PolosEnvironment as Stack
 from tests.helpers import until
 from tests.test_waiting import until_status
 
-secured, stack = authstack.secured, authstack.stack  # fixtures: a namespace under auth
 STARTED: set[str] = set()
 FINISHED: set[str] = set()
 
@@ -133,9 +130,10 @@ async def k_holder(ctx: WorkflowContext) -> str:
 
 async def _request_child(stack: Stack, parent_run_id: str) -> str:
     """What the parent's worker sends when its code reaches ``invoke("spawn", k_sleeper)``."""
-    req = wt.child_request(stack.client.names, parent_run_id, parent_run_id, "spawn", 0,
-                           "k_sleeper", None)
-    nc = await jsl.connect(stack.settings("worker"), name="parent-worker")
+    req = wt.child_request(
+        stack.client.names, parent_run_id, parent_run_id, "spawn", 0, "k_sleeper", None
+    )
+    nc = await connect(stack.as_role("worker"), name="parent-worker")
     try:
         await nc.jetstream().publish(req.subject, req.body, headers=req.headers)
     finally:
@@ -148,7 +146,7 @@ async def _types(stack: Stack, run_id: str) -> list[str]:
 
 
 async def test_cancel_reaches_a_child_requested_but_not_recorded(stack: Stack) -> None:
-    await stack.worker([k_holder, k_sleeper])
+    await stack.add_worker([k_holder, k_sleeper])
     parent = await stack.client.start(k_holder)
     await until_status(stack, parent.run_id, "suspended")
     child = await _request_child(stack, parent.run_id)
@@ -160,13 +158,14 @@ async def test_cancel_reaches_a_child_requested_but_not_recorded(stack: Stack) -
         isinstance(e, ev.StepCompleted) and e.kind == "invoke"
         for _, e in await stack.client.history(parent.run_id)
     )
-    reasons = [e.reason for _, e in await stack.client.history(child)
-               if isinstance(e, ev.RunCancelled)]
+    reasons = [
+        e.reason for _, e in await stack.client.history(child) if isinstance(e, ev.RunCancelled)
+    ]
     assert reasons == [f"parent run {parent.run_id} was cancelled"]
 
 
 async def test_child_requested_after_its_parent_was_cancelled_never_runs(stack: Stack) -> None:
-    await stack.worker([k_holder, k_sleeper])
+    await stack.add_worker([k_holder, k_sleeper])
     parent = await stack.client.start(k_holder)
     await until_status(stack, parent.run_id, "suspended")
     await stack.client.cancel(parent.run_id)
@@ -180,16 +179,17 @@ async def test_child_requested_after_its_parent_was_cancelled_never_runs(stack: 
 
 async def test_child_request_and_parent_cancel_held_back_together(stack: Stack) -> None:
     """Both stored while no orchestrator runs, then handled concurrently in either order."""
-    await stack.worker([k_holder, k_sleeper])
+    await stack.add_worker([k_holder, k_sleeper])
     parent = await stack.client.start(k_holder)
     await until_status(stack, parent.run_id, "suspended")
     await stack.orchestrator.stop()
     child = await _request_child(stack, parent.run_id)
-    await stack.client.js.publish(stack.client.names.cancel_subject(parent.run_id),
-                                  orjson.dumps({"reason": "stop"}))
+    await stack.client.js.publish(
+        stack.client.names.cancel_subject(parent.run_id), orjson.dumps({"reason": "stop"})
+    )
     from polos_services.orchestrator import Orchestrator
 
-    stack.orchestrator = Orchestrator(stack.settings("service"))
+    stack.orchestrator = Orchestrator(stack.as_role("service"))
     await stack.orchestrator.start()
     await until_status(stack, parent.run_id, "cancelled")
     await until_status(stack, child, "cancelled")

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from polos import PolosClient
-from polos._private import jetstream as jsl
-from polos._private.runtime import terminate_all
+from polos._private.ops.runtime import terminate_all
+from polos._private.store import load_state
 from polos.testing import SecuredServer, create_topology
 from tests.helpers import ROOT, marks, spawn
 from tests.workflows.chaos import ChaosJob, expected
@@ -167,16 +167,24 @@ async def _explain(client: PolosClient, cluster: Cluster, run_ids: list[str]) ->
         history = await client.history(run_id)
         print(f"\nSTUCK {run_id}:")
         for seq, e in history:
-            print(f"  {seq} {type(e).__name__} {getattr(e, 'key', '')} "
-                  f"{getattr(e, 'worker_id', '')} {getattr(e, 'kind', '')}")
+            print(
+                f"  {seq} {type(e).__name__} {getattr(e, 'key', '')} "
+                f"{getattr(e, 'worker_id', '')} {getattr(e, 'kind', '')}"
+            )
     for durable in ("wf_chaos_mix", "wf_chaos_child"):
         with contextlib.suppress(Exception):
             info = await client.js.consumer_info(client.names.tasks_stream, durable)
-            print(f"consumer {durable}: pending {info.num_pending} ack_pending "
-                  f"{info.num_ack_pending} redelivered {info.num_redelivered} "
-                  f"waiting {info.num_waiting}")
-    print("workers alive:", cluster.alive(), "registered:",
-          [w.get("id") for w in await client.workers()])
+            print(
+                f"consumer {durable}: pending {info.num_pending} ack_pending "
+                f"{info.num_ack_pending} redelivered {info.num_redelivered} "
+                f"waiting {info.num_waiting}"
+            )
+    print(
+        "workers alive:",
+        cluster.alive(),
+        "registered:",
+        [w.get("id") for w in await client.workers()],
+    )
 
 
 async def run_chaos(tmp: Path, *, runs: int, seconds: float, workers: int, seed: int) -> None:
@@ -210,7 +218,7 @@ async def run_chaos(tmp: Path, *, runs: int, seconds: float, workers: int, seed:
         while pending and time.monotonic() < deadline:
             for run_id in list(pending):
                 with contextlib.suppress(Exception):
-                    state = await jsl.load_state(client.nc, client.names, run_id)
+                    state = await load_state(client.nc, client.names, run_id)
                     if state.done:
                         outputs[run_id] = (state.status, state.output, state.error)
                         pending.discard(run_id)

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from polos import ChildWorkflowError, WorkflowContext, workflow
-from polos._private import jetstream as jsl
+from polos._private.store import REPLY_HEADER
 from tests.test_waiting import until_status
 
 
@@ -44,7 +44,11 @@ async def p_catch(ctx: WorkflowContext) -> dict[str, Any]:
     try:
         await ctx.step.invoke_and_wait("bad", c_boom, 7)
     except ChildWorkflowError as exc:
-        return {"caught": exc.status, "type": exc.error.get("type"), "msg": exc.error.get("message")}
+        return {
+            "caught": exc.status,
+            "type": exc.error.get("type"),
+            "msg": exc.error.get("message"),
+        }
     return {"caught": None}
 
 
@@ -109,7 +113,7 @@ async def test_child_request_subjects(env_factory: Any) -> None:
     sub = await env.client.nc.subscribe(inbox)
 
     async def send(subject: str, body: dict[str, Any]) -> dict[str, Any]:
-        await env.client.js.publish(subject, orjson.dumps(body), headers={jsl.REPLY_HEADER: inbox})
+        await env.client.js.publish(subject, orjson.dumps(body), headers={REPLY_HEADER: inbox})
         answer: dict[str, Any] = orjson.loads((await sub.next_msg(10)).data)
         return answer
 

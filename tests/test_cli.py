@@ -26,11 +26,17 @@ pytestmark = pytest.mark.slow
 def polos(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "polos", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(ROOT),
     )
 
 
-async def apolos(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+async def apolos(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(polos, *args, env=env, timeout=timeout)
 
 
@@ -40,16 +46,26 @@ async def test_start_wait_survives_a_sigkilled_worker_then_runs_and_show(
     log = tmp_path / "marks.log"
     subprocess_env["POLOS_TEST_LOG"] = str(log)
     await env_factory([], with_worker=False)
-    w1 = spawn(["-m", "polos", "worker", "tests.workflows.marked"], subprocess_env.as_role("worker"), tmp_path / "w1.out")
+    w1 = spawn(
+        ["-m", "polos", "worker", "tests.workflows.marked"],
+        subprocess_env.as_role("worker"),
+        tmp_path / "w1.out",
+    )
     w2 = None
     try:
         job = '{"steps": 10, "step_seconds": 0.1}'
         start = asyncio.create_task(
-            apolos("start", "marked", "--input", job, "--wait", "--timeout", "60", env=subprocess_env)
+            apolos(
+                "start", "marked", "--input", job, "--wait", "--timeout", "60", env=subprocess_env
+            )
         )
         await until(lambda: "start 5" in marks(log), 30, "step 5")
         kill(w1)
-        w2 = spawn(["-m", "polos", "worker", "tests.workflows.marked"], subprocess_env.as_role("worker"), tmp_path / "w2.out")
+        w2 = spawn(
+            ["-m", "polos", "worker", "tests.workflows.marked"],
+            subprocess_env.as_role("worker"),
+            tmp_path / "w2.out",
+        )
         done = await start
     finally:
         stop(w1)
@@ -91,9 +107,24 @@ async def test_up_starts_serves_stops_on_ctrl_c_and_keeps_data(
     env = dict(subprocess_env_base())
     data = tmp_path / "data"
     up = subprocess.Popen(
-        [sys.executable, "-m", "polos", "up", "--no-auth", "--data-dir", str(data), "--port", "0",
-         "--prefix", "uptest"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
+        [
+            sys.executable,
+            "-m",
+            "polos",
+            "up",
+            "--no-auth",
+            "--data-dir",
+            str(data),
+            "--port",
+            "0",
+            "--prefix",
+            "uptest",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=str(ROOT),
     )
     try:
         url = await asyncio.to_thread(_read_url, up)
@@ -113,9 +144,24 @@ async def test_up_starts_serves_stops_on_ctrl_c_and_keeps_data(
             up.wait()
     # Same data dir again: the run is still there.
     up2 = subprocess.Popen(
-        [sys.executable, "-m", "polos", "up", "--no-auth", "--data-dir", str(data), "--port", "0",
-         "--prefix", "uptest"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
+        [
+            sys.executable,
+            "-m",
+            "polos",
+            "up",
+            "--no-auth",
+            "--data-dir",
+            str(data),
+            "--port",
+            "0",
+            "--prefix",
+            "uptest",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=str(ROOT),
     )
     try:
         url = await asyncio.to_thread(_read_url, up2)
@@ -158,13 +204,15 @@ async def test_worker_with_dev_llm_runs_the_order_agent_without_a_key(
     """`polos worker --dev-llm examples/order.py` with no OPENAI_API_KEY: the agent talks to the
     dev LLM the worker started (and says so), and the order reaches its fraud review."""
     env = await env_factory([], with_worker=False)
-    worker_env = {k: v for k, v in subprocess_env.as_role("worker").items()
-                  if not k.startswith("OPENAI_")}
+    worker_env = {
+        k: v for k, v in subprocess_env.as_role("worker").items() if not k.startswith("OPENAI_")
+    }
     log = tmp_path / "w.out"
     worker = spawn(["-m", "polos", "worker", "--dev-llm", "examples/order.py"], worker_env, log)
     try:
         handle = await env.client.start(
-            "process_order", {"id": "D-1", "amount": 2500, "email": "d@example.com"})
+            "process_order", {"id": "D-1", "amount": 2500, "email": "d@example.com"}
+        )
         deadline = time.monotonic() + 60
         while True:  # the index follows the log: the run may not be listed at once
             runs = {r.run_id: r for r in await env.client.list_runs()}

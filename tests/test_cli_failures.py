@@ -27,8 +27,8 @@ import nats
 import pytest
 
 from polos import PolosClient
-from polos._private import auth
-from polos._private.server import EmbeddedServer, default_config
+from polos._private.ops import auth
+from polos._private.ops.server import EmbeddedServer, default_config
 from polos.testing import PolosEnvironment, fast_settings
 from tests.helpers import ROOT, stop, until
 from tests.workflows.marked import marked
@@ -44,10 +44,17 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _polos(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-           timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "polos", *args], env=env or _env(),
-                          capture_output=True, text=True, timeout=timeout, cwd=str(cwd or ROOT))
+def _polos(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "polos", *args],
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(cwd or ROOT),
+    )
 
 
 def _closed_port() -> int:
@@ -84,9 +91,23 @@ class Up:
     @classmethod
     def start(cls, data: Path, prefix: str, *args: str, wait: bool = True) -> Up:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "polos", "up", "--data-dir", str(data), "--port", "0",
-             "--prefix", prefix, *args],
-            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "polos",
+                "up",
+                "--data-dir",
+                str(data),
+                "--port",
+                "0",
+                "--prefix",
+                prefix,
+                *args,
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             cwd=str(ROOT),
         )
         up = cls(proc, data, prefix)
@@ -134,12 +155,27 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 
 def _worker(url: str, prefix: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
     env = _env(POLOS_PREFIX=prefix, POLOS_TEST_LOG=str(log.with_suffix(".marks")), **extra)
-    env.update({k: v for k, v in fast_settings(url, prefix=prefix).to_env().items()
-                if k not in ("POLOS_NATS_URL",)})
+    env.update(
+        {
+            k: v
+            for k, v in fast_settings(url, prefix=prefix).to_env().items()
+            if k not in ("POLOS_NATS_URL",)
+        }
+    )
     out = open(log, "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "polos_services.worker", "tests.workflows.marked", "--nats-url", url],
-        env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT),
+        [
+            sys.executable,
+            "-m",
+            "polos_services.worker",
+            "tests.workflows.marked",
+            "--nats-url",
+            url,
+        ],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=str(ROOT),
     )
 
 
@@ -155,24 +191,32 @@ async def _serves_a_run(url: str, prefix: str) -> None:
 # --------------------------------------------------------------------------- commands
 
 
-@pytest.mark.parametrize("command", [["runs"], ["analytics", "export", "--dir", "{tmp}"]],
-                         ids=["runs", "analytics-export"])
-def test_a_command_with_a_wrong_url_fails_fast_with_one_line(command: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["runs"], ["analytics", "export", "--dir", "{tmp}"]],
+    ids=["runs", "analytics-export"],
+)
+def test_a_command_with_a_wrong_url_fails_fast_with_one_line(
+    command: list[str], tmp_path: Path
+) -> None:
     url = f"nats://127.0.0.1:{_closed_port()}"
     t0 = time.monotonic()
     out = _polos("--nats-url", url, *(c.format(tmp=tmp_path) for c in command), timeout=BOUND)
     assert time.monotonic() - t0 < BOUND
     assert out.returncode == 1
-    assert _lines(out.stderr) == [f"error: cannot connect to {url}: connection refused "
-                                  "(no server listening there)"], out.stderr
+    assert _lines(out.stderr) == [
+        f"error: cannot connect to {url}: connection refused (no server listening there)"
+    ], out.stderr
     assert out.stdout == ""
 
 
 def test_a_command_with_a_wrong_password_fails_with_an_authorization_line(up: Up) -> None:
     good = up.url_for("client")
     wrong = re.sub(r":[^:@/]+@", ":not-the-password@", good)
-    for url, says in ((wrong, "refused this user and password"),
-                      (up.url, "requires a user and password")):
+    for url, says in (
+        (wrong, "refused this user and password"),
+        (up.url, "requires a user and password"),
+    ):
         out = _polos("--nats-url", url, "--prefix", up.prefix, "runs", timeout=BOUND)
         assert out.returncode == 1
         lines = _lines(out.stderr)
@@ -246,8 +290,11 @@ async def test_a_worker_says_lost_and_back_once_and_keeps_working(
     text = log.read_text()
     assert "Traceback" not in text, text
     assert text.count("lost the connection") == 1 and text.count("is back") == 1, text
-    assert re.search(rf"lost the connection to nats://{prefix}-worker@127\.0\.0\.1:{server.port} "
-                     r"\(the server closed the connection\); reconnecting", text), text
+    assert re.search(
+        rf"lost the connection to nats://{prefix}-worker@127\.0\.0\.1:{server.port} "
+        r"\(the server closed the connection\); reconnecting",
+        text,
+    ), text
 
 
 async def test_a_worker_started_before_its_server_waits_and_says_so_once(
@@ -273,8 +320,10 @@ async def test_a_worker_started_before_its_server_waits_and_says_so_once(
     text = log.read_text()
     assert "Traceback" not in text, text
     assert text.count("waiting for it") == 1 and text.count(" connected to ") == 1, text
-    assert f"cannot connect to nats://{prefix}-worker@127.0.0.1:{server.port}: connection " \
+    assert (
+        f"cannot connect to nats://{prefix}-worker@127.0.0.1:{server.port}: connection "
         "refused (no server listening there); waiting for it" in text
+    )
 
 
 async def test_a_worker_whose_credentials_stop_working_on_a_reconnect_exits(
@@ -317,9 +366,23 @@ async def test_a_second_polos_up_on_the_same_data_is_refused(
     log_size = (up.data / "nats-server.log").stat().st_size
     out = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "polos", "up", "--data-dir", str(up.data), "--port", port,
-         "--prefix", up.prefix],
-        env=_env(), capture_output=True, text=True, timeout=BOUND, cwd=str(ROOT),
+        [
+            sys.executable,
+            "-m",
+            "polos",
+            "up",
+            "--data-dir",
+            str(up.data),
+            "--port",
+            port,
+            "--prefix",
+            up.prefix,
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=BOUND,
+        cwd=str(ROOT),
     )
     assert out.returncode == 1
     assert _lines(out.stderr) == [
@@ -408,20 +471,36 @@ async def test_credentials_in_every_format_name_the_running_server(up: Up) -> No
     assert _polos(*base, "--format", "url").stdout.strip() == as_url
     assert as_url == up.url.replace("nats://", f"nats://{user}:{password}@")
     env_lines = dict(ln.split("=", 1) for ln in _lines(_polos(*base, "--format", "env").stdout))
-    assert env_lines == {"NATS_URL": up.url, "NATS_USER": user, "NATS_PASSWORD": password,
-                         "POLOS_NATS_URL": as_url, "POLOS_PREFIX": up.prefix}
+    assert env_lines == {
+        "NATS_URL": up.url,
+        "NATS_USER": user,
+        "NATS_PASSWORD": password,
+        "POLOS_NATS_URL": as_url,
+        "POLOS_PREFIX": up.prefix,
+    }
     context = json.loads(_polos(*base, "--format", "context").stdout)
     assert {k: context[k] for k in ("url", "user", "password")} == {
-        "url": up.url, "user": user, "password": password}
+        "url": up.url,
+        "user": user,
+        "password": password,
+    }
     doc = json.loads(_polos(*base, "--format", "json").stdout)
     assert doc["url"] == up.url and doc["servers"] == [up.url] and doc["nats_url"] == as_url
     assert (doc["user"], doc["password"], doc["role"], doc["prefix"]) == (
-        user, password, "client", up.prefix)
+        user,
+        password,
+        "client",
+        up.prefix,
+    )
     # Each form connects: the URL as Polos takes it, user and password apart as the Node and
     # Go clients take them.
     await _serves_nothing_but_connects(as_url, up.prefix)
-    nc = await nats.connect(env_lines["NATS_URL"], user=env_lines["NATS_USER"],
-                            password=env_lines["NATS_PASSWORD"], allow_reconnect=False)
+    nc = await nats.connect(
+        env_lines["NATS_URL"],
+        user=env_lines["NATS_USER"],
+        password=env_lines["NATS_PASSWORD"],
+        allow_reconnect=False,
+    )
     await nc.close()
 
 
@@ -459,6 +538,12 @@ def test_a_polos_up_is_found_from_another_directory(up: Up, tmp_path: Path) -> N
     # Without either it looks in ./.polos, where no `polos up` runs.
     out = _polos("--prefix", up.prefix, "credentials", "client", cwd=elsewhere)
     assert out.returncode == 1 and "no credentials in .polos" in out.stderr
-    out = _polos("--prefix", up.prefix, "credentials", "client", cwd=elsewhere,
-                 env=_env(POLOS_DATA_DIR=str(up.data)))
+    out = _polos(
+        "--prefix",
+        up.prefix,
+        "credentials",
+        "client",
+        cwd=elsewhere,
+        env=_env(POLOS_DATA_DIR=str(up.data)),
+    )
     assert out.returncode == 0 and out.stdout.strip() == up.url_for("client")

@@ -33,7 +33,7 @@ import orjson
 import pytest
 
 from polos import RetryPolicy, WorkflowContext, workflow
-from polos._private import waiting as wt
+from polos._private.store.tokens import resume_subject
 from polos_analytics.export import Exporter
 from polos_analytics.sql import VIEWS_FILE
 from tests.helpers import ROOT, spawn, stop
@@ -64,8 +64,9 @@ async def naps(ctx: WorkflowContext, n: int) -> int:
 
 @workflow
 async def flaky(ctx: WorkflowContext, key: str) -> str:
-    return await ctx.step.run("call", fails_once, key,
-                              retry=RetryPolicy(max_attempts=3, initial_interval=0.01))
+    return await ctx.step.run(
+        "call", fails_once, key, retry=RetryPolicy(max_attempts=3, initial_interval=0.01)
+    )
 
 
 def _env(base: dict[str, str], **extra: str) -> dict[str, str]:
@@ -76,25 +77,42 @@ def _env(base: dict[str, str], **extra: str) -> dict[str, str]:
     return env
 
 
-def polos(*args: str, env: dict[str, str], cwd: Path | str = ROOT,
-          timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "polos", *args], env=env, cwd=str(cwd),
-                          capture_output=True, text=True, timeout=timeout)
+def polos(
+    *args: str, env: dict[str, str], cwd: Path | str = ROOT, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "polos", *args],
+        env=env,
+        cwd=str(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-async def apolos(*args: str, env: dict[str, str], cwd: Path | str = ROOT,
-                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
+async def apolos(
+    *args: str, env: dict[str, str], cwd: Path | str = ROOT, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(polos, *args, env=env, cwd=cwd, timeout=timeout)
 
 
-def on_terminal(args: list[str], env: dict[str, str], *, stdout_tty: bool = True,
-                stderr_tty: bool = False, timeout: float = 60) -> tuple[int, str, str, str]:
+def on_terminal(
+    args: list[str],
+    env: dict[str, str],
+    *,
+    stdout_tty: bool = True,
+    stderr_tty: bool = False,
+    timeout: float = 60,
+) -> tuple[int, str, str, str]:
     """Run `polos ARGS` with stdout and/or stderr on a pseudo-terminal (120 columns).
     Returns (exit code, what the terminal got, piped stdout, piped stderr)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "polos", *args], env=env, cwd=str(ROOT), stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "polos", *args],
+        env=env,
+        cwd=str(ROOT),
+        stdin=subprocess.DEVNULL,
         stdout=slave if stdout_tty else subprocess.PIPE,
         stderr=slave if stderr_tty else subprocess.PIPE,
     )
@@ -147,11 +165,23 @@ def _read_until(proc: subprocess.Popen[str], pattern: str, seen: list[str]) -> r
 
 
 def _up_env(tmp_path: Path, prefix: str, **extra: str) -> dict[str, str]:
-    env = _env(dict(os.environ), PYTHONPATH=str(ROOT), POLOS_PREFIX=prefix, PYTHONUNBUFFERED="1",
-               POLOS_TEST_LOG=str(tmp_path / "marks.log"))
-    for name in ("POLOS_NATS_URL", "POLOS_DATA_DIR", "POLOS_ANALYTICS_DIR", "POLOS_EXPORT",
-                 "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                 "OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED"):
+    env = _env(
+        dict(os.environ),
+        PYTHONPATH=str(ROOT),
+        POLOS_PREFIX=prefix,
+        PYTHONUNBUFFERED="1",
+        POLOS_TEST_LOG=str(tmp_path / "marks.log"),
+    )
+    for name in (
+        "POLOS_NATS_URL",
+        "POLOS_DATA_DIR",
+        "POLOS_ANALYTICS_DIR",
+        "POLOS_EXPORT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_SDK_DISABLED",
+    ):
         env.pop(name, None)
     env.update(extra)
     return env
@@ -160,21 +190,41 @@ def _up_env(tmp_path: Path, prefix: str, **extra: str) -> dict[str, str]:
 async def test_polos_up_keeps_the_export_current_so_sql_sees_a_run(tmp_path: Path) -> None:
     """Auth on, real processes, nothing run by hand but up, a worker and start."""
     env = _up_env(tmp_path, "upobs", POLOS_ANALYTICS_FLUSH_INTERVAL="0.05")
-    up = subprocess.Popen([sys.executable, "-m", "polos", "up", "--port", "0"], env=env,
-                          cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "polos", "up", "--port", "0"],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     worker = None
     seen: list[str] = []
     try:
-        analytics = await asyncio.to_thread(_read_until, up, r"analytics: Parquet export in (\S+)", seen)
+        analytics = await asyncio.to_thread(
+            _read_until, up, r"analytics: Parquet export in (\S+)", seen
+        )
         assert Path(analytics.group(1)) == tmp_path / ".polos" / "exports"
         await asyncio.to_thread(_read_until, up, r"Polos is up", seen)
         with open(tmp_path / "worker.out", "ab") as log:  # beside up: it finds the server
             worker = subprocess.Popen(
-                [sys.executable, "-m", "polos", "worker", "tests.workflows.marked"], env=env,
-                cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT)
-        started = await apolos("start", "marked", "--input", '{"steps": 3}', "--wait",
-                               "--timeout", "60", env=env, cwd=tmp_path)
+                [sys.executable, "-m", "polos", "worker", "tests.workflows.marked"],
+                env=env,
+                cwd=str(tmp_path),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        started = await apolos(
+            "start",
+            "marked",
+            "--input",
+            '{"steps": 3}',
+            "--wait",
+            "--timeout",
+            "60",
+            env=env,
+            cwd=tmp_path,
+        )
         assert started.returncode == 0, started.stdout + started.stderr
         run_id = re.search(r"run (\w+) started", started.stdout).group(1)  # type: ignore[union-attr]
         assert started.stdout.splitlines()[-1] == "14"
@@ -210,9 +260,14 @@ async def test_polos_up_keeps_the_export_current_so_sql_sees_a_run(tmp_path: Pat
 
 async def test_up_runs_the_span_follower_when_otel_configures_an_exporter(tmp_path: Path) -> None:
     env = _up_env(tmp_path, "upotel", OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="upotel")
-    up = subprocess.Popen([sys.executable, "-m", "polos", "up", "--port", "0", "--no-export"],
-                          env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "polos", "up", "--port", "0", "--no-export"],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen: list[str] = []
     worker = None
     try:
@@ -221,19 +276,32 @@ async def test_up_runs_the_span_follower_when_otel_configures_an_exporter(tmp_pa
         await asyncio.to_thread(_read_until, up, r"Polos is up", seen)
         with open(tmp_path / "worker.out", "ab") as log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "polos", "worker", "tests.workflows.marked"], env=env,
-                cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT)
-        done = await apolos("start", "marked", "--input", '{"steps": 2}', "--wait",
-                            "--timeout", "60", env=env, cwd=tmp_path)
+                [sys.executable, "-m", "polos", "worker", "tests.workflows.marked"],
+                env=env,
+                cwd=str(tmp_path),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        done = await apolos(
+            "start",
+            "marked",
+            "--input",
+            '{"steps": 2}',
+            "--wait",
+            "--timeout",
+            "60",
+            env=env,
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         spans = tmp_path / ".polos" / "analytics.log"  # the console exporter writes there
         deadline = time.monotonic() + 30
         # The run span: the follower emits it when it reads the run's last event, which is the
         # last message of the burst (no later notification wakes the follower for it).
         while '"name": "run marked"' not in (spans.read_text() if spans.exists() else ""):
-            assert time.monotonic() < deadline, (
-                "no run span from the follower polos up runs:\n"
-                + (spans.read_text()[-3000:] if spans.exists() else "(no log)"))
+            assert time.monotonic() < deadline, "no run span from the follower polos up runs:\n" + (
+                spans.read_text()[-3000:] if spans.exists() else "(no log)"
+            )
             await asyncio.sleep(0.1)
     finally:
         if worker is not None:
@@ -245,23 +313,29 @@ async def test_up_runs_the_span_follower_when_otel_configures_an_exporter(tmp_pa
 
 
 def test_otel_configured_reads_the_standard_variables() -> None:
-    from polos._private.analytics_process import otel_configured
+    from polos._private.ops.analytics_process import otel_configured
 
     assert not otel_configured({})  # OpenTelemetry's default (OTLP to localhost): not started
     assert otel_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
     assert otel_configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})
     assert otel_configured({"OTEL_TRACES_EXPORTER": "console"})
     assert otel_configured({"OTEL_TRACES_EXPORTER": "otlp"})
-    assert not otel_configured({"OTEL_TRACES_EXPORTER": "none",
-                                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert not otel_configured(
+        {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    )
     assert not otel_configured({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console"})
 
 
 async def test_up_with_no_export_runs_no_exporter(tmp_path: Path) -> None:
     env = _up_env(tmp_path, "upnoexp")
-    up = subprocess.Popen([sys.executable, "-m", "polos", "up", "--port", "0", "--no-export"],
-                          env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "polos", "up", "--port", "0", "--no-export"],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen: list[str] = []
     try:
         await asyncio.to_thread(_read_until, up, r"Polos is up", seen)
@@ -285,8 +359,9 @@ async def test_sql_on_a_fresh_directory_says_nothing_is_exported(tmp_path: Path)
     assert str(tmp_path / ".polos" / "exports") in lines[0]  # where it looked
     assert "polos up" in lines[0] and "polos analytics export" in lines[0]  # how to export
     # POLOS_DATA_DIR moves where it looks, as it moves where other commands find the server.
-    moved = await apolos("sql", "SELECT 1", env={**env, "POLOS_DATA_DIR": str(tmp_path / "d")},
-                         cwd=tmp_path)
+    moved = await apolos(
+        "sql", "SELECT 1", env={**env, "POLOS_DATA_DIR": str(tmp_path / "d")}, cwd=tmp_path
+    )
     assert str(tmp_path / "d" / "exports") in moved.stderr
 
 
@@ -329,21 +404,33 @@ async def test_print_views_runs_in_duckdb_to_the_rows_of_polos_sql(
     cli.execute(f"SET VARIABLE polos_export_dir = '{out.resolve()}'")
     cli.execute(VIEWS_FILE.read_text())
     for query in QUERIES:
-        via_polos = await apolos("sql", query, "--dir", str(out), "--format", "json",
-                                 env=subprocess_env)
+        via_polos = await apolos(
+            "sql", query, "--dir", str(out), "--format", "json", env=subprocess_env
+        )
         assert via_polos.returncode == 0, via_polos.stderr
         expected = orjson.loads(via_polos.stdout)
         assert _json_rows(con, query) == expected, query
         assert _json_rows(cli, query) == expected, query
-    assert len(orjson.loads((await apolos(
-        "sql", QUERIES[0], "--dir", str(out), "--format", "json", env=subprocess_env)).stdout)) == 4
+    assert (
+        len(
+            orjson.loads(
+                (
+                    await apolos(
+                        "sql", QUERIES[0], "--dir", str(out), "--format", "json", env=subprocess_env
+                    )
+                ).stdout
+            )
+        )
+        == 4
+    )
 
 
 def test_views_are_defined_once_in_the_package() -> None:
     import tomllib
 
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]
+        "package-data"
+    ]
     assert "views.sql" in package_data["polos_analytics"]
     sql_py = (ROOT / "analytics" / "sql.py").read_text()
     assert "CREATE OR REPLACE VIEW runs" not in sql_py  # no second copy
@@ -363,8 +450,10 @@ async def test_runs_counts_retries_not_claims(
     assert await failer.result(timeout=30) == "ok"
     deadline = time.monotonic() + 20
     while True:  # the index (a projection) folds the endings right after the log
-        runs = {r["run_id"]: r for r in orjson.loads(
-            (await apolos("runs", "--json", env=subprocess_env)).stdout)}
+        runs = {
+            r["run_id"]: r
+            for r in orjson.loads((await apolos("runs", "--json", env=subprocess_env)).stdout)
+        }
         if all(runs.get(h.run_id, {}).get("status") == "completed" for h in (napper, failer)):
             break
         assert time.monotonic() < deadline, runs
@@ -391,8 +480,10 @@ async def test_dlq_shows_the_whole_reason_the_run_and_the_payload(
     handle = await env.client.start(w_approval, {"id": "dlq-1", "amount": 3})
     await until_status(env, handle.run_id, "suspended")
     field = "a_field_name_long_enough_that_the_reason_goes_well_past_sixty_characters"
-    await env.client.js.publish(wt.resume_subject(env.client.names, handle.run_id, "approval"),
-                                orjson.dumps({field: {"approved": True}}))
+    await env.client.js.publish(
+        resume_subject(env.client.names, handle.run_id, "approval"),
+        orjson.dumps({field: {"approved": True}}),
+    )
     deadline = time.monotonic() + 20
     while not any(field in d["reason"] for d in await env.client.dead_letters()):
         assert time.monotonic() < deadline, "the bad resume was never dead-lettered"
@@ -402,8 +493,14 @@ async def test_dlq_shows_the_whole_reason_the_run_and_the_payload(
 
     listing = await apolos("dlq", env=subprocess_env)
     assert listing.returncode == 0, listing.stderr
-    assert listing.stdout.splitlines()[0].split() == ["ID", "AT", "SOURCE", "RUN", "SUBJECT",
-                                                      "REASON"]
+    assert listing.stdout.splitlines()[0].split() == [
+        "ID",
+        "AT",
+        "SOURCE",
+        "RUN",
+        "SUBJECT",
+        "REASON",
+    ]
     line = next(ln for ln in listing.stdout.splitlines() if field in ln)
     assert line.endswith(reason)  # whole, not cut at 60 characters
     assert handle.run_id in line.split()
@@ -413,13 +510,15 @@ async def test_dlq_shows_the_whole_reason_the_run_and_the_payload(
     assert shown.returncode == 0, shown.stderr
     assert f"run  {handle.run_id}" in shown.stdout and reason in shown.stdout
     assert f'"{field}": {{' in shown.stdout  # the payload, as indented JSON
-    as_json = orjson.loads((await apolos("dlq", "show", letter_id, "--json",
-                                         env=subprocess_env)).stdout)
+    as_json = orjson.loads(
+        (await apolos("dlq", "show", letter_id, "--json", env=subprocess_env)).stdout
+    )
     assert as_json["seq"] == int(letter_id) and as_json["reason"] == reason
     # The list's --json is unchanged: the letters as they were kept.
     letters = orjson.loads((await apolos("dlq", "--json", env=subprocess_env)).stdout)
-    assert any(d["reason"] == reason and set(d) >= {"source", "subject", "data", "at"}
-               for d in letters)
+    assert any(
+        d["reason"] == reason and set(d) >= {"source", "subject", "data", "at"} for d in letters
+    )
     missing = await apolos("dlq", "show", "999999", env=subprocess_env)
     assert missing.returncode == 1 and "no dead letter 999999" in missing.stderr
 
@@ -436,8 +535,16 @@ async def test_piped_output_has_no_escape_codes_and_a_terminal_has_colour(
     async with Exporter(env.as_role("service"), out) as exporter:
         await exporter.export_once()
     plain = _env(subprocess_env)
-    commands = [["runs"], ["show", runs["failed"]], ["trace", runs["agent"]], ["workers"],
-                ["dlq"], ["schedules"], ["queues"], ["sql", "SELECT * FROM runs", "--dir", str(out)]]
+    commands = [
+        ["runs"],
+        ["show", runs["failed"]],
+        ["trace", runs["agent"]],
+        ["workers"],
+        ["dlq"],
+        ["schedules"],
+        ["queues"],
+        ["sql", "SELECT * FROM runs", "--dir", str(out)],
+    ]
     for args in commands:
         got = await apolos(*args, env=plain)
         assert got.returncode == 0, (args, got.stderr)
@@ -462,20 +569,39 @@ async def test_start_wait_draws_its_status_on_stderr_and_prints_only_the_result(
     term = _env(subprocess_env, TERM="xterm-256color")
     # No worker serves the workflow: the status line says so while it waits.
     code, seen, stdout, _ = await asyncio.to_thread(
-        on_terminal, ["start", "marked", "--run-id", "lonely-1", "--wait", "--timeout", "3"],
-        term, stdout_tty=False, stderr_tty=True)
+        on_terminal,
+        ["start", "marked", "--run-id", "lonely-1", "--wait", "--timeout", "3"],
+        term,
+        stdout_tty=False,
+        stderr_tty=True,
+    )
     assert code == 1
     assert "run lonely-1 started" in stdout and not ANSI.search(stdout)
     assert "no worker serves 'marked' yet" in seen, seen
     # With a worker: stdout is the start line and the result, nothing else.
-    worker = spawn(["-m", "polos", "worker", "tests.workflows.marked"],
-                   {**subprocess_env.as_role("worker"), "POLOS_TEST_LOG": str(tmp_path / "m.log")},
-                   tmp_path / "w.out")
+    worker = spawn(
+        ["-m", "polos", "worker", "tests.workflows.marked"],
+        {**subprocess_env.as_role("worker"), "POLOS_TEST_LOG": str(tmp_path / "m.log")},
+        tmp_path / "w.out",
+    )
     try:
         code, seen, stdout, _ = await asyncio.to_thread(
-            on_terminal, ["start", "marked", "--run-id", "watched-1", "--input",
-                          '{"steps": 3, "step_seconds": 0.3}', "--wait", "--timeout", "60"],
-            term, stdout_tty=False, stderr_tty=True)
+            on_terminal,
+            [
+                "start",
+                "marked",
+                "--run-id",
+                "watched-1",
+                "--input",
+                '{"steps": 3, "step_seconds": 0.3}',
+                "--wait",
+                "--timeout",
+                "60",
+            ],
+            term,
+            stdout_tty=False,
+            stderr_tty=True,
+        )
     finally:
         stop(worker)
     assert code == 0, seen

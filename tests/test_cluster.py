@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from polos import WorkflowContext, workflow
-from polos._private import jetstream as jsl
-from polos._private.cluster import CONFIG_DIR, DEFAULT_PORTS, LocalCluster, render_config
+from polos._private.ops.cluster import CONFIG_DIR, DEFAULT_PORTS, LocalCluster, render_config
+from polos._private.store import load_state
 from polos.testing import PolosEnvironment, fast_settings
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,9 @@ async def clustered(ctx: WorkflowContext, steps: int) -> int:
 
 def test_shipped_cluster_configs_are_current() -> None:
     for i in range(1, 4):
-        assert (CONFIG_DIR / f"nats-cluster-{i}.conf").read_text() == render_config(i, DEFAULT_PORTS)
+        assert (CONFIG_DIR / f"nats-cluster-{i}.conf").read_text() == render_config(
+            i, DEFAULT_PORTS
+        )
 
 
 async def test_stream_leader_killed_under_load_work_continues(tmp_path: Path) -> None:
@@ -79,7 +81,7 @@ async def test_stream_leader_killed_under_load_work_continues(tmp_path: Path) ->
         deadline = time.monotonic() + 90
         while pending and time.monotonic() < deadline:
             for run_id in list(pending):
-                state = await jsl.load_state(env.client.nc, names, run_id)
+                state = await load_state(env.client.nc, names, run_id)
                 if state.done:
                     assert state.status == "completed" and state.output == steps, state.error
                     pending.discard(run_id)
@@ -98,7 +100,7 @@ async def test_stream_leader_killed_under_load_work_continues(tmp_path: Path) ->
         assert all(STARTED[k] <= 2 for k in expected)
         # Every run's history is whole on the surviving replicas.
         for h in handles[:5]:
-            state = await jsl.load_state(env.client.nc, names, h.run_id)
+            state = await load_state(env.client.nc, names, h.run_id)
             assert state.status == "completed" and len(state.steps) == steps
         # The killed node comes back and catches up from the new leader.
         t_back = time.perf_counter()
@@ -122,5 +124,3 @@ async def test_stream_leader_killed_under_load_work_continues(tmp_path: Path) ->
         if env is not None:
             await env.stop()
         cluster.stop()
-
-

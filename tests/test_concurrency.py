@@ -15,9 +15,9 @@ import orjson
 import pytest
 
 from polos import Queue, WorkflowContext, workflow
-from polos import events as ev
-from polos._private import jetstream as jsl
+from polos import history as ev
 from polos._private import limits
+from polos._private.store import read_subject
 from polos.config import Settings
 from polos.errors import RunNotFoundError
 from polos.queues import configure_queue
@@ -85,8 +85,9 @@ async def cc_single(ctx: WorkflowContext, ms: float) -> list[float]:
 
 def max_overlap(intervals: list[list[float]]) -> int:
     """The most intervals open at one instant (an end at t closes before a start at t)."""
-    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals],
-                    key=lambda p: (p[0], p[1]))
+    points = sorted(
+        [(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda p: (p[0], p[1])
+    )
     cur = best = 0
     for _, d in points:
         cur += d
@@ -138,8 +139,10 @@ async def test_200_runs_through_a_queue_of_5_with_two_orchestrators_and_two_work
     elapsed = time.perf_counter() - t0
     assert len(results) == 200
     peak = max_overlap(results)
-    print(f"200 runs, limit 5, 2 orchestrators + 2 workers: {elapsed:.2f}s "
-          f"({200 / elapsed:.0f} runs/s); most active at once: {peak}")
+    print(
+        f"200 runs, limit 5, 2 orchestrators + 2 workers: {elapsed:.2f}s "
+        f"({200 / elapsed:.0f} runs/s); most active at once: {peak}"
+    )
     workers = {e.worker_id for h in handles[:50] for e in [await a.client.get(h.run_id)]}
     print(f"workers that executed runs: {len(workers)}")
     adm = [x.orchestrator.admission for x in (a, b)]
@@ -171,8 +174,10 @@ async def test_round_robin_across_keys_one_busy_key_does_not_starve_others(
     busy_results = await asyncio.gather(*(h.result(timeout=60) for h in busy))
     a_after = sum(1 for _, e in busy_results if e > last_other_end)
     peak = max_overlap(busy_results + other_results)
-    print(f"\nB and C (6 runs, behind 30 of A's) all finished with {a_after} of A's 30 "
-          f"still to finish; most active at once: {peak}")
+    print(
+        f"\nB and C (6 runs, behind 30 of A's) all finished with {a_after} of A's 30 "
+        f"still to finish; most active at once: {peak}"
+    )
     assert peak <= 2
     # FIFO across keys would have run all 30 of A's first: round robin lets B and C through.
     assert a_after >= 10
@@ -189,8 +194,10 @@ async def test_per_key_limit_applies_to_each_key_separately(env_factory: Any) ->
     total_peak = max_overlap([iv for v in res.values() for iv in v])
     bob_done = max(e for _, e in res["bob"])
     alice_after = sum(1 for _, e in res["alice@example.com"] if e > bob_done)
-    print(f"\nper-key peaks {peaks}, together {total_peak}; bob finished with "
-          f"{alice_after} of alice's 12 still to finish")
+    print(
+        f"\nper-key peaks {peaks}, together {total_peak}; bob finished with "
+        f"{alice_after} of alice's 12 still to finish"
+    )
     assert all(p <= 2 for p in peaks.values())
     assert alice_after >= 4  # bob never waited behind alice's backlog
 
@@ -225,9 +232,11 @@ async def test_admission_overhead_per_run(env_factory: Any) -> None:
     await asyncio.gather(*(h.result(timeout=60) for h in hs))
     one = (time.perf_counter() - t0) / n * 1000
     base_ms = (base + base2) / 2
-    print(f"\nper run, sequential start->result: unlimited {base_ms:.2f} ms, limited queue "
-          f"with a free slot {fast:.2f} ms (admission +{fast - base_ms:.2f} ms); "
-          f"limit 1 with {n} queued: {one:.2f} ms per run (park + admit + hand-over)")
+    print(
+        f"\nper run, sequential start->result: unlimited {base_ms:.2f} ms, limited queue "
+        f"with a free slot {fast:.2f} ms (admission +{fast - base_ms:.2f} ms); "
+        f"limit 1 with {n} queued: {one:.2f} ms per run (park + admit + hand-over)"
+    )
     stats = env.orchestrator.admission.stats()
     print(f"admission stats: {stats}")
     assert stats["fast_admits"] >= n
@@ -247,15 +256,20 @@ async def test_admission_races_and_a_dead_admitter_neither_leak_nor_double_grant
     pools = limits.pool_names(queue, limits.DEFAULT_KEY)
     # Fill the queue with two long leases, so the run we start has to wait.
     for i in range(2):
-        assert await store.put(f"{pools[0][0]}.{i}", {"run": f"other{i}", "adm": 0},
-                               expected=0, ttl=60) is not None
+        assert (
+            await store.put(
+                f"{pools[0][0]}.{i}", {"run": f"other{i}", "adm": 0}, expected=0, ttl=60
+            )
+            is not None
+        )
     h = await a.client.start("cc_crash", None)
     entries: list[Any] = []
     deadline = time.monotonic() + 10
     while not entries:
         assert time.monotonic() < deadline, "the run never got in line"
-        entries = await jsl.read_subject(a.client.nc, limits.admit_stream(a.client.names),
-                                         limits.admit_filter(a.client.names, "cc_crash"))
+        entries = await read_subject(
+            a.client.nc, a.client.names.admit_stream, a.client.names.admit_filter("cc_crash")
+        )
         await asyncio.sleep(0.01)
     adm_a, adm_b = a.orchestrator.admission, b.orchestrator.admission
     for adm in (adm_a, adm_b):
@@ -273,8 +287,10 @@ async def test_admission_races_and_a_dead_admitter_neither_leak_nor_double_grant
     while await store.entries(f"{pools[0][0]}.*"):
         assert time.monotonic() - t0 < LEASE * 5, "the orphan slot never expired"
         await asyncio.sleep(0.02)
-    print(f"\norphan slot of a dead admitter expired after {time.monotonic() - t0:.2f}s "
-          f"(lease {LEASE}s)")
+    print(
+        f"\norphan slot of a dead admitter expired after {time.monotonic() - t0:.2f}s "
+        f"(lease {LEASE}s)"
+    )
 
     # Two live admitters race for the same entry.
     outcomes = await asyncio.gather(
@@ -288,8 +304,9 @@ async def test_admission_races_and_a_dead_admitter_neither_leak_nor_double_grant
     subject = a.client.names.task_subject("cc_crash")
     tasks = await a.client.js.stream_info(a.client.names.tasks_stream, subjects_filter=subject)
     assert (tasks.state.subjects or {}).get(subject) == 1  # one task, for this one run
-    left = await jsl.read_subject(a.client.nc, limits.admit_stream(a.client.names),
-                                  limits.admit_filter(a.client.names, "cc_crash"))
+    left = await read_subject(
+        a.client.nc, a.client.names.admit_stream, a.client.names.admit_filter("cc_crash")
+    )
     assert left == []
     info = await a.client.get(h.run_id)
     assert info.status == "queued"  # admitted, waiting for a worker
@@ -345,8 +362,10 @@ async def test_a_suspended_run_gives_its_slot_back_and_queues_again_when_woken(
     assert "slot" in kinds, f"the woken run never waited for the slot: {kinds}"
     # It started its second step only after the blocker had ended: never two at once.
     assert result[1] >= blocked[1]
-    print(f"\nwoken run waited for the slot ({kinds.count('slot')} looks), then went on "
-          f"{(result[1] - blocked[1]) * 1000:.1f} ms after the blocker ended")
+    print(
+        f"\nwoken run waited for the slot ({kinds.count('slot')} looks), then went on "
+        f"{(result[1] - blocked[1]) * 1000:.1f} ms after the blocker ended"
+    )
 
 
 async def test_polos_queues_and_polos_runs_show_waiting_runs(
@@ -372,12 +391,19 @@ async def test_polos_queues_and_polos_runs_show_waiting_runs(
     assert await cli.COMMANDS["queues"][1](parser.parse_args([*base, "queues", "--json"])) == 0
     data = orjson.loads(capsys.readouterr().out)
     assert {(r["key"], r["waiting"], r["active"], r["limit"]) for r in data} == {
-        ("*", 0, 1, 1), ("acme", 2, 0, 1)
+        ("*", 0, 1, 1),
+        ("acme", 2, 0, 1),
     }
     while True:  # the index (a projection) follows the log
         listed = {r.run_id: r for r in await env.client.list_runs()}
-        if sum(1 for h in handles if (listed.get(h.run_id) and
-                                      (listed[h.run_id].waiting or {}).get("kind") == "slot")) == 2:
+        if (
+            sum(
+                1
+                for h in handles
+                if (listed.get(h.run_id) and (listed[h.run_id].waiting or {}).get("kind") == "slot")
+            )
+            == 2
+        ):
             break
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
@@ -403,8 +429,9 @@ async def test_an_admission_whose_task_was_never_published_is_repaired_from_the_
     deadline = time.monotonic() + 10
     while not entries:
         assert time.monotonic() < deadline, "the run never got in line"
-        entries = await jsl.read_subject(a.client.nc, limits.admit_stream(a.client.names),
-                                         limits.admit_filter(a.client.names, "cc_repair"))
+        entries = await read_subject(
+            a.client.nc, a.client.names.admit_stream, a.client.names.admit_filter("cc_repair")
+        )
         await asyncio.sleep(0.01)
     adm = a.orchestrator.admission
     adm._stopping = True  # no passes: this test plays the admitter that dies
@@ -415,9 +442,16 @@ async def test_an_admission_whose_task_was_never_published_is_repaired_from_the_
     assert slots is not None
     await adm._append_fenced(
         h.run_id,
-        ev.RunAdmitted(run_id=h.run_id, step="admission", reason="admitted", queue="cc_repair",
-                       slots=slots, lease=LEASE),
-        entry["wait_seq"], f"{h.run_id}/adm/{entry['wait_seq']}",
+        ev.RunAdmitted(
+            run_id=h.run_id,
+            step="admission",
+            reason="admitted",
+            queue="cc_repair",
+            slots=slots,
+            lease=LEASE,
+        ),
+        entry["wait_seq"],
+        f"{h.run_id}/adm/{entry['wait_seq']}",
     )
     # ... and dies here. The control event alone brings the task.
     subject = a.client.names.task_subject("cc_repair")
@@ -481,8 +515,10 @@ async def test_runs_started_before_any_worker_registered_the_queue_keep_its_limi
     for h in handles:
         history = await env.client.history(h.run_id)
         sent_back += any(isinstance(e, ev.RunSuspended) and e.kind == "slot" for _, e in history)
-    print(f"\n40 runs started before any worker registered queue early3 (limit 3): most active "
-          f"at once {peak}; {sent_back} sent back to admission by a worker")
+    print(
+        f"\n40 runs started before any worker registered queue early3 (limit 3): most active "
+        f"at once {peak}; {sent_back} sent back to admission by a worker"
+    )
     assert peak <= 3
     assert peak >= 2
 
@@ -575,8 +611,13 @@ class Unavailable:
         self.hits: list[str] = []
         nc.publish = self.publish
 
-    async def publish(self, subject: str, payload: bytes = b"", reply: str = "",
-                      headers: dict[str, str] | None = None) -> None:
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        reply: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         if reply and self.left > 0 and self.match(subject, payload):
             self.left -= 1
             self.hits.append(subject)
@@ -606,8 +647,9 @@ async def test_jetstream_unavailable_during_admission_loses_no_run_and_no_slot(
 ) -> None:
     # A slot left behind would block this queue of one for a minute: far longer than the runs
     # take, so a leak shows as runs that never finish.
-    async with PolosEnvironment(settings.with_(slot_lease=60.0, request_timeout=0.5),
-                                [cc_fault]) as env:
+    async with PolosEnvironment(
+        settings.with_(slot_lease=60.0, request_timeout=0.5), [cc_fault]
+    ) as env:
         await _faults_during_admission(env, mode)
 
 
@@ -619,8 +661,10 @@ async def _faults_during_admission(env: PolosEnvironment, mode: str) -> None:
     handles = [await env.client.start(cc_fault, t) for t in tags]
     results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
     assert tasks.hits and admits.hits, "the faults never hit admission"
-    print(f"\n[{mode}] {len(tasks.hits)} task publishes and {len(admits.hits)} RunAdmitted "
-          f"appends failed; all {len(results)} runs finished; admission {orch.admission.stats()}")
+    print(
+        f"\n[{mode}] {len(tasks.hits)} task publishes and {len(admits.hits)} RunAdmitted "
+        f"appends failed; all {len(results)} runs finished; admission {orch.admission.stats()}"
+    )
     assert [EXECUTED[t] for t in tags] == [1] * len(tags)  # each run executed once
     assert max_overlap(results) == 1
     assert orch.dead_lettered == 0
@@ -679,8 +723,11 @@ async def test_each_pass_starts_after_the_key_admitted_last(env_factory: Any) ->
     blocker = await env.client.start(cc_rr_gate, gate)
     while not await _held(env):
         await asyncio.sleep(0.01)
-    keyed = [(k, await env.client.start(cc_rr, 1.0, concurrency_key=k))
-             for k, n in (("ka", 5), ("kb", 2), ("kc", 2)) for _ in range(n)]
+    keyed = [
+        (k, await env.client.start(cc_rr, 1.0, concurrency_key=k))
+        for k, n in (("ka", 5), ("kb", 2), ("kc", 2))
+        for _ in range(n)
+    ]
     await _until_waiting(env, "rr1", len(keyed))
     GATES[gate].set()
     await blocker.result(timeout=20)
@@ -705,14 +752,17 @@ async def test_a_key_at_its_limit_does_not_stop_the_pass(env_factory: Any) -> No
     to kb: kb's run finishes while ka's slot is still held."""
     env = await env_factory([cc_pk_gate])
     tag = f"pk-{time.time()}"
-    holders = {k: await env.client.start(cc_pk_gate, f"{tag}-{k}", concurrency_key=k)
-               for k in ("ka", "kb")}
+    holders = {
+        k: await env.client.start(cc_pk_gate, f"{tag}-{k}", concurrency_key=k) for k in ("ka", "kb")
+    }
     deadline = time.monotonic() + 20
     while len(await _held(env)) < 2:
         assert time.monotonic() < deadline, "the holders never ran"
         await asyncio.sleep(0.01)
-    waiting = {k: await env.client.start(cc_pk_gate, f"{tag}-{k}-2", concurrency_key=k)
-               for k in ("ka", "kb")}
+    waiting = {
+        k: await env.client.start(cc_pk_gate, f"{tag}-{k}-2", concurrency_key=k)
+        for k in ("ka", "kb")
+    }
     await _until_waiting(env, "pk1", 2)
     GATES.setdefault(f"{tag}-kb-2", asyncio.Event()).set()
     GATES.setdefault(f"{tag}-kb", asyncio.Event()).set()  # kb's slot frees

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 LEASE = 2.0
 
-MODULE = '''
+MODULE = """
 import asyncio
 from polos import Queue, WorkflowContext, workflow
 
@@ -39,7 +39,7 @@ async def hold(seconds: float) -> float:
 async def leased(ctx: WorkflowContext, seconds: float) -> float:
     # Long on the first attempt (the worker is killed inside it), short after a crash.
     return await ctx.step.run("hold", hold, seconds if ctx.attempt == 1 else 0.01)
-'''
+"""
 
 
 @pytest.fixture
@@ -55,7 +55,11 @@ async def test_sigkilled_worker_gives_its_slots_back_within_the_lease(
     subprocess_env["POLOS_SLOT_LEASE"] = str(LEASE)
     env = await env_factory([], with_worker=False)
     store = limits.store_for(env.client.nc, env.client.js, env.client.names)
-    w1 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env.as_role("worker"), tmp_path / "w1.out")
+    w1 = spawn(
+        ["-m", "polos_services.worker", str(module)],
+        subprocess_env.as_role("worker"),
+        tmp_path / "w1.out",
+    )
     w2 = None
     try:
         # Wait until the worker has registered the queue's limit, then fill the queue.
@@ -111,11 +115,17 @@ async def test_sigkilled_worker_gives_its_slots_back_within_the_lease(
             assert time.monotonic() < deadline, f"waiters not admitted: {infos}"
             await asyncio.sleep(0.02)
         admitted = time.monotonic() - t_kill
-        print(f"\nslots of the SIGKILLed worker back {returned:.2f}s after the kill "
-              f"(lease {LEASE}s, renewed every {LEASE / 3:.2f}s, TTL granularity 1s); waiters "
-              f"admitted {admitted:.2f}s after the kill")
+        print(
+            f"\nslots of the SIGKILLed worker back {returned:.2f}s after the kill "
+            f"(lease {LEASE}s, renewed every {LEASE / 3:.2f}s, TTL granularity 1s); waiters "
+            f"admitted {admitted:.2f}s after the kill"
+        )
 
-        w2 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env.as_role("worker"), tmp_path / "w2.out")
+        w2 = spawn(
+            ["-m", "polos_services.worker", str(module)],
+            subprocess_env.as_role("worker"),
+            tmp_path / "w2.out",
+        )
         results = await asyncio.gather(*(h.result(timeout=60) for h in holders + waiters))
         assert results == [0.01] * 5
         for h in holders:

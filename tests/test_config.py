@@ -9,9 +9,16 @@ from polos import Settings
 
 def test_to_env_round_trips_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     custom = Settings(
-        nats_url="nats://a:1,nats://b:2", prefix="tenant-7", task_ack_wait=1.5,
-        heartbeat_interval=0.2, worker_ttl=4.0, local_retry_limit=9.0, request_timeout=3.0,
-        service_ack_wait=2.5, slot_lease=6.0, replicas=3,
+        nats_url="nats://a:1,nats://b:2",
+        prefix="tenant-7",
+        task_ack_wait=1.5,
+        heartbeat_interval=0.2,
+        worker_ttl=4.0,
+        local_retry_limit=9.0,
+        request_timeout=3.0,
+        service_ack_wait=2.5,
+        slot_lease=6.0,
+        replicas=3,
     )
     for name, value in custom.to_env().items():
         monkeypatch.setenv(name, value)

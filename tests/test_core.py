@@ -21,8 +21,8 @@ from polos import (
     current_step,
     workflow,
 )
-from polos import events as ev
-from polos._private import jetstream as jsl
+from polos import history as ev
+from polos._private.store import MSG_ID, REPLY_HEADER
 
 # ----------------------------------------------------------------------------- workflows
 
@@ -112,7 +112,8 @@ async def retries(ctx: WorkflowContext, key: str) -> dict[str, Any]:
     ok = await ctx.step.run("flaky", flaky, key, 2, retry=fast)
     try:
         await ctx.step.run(
-            "declined", declined,
+            "declined",
+            declined,
             retry=RetryPolicy(max_attempts=5, initial_interval=0.01, non_retryable=(CardDeclined,)),
         )
     except StepFailedError as exc:
@@ -267,7 +268,9 @@ async def test_idempotent_start_by_run_id_and_message_id(env_factory: Any) -> No
     assert len(requested) == 1
     # Without a run id, a raw message id makes the start idempotent.
     r1 = await _raw_start(env, "plain_io", {"input": [3]}, msg_id="client-msg-1")
-    r2 = await _raw_start(env, "plain_io", {"input": [3]}, msg_id="client-msg-1", expect_reply=False)
+    r2 = await _raw_start(
+        env, "plain_io", {"input": [3]}, msg_id="client-msg-1", expect_reply=False
+    )
     assert r1["ok"] and r2 is None  # the stream dropped the duplicate: no second command at all
 
 
@@ -300,7 +303,9 @@ async def test_malformed_start_commands_are_answered_and_dead_lettered(
     assert ok["ok"]
 
 
-async def test_input_failing_the_schema_fails_the_run_with_field_and_reason(env_factory: Any) -> None:
+async def test_input_failing_the_schema_fails_the_run_with_field_and_reason(
+    env_factory: Any,
+) -> None:
     env = await env_factory([typed_replay])
     handle = await env.client.start("typed_replay", {"id": "x", "cents": -5})
     with pytest.raises(WorkflowFailedError) as info:
@@ -317,13 +322,15 @@ async def test_unknown_command_subject_is_dead_lettered(env_factory: Any) -> Non
     inbox = env.client.nc.new_inbox()
     sub = await env.client.nc.subscribe(inbox)
     await env.client.js.publish(
-        f"{env.settings.prefix}.cmd.explode.now", b"{}", headers={jsl.REPLY_HEADER: inbox}
+        f"{env.settings.prefix}.cmd.explode.now", b"{}", headers={REPLY_HEADER: inbox}
     )
     reply = orjson.loads((await sub.next_msg(5)).data)
     assert reply["ok"] is False and "unknown command subject" in reply["error"]
 
 
-async def test_workflow_without_worker_waits_visibly_then_runs(env_factory: Any, settings: Any) -> None:
+async def test_workflow_without_worker_waits_visibly_then_runs(
+    env_factory: Any, settings: Any
+) -> None:
     env = await env_factory([], with_worker=False)
     handle = await env.client.start("plain_io", [4, 5])
     for _ in range(200):
@@ -359,9 +366,9 @@ async def _raw_start(
     nc = env.client.nc
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
-    headers = {jsl.REPLY_HEADER: inbox}
+    headers = {REPLY_HEADER: inbox}
     if msg_id:
-        headers[jsl.MSG_ID] = msg_id
+        headers[MSG_ID] = msg_id
     data = body if isinstance(body, bytes) else orjson.dumps(body)
     await env.client.js.publish(f"{env.settings.prefix}.cmd.start.{wf}", data, headers=headers)
     try:

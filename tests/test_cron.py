@@ -39,8 +39,9 @@ async def _wait_runs(env: Any, wf: str, n: int, timeout: float = 15) -> list[Any
 
 async def test_keyed_schedule_create_list_delete(env_factory: Any) -> None:
     env = await env_factory([cron_job])
-    doc = await env.client.create_schedule("nightly", cron_job, "0 3 * * *", timezone="Europe/Berlin",
-                                           input={"kind": "nightly"})
+    doc = await env.client.create_schedule(
+        "nightly", cron_job, "0 3 * * *", timezone="Europe/Berlin", input={"kind": "nightly"}
+    )
     assert doc["cron"] == "0 3 * * *"
     await env.client.create_schedule("fast", "cron_job", "@every 1s", input={"kind": "fast"})
     listed = {d["key"]: d for d in await env.client.list_schedules()}
@@ -77,8 +78,10 @@ async def test_workflow_schedule_and_two_schedulers(env_factory: Any) -> None:
         runs = await _runs(env, "cron_decl")
         # Each firing was taken by one of the two schedulers and started one run.
         assert len(runs) == fired
-        print(f"\ncron with two schedulers: {env.scheduler.cron_runs} + {second.cron_runs} firings, "
-              f"{len(runs)} runs")
+        print(
+            f"\ncron with two schedulers: {env.scheduler.cron_runs} + {second.cron_runs} firings, "
+            f"{len(runs)} runs"
+        )
         # Missed while no scheduler ran: the server keeps the firings; each starts one run
         # (late) when a scheduler comes back.
         await asyncio.sleep(2.2)

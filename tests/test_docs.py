@@ -4,7 +4,7 @@ events and dead-letter sources say exactly what the code defines, so the documen
 The code side is collected in one place below (``code_*``), from the code's own definitions:
 the one catalogue of names (``store.names.Names``), the one topology table
 (``store.topology.TOPOLOGY`` and ``CORE_SUBJECTS``) and what it creates on a real server,
-``events``' registry and ``jetstream.DLQ_SOURCES``.
+``events``' registry and ``store.DLQ_SOURCES``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import nats
 import orjson
 import pytest
 
-from polos import events as ev
-from polos._private import auth
-from polos._private import jetstream as jsl
+from polos import history as ev
+from polos._private.ops import auth
+from polos._private.store import DLQ_SOURCES, Names, dead_letter, ensure_topology
 from polos._private.store.topology import CORE_SUBJECTS, TOPOLOGY
 from polos.config import Settings
 
@@ -76,7 +76,8 @@ def doc_streams() -> dict[str, set[str]]:
 
 def doc_core_subjects() -> set[str]:
     para = next(
-        p for p in _section("Streams and subjects").split("\n\n")
+        p
+        for p in _section("Streams and subjects").split("\n\n")
         if p.startswith("Core NATS subjects")
     )
     return {_doc_subject(s) for s in _ticks(para) if s.startswith("<p>.")}
@@ -106,13 +107,14 @@ def doc_dlq_sources() -> set[str]:
 # --------------------------------------------------------------------------- the code
 
 
-def _names() -> jsl.Names:
-    return jsl.Names(PREFIX)
+def _names() -> Names:
+    return Names(PREFIX)
 
 
 def _module_functions(module: Any, suffix: str) -> list[Callable[..., Any]]:
     return [
-        f for name, f in vars(module).items()
+        f
+        for name, f in vars(module).items()
         if name.endswith(suffix) and inspect.isfunction(f) and f.__module__ == module.__name__
     ]
 
@@ -143,16 +145,16 @@ def code_subjects() -> set[str]:
     """Every subject the code builds, rendered with placeholder tokens."""
     n = _names()
     out: list[str] = list(n.runs_subjects)
-    for attr in dir(jsl.Names):
+    for attr in dir(Names):
         if attr.endswith("_subject"):
-            out += _render(getattr(jsl.Names, attr), n)
+            out += _render(getattr(Names, attr), n)
     return set(out)
 
 
 def code_streams() -> set[str]:
     """The namespace's own streams (not the streams behind its KV buckets)."""
     n = _names()
-    found = {getattr(n, a) for a in dir(jsl.Names) if a.endswith("_stream")}
+    found = {getattr(n, a) for a in dir(Names) if a.endswith("_stream")}
     tables = {row.stream(n) for row in TOPOLOGY if row.kind == "stream"}
     assert found == tables, f"Names and the topology table disagree: {found ^ tables}"
     return found
@@ -168,7 +170,8 @@ def code_buckets() -> set[str]:
     n = _names()
     return {
         row.bucket(n) if row.kind == "kv" else f"object store {row.bucket(n)}"
-        for row in TOPOLOGY if row.kind != "stream"
+        for row in TOPOLOGY
+        if row.kind != "stream"
     }
 
 
@@ -196,10 +199,11 @@ async def server_filters(plain_nats_server: Any) -> dict[str, list[str]]:
     try:
         js = nc.jetstream()
         names = _names()
-        await jsl.ensure_topology(js, names, settings)
+        await ensure_topology(js, names, settings)
         # Every stream storing a subject of the namespace (the server may hold many others).
-        reply = await nc.request("$JS.API.STREAM.NAMES",
-                                 orjson.dumps({"subject": f"{PREFIX}.>"}), timeout=5)
+        reply = await nc.request(
+            "$JS.API.STREAM.NAMES", orjson.dumps({"subject": f"{PREFIX}.>"}), timeout=5
+        )
         out = {}
         for name in orjson.loads(reply.data).get("streams") or []:
             info = await js.stream_info(name)
@@ -210,8 +214,10 @@ async def server_filters(plain_nats_server: Any) -> dict[str, list[str]]:
 
 
 def _diff(what: str, doc: set[str], code: set[str]) -> str:
-    return (f"{what}: in docs/architecture.md but not in the code: {sorted(doc - code)}; "
-            f"in the code but not in the document: {sorted(code - doc)}")
+    return (
+        f"{what}: in docs/architecture.md but not in the code: {sorted(doc - code)}; "
+        f"in the code but not in the document: {sorted(code - doc)}"
+    )
 
 
 # --------------------------------------------------------------------------- the checks
@@ -233,7 +239,8 @@ async def test_streams_table_lists_every_stream_and_its_subjects(
     unstored = set(subjects)
     for stream, doc_subjects in documented.items():
         stored = {
-            shape for shape, subject in subjects.items()
+            shape
+            for shape, subject in subjects.items()
             if any(_subject_matches(subject, f) for f in server_filters[stream])
         }
         unstored -= stored
@@ -242,8 +249,11 @@ async def test_streams_table_lists_every_stream_and_its_subjects(
     assert core == unstored, _diff("core NATS subjects (in no stream)", core, unstored)
     # ... and each is declared (with who may use it) in the topology table's core subjects.
     filters = [c.subject(_names()) for c in CORE_SUBJECTS]
-    undeclared = {shape for shape in unstored
-                  if not any(_subject_matches(subjects[shape], f) for f in filters)}
+    undeclared = {
+        shape
+        for shape in unstored
+        if not any(_subject_matches(subjects[shape], f) for f in filters)
+    }
     assert not undeclared, f"core NATS subjects missing from topology.CORE_SUBJECTS: {undeclared}"
 
 
@@ -277,17 +287,19 @@ def _dead_letter_calls() -> Iterator[tuple[str, int, ast.expr | None]]:
 
 def test_dead_letter_sources_table_is_the_code_s_closed_list() -> None:
     documented = doc_dlq_sources()
-    assert documented == set(jsl.DLQ_SOURCES), _diff("dead-letter sources", documented,
-                                                     set(jsl.DLQ_SOURCES))
+    assert documented == set(DLQ_SOURCES), _diff(
+        "dead-letter sources", documented, set(DLQ_SOURCES)
+    )
     used = set()
     for where, _, source in _dead_letter_calls():
-        assert isinstance(source, ast.Constant) and source.value in jsl.DLQ_SOURCES, (
-            f"{where}: dead_letter(source=...) must be one of jetstream.DLQ_SOURCES"
+        assert isinstance(source, ast.Constant) and source.value in DLQ_SOURCES, (
+            f"{where}: dead_letter(source=...) must be one of store.DLQ_SOURCES"
         )
         used.add(source.value)
     # Every listed source is written somewhere: the list is not a wish list.
-    assert used == set(jsl.DLQ_SOURCES), _diff("sources used by dead_letter calls",
-                                               set(jsl.DLQ_SOURCES), used)
+    assert used == set(DLQ_SOURCES), _diff(
+        "sources used by dead_letter calls", set(DLQ_SOURCES), used
+    )
 
 
 async def test_dead_letter_refuses_a_source_not_in_the_list(plain_nats_server: Any) -> None:
@@ -295,7 +307,13 @@ async def test_dead_letter_refuses_a_source_not_in_the_list(plain_nats_server: A
     nc = await nats.connect(plain_nats_server.url)
     try:
         with pytest.raises(ValueError, match="not one of cmd, ctl"):
-            await jsl.dead_letter(nc.jetstream(), _names(), source="oops",  # type: ignore[arg-type]
-                                  reason="x", subject="x", data=b"")
+            await dead_letter(
+                nc.jetstream(),
+                _names(),
+                source="oops",  # type: ignore[arg-type]
+                reason="x",
+                subject="x",
+                data=b"",
+            )
     finally:
         await nc.close()

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 
 from polos import WorkflowContext, workflow
-from polos import events as ev
-from polos._private import jetstream as jsl
+from polos import history as ev
+from polos._private.store import REPLY_HEADER, Names, read_subject
 
 
 @workflow
@@ -32,8 +32,14 @@ async def fuzz_target(ctx: WorkflowContext, numbers: list[int]) -> int:
 # ----------------------------------------------------------------------------- inputs
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 # Subject tokens a NATS client can publish (no whitespace, no empty tokens) but that are often
@@ -73,7 +79,10 @@ def generated_commands(n: int) -> list[tuple[str, bytes]]:
     found: list[tuple[str, bytes]] = []
 
     @hsettings(
-        max_examples=n, database=None, deadline=None, derandomize=True,
+        max_examples=n,
+        database=None,
+        deadline=None,
+        derandomize=True,
         suppress_health_check=list(HealthCheck),
     )
     @given(
@@ -105,14 +114,18 @@ CORPUS: list[tuple[str, bytes, str | None]] = [
     ("start.fuzz_target", b'{"input": [1], "queue": 5}', "queue must be a string"),
     ("start.fuzz_target", b'{"input": [1], "concurrency_key": []}', "concurrency_key must be"),
     ("start.fuzz_target", b'{"input": [1], "input": 2}', None),  # duplicate key: last wins
-    ("start.fuzz_target", b'{"input": 123456789012345678901234567890}', None),  # orjson reads it as a float
+    (
+        "start.fuzz_target",
+        b'{"input": 123456789012345678901234567890}',
+        None,
+    ),  # orjson reads it as a float
     ("start.fuzz_$target", b"{}", "is not valid"),
     ("start.ünïcode", b"{}", None),  # unicode letters are legal in names and subjects
     ("start." + "w" * 200, b"{}", "is not valid"),
     ("start", b"{}", "unknown command subject"),
     ("start.fuzz_target.extra", b"{}", "unknown command subject"),
     ("explode.now", b"{}", "unknown command subject"),
-    ("resume", b"{}", None),  # a verb other issues own: whatever it answers, it must answer
+    ("resume", b"{}", None),  # a resume with no run or key: refused, with an answer
     ("resume.no_such_run.approval", b'{"approved": true}', None),
     ("resume.no_such_run.approval", b"{not json", None),
     ("cancel.no_such_run", b"{}", None),
@@ -141,7 +154,7 @@ async def _send_all(env: Any, inputs: list[tuple[str, bytes]]) -> list[dict[str,
         for i, (tail, payload) in enumerate(inputs):
             inbox = f"{base}.{i}"
             answers[inbox] = loop.create_future()
-            await js.publish(f"{p}.cmd.{tail}", payload, headers={jsl.REPLY_HEADER: inbox})
+            await js.publish(f"{p}.cmd.{tail}", payload, headers={REPLY_HEADER: inbox})
         out = []
         for i, (tail, payload) in enumerate(inputs):
             try:
@@ -154,8 +167,8 @@ async def _send_all(env: Any, inputs: list[tuple[str, bytes]]) -> list[dict[str,
 
 
 async def _dead_letters(env: Any) -> list[dict[str, Any]]:
-    names = jsl.Names(env.settings.prefix)
-    msgs = await jsl.read_subject(env.client.nc, names.dlq_stream, f"{names.prefix}.dlq.>")
+    names = Names(env.settings.prefix)
+    msgs = await read_subject(env.client.nc, names.dlq_stream, f"{names.prefix}.dlq.>")
     return [orjson.loads(m.data) for m in msgs]
 
 
@@ -170,8 +183,9 @@ async def _valid_run_still_works(env: Any) -> None:
     assert await handle.result(timeout=15) == 6
 
 
-def _check(inputs: list[tuple[str, bytes]], answers: list[dict[str, Any]],
-           letters: list[dict[str, Any]]) -> tuple[int, int]:
+def _check(
+    inputs: list[tuple[str, bytes]], answers: list[dict[str, Any]], letters: list[dict[str, Any]]
+) -> tuple[int, int]:
     reasons: dict[str, int] = {}
     for d in letters:
         if d["source"] == "cmd":
@@ -184,7 +198,9 @@ def _check(inputs: list[tuple[str, bytes]], answers: list[dict[str, Any]],
             continue
         refused += 1
         assert answer.get("error"), (tail, payload, answer)
-        assert reasons.get(answer["error"], 0) > 0, f"refused without dead letter: {tail!r} {answer}"
+        assert reasons.get(answer["error"], 0) > 0, (
+            f"refused without dead letter: {tail!r} {answer}"
+        )
     return refused, accepted
 
 
@@ -203,8 +219,10 @@ async def test_corpus_of_bad_commands_each_answered_and_dead_lettered(env_factor
     refused, accepted = _check(inputs, answers, letters)
     _services_alive(env)
     await _valid_run_still_works(env)
-    print(f"\ncorpus: {len(inputs)} inputs, {refused} refused with a dead letter, "
-          f"{accepted} accepted; lost 0")
+    print(
+        f"\ncorpus: {len(inputs)} inputs, {refused} refused with a dead letter, "
+        f"{accepted} accepted; lost 0"
+    )
 
 
 async def test_hypothesis_fuzz_of_command_subjects_and_payloads(env_factory: Any) -> None:
@@ -213,7 +231,9 @@ async def test_hypothesis_fuzz_of_command_subjects_and_payloads(env_factory: Any
     # Valid starts mixed into the garbage must all complete: nothing valid is lost.
     valid = [uuid.uuid4().hex for _ in range(10)]
     for i, run_id in enumerate(valid):
-        inputs.insert(i * 29, ("start.fuzz_target", orjson.dumps({"input": [i, 1], "run_id": run_id})))
+        inputs.insert(
+            i * 29, ("start.fuzz_target", orjson.dumps({"input": [i, 1], "run_id": run_id}))
+        )
     answers = await _send_all(env, inputs)
     letters = await _dead_letters(env)
     refused, accepted = _check(inputs, answers, letters)
@@ -221,8 +241,10 @@ async def test_hypothesis_fuzz_of_command_subjects_and_payloads(env_factory: Any
     for i, run_id in enumerate(valid):
         assert await env.client.get_handle(run_id, "fuzz_target").result(timeout=15) == i + 1
     await _valid_run_still_works(env)
-    print(f"\nfuzz: {len(inputs)} commands tried, {refused} refused with a dead letter, "
-          f"{accepted} accepted, {len(valid)} valid runs mixed in all completed; lost 0")
+    print(
+        f"\nfuzz: {len(inputs)} commands tried, {refused} refused with a dead letter, "
+        f"{accepted} accepted, {len(valid)} valid runs mixed in all completed; lost 0"
+    )
 
 
 async def test_garbage_in_run_history_is_dead_lettered_not_fatal(env_factory: Any) -> None:
@@ -232,12 +254,23 @@ async def test_garbage_in_run_history_is_dead_lettered_not_fatal(env_factory: An
     assert env.worker is not None
     js, p = env.worker._js, env.settings.prefix
     garbage: list[bytes] = [
-        b"", b"{", b"[]", b'{"t": "NoSuchEvent"}', b'{"t": "RunCompleted"}',
-        b'{"t": ["RunCompleted"]}', b'{"t": "RunClaimed", "run_id": 1}', b"\x00\xff" * 10,
+        b"",
+        b"{",
+        b"[]",
+        b'{"t": "NoSuchEvent"}',
+        b'{"t": "RunCompleted"}',
+        b'{"t": ["RunCompleted"]}',
+        b'{"t": "RunClaimed", "run_id": 1}',
+        b"\x00\xff" * 10,
     ]
 
-    @hsettings(max_examples=40, database=None, deadline=None, derandomize=True,
-               suppress_health_check=list(HealthCheck))
+    @hsettings(
+        max_examples=40,
+        database=None,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(PAYLOADS | JSON_VALUES.map(lambda v: orjson.dumps({"t": "RunSuspended", "x": v})))
     def draw(data: bytes) -> None:
         garbage.append(data)
@@ -256,8 +289,10 @@ async def test_garbage_in_run_history_is_dead_lettered_not_fatal(env_factory: An
     assert all(d["reason"] for d in ctl)
     _services_alive(env)
     await _valid_run_still_works(env)
-    print(f"\nhistory garbage: {len(garbage)} messages, {len(ctl)} dead-lettered, "
-          f"{decodable} decodable (folded into the index)")
+    print(
+        f"\nhistory garbage: {len(garbage)} messages, {len(ctl)} dead-lettered, "
+        f"{decodable} decodable (folded into the index)"
+    )
 
 
 def _decodes(data: bytes) -> bool:
@@ -279,7 +314,9 @@ def test_event_decoding_never_raises_anything_but_event_decode_error(data: bytes
         assert isinstance(event, ev.Event)
 
 
-async def test_oversized_and_unpublishable_inputs_get_a_clear_client_error(env_factory: Any) -> None:
+async def test_oversized_and_unpublishable_inputs_get_a_clear_client_error(
+    env_factory: Any,
+) -> None:
     env = await env_factory([fuzz_target])
     nc, p = env.client.nc, env.settings.prefix
     with pytest.raises(nats.errors.MaxPayloadError):

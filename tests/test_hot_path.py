@@ -10,7 +10,7 @@
   control hook; one the orchestrator dispatched itself is not dispatched again.
 - One orchestrator writes a run's index entry one event at a time: its own concurrent handlers
   never fail each other's compare-and-set.
-- ``jetstream.publish`` answers with the same acks and the same errors as ``js.publish``.
+- ``store.publish`` answers with the same acks and the same errors as ``js.publish``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,26 @@ import nats.js.errors
 import orjson
 import pytest
 
+import polos._private.store.task
+import polos.worker
 from polos import WorkflowContext, workflow
-from polos import events as ev
-from polos._private import jetstream as jsl
+from polos import history as ev
+from polos._private.store import (
+    EXPECTED_LAST_SUBJECT_SEQ,
+    EXPECTED_LAST_SUBJECT_SEQ_SUBJECT,
+    MSG_ID,
+    RUN_KINDS,
+    WRONG_LAST_SEQUENCE,
+    Ack,
+    Names,
+    append,
+    load_state,
+    publish,
+    read_history,
+    read_run,
+    read_subject,
+)
+from polos._private.store.task import decode_task
 from polos.config import Settings
 from polos.worker import Worker
 
@@ -52,20 +69,20 @@ class CountingReads:
     ``result()`` reads only control events, which is not what this counts)."""
 
     def __init__(self) -> None:
-        self._real = jsl.load_state
+        self._real = load_state
         self.runs: list[str] = []
 
     async def __call__(self, nc: Any, names: Any, run_id: str, **kw: Any) -> ev.RunState:
-        if kw.get("kinds", jsl.RUN_KINDS) == jsl.RUN_KINDS:
+        if kw.get("kinds", RUN_KINDS) == RUN_KINDS:
             self.runs.append(run_id)
         return await self._real(nc, names, run_id, **kw)
 
 
-async def _connect(settings: Settings) -> tuple[Any, Any, jsl.Names]:
+async def _connect(settings: Settings) -> tuple[Any, Any, Names]:
     """A worker's connection (it appends to histories and reads them)."""
     nc = await nats.connect(settings.worker.nats_url)
     js = nc.jetstream()
-    names = jsl.Names(settings.prefix)
+    names = Names(settings.prefix)
     return nc, js, names
 
 
@@ -78,20 +95,23 @@ async def test_history_read_by_kind_equals_the_wildcard_read(settings: Settings)
         for i in range(40):
             for run in runs:
                 event: ev.Event = (
-                    ev.RunRequested(run_id=run, workflow="w") if i == 0
-                    else ev.StepCompleted(key=f"s{i}", kind="run", output=i) if i % 3
+                    ev.RunRequested(run_id=run, workflow="w")
+                    if i == 0
+                    else ev.StepCompleted(key=f"s{i}", kind="run", output=i)
+                    if i % 3
                     else ev.RunClaimed(run_id=run, worker_id="w", attempt=i)
                 )
-                last[run] = await jsl.append(js, names, run, event, expected_last_seq=last[run],
-                                             msg_id=f"{run}/{i}")
+                last[run] = await append(
+                    js, names, run, event, expected_last_seq=last[run], msg_id=f"{run}/{i}"
+                )
         for run in runs:
-            wild = await jsl.read_subject(nc, names.runs_stream, names.run_filter(run))
-            by_kind = await jsl.read_run(nc, names, run)
+            wild = await read_subject(nc, names.runs_stream, names.run_filter(run))
+            by_kind = await read_run(nc, names, run)
             assert [(m.seq, m.data) for m in by_kind] == [(m.seq, m.data) for m in wild]
             assert len(by_kind) == 40 and by_kind[-1].seq == last[run]
-            ctl = await jsl.read_run(nc, names, run, kinds=("ctl",))
+            ctl = await read_run(nc, names, run, kinds=("ctl",))
             assert [m.seq for m in ctl] == [m.seq for m in wild if m.subject.endswith(".ctl")]
-            later = await jsl.read_history(nc, names, run, start_seq=by_kind[20].seq)
+            later = await read_history(nc, names, run, start_seq=by_kind[20].seq)
             assert [s for s, _ in later] == [m.seq for m in by_kind[20:]]
         # Nothing outside the known kinds can enter a run's history (the fence counts
         # <p>.run.<id>.*, so a read by kind must not be able to miss anything).
@@ -115,7 +135,7 @@ async def test_a_new_run_is_claimed_without_a_history_read(
     env_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads = CountingReads()
-    monkeypatch.setattr(jsl, "load_state", reads)
+    monkeypatch.setattr(polos.worker, "load_state", reads)
     env = await env_factory([hot_two_steps])
     tag = uuid.uuid4().hex[:8]
     handle = await env.client.start(hot_two_steps, tag)
@@ -123,43 +143,62 @@ async def test_a_new_run_is_claimed_without_a_history_read(
     assert handle.run_id not in reads.runs  # the worker claimed from the task alone
     assert RAN[f"{tag}:a"] == 1 and RAN[f"{tag}:b"] == 1
     types = [type(e).__name__ for _, e in await env.client.history(handle.run_id)]
-    assert types == ["RunRequested", "RunClaimed", "StepCompleted", "StepCompleted",
-                     "RunCompleted"]
+    assert types == ["RunRequested", "RunClaimed", "StepCompleted", "StepCompleted", "RunCompleted"]
 
 
 async def test_a_stale_or_bogus_fresh_task_falls_back_to_reading(
     env_factory: Any, settings: Settings
 ) -> None:
     env = await env_factory([hot_two_steps], with_worker=False)
-    names = jsl.Names(settings.prefix)
+    names = Names(settings.prefix)
     tag = uuid.uuid4().hex[:8]
     handle = await env.client.start(hot_two_steps, tag)
     # The orchestrator's fresh task is in the queue, unclaimed. Before a worker sees it, the
     # run moves on (another claim is recorded), so a claim fenced on the request must fail.
-    state = await jsl.load_state(env.client.nc, names, handle.run_id)
+    state = await load_state(env.client.nc, names, handle.run_id)
     for _ in range(200):
         if state.requested is not None:
             break
         await asyncio.sleep(0.02)
-        state = await jsl.load_state(env.client.nc, names, handle.run_id)
+        state = await load_state(env.client.nc, names, handle.run_id)
     # Written as the services would (a client may write neither histories nor tasks).
-    await jsl.append(env.orchestrator.js, names, handle.run_id,
-                     ev.RunClaimed(run_id=handle.run_id, worker_id="gone", attempt=1),
-                     expected_last_seq=state.last_seq, msg_id=f"{handle.run_id}/c/1/gone")
+    await append(
+        env.orchestrator.js,
+        names,
+        handle.run_id,
+        ev.RunClaimed(run_id=handle.run_id, worker_id="gone", attempt=1),
+        expected_last_seq=state.last_seq,
+        msg_id=f"{handle.run_id}/c/1/gone",
+    )
     # And a task for the same run carrying nonsense where the request should be.
     await env.orchestrator.js.publish(
         names.task_subject("hot_two_steps"),
-        orjson.dumps({"run_id": handle.run_id, "workflow": "hot_two_steps", "seq": 1,
-                      "requested": {"t": "NoSuchEvent"}}))
+        orjson.dumps(
+            {
+                "run_id": handle.run_id,
+                "workflow": "hot_two_steps",
+                "seq": 1,
+                "history": [[1, {"t": "NoSuchEvent"}]],
+            }
+        ),
+    )
     async with Worker([hot_two_steps], settings=settings.worker):
         assert await handle.result(timeout=10) == 2
     assert RAN[f"{tag}:a"] == 1 and RAN[f"{tag}:b"] == 1
     claims = [e for _, e in await env.client.history(handle.run_id) if isinstance(e, ev.RunClaimed)]
     assert [c.attempt for c in claims] == [1, 2]  # read the history, claimed as attempt 2
-    assert Worker._carried_state("x", {"run_id": "x", "seq": 3, "requested": [1]}) is None
+    assert _carried("x", [[3, [1]]], 3) is None
     wrong_run = _body(ev.RunRequested(run_id="y", workflow="w"))
-    assert Worker._carried_state("x", {"seq": 3, "requested": wrong_run}) is None
-    assert Worker._carried_state("y", {"seq": 3, "requested": wrong_run}) is not None
+    assert _carried("x", [[3, wrong_run]], 3) is None
+    assert _carried("y", [[3, wrong_run]], 3) is not None
+
+
+def _carried(run_id: str, history: Any, seq: Any) -> ev.RunState | None:
+    """The state a task carrying ``history`` up to ``seq`` gives its worker."""
+    task = decode_task(
+        orjson.dumps({"run_id": run_id, "workflow": "w", "seq": seq, "history": history})
+    )
+    return task.carried_state()
 
 
 def _body(event: ev.Event) -> dict[str, Any]:
@@ -173,7 +212,7 @@ def test_a_carried_history_is_used_only_when_it_is_whole_and_in_order() -> None:
     woken = _body(ev.RunWoken(run_id="r", step="k", reason="resumed", kind="suspend"))
 
     def carried(history: Any, seq: Any) -> ev.RunState | None:
-        return Worker._carried_state("r", {"run_id": "r", "seq": seq, "history": history})
+        return _carried("r", history, seq)
 
     state = carried([[1, req], [2, claimed], [5, woken]], 5)
     assert state is not None and state.last_seq == 5 and state.attempt == 1
@@ -193,23 +232,26 @@ async def test_publish_acks_and_errors_match_nats_py(settings: Settings) -> None
     try:
         subject = names.run_subject("pub", "ctl")
         body = ev.encode(ev.RunRequested(run_id="pub", workflow="w"))
-        ack = await jsl.publish(nc, subject, body, headers={jsl.MSG_ID: "pub/1"})
-        again = await jsl.publish(nc, subject, body, headers={jsl.MSG_ID: "pub/1"})
+        ack = await publish(nc, subject, body, headers={MSG_ID: "pub/1"})
+        again = await publish(nc, subject, body, headers={MSG_ID: "pub/1"})
         assert again.seq == ack.seq and again.duplicate and not ack.duplicate
-        fence = {jsl.EXPECTED_LAST_SUBJECT_SEQ: "0", jsl.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT:
-                 names.run_filter("pub")}
+        fence = {
+            EXPECTED_LAST_SUBJECT_SEQ: "0",
+            EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: names.run_filter("pub"),
+        }
         with pytest.raises(nats.js.errors.APIError) as ours:
-            await jsl.publish(nc, subject, body, headers=fence)
+            await publish(nc, subject, body, headers=fence)
         with pytest.raises(nats.js.errors.APIError) as theirs:
             await js.publish(subject, body, headers=fence)
         assert type(ours.value) is type(theirs.value)
-        assert ours.value.err_code == theirs.value.err_code == jsl.WRONG_LAST_SEQUENCE
+        assert ours.value.err_code == theirs.value.err_code == WRONG_LAST_SEQUENCE
         with pytest.raises(nats.js.errors.NoStreamResponseError):
             # A subject the worker may publish on that no stream holds: live deltas.
-            await jsl.publish(nc, names.delta_subject(uuid.uuid4().hex, "s"), b"x", timeout=1)
+            await publish(nc, names.delta_subject(uuid.uuid4().hex, "s"), b"x", timeout=1)
         # Many at once on one connection: each answer reaches its own caller.
-        acks = await asyncio.gather(*(
-            jsl.publish(nc, names.run_subject(f"pub{i}", "step"), b"{}") for i in range(50)))
+        acks = await asyncio.gather(
+            *(publish(nc, names.run_subject(f"pub{i}", "step"), b"{}") for i in range(50))
+        )
         assert len({a.seq for a in acks}) == 50
     finally:
         await nc.close()
@@ -233,7 +275,7 @@ async def hot_suspends(ctx: WorkflowContext, tag: str) -> int:
 
 async def _until_suspended(env: Any, run_id: str) -> None:
     for _ in range(500):
-        state = await jsl.load_state(env.client.nc, jsl.Names(env.settings.prefix), run_id)
+        state = await load_state(env.client.nc, Names(env.settings.prefix), run_id)
         if state.status == "suspended":
             return
         await asyncio.sleep(0.02)
@@ -313,18 +355,25 @@ async def test_a_run_woken_on_the_worker_that_suspended_it_reads_only_the_wake(
 async def test_a_wake_whose_waker_died_before_dispatching_is_dispatched_by_the_hook(
     env_factory: Any,
 ) -> None:
-    from polos._private import waiting as wt
+    from polos._private.run.wake import wake
 
     env = await env_factory([hot_suspends])
-    names = jsl.Names(env.settings.prefix)
+    names = Names(env.settings.prefix)
     tag = uuid.uuid4().hex[:8]
     handle = await env.client.start(hot_suspends, tag)
     await _until_suspended(env, handle.run_id)
-    state = await jsl.load_state(env.client.nc, names, handle.run_id)
+    state = await load_state(env.client.nc, names, handle.run_id)
     # A waker in another process appends the wake and dies before it dispatches the task.
-    woke = await wt.wake(
-        env.orchestrator.js, names, handle.run_id, "more", expected_seq=state.last_seq,
-        reason="resumed", cause="test", kind="suspend", output={"data": {"n": 7}, "seq": 0},
+    woke = await wake(
+        env.orchestrator.js,
+        names,
+        handle.run_id,
+        "more",
+        expected_seq=state.last_seq,
+        reason="resumed",
+        cause="test",
+        kind="suspend",
+        output={"data": {"n": 7}, "seq": 0},
         workflow="hot_suspends",
     )
     assert woke is not None
@@ -348,14 +397,16 @@ async def test_one_orchestrator_writes_a_runs_index_entry_one_event_at_a_time(
     orch = env.orchestrator
     run_id = uuid.uuid4().hex
     events: list[tuple[int, ev.Event]] = [(1, ev.RunRequested(run_id=run_id, workflow="w"))]
-    events += [(2 + i, ev.RunClaimed(run_id=run_id, worker_id=f"w{i}", attempt=i + 1))
-               for i in range(20)]
+    events += [
+        (2 + i, ev.RunClaimed(run_id=run_id, worker_id=f"w{i}", attempt=i + 1)) for i in range(20)
+    ]
     # All at once, as the control consumer hands them out: without the per-run lock most of
     # these would fail their compare-and-set against each other and read before writing again.
-    await asyncio.gather(*(orch.update_index(run_id, seq, e) for seq, e in reversed(events)))
+    await asyncio.gather(*(orch.index.update(run_id, seq, e) for seq, e in reversed(events)))
     assert orch.index_conflicts == 0
-    assert orch._index_locks == {}
-    entry = orjson.loads((await orch._index.get(run_id)).value)
+    assert orch.index._locks == {}  # the last handler of a run removes its lock
+    entry = await orch.index.read(run_id)
+    assert entry is not None
     # The request, folded last here, still gives the entry its workflow; the status is the
     # latest event's.
     assert (entry["seq"], entry["status"], entry["workflow"]) == (21, "running", "w")
@@ -367,16 +418,16 @@ async def test_a_task_publish_during_a_leader_election_is_retried(
 ) -> None:
     # The run exists as soon as RunRequested is stored, and nothing but this publish would put
     # its task out: giving up on it (or the command) would leave the run queued for ever.
-    real = jsl.publish
+    real = publish
     refused: list[str] = []
 
-    async def no_leader_at_first(nc: Any, subject: str, payload: bytes, **kw: Any) -> jsl.Ack:
+    async def no_leader_at_first(nc: Any, subject: str, payload: bytes, **kw: Any) -> Ack:
         if ".task." in subject and len(refused) < 6:
             refused.append(subject)
             raise nats.js.errors.NoStreamResponseError
         return await real(nc, subject, payload, **kw)
 
-    monkeypatch.setattr(jsl, "publish", no_leader_at_first)
+    monkeypatch.setattr(polos._private.store.task, "publish", no_leader_at_first)
     env = await env_factory([hot_two_steps])
     tag = uuid.uuid4().hex[:8]
     handle = await env.client.start(hot_two_steps, tag)

@@ -41,21 +41,37 @@ class Installed:
         self.bin = venv / "bin"
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("POLOS_", "OPENAI_", "PYTHON", "VIRTUAL_ENV"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("POLOS_", "OPENAI_", "PYTHON", "VIRTUAL_ENV"))
+        }
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
         env["PYTHONUNBUFFERED"] = "1"
         env.update(extra)
         return env
 
-    def run(self, cwd: Path, *args: str, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.bin / "polos"), *args], cwd=cwd, env=self.env(**extra),
-                              capture_output=True, text=True, timeout=timeout)
+    def run(
+        self, cwd: Path, *args: str, timeout: float = 60, **extra: str
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bin / "polos"), *args],
+            cwd=cwd,
+            env=self.env(**extra),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def spawn(self, cwd: Path, log: Path, *args: str, **extra: str) -> subprocess.Popen[bytes]:
         out = open(log, "ab")
-        return subprocess.Popen([str(self.bin / "polos"), *args], cwd=cwd, env=self.env(**extra),
-                                stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [str(self.bin / "polos"), *args],
+            cwd=cwd,
+            env=self.env(**extra),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +79,47 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     base = tmp_path_factory.mktemp("wheel")
     build = base / "build"
     # Built from a copy, so the build leaves nothing (build/, *.egg-info) in the checkout.
-    shutil.copytree(ROOT, build, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".polos", "exports",
-        ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(base),
-                    str(build)], check=True, capture_output=True, timeout=300)
+    shutil.copytree(
+        ROOT,
+        build,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".polos",
+            "exports",
+            ".mypy_cache",
+            ".ruff_cache",
+            ".pytest_cache",
+            ".hypothesis",
+        ),
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(base), str(build)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next(base.glob("polos-*.whl"))
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                    "--disable-pip-version-check", str(wheel)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     yield Installed(venv, wheel)
 
 
@@ -82,11 +128,20 @@ def test_the_wheel_installs_only_polos_names(installed: Installed) -> None:
         tops = {name.split("/", 1)[0] for name in whl.namelist()}
         names = set(whl.namelist())
     tops = {t for t in tops if not t.endswith(".dist-info")}
-    assert tops == {"polos", "polos_services", "polos_analytics", "polos_bench", "polos_examples",
-                    "polos_ui"}
+    assert tops == {
+        "polos",
+        "polos_services",
+        "polos_analytics",
+        "polos_bench",
+        "polos_examples",
+        "polos_ui",
+    }
     # The web UI's templates and assets ship in the wheel (nothing is fetched at run time).
-    assert {"polos_ui/templates/base.html", "polos_ui/static/style.css",
-            "polos_ui/static/ui.js"} <= names
+    assert {
+        "polos_ui/templates/base.html",
+        "polos_ui/static/style.css",
+        "polos_ui/static/ui.js",
+    } <= names
     # The server configuration and the demo's workflows are package data.
     assert "polos/_private/nats.conf" in names
     assert {"polos_examples/order.py", "polos_examples/ten_steps.py"} <= names
@@ -138,52 +193,77 @@ async def test_order_scenario_from_an_empty_directory_with_auth(
     home = tmp_path / "user"
     home.mkdir()
     # What a user has after copying the examples: the files, nothing of the repository.
-    shutil.copytree(ROOT / "examples", home / "examples",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "examples", home / "examples", ignore=shutil.ignore_patterns("__pycache__")
+    )
     effects = home / "effects.log"
     up = installed.spawn(home, home / "up.log", "up", "--port", "0", "--ui-port", "0")
     workers: list[subprocess.Popen[bytes]] = []
     async with DevLLM() as llm:
         try:
             await _until(lambda: "Polos is up" in (home / "up.log").read_text(), 60, "polos up")
-            creds = (home / ".polos" / "credentials.json")
+            creds = home / ".polos" / "credentials.json"
             assert creds.exists() and (creds.stat().st_mode & 0o777) == 0o600
 
             def worker(name: str) -> subprocess.Popen[bytes]:
-                return installed.spawn(home, home / f"{name}.log", "worker", "examples/order.py",
-                                       "--worker-id", name, OPENAI_BASE_URL=llm.url,
-                                       POLOS_DEMO_LOG=str(effects))
+                return installed.spawn(
+                    home,
+                    home / f"{name}.log",
+                    "worker",
+                    "examples/order.py",
+                    "--worker-id",
+                    name,
+                    OPENAI_BASE_URL=llm.url,
+                    POLOS_DEMO_LOG=str(effects),
+                )
 
             workers.append(worker("worker-1"))
-            await _until(lambda: "serving" in (home / "worker-1.log").read_text(), 60,
-                         "worker-1 to serve")
+            await _until(
+                lambda: "serving" in (home / "worker-1.log").read_text(), 60, "worker-1 to serve"
+            )
             order = {"id": "A-1001", "amount": 2500, "email": "ada@example.com"}
-            out = installed.run(home, "start", "process_order", "--input", orjson.dumps(order).decode())
+            out = installed.run(
+                home, "start", "process_order", "--input", orjson.dumps(order).decode()
+            )
             assert out.returncode == 0, out.stdout + out.stderr
             run_id = out.stdout.split()[1]
 
-            await _until(lambda: _waiting_at(installed, home, run_id, "fraud_review"), 60,
-                         "the run to wait for the fraud review")
+            await _until(
+                lambda: _waiting_at(installed, home, run_id, "fraud_review"),
+                60,
+                "the run to wait for the fraud review",
+            )
             # The agent really called the model server, through the worker role's connection.
             assert llm.chat_requests, "the agent never called the LLM server"
             assert [ln.split()[1] for ln in marks(effects)] == ["charge"]
 
             kill(workers[0])  # SIGKILL while the run waits: it holds no worker anyway
             workers.append(worker("worker-2"))
-            await _until(lambda: "serving" in (home / "worker-2.log").read_text(), 60,
-                         "worker-2 to serve")
+            await _until(
+                lambda: "serving" in (home / "worker-2.log").read_text(), 60, "worker-2 to serve"
+            )
 
-            out = installed.run(home, "resume", run_id, "fraud_review", "--data",
-                                '{"approved": true, "by": "fraud-team"}')
+            out = installed.run(
+                home,
+                "resume",
+                run_id,
+                "fraud_review",
+                "--data",
+                '{"approved": true, "by": "fraud-team"}',
+            )
             assert out.returncode == 0, out.stdout + out.stderr
-            await _until(lambda: _waiting_at(installed, home, run_id, "wait_pickup"), 60,
-                         "the run to wait for the pickup")
+            await _until(
+                lambda: _waiting_at(installed, home, run_id, "wait_pickup"),
+                60,
+                "the run to wait for the pickup",
+            )
 
             # The event from the user's own program, connected with the client's credentials.
             url = installed.run(home, "credentials", "client")
             assert url.returncode == 0, url.stderr
             script = home / "pickup.py"
-            script.write_text(textwrap.dedent("""
+            script.write_text(
+                textwrap.dedent("""
                 import asyncio, os, sys
                 from polos import PolosClient
 
@@ -192,16 +272,25 @@ async def test_order_scenario_from_an_empty_directory_with_auth(
                         await client.publish_event(sys.argv[1], {"dock": 4})
 
                 asyncio.run(main())
-            """))
-            pub = subprocess.run([str(installed.bin / "python"), str(script),
-                                  "warehouse.pickup/A-1001"], cwd=home, capture_output=True,
-                                 text=True, timeout=60,
-                                 env=installed.env(POLOS_NATS_URL=url.stdout.strip()))
+            """)
+            )
+            pub = subprocess.run(
+                [str(installed.bin / "python"), str(script), "warehouse.pickup/A-1001"],
+                cwd=home,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=installed.env(POLOS_NATS_URL=url.stdout.strip()),
+            )
             assert pub.returncode == 0, pub.stderr
 
             done = await _until(
-                lambda: (r := _run_state(installed, home, run_id)) and r["status"] == "completed" and r,
-                60, "the run to complete")
+                lambda: (
+                    (r := _run_state(installed, home, run_id)) and r["status"] == "completed" and r
+                ),
+                60,
+                "the run to complete",
+            )
             assert done["status"] == "completed"
             show = installed.run(home, "show", run_id, "--json")
             assert show.returncode == 0, show.stderr

@@ -11,11 +11,9 @@ from typing import Any
 import orjson
 
 from polos import Worker, WorkflowContext, workflow
-from polos import events as ev
-from polos._private import jetstream as jsl
-from polos._private import payloads
-from tests import authstack
-from tests.authstack import Stack
+from polos import history as ev
+from polos._private.store import REPLY_HEADER, StoredMsg, payloads, read_subject
+from polos.testing import PolosEnvironment as Stack
 from tests.test_waiting import until_status
 
 BIG = 10 * 1024 * 1024
@@ -58,7 +56,7 @@ async def test_ten_megabyte_step_output_round_trips_through_replay(
     handle = await env.client.start(big_output, "s1")
     t0 = time.perf_counter()
     while not any(
-        isinstance(e, jsl.ev.StepCompleted) and e.key == "big"
+        isinstance(e, ev.StepCompleted) and e.key == "big"
         for _, e in await env.client.history(handle.run_id)
     ):
         await asyncio.sleep(0.05)
@@ -74,15 +72,17 @@ async def test_ten_megabyte_step_output_round_trips_through_replay(
     assert out == {"len": BIG, "sha": hashlib.sha256(expected.encode()).hexdigest()}
     assert CALLS["big"] == 2  # once in the run, once here to compute the expectation
     # The history holds a stub, not 10 MB; the object is in the run's payload bucket.
-    msgs = await jsl.read_subject(
+    msgs = await read_subject(
         env.client.nc, env.client.names.runs_stream, env.client.names.run_filter(handle.run_id)
     )
     stubs = [m for m in msgs if (m.headers or {}).get(payloads.HEADER)]
     assert len(stubs) == 1 and len(stubs[0].data) < 4096
     body = orjson.loads(stubs[0].data)
     assert body["output"] is None and body["$refs"]["output"].startswith(f"{handle.run_id}/")
-    print(f"\n10 MB step: run + store {first:.2f}s, replay on a new worker + finish {replay:.2f}s, "
-          f"stub {len(stubs[0].data)} bytes")
+    print(
+        f"\n10 MB step: run + store {first:.2f}s, replay on a new worker + finish {replay:.2f}s, "
+        f"stub {len(stubs[0].data)} bytes"
+    )
 
 
 async def test_large_workflow_result_reaches_the_client(env_factory: Any) -> None:
@@ -106,7 +106,7 @@ async def test_small_events_stay_inline(env_factory: Any) -> None:
     env = await env_factory([big_result])
     handle = await env.client.start(big_result, 10)
     assert await handle.result(timeout=10) == "y" * 10
-    msgs = await jsl.read_subject(
+    msgs = await read_subject(
         env.client.nc, env.client.names.runs_stream, env.client.names.run_filter(handle.run_id)
     )
     assert not any((m.headers or {}).get(payloads.HEADER) for m in msgs)
@@ -125,7 +125,7 @@ async def test_ten_megabyte_input_goes_through_the_object_store(env_factory: Any
     out = await handle.result(timeout=60)
     assert out == {"len": BIG, "sha": hashlib.sha256(text.encode()).hexdigest()}
     [(_, requested), *_] = await env.client.history(handle.run_id)
-    assert isinstance(requested, jsl.ev.RunRequested) and requested.input == text
+    assert isinstance(requested, ev.RunRequested) and requested.input == text
 
 
 async def test_bad_input_ref_is_refused_with_a_reason(env_factory: Any) -> None:
@@ -135,8 +135,9 @@ async def test_bad_input_ref_is_refused_with_a_reason(env_factory: Any) -> None:
     sub = await env.client.nc.subscribe(inbox)
     for ref in ("elsewhere/abc", 5, "r1/0000"):
         await env.client.js.publish(
-            f"{p}.cmd.start.big_input", orjson.dumps({"run_id": "r1", "input_ref": ref}),
-            headers={jsl.REPLY_HEADER: inbox},
+            f"{p}.cmd.start.big_input",
+            orjson.dumps({"run_id": "r1", "input_ref": ref}),
+            headers={REPLY_HEADER: inbox},
         )
         reply = orjson.loads((await sub.next_msg(5)).data)
         assert reply["ok"] is False and reply["field"] == "input_ref", reply
@@ -147,8 +148,6 @@ async def test_bad_input_ref_is_refused_with_a_reason(env_factory: Any) -> None:
 #
 # Under authentication, each process on its role's user: the client stores the big value, the
 # orchestrator (service) reads it and wakes the run, workers replay it.
-
-secured, stack = authstack.secured, authstack.stack  # fixtures: a namespace under auth
 
 
 def _sha(value: str) -> str:
@@ -177,27 +176,30 @@ async def big_triggered(ctx: WorkflowContext, event: dict[str, Any]) -> dict[str
     return {"len": len(event["data"]), "sha": _sha(event["data"])}
 
 
-async def _finish_on_a_second_worker(stack: Stack, first: Worker, run_id: str, wfs: list[Any]) -> Any:
+async def _finish_on_a_second_worker(
+    stack: Stack, first: Worker, run_id: str, wfs: list[Any]
+) -> Any:
     """Wait for the run to record its digest on ``first``, stop it, finish on a new worker."""
     deadline = time.monotonic() + 60
-    while not any(isinstance(e, ev.StepCompleted) and e.key == "digest"
-                  for _, e in await stack.client.history(run_id)):
+    while not any(
+        isinstance(e, ev.StepCompleted) and e.key == "digest"
+        for _, e in await stack.client.history(run_id)
+    ):
         assert time.monotonic() < deadline, "the run never recorded its digest"
         await asyncio.sleep(0.05)
-    await first.stop(timeout=0)
-    stack.workers.remove(first)
+    await stack.stop_worker(first, timeout=0)
     GATE.setdefault(run_id, asyncio.Event()).set()
-    await stack.worker(wfs)
+    await stack.add_worker(wfs)
     return await stack.client.get_handle(run_id).result(timeout=60)
 
 
-async def _stored(stack: Stack, stream: str, subject: str) -> list[jsl.StoredMsg]:
+async def _stored(stack: Stack, stream: str, subject: str) -> list[StoredMsg]:
     # As the service: only services read the command stream.
-    return await jsl.read_subject(stack.orchestrator.nc, stream, subject)
+    return await read_subject(stack.orchestrator.nc, stream, subject)
 
 
 async def test_ten_megabyte_resume_round_trips_through_replay(stack: Stack) -> None:
-    w1 = await stack.worker([big_approval])
+    w1 = await stack.add_worker([big_approval])
     handle = await stack.client.start(big_approval)
     await until_status(stack, handle.run_id, "suspended")
     text = make_big("resume")
@@ -210,15 +212,18 @@ async def test_ten_megabyte_resume_round_trips_through_replay(stack: Stack) -> N
     [cmd] = await _stored(stack, names.cmd_stream, f"{names.prefix}.cmd.resume.{handle.run_id}.>")
     ref = orjson.loads(cmd.data)["data_ref"]
     assert len(cmd.data) < 200 and ref.startswith(f"{handle.run_id}/")
-    woken = [m for m in await _stored(stack, names.runs_stream, names.run_filter(handle.run_id))
-             if (m.headers or {}).get(payloads.HEADER) and b"RunWoken" in m.data]
+    woken = [
+        m
+        for m in await _stored(stack, names.runs_stream, names.run_filter(handle.run_id))
+        if (m.headers or {}).get(payloads.HEADER) and b"RunWoken" in m.data
+    ]
     assert len(woken) == 1 and len(woken[0].data) < 4096
     assert orjson.loads(woken[0].data)["$refs"] == {"output.data": ref}
 
 
 async def test_ten_megabyte_event_round_trips_through_replay(stack: Stack) -> None:
     topic = f"big.pickup/{uuid.uuid4().hex[:6]}"
-    w1 = await stack.worker([big_pickup, big_triggered])
+    w1 = await stack.add_worker([big_pickup, big_triggered])
     handle = await stack.client.start(big_pickup, topic)
     await until_status(stack, handle.run_id, "suspended")
     text = make_big("event")
@@ -226,8 +231,11 @@ async def test_ten_megabyte_event_round_trips_through_replay(stack: Stack) -> No
     out = await _finish_on_a_second_worker(stack, w1, handle.run_id, [big_pickup, big_triggered])
     assert out == {"len": BIG, "sha": _sha(text), "recorded": _sha(text)}
     names = stack.client.names
-    [stored] = [m for m in await _stored(stack, names.events_stream, f"{names.prefix}.event.>")
-                if m.seq == seq]
+    [stored] = [
+        m
+        for m in await _stored(stack, names.events_stream, f"{names.prefix}.event.>")
+        if m.seq == seq
+    ]
     assert stored.data == b"" and stored.headers[payloads.EVENT_REF].startswith("event:")
     # A triggered run gets the 10 MB too, as its input.
     other = make_big("drop")
@@ -237,7 +245,9 @@ async def test_ten_megabyte_event_round_trips_through_replay(stack: Stack) -> No
         assert time.monotonic() < deadline, "the triggered run never completed"
         await asyncio.sleep(0.05)
     assert await stack.client.get_handle(runs[0].run_id).result(timeout=5) == {
-        "len": BIG, "sha": _sha(other)}
+        "len": BIG,
+        "sha": _sha(other),
+    }
 
 
 @workflow
@@ -247,7 +257,7 @@ async def big_parent(ctx: WorkflowContext, seed: str) -> dict[str, Any]:
 
 
 async def test_ten_megabyte_child_input(stack: Stack) -> None:
-    await stack.worker([big_parent, big_input])
+    await stack.add_worker([big_parent, big_input])
     handle = await stack.client.start(big_parent, "kid")
     out = await handle.result(timeout=60)
     assert out == {"len": BIG, "sha": _sha(make_big("kid"))}
@@ -274,7 +284,7 @@ async def _raw_client(stack: Stack) -> Any:
     import nats
     import nats.js.errors
 
-    nc = await nats.connect(stack.settings("client").nats_url)
+    nc = await nats.connect(stack.as_role("client").nats_url)
     js = nc.jetstream()
     bucket = f"{stack.prefix}_payloads"
     try:
@@ -284,17 +294,18 @@ async def _raw_client(stack: Stack) -> Any:
     return nc, js, obs
 
 
-async def _answer(nc: Any, js: Any, subject: str, body: bytes, headers: dict[str, str] | None = None
-                  ) -> dict[str, Any]:
+async def _answer(
+    nc: Any, js: Any, subject: str, body: bytes, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, max_msgs=1)
-    await js.publish(subject, body, headers={jsl.REPLY_HEADER: inbox, **(headers or {})})
+    await js.publish(subject, body, headers={REPLY_HEADER: inbox, **(headers or {})})
     answer: dict[str, Any] = orjson.loads((await sub.next_msg(10)).data)
     return answer
 
 
 async def test_raw_publisher_sends_big_resume_and_event_by_reference(stack: Stack) -> None:
-    await stack.worker([raw_approval, raw_pickup])
+    await stack.add_worker([raw_approval, raw_pickup])
     nc, js, obs = await _raw_client(stack)
     p = stack.prefix
     try:
@@ -302,8 +313,12 @@ async def test_raw_publisher_sends_big_resume_and_event_by_reference(stack: Stac
         run = await stack.client.start(raw_approval)
         await until_status(stack, run.run_id, "suspended")
         await obs.put(f"{run.run_id}/approval", orjson.dumps(text))
-        answer = await _answer(nc, js, f"{p}.cmd.resume.{run.run_id}.approve",
-                               orjson.dumps({"data_ref": f"{run.run_id}/approval"}))
+        answer = await _answer(
+            nc,
+            js,
+            f"{p}.cmd.resume.{run.run_id}.approve",
+            orjson.dumps({"data_ref": f"{run.run_id}/approval"}),
+        )
         assert answer["ok"] and answer["status"] == "resumed", answer
         assert await run.result(timeout=60) == _sha(text)
 
@@ -317,7 +332,7 @@ async def test_raw_publisher_sends_big_resume_and_event_by_reference(stack: Stac
 
 
 async def test_bad_references_are_refused_and_dead_lettered(stack: Stack) -> None:
-    await stack.worker([raw_approval, raw_pickup])
+    await stack.add_worker([raw_approval, raw_pickup])
     nc, js, obs = await _raw_client(stack)
     p = stack.prefix
     try:

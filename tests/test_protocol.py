@@ -10,12 +10,9 @@ import nats
 import orjson
 
 from polos import WorkflowContext, workflow
-from polos import events as ev
-from polos._private import jetstream as jsl
-from tests import authstack
-from tests.authstack import Stack
-
-secured, stack = authstack.secured, authstack.stack  # fixtures: a namespace under auth
+from polos import history as ev
+from polos._private.store import MSG_ID, REPLY_HEADER
+from polos.testing import PolosEnvironment as Stack
 
 
 @workflow
@@ -26,8 +23,8 @@ async def echo(ctx: WorkflowContext, value: int) -> int:
 async def test_a_repeated_start_is_acked_as_duplicate_and_answered_only_when_stored(
     stack: Stack,
 ) -> None:
-    await stack.worker([echo])
-    nc = await nats.connect(stack.settings("client").nats_url)
+    await stack.add_worker([echo])
+    nc = await nats.connect(stack.as_role("client").nats_url)
     js = nc.jetstream()
     subject = f"{stack.prefix}.cmd.start.echo"
     cmd_stream = stack.client.names.cmd_stream
@@ -36,8 +33,11 @@ async def test_a_repeated_start_is_acked_as_duplicate_and_answered_only_when_sto
         subs = [await nc.subscribe(i) for i in inboxes]
 
         def start(value: int, msg_id: str, inbox: str) -> Any:
-            return js.publish(subject, orjson.dumps({"input": value, "run_id": "job-7"}),
-                              headers={jsl.MSG_ID: msg_id, jsl.REPLY_HEADER: inbox})
+            return js.publish(
+                subject,
+                orjson.dumps({"input": value, "run_id": "job-7"}),
+                headers={MSG_ID: msg_id, REPLY_HEADER: inbox},
+            )
 
         first = await start(1, "try-1", inboxes[0])
         assert not first.duplicate

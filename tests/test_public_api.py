@@ -1,70 +1,62 @@
-"""The public API is what polos.__all__ lists: adding or removing a name is a decision."""
+"""The public API is what ``polos.__all__`` lists, with these signatures: adding, removing or
+changing a name, a parameter, a default or an annotation is a decision, so this fails until
+``tests/public_api.txt`` says it too. After such a decision, rewrite the file with
+``python tests/test_public_api.py > tests/public_api.txt`` and review the diff."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
+from pathlib import Path
+
 import polos
 
-PUBLIC = [
-    "NO_RETRY",
-    "Agent",
-    "AgentConfigError",
-    "AgentError",
-    "AgentGuardrailError",
-    "AgentOutputError",
-    "AgentResult",
-    "AgentRun",
-    "ChildHandle",
-    "ChildWorkflowError",
-    "CommandRejectedError",
-    "ConnectionFailedError",
-    "GuardrailViolation",
-    "InputValidationError",
-    "NonDeterminismError",
-    "PolosClient",
-    "PolosError",
-    "ProviderError",
-    "Queue",
-    "RateLimit",
-    "ReceivedEvent",
-    "Resumed",
-    "RetryPolicy",
-    "RunHandle",
-    "RunInfo",
-    "RunNotFoundError",
-    "SerializationError",
-    "Settings",
-    "Step",
-    "StepFailedError",
-    "StepInfo",
-    "Tool",
-    "WaitTimeoutError",
-    "Worker",
-    "WorkflowCancelledError",
-    "WorkflowContext",
-    "WorkflowDefinition",
-    "WorkflowFailedError",
-    "WorkflowNotFoundError",
-    "current_step",
-    "tool",
-    "workflow",
-]
+SNAPSHOT = Path(__file__).with_name("public_api.txt")
 
 
-def test_public_names_are_pinned() -> None:
-    assert sorted(polos.__all__) == sorted(PUBLIC)
+def describe() -> list[str]:
+    """One line per public name, and per public method or property of a public class."""
+    lines: list[str] = []
+    for name in sorted(polos.__all__):
+        obj = getattr(polos, name)
+        if inspect.isclass(obj):
+            bases = ", ".join(b.__name__ for b in obj.__bases__)
+            lines.append(f"class {name}({bases})")
+            for member, value in sorted(vars(obj).items()):
+                if member.startswith("_") and member not in ("__init__", "__call__"):
+                    continue
+                if isinstance(value, classmethod | staticmethod):
+                    kind, fn = type(value).__name__, value.__func__
+                    lines.append(f"    {kind} {member}{inspect.signature(fn)}")
+                elif inspect.isfunction(value):
+                    lines.append(f"    def {member}{inspect.signature(value)}")
+                elif isinstance(value, property):
+                    lines.append(f"    property {member}")
+        elif callable(obj):
+            lines.append(f"def {name}{inspect.signature(obj)}")
+        else:
+            lines.append(f"{name}: {type(obj).__name__} = {obj!r}")
+    return lines
+
+
+def test_public_names_and_signatures_are_pinned() -> None:
+    expected = SNAPSHOT.read_text().splitlines()
+    actual = describe()
+    diff = "\n".join(difflib.unified_diff(expected, actual, "public_api.txt", "polos", lineterm=""))
+    assert actual == expected, f"the public API changed:\n{diff}"
 
 
 def test_every_public_name_resolves_and_internals_stay_private() -> None:
-    for name in polos.__all__:
-        assert getattr(polos, name) is not None
     assert not [n for n in polos.__all__ if n.startswith("_")]
+    assert not [n for n in polos.__all__ if getattr(polos, n, None) is None]
+    # Nothing public is defined where users are told not to look.
+    private = [
+        n
+        for n in polos.__all__
+        if not getattr(getattr(polos, n), "__module__", "polos").startswith("polos")
+    ]
+    assert not private
 
 
-def test_the_design_cards_example_imports() -> None:
-    from polos import Agent, WorkflowContext, workflow  # noqa: F401
-    from polos.workflow import Step
-
-    for method in ("run", "suspend", "wait_for_event", "agent_invoke_and_wait", "sleep",
-                   "sleep_until", "invoke", "invoke_and_wait", "batch_invoke_and_wait",
-                   "now", "uuid", "random"):
-        assert callable(getattr(Step, method)), method
+if __name__ == "__main__":
+    print("\n".join(describe()))

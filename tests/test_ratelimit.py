@@ -21,10 +21,10 @@ import openai
 import pytest
 
 from polos import Queue, RateLimit, WorkflowContext, workflow
-from polos import events as ev
+from polos import history as ev
 from polos._private import limits
+from polos._private.agents.provider import estimate_request_tokens
 from polos._private.limits import TokenLimiter, retry_after_seconds
-from polos._private.llm import estimate_request_tokens
 from polos.agent import Agent
 from polos.config import Settings
 from polos.devllm import DevLLM
@@ -58,20 +58,44 @@ class FakeOpenAI:
                     if outer.fail_next > 0:
                         outer.fail_next -= 1
                         outer.rejected.append(now)
-                        self._send(429, {"error": {"message": "slow down", "type": "rate_limit",
-                                                   "code": "rate_limit_exceeded"}},
-                                   {"retry-after-ms": str(outer.retry_after_ms)})
+                        self._send(
+                            429,
+                            {
+                                "error": {
+                                    "message": "slow down",
+                                    "type": "rate_limit",
+                                    "code": "rate_limit_exceeded",
+                                }
+                            },
+                            {"retry-after-ms": str(outer.retry_after_ms)},
+                        )
                         return
                     outer.log.append((now, USAGE))
-                self._send(200, {
-                    "id": "cmpl-1", "object": "chat.completion", "created": int(now),
-                    "model": body.get("model", MODEL),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": "ok"}}],
-                    "usage": {"prompt_tokens": 80, "completion_tokens": 20, "total_tokens": USAGE},
-                })
+                self._send(
+                    200,
+                    {
+                        "id": "cmpl-1",
+                        "object": "chat.completion",
+                        "created": int(now),
+                        "model": body.get("model", MODEL),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": "ok"},
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": 80,
+                            "completion_tokens": 20,
+                            "total_tokens": USAGE,
+                        },
+                    },
+                )
 
-            def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+            def _send(
+                self, status: int, payload: Any, headers: dict[str, str] | None = None
+            ) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
@@ -124,7 +148,8 @@ async def _chat(limiter: TokenLimiter) -> int:
                     r.settle(0)  # nothing was used
                     # Every process backs off, not just this one.
                     await limiter.backoff(
-                        model=MODEL, provider="fake",
+                        model=MODEL,
+                        provider="fake",
                         retry_after=retry_after_seconds(exc.response.headers),
                     )
                     continue
@@ -193,11 +218,13 @@ async def test_tokens_per_minute_hold_across_two_workers_with_the_openai_client(
     times = sorted(t for t, _ in llm_server.log)
     span = times[-1] - times[0]
     observed_tpm = (n * USAGE - limit.token_capacity) / span * 60 if span else float("inf")
-    print(f"\n{n} calls x {USAGE} tokens (reserved {ESTIMATE} each, settled to {USAGE}) from 2 "
-          f"workers under {tpm:.0f} tokens/min, burst {limit.token_capacity:.0f}: {elapsed:.2f}s; "
-          f"sustained {observed_tpm:.0f} tokens/min; worst window excess over the rate: "
-          f"{excess:.0f} tokens at reservation, {arrival_excess:.0f} at the server "
-          f"(network and event-loop jitter bunch arrivals)")
+    print(
+        f"\n{n} calls x {USAGE} tokens (reserved {ESTIMATE} each, settled to {USAGE}) from 2 "
+        f"workers under {tpm:.0f} tokens/min, burst {limit.token_capacity:.0f}: {elapsed:.2f}s; "
+        f"sustained {observed_tpm:.0f} tokens/min; worst window excess over the rate: "
+        f"{excess:.0f} tokens at reservation, {arrival_excess:.0f} at the server "
+        f"(network and event-loop jitter bunch arrivals)"
+    )
     # Unlimited, 24 calls take a few ms; the limit spread them over >= (2400-200)/500 s.
     # Granted reservations pass the burst only by the under-estimates not settled yet: at most
     # (calls in flight at once) x (usage - estimate).
@@ -236,8 +263,10 @@ async def test_a_429_retry_after_holds_every_worker_back(
     t429 = llm_server.rejected[0]
     after = sorted(t for t, _ in llm_server.log if t > t429)
     gap = after[0] - t429
-    print(f"\nfirst request after the 429 (Retry-After 600 ms) came {gap * 1000:.0f} ms later; "
-          f"{len(after)} calls after it")
+    print(
+        f"\nfirst request after the 429 (Retry-After 600 ms) came {gap * 1000:.0f} ms later; "
+        f"{len(after)} calls after it"
+    )
     assert gap >= 0.55  # nobody, on either worker, called inside the Retry-After window
 
 
@@ -267,11 +296,12 @@ async def test_requests_per_minute_on_a_queue_paces_admission(env_factory: Any) 
     stamps = sorted(await asyncio.gather(*(h.result(timeout=30) for h in handles)))
     log = [(t, 1) for t in stamps]
     excess = worst_excess(log, 10.0)  # 600/min = 10/s, burst 2
-    print(f"\n12 runs at 600/min (burst 2): spread over {stamps[-1] - stamps[0]:.2f}s; worst "
-          f"window excess {excess:.2f} runs; a waiting run showed {waiting and waiting.waiting}")
+    print(
+        f"\n12 runs at 600/min (burst 2): spread over {stamps[-1] - stamps[0]:.2f}s; worst "
+        f"window excess {excess:.2f} runs; a waiting run showed {waiting and waiting.waiting}"
+    )
     assert waiting is not None
     assert excess <= 2 + 1  # the burst, plus one run admitted at the edge of a window
-
 
 
 # --------------------------------------------------------------------------- waiting for tokens
@@ -281,24 +311,28 @@ RATED_MODEL = "rated-model"
 GAP = 1.5  # seconds of the model's token rate one call uses
 # The dev LLM's answer here is 17 tokens: the estimate is then about what a call uses, so
 # settling gives next to nothing back and the waits are what the rate says.
-rated_agent = Agent("rated_agent", model=RATED_MODEL, instructions="Answer in one line.",
-                    model_settings={"max_tokens": 17})
+rated_agent = Agent(
+    "rated_agent",
+    model=RATED_MODEL,
+    instructions="Answer in one line.",
+    model_settings={"max_tokens": 17},
+)
 
 
 @workflow(queue=Queue("rated1", concurrency=1))
 async def rl_agent_job(ctx: WorkflowContext, n: int) -> str:
-    r = await ctx.step.agent_invoke_and_wait(
-        "ask", rated_agent.with_input(f"job {n}"), inline=True
-    )
+    r = await ctx.step.agent_invoke_and_wait("ask", rated_agent.with_input(f"job {n}"), inline=True)
     return str(r.result)
 
 
 def _call_tokens(n: int) -> int:
     """What the agent's call of job ``n`` reserves (its estimate)."""
-    return estimate_request_tokens({
-        "messages": [*rated_agent.system_message(), {"role": "user", "content": f"job {n}"}],
-        "max_tokens": 17,
-    })
+    return estimate_request_tokens(
+        {
+            "messages": [*rated_agent.system_message(), {"role": "user", "content": f"job {n}"}],
+            "max_tokens": 17,
+        }
+    )
 
 
 async def _rate_waits(h: Any, client: Any) -> list[tuple[int, ev.RunSuspended, float | None]]:
@@ -307,7 +341,7 @@ async def _rate_waits(h: Any, client: Any) -> list[tuple[int, ev.RunSuspended, f
     out: list[tuple[int, ev.RunSuspended, float | None]] = []
     for i, (seq, e) in enumerate(history):
         if isinstance(e, ev.RunSuspended) and e.kind == "rate":
-            woke = next((w.at for _, w in history[i + 1:] if type(w) is ev.RunWoken), None)
+            woke = next((w.at for _, w in history[i + 1 :] if type(w) is ev.RunWoken), None)
             out.append((seq, e, woke))
     return out
 
@@ -324,15 +358,21 @@ async def test_an_llm_step_waiting_for_tokens_holds_no_worker_and_no_slot_and_wa
         monkeypatch.setenv("OPENAI_BASE_URL", server.url)
         env = await env_factory([rl_agent_job])
         tokens = _call_tokens(0)
-        await configure_rate_limit(env.client, f"model:{RATED_MODEL}", RateLimit(
-            tokens_per_minute=tokens * 60 / GAP, burst_seconds=GAP))
+        await configure_rate_limit(
+            env.client,
+            f"model:{RATED_MODEL}",
+            RateLimit(tokens_per_minute=tokens * 60 / GAP, burst_seconds=GAP),
+        )
         n = 5
         handles = [await env.client.start(rl_agent_job, i) for i in range(n)]
 
         deadline = time.monotonic() + 20
         while True:
-            waiting = [r for r in await env.client.list_runs(status="suspended")
-                       if (r.waiting or {}).get("kind") == "rate"]
+            waiting = [
+                r
+                for r in await env.client.list_runs(status="suspended")
+                if (r.waiting or {}).get("kind") == "rate"
+            ]
             if len(waiting) == n - 1:
                 break
             assert time.monotonic() < deadline, f"{len(waiting)} runs waiting for tokens"
@@ -341,14 +381,17 @@ async def test_an_llm_step_waiting_for_tokens_holds_no_worker_and_no_slot_and_wa
         # is out, and the queue's one slot is free.
         assert env.worker is not None and env.worker.active_runs == []
         # (The task consumer is the workers': the client role may not look at it.)
-        consumer = await env.orchestrator.js.consumer_info(env.client.names.tasks_stream,
-                                                           "wf_rl_agent_job")
+        consumer = await env.orchestrator.js.consumer_info(
+            env.client.names.tasks_stream, "wf_rl_agent_job"
+        )
         assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
         store = limits.store_for(env.client.nc, env.client.js, env.client.names)
         assert await store.entries("q.rated1.>") == []
-        print(f"\n{n - 1} runs waiting for tokens: worker active runs {env.worker.active_runs}, "
-              f"tasks out {consumer.num_pending + consumer.num_ack_pending}, slots held 0; "
-              f"their waits: {[(w.waiting or {}).get('step') for w in waiting]}")
+        print(
+            f"\n{n - 1} runs waiting for tokens: worker active runs {env.worker.active_runs}, "
+            f"tasks out {consumer.num_pending + consumer.num_ack_pending}, slots held 0; "
+            f"their waits: {[(w.waiting or {}).get('step') for w in waiting]}"
+        )
 
         results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
         requests = server.chat_requests
@@ -378,13 +421,17 @@ async def test_an_llm_step_waiting_for_tokens_holds_no_worker_and_no_slot_and_wa
         sus = waits[r][0][1]
         assert sus.wake_at is not None and called_at[r] >= sus.wake_at - 0.05
     spread = [round(c - first, 2) for c in calls]
-    late = [round((called_at[r] - waits[r][0][1].wake_at) * 1000)  # type: ignore[operator]
-            for r in booked]
-    print(f"calls after the first, in booking order: {spread} s (one call per {GAP} s of "
-          f"rate); each called {late} ms after its tokens were due")
+    late = [
+        round((called_at[r] - waits[r][0][1].wake_at) * 1000)  # type: ignore[operator]
+        for r in booked
+    ]
+    print(
+        f"calls after the first, in booking order: {spread} s (one call per {GAP} s of "
+        f"rate); each called {late} ms after its tokens were due"
+    )
 
 
-KILLED_MODULE = '''
+KILLED_MODULE = """
 from polos import WorkflowContext, workflow
 from polos.agent import Agent
 
@@ -396,14 +443,14 @@ agent = Agent("killed_rate_agent", model="rated-kill", instructions="Answer in o
 async def rated_kill(ctx: WorkflowContext, n: int) -> str:
     r = await ctx.step.agent_invoke_and_wait("ask", agent.with_input(f"job {n}"), inline=True)
     return str(r.result)
-'''
+"""
 
 
 @pytest.mark.slow
 async def test_a_worker_sigkilled_while_runs_wait_for_tokens_loses_nothing(
     env_factory: Any, subprocess_env: dict[str, str], tmp_path: Any
 ) -> None:
-    """Runs waiting for tokens are in no worker: SIGKILL the only worker while three wait,
+    """Runs waiting for tokens are in no worker: SIGKILL the only worker while they wait,
     start another one, and every run finishes, each LLM call made once."""
     from tests.helpers import kill, spawn, stop
 
@@ -412,24 +459,38 @@ async def test_a_worker_sigkilled_while_runs_wait_for_tokens_loses_nothing(
     async with DevLLM() as server:
         subprocess_env.update(OPENAI_BASE_URL=server.url, POLOS_RATE_WAIT_LIMIT="0")
         env = await env_factory([], with_worker=False)
-        await configure_rate_limit(env.client, "model:rated-kill", RateLimit(
-            tokens_per_minute=_call_tokens(0) * 60 / GAP, burst_seconds=GAP))
-        w1 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env.as_role("worker"),
-                   tmp_path / "w1.out")
+        await configure_rate_limit(
+            env.client,
+            "model:rated-kill",
+            RateLimit(tokens_per_minute=_call_tokens(0) * 60 / GAP, burst_seconds=GAP),
+        )
+        w1 = spawn(
+            ["-m", "polos_services.worker", str(module)],
+            subprocess_env.as_role("worker"),
+            tmp_path / "w1.out",
+        )
         w2 = None
         try:
             handles = [await env.client.start("rated_kill", i) for i in range(4)]
             deadline = time.monotonic() + 30
             while True:
-                waiting = [r for r in await env.client.list_runs(status="suspended")
-                           if (r.waiting or {}).get("kind") == "rate"]
-                if len(waiting) == 3:
+                waiting = [
+                    r
+                    for r in await env.client.list_runs(status="suspended")
+                    if (r.waiting or {}).get("kind") == "rate"
+                ]
+                # Three wait, 1.5 s apart; under load the first may get its tokens before the
+                # third is seen waiting, so two waiting at once is the proof asked for.
+                if len(waiting) >= 2:
                     break
                 assert time.monotonic() < deadline, f"{len(waiting)} runs waiting for tokens"
                 await asyncio.sleep(0.02)
             kill(w1)  # nothing of the waiting runs is in it
-            w2 = spawn(["-m", "polos_services.worker", str(module)], subprocess_env.as_role("worker"),
-                       tmp_path / "w2.out")
+            w2 = spawn(
+                ["-m", "polos_services.worker", str(module)],
+                subprocess_env.as_role("worker"),
+                tmp_path / "w2.out",
+            )
             results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
         finally:
             stop(w1)
@@ -447,5 +508,7 @@ async def test_a_worker_sigkilled_while_runs_wait_for_tokens_loses_nothing(
         claims = [e.worker_id for _, e in history if isinstance(e, ev.RunClaimed)]
         if h.run_id in waiting_ids:  # claimed by the first worker, finished by the second
             assert len(set(claims)) == 2, claims
-    print(f"\n3 runs waiting for tokens when their worker was SIGKILLed: all finished on the "
-          f"next worker, {len(requests)} LLM calls for 4 steps")
+    print(
+        f"\n{len(waiting)} runs waiting for tokens when their worker was SIGKILLed: all finished on the "
+        f"next worker, {len(requests)} LLM calls for 4 steps"
+    )

@@ -11,9 +11,8 @@ import nats.js.errors
 import pyarrow.parquet as pq
 
 from polos import WorkflowContext, workflow
-from polos._private import jetstream as jsl
-from polos._private import payloads
-from polos._private.retention import archive_exported_runs
+from polos._private.ops.retention import archive_exported_runs
+from polos._private.store import payloads, read_history
 from polos.errors import RunNotFoundError
 from polos_analytics.export import Exporter, exported_upto
 
@@ -43,9 +42,10 @@ async def test_finished_exported_runs_leave_the_hot_stream(
     for h in done:
         await h.result(timeout=30)
     running = await client.start(retained, 0)  # blocks in a step: still running
-    while not await _exists(client, running.run_id) or (
-        await client.get(running.run_id)
-    ).status != "running":
+    while (
+        not await _exists(client, running.run_id)
+        or (await client.get(running.run_id)).status != "running"
+    ):
         await asyncio.sleep(0.02)
     while len(await client.list_runs(status="completed")) < 2:
         await asyncio.sleep(0.02)
@@ -70,7 +70,7 @@ async def test_finished_exported_runs_leave_the_hot_stream(
     assert sorted(result.archived) == sorted(h.run_id for h in done)
     assert result.kept_not_exported == 1 and result.payload_objects_deleted == 1
     for h in done:
-        assert await jsl.read_history(client.nc, names, h.run_id) == []
+        assert await read_history(client.nc, names, h.run_id) == []
         try:
             await client.get(h.run_id)
             raise AssertionError("archived run still readable from the hot stream")
@@ -86,23 +86,29 @@ async def test_finished_exported_runs_leave_the_hot_stream(
     table = pq.read_table(out / "history").to_pylist()
     for h in done:
         rows = [r for r in table if r["run_id"] == h.run_id]
-        assert {"RunRequested", "RunClaimed", "StepCompleted", "RunCompleted"} <= {r["type"] for r in rows}
-    assert any(r["run_id"] == done[1].run_id and r["output"] and len(r["output"]) > big
-               for r in table)
+        assert {"RunRequested", "RunClaimed", "StepCompleted", "RunCompleted"} <= {
+            r["type"] for r in rows
+        }
+    assert any(
+        r["run_id"] == done[1].run_id and r["output"] and len(r["output"]) > big for r in table
+    )
     # The run index keeps them, marked archived; unfinished and unexported runs are untouched.
     index = {r.run_id: r for r in await client.list_runs(limit=1000)}
     assert all(index[h.run_id].extra.get("archived") for h in done)
     assert (await client.get(running.run_id)).status == "running"
     assert (await client.get(late.run_id)).status == "completed"
     # A second pass finds nothing new to do.
-    again = await archive_exported_runs(client.nc, client.js, names, exported_upto=upto,
-                                        older_than=0.0)
+    again = await archive_exported_runs(
+        client.nc, client.js, names, exported_upto=upto, older_than=0.0
+    )
     assert again.archived == []
     GATE.setdefault(running.run_id, asyncio.Event()).set()
     await running.result(timeout=10)
-    print(f"\nretention: archived {len(result.archived)} runs, history stream {before} -> "
-          f"{after} messages, {result.payload_objects_deleted} payload object deleted, "
-          f"{result.seconds * 1000:.1f} ms")
+    print(
+        f"\nretention: archived {len(result.archived)} runs, history stream {before} -> "
+        f"{after} messages, {result.payload_objects_deleted} payload object deleted, "
+        f"{result.seconds * 1000:.1f} ms"
+    )
 
 
 async def _exists(client: Any, run_id: str) -> bool:
@@ -113,8 +119,9 @@ async def _exists(client: Any, run_id: str) -> bool:
         return False
 
 
-async def test_retention_command_dry_run(env_factory: Any, settings: Any, tmp_path: Path,
-                                         subprocess_env: dict[str, str]) -> None:
+async def test_retention_command_dry_run(
+    env_factory: Any, settings: Any, tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
     import subprocess
     import sys
 
@@ -127,9 +134,21 @@ async def test_retention_command_dry_run(env_factory: Any, settings: Any, tmp_pa
         await exporter.export_once()
     out = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "polos", "retention", "--export-dir", str(tmp_path / "x"),
-         "--older-than", "0", "--dry-run"],
-        env=subprocess_env, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "polos",
+            "retention",
+            "--export-dir",
+            str(tmp_path / "x"),
+            "--older-than",
+            "0",
+            "--dry-run",
+        ],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "would archive 1 runs" in out.stdout, out
     assert (await env.client.get(h.run_id)).status == "completed"  # a dry run changes nothing
@@ -147,11 +166,13 @@ async def test_big_event_objects_go_when_their_event_has_aged_out(env_factory: A
     assert max_age > 0
     # Archiving deletes objects: the service role's right (`polos retention` uses it).
     orch = env.orchestrator
-    soon = await archive_exported_runs(orch.nc, orch.js, names, exported_upto=0,
-                                       older_than=0.0, now=time.time() + max_age - 60)
+    soon = await archive_exported_runs(
+        orch.nc, orch.js, names, exported_upto=0, older_than=0.0, now=time.time() + max_age - 60
+    )
     assert soon.payload_objects_deleted == 0
-    later = await archive_exported_runs(orch.nc, orch.js, names, exported_upto=0,
-                                        older_than=0.0, now=time.time() + max_age + 60)
+    later = await archive_exported_runs(
+        orch.nc, orch.js, names, exported_upto=0, older_than=0.0, now=time.time() + max_age + 60
+    )
     assert later.payload_objects_deleted == 1
     try:
         left = [o.name for o in await obs.list(ignore_deletes=True)]

@@ -21,9 +21,16 @@ import orjson
 import pytest
 
 from polos import Agent, PolosClient, Queue, RateLimit, Worker, WorkflowContext, workflow
-from polos._private import auth, limits
-from polos._private import jetstream as jsl
-from polos._private.store import TOPOLOGY, TopologyMissingError
+from polos._private import limits
+from polos._private.ops import auth
+from polos._private.store import (
+    TOPOLOGY,
+    Names,
+    TopologyMissingError,
+    connect,
+    disconnect,
+    ensure_topology,
+)
 from polos.agent import SharedMemory, agent_workflow
 from polos.devllm import DevLLM, Reply
 from polos.queues import configure_rate_limit
@@ -39,10 +46,17 @@ async def llm() -> Any:
         yield server
 
 
-async def polos(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+async def polos(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "polos", *args], env=env, capture_output=True,
-        text=True, timeout=timeout, cwd=str(ROOT),
+        subprocess.run,
+        [sys.executable, "-m", "polos", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(ROOT),
     )
 
 
@@ -66,10 +80,14 @@ async def test_the_order_agent_runs_in_a_worker_process_as_the_worker_role(
     `process_order` started by a client. Its agent is a child run whose LLM calls reserve
     through the limiter (the slots bucket) from the worker."""
     env = await env_factory([], with_worker=False)
-    worker_env = dict(subprocess_env.as_role("worker"), OPENAI_BASE_URL=llm.url,
-                      OPENAI_API_KEY="dev")
-    proc = spawn(["-m", "polos", "worker", str(ROOT / "examples" / "order.py")], worker_env,
-                 tmp_path / "worker.out")
+    worker_env = dict(
+        subprocess_env.as_role("worker"), OPENAI_BASE_URL=llm.url, OPENAI_API_KEY="dev"
+    )
+    proc = spawn(
+        ["-m", "polos", "worker", str(ROOT / "examples" / "order.py")],
+        worker_env,
+        tmp_path / "worker.out",
+    )
     try:
         await until(lambda: _serving(env.client, "process_order"), "the worker to register")
         handle = await env.client.start(
@@ -98,11 +116,20 @@ async def test_polos_up_polos_worker_and_the_cli_run_the_order_agent_with_auth_o
     data = tmp_path / "up"
     prefix = f"u{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLOS_")}
-    env.update(PYTHONUNBUFFERED="1", POLOS_DATA_DIR=str(data), POLOS_PREFIX=prefix,
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    up = subprocess.Popen([sys.executable, "-m", "polos", "up", "--port", "0"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          cwd=str(tmp_path))
+    env.update(
+        PYTHONUNBUFFERED="1",
+        POLOS_DATA_DIR=str(data),
+        POLOS_PREFIX=prefix,
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+    )
+    up = subprocess.Popen(
+        [sys.executable, "-m", "polos", "up", "--port", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=str(tmp_path),
+    )
     worker = None
     try:
         assert up.stdout is not None
@@ -112,17 +139,29 @@ async def test_polos_up_polos_worker_and_the_cli_run_the_order_agent_with_auth_o
                 break
         else:
             raise AssertionError("polos up never said it was up")
-        worker = spawn(["-m", "polos", "worker", str(ROOT / "examples" / "order.py")],
-                       dict(env, OPENAI_BASE_URL=llm.url, OPENAI_API_KEY="dev"),
-                       tmp_path / "worker.out")
+        worker = spawn(
+            ["-m", "polos", "worker", str(ROOT / "examples" / "order.py")],
+            dict(env, OPENAI_BASE_URL=llm.url, OPENAI_API_KEY="dev"),
+            tmp_path / "worker.out",
+        )
         queues = await polos("queues", env=env)
         assert queues.returncode == 0, queues.stderr
         run_id = f"order-{uuid.uuid4().hex[:8]}"
-        started = await polos("start", "process_order", "--run-id", run_id, "--input",
-                              '{"id": "U-1", "amount": 20, "email": "ada@example.com"}', env=env)
+        started = await polos(
+            "start",
+            "process_order",
+            "--run-id",
+            run_id,
+            "--input",
+            '{"id": "U-1", "amount": 20, "email": "ada@example.com"}',
+            env=env,
+        )
         assert started.returncode == 0 and run_id in started.stdout, started.stderr
-        url = (await polos("credentials", "client", "--nats-url",
-                           (data / "url").read_text().strip(), env=env)).stdout.strip()
+        url = (
+            await polos(
+                "credentials", "client", "--nats-url", (data / "url").read_text().strip(), env=env
+            )
+        ).stdout.strip()
         async with await PolosClient.connect(url, prefix=prefix) as client:
             await until(lambda: _waiting_for_event(client, run_id), "the pickup wait", 60)
             sent = await polos("event", "warehouse.pickup/U-1", "--data", '{"dock": 4}', env=env)
@@ -209,10 +248,14 @@ async def test_agent_memory_and_token_limits_from_the_worker_role(
     tokens from a system-wide limit a client configured; the client reads both."""
     noted.config = dataclasses.replace(noted.config, base_url=llm.url)
     env = await env_factory([roles_memory_wf, agent_workflow])
-    await configure_rate_limit(env.client, f"model:{MODEL}",
-                               RateLimit(tokens_per_minute=1_000_000, requests_per_minute=1000))
-    llm.script(Reply.tools(("memory_set", {"key": "plan", "value": {"step": 1}})),
-               Reply.text("noted"))
+    await configure_rate_limit(
+        env.client,
+        f"model:{MODEL}",
+        RateLimit(tokens_per_minute=1_000_000, requests_per_minute=1000),
+    )
+    llm.script(
+        Reply.tools(("memory_set", {"key": "plan", "value": {"step": 1}})), Reply.text("noted")
+    )
     session = f"s{uuid.uuid4().hex[:8]}"
     assert await (await env.client.start(roles_memory_wf, session)).result(timeout=20) == "noted"
     memory = SharedMemory(env.client.js, env.settings.prefix, session)
@@ -250,7 +293,11 @@ async def test_a_worker_registers_a_limited_queue_and_a_client_sees_it(
     async def one_waits_one_runs() -> list[dict[str, Any]] | None:
         rows = await limits.queue_stats(env.client.nc, env.client.js, env.client.names)
         mine = [r for r in rows if r["queue"] == "roles_q"]
-        return mine if (sum(r["waiting"] for r in mine), sum(r["active"] for r in mine)) == (1, 1) else None
+        return (
+            mine
+            if (sum(r["waiting"] for r in mine), sum(r["active"] for r in mine)) == (1, 1)
+            else None
+        )
 
     await until(one_waits_one_runs, "one run admitted and one waiting")
     out = await polos("queues", "--json", env=subprocess_env)
@@ -327,11 +374,19 @@ async def test_the_service_role_exports_and_polos_sql_sees_the_runs(
     handle = await env.client.start(roles_plain, 1)
     assert await handle.result(timeout=20) == 2
     out = tmp_path / "export"
-    export = await polos("analytics", "export", "--dir", str(out),
-                         env=subprocess_env.as_role("service"))
+    export = await polos(
+        "analytics", "export", "--dir", str(out), env=subprocess_env.as_role("service")
+    )
     assert export.returncode == 0, export.stderr
-    sql = await polos("sql", f"select status from runs where run_id = '{handle.run_id}'",
-                      "--dir", str(out), "--format", "json", env=subprocess_env)
+    sql = await polos(
+        "sql",
+        f"select status from runs where run_id = '{handle.run_id}'",
+        "--dir",
+        str(out),
+        "--format",
+        "json",
+        env=subprocess_env,
+    )
     assert sql.returncode == 0, sql.stderr
     assert orjson.loads(sql.stdout) == [{"status": "completed"}]
 
@@ -364,10 +419,12 @@ async def test_without_a_topology_workers_and_clients_say_what_is_missing(
         assert bare.prefix in text and "polos init" in text and "polos up" in text, text
         assert "\n" not in text
     # The CLI: one line, the exit status, no traceback and no "nats: timeout".
-    env = {**subprocess_env, "POLOS_PREFIX": bare.prefix,
-           "POLOS_NATS_URL": bare.client.nats_url}
-    for args, role in ((("runs",), "client"), (("queues",), "client"),
-                       (("worker", "tests.workflows.marked"), "worker")):
+    env = {**subprocess_env, "POLOS_PREFIX": bare.prefix, "POLOS_NATS_URL": bare.client.nats_url}
+    for args, role in (
+        (("runs",), "client"),
+        (("queues",), "client"),
+        (("worker", "tests.workflows.marked"), "worker"),
+    ):
         out = await polos(*args, env={**env, "POLOS_NATS_URL": bare.as_role(role).nats_url})
         assert out.returncode == 1, (args, out)
         lines = out.stderr.strip().splitlines()
@@ -388,22 +445,22 @@ async def test_without_a_topology_workers_and_clients_say_what_is_missing(
 async def test_one_missing_bucket_is_named_and_recreated_by_a_service(
     bare: RoleSettings, env_factory: Any
 ) -> None:
-    nc = await jsl.connect(bare.service, name="test-service")
+    nc = await connect(bare.service, name="test-service")
     try:
         js = nc.jetstream()
-        await jsl.ensure_topology(js, jsl.Names(bare.prefix), bare.service)
-        await js.delete_key_value(jsl.Names(bare.prefix).slots_bucket)
+        await ensure_topology(js, Names(bare.prefix), bare.service)
+        await js.delete_key_value(Names(bare.prefix).slots_bucket)
         with pytest.raises(TopologyMissingError) as err:
             await PolosClient.connect(settings=bare)
         text = str(err.value)
         assert f"KV bucket {bare.prefix}_slots" in text and "concurrency slots" in text, text
         assert f"{bare.prefix}_runs" not in text  # only what is missing
         # Any service's start puts it back.
-        await jsl.ensure_topology(js, jsl.Names(bare.prefix), bare.service)
+        await ensure_topology(js, Names(bare.prefix), bare.service)
         async with await PolosClient.connect(settings=bare):
             pass
     finally:
-        await jsl.close(nc)
+        await disconnect(nc)
 
 
 async def test_the_server_holds_exactly_the_catalogued_streams_as_configured(
@@ -416,26 +473,40 @@ async def test_the_server_holds_exactly_the_catalogued_streams_as_configured(
     llm.script(Reply.tools(("memory_set", {"key": "k", "value": 1})), Reply.text("ok"))
     await (await env.client.start(roles_memory_wf, "cat1")).result(timeout=20)
     await (await env.client.start(roles_echo_big, "y" * (env.client.nc.max_payload + 1))).result(
-        timeout=60)
+        timeout=60
+    )
     js = env.orchestrator.js
-    names = jsl.Names(settings.prefix)
+    names = Names(settings.prefix)
     all_names: list[str] = []
     while True:  # the names of every stream on the server, a page at a time
-        page = orjson.loads((await env.orchestrator.nc.request(
-            "$JS.API.STREAM.NAMES", orjson.dumps({"offset": len(all_names)}), timeout=5)).data)
+        page = orjson.loads(
+            (
+                await env.orchestrator.nc.request(
+                    "$JS.API.STREAM.NAMES", orjson.dumps({"offset": len(all_names)}), timeout=5
+                )
+            ).data
+        )
         all_names += page.get("streams") or []
         if len(all_names) >= page["total"] or not page.get("streams"):
             break
-    on_server = {n for n in all_names
-                 if n.startswith((names.upper + "_", f"KV_{settings.prefix}_",
-                                  f"OBJ_{settings.prefix}_"))}
+    on_server = {
+        n
+        for n in all_names
+        if n.startswith((names.upper + "_", f"KV_{settings.prefix}_", f"OBJ_{settings.prefix}_"))
+    }
     assert on_server == set(auth.namespace_streams(settings.prefix))
     for row in TOPOLOGY:
         info = await js.stream_info(row.stream(names))
         want = row.config(names, settings)
         assert sorted(info.config.subjects or []) == sorted(want.subjects or []), row.name
-        for attr in ("deny_delete", "allow_msg_ttl", "allow_direct", "allow_rollup_hdrs",
-                     "max_msgs_per_subject", "retention"):
+        for attr in (
+            "deny_delete",
+            "allow_msg_ttl",
+            "allow_direct",
+            "allow_rollup_hdrs",
+            "max_msgs_per_subject",
+            "retention",
+        ):
             if getattr(want, attr) is not None:
                 assert getattr(info.config, attr) == getattr(want, attr), (row.name, attr)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from polos import RetryPolicy, WorkflowContext, workflow
-from polos._private import waiting as wt
+from polos._private.run.wake import wake
+from polos._private.store import append
 from polos.testing import PolosEnvironment, SecuredServer
 from polos_services.scheduler import Scheduler
 from tests.test_waiting import until_status
@@ -58,8 +59,10 @@ async def test_sleep_holds_no_worker_and_wakes_on_time(env_factory: Any) -> None
         woke = await h.result(timeout=20)
         assert woke >= t0 + 0.6
     lateness = env.scheduler.lateness_ms
-    print(f"\ntimer lateness (fire - due), 5 timers: median {statistics.median(lateness):.1f} ms, "
-          f"max {max(lateness):.1f} ms")
+    print(
+        f"\ntimer lateness (fire - due), 5 timers: median {statistics.median(lateness):.1f} ms, "
+        f"max {max(lateness):.1f} ms"
+    )
     until_ = await env.client.start(w_until, time.time() + 0.3)
     assert await until_.result(timeout=20) == "rang"
 
@@ -102,7 +105,9 @@ async def test_two_schedulers_each_timer_takes_effect_once(env_factory: Any) -> 
             await h.result(timeout=20)
         assert env.scheduler.woken + second.woken == 10
         for h in handles:
-            wakes = [e for _, e in await env.client.history(h.run_id) if type(e).__name__ == "RunWoken"]
+            wakes = [
+                e for _, e in await env.client.history(h.run_id) if type(e).__name__ == "RunWoken"
+            ]
             assert len(wakes) == 1
         print(f"\ntwo schedulers: {env.scheduler.woken} + {second.woken} timers")
     finally:
@@ -129,18 +134,26 @@ async def test_timer_survives_nats_server_restart(tmp_path: Path) -> None:
 async def test_stale_timer_changes_nothing(env_factory: Any) -> None:
     """A timer that fires after the run moved on (resumed first) is fenced out."""
     env = await env_factory([])
-    from polos import events as ev
-    from polos._private import jetstream as jsl
+    from polos import history as ev
 
     js, names = env.scheduler.js, env.client.names  # histories and wakes: a service's
     run = "stale1"
-    seq = await jsl.append(js, names, run, ev.RunRequested(run_id=run, workflow="x"),
-                           expected_last_seq=0, msg_id="r")
-    await jsl.append(js, names, run, ev.RunClaimed(run_id=run, worker_id="w", attempt=1),
-                     expected_last_seq=seq, msg_id="c")
+    seq = await append(
+        js, names, run, ev.RunRequested(run_id=run, workflow="x"), expected_last_seq=0, msg_id="r"
+    )
+    await append(
+        js,
+        names,
+        run,
+        ev.RunClaimed(run_id=run, worker_id="w", attempt=1),
+        expected_last_seq=seq,
+        msg_id="c",
+    )
     # The timer was armed for the state at ``seq``; the run moved on since.
-    assert await wt.wake(js, names, run, "s", expected_seq=seq, reason="t", cause="timer",
-                         kind="sleep") is None
+    assert (
+        await wake(js, names, run, "s", expected_seq=seq, reason="t", cause="timer", kind="sleep")
+        is None
+    )
     assert len(await env.client.history(run)) == 2
 
 
@@ -152,13 +165,19 @@ async def test_scheduler_process_sigkilled_with_timers_pending(
 
     env = await env_factory([w_sleepy])
     await env.scheduler.stop()  # only the subprocess schedulers below
-    first = spawn(["-m", "polos_services.scheduler"], subprocess_env.as_role("service"), tmp_path / "s1.log")
+    first = spawn(
+        ["-m", "polos_services.scheduler"], subprocess_env.as_role("service"), tmp_path / "s1.log"
+    )
     try:
         handles = [await env.client.start(w_sleepy, 1.5) for _ in range(3)]
         for h in handles:
             await until_status(env, h.run_id, "suspended")
         kill(first)
-        second = spawn(["-m", "polos_services.scheduler"], subprocess_env.as_role("service"), tmp_path / "s2.log")
+        second = spawn(
+            ["-m", "polos_services.scheduler"],
+            subprocess_env.as_role("service"),
+            tmp_path / "s2.log",
+        )
         try:
             for h in handles:
                 await h.result(timeout=30)

@@ -20,11 +20,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from polos import PolosClient, Worker
-from polos import events as ev
-from polos._private import auth
-from polos._private import jetstream as jsl
-from polos._private.server import default_config
-from polos._private.telemetry import (
+from polos import history as ev
+from polos._private.ops import auth
+from polos._private.ops.server import default_config
+from polos._private.store import Names, append, connect, load_state
+from polos.config import Settings
+from polos.testing import EmbeddedServer, fast_settings
+from polos_analytics.spans import (
     POSITION_KEY,
     SpanFollower,
     run_span_id,
@@ -32,8 +34,6 @@ from polos._private.telemetry import (
     telemetry_bucket,
     trace_id_for,
 )
-from polos.config import Settings
-from polos.testing import EmbeddedServer, fast_settings
 from tests.helpers import counts, kill, marks, spawn, stop, until
 from tests.test_analytics_workflows import plain_steps, support_agent
 from tests.workflows.marked import Job
@@ -59,7 +59,9 @@ async def test_agent_run_spans_follow_gen_ai_conventions(env_factory: Any) -> No
     assert handled == 8
     all_spans = exporter.get_finished_spans()
     assert collections.Counter(s.name for s in all_spans) == {
-        "run support_agent": 1, "chat dev-small": 3, "execute_tool lookup_order": 1,
+        "run support_agent": 1,
+        "chat dev-small": 3,
+        "execute_tool lookup_order": 1,
         "execute_tool refund": 1,
     }
     spans = {s.name: s for s in all_spans}
@@ -114,7 +116,7 @@ async def test_crash_and_replay_emit_each_span_once(
         w2 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w2.out")
         assert await handle.result(timeout=30) == sum(i * i for i in range(1, 11))
         # The follower ran during the crash and the replay; let it reach the end of the log.
-        last = (await jsl.load_state(env.client.nc, env.client.names, handle.run_id)).last_seq
+        last = (await load_state(env.client.nc, env.client.names, handle.run_id)).last_seq
         await until(lambda: follower.position >= last, 20, "the follower to catch up")
     finally:
         stop_follow.set()
@@ -128,9 +130,7 @@ async def test_crash_and_replay_emit_each_span_once(
     names = collections.Counter(s.name for s in spans)
     print(f"\nstep 5 started {started['5']}x across the crash; spans: {dict(names)}")
     assert started["5"] >= 1
-    assert names == collections.Counter(
-        {f"step s{i}": 1 for i in range(1, 11)} | {"run marked": 1}
-    )
+    assert names == collections.Counter({f"step s{i}": 1 for i in range(1, 11)} | {"run marked": 1})
     run = next(s for s in spans if s.name == "run marked")
     claims = [e for e in run.events if e.name == "claimed"]
     assert [e.attributes["attempt"] for e in claims] == [1, 2]
@@ -147,7 +147,7 @@ async def test_crash_and_replay_emit_each_span_once(
 
 async def test_child_runs_and_waits_share_the_root_trace(env_factory: Any) -> None:
     env = await env_factory([plain_steps])
-    names: jsl.Names = env.client.names
+    names: Names = env.client.names
     js = env.orchestrator.js  # histories written as the services write them
     parent = await env.client.start(plain_steps, 1)
     await parent.result(timeout=15)
@@ -155,34 +155,70 @@ async def test_child_runs_and_waits_share_the_root_trace(env_factory: Any) -> No
     # grandchild: the follower finds the root through the parent).
     child = f"c1{parent.run_id[:10]}"
     grandchild = f"c2{parent.run_id[:10]}"
-    await env.orchestrator.request_run(ev.RunRequested(
-        run_id=child, workflow="plain_steps", input=1, parent_run_id=parent.run_id,
-        parent_step="s0", root_run_id=parent.run_id, source="child"))
+    await env.orchestrator.request_run(
+        ev.RunRequested(
+            run_id=child,
+            workflow="plain_steps",
+            input=1,
+            parent_run_id=parent.run_id,
+            parent_step="s0",
+            root_run_id=parent.run_id,
+            source="child",
+        )
+    )
     await env.client.get_handle(child).result(timeout=15)
-    await env.orchestrator.request_run(ev.RunRequested(
-        run_id=grandchild, workflow="plain_steps", input=0, parent_run_id=child, source="child"))
+    await env.orchestrator.request_run(
+        ev.RunRequested(
+            run_id=grandchild, workflow="plain_steps", input=0, parent_run_id=child, source="child"
+        )
+    )
     await env.client.get_handle(grandchild).result(timeout=15)
     # A wait that ends: suspended, then woken, on a run that then fails.
     waiter = "w1" + parent.run_id[:10]
-    seq = await jsl.append(js, names, waiter, ev.RunRequested(run_id=waiter, workflow="manual"),
-                           expected_last_seq=0, msg_id=f"{waiter}/req")
+    seq = await append(
+        js,
+        names,
+        waiter,
+        ev.RunRequested(run_id=waiter, workflow="manual"),
+        expected_last_seq=0,
+        msg_id=f"{waiter}/req",
+    )
     for event in (
         ev.RunClaimed(run_id=waiter, worker_id="w-a", attempt=1),
         ev.RunSuspended(run_id=waiter, step="approval", kind="suspend", data={"x": 1}),
         ev.RunWoken(run_id=waiter, step="approval", reason="resume"),
         ev.RunClaimed(run_id=waiter, worker_id="w-b", attempt=2),
-        ev.StepAttemptFailed(key="pay", kind="run", name="pay", attempt=1,
-                             error={"type": "IOError", "message": "down"}, retry_in=0.0),
-        ev.StepFailed(key="pay", kind="run", name="pay",
-                      error={"type": "IOError", "message": "down"}, attempts=2),
+        ev.StepAttemptFailed(
+            key="pay",
+            kind="run",
+            name="pay",
+            attempt=1,
+            error={"type": "IOError", "message": "down"},
+            retry_in=0.0,
+        ),
+        ev.StepFailed(
+            key="pay",
+            kind="run",
+            name="pay",
+            error={"type": "IOError", "message": "down"},
+            attempts=2,
+        ),
         ev.RunFailed(run_id=waiter, error={"type": "StepFailedError", "message": "pay"}),
     ):
-        seq = await jsl.append(js, names, waiter, event, expected_last_seq=seq,
-                               msg_id=f"{waiter}/{type(event).__name__}/{seq}")
+        seq = await append(
+            js,
+            names,
+            waiter,
+            event,
+            expected_last_seq=seq,
+            msg_id=f"{waiter}/{type(event).__name__}/{seq}",
+        )
 
     exporter = InMemorySpanExporter()
     # A small batch and a tiny run cache: the follower must rebuild what it forgot from the log.
-    async with SpanFollower(env.as_role("service"), exporter=exporter, batch=3, cache_size=1) as follower:
+    async with SpanFollower(
+        env.as_role("service"), exporter=exporter, batch=3, cache_size=1
+    ) as follower:
         await follower.process_available()
     spans = exporter.get_finished_spans()
     root_trace = trace_id_for(parent.run_id)
@@ -194,14 +230,24 @@ async def test_child_runs_and_waits_share_the_root_trace(env_factory: Any) -> No
     assert runs[grandchild].attributes["polos.root_run_id"] == parent.run_id
 
     waiter_spans = _by_name(s for s in spans if s.attributes["polos.run_id"] == waiter)
-    assert set(waiter_spans) == {"run manual", "wait suspend approval", "step pay attempt 1",
-                                 "step pay"}
+    assert set(waiter_spans) == {
+        "run manual",
+        "wait suspend approval",
+        "step pay attempt 1",
+        "step pay",
+    }
     assert waiter_spans["wait suspend approval"].attributes["polos.wait.woken_by"] == "resume"
     assert waiter_spans["step pay"].status.status_code == StatusCode.ERROR
     assert waiter_spans["run manual"].status.status_code == StatusCode.ERROR
     assert [e.name for e in waiter_spans["run manual"].events] == [
-        "claimed", "suspended", "woken", "claimed"]
-    print(f"\n{len(spans)} spans, {follower.stats.batches} batches, events {follower.stats.by_type}")
+        "claimed",
+        "suspended",
+        "woken",
+        "claimed",
+    ]
+    print(
+        f"\n{len(spans)} spans, {follower.stats.batches} batches, events {follower.stats.by_type}"
+    )
 
 
 async def test_telemetry_command_uses_standard_otel_environment(
@@ -215,8 +261,12 @@ async def test_telemetry_command_uses_standard_otel_environment(
     await h.result(timeout=15)
     subprocess_env.update(OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="polos-test")
     proc = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "polos", "telemetry", "--once"],
-        env=subprocess_env.as_role("service"), capture_output=True, text=True, timeout=60,
+        subprocess.run,
+        [sys.executable, "-m", "polos", "telemetry", "--once"],
+        env=subprocess_env.as_role("service"),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert '"name": "run plain_steps"' in proc.stdout
@@ -299,7 +349,9 @@ class Collector:
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmbeddedServer, dict[str, Any]]]:
+def secured(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[EmbeddedServer, dict[str, Any]]]:
     """A nats-server with authentication on (the default of `polos up`), users per role."""
     d = tmp_path_factory.mktemp("auth")
     creds = auth.ensure_credentials(d / "credentials.json", list(_PREFIXES.values()))
@@ -350,9 +402,9 @@ async def _position(service: Settings) -> int | None:
     """The span follower's saved position, read as the service user."""
     import nats.js.errors
 
-    nc = await jsl.connect(service, name="test-position")
+    nc = await connect(service, name="test-position")
     try:
-        kv = await nc.jetstream().key_value(telemetry_bucket(jsl.Names(service.prefix)))
+        kv = await nc.jetstream().key_value(telemetry_bucket(Names(service.prefix)))
         try:
             entry = await kv.get(POSITION_KEY)
         except nats.js.errors.KeyNotFoundError:
@@ -365,11 +417,15 @@ async def _position(service: Settings) -> int | None:
 
 
 def _otlp_env(env: dict[str, str], collector: Collector) -> dict[str, str]:
-    return {**env, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_SERVICE_NAME": "polos-test",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            # The exporter's own retries stay short; the follower's back-off does the rest.
-            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "0.5"}
+    return {
+        **env,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_SERVICE_NAME": "polos-test",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        # The exporter's own retries stay short; the follower's back-off does the rest.
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "0.5",
+    }
 
 
 @pytest.mark.parametrize("roles_stack", ["otlp"], indirect=True)
@@ -404,8 +460,9 @@ async def test_collector_down_then_up_every_span_arrives_once(
         await late.result(timeout=15)
         expected = {"run plain_steps": 3, "step s0": 3, "step s1": 2, "step s2": 1}
         await until(lambda: collector.span_names() == expected, 30, "the new run's spans")
-        last = max([(await jsl.load_state(client.nc, client.names, h.run_id)).last_seq
-                    for h in (*runs, late)])
+        last = max(
+            [(await load_state(client.nc, client.names, h.run_id)).last_seq for h in (*runs, late)]
+        )
 
         async def caught_up() -> bool:
             return (await _position(service) or 0) >= last
@@ -431,8 +488,12 @@ async def test_collector_down_then_up_every_span_arrives_once(
 
     # A restarted follower resumes after what the collector accepted: nothing is sent twice.
     proc = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "polos", "telemetry", "--once"], env=env,
-        capture_output=True, text=True, timeout=60,
+        subprocess.run,
+        [sys.executable, "-m", "polos", "telemetry", "--once"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert "0 events -> 0 spans" in proc.stdout
@@ -469,8 +530,12 @@ async def test_follower_without_its_exporter_refuses_to_start(
     try:
         for args in (["telemetry"], ["telemetry", "--once"]):
             proc = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-c", _NO_OTLP, *args], env=env,
-                capture_output=True, text=True, timeout=60,
+                subprocess.run,
+                [sys.executable, "-c", _NO_OTLP, *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             print(proc.stderr)
             assert proc.returncode == 2, proc.stderr
@@ -479,9 +544,12 @@ async def test_follower_without_its_exporter_refuses_to_start(
             assert "does not start" in proc.stderr
         # The grpc transport without its extra is refused the same way.
         proc = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-c", _NO_OTLP, "telemetry", "--once"],
+            subprocess.run,
+            [sys.executable, "-c", _NO_OTLP, "telemetry", "--once"],
             env={**env, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert proc.returncode == 2 and "polos[grpc]" in proc.stderr, proc.stderr
         # Nothing was consumed: no position, no span sent.
@@ -489,8 +557,12 @@ async def test_follower_without_its_exporter_refuses_to_start(
         assert not collector.received
         # With the exporter there (installing it later), every span of the log goes out.
         proc = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "polos", "telemetry", "--once"], env=env,
-            capture_output=True, text=True, timeout=60,
+            subprocess.run,
+            [sys.executable, "-m", "polos", "telemetry", "--once"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert proc.returncode == 0, proc.stderr
         assert collector.span_names() == {"run plain_steps": 1, "step s0": 1, "step s1": 1}
@@ -500,7 +572,7 @@ async def test_follower_without_its_exporter_refuses_to_start(
 
 
 async def test_once_gives_up_on_a_dead_collector_without_moving(env_factory: Any) -> None:
-    from polos._private.telemetry import ExportStalled
+    from polos_analytics.spans import ExportStalled
 
     env = await env_factory([plain_steps])
     h = await env.client.start(plain_steps, 1)
@@ -522,7 +594,9 @@ async def test_once_gives_up_on_a_dead_collector_without_moving(env_factory: Any
     async with SpanFollower(env.as_role("service"), exporter=ok) as follower:
         await follower.process_available()
     assert collections.Counter(s.name for s in ok.get_finished_spans()) == {
-        "run plain_steps": 1, "step s0": 1}
+        "run plain_steps": 1,
+        "step s0": 1,
+    }
 
 
 async def test_an_outage_mid_batch_loses_and_repeats_nothing(env_factory: Any) -> None:
@@ -543,13 +617,20 @@ async def test_an_outage_mid_batch_loses_and_repeats_nothing(env_factory: Any) -
 
     flaky = Flaky()
     # Chunks of two spans inside batches of five events: the outage falls mid-batch.
-    async with SpanFollower(env.as_role("service"), exporter=flaky, batch=5, export_chunk=2) as follower:
+    async with SpanFollower(
+        env.as_role("service"), exporter=flaky, batch=5, export_chunk=2
+    ) as follower:
         await follower.process_available()
         last = follower.position
     ids = collections.Counter(s.context.span_id for s in flaky.get_finished_spans())
     assert set(ids.values()) == {1}
     assert collections.Counter(s.name for s in flaky.get_finished_spans()) == {
-        "run plain_steps": 2, "step s0": 2, "step s1": 2, "step s2": 2, "step s3": 1}
+        "run plain_steps": 2,
+        "step s0": 2,
+        "step s1": 2,
+        "step s2": 2,
+        "step s3": 1,
+    }
     assert Flaky.calls > 5
     async with SpanFollower(env.as_role("service"), exporter=InMemorySpanExporter()) as restarted:
         assert restarted.position == last

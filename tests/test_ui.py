@@ -45,8 +45,9 @@ def charge(order: Order) -> dict[str, Any]:
 async def ui_order(ctx: WorkflowContext, order: Order) -> dict[str, Any]:
     """Validate, charge (retried), done."""
     v = await ctx.step.run("validate", validate, order)
-    c = await ctx.step.run("charge", charge, order,
-                           retry=RetryPolicy(max_attempts=3, initial_interval=0.01))
+    c = await ctx.step.run(
+        "charge", charge, order, retry=RetryPolicy(max_attempts=3, initial_interval=0.01)
+    )
     return {"valid": v["ok"], **c}
 
 
@@ -54,13 +55,21 @@ async def ui_order(ctx: WorkflowContext, order: Order) -> dict[str, Any]:
 async def ui_review(ctx: WorkflowContext, order: Order) -> dict[str, Any]:
     """A human approves the refund."""
     link = ctx.approval_url("refund_review")
-    decision = await ctx.step.suspend("refund_review", data={
-        "_form": {"title": f"Refund {order.id}?", "description": "The customer asks for a refund.",
-                  "fields": [{"key": "approved", "type": "boolean", "label": "Approve the refund"},
-                             {"key": "note", "type": "text", "label": "Note to the customer"}],
-                  "context": {"order": order.id, "amount": order.amount}},
-        "link_before": link,
-    })
+    decision = await ctx.step.suspend(
+        "refund_review",
+        data={
+            "_form": {
+                "title": f"Refund {order.id}?",
+                "description": "The customer asks for a refund.",
+                "fields": [
+                    {"key": "approved", "type": "boolean", "label": "Approve the refund"},
+                    {"key": "note", "type": "text", "label": "Note to the customer"},
+                ],
+                "context": {"order": order.id, "amount": order.amount},
+            },
+            "link_before": link,
+        },
+    )
     return {"decision": decision.data}
 
 
@@ -88,8 +97,9 @@ def ship(sku: str) -> str:
     return "shipped"
 
 
-clerk = Agent("ui_clerk", model="gpt-4o", instructions="You check stock.",
-              tools=[check_inventory, ship])
+clerk = Agent(
+    "ui_clerk", model="gpt-4o", instructions="You check stock.", tools=[check_inventory, ship]
+)
 
 
 @workflow
@@ -109,8 +119,9 @@ async def test_runs_page_lists_a_new_run_without_a_reload(ui_stack: Any, browser
     h = await ui_stack.client.start(ui_order, Order(id="o-1", amount=12.5))
     row = page.locator(f'tr[data-run="{h.run_id}"]')
     await row.wait_for(timeout=15000)
-    await page.wait_for_selector(f'tr[data-run="{h.run_id}"][data-status="completed"]',
-                                 timeout=15000)
+    await page.wait_for_selector(
+        f'tr[data-run="{h.run_id}"][data-status="completed"]', timeout=15000
+    )
     assert await page.evaluate("window.__marker") == marker  # the same page: pushed, not reloaded
     assert "ui_order" in await row.inner_text()
     await shot(page, "runs")
@@ -156,7 +167,9 @@ async def test_run_page_shows_steps_retries_and_output(ui_stack: Any, browser: A
     await page.context.close()
 
 
-async def test_approving_in_the_approvals_page_completes_the_run(ui_stack: Any, browser: Any) -> None:
+async def test_approving_in_the_approvals_page_completes_the_run(
+    ui_stack: Any, browser: Any
+) -> None:
     page = await logged_in_page(browser, ui_stack)
     await page.goto(f"{ui_stack.url}/approvals")
     h = await ui_stack.client.start(ui_review, Order(id="o-3", amount=99))
@@ -177,17 +190,26 @@ async def test_approving_in_the_approvals_page_completes_the_run(ui_stack: Any, 
     await shot(page, "approve")
     await page.click("button[value=approve]")
     await page.wait_for_selector("#approval-done")
-    assert await h.result(timeout=20) == {"decision": {"approved": True, "note": "refunded in full"}}
+    assert await h.result(timeout=20) == {
+        "decision": {"approved": True, "note": "refunded in full"}
+    }
     # Answered: the page says so, a second answer changes nothing.
     await page.goto(data["_approval_url"])
     await page.wait_for_selector("#approval-handled")
     await page.context.close()
 
 
-async def test_a_signed_link_opens_one_approval_and_nothing_else(ui_stack: Any, browser: Any) -> None:
+async def test_a_signed_link_opens_one_approval_and_nothing_else(
+    ui_stack: Any, browser: Any
+) -> None:
     h = await ui_stack.client.start(ui_review, Order(id="o-4", amount=5))
-    await until(lambda: ui_stack.ui.index.get(h.run_id) is not None
-                and ui_stack.ui.index.get(h.run_id).status == "suspended", what="the suspend")
+    await until(
+        lambda: (
+            ui_stack.ui.index.get(h.run_id) is not None
+            and ui_stack.ui.index.get(h.run_id).status == "suspended"
+        ),
+        what="the suspend",
+    )
     sig = ui_stack.ui.secrets.link_sig(h.run_id, "refund_review")
     link = f"{ui_stack.url}/approve/{h.run_id}/refund_review?sig={sig}"
     ctx = await browser.new_context()  # no session cookie: only the link
@@ -204,7 +226,9 @@ async def test_a_signed_link_opens_one_approval_and_nothing_else(ui_stack: Any, 
     await ctx.close()
 
 
-async def test_agent_trace_shows_decisions_tool_calls_and_totals(ui_stack: Any, browser: Any) -> None:
+async def test_agent_trace_shows_decisions_tool_calls_and_totals(
+    ui_stack: Any, browser: Any
+) -> None:
     clerk.config = clerk.config.__class__(**{**clerk.config.__dict__, "base_url": ui_stack.llm.url})
     ui_stack.llm.script(
         Reply.tools(("check_inventory", {"sku": "A-1"}), reasoning="I must know the stock first"),
@@ -261,10 +285,27 @@ async def test_without_the_credential_nothing_answers(ui_stack: Any, browser: An
     await page.fill("#token", "not-the-token")
     await page.click("button[type=submit]")
     assert "not this UI's token" in await page.content()
-    paths = ["/", "/runs", f"/runs/{h.run_id}", f"/runs/{h.run_id}/json?seq=1&field=input",
-             f"/traces/{h.run_id}", "/approvals", f"/approve/{h.run_id}/x", "/workflows",
-             "/workflows/ui_echo", "/events", "/queues", "/workers", "/schedules", "/dlq", "/sql",
-             "/live/runs", f"/live/runs/{h.run_id}", "/live/approvals", "/api/runs"]
+    paths = [
+        "/",
+        "/runs",
+        f"/runs/{h.run_id}",
+        f"/runs/{h.run_id}/json?seq=1&field=input",
+        f"/traces/{h.run_id}",
+        "/approvals",
+        f"/approve/{h.run_id}/x",
+        "/workflows",
+        "/workflows/ui_echo",
+        "/events",
+        "/queues",
+        "/workers",
+        "/schedules",
+        "/dlq",
+        "/sql",
+        "/live/runs",
+        f"/live/runs/{h.run_id}",
+        "/live/approvals",
+        "/api/runs",
+    ]
     for path in paths:
         for headers in ({}, {"accept": "text/html"}, {"authorization": "Bearer wrong"}):
             got = await http(ui_stack.url + path, headers=headers)
@@ -273,30 +314,43 @@ async def test_without_the_credential_nothing_answers(ui_stack: Any, browser: An
     got = await http(f"{ui_stack.url}/runs/{h.run_id}/cancel", method="POST", data=b"")
     assert got.status == 401
     # The token as a bearer works for scripts; a wrong token in the URL sets no cookie.
-    ok = await http(f"{ui_stack.url}/runs/{h.run_id}",
-                    headers={"authorization": f"Bearer {ui_stack.ui.secrets.token}"})
+    ok = await http(
+        f"{ui_stack.url}/runs/{h.run_id}",
+        headers={"authorization": f"Bearer {ui_stack.ui.secrets.token}"},
+    )
     assert ok.status == 200 and "secret-input-7" in ok.body
     bad = await http(f"{ui_stack.url}/runs?token=wrong")
     assert bad.status == 401 and "set-cookie" not in bad.headers
     await ctx.close()
 
 
-async def test_actions_need_this_sessions_csrf_token_and_origin(ui_stack: Any, browser: Any) -> None:
+async def test_actions_need_this_sessions_csrf_token_and_origin(
+    ui_stack: Any, browser: Any
+) -> None:
     h = await ui_stack.client.start(ui_review, Order(id="o-5", amount=1))
-    await until(lambda: ui_stack.ui.index.get(h.run_id) is not None
-                and ui_stack.ui.index.get(h.run_id).status == "suspended", what="the suspend")
+    await until(
+        lambda: (
+            ui_stack.ui.index.get(h.run_id) is not None
+            and ui_stack.ui.index.get(h.run_id).status == "suspended"
+        ),
+        what="the suspend",
+    )
     page = await logged_in_page(browser, ui_stack)
     cookies = await page.context.cookies()
     cookie = "; ".join(f"{c['name']}={c['value']}" for c in cookies)
     form = {"content-type": "application/x-www-form-urlencoded", "cookie": cookie}
-    no_token = await http(f"{ui_stack.url}/runs/{h.run_id}/cancel", method="POST",
-                          data=b"reason=x", headers=form)
+    no_token = await http(
+        f"{ui_stack.url}/runs/{h.run_id}/cancel", method="POST", data=b"reason=x", headers=form
+    )
     assert no_token.status == 403 and "CSRF" in no_token.body
     await page.goto(f"{ui_stack.url}/runs/{h.run_id}")
     token = await page.locator("input[name=_csrf]").first.get_attribute("value")
-    cross = await http(f"{ui_stack.url}/runs/{h.run_id}/cancel", method="POST",
-                       data=f"_csrf={token}".encode(),
-                       headers={**form, "origin": "http://evil.example", "sec-fetch-site": "cross-site"})
+    cross = await http(
+        f"{ui_stack.url}/runs/{h.run_id}/cancel",
+        method="POST",
+        data=f"_csrf={token}".encode(),
+        headers={**form, "origin": "http://evil.example", "sec-fetch-site": "cross-site"},
+    )
     assert cross.status == 403
     assert (await ui_stack.client.get(h.run_id)).status == "suspended"
     # With the token, from the page itself: the cancel goes through.
@@ -327,16 +381,23 @@ async def test_workflow_form_events_and_the_other_pages(ui_stack: Any, browser: 
     await page.click("#start-form button[type=submit]")
     await page.wait_for_url("**/runs/*")
     run_id = page.url.rsplit("/", 1)[-1].split("?")[0]
-    assert await ui_stack.client.get_handle(run_id, "ui_order").result(timeout=20) == \
-        {"valid": True, "charged": 4.5}
+    assert await ui_stack.client.get_handle(run_id, "ui_order").result(timeout=20) == {
+        "valid": True,
+        "charged": 4.5,
+    }
     await page.goto(f"{ui_stack.url}/events")
     await page.fill("#topic", "warehouse.pickup/42")
     await page.fill("#data", '{"by": "ada"}')
     await page.click("button[type=submit]")
     assert "published on 'warehouse.pickup/42'" in await page.inner_text("#event-result")
     await shot(page, "events")
-    for path, what in [("/queues", "Queues"), ("/workers", "ui_order"), ("/schedules", "Schedules"),
-                       ("/dlq", "Dead letters"), ("/sql", "SQL")]:
+    for path, what in [
+        ("/queues", "Queues"),
+        ("/workers", "ui_order"),
+        ("/schedules", "Schedules"),
+        ("/dlq", "Dead letters"),
+        ("/sql", "SQL"),
+    ]:
         await page.goto(ui_stack.url + path)
         assert what in await page.content(), path
         await shot(page, path.strip("/"))

@@ -19,7 +19,8 @@ import orjson
 import pytest
 
 from polos import WorkflowContext, workflow
-from polos._private import auth
+from polos._private.ops import auth
+from polos._private.store import connect
 from polos_ui.projection import Query
 from tests.helpers import ROOT
 from tests.uistack import http, stack_fixture, until
@@ -49,9 +50,8 @@ def bearer(stack: Any) -> dict[str, str]:
 
 async def _write_index(stack: Any, entries: list[dict[str, Any]]) -> None:
     """Index entries as the orchestrator writes them (the service role owns the bucket)."""
-    from polos._private import jetstream as jsl
 
-    nc = await jsl.connect(stack.settings("service"), name="test-index-writer")
+    nc = await connect(stack.settings("service"), name="test-index-writer")
     try:
         js = nc.jetstream()
         for e in entries:
@@ -64,10 +64,19 @@ async def test_the_index_pages_filters_and_follows_the_bucket(ui_stack: Any) -> 
     index = ui_stack.ui.index
     await asyncio.wait_for(index.ready.wait(), 10)
     t0 = time.time() - 10_000
-    entries = [{"run_id": f"r{i:05d}", "workflow": f"wf{i % 3}", "status": "completed" if i % 4
-                else "failed", "created_at": t0 + i, "updated_at": t0 + i, "queue": "q" if i % 2
-                else None, "parent_run_id": "r00000" if i % 10 == 5 else None, "seq": i + 1}
-               for i in range(3000)]
+    entries = [
+        {
+            "run_id": f"r{i:05d}",
+            "workflow": f"wf{i % 3}",
+            "status": "completed" if i % 4 else "failed",
+            "created_at": t0 + i,
+            "updated_at": t0 + i,
+            "queue": "q" if i % 2 else None,
+            "parent_run_id": "r00000" if i % 10 == 5 else None,
+            "seq": i + 1,
+        }
+        for i in range(3000)
+    ]
     await _write_index(ui_stack, entries)
     await until(lambda: all(f"r{i:05d}" in index.runs for i in (0, 2999)), what="the watch")
     # Newest first, pages contiguous and disjoint down to the oldest.
@@ -88,8 +97,9 @@ async def test_the_index_pages_filters_and_follows_the_bucket(ui_stack: Any) -> 
     assert [r.run_id for r in again.runs] == [r.run_id for r in first.runs]
     # Filters, alone and together, and a time window.
     failed = index.page(Query(status="failed", workflow="wf1", limit=10_000)).runs
-    assert [r.run_id for r in failed] == [f"r{i:05d}" for i in reversed(range(3000))
-                                         if i % 4 == 0 and i % 3 == 1]
+    assert [r.run_id for r in failed] == [
+        f"r{i:05d}" for i in reversed(range(3000)) if i % 4 == 0 and i % 3 == 1
+    ]
     window = index.page(Query(since=t0 + 100, until=t0 + 200, limit=10_000)).runs
     assert {r.run_id for r in window} == {f"r{i:05d}" for i in range(100, 200)}
     assert len(index.page(Query(queue="q", limit=10_000)).runs) == 1500
@@ -125,12 +135,15 @@ async def test_large_outputs_are_fetched_from_the_object_store_on_demand(ui_stac
     other = await ui_stack.client.start(ui_plain, 1)
     await other.result(timeout=20)
     name = load.split("name=", 1)[1]
-    refused = await http(f"{ui_stack.url}/runs/{other.run_id}/payload?name={name}",
-                         headers=bearer(ui_stack))
+    refused = await http(
+        f"{ui_stack.url}/runs/{other.run_id}/payload?name={name}", headers=bearer(ui_stack)
+    )
     assert refused.status == 404 and "is not one of run" in refused.body
 
 
-async def test_sql_runs_read_only_queries_over_the_export_only(ui_stack: Any, tmp_path: Path) -> None:
+async def test_sql_runs_read_only_queries_over_the_export_only(
+    ui_stack: Any, tmp_path: Path
+) -> None:
     from polos_analytics.export import Exporter
 
     h = await ui_stack.client.start(ui_plain, 7)
@@ -143,10 +156,18 @@ async def test_sql_runs_read_only_queries_over_the_export_only(ui_stack: Any, tm
     async def sql(q: str) -> Any:
         return await http(f"{ui_stack.url}/sql?q={q}", headers=bearer(ui_stack))
 
-    ok = await sql("SELECT%20workflow%2C%20count(*)%20AS%20n%20FROM%20runs%20GROUP%20BY%201%20ORDER%20BY%201")
-    assert ok.status == 200 and "<th>workflow</th>" in ok.body and "<td class=\"small\">ui_plain</td>" in ok.body
+    ok = await sql(
+        "SELECT%20workflow%2C%20count(*)%20AS%20n%20FROM%20runs%20GROUP%20BY%201%20ORDER%20BY%201"
+    )
+    assert (
+        ok.status == 200
+        and "<th>workflow</th>" in ok.body
+        and '<td class="small">ui_plain</td>' in ok.body
+    )
     copy = await sql("COPY%20(SELECT%201)%20TO%20'%2Ftmp%2Fpolos-ui-x.csv'")
-    assert copy.status == 400 and "not COPY" in copy.body and not Path("/tmp/polos-ui-x.csv").exists()
+    assert (
+        copy.status == 400 and "not COPY" in copy.body and not Path("/tmp/polos-ui-x.csv").exists()
+    )
     passwd = await sql("SELECT%20*%20FROM%20read_text('%2Fetc%2Fpasswd')")
     assert passwd.status == 400 and "root:" not in passwd.body
     bad = await sql("SELEC%20nonsense")
@@ -159,7 +180,9 @@ async def test_a_host_header_of_another_site_gets_nothing(ui_stack: Any) -> None
 
 
 @pytest.mark.asyncio(loop_scope="function")
-async def test_without_a_ui_url_suspends_carry_no_approval_link(settings: Any, env_factory: Any) -> None:
+async def test_without_a_ui_url_suspends_carry_no_approval_link(
+    settings: Any, env_factory: Any
+) -> None:
     @workflow
     async def ui_wait(ctx: WorkflowContext) -> Any:
         assert ctx.approval_url("ok") is None
@@ -204,9 +227,25 @@ def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float = 60) 
 
 async def test_polos_up_prints_the_ui_line_and_serves_it_as_the_client(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    up = subprocess.Popen([sys.executable, "-m", "polos", "up", "--data-dir", str(data),
-                           "--port", "0", "--prefix", "uiup"], env=_env(tmp_path),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "polos",
+            "up",
+            "--data-dir",
+            str(data),
+            "--port",
+            "0",
+            "--prefix",
+            "uiup",
+        ],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         lines = await asyncio.to_thread(_read_until, up, r"Polos is up")
         [ui_line] = [ln for ln in lines if ln.startswith("ui: ")]
@@ -227,18 +266,48 @@ async def test_polos_up_prints_the_ui_line_and_serves_it_as_the_client(tmp_path:
         # `polos ui` refuses the service role's URL.
         creds = json.loads((data / auth.CREDENTIALS_FILE).read_text())
         nats = re.search(r"NATS_URL=(\S+)", "".join(lines)).group(1)  # type: ignore[union-attr]
-        refused = subprocess.run([sys.executable, "-m", "polos", "ui", "--nats-url",
-                                  auth.url_for(creds, "uiup-service", nats), "--prefix", "uiup"],
-                                 env=_env(tmp_path), capture_output=True, text=True, timeout=60,
-                                 cwd=tmp_path)
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "polos",
+                "ui",
+                "--nats-url",
+                auth.url_for(creds, "uiup-service", nats),
+                "--prefix",
+                "uiup",
+            ],
+            env=_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
         assert refused.returncode == 2 and "client role" in refused.stderr
     finally:
         up.send_signal(signal.SIGINT)
         await asyncio.to_thread(up.wait, 30)
     # --no-ui: no UI, no line.
-    up = subprocess.Popen([sys.executable, "-m", "polos", "up", "--no-ui", "--data-dir", str(data),
-                           "--port", "0", "--prefix", "uiup"], env=_env(tmp_path),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "polos",
+            "up",
+            "--no-ui",
+            "--data-dir",
+            str(data),
+            "--port",
+            "0",
+            "--prefix",
+            "uiup",
+        ],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         lines = await asyncio.to_thread(_read_until, up, r"Polos is up")
         assert not any(ln.startswith("ui: ") for ln in lines)

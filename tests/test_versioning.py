@@ -89,8 +89,12 @@ async def test_patched_lets_a_change_roll_out_while_runs_are_suspended(
     assert CHECKS == [new.run_id]  # the new step ran for the new run only, once
     kinds = [(e.key, e.kind) for _, e in await env.client.history(new.run_id) if hasattr(e, "key")]
     assert ("patch:fraud-check", "patch") in kinds
-    assert not any(k == "patch:fraud-check" for k, _ in
-                   [(e.key, e.kind) for _, e in await env.client.history(old_run) if hasattr(e, "key")])
+    assert not any(
+        k == "patch:fraud-check"
+        for k, _ in [
+            (e.key, e.kind) for _, e in await env.client.history(old_run) if hasattr(e, "key")
+        ]
+    )
 
 
 async def test_incompatible_change_fails_suspended_runs_with_a_clear_error(

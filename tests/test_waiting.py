@@ -18,7 +18,13 @@ from polos import (
     WorkflowContext,
     workflow,
 )
-from polos._private import waiting as wt
+from polos._private.run import waits as wt
+from polos._private.store.tokens import (
+    event_subject,
+    resume_subject,
+    topic_from_subject,
+    topic_tokens,
+)
 from tests.helpers import until
 
 CALLS: dict[str, int] = {}
@@ -35,7 +41,9 @@ async def w_approval(ctx: WorkflowContext, order: dict[str, Any]) -> dict[str, A
         return "ch_1"
 
     payment = await ctx.step.run("charge", charge)
-    decision = await ctx.step.suspend("approval", data={"id": order["id"], "amount": order["amount"]})
+    decision = await ctx.step.suspend(
+        "approval", data={"id": order["id"], "amount": order["amount"]}
+    )
     return {"payment": payment, "approved": decision.data["approved"]}
 
 
@@ -73,14 +81,14 @@ async def w_event_timeout(ctx: WorkflowContext) -> str:
 
 
 def test_topic_tokens_are_reversible() -> None:
-    names = wt.jsl.Names("polos")
+    names = wt.Names("polos")
     for topic in ("warehouse.pickup/42", "a.b c.d*e>f", "ünï.cödé", "x=y.z"):
-        subject = wt.event_subject(names, topic)
+        subject = event_subject(names, topic)
         assert " " not in subject and "*" not in subject.split(".", 2)[2]
-        assert wt.topic_from_subject(names, subject) == topic
-    assert wt.event_subject(names, "warehouse.pickup/42") == "polos.event.warehouse.pickup=2F42"
+        assert topic_from_subject(names, subject) == topic
+    assert event_subject(names, "warehouse.pickup/42") == "polos.event.warehouse.pickup=2F42"
     with pytest.raises(ValueError):
-        wt.topic_tokens("a..b")
+        topic_tokens("a..b")
 
 
 async def test_suspend_holds_no_worker_and_resume_continues(env_factory: Any) -> None:
@@ -130,15 +138,18 @@ async def test_resume_errors_are_clear_and_dead_lettered(env_factory: Any) -> No
     handle = await env.client.start(w_approval, {"id": "o3", "amount": 1})
     await until_status(env, handle.run_id, "suspended")
     # A raw publish with a bad body: dead-lettered, the run unchanged.
-    await env.client.js.publish(wt.resume_subject(env.client.names, handle.run_id, "approval"),
-                                b'{"approved": true}')
+    await env.client.js.publish(
+        resume_subject(env.client.names, handle.run_id, "approval"), b'{"approved": true}'
+    )
     await asyncio.sleep(0.3)
     assert (await env.client.get(handle.run_id)).status == "suspended"
     letters = await env.client.dead_letters()
     assert any("unknown field" in d["reason"] for d in letters)
     # A raw, well-formed resume works like the client's.
-    await env.client.js.publish(wt.resume_subject(env.client.names, handle.run_id, "approval"),
-                                orjson.dumps({"data": {"approved": False}}))
+    await env.client.js.publish(
+        resume_subject(env.client.names, handle.run_id, "approval"),
+        orjson.dumps({"data": {"approved": False}}),
+    )
     assert (await handle.result(timeout=20))["approved"] is False
 
 
@@ -256,7 +267,10 @@ async def test_suspend_in_gather_lets_running_siblings_record_first(env_factory:
     env = await env_factory([w_gather])
     handle = await env.client.start(w_gather)
     await until_status(env, handle.run_id, "suspended")
-    kinds = [(type(e).__name__, getattr(e, "key", None)) for _, e in await env.client.history(handle.run_id)]
+    kinds = [
+        (type(e).__name__, getattr(e, "key", None))
+        for _, e in await env.client.history(handle.run_id)
+    ]
     assert kinds.index(("StepCompleted", "slow")) < kinds.index(("RunSuspended", None))
     await env.client.resume(handle.run_id, "gate", "open")
     assert await handle.result(timeout=20) == ["slow done", "open"]

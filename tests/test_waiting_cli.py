@@ -14,10 +14,17 @@ from tests.helpers import ROOT
 from tests.test_waiting import until_status, w_approval, w_pickup
 
 
-async def apolos(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+async def apolos(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "polos", *args], env=env, capture_output=True,
-        text=True, timeout=timeout, cwd=str(ROOT),
+        subprocess.run,
+        [sys.executable, "-m", "polos", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(ROOT),
     )
 
 
@@ -36,8 +43,9 @@ async def test_cli_waiting_resume_event_cancel_schedules(
     assert out.returncode == 0, out.stderr
     assert handle.run_id in out.stdout and "4200" in out.stdout and "approval" in out.stdout
 
-    out = await apolos("resume", handle.run_id, "approval", "--data", '{"approved": true}',
-                       env=subprocess_env)
+    out = await apolos(
+        "resume", handle.run_id, "approval", "--data", '{"approved": true}', env=subprocess_env
+    )
     assert out.returncode == 0, out.stderr
     assert (await handle.result(timeout=20))["approved"] is True
     out = await apolos("resume", handle.run_id, "approval", "--data", "{}", env=subprocess_env)
@@ -45,15 +53,27 @@ async def test_cli_waiting_resume_event_cancel_schedules(
 
     pickup = await env.client.start(w_pickup, "cli/9")
     await until_status(env, pickup.run_id, "suspended")
-    out = await apolos("event", "warehouse.pickup/cli/9", "--data", '{"dock": 2}', env=subprocess_env)
+    out = await apolos(
+        "event", "warehouse.pickup/cli/9", "--data", '{"dock": 2}', env=subprocess_env
+    )
     assert out.returncode == 0, out.stderr
     assert (await pickup.result(timeout=20))["data"] == {"dock": 2}
 
     out = await apolos("cancel", "ghost-run", env=subprocess_env)
     assert out.returncode == 1 and "no run" in out.stderr
 
-    out = await apolos("schedules", "create", "weekly", "--workflow", "w_pickup", "--cron",
-                       "0 9 * * 1", "--timezone", "America/New_York", env=subprocess_env)
+    out = await apolos(
+        "schedules",
+        "create",
+        "weekly",
+        "--workflow",
+        "w_pickup",
+        "--cron",
+        "0 9 * * 1",
+        "--timezone",
+        "America/New_York",
+        env=subprocess_env,
+    )
     assert out.returncode == 0, out.stderr
     out = await apolos("schedules", "--json", env=subprocess_env)
     assert [d["key"] for d in orjson.loads(out.stdout)] == ["weekly"]

@@ -25,20 +25,28 @@ import pytest
 import pytest_asyncio
 
 from polos import PolosClient, Worker
-from polos._private import auth
-from polos._private.server import default_config
+from polos._private.ops import auth
+from polos._private.ops.server import default_config
 from polos.config import Settings
 from polos.devllm import DevLLM
 from polos.testing import EmbeddedServer, fast_settings
 from polos_ui import UIConfig, UIServer
 
-CHROMIUM = os.environ.get("POLOS_CHROMIUM") or shutil.which("chromium") or shutil.which(
-    "chromium-browser")
+CHROMIUM = (
+    os.environ.get("POLOS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+)
 # Chromium on a machine without network: no background connections to refuse, no sandbox
 # (root in CI), a fresh profile (Playwright makes one per launch).
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SHOTS = Path(os.environ.get("POLOS_UI_SCREENSHOTS") or "")
 
 
@@ -54,16 +62,22 @@ class UIStack:
     services: list[Any] = field(default_factory=list)
 
     def settings(self, role: str) -> Settings:
-        return fast_settings(auth.url_for(self.creds, f"{self.prefix}-{role}", self.server.url),
-                             prefix=self.prefix)
+        return fast_settings(
+            auth.url_for(self.creds, f"{self.prefix}-{role}", self.server.url), prefix=self.prefix
+        )
 
     @property
     def url(self) -> str:
         return self.ui.base_url
 
 
-async def start_stack(tmp: Path, workflows: list[Any], *, export_dir: Path | None = None,
-                      ui_url_for_workers: bool = True) -> UIStack:
+async def start_stack(
+    tmp: Path,
+    workflows: list[Any],
+    *,
+    export_dir: Path | None = None,
+    ui_url_for_workers: bool = True,
+) -> UIStack:
     from polos_services.orchestrator import Orchestrator
     from polos_services.scheduler import Scheduler
 
@@ -82,8 +96,15 @@ async def start_stack(tmp: Path, workflows: list[Any], *, export_dir: Path | Non
     await orch.start()
     sched = Scheduler(settings("service"))
     await sched.start()
-    ui = UIServer(UIConfig(settings=settings("client"), port=0, data_dir=tmp / "ui",
-                           export_dir=export_dir, live_interval=0.05))
+    ui = UIServer(
+        UIConfig(
+            settings=settings("client"),
+            port=0,
+            data_dir=tmp / "ui",
+            export_dir=export_dir,
+            live_interval=0.05,
+        )
+    )
     await ui.start()
     worker_settings = settings("worker")
     if ui_url_for_workers:
@@ -122,8 +143,10 @@ def stack_fixture(workflows: Callable[[], list[Any]], **kw: Any) -> Any:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser() -> AsyncIterator[Any]:
     if not CHROMIUM:
-        pytest.skip("no chromium found (apt-get install chromium; .ci/run installs it): "
-                    "the browser tests need a real Chromium")
+        pytest.skip(
+            "no chromium found (apt-get install chromium; .ci/run installs it): "
+            "the browser tests need a real Chromium"
+        )
     try:
         from playwright.async_api import async_playwright
     except ImportError:
@@ -137,7 +160,9 @@ async def browser() -> AsyncIterator[Any]:
         await pw.stop()
 
 
-async def logged_in_page(browser: Any, stack: UIStack, *, width: int = 1280, height: int = 900) -> Any:
+async def logged_in_page(
+    browser: Any, stack: UIStack, *, width: int = 1280, height: int = 900
+) -> Any:
     """A page of a new browser context that opened the UI's token URL (the session cookie)."""
     ctx = await browser.new_context(viewport={"width": width, "height": height})
     page = await ctx.new_page()
@@ -177,8 +202,13 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-async def http(url: str, *, method: str = "GET", data: bytes | None = None,
-               headers: dict[str, str] | None = None) -> Answer:
+async def http(
+    url: str,
+    *,
+    method: str = "GET",
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Answer:
     """One plain HTTP request (no redirects followed), off the event loop."""
 
     def go() -> Answer:
@@ -186,10 +216,16 @@ async def http(url: str, *, method: str = "GET", data: bytes | None = None,
         opener = urllib.request.build_opener(_NoRedirect)
         try:
             with opener.open(req, timeout=10) as r:
-                return Answer(r.status, {k.lower(): v for k, v in r.headers.items()},
-                              r.read().decode(errors="replace"))
+                return Answer(
+                    r.status,
+                    {k.lower(): v for k, v in r.headers.items()},
+                    r.read().decode(errors="replace"),
+                )
         except urllib.error.HTTPError as e:
-            return Answer(e.code, {k.lower(): v for k, v in e.headers.items()},
-                          e.read().decode(errors="replace"))
+            return Answer(
+                e.code,
+                {k.lower(): v for k, v in e.headers.items()},
+                e.read().decode(errors="replace"),
+            )
 
     return await asyncio.to_thread(go)

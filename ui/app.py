@@ -54,12 +54,20 @@ MAX_TRACE_RUNS = 200
 
 
 def _env() -> Environment:
-    env = Environment(loader=FileSystemLoader(HERE / "templates"),
-                      autoescape=select_autoescape(["html"], default=True),
-                      trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(ts=views.ts, ms=views.ms, pretty=views.pretty, compact=views.compact,
-                       urlq=lambda s: quote(str(s), safe=""),
-                       domid=lambda s: "".join(c if c.isalnum() else "-" for c in str(s)))
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(["html"], default=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        ts=views.ts,
+        ms=views.ms,
+        pretty=views.pretty,
+        compact=views.compact,
+        urlq=lambda s: quote(str(s), safe=""),
+        domid=lambda s: "".join(c if c.isalnum() else "-" for c in str(s)),
+    )
     env.globals.update(approve_path=approve_path, STATUSES=STATUSES)
     return env
 
@@ -95,7 +103,9 @@ def create_app(ui: UIServer) -> Starlette:
         started = time.perf_counter()
         html = render_html(name, request, **ctx)
         took = (time.perf_counter() - started) * 1000
-        return HTMLResponse(html, status_code=status, headers={"server-timing": f"render;dur={took:.2f}"})
+        return HTMLResponse(
+            html, status_code=status, headers={"server-timing": f"render;dur={took:.2f}"}
+        )
 
     async def checked_form(request: Request) -> FormData:
         """The posted form, refused without this session's CSRF token."""
@@ -106,8 +116,11 @@ def create_app(ui: UIServer) -> Starlette:
         expected = csrf(request)
         got = str(form.get("_csrf") or request.headers.get("x-csrf-token") or "")
         if not expected or not hmac.compare_digest(got, expected):
-            raise HTTPException(403, "refused: the form's CSRF token is missing or wrong "
-                                     "(reload the page and try again)")
+            raise HTTPException(
+                403,
+                "refused: the form's CSRF token is missing or wrong "
+                "(reload the page and try again)",
+            )
         return form
 
     def error_page(request: Request, status: int, message: str) -> HTMLResponse:
@@ -128,11 +141,17 @@ def create_app(ui: UIServer) -> Starlette:
             if ui.secrets.token_ok(str(form.get("token") or "")):
                 cookie, _ = ui.secrets.new_session()
                 resp = RedirectResponse(target, status_code=303)
-                resp.set_cookie(ui.cookie_name, cookie, httponly=True, samesite="lax",
-                                max_age=14 * 24 * 3600)
+                resp.set_cookie(
+                    ui.cookie_name, cookie, httponly=True, samesite="lax", max_age=14 * 24 * 3600
+                )
                 return resp
-            return page("login.html", request, status=401, next=target,
-                        message="That is not this UI's token.")
+            return page(
+                "login.html",
+                request,
+                status=401,
+                next=target,
+                message="That is not this UI's token.",
+            )
         target = str(request.query_params.get("next") or "/runs")
         return page("login.html", request, next=target, message=None)
 
@@ -162,15 +181,26 @@ def create_app(ui: UIServer) -> Starlette:
         search = (p.get("q") or "").strip()
         if search:
             q.id_prefix = search
-        kept = {k: v for k, v in p.items() if k in ("status", "workflow", "queue", "range", "since",
-                                                     "until", "roots", "q") and v}
+        kept = {
+            k: v
+            for k, v in p.items()
+            if k in ("status", "workflow", "queue", "range", "since", "until", "roots", "q") and v
+        }
         return q, kept
 
     def runs_table(q: Query, kept: dict[str, str], request: Request | None) -> tuple[str, Page]:
         result = index.page(q)
-        html = render_html("_runs_table.html", request, page=result, kept=kept,
-                           older=encode_key(result.older), newer=encode_key(result.newer),
-                           qs=lambda **kw: _qs(kept, kw), index=index, counts=index.counts())
+        html = render_html(
+            "_runs_table.html",
+            request,
+            page=result,
+            kept=kept,
+            older=encode_key(result.older),
+            newer=encode_key(result.newer),
+            qs=lambda **kw: _qs(kept, kw),
+            index=index,
+            counts=index.counts(),
+        )
         return html, result
 
     async def runs(request: Request) -> Response:
@@ -180,9 +210,16 @@ def create_app(ui: UIServer) -> Starlette:
             return RedirectResponse(f"/runs/{q.id_prefix}", status_code=303)
         table, _ = runs_table(q, kept, request)
         live = "/live/runs" + (f"?{request.url.query}" if request.url.query else "")
-        resp = page("runs.html", request, table=table, kept=kept,
-                    workflows=index.values("workflow"), queues=index.values("queue"),
-                    live=live, ranges=list(RANGES))
+        resp = page(
+            "runs.html",
+            request,
+            table=table,
+            kept=kept,
+            workflows=index.values("workflow"),
+            queues=index.values("queue"),
+            live=live,
+            ranges=list(RANGES),
+        )
         took = (time.perf_counter() - started) * 1000
         resp.headers["server-timing"] = f"app;dur={took:.2f}"
         return resp
@@ -227,8 +264,14 @@ def create_app(ui: UIServer) -> Starlette:
         except HTTPException as exc:
             return error_page(request, exc.status_code, str(exc.detail))
         body = render_html("_run_body.html", request, **run_ctx(view))
-        return page("run.html", request, body=body, live=f"/live/runs/{run_id}",
-                    done=request.query_params.get("done"), **run_ctx(view))
+        return page(
+            "run.html",
+            request,
+            body=body,
+            live=f"/live/runs/{run_id}",
+            done=request.query_params.get("done"),
+            **run_ctx(view),
+        )
 
     async def live_run(request: Request) -> Response:
         run_id = request.path_params["run_id"]
@@ -265,8 +308,11 @@ def create_app(ui: UIServer) -> Starlette:
         fld = request.query_params.get("field") or "output"
         for r in await raw_history(client, run_id):
             if r.seq == seq:
-                value = getattr(r.event, fld, None) if fld != "arguments" else \
-                    (getattr(r.event, "meta", None) or {}).get("arguments")
+                value = (
+                    getattr(r.event, fld, None)
+                    if fld != "arguments"
+                    else (getattr(r.event, "meta", None) or {}).get("arguments")
+                )
                 return PlainTextResponse(views.pretty(value))
         return PlainTextResponse(f"no event {seq} in run {run_id}", status_code=404)
 
@@ -283,8 +329,9 @@ def create_app(ui: UIServer) -> Starlette:
                 key = str(form.get("key") or "")
                 data = views.parse_json("resume data", str(form.get("data") or ""))
                 answer = await client.resume(run_id, key, data)
-                return RedirectResponse(f"/runs/{run_id}?done={answer.get('status', 'resumed')}",
-                                        status_code=303)
+                return RedirectResponse(
+                    f"/runs/{run_id}?done={answer.get('status', 'resumed')}", status_code=303
+                )
             if action == "rerun":
                 view, _ = await run_view(run_id)
                 req = view.requested
@@ -293,8 +340,9 @@ def create_app(ui: UIServer) -> Starlette:
                 value = req.input
                 if "input" in view.requested_refs:
                     value = await load_payload(client, run_id, view.requested_refs["input"])
-                handle: Any = await client.start(req.workflow, value, queue=req.queue,
-                                            concurrency_key=req.concurrency_key)
+                handle: Any = await client.start(
+                    req.workflow, value, queue=req.queue, concurrency_key=req.concurrency_key
+                )
                 return RedirectResponse(f"/runs/{handle.run_id}?done=started", status_code=303)
         except CommandRejectedError as exc:
             return error_page(request, 409, f"{action} refused: {exc.reason}")
@@ -325,14 +373,16 @@ def create_app(ui: UIServer) -> Starlette:
 
     async def child_node(c: str, depth: int, budget: list[int], totals: Any) -> Any:
         if depth >= 16 or budget[0] <= 0:
-            return views.Item(0, 0, 0, "note", f"child run {c}", "not drawn (too deep or too many)",
-                              children=[c])
+            return views.Item(
+                0, 0, 0, "note", f"child run {c}", "not drawn (too deep or too many)", children=[c]
+            )
         budget[0] -= 1
         try:
             node = await trace_node(c, depth + 1, budget)
         except HTTPException:
-            return views.Item(0, 0, 0, "note", f"child run {c}", "no events (not started yet)",
-                              children=[c])
+            return views.Item(
+                0, 0, 0, "note", f"child run {c}", "no events (not started yet)", children=[c]
+            )
         totals.add(node.totals)
         return node
 
@@ -343,8 +393,13 @@ def create_app(ui: UIServer) -> Starlette:
             root = await trace_node(run_id, 0, [MAX_TRACE_RUNS])
         except HTTPException as exc:
             return error_page(request, exc.status_code, str(exc.detail))
-        return page("trace.html", request, root=root, live=f"/live/traces/{run_id}",
-                    body=render_html("_trace_body.html", request, root=root))
+        return page(
+            "trace.html",
+            request,
+            root=root,
+            live=f"/live/traces/{run_id}",
+            body=render_html("_trace_body.html", request, root=root),
+        )
 
     async def live_trace(request: Request) -> Response:
         run_id = request.path_params["run_id"]
@@ -379,7 +434,9 @@ def create_app(ui: UIServer) -> Starlette:
         return render_html("_approvals_table.html", request, rows=rows)
 
     async def approvals(request: Request) -> Response:
-        return page("approvals.html", request, table=approvals_table(request), live="/live/approvals")
+        return page(
+            "approvals.html", request, table=approvals_table(request), live="/live/approvals"
+        )
 
     async def live_approvals(request: Request) -> Response:
         return sse(request, lambda: _now(approvals_table(None)), lambda ids: True)
@@ -398,8 +455,11 @@ def create_app(ui: UIServer) -> Starlette:
         sus = None
         for r in history:
             e = r.event
-            if getattr(e, "step", None) == step and type(e).__name__ == "RunSuspended" \
-                    and getattr(e, "kind", None) == "suspend":
+            if (
+                getattr(e, "step", None) == step
+                and type(e).__name__ == "RunSuspended"
+                and getattr(e, "kind", None) == "suspend"
+            ):
                 sus = r
         if sus is None:
             return error_page(request, 404, f"run {run_id} never waited at {step!r}")
@@ -415,9 +475,19 @@ def create_app(ui: UIServer) -> Starlette:
         if request.method == "POST":
             posted = await checked_form(request)
             if not waiting:
-                return page("approve.html", request, status=409, v=view, step=step, form=form,
-                            waiting=False, share=share, sig=info.get("via") == "link" and sig,
-                            message="This run no longer waits at this step.", done=None)
+                return page(
+                    "approve.html",
+                    request,
+                    status=409,
+                    v=view,
+                    step=step,
+                    form=form,
+                    waiting=False,
+                    share=share,
+                    sig=info.get("via") == "link" and sig,
+                    message="This run no longer waits at this step.",
+                    done=None,
+                )
             try:
                 answer = _approval_answer(form, posted)
                 await client.resume(run_id, step, answer)
@@ -427,9 +497,19 @@ def create_app(ui: UIServer) -> Starlette:
                 message, status = str(exc), 400
             except CommandRejectedError as exc:
                 message, status = f"refused: {exc.reason}", 409
-        return page("approve.html", request, status=status, v=view, step=step, form=form,
-                    waiting=waiting, share=share, sig=sig if info.get("via") == "link" else None,
-                    message=message, done=request.query_params.get("done"))
+        return page(
+            "approve.html",
+            request,
+            status=status,
+            v=view,
+            step=step,
+            form=form,
+            waiting=waiting,
+            share=share,
+            sig=sig if info.get("via") == "link" else None,
+            message=message,
+            done=request.query_params.get("done"),
+        )
 
     # ------------------------------------------------------------------ workflows, events
 
@@ -463,15 +543,27 @@ def create_app(ui: UIServer) -> Starlette:
                             value[f.name] = v
                 else:
                     _, value = views.parse_field(fields[0], _str(form.get(fields[0].name)))
-                handle = await client.start(name, value, run_id=_str(form.get("run_id")) or None,
-                                            queue=_str(form.get("queue")) or None,
-                                            concurrency_key=_str(form.get("concurrency_key")) or None)
+                handle = await client.start(
+                    name,
+                    value,
+                    run_id=_str(form.get("run_id")) or None,
+                    queue=_str(form.get("queue")) or None,
+                    concurrency_key=_str(form.get("concurrency_key")) or None,
+                )
                 return RedirectResponse(f"/runs/{handle.run_id}?done=started", status_code=303)
             except (views.FormError, ValueError, PolosError) as exc:
                 message, status = str(exc), 400
         recent = index.page(Query(workflow=name, limit=10)).runs
-        return page("workflow.html", request, status=status, doc=doc, fields=fields,
-                    is_object=is_object, message=message, recent=recent)
+        return page(
+            "workflow.html",
+            request,
+            status=status,
+            doc=doc,
+            fields=fields,
+            is_object=is_object,
+            message=message,
+            recent=recent,
+        )
 
     async def events(request: Request) -> Response:
         message = None
@@ -487,8 +579,13 @@ def create_app(ui: UIServer) -> Starlette:
                 message = f"event {seq} published on {topic!r}"
             except (views.FormError, ValueError, PolosError) as exc:
                 message, status = str(exc), 400
-        return page("events.html", request, status=status, message=message,
-                    ok=status == 200 and message is not None)
+        return page(
+            "events.html",
+            request,
+            status=status,
+            message=message,
+            ok=status == 200 and message is not None,
+        )
 
     async def queues(request: Request) -> Response:
         rows, rates = await queue_rows(client)
@@ -520,18 +617,31 @@ def create_app(ui: UIServer) -> Starlette:
         if query.strip():
             try:
                 result = await asyncio.to_thread(
-                    _run_sql, config.export_dir, query, config.sql_row_limit, config.sql_timeout)
+                    _run_sql, config.export_dir, query, config.sql_row_limit, config.sql_timeout
+                )
             except Exception as exc:  # DuckDB says what is wrong with the query
                 message, status = f"{type(exc).__name__}: {exc}", 400
         from polos_analytics.sql import VIEW_NAMES
 
-        return page("sql.html", request, status=status, query=query, result=result,
-                    message=message, views_=VIEW_NAMES, export_dir=config.export_dir)
+        return page(
+            "sql.html",
+            request,
+            status=status,
+            query=query,
+            result=result,
+            message=message,
+            views_=VIEW_NAMES,
+            export_dir=config.export_dir,
+        )
 
     # ------------------------------------------------------------------ live updates
 
-    def sse(request: Request, render: Callable[[], Awaitable[str]],
-            interested: Callable[[set[str]], bool], subjects: list[str] | None = None) -> Response:
+    def sse(
+        request: Request,
+        render: Callable[[], Awaitable[str]],
+        interested: Callable[[set[str]], bool],
+        subjects: list[str] | None = None,
+    ) -> Response:
         """Server-sent events: the fragment ``render`` makes, sent again whenever a change
         the page is ``interested`` in arrives (from the index watch, or a NATS subscription of
         the run's own subjects), at most every ``live_interval``; a comment every 15 s keeps
@@ -548,8 +658,10 @@ def create_app(ui: UIServer) -> Starlette:
             subs = []
             try:
                 for subject in subjects or []:
+
                     async def nudge(_msg: Any) -> None:
                         wake.set()
+
                     subs.append(await client.nc.subscribe(subject, cb=nudge))
                 yield b"retry: 1000\n\n"
                 last = None
@@ -567,8 +679,9 @@ def create_app(ui: UIServer) -> Starlette:
                     waiter = asyncio.ensure_future(wake.wait())
                     closer = asyncio.ensure_future(ui.closing.wait())
                     try:
-                        done, _ = await asyncio.wait({waiter, closer}, timeout=15,
-                                                     return_when=asyncio.FIRST_COMPLETED)
+                        done, _ = await asyncio.wait(
+                            {waiter, closer}, timeout=15, return_when=asyncio.FIRST_COMPLETED
+                        )
                     finally:
                         waiter.cancel()
                         closer.cancel()
@@ -584,15 +697,19 @@ def create_app(ui: UIServer) -> Starlette:
                     except Exception:  # the connection may be closing
                         pass
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
 
     # ------------------------------------------------------------------ app
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if request.url.path.startswith(("/live/", "/api/")) or (
-                request.method != "GET" and "text/html" not in request.headers.get("accept", "")):
+            request.method != "GET" and "text/html" not in request.headers.get("accept", "")
+        ):
             return PlainTextResponse(str(exc.detail), status_code=exc.status_code)
         return error_page(request, exc.status_code, str(exc.detail))
 
@@ -623,8 +740,9 @@ def create_app(ui: UIServer) -> Starlette:
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: on_http_error})
     app.state.ui = ui
-    guarded = AuthMiddleware(app, secrets_=ui.secrets, auth=config.auth,
-                             cookie_name=lambda: ui.cookie_name)
+    guarded = AuthMiddleware(
+        app, secrets_=ui.secrets, auth=config.auth, cookie_name=lambda: ui.cookie_name
+    )
     return _HostCheck(guarded, ui)  # type: ignore[return-value]
 
 
@@ -637,12 +755,23 @@ class _HostCheck:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+            host = next(
+                (v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), ""
+            )
             if not self.ui.host_allowed(host):
-                await send({"type": "http.response.start", "status": 421,
-                            "headers": [(b"content-type", b"text/plain")]})
-                await send({"type": "http.response.body",
-                            "body": f"this UI does not answer for host {host!r}\n".encode()})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 421,
+                        "headers": [(b"content-type", b"text/plain")],
+                    }
+                )
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": f"this UI does not answer for host {host!r}\n".encode(),
+                    }
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -695,8 +824,12 @@ def _approval_answer(form: views.ApprovalForm, posted: FormData) -> Any:
         return answer
     values: dict[str, Any] = {}
     for f in form.fields:
-        present, v = views.parse_field(f, _str(posted.get(f.name)) if f.type != "boolean"
-                                       else ("on" if posted.get(f.name) else ""))
+        present, v = views.parse_field(
+            f,
+            _str(posted.get(f.name))
+            if f.type != "boolean"
+            else ("on" if posted.get(f.name) else ""),
+        )
         if f.type == "boolean" and decision in ("approve", "reject") and f.name == "approved":
             v, present = decision == "approve", True
         if present:
@@ -718,7 +851,8 @@ def _run_sql(export_dir: Path | None, query: str, limit: int, timeout: float) ->
     if export_dir is None or not Path(export_dir).is_dir():
         raise FileNotFoundError(
             f"no analytics export in {export_dir}: `polos analytics export --dir DIR` makes one "
-            "(`polos ui --export-dir DIR` points the UI at it)")
+            "(`polos ui --export-dir DIR` points the UI at it)"
+        )
     root = str(Path(export_dir).resolve())
     con = connect(root)
     try:
@@ -727,8 +861,10 @@ def _run_sql(export_dir: Path | None, query: str, limit: int, timeout: float) ->
             raise ValueError("no statement in the query")
         for st in stmts:
             if st.type.name not in READ_ONLY:
-                raise PermissionError(f"only queries run here (SELECT, WITH, EXPLAIN, DESCRIBE, "
-                                      f"SHOW, SUMMARIZE), not {st.type.name}")
+                raise PermissionError(
+                    f"only queries run here (SELECT, WITH, EXPLAIN, DESCRIBE, "
+                    f"SHOW, SUMMARIZE), not {st.type.name}"
+                )
         con.execute("SET allowed_directories = [" + "'" + root.replace("'", "''") + "'" + "]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
@@ -743,8 +879,12 @@ def _run_sql(export_dir: Path | None, query: str, limit: int, timeout: float) ->
             rows = cur.fetchmany(limit + 1)
         finally:
             timer.cancel()
-        return {"columns": columns, "rows": [[_cell(v) for v in r] for r in rows[:limit]],
-                "more": len(rows) > limit, "seconds": time.perf_counter() - started}
+        return {
+            "columns": columns,
+            "rows": [[_cell(v) for v in r] for r in rows[:limit]],
+            "more": len(rows) > limit,
+            "seconds": time.perf_counter() - started,
+        }
     finally:
         con.close()
 

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from polos._private.store import is_live
 from polos.client import PolosClient
 
 from .source import runs_bucket_stream
@@ -123,7 +124,9 @@ class RunIndex:
         self.runs: dict[str, Run] = {}
         self._all: list[Key] = []
         self._by: dict[str, dict[str | None, list[Key]]] = {
-            "status": {}, "workflow": {}, "queue": {},
+            "status": {},
+            "workflow": {},
+            "queue": {},
         }
         self.children: dict[str, list[str]] = {}
         self._human: dict[str, Key] = {}  # runs suspended at ctx.step.suspend
@@ -143,8 +146,14 @@ class RunIndex:
         stream, subject = runs_bucket_stream(self.client)
         cfg = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
         self._sub = await self.client.js.subscribe(
-            subject, stream=stream, cb=self._on_msg, ordered_consumer=True, config=cfg,
-            idle_heartbeat=2.0, pending_msgs_limit=-1, pending_bytes_limit=-1,
+            subject,
+            stream=stream,
+            cb=self._on_msg,
+            ordered_consumer=True,
+            config=cfg,
+            idle_heartbeat=2.0,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
         )
         with contextlib.suppress(Exception):
             info = await self._sub.consumer_info()
@@ -159,9 +168,8 @@ class RunIndex:
 
     async def _on_msg(self, msg: Any) -> None:
         run_id = msg.subject.rsplit(".", 1)[-1]
-        op = (msg.headers or {}).get("KV-Operation")
         try:
-            if op in ("DEL", "PURGE") or not msg.data:
+            if not is_live(msg):
                 self._remove(run_id)
             else:
                 entry = orjson.loads(msg.data)
@@ -214,7 +222,11 @@ class RunIndex:
 
     def _lists(self, run: Run) -> Iterable[list[Key]]:
         yield self._all
-        for dim, value in (("status", run.status), ("workflow", run.workflow), ("queue", run.queue)):
+        for dim, value in (
+            ("status", run.status),
+            ("workflow", run.workflow),
+            ("queue", run.queue),
+        ):
             yield self._by[dim].setdefault(value, [])
 
     def _index(self, run: Run, *, sort: bool) -> None:
@@ -284,16 +296,22 @@ class RunIndex:
             if value:
                 candidates.append(self._by[dim].get(value, []))
         base = min(candidates, key=len)
-        total = len(base) if len(candidates) <= 2 and q.since is None and q.until is None \
-            and not q.roots_only else None
+        total = (
+            len(base)
+            if len(candidates) <= 2 and q.since is None and q.until is None and not q.roots_only
+            else None
+        )
         lo = 0 if q.since is None else bisect.bisect_left(base, (q.since, ""))
         hi = len(base) if q.until is None else bisect.bisect_left(base, (q.until, ""))
 
         def ok(run: Run | None) -> bool:
-            return run is not None and (not q.status or run.status == q.status) \
-                and (not q.workflow or run.workflow == q.workflow) \
-                and (not q.queue or run.queue == q.queue) \
+            return (
+                run is not None
+                and (not q.status or run.status == q.status)
+                and (not q.workflow or run.workflow == q.workflow)
+                and (not q.queue or run.queue == q.queue)
                 and (not q.roots_only or not run.parent_run_id)
+            )
 
         if q.after is not None:
             # Newer page: walk up from the cursor, then show it newest first.
@@ -333,7 +351,11 @@ class RunIndex:
         prefix = q.id_prefix or ""
         i = bisect.bisect_left(self._ids, prefix)
         found: list[Run] = []
-        while i < len(self._ids) and self._ids[i].startswith(prefix) and len(found) < self.SEARCH_LIMIT:
+        while (
+            i < len(self._ids)
+            and self._ids[i].startswith(prefix)
+            and len(found) < self.SEARCH_LIMIT
+        ):
             run = self.runs.get(self._ids[i])
             if run is not None:
                 found.append(run)
@@ -347,8 +369,11 @@ class RunIndex:
 
     def waiting_for_human(self) -> list[Run]:
         """Runs suspended at ``ctx.step.suspend``, the oldest run first."""
-        return [self.runs[rid] for rid, _ in sorted(self._human.items(), key=lambda kv: kv[1])
-                if rid in self.runs]
+        return [
+            self.runs[rid]
+            for rid, _ in sorted(self._human.items(), key=lambda kv: kv[1])
+            if rid in self.runs
+        ]
 
 
 def encode_key(key: Key | None) -> str | None:

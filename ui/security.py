@@ -146,13 +146,18 @@ class AuthMiddleware:
         send = _with_headers(send)
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
         if path.startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
         if method not in ("GET", "HEAD", "OPTIONS") and not _same_origin(headers):
-            await _plain(send, 403, "refused: a cross-site request (Origin or Sec-Fetch-Site "
-                                    "names another site)")
+            await _plain(
+                send,
+                403,
+                "refused: a cross-site request (Origin or Sec-Fetch-Site names another site)",
+            )
             return
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         cookies = _cookies(headers.get("cookie", ""))
@@ -179,7 +184,7 @@ class AuthMiddleware:
         if path.startswith("/approve/") and "sig" in query:
             from urllib.parse import unquote
 
-            run_id, _, step = path[len("/approve/"):].partition("/")
+            run_id, _, step = path[len("/approve/") :].partition("/")
             step = unquote(step)
             if self.secrets.link_ok(run_id, step, query.get("sig")):
                 info.update(via="link", link=(run_id, step), nonce="link:" + str(query["sig"]))
@@ -194,17 +199,26 @@ class AuthMiddleware:
         if path == LOGIN_PATH:
             await self.app(scope, receive, send)
             return
-        if method == "GET" and "text/html" in headers.get("accept", "") and not path.startswith("/api/"):
+        if (
+            method == "GET"
+            and "text/html" in headers.get("accept", "")
+            and not path.startswith("/api/")
+        ):
             qs = scope.get("query_string", b"").decode("latin-1")
             target = path + (f"?{qs}" if qs else "")
             await _redirect(send, f"{LOGIN_PATH}?{urlencode({'next': target})}", None)
             return
-        await _plain(send, 401, "authentication required: open the URL `polos up` printed "
-                                "(with its token), or send Authorization: Bearer <token>")
+        await _plain(
+            send,
+            401,
+            "authentication required: open the URL `polos up` printed "
+            "(with its token), or send Authorization: Bearer <token>",
+        )
 
     def _set_cookie(self, value: str) -> str:
-        return (f"{self.cookie_name}={value}; Path=/; HttpOnly; SameSite=Lax; "
-                f"Max-Age={SESSION_MAX_AGE}")
+        return (
+            f"{self.cookie_name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={SESSION_MAX_AGE}"
+        )
 
 
 def _same_origin(headers: dict[str, str]) -> bool:
@@ -231,9 +245,12 @@ def _cookies(header: str) -> dict[str, str]:
 
 
 SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                                 b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'; "
-                                 b"form-action 'self'; base-uri 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; style-src 'self'; "
+        b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'; "
+        b"form-action 'self'; base-uri 'none'",
+    ),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
     # Not no-referrer: with it a browser sends ``Origin: null`` even on same-origin forms.
@@ -249,16 +266,23 @@ def _with_headers(send: Any) -> Any:
         if message["type"] == "http.response.start":
             message = dict(message)
             have = {k.lower() for k, _ in message.get("headers", [])}
-            message["headers"] = [*message.get("headers", []),
-                                  *[(k, v) for k, v in SECURITY_HEADERS if k not in have]]
+            message["headers"] = [
+                *message.get("headers", []),
+                *[(k, v) for k, v in SECURITY_HEADERS if k not in have],
+            ]
         await send(message)
 
     return wrapped
 
 
 async def _plain(send: Any, status: int, text: str) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+        }
+    )
     await send({"type": "http.response.body", "body": (text + "\n").encode()})
 
 

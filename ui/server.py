@@ -61,8 +61,10 @@ def service_role_refused(url: str) -> str | None:
     for one in url.split(","):
         user = urlsplit(one.strip()).username or ""
         if user.endswith("-service"):
-            return (f"the UI acts with the client role's permissions, not the service role's "
-                    f"({user!r}): give it the client's URL (`polos credentials client`)")
+            return (
+                f"the UI acts with the client role's permissions, not the service role's "
+                f"({user!r}): give it the client's URL (`polos credentials client`)"
+            )
     return None
 
 
@@ -108,7 +110,11 @@ class UIServer:
     @property
     def login_url(self) -> str:
         """The URL to open: with the token when auth is on (it sets the session cookie)."""
-        return f"{self.base_url}/?token={self.secrets.token}" if self.config.auth else f"{self.base_url}/"
+        return (
+            f"{self.base_url}/?token={self.secrets.token}"
+            if self.config.auth
+            else f"{self.base_url}/"
+        )
 
     @property
     def cookie_name(self) -> str:
@@ -149,8 +155,14 @@ class UIServer:
         from .app import create_app
 
         app = create_app(self)
-        cfg = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                             timeout_graceful_shutdown=2, proxy_headers=False)
+        cfg = uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            proxy_headers=False,
+        )
         self._server = _Uvicorn(cfg)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
         while not self._server.started:

@@ -16,11 +16,13 @@ from typing import Any
 
 import orjson
 
-from polos import events as ev
-from polos._private import jetstream as jsl
-from polos._private import limits, payloads
-from polos._private.llm import LLMTotals, children_named, decision_of
-from polos._private.waiting import encode_token
+from polos import history as ev
+from polos._private import limits
+from polos._private.agents.decisions import decision_of
+from polos._private.agents.pricing import LLMTotals
+from polos._private.model.lineage import children_named
+from polos._private.store import kv_entries, kv_stream, payloads, read_run
+from polos._private.store.tokens import encode_token
 from polos.client import PolosClient
 
 __all__ = [
@@ -53,7 +55,7 @@ class RawEvent:
 
 async def raw_history(client: PolosClient, run_id: str) -> list[RawEvent]:
     """The run's events in order, large fields left as references (``load_payload``)."""
-    msgs = await jsl.read_run(client.nc, client.names, run_id)
+    msgs = await read_run(client.nc, client.names, run_id)
     out: list[RawEvent] = []
     for m in msgs:
         body = orjson.loads(m.data)
@@ -83,25 +85,25 @@ def run_subjects(client: PolosClient, run_id: str) -> list[str]:
 def runs_bucket_stream(client: PolosClient) -> tuple[str, str]:
     """The run index's stream and its subject filter (the projection watches it)."""
     bucket = client.names.runs_bucket
-    return f"KV_{bucket}", f"$KV.{bucket}.>"
+    return kv_stream(bucket), f"$KV.{bucket}.>"
 
 
 async def _bucket_entries(client: PolosClient, bucket: str) -> list[tuple[str, Any]]:
-    prefix = f"$KV.{bucket}."
     out: list[tuple[str, Any]] = []
     with contextlib.suppress(Exception):  # a bucket nobody created yet: nothing in it
-        for m in await jsl.last_per_subject(client.nc, f"KV_{bucket}", f"{prefix}>"):
-            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                continue
+        for e in await kv_entries(client.nc, bucket):
             with contextlib.suppress(orjson.JSONDecodeError):
-                out.append((m.subject[len(prefix):], orjson.loads(m.data)))
+                out.append((e.key, orjson.loads(e.value)))
     return out
 
 
 async def workflow_docs(client: PolosClient) -> list[dict[str, Any]]:
     """What workers registered about each workflow (input schema, queue, trigger, schedule)."""
-    docs = [doc for _, doc in await _bucket_entries(client, client.names.workflows_bucket)
-            if isinstance(doc, dict)]
+    docs = [
+        doc
+        for _, doc in await _bucket_entries(client, client.names.workflows_bucket)
+        if isinstance(doc, dict)
+    ]
     return sorted(docs, key=lambda d: str(d.get("name")))
 
 
@@ -110,20 +112,35 @@ async def queue_rows(client: PolosClient) -> tuple[list[dict[str, Any]], list[di
     stats = await limits.queue_stats(client.nc, client.js, client.names)
     queues: dict[str, dict[str, Any]] = {}
     rates: list[dict[str, Any]] = []
-    for key, doc in await _bucket_entries(client, limits.queues_bucket(client.names)):
+    for key, doc in await _bucket_entries(client, client.names.queues_bucket):
         if not isinstance(doc, dict):
             continue
         kind, _, name = key.partition(".")
         if kind == "queue":
-            queues[name] = {"queue": name, "concurrency": doc.get("concurrency"),
-                            "per_key": doc.get("per_key"), "rate_limit": doc.get("rate_limit"),
-                            "active": 0, "waiting": 0, "keys": []}
+            queues[name] = {
+                "queue": name,
+                "concurrency": doc.get("concurrency"),
+                "per_key": doc.get("per_key"),
+                "rate_limit": doc.get("rate_limit"),
+                "active": 0,
+                "waiting": 0,
+                "keys": [],
+            }
         elif kind == "rate":
             rates.append({"scope": doc.get("scope") or name, **doc})
     for r in stats:
-        q = queues.setdefault(r["queue"], {"queue": r["queue"], "concurrency": r["limit"],
-                                           "per_key": r["per_key"], "rate_limit": None,
-                                           "active": 0, "waiting": 0, "keys": []})
+        q = queues.setdefault(
+            r["queue"],
+            {
+                "queue": r["queue"],
+                "concurrency": r["limit"],
+                "per_key": r["per_key"],
+                "rate_limit": None,
+                "active": 0,
+                "waiting": 0,
+                "keys": [],
+            },
+        )
         if r["key"] == "*":
             q["active"] += r["active"]
             q["waiting"] += r["waiting"]

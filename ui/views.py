@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from polos import events as ev
+from polos import history as ev
 
 from .source import LLMTotals, RawEvent, children_named, decision_of
 
@@ -78,7 +78,7 @@ def payload(label: str, value: Any, refs: dict[str, str], fld: str) -> Payload:
         if not members:
             return Payload(label, text="null", empty=True)
     text = pretty(value)
-    members = {k[len(fld) + 1:]: v for k, v in refs.items() if k.startswith(fld + ".")}
+    members = {k[len(fld) + 1 :]: v for k, v in refs.items() if k.startswith(fld + ".")}
     if members:
         text += "\n// in the object store: " + ", ".join(sorted(members))
         first = sorted(members.items())[0][1]
@@ -165,11 +165,26 @@ def build_run(run_id: str, history: list[RawEvent]) -> RunView:
             elif e.kind == "tool":
                 is_agent = True
         elif isinstance(e, ev.StepAttemptFailed):
-            it = Item(seq, e.at, off, "retry", f"{e.key}: attempt {e.attempt} failed",
-                      f"retry in {e.retry_in:g} s", key=e.key, error=e.error)
+            it = Item(
+                seq,
+                e.at,
+                off,
+                "retry",
+                f"{e.key}: attempt {e.attempt} failed",
+                f"retry in {e.retry_in:g} s",
+                key=e.key,
+                error=e.error,
+            )
         elif isinstance(e, ev.StepFailed):
-            it = Item(seq, e.at, off, "fail", f"{e.key}: failed after {e.attempts} attempt(s)",
-                      key=e.key, error=e.error)
+            it = Item(
+                seq,
+                e.at,
+                off,
+                "fail",
+                f"{e.key}: failed after {e.attempts} attempt(s)",
+                key=e.key,
+                error=e.error,
+            )
         elif isinstance(e, ev.RunSuspended):
             suspended_at[e.step] = e.at
             bits = []
@@ -181,15 +196,24 @@ def build_run(run_id: str, history: list[RawEvent]) -> RunView:
                 bits.append(f"timeout {ts(e.timeout_at)}")
             if e.children:
                 bits.append(f"{len(e.children)} child run(s)")
-            it = Item(seq, e.at, off, "wait", f"waits for {_wait_what(e.kind)} at {e.step}",
-                      ", ".join(bits), key=e.step)
+            it = Item(
+                seq,
+                e.at,
+                off,
+                "wait",
+                f"waits for {_wait_what(e.kind)} at {e.step}",
+                ", ".join(bits),
+                key=e.step,
+            )
             if e.data is not None or "data" in r.refs:
                 it.payloads.append(payload("data", e.data, r.refs, "data"))
         elif isinstance(e, ev.RunWoken):
             waited = e.at - suspended_at.get(e.step, e.at)
             if isinstance(e, ev.RunAdmitted):
                 title = f"admitted to queue {e.queue}"
-                detail = f"after {ms(waited)}" + (f", key {e.concurrency_key}" if e.concurrency_key else "")
+                detail = f"after {ms(waited)}" + (
+                    f", key {e.concurrency_key}" if e.concurrency_key else ""
+                )
             else:
                 title = f"woken at {e.step} by {e.reason}"
                 detail = f"after {ms(waited)}"
@@ -210,24 +234,44 @@ def build_run(run_id: str, history: list[RawEvent]) -> RunView:
             it.children = named
             items.append(it)
     waiting_key = None
-    if state.status == "suspended" and state.suspended is not None and state.suspended.kind == "suspend":
+    if (
+        state.status == "suspended"
+        and state.suspended is not None
+        and state.suspended.kind == "suspend"
+    ):
         waiting_key = state.suspended.step
         for it in reversed(items):
             if it.kind == "wait" and it.key == waiting_key:
                 it.approve = waiting_key
                 break
     return RunView(
-        run_id=run_id, state=state, requested=requested, items=items, input=inp, output=out,
-        error=state.error, children=children, totals=totals,
-        started_at=t0 if history else None, ended_at=ended_at, is_agent=is_agent,
-        waiting_key=waiting_key, requested_refs=requested_refs,
+        run_id=run_id,
+        state=state,
+        requested=requested,
+        items=items,
+        input=inp,
+        output=out,
+        error=state.error,
+        children=children,
+        totals=totals,
+        started_at=t0 if history else None,
+        ended_at=ended_at,
+        is_agent=is_agent,
+        waiting_key=waiting_key,
+        requested_refs=requested_refs,
     )
 
 
 def _wait_what(kind: str) -> str:
-    return {"suspend": "a human (suspend)", "event": "an event", "sleep": "a timer",
-            "child": "child runs", "retry": "a retry back-off", "slot": "a concurrency slot",
-            "rate": "a rate limit"}.get(kind, kind)
+    return {
+        "suspend": "a human (suspend)",
+        "event": "an event",
+        "sleep": "a timer",
+        "child": "child runs",
+        "retry": "a retry back-off",
+        "slot": "a concurrency slot",
+        "rate": "a rate limit",
+    }.get(kind, kind)
 
 
 def _step_item(r: RawEvent, off: float) -> Item:
@@ -239,8 +283,11 @@ def _step_item(r: RawEvent, off: float) -> Item:
         usage = meta.get("usage") or {}
         cost = meta.get("cost_usd")
         title = f"{e.key}: LLM {meta.get('model') or e.name}"
-        detail = f"tokens {usage.get('total_tokens', '?')}" + (
-            f", ${float(cost):.4f}" if isinstance(cost, int | float) else "") + tries
+        detail = (
+            f"tokens {usage.get('total_tokens', '?')}"
+            + (f", ${float(cost):.4f}" if isinstance(cost, int | float) else "")
+            + tries
+        )
         it = Item(r.seq, e.at, off, "llm", title, detail, key=e.key, duration=_dur(e))
     elif e.kind == "tool":
         title = f"{e.key}: tool {e.name}"
@@ -250,8 +297,16 @@ def _step_item(r: RawEvent, off: float) -> Item:
             it.payloads.append(payload("arguments", meta.get("arguments"), {}, "arguments"))
     else:
         name = f" {e.name}" if e.name and e.kind == "run" else ""
-        it = Item(r.seq, e.at, off, "step", f"{e.key}: {e.kind}{name}", tries.lstrip(", "),
-                  key=e.key, duration=_dur(e))
+        it = Item(
+            r.seq,
+            e.at,
+            off,
+            "step",
+            f"{e.key}: {e.kind}{name}",
+            tries.lstrip(", "),
+            key=e.key,
+            duration=_dur(e),
+        )
     it.payloads.append(payload("output", e.output, r.refs, "output"))
     return it
 
@@ -322,8 +377,14 @@ def trace_entries(view: RunView, history: list[RawEvent]) -> list[Any]:
             out.append(_llm_call(r))
         elif isinstance(e, ev.StepCompleted) and e.kind == "tool":
             out.append(_tool_call(r))
-        elif r.seq in items and items[r.seq].kind in ("wait", "wake", "fail", "retry", "end-fail",
-                                                       "end-ok"):
+        elif r.seq in items and items[r.seq].kind in (
+            "wait",
+            "wake",
+            "fail",
+            "retry",
+            "end-fail",
+            "end-ok",
+        ):
             out.append(items[r.seq])
     return out
 
@@ -341,22 +402,33 @@ def _llm_call(r: RawEvent) -> LLMCall:
     if messages:
         last = messages[-1]
         content = str(last.get("content") or "") if isinstance(last, dict) else ""
-        if isinstance(last, dict) and last.get("role") == "user" and content.startswith(
-            ("Your answer was rejected", "Your answer is not valid JSON")
+        if (
+            isinstance(last, dict)
+            and last.get("role") == "user"
+            and content.startswith(("Your answer was rejected", "Your answer is not valid JSON"))
         ):
             guard = content
     cost = meta.get("cost_usd")
     return LLMCall(
-        key=e.key, agent=meta.get("agent"), model=meta.get("model") or e.name,
-        provider=meta.get("provider"), at=e.at, latency_ms=meta.get("latency_ms") or e.duration_ms,
-        usage=meta.get("usage") or {}, cost=float(cost) if isinstance(cost, int | float) else None,
+        key=e.key,
+        agent=meta.get("agent"),
+        model=meta.get("model") or e.name,
+        provider=meta.get("provider"),
+        at=e.at,
+        latency_ms=meta.get("latency_ms") or e.duration_ms,
+        usage=meta.get("usage") or {},
+        cost=float(cost) if isinstance(cost, int | float) else None,
         messages=[m for m in messages if isinstance(m, dict)],
         answer=o.get("content") if isinstance(o.get("content"), str) else None,
         tool_calls=[c for c in o.get("tool_calls") or [] if isinstance(c, dict)],
-        offered=offered, chosen=[str(c) for c in choice.get("chosen") or []],
+        offered=offered,
+        chosen=[str(c) for c in choice.get("chosen") or []],
         alternatives=[str(c) for c in choice.get("alternatives") or []],
-        reason=choice.get("reason"), finish_reason=meta.get("finish_reason"), attempts=e.attempts,
-        guardrail=guard, output=payload("output", e.output, r.refs, "output"),
+        reason=choice.get("reason"),
+        finish_reason=meta.get("finish_reason"),
+        attempts=e.attempts,
+        guardrail=guard,
+        output=payload("output", e.output, r.refs, "output"),
         messages_ref=r.refs.get("meta") or r.refs.get("meta.messages"),
     )
 
@@ -373,10 +445,17 @@ def _tool_call(r: RawEvent) -> ToolCall:
     if "rewritten_arguments" in meta:
         rewritten = payload("rewritten by a guardrail", meta["rewritten_arguments"], {}, "x")
     return ToolCall(
-        key=e.key, name=e.name, agent=meta.get("agent"), at=e.at, duration_ms=e.duration_ms,
+        key=e.key,
+        name=e.name,
+        agent=meta.get("agent"),
+        at=e.at,
+        duration_ms=e.duration_ms,
         arguments=payload("arguments", meta.get("arguments"), {}, "arguments"),
-        result=payload("result", e.output, r.refs, "output"), error=err if err else None,
-        decision=meta.get("decision"), handoff=meta.get("handoff"), rewritten=rewritten,
+        result=payload("result", e.output, r.refs, "output"),
+        error=err if err else None,
+        decision=meta.get("decision"),
+        handoff=meta.get("handoff"),
+        rewritten=rewritten,
         guardrail=guard,
     )
 
@@ -414,7 +493,10 @@ def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
     if isinstance(options, list):
         real = [o for o in options if isinstance(o, dict) and o.get("type") != "null"]
         if len(real) == 1:
-            merged = {**_resolve(real[0], root), **{k: v for k, v in schema.items() if k != "anyOf"}}
+            merged = {
+                **_resolve(real[0], root),
+                **{k: v for k, v in schema.items() if k != "anyOf"},
+            }
             merged["nullable"] = True
             return merged
     return schema
@@ -447,12 +529,30 @@ def schema_fields(schema: Any) -> tuple[list[Field], bool]:
         for name, sub in props.items():
             sub = _resolve(sub if isinstance(sub, dict) else {}, root)
             ftype, options = _field_type(sub)
-            fields.append(Field(name, str(sub.get("title") or name), ftype, name in required,
-                                sub.get("description"), sub.get("default"), options))
+            fields.append(
+                Field(
+                    name,
+                    str(sub.get("title") or name),
+                    ftype,
+                    name in required,
+                    sub.get("description"),
+                    sub.get("default"),
+                    options,
+                )
+            )
         return fields, True
     ftype, options = _field_type(s)
-    return [Field("input", str(s.get("title") or "input"), ftype, True, s.get("description"),
-                  s.get("default"), options)], False
+    return [
+        Field(
+            "input",
+            str(s.get("title") or "input"),
+            ftype,
+            True,
+            s.get("description"),
+            s.get("default"),
+            options,
+        )
+    ], False
 
 
 class FormError(ValueError):
@@ -519,8 +619,11 @@ class ApprovalForm:
 def approval_form(data: Any) -> ApprovalForm:
     d = data if isinstance(data, dict) else {}
     form = d.get("_form") if isinstance(d.get("_form"), dict) else None
-    shown = {k: v for k, v in d.items() if k not in ("_form", "_approval_url", "_notify")} \
-        if isinstance(data, dict) else data
+    shown = (
+        {k: v for k, v in d.items() if k not in ("_form", "_approval_url", "_notify")}
+        if isinstance(data, dict)
+        else data
+    )
     if form is not None:
         fields: list[Field] = []
         for raw in form.get("fields") or []:
@@ -532,18 +635,37 @@ def approval_form(data: Any) -> ApprovalForm:
             ftype = str(raw.get("type") or "text")
             if ftype not in ("text", "textarea", "number", "boolean", "select"):
                 ftype = "text"
-            options = [(str(o.get("value")), str(o.get("label") or o.get("value")))
-                       for o in raw.get("options") or [] if isinstance(o, dict)]
-            fields.append(Field(name, str(raw.get("label") or name), ftype,
-                                bool(raw.get("required")), raw.get("description"),
-                                raw.get("default"), options))
+            options = [
+                (str(o.get("value")), str(o.get("label") or o.get("value")))
+                for o in raw.get("options") or []
+                if isinstance(o, dict)
+            ]
+            fields.append(
+                Field(
+                    name,
+                    str(raw.get("label") or name),
+                    ftype,
+                    bool(raw.get("required")),
+                    raw.get("description"),
+                    raw.get("default"),
+                    options,
+                )
+            )
         if not fields:
             fields = [Field("response", "Response", "textarea", True)]
-        return ApprovalForm(str(form.get("title") or "Approval required"),
-                            form.get("description"), fields, form.get("context"),
-                            d.get("_source"), d.get("_tool"), shown, "form")
+        return ApprovalForm(
+            str(form.get("title") or "Approval required"),
+            form.get("description"),
+            fields,
+            form.get("context"),
+            d.get("_source"),
+            d.get("_tool"),
+            shown,
+            "form",
+        )
     title = "Approval required"
     if d.get("tool"):
         title = f"Approve tool call: {d['tool']}"
-    return ApprovalForm(title, None, [], None, d.get("_source"), d.get("tool") or d.get("_tool"),
-                        shown, "approve")
+    return ApprovalForm(
+        title, None, [], None, d.get("_source"), d.get("tool") or d.get("_tool"), shown, "approve"
+    )

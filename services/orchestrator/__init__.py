@@ -1,6 +1,6 @@
 """The orchestrator service: commands in, runs created and dispatched, run index kept."""
 
-from . import waiting as _waiting  # noqa: F401 - registers resume, cancel, events
-from .orchestrator import CommandError, Orchestrator, derive_run_id
+from .commands import CommandError, derive_run_id
+from .orchestrator import Orchestrator
 
 __all__ = ["CommandError", "Orchestrator", "derive_run_id"]

@@ -28,8 +28,8 @@ Crash safety, with any number of orchestrators:
 * die before deleting the entry: the next pass finds the run already admitted (duplicate or
   fenced) and deletes the entry.
 * JetStream unavailable for a moment (a leader election, a reconnect): ``RunAdmitted``, tasks
-  and waiting-line entries are written through the retrying path (``jetstream.append``,
-  ``Orchestrator.publish_task``). A dispatch that parks the run while an earlier one of the
+  and waiting-line entries are written through the retrying path (``store.append``,
+  ``store.task.publish_task``). A dispatch that parks the run while an earlier one of the
   same cause still holds a slot for it (a retried or repeated dispatch) loses nothing either:
   a run that records its wait gives back every slot it held.
 
@@ -55,14 +55,26 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from polos import events as ev
-from polos._private import jetstream as jsl
+from polos import history as ev
 from polos._private import limits
-from polos._private.tasks import cancel_and_wait
-from polos.queues import Queue
+from polos._private.limits import LimitsConfig, RateStore, SlotStore, store_for
+from polos._private.model.aio import cancel_and_wait
+from polos._private.model.values import Queue
+from polos._private.store import (
+    MSG_ID,
+    FencedOut,
+    append,
+    dead_letter,
+    load_state,
+    publish,
+    read_history,
+    read_subject,
+    retry_transient,
+)
+from polos._private.store.task import encode_task, publish_task
 
 if TYPE_CHECKING:
-    from .orchestrator import Orchestrator
+    from .orchestrator import CommandHandler, Orchestrator
 
 log = logging.getLogger("polos.admission")
 
@@ -80,9 +92,10 @@ class Admission:
         self.names = orch.names
         self.settings = orch.settings
         self.lease = float(self.settings.slot_lease)
-        self.config = limits.LimitsConfig(orch.js, orch.names)
-        self.store = limits.store_for(orch.nc, orch.js, orch.names)
-        self.rates = limits.RateStore(self.store)
+        # Opened at start (they need the orchestrator's connection).
+        self.config: LimitsConfig
+        self.store: SlotStore
+        self.rates: RateStore
         self._want: dict[str, bool] = {}
         self._passes: dict[str, asyncio.Task[None]] = {}
         self._last_key: dict[str, str] = {}
@@ -99,16 +112,16 @@ class Admission:
         self.lost_races = 0
         self.lock_busy = 0
 
-    @classmethod
-    async def attach(cls, orch: Orchestrator) -> Admission:
+    def commands(self) -> dict[str, CommandHandler]:
+        return {}  # admission answers no command: it routes the dispatches of limited queues
+
+    async def start(self) -> None:
         # Its slots bucket, queues bucket and admission stream are in the topology the
         # orchestrator ensured at start.
-        adm = cls(orch)
-        hooks = type(orch).control_hooks
-        if on_control not in hooks:
-            hooks.append(on_control)
-        adm._sweeper = asyncio.create_task(adm._sweep(), name="admission-sweep")
-        return adm
+        self.config = LimitsConfig(self.orch.js, self.names)
+        self.store = store_for(self.orch.nc, self.orch.js, self.names)
+        self.rates = RateStore(self.store)
+        self._sweeper = asyncio.create_task(self._sweep(), name="admission-sweep")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -129,21 +142,25 @@ class Admission:
         queue_name: str | None
         key: str | None
         if requested is not None:
-            queue_name, key, workflow = requested.queue, requested.concurrency_key, requested.workflow
+            queue_name, key, workflow = (
+                requested.queue,
+                requested.concurrency_key,
+                requested.workflow,
+            )
         else:
-            cached = self.orch._cache.get(run_id)
-            entry = cached[0] if cached else None
+            entry = self.orch.index.cached(run_id)
             if entry is not None and entry.get("workflow"):
                 queue_name = entry.get("admitted_queue") or entry.get("queue")
                 key, workflow = entry.get("concurrency_key"), entry["workflow"]
             else:
                 # The request is a control event: no need to read the run's steps.
-                history = await jsl.read_history(self.orch.nc, self.names, run_id, kinds=("ctl",))
+                history = await read_history(self.orch.nc, self.names, run_id, kinds=("ctl",))
                 r = next((e for _, e in history if isinstance(e, ev.RunRequested)), None)
                 if r is None:
                     return None, limits.DEFAULT_KEY, workflow or ""
-                admitted = next((e.queue for _, e in reversed(history)
-                                 if isinstance(e, ev.RunAdmitted)), None)
+                admitted = next(
+                    (e.queue for _, e in reversed(history) if isinstance(e, ev.RunAdmitted)), None
+                )
                 queue_name, key, workflow = admitted or r.queue, r.concurrency_key, r.workflow
         assert workflow is not None
         if not queue_name:
@@ -166,11 +183,11 @@ class Admission:
         if requested is None:
             # A wake, dispatched by its waker and again by a control hook: only a run the log
             # says is queued needs a slot (a parked or running one has its way already).
-            state = await jsl.load_state(self.orch.nc, self.names, run_id)
+            state = await load_state(self.orch.nc, self.names, run_id)
             if state.status != "queued" or state.last_seq > cause_seq:
                 return True
         ktok = limits.token(key)
-        reason = "slot"
+        reason: ev.WaitKind = "slot"
         # Both at once, to keep admission off the critical path: the slot is given back if
         # someone waits ahead of this run.
         waiting, (slots, _) = await asyncio.gather(
@@ -200,13 +217,11 @@ class Admission:
         # limit only makes the run wait behind its own key.
         shared = queue.concurrency is not None or queue.rate_limit is not None
         subject = (
-            limits.admit_filter(self.names, queue.name)
+            self.names.admit_filter(queue.name)
             if shared
-            else limits.admit_subject(self.names, queue.name, ktok)
+            else self.names.admit_subject(queue.name, ktok)
         )
-        msgs = await jsl.read_subject(
-            self.orch.nc, limits.admit_stream(self.names), subject, limit=1
-        )
+        msgs = await read_subject(self.orch.nc, self.names.admit_stream, subject, limit=1)
         return bool(msgs)
 
     async def _rate_ok(self, queue: Queue) -> bool:
@@ -224,12 +239,25 @@ class Admission:
     ) -> bool:
         # ``queue`` and ``adm`` say the run was admitted under that queue: a worker whose
         # workflow declares a limited queue executes nothing else (``limits.admission_needed``).
-        body = {"run_id": run_id, "workflow": workflow, "queue": queue, "slots": slots,
-                "adm": adm, "lease": self.lease}
-        return await self.orch.publish_task(run_id, workflow, cause_seq, body)
+        task = encode_task(run_id, workflow, queue=queue, slots=slots, adm=adm, lease=self.lease)
+        return await publish_task(
+            self.orch.nc,
+            self.names,
+            run_id,
+            workflow,
+            cause_seq,
+            task,
+            timeout=self.settings.request_timeout,
+        )
 
     async def _park(
-        self, run_id: str, workflow: str, queue: Queue, key: str, cause_seq: int, reason: str
+        self,
+        run_id: str,
+        workflow: str,
+        queue: Queue,
+        key: str,
+        cause_seq: int,
+        reason: ev.WaitKind,
     ) -> None:
         """Record that the run waits for admission; the control hook queues it."""
         event = ev.RunSuspended(
@@ -241,14 +269,18 @@ class Admission:
         expected = cause_seq
         for _ in range(5):
             try:
-                await jsl.append(
-                    self.orch.js, self.names, run_id, event, expected_last_seq=expected,
+                await append(
+                    self.orch.js,
+                    self.names,
+                    run_id,
+                    event,
+                    expected_last_seq=expected,
                     msg_id=f"{run_id}/w/{expected}",
                 )
                 self.waits += 1
                 return
-            except jsl.FencedOut:
-                state = await jsl.load_state(self.orch.nc, self.names, run_id)
+            except FencedOut:
+                state = await load_state(self.orch.nc, self.names, run_id)
                 if state.done or state.status in ("suspended", "running"):
                     return  # it moved on (cancelled, already parked, or a worker has it)
                 expected = state.last_seq
@@ -256,11 +288,15 @@ class Admission:
 
     # ------------------------------------------------------------------ control events
 
-    async def on_event(self, run_id: str, seq: int, event: ev.Event) -> None:
+    async def on_control(self, run_id: str, seq: int, event: ev.Event) -> None:
+        """Queue waiting runs, repair admissions, give slots back."""
         if isinstance(event, ev.RunAdmitted):
             await self._repair_admitted(run_id, seq, event)
-        elif isinstance(event, ev.RunSuspended) and event.kind in WAIT_KINDS \
-                and event.step == "admission":
+        elif (
+            isinstance(event, ev.RunSuspended)
+            and event.kind in WAIT_KINDS
+            and event.step == "admission"
+        ):
             # A run in line holds no slot: one taken for it before (a dispatch of the same
             # cause that was retried or repeated, then parked) would otherwise stay taken, with
             # the run waiting behind it, until its lease ran out.
@@ -285,7 +321,11 @@ class Admission:
 
     async def _enqueue(self, run_id: str, seq: int, event: ev.RunSuspended) -> None:
         data = event.data if isinstance(event.data, dict) else {}
-        queue_name, key, workflow = data.get("queue"), data.get("concurrency_key"), data.get("workflow")
+        queue_name, key, workflow = (
+            data.get("queue"),
+            data.get("concurrency_key"),
+            data.get("workflow"),
+        )
         if not (queue_name and workflow):
             queue, key, workflow = await self.resolve(run_id, None, None)
             if queue is None:
@@ -298,14 +338,21 @@ class Admission:
             # instance has cached about the workflow and its queue is out of date.
             self.config.forget(workflow=str(workflow), queue=str(queue_name))
         key = key or limits.DEFAULT_KEY
-        body = {"run_id": run_id, "workflow": workflow, "queue": queue_name, "key": key,
-                "wait_seq": seq, "at": event.at}
-        subject = limits.admit_subject(self.names, str(queue_name), limits.token(key))
-        payload, headers = orjson.dumps(body), {jsl.MSG_ID: f"{run_id}/q/{seq}"}
+        body = {
+            "run_id": run_id,
+            "workflow": workflow,
+            "queue": queue_name,
+            "key": key,
+            "wait_seq": seq,
+            "at": event.at,
+        }
+        subject = self.names.admit_subject(str(queue_name), limits.token(key))
+        payload, headers = orjson.dumps(body), {MSG_ID: f"{run_id}/q/{seq}"}
         timeout = self.settings.request_timeout
-        await jsl.retry_transient(
-            lambda _: jsl.publish(self.orch.nc, subject, payload, headers=headers, timeout=timeout),
-            timeout=timeout, what=f"admission entry of run {run_id}",
+        await retry_transient(
+            lambda _: publish(self.orch.nc, subject, payload, headers=headers, timeout=timeout),
+            timeout=timeout,
+            what=f"admission entry of run {run_id}",
         )
         self.kick(str(queue_name))
 
@@ -339,8 +386,9 @@ class Admission:
             # others retry shortly, so a kick they received is never lost; if the holder dies,
             # its lock runs out after lock_ttl (a third of the slot lease, 1 to 5 s).
             lock = f"lock.{queue}"
-            rev = await self.store.put(lock, {"by": self.id, "at": time.time()}, expected=0,
-                                       ttl=self.lock_ttl)
+            rev = await self.store.put(
+                lock, {"by": self.id, "at": time.time()}, expected=0, ttl=self.lock_ttl
+            )
             if rev is None:
                 self.lock_busy += 1
                 self._later(queue, self.LOCK_RETRY)
@@ -361,16 +409,19 @@ class Admission:
         rev = self._lock_rev.get(queue)
         if rev is None:
             return
-        new = await self.store.put(f"lock.{queue}", {"by": self.id, "at": time.time()},
-                                   expected=rev, ttl=self.lock_ttl)
+        new = await self.store.put(
+            f"lock.{queue}", {"by": self.id, "at": time.time()}, expected=rev, ttl=self.lock_ttl
+        )
         if new is not None:
             self._lock_rev[queue] = new
 
     async def admission_pass(self, queue_name: str) -> int:
         """Admit as many waiting runs of the queue as slots and rate allow. Returns how many."""
-        msgs = await jsl.read_subject(
-            self.orch.nc, limits.admit_stream(self.names),
-            limits.admit_filter(self.names, queue_name), limit=5000,
+        msgs = await read_subject(
+            self.orch.nc,
+            self.names.admit_stream,
+            self.names.admit_filter(queue_name),
+            limit=5000,
         )
         if not msgs:
             return 0
@@ -384,9 +435,14 @@ class Admission:
             try:
                 entry = orjson.loads(m.data)
             except orjson.JSONDecodeError:
-                await jsl.dead_letter(self.orch.js, self.names, source="admit",
-                                      reason="malformed admission entry", subject=m.subject,
-                                      data=m.data)
+                await dead_letter(
+                    self.orch.js,
+                    self.names,
+                    source="admit",
+                    reason="malformed admission entry",
+                    subject=m.subject,
+                    data=m.data,
+                )
                 await self._drop_entry(m.seq)
                 continue
             groups.setdefault(m.subject.split(".")[-1], deque()).append((m.seq, entry))
@@ -437,13 +493,17 @@ class Admission:
                 await self.store.release_keys(slots, run_id)
                 return "rate"
         event = ev.RunAdmitted(
-            run_id=run_id, step="admission", reason="admitted",
-            queue=str(entry.get("queue")), concurrency_key=None if key == limits.DEFAULT_KEY else key,
-            slots=slots, lease=self.lease,
+            run_id=run_id,
+            step="admission",
+            reason="admitted",
+            queue=str(entry.get("queue")),
+            concurrency_key=None if key == limits.DEFAULT_KEY else key,
+            slots=slots,
+            lease=self.lease,
         )
         try:
             seq = await self._append_fenced(run_id, event, wait_seq, f"{run_id}/adm/{wait_seq}")
-        except jsl.FencedOut:
+        except FencedOut:
             # Admitted by another instance (or cancelled meanwhile): not ours to run.
             self.lost_races += 1
             await self.store.release_keys(slots, run_id)
@@ -455,27 +515,31 @@ class Admission:
         return "admitted"
 
     async def _admit_unlimited(self, run_id: str, workflow: str, wait_seq: int, queue: str) -> None:
-        event = ev.RunAdmitted(run_id=run_id, step="admission", reason="admitted", queue=queue,
-                               lease=self.lease)
-        with contextlib.suppress(jsl.FencedOut):
+        event = ev.RunAdmitted(
+            run_id=run_id, step="admission", reason="admitted", queue=queue, lease=self.lease
+        )
+        with contextlib.suppress(FencedOut):
             seq = await self._append_fenced(run_id, event, wait_seq, f"{run_id}/adm/{wait_seq}")
             await self._publish_task(run_id, workflow, seq, [], wait_seq, queue)
 
-    async def _append_fenced(
-        self, run_id: str, event: ev.Event, expected: int, msg_id: str
-    ) -> int:
+    async def _append_fenced(self, run_id: str, event: ev.Event, expected: int, msg_id: str) -> int:
         """Append through the retrying write path: the sequence when this very append is
         stored (a retry after a lost answer included), ``FencedOut`` when anything else is
         (another instance's admission of the run, a cancel)."""
-        return await jsl.append(
-            self.orch.js, self.names, run_id, event, expected_last_seq=expected, msg_id=msg_id,
+        return await append(
+            self.orch.js,
+            self.names,
+            run_id,
+            event,
+            expected_last_seq=expected,
+            msg_id=msg_id,
             timeout=self.settings.request_timeout,
         )
 
     async def _drop_entry(self, pseq: int) -> None:
         with contextlib.suppress(Exception):
             await self.orch.nc.request(
-                f"$JS.API.STREAM.MSG.DELETE.{limits.admit_stream(self.names)}",
+                f"$JS.API.STREAM.MSG.DELETE.{self.names.admit_stream}",
                 orjson.dumps({"seq": pseq, "no_erase": True}),
                 timeout=self.settings.request_timeout,
             )
@@ -487,23 +551,22 @@ class Admission:
             await asyncio.sleep(interval)
             try:
                 info = await self.orch.js.stream_info(
-                    limits.admit_stream(self.names), subjects_filter=limits.admit_filter(self.names)
+                    self.names.admit_stream, subjects_filter=self.names.admit_filter()
                 )
             except Exception:
                 continue
-            for subj in (info.state.subjects or {}):
+            for subj in info.state.subjects or {}:
                 self.kick(subj.split(".")[2])
 
     def stats(self) -> dict[str, Any]:
-        return {"fast_admits": self.fast_admits, "waits": self.waits, "admitted": self.admitted,
-                "lost_races": self.lost_races, "lock_busy": self.lock_busy, "at": time.time()}
+        return {
+            "fast_admits": self.fast_admits,
+            "waits": self.waits,
+            "admitted": self.admitted,
+            "lost_races": self.lost_races,
+            "lock_busy": self.lock_busy,
+            "at": time.time(),
+        }
 
 
-async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event) -> None:
-    """Control hook: queue waiting runs, repair admissions, give slots back."""
-    adm: Admission | None = getattr(orch, "admission", None)
-    if adm is not None:
-        await adm.on_event(run_id, seq, event)
-
-
-__all__ = ["Admission", "on_control"]
+__all__ = ["Admission"]

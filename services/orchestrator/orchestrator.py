@@ -11,52 +11,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, Protocol
 
-import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
-from polos import events as ev
-from polos._private import jetstream as jsl
-from polos._private import payloads
+from polos import history as ev
+from polos._private.store import (
+    MSG_ID,
+    REPLY_HEADER,
+    AppendUnavailable,
+    Fatal,
+    FencedOut,
+    Names,
+    PullLoop,
+    append,
+    connect_service,
+    dead_letter,
+    disconnect,
+    ensure_consumer,
+    ensure_topology,
+    is_transient,
+    load_state,
+    payloads,
+    valid_token,
+)
+from polos._private.store.commands import START_FIELDS
+from polos._private.store.task import encode_task, publish_task, task_msg_id
 from polos.config import Settings
 
 from .admission import Admission
+from .commands import CommandError, RunNotYetKnown, derive_run_id, parse_object
+from .index import RunIndex
+from .waiting import Waiting
 
 log = logging.getLogger("polos.orchestrator")
 
-_RUN_NS = uuid.UUID("6f1d0b52-4b8e-4a4e-9a55-0c1f5b3f7d10")
-_START_FIELDS = {"input", "input_ref", "run_id", "queue", "concurrency_key"}
-
-
-class CommandError(ValueError):
-    """A command we cannot act on; the reason goes to the sender and the dead-letter stream."""
-
-    def __init__(self, reason: str, field: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.field = field
-
-
-class RunNotYetKnown(CommandError):
-    """A command names a run that does not exist (yet).
-
-    Commands are handled concurrently, so a resume or cancel sent right after its start can be
-    handled before the start. While commands older than this one are still unacknowledged the
-    command is retried shortly; once they are all done and the run still does not exist, the
-    answer is final.
-    """
-
-
-# The most history a task carries, in bytes of stored events (more: the worker reads it).
-_INLINE_HISTORY = 32 * 1024
 
 # How many task ids the orchestrator remembers having dispatched (see Orchestrator.dispatched).
 _DISPATCHED_KEPT = 10_000
@@ -68,9 +62,23 @@ _UNAVAILABLE_RETRIES = 125
 _NOT_YET_RETRIES = 40
 
 
-def derive_run_id(prefix: str, key: str) -> str:
-    """A run id that is the same every time the same command is processed."""
-    return uuid.uuid5(_RUN_NS, f"{prefix}/{key}").hex
+CommandHandler = Callable[[Msg, list[str]], Awaitable[dict[str, Any]]]
+
+
+class Feature(Protocol):
+    """What the orchestrator asks of a feature it is wired with (admission, waiting)."""
+
+    def commands(self) -> dict[str, CommandHandler]:
+        """The command verbs it answers (``<p>.cmd.<verb>.…``), other than ``start``."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def on_control(self, run_id: str, seq: int, event: ev.Event) -> None:
+        """A control event of a run, after the run index has folded it."""
+        ...
 
 
 class Orchestrator:
@@ -78,26 +86,36 @@ class Orchestrator:
 
     def __init__(self, settings: Settings | None = None, *, index_cache: int = 50_000) -> None:
         self.settings = settings or Settings()
-        self.names = jsl.Names(self.settings.prefix)
+        self.names = Names(self.settings.prefix)
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._index: KeyValue | None = None
-        self._loops: list[jsl.PullLoop] = []
-        # run_id -> (entry, kv revision): saves a read before every index update.
-        self._cache: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
-        self._cache_size = index_cache
+        self._loops: list[PullLoop] = []
+        self.index = RunIndex(
+            self.names, cache_size=index_cache, timeout=self.settings.request_timeout
+        )
         self.commands_handled = 0
         self.dead_lettered = 0
-        self.admission: Admission | None = None
-        # The waiters bucket's handle (waiting.py), opened on first use.
-        self.waits_kv: KeyValue | None = None
         # Tasks this process has put out, by message id: the control hook's repeat of a wake's
         # dispatch (for a waker that died before dispatching) is not needed for these.
         self._dispatched: OrderedDict[str, None] = OrderedDict()
-        self._index_locks: dict[str, _RunLock] = {}
-        self.index_conflicts = 0
         # Set when the server refuses the service credentials on a reconnect.
-        self.fatal = jsl.Fatal()
+        self.fatal = Fatal()
+        # The features, wired here: each answers its command verbs, reacts to control events
+        # after the index has folded them, and starts and stops with the orchestrator.
+        # Admission comes first: a run of a limited queue is never dispatched around it.
+        self.admission = Admission(self)
+        self.waiting = Waiting(self)
+        self.features: tuple[Feature, ...] = (self.admission, self.waiting)
+        self._verbs: dict[str, CommandHandler] = {}
+        for feature in self.features:
+            for verb, handler in feature.commands().items():
+                if verb == "start" or verb in self._verbs:
+                    raise ValueError(f"command verb {verb!r} is handled twice")
+                self._verbs[verb] = handler
+
+    @property
+    def index_conflicts(self) -> int:
+        return self.index.conflicts
 
     @property
     def js(self) -> JetStreamContext:
@@ -110,44 +128,46 @@ class Orchestrator:
         return self._nc
 
     async def start(self) -> None:
-        self._nc = await jsl.connect_service(
+        self._nc = await connect_service(
             self.settings, name="polos-orchestrator", on_fatal=self.fatal
         )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
         # The whole topology of the namespace, every feature's: only services create it.
-        await jsl.ensure_topology(self._js, self.names, self.settings)
-        self._index = await self._js.key_value(self.names.runs_bucket)
-        await jsl.ensure_consumer(
-            self._js, self.names.cmd_stream, "orchestrator_cmd", self.names.cmd_filter,
+        await ensure_topology(self._js, self.names, self.settings)
+        await self.index.open(self._nc, self._js)
+        await ensure_consumer(
+            self._js,
+            self.names.cmd_stream,
+            "orchestrator_cmd",
+            self.names.cmd_filter,
             ack_wait=self.settings.service_ack_wait,
         )
-        await jsl.ensure_consumer(
-            self._js, self.names.runs_stream, "orchestrator_ctl", self.names.ctl_filter,
+        await ensure_consumer(
+            self._js,
+            self.names.runs_stream,
+            "orchestrator_ctl",
+            self.names.ctl_filter,
             ack_wait=self.settings.service_ack_wait,
         )
-        # Queues with limits: before the loops start, so no run is dispatched around them.
-        self.admission = await Admission.attach(self)
-        # Features with their own consumers (waiting: events) start here; each returns
-        # something with ``stop()``.
-        self._attached = [await hook(self) for hook in self.start_hooks]
+        # Before the loops: queues with limits admit from the first command on.
+        for feature in self.features:
+            await feature.start()
         for stream, durable, handler in (
             (self.names.cmd_stream, "orchestrator_cmd", self._on_command),
             (self.names.runs_stream, "orchestrator_ctl", self._on_control),
         ):
-            loop = jsl.PullLoop(self._nc, stream, durable, handler, capacity=256, name=durable)
+            loop = PullLoop(self._nc, stream, durable, handler, capacity=256, name=durable)
             loop.start()
             self._loops.append(loop)
         log.info("orchestrator started on namespace %r", self.settings.prefix)
 
     async def stop(self) -> None:
         await asyncio.gather(*(loop.stop(drain_timeout=2.0) for loop in self._loops))
-        if self.admission is not None:
-            await self.admission.stop()
-        for attached in getattr(self, "_attached", []):
-            await attached.stop()
+        for feature in reversed(self.features):
+            await feature.stop()
         if self._nc is not None:
             with contextlib.suppress(Exception):
-                await jsl.close(self._nc)
+                await disconnect(self._nc)
 
     async def __aenter__(self) -> Orchestrator:
         await self.start()
@@ -159,7 +179,7 @@ class Orchestrator:
     # ------------------------------------------------------------------ commands
 
     async def _reply(self, msg: Msg, body: dict[str, Any]) -> None:
-        reply = (msg.headers or {}).get(jsl.REPLY_HEADER)
+        reply = (msg.headers or {}).get(REPLY_HEADER)
         if reply:
             with contextlib.suppress(Exception):
                 await self.nc.publish(reply, orjson.dumps(body))
@@ -167,7 +187,7 @@ class Orchestrator:
     async def _reject(self, msg: Msg, err: CommandError) -> None:
         self.dead_lettered += 1
         log.warning("rejected command on %s: %s", msg.subject, err.reason)
-        await jsl.dead_letter(
+        await dead_letter(
             self.js,
             self.names,
             source="cmd",
@@ -186,15 +206,17 @@ class Orchestrator:
             if verb == "start" and len(tokens) == 4:
                 body = await self._start(msg, tokens[3])
             else:
-                handler = self.command_handlers.get(verb)
+                handler = self._verbs.get(verb)
                 if handler is None:
                     raise CommandError(
                         f"unknown command subject {msg.subject!r}; expected "
                         f"{self.names.prefix}.cmd.start.<workflow> or another documented command"
                     )
-                body = await handler(self, msg, tokens[3:])
+                body = await handler(msg, tokens[3:])
         except RunNotYetKnown as err:
-            if msg.metadata.num_delivered < _NOT_YET_RETRIES and await self._older_commands_pending(msg):
+            if msg.metadata.num_delivered < _NOT_YET_RETRIES and await self._older_commands_pending(
+                msg
+            ):
                 await msg.nak(delay=0.05)
                 return
             await self._reject(msg, err)
@@ -210,9 +232,11 @@ class Orchestrator:
             # unavailable (an election, a restart) is waited out for longer: giving up then
             # would leave a run that exists without its task.
             delivered = msg.metadata.num_delivered if msg.reply else 1
-            unavailable = jsl.is_transient(exc) or isinstance(exc, jsl.AppendUnavailable)
+            unavailable = is_transient(exc) or isinstance(exc, AppendUnavailable)
             if delivered >= (_UNAVAILABLE_RETRIES if unavailable else 5):
-                await self._reject(msg, CommandError(f"processing failed {delivered} times: {exc!r}"))
+                await self._reject(
+                    msg, CommandError(f"processing failed {delivered} times: {exc!r}")
+                )
                 await msg.ack()
             else:
                 log.exception("command on %s failed; will retry", msg.subject)
@@ -230,50 +254,38 @@ class Orchestrator:
             return True
         return int(info.ack_floor.stream_seq) < msg.metadata.sequence.stream - 1
 
-    @staticmethod
-    def parse_object(msg: Msg) -> dict[str, Any]:
-        try:
-            body = orjson.loads(msg.data) if msg.data else {}
-        except orjson.JSONDecodeError as exc:
-            raise CommandError(f"malformed JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise CommandError(f"the payload must be a JSON object, got {type(body).__name__}")
-        return body
-
     async def _start(self, msg: Msg, workflow: str) -> dict[str, Any]:
-        if not jsl.valid_token(workflow):
+        if not valid_token(workflow):
             raise CommandError(f"workflow name {workflow!r} is not valid", field="workflow")
-        body = self.parse_object(msg)
-        unknown = sorted(set(body) - _START_FIELDS)
+        body = parse_object(msg)
+        unknown = sorted(set(body) - START_FIELDS)
         if unknown:
             raise CommandError(
                 f"unknown field(s) {', '.join(unknown)}; a start command takes "
-                f"{', '.join(sorted(_START_FIELDS))}",
+                f"{', '.join(sorted(START_FIELDS))}",
                 field=unknown[0],
             )
         run_id = body.get("run_id")
         if run_id is None:
             hdrs = msg.headers or {}
-            key = hdrs.get(jsl.MSG_ID) or f"seq/{msg.metadata.sequence.stream}"
+            key = hdrs.get(MSG_ID) or f"seq/{msg.metadata.sequence.stream}"
             run_id = derive_run_id(self.names.prefix, key)
-        elif not isinstance(run_id, str) or not jsl.valid_token(run_id):
-            raise CommandError(
-                "run_id must be 1-128 letters, digits, '_' or '-'", field="run_id"
-            )
+        elif not isinstance(run_id, str) or not valid_token(run_id):
+            raise CommandError("run_id must be 1-128 letters, digits, '_' or '-'", field="run_id")
         for name in ("queue", "concurrency_key"):
             if body.get(name) is not None and not isinstance(body[name], str):
                 raise CommandError(f"{name} must be a string", field=name)
         event = ev.RunRequested(
             run_id=run_id,
             workflow=workflow,
-            input=await self._input(body, run_id),
+            input=await self.command_input(body, run_id),
             queue=body.get("queue"),
             concurrency_key=body.get("concurrency_key"),
             source="client" if (msg.headers or {}).get("Polos-Client") else "raw",
         )
         return await self.request_run(event)
 
-    async def _input(self, body: dict[str, Any], run_id: str) -> Any:
+    async def command_input(self, body: dict[str, Any], run_id: str) -> Any:
         """The start's input; an input too big for a message arrives as an Object Store ref."""
         ref = body.get("input_ref")
         if ref is None:
@@ -298,13 +310,13 @@ class Orchestrator:
         """
         run_id = event.run_id
         try:
-            seq = await jsl.append(
+            seq = await append(
                 self.js, self.names, run_id, event, expected_last_seq=0, msg_id=f"{run_id}/req"
             )
-        except jsl.FencedOut:
+        except FencedOut:
             # The run exists: this is a repeated start. Re-dispatch only if it never ran, in
             # case an earlier instance died between creating it and dispatching it.
-            state = await jsl.load_state(self.nc, self.names, run_id)
+            state = await load_state(self.nc, self.names, run_id)
             answer = {"ok": True, "run_id": run_id, "existing": True, "status": state.status}
             if state.requested and state.status == "queued" and state.attempt == 0:
                 if hold is not None and await hold():
@@ -314,8 +326,13 @@ class Orchestrator:
                 )
             return answer
         if hold is not None and await hold():
-            return {"ok": True, "run_id": run_id, "existing": False, "status": "queued",
-                    "held": True}
+            return {
+                "ok": True,
+                "run_id": run_id,
+                "existing": False,
+                "status": "queued",
+                "held": True,
+            }
         await self.dispatch(run_id, event.workflow, seq, requested=event, fresh=True)
         return {"ok": True, "run_id": run_id, "existing": False, "status": "queued"}
 
@@ -340,55 +357,35 @@ class Orchestrator:
         run moved on, and the worker reads it as usual).
 
         ``history``: the run's whole history as stored, ending at ``cause_seq`` (a waker that
-        read the run and appended its wake). The task carries it, up to ``_INLINE_HISTORY``
-        bytes, and the worker claims fenced on ``cause_seq`` without reading, as for a new run.
+        read the run and appended its wake). The task carries it, up to ``INLINE_HISTORY``
+        bytes, and the worker claims fenced on ``cause_seq`` without reading, as for a new run
+        (``store.task``).
         """
-        if self.admission is not None and await self.admission.route(
-            run_id, workflow, cause_seq, requested
-        ):
+        if await self.admission.route(run_id, workflow, cause_seq, requested):
             self._note_dispatched(run_id, cause_seq)
             return
-        task: dict[str, Any] = {"run_id": run_id, "workflow": workflow}
         if fresh and requested is not None:
             history = [(cause_seq, ev.encode(requested))]
-        if (history and history[-1][0] == cause_seq
-                and sum(len(body) for _, body in history) <= _INLINE_HISTORY):
-            task["seq"] = cause_seq
-            task["history"] = [[seq, orjson.Fragment(body)] for seq, body in history]
-        await self.publish_task(run_id, workflow, cause_seq, task)
+        carried = history if history and history[-1][0] == cause_seq else None
+        await publish_task(
+            self.nc,
+            self.names,
+            run_id,
+            workflow,
+            cause_seq,
+            encode_task(run_id, workflow, history=carried),
+            timeout=self.settings.request_timeout,
+        )
         self._note_dispatched(run_id, cause_seq)
 
-    async def publish_task(
-        self, run_id: str, workflow: str, cause_seq: int, task: dict[str, Any]
-    ) -> bool:
-        """Put ``task`` on the workflow's task subject, once per cause (message id
-        ``<run>/t/<cause seq>``). False when an earlier dispatch of this cause had put it out
-        already (the stream dropped this copy); a retry that finds its own first try stored
-        counts as putting it out."""
-        subject, payload = self.names.task_subject(workflow), orjson.dumps(task)
-        headers = {jsl.MSG_ID: f"{run_id}/t/{cause_seq}"}
-        timeout = self.settings.request_timeout
-
-        async def once(attempt: int) -> bool:
-            ack = await jsl.publish(self.nc, subject, payload, headers=headers, timeout=timeout)
-            # After a first try whose answer was lost, "duplicate" is most likely that try.
-            return not ack.duplicate or attempt > 0
-
-        # Retried through a leader election: the run's history already says it is due, and
-        # nothing else would put its task out (the message id drops a second copy).
-        return await jsl.retry_transient(once, timeout=timeout, what=f"task of run {run_id}")
-
     def _note_dispatched(self, run_id: str, cause_seq: int) -> None:
-        self._dispatched[f"{run_id}/t/{cause_seq}"] = None
+        self._dispatched[task_msg_id(run_id, cause_seq)] = None
         if len(self._dispatched) > _DISPATCHED_KEPT:
             self._dispatched.popitem(last=False)
 
     def dispatched(self, run_id: str, cause_seq: int) -> bool:
         """Whether this process has put out (or admitted) the run's task for that cause."""
-        return f"{run_id}/t/{cause_seq}" in self._dispatched
-
-    # Other issues register their verbs here: resume, cancel, ...
-    command_handlers: ClassVar[dict[str, Any]] = {}
+        return task_msg_id(run_id, cause_seq) in self._dispatched
 
     # ------------------------------------------------------------------ control events
 
@@ -396,8 +393,12 @@ class Orchestrator:
         try:
             event = ev.decode(msg.data)
         except ev.EventDecodeError as exc:
-            await jsl.dead_letter(
-                self.js, self.names, source="ctl", reason=str(exc), subject=msg.subject,
+            await dead_letter(
+                self.js,
+                self.names,
+                source="ctl",
+                reason=str(exc),
+                subject=msg.subject,
                 data=msg.data,
             )
             await msg.ack()
@@ -405,149 +406,13 @@ class Orchestrator:
         seq = msg.metadata.sequence.stream
         run_id = msg.subject.split(".")[2]
         try:
-            await self.update_index(run_id, seq, event)
-            for hook in self.control_hooks:
-                await hook(self, run_id, seq, event)
+            await self.index.update(run_id, seq, event)
+            for feature in self.features:
+                await feature.on_control(run_id, seq, event)
         except Exception:
-            log.exception("control event %s of run %s failed; will retry", type(event).__name__, run_id)
+            log.exception(
+                "control event %s of run %s failed; will retry", type(event).__name__, run_id
+            )
             await msg.nak(delay=0.5)
             return
         await msg.ack()
-
-    # Other issues register reactions to control events here (wake parents, release slots, ...)
-    control_hooks: ClassVar[list[Any]] = []
-
-    # async fn(orch) -> object with ``async stop()``: run at start, after admission.
-    start_hooks: ClassVar[list[Any]] = []
-
-    # ------------------------------------------------------------------ run index
-
-    async def update_index(self, run_id: str, seq: int, event: ev.Event) -> None:
-        """Fold one control event into the run's index entry, by compare-and-set.
-
-        Instances may see a run's events out of order; the entry remembers the last sequence it
-        folded and ignores anything older.
-        """
-        # One write at a time per run in this process: control events are handled concurrently,
-        # and two of one run (a wake and the claim that follows it) would otherwise race, one
-        # failing its compare-and-set and paying a read and a second write.
-        held = self._index_locks.get(run_id)
-        if held is None:
-            held = self._index_locks[run_id] = _RunLock()
-        held.users += 1  # waiting or holding: the last one out removes the lock
-        try:
-            async with held.lock:
-                await self._update_index(run_id, seq, event)
-        finally:
-            held.users -= 1
-            if not held.users:
-                del self._index_locks[run_id]
-
-    async def _update_index(self, run_id: str, seq: int, event: ev.Event) -> None:
-        assert self._index is not None
-        for attempt in range(10):
-            cached = self._cache.get(run_id)
-            current: dict[str, Any] | None
-            revision: int | None
-            if cached is None and attempt == 0 and isinstance(event, ev.RunRequested):
-                # A new run has no entry yet: create it without reading first (one round trip
-                # less per run). If it exists after all, the create fails and we read.
-                current, revision = None, None
-            elif cached is None:
-                try:
-                    entry = await self._index.get(run_id)
-                    current = orjson.loads(entry.value or b"{}")
-                    revision = entry.revision
-                except nats.js.errors.KeyNotFoundError as exc:
-                    # A deleted entry (its run was purged) is written over its delete marker.
-                    marker = getattr(exc, "entry", None)
-                    current, revision = None, getattr(marker, "revision", None)
-            else:
-                current, revision = dict(cached[0]), cached[1]
-            stale = current is not None and current.get("seq", 0) >= seq
-            if stale and not (isinstance(event, ev.RunRequested) and "workflow" not in (current or {})):
-                return
-            new = _fold_index(current or {"run_id": run_id}, seq, event, stale=stale)
-            try:
-                # What ``kv.create`` / ``kv.update`` send (a put fenced on the key's last
-                # revision, 0 for none), through the cheaper publish of the append path: three
-                # index writes per run make this the orchestrator's most frequent request.
-                ack = await jsl.publish(
-                    self.nc,
-                    f"$KV.{self.names.runs_bucket}.{run_id}",
-                    orjson.dumps(new),
-                    headers={jsl.EXPECTED_LAST_SUBJECT_SEQ: str(revision or 0)},
-                    timeout=self.settings.request_timeout,
-                )
-                rev = ack.seq
-            except nats.js.errors.APIError as exc:
-                if exc.err_code != jsl.WRONG_LAST_SEQUENCE:
-                    raise
-                self.index_conflicts += 1  # another instance wrote it: read and fold again
-                self._cache.pop(run_id, None)
-                continue
-            self._cache[run_id] = (new, rev)
-            self._cache.move_to_end(run_id)
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-            return
-        raise RuntimeError(f"index update for run {run_id} kept conflicting")
-
-
-class _RunLock:
-    """One run's index-write lock and how many handlers use it."""
-
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
-
-
-def _fold_index(
-    entry: dict[str, Any], seq: int, event: ev.Event, *, stale: bool = False
-) -> dict[str, Any]:
-    e = dict(entry)
-    if stale:
-        # A newer event was folded first (instances race): keep its status, add the run's
-        # identity from the request.
-        assert isinstance(event, ev.RunRequested)
-        e.update(workflow=event.workflow, created_at=event.at, queue=event.queue,
-                 concurrency_key=event.concurrency_key, parent_run_id=event.parent_run_id,
-                 source=event.source)
-        return e
-    e["seq"] = seq
-    e["updated_at"] = event.at
-    if isinstance(event, ev.RunRequested):
-        e.update(
-            workflow=event.workflow,
-            status="queued",
-            created_at=event.at,
-            queue=event.queue,
-            concurrency_key=event.concurrency_key,
-            parent_run_id=event.parent_run_id,
-            source=event.source,
-        )
-    elif isinstance(event, ev.RunClaimed):
-        e.update(status="running", worker_id=event.worker_id, attempt=event.attempt)
-        e.setdefault("started_at", event.at)
-    elif isinstance(event, ev.RunSuspended):
-        e.update(
-            status="suspended",
-            waiting={"step": event.step, "kind": event.kind, "data": event.data,
-                     "topic": event.topic, "wake_at": event.wake_at,
-                     "timeout_at": event.timeout_at},
-        )
-    elif isinstance(event, ev.RunWoken):
-        e.update(status="queued", waiting=None)
-        if isinstance(event, ev.RunAdmitted):
-            # The queue whose slots the run holds: the one its release must give back to.
-            e.update(admitted_queue=event.queue)
-    elif isinstance(event, ev.RunCompleted):
-        e.update(status="completed", ended_at=event.at, waiting=None)
-    elif isinstance(event, ev.RunFailed):
-        e.update(status="failed", ended_at=event.at, error=event.error, waiting=None)
-    elif isinstance(event, ev.RunCancelled):
-        e.update(status="cancelled", ended_at=event.at, waiting=None)
-    return e
-

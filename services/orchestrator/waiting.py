@@ -16,38 +16,55 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import nats.js.errors
 import orjson
 from nats.aio.msg import Msg
 
-from polos import events as ev
-from polos._private import jetstream as jsl
-from polos._private import payloads
-from polos._private import waiting as wt
-
-from .orchestrator import (
-    CommandError,
-    Orchestrator,
-    RunNotYetKnown,
-    derive_run_id,
+from polos import history as ev
+from polos._private.run import waits as wt
+from polos._private.run.timers import clear_timers, schedule_timer
+from polos._private.run.wake import first_event_after, wake
+from polos._private.store import (
+    MSG_ID,
+    FencedOut,
+    PullLoop,
+    append,
+    dead_letter,
+    ensure_consumer,
+    kv_entries,
+    last_for_subject,
+    load_run,
+    load_state,
+    payloads,
+    read_subject,
+    valid_token,
 )
+from polos._private.store.commands import CANCEL_FIELDS, CHILD_FIELDS, RESUME_FIELDS
+from polos._private.store.tokens import (
+    decode_token,
+    resume_subject,
+    topic_from_subject,
+    topic_tokens,
+)
+
+from .commands import CommandError, RunNotYetKnown, derive_run_id, parse_object
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
+
+    from .orchestrator import CommandHandler, Orchestrator
 
 log = logging.getLogger("polos.waiting")
 
 # Reads that need a run's status, workflow or outcome, not its steps.
 CTL = ("ctl",)
 CASCADE_HEADER = "Polos-Cascade"  # a cancel sent by a parent's cancellation, not by a user
-_CHILD_FIELDS = {"workflow", "input", "input_ref", "parent_run_id", "parent_step", "root_run_id"}
 
 
 def _workflow_of(orch: Orchestrator, run_id: str, state: ev.RunState | None = None) -> str | None:
     if state is not None and state.workflow:
         return state.workflow
-    cached = orch._cache.get(run_id)
-    return cached[0].get("workflow") if cached else None
+    cached = orch.index.cached(run_id)
+    return cached.get("workflow") if cached else None
 
 
 async def _dispatch_woken(
@@ -63,7 +80,7 @@ async def _dispatch_woken(
     fenced its wake on) and ``woken`` (that wake, stored at ``seq``) together are the run's
     whole history: the task carries them and the worker claims without reading."""
     if workflow is None:
-        workflow = (await jsl.load_state(orch.nc, orch.names, run_id, kinds=CTL)).workflow
+        workflow = (await load_state(orch.nc, orch.names, run_id, kinds=CTL)).workflow
     if workflow:
         carried = None
         if history is not None and woken is not None:
@@ -74,7 +91,8 @@ async def _dispatch_woken(
 # --------------------------------------------------------------------------- resume
 
 
-_RESUME_FIELDS: tuple[set[str], ...] = ({"data"}, {"data_ref"}, set())
+# A resume holds its data inline, or names the object holding it, or has none.
+_RESUME_FORMS: tuple[set[str], ...] = ({"data"}, {"data_ref"}, set())
 
 
 async def _resume_data(orch: Orchestrator, run_id: str, body: dict[str, Any]) -> Any:
@@ -95,15 +113,15 @@ async def _resume_data(orch: Orchestrator, run_id: str, body: dict[str, Any]) ->
 
 async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int, Any] | None:
     """The first well-formed resume stored for the run's step: the one that applies."""
-    msgs = await jsl.read_subject(
-        orch.nc, orch.names.cmd_stream, wt.resume_subject(orch.names, run_id, key), limit=20
+    msgs = await read_subject(
+        orch.nc, orch.names.cmd_stream, resume_subject(orch.names, run_id, key), limit=20
     )
     for m in msgs:
         try:
             body = orjson.loads(m.data) if m.data else {}
         except orjson.JSONDecodeError:
             continue
-        if isinstance(body, dict) and set(body) in _RESUME_FIELDS:
+        if isinstance(body, dict) and set(body) in _RESUME_FORMS:
             try:
                 return m.seq, await _resume_data(orch, run_id, body)
             except CommandError:
@@ -111,75 +129,122 @@ async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int,
     return None
 
 
-async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
-    if len(tokens) != 2 or not jsl.valid_token(tokens[0]):
+def _resume_target(
+    orch: Orchestrator, msg: Msg, tokens: list[str]
+) -> tuple[str, str, dict[str, Any]]:
+    """The run, the step key and the body of a resume command; a malformed one is refused."""
+    if len(tokens) != 2 or not valid_token(tokens[0]):
         raise CommandError(
             f"a resume goes to {orch.names.prefix}.cmd.resume.<run_id>.<step key>, got {msg.subject!r}"
         )
-    run_id = tokens[0]
     try:
-        key = wt.decode_token(tokens[1])
+        key = decode_token(tokens[1])
     except UnicodeDecodeError as exc:
         raise CommandError(f"step key token {tokens[1]!r} is not valid", field="key") from exc
-    body = orch.parse_object(msg)
-    unknown = sorted(set(body) - {"data", "data_ref"})
+    body = parse_object(msg)
+    unknown = sorted(set(body) - RESUME_FIELDS)
     if unknown:
         raise CommandError(
-            f"unknown field(s) {', '.join(unknown)}; a resume is {{\"data\": <any JSON>}} or, "
+            f'unknown field(s) {", ".join(unknown)}; a resume is {{"data": <any JSON>}} or, '
             'for data too big for a message, {"data_ref": "<run_id>/<object>"}',
             field=unknown[0],
         )
-    if set(body) not in _RESUME_FIELDS:
+    if set(body) not in _RESUME_FORMS:
         raise CommandError("a resume has data or data_ref, not both", field="data_ref")
+    return tokens[0], key, body
+
+
+def _check_settled(run_id: str, key: str, done: ev.StepCompleted | ev.StepFailed, seq: int) -> None:
+    """The step is recorded already: fine if by this very command (redelivered), else the
+    resume is refused with why it changes nothing."""
+    out = done.output if isinstance(done, ev.StepCompleted) else None
+    if done.kind != "suspend":
+        raise CommandError(
+            f"run {run_id}: step {key!r} is a {done.kind} step, not a suspend", field="key"
+        )
+    if isinstance(out, dict) and out.get("seq") == seq:
+        return
+    if isinstance(out, dict) and out.get("timeout"):
+        raise CommandError(
+            f"run {run_id}: suspend {key!r} timed out before this resume; it changes nothing",
+            field="key",
+        )
+    raise CommandError(
+        f"run {run_id}: step {key!r} was already resumed; this resume changes nothing",
+        field="key",
+    )
+
+
+async def _check_first_pending(orch: Orchestrator, run_id: str, key: str, seq: int) -> None:
+    """The run is not at the step yet: the first resume stored for it is the one that will
+    apply, so a later one is refused."""
+    first = await _first_resume(orch, run_id, key)
+    if first is not None and first[0] != seq:
+        raise CommandError(
+            f"run {run_id}: a resume of step {key!r} is already pending (sent earlier); "
+            "this one changes nothing",
+            field="key",
+        )
+
+
+async def _resume_now(
+    orch: Orchestrator,
+    state: ev.RunState,
+    bodies: list[tuple[int, bytes]] | None,
+    sus: ev.RunSuspended,
+    data: Any,
+    seq: int,
+) -> bool:
+    """Wake the run suspended at the resumed step and dispatch it; False when the history
+    moved under the wake (a timeout, a cancel, another resume)."""
+    if sus.kind != "suspend":
+        raise CommandError(
+            f"run {state.run_id} waits at {sus.step!r} for a {sus.kind}, not for a resume",
+            field="key",
+        )
+    woke = await wake(
+        orch.js,
+        orch.names,
+        state.run_id,
+        sus.step,
+        expected_seq=state.last_seq,
+        reason="resumed",
+        cause=f"r{seq}",
+        kind="suspend",
+        output={"data": data, "seq": seq, "at": time.time()},
+        workflow=state.workflow,
+    )
+    if woke is None:
+        return False
+    await _dispatch_woken(
+        orch, state.run_id, state.workflow, woke.seq, history=bodies, woken=woke.event
+    )
+    return True
+
+
+async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
+    run_id, key, body = _resume_target(orch, msg, tokens)
     data = await _resume_data(orch, run_id, body)
     seq = msg.metadata.sequence.stream
     answer = {"ok": True, "run_id": run_id, "key": key}
     for _ in range(10):
-        state, bodies = await jsl.load_run(orch.nc, orch.names, run_id)
+        state, bodies = await load_run(orch.nc, orch.names, run_id)
         if state.requested is None:
-            raise RunNotYetKnown(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
+            raise RunNotYetKnown(
+                f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id"
+            )
         done = state.steps.get(key)
         if done is not None:
-            out = done.output if isinstance(done, ev.StepCompleted) else None
-            if done.kind != "suspend":
-                raise CommandError(f"run {run_id}: step {key!r} is a {done.kind} step, not a suspend", field="key")
-            if isinstance(out, dict) and out.get("seq") == seq:
-                return {**answer, "status": "resumed"}  # this very command, redelivered
-            if isinstance(out, dict) and out.get("timeout"):
-                raise CommandError(
-                    f"run {run_id}: suspend {key!r} timed out before this resume; it changes nothing",
-                    field="key",
-                )
-            raise CommandError(
-                f"run {run_id}: step {key!r} was already resumed; this resume changes nothing",
-                field="key",
-            )
+            _check_settled(run_id, key, done, seq)
+            return {**answer, "status": "resumed"}  # this very command, redelivered
         if state.done:
             raise CommandError(f"run {run_id} is {state.status}; there is nothing to resume")
         sus = state.suspended
         if state.status == "suspended" and sus is not None and sus.step == key:
-            if sus.kind != "suspend":
-                raise CommandError(
-                    f"run {run_id} waits at {key!r} for a {sus.kind}, not for a resume", field="key"
-                )
-            woke = await wt.wake(
-                orch.js, orch.names, run_id, key,
-                expected_seq=state.last_seq, reason="resumed", cause=f"r{seq}", kind="suspend",
-                output={"data": data, "seq": seq, "at": time.time()}, workflow=state.workflow,
-            )
-            if woke is None:
-                continue  # the history moved (a timeout, a cancel, another resume): look again
-            await _dispatch_woken(
-                orch, run_id, state.workflow, woke.seq, history=bodies, woken=woke.event
-            )
-            return {**answer, "status": "resumed"}
-        first = await _first_resume(orch, run_id, key)
-        if first is not None and first[0] != seq:
-            raise CommandError(
-                f"run {run_id}: a resume of step {key!r} is already pending (sent earlier); "
-                "this one changes nothing",
-                field="key",
-            )
+            if await _resume_now(orch, state, bodies, sus, data, seq):
+                return {**answer, "status": "resumed"}
+            continue  # the history moved: look again
+        await _check_first_pending(orch, run_id, key, seq)
         return {
             **answer,
             "status": "pending",
@@ -193,13 +258,17 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
 
 
 async def on_cancel(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
-    if len(tokens) != 1 or not jsl.valid_token(tokens[0]):
-        raise CommandError(f"a cancel goes to {orch.names.prefix}.cmd.cancel.<run_id>, got {msg.subject!r}")
+    if len(tokens) != 1 or not valid_token(tokens[0]):
+        raise CommandError(
+            f"a cancel goes to {orch.names.prefix}.cmd.cancel.<run_id>, got {msg.subject!r}"
+        )
     run_id = tokens[0]
-    body = orch.parse_object(msg)
-    unknown = sorted(set(body) - {"reason"})
+    body = parse_object(msg)
+    unknown = sorted(set(body) - CANCEL_FIELDS)
     if unknown:
-        raise CommandError(f"unknown field(s) {', '.join(unknown)}; a cancel takes reason", field=unknown[0])
+        raise CommandError(
+            f"unknown field(s) {', '.join(unknown)}; a cancel takes reason", field=unknown[0]
+        )
     reason = body.get("reason")
     if reason is not None and not isinstance(reason, str):
         raise CommandError("reason must be a string", field="reason")
@@ -207,8 +276,10 @@ async def on_cancel(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     status = await cancel_run(orch, run_id, reason, cascade=cascade)
     answer = {"ok": True, "run_id": run_id, "status": status}
     if status == "pending":
-        answer["message"] = (f"run {run_id} is not created yet; it is cancelled as it is "
-                             "created, since its parent is cancelled")
+        answer["message"] = (
+            f"run {run_id} is not created yet; it is cancelled as it is "
+            "created, since its parent is cancelled"
+        )
     return answer
 
 
@@ -218,21 +289,27 @@ async def cancel_run(orch: Orchestrator, run_id: str, reason: str | None, *, cas
     is no error, and one of a run not created yet is ``pending``: the orchestrator cancels a
     child whose parent is cancelled as it creates it (``on_child``)."""
     for _ in range(20):
-        state = await jsl.load_state(orch.nc, orch.names, run_id)
+        state = await load_state(orch.nc, orch.names, run_id)
         if state.requested is None:
             if cascade:
                 return "pending"
-            raise RunNotYetKnown(f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id")
+            raise RunNotYetKnown(
+                f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id"
+            )
         if state.done:
             if cascade:
                 return state.status
             raise CommandError(f"run {run_id} is already {state.status}; nothing to cancel")
         try:
-            await jsl.append(
-                orch.js, orch.names, run_id, ev.RunCancelled(run_id=run_id, reason=reason),
-                expected_last_seq=state.last_seq, msg_id=f"{run_id}/cancel",
+            await append(
+                orch.js,
+                orch.names,
+                run_id,
+                ev.RunCancelled(run_id=run_id, reason=reason),
+                expected_last_seq=state.last_seq,
+                msg_id=f"{run_id}/cancel",
             )
-        except jsl.FencedOut:
+        except FencedOut:
             await asyncio.sleep(0.01)
             continue
         return "cancelled"
@@ -242,14 +319,14 @@ async def cancel_run(orch: Orchestrator, run_id: str, reason: str | None, *, cas
 async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
     # Interrupt the worker holding it (if any) at its next await; it is fenced out anyway.
     await orch.nc.publish(orch.names.cancel_signal_subject(run_id), b"")
-    await wt.clear_timers(orch.js, orch.names, run_id)
-    state = await jsl.load_state(orch.nc, orch.names, run_id)
+    await clear_timers(orch.js, orch.names, run_id)
+    state = await load_state(orch.nc, orch.names, run_id)
     # Every child the run ever requested: the requests are stored (under the parent) before
     # the parent records the child, so a child requested but not recorded (the record fenced
     # out by this very cancel) is found too. A request stored after this read creates its
     # child after the cancel, and that child is cancelled as it is created (``on_child``).
     children: dict[str, None] = {}
-    for m in await jsl.read_subject(orch.nc, orch.names.cmd_stream, orch.names.child_filter(run_id)):
+    for m in await read_subject(orch.nc, orch.names.cmd_stream, orch.names.child_filter(run_id)):
         children[m.subject.rsplit(".", 1)[1]] = None
     for step in state.steps.values():
         out = step.output if isinstance(step, ev.StepCompleted) else None
@@ -265,7 +342,7 @@ async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
         await orch.js.publish(
             orch.names.cancel_subject(child),
             orjson.dumps({"reason": f"parent run {run_id} was cancelled"}),
-            headers={jsl.MSG_ID: f"cancel/{child}", CASCADE_HEADER: "1"},
+            headers={MSG_ID: f"cancel/{child}", CASCADE_HEADER: "1"},
         )
 
 
@@ -274,18 +351,18 @@ async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
 
 async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
     # <parent>.<child>; a lone <child> token is the form workers used before, still accepted.
-    if not 1 <= len(tokens) <= 2 or not all(jsl.valid_token(t) for t in tokens):
+    if not 1 <= len(tokens) <= 2 or not all(valid_token(t) for t in tokens):
         raise CommandError(
             f"a child request goes to {orch.names.prefix}.cmd.child.<parent run_id>.<run_id>"
         )
-    body = orch.parse_object(msg)
-    unknown = sorted(set(body) - _CHILD_FIELDS)
+    body = parse_object(msg)
+    unknown = sorted(set(body) - CHILD_FIELDS)
     if unknown:
         raise CommandError(f"unknown field(s) {', '.join(unknown)}", field=unknown[0])
     for name in ("workflow", "parent_run_id", "parent_step"):
         if not isinstance(body.get(name), str) or not body[name]:
             raise CommandError(f"{name} must be a non-empty string", field=name)
-    if not jsl.valid_token(body["workflow"]):
+    if not valid_token(body["workflow"]):
         raise CommandError(f"workflow name {body['workflow']!r} is not valid", field="workflow")
     parent = body["parent_run_id"]
     if len(tokens) == 2 and tokens[0] != parent:
@@ -297,7 +374,7 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
     event = ev.RunRequested(
         run_id=child,
         workflow=body["workflow"],
-        input=await orch._input(body, child),
+        input=await orch.command_input(body, child),
         parent_run_id=parent,
         parent_step=body["parent_step"],
         root_run_id=body.get("root_run_id"),
@@ -309,13 +386,13 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
         # After the child is durable: a parent cancelled from here on finds the child (its
         # request is stored); one cancelled before is seen here. The parent's RunCancelled is
         # its last control event (nothing appends after it), so one read of the last suffices.
-        last = await jsl.last_for_subject(
+        last = await last_for_subject(
             orch.nc, orch.names.runs_stream, orch.names.run_subject(parent, "ctl")
         )
         try:
             found = last is not None and isinstance(ev.decode(last.data), ev.RunCancelled)
         except ev.EventDecodeError:  # not an event (dead-lettered): fold the real ones
-            state = await jsl.load_state(orch.nc, orch.names, parent, kinds=CTL)
+            state = await load_state(orch.nc, orch.names, parent, kinds=CTL)
             found = state.status == "cancelled"
         cancelled.append(found)
         return found
@@ -331,40 +408,56 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
 
 async def _children_outcome(orch: Orchestrator, children: list[str]) -> list[dict[str, Any]] | None:
     """Every child's outcome if all have ended, else None (a later child end looks again)."""
-    assert orch._index is not None
     for child in children:
-        cached = orch._cache.get(child)
-        status = cached[0].get("status") if cached else None
+        cached = orch.index.cached(child)
+        status = cached.get("status") if cached else None
         if status not in ev.TERMINAL:
-            try:
-                entry = await orch._index.get(child)
-                status = orjson.loads(entry.value or b"{}").get("status")
-            except nats.js.errors.KeyNotFoundError:
+            # Another instance may have folded the child's end: the bucket says.
+            entry = await orch.index.read(child)
+            if entry is None:
                 return None
+            status = entry.get("status")
         if status not in ev.TERMINAL:
             return None
     states = await asyncio.gather(
-        *(jsl.load_state(orch.nc, orch.names, c, kinds=CTL) for c in children))
+        *(load_state(orch.nc, orch.names, c, kinds=CTL) for c in children)
+    )
     if any(not s.done for s in states):
         return None
     return [
-        {"run_id": s.run_id, "workflow": s.workflow, "status": s.status, "output": s.output,
-         "error": s.error}
+        {
+            "run_id": s.run_id,
+            "workflow": s.workflow,
+            "status": s.status,
+            "output": s.output,
+            "error": s.error,
+        }
         for s in states
     ]
 
 
 async def _wake_parent(
-    orch: Orchestrator, state: ev.RunState, seq: int, sus: ev.RunSuspended,
+    orch: Orchestrator,
+    state: ev.RunState,
+    seq: int,
+    sus: ev.RunSuspended,
     bodies: list[tuple[int, bytes]] | None = None,
 ) -> None:
     """``bodies``: the parent's stored history up to ``seq``, when the caller read it all."""
     results = await _children_outcome(orch, list(sus.children or []))
     if results is None:
         return
-    woke = await wt.wake(
-        orch.js, orch.names, state.run_id, sus.step, expected_seq=seq, reason="children ended",
-        cause="children", kind="child", output={"children": results}, workflow=state.workflow,
+    woke = await wake(
+        orch.js,
+        orch.names,
+        state.run_id,
+        sus.step,
+        expected_seq=seq,
+        reason="children ended",
+        cause="children",
+        kind="child",
+        output={"children": results},
+        workflow=state.workflow,
     )
     if woke is not None:
         await _dispatch_woken(
@@ -376,28 +469,39 @@ async def _wake_parent(
 
 
 async def _waits(orch: Orchestrator) -> KeyValue:
-    # Kept on the orchestrator: ``js.key_value`` is a stream-info round trip per call.
-    if orch.waits_kv is None:
-        orch.waits_kv = await orch.js.key_value(orch.names.waits_bucket)
-    return orch.waits_kv
+    return await orch.waiting.waits()
 
 
 def _wait_key(topic: str, run_id: str) -> str:
-    return f"{wt.topic_tokens(topic)}.{run_id}"
+    return f"{topic_tokens(topic)}.{run_id}"
 
 
 async def _wake_event_waiter(
-    orch: Orchestrator, run_id: str, step: str, seq: int, topic: str, cursor: int,
-    since: float | None, workflow: str | None,
+    orch: Orchestrator,
+    run_id: str,
+    step: str,
+    seq: int,
+    topic: str,
+    cursor: int,
+    since: float | None,
+    workflow: str | None,
 ) -> bool | None:
     """Wake a run waiting on ``topic`` with the first event after its cursor. True: woken;
     False: no event yet; None: the wait is stale (the run moved on)."""
-    found = await wt.first_event_after(orch.nc, orch.names, topic, cursor, since)
+    found = await first_event_after(orch.nc, orch.names, topic, cursor, since)
     if found is None:
         return False
-    woke = await wt.wake(
-        orch.js, orch.names, run_id, step, expected_seq=seq, reason=f"event {topic}",
-        cause=f"e{found['seq']}", kind="event", output=found, workflow=workflow,
+    woke = await wake(
+        orch.js,
+        orch.names,
+        run_id,
+        step,
+        expected_seq=seq,
+        reason=f"event {topic}",
+        cause=f"e{found['seq']}",
+        kind="event",
+        output=found,
+        workflow=workflow,
     )
     if woke is None:
         return None
@@ -410,15 +514,21 @@ class EventRouter:
 
     def __init__(self, orch: Orchestrator) -> None:
         self.orch = orch
-        self.loop: jsl.PullLoop | None = None
+        self.loop: PullLoop | None = None
 
     async def start(self) -> None:
         o = self.orch
         durable = "orchestrator_events"
-        await jsl.ensure_consumer(o.js, o.names.events_stream, durable,
-                                  f"{o.names.prefix}.event.>", ack_wait=o.settings.service_ack_wait)
-        self.loop = jsl.PullLoop(o.nc, o.names.events_stream, durable, self.on_event,
-                                 capacity=64, name=durable)
+        await ensure_consumer(
+            o.js,
+            o.names.events_stream,
+            durable,
+            f"{o.names.prefix}.event.>",
+            ack_wait=o.settings.service_ack_wait,
+        )
+        self.loop = PullLoop(
+            o.nc, o.names.events_stream, durable, self.on_event, capacity=64, name=durable
+        )
         self.loop.start()
 
     async def stop(self) -> None:
@@ -428,12 +538,18 @@ class EventRouter:
     async def on_event(self, msg: Msg) -> None:
         o = self.orch
         try:
-            topic = wt.topic_from_subject(o.names, msg.subject)
+            topic = topic_from_subject(o.names, msg.subject)
             data = await payloads.event_value(o.js, o.names, msg.headers, msg.data)
         except (ValueError, payloads.PayloadMissingError) as exc:  # JSONDecodeError included
-            await jsl.dead_letter(o.js, o.names, source="event", reason=f"malformed event: {exc}",
-                                  subject=msg.subject, data=msg.data,
-                                  headers=dict(msg.headers or {}))
+            await dead_letter(
+                o.js,
+                o.names,
+                source="event",
+                reason=f"malformed event: {exc}",
+                subject=msg.subject,
+                data=msg.data,
+                headers=dict(msg.headers or {}),
+            )
             await msg.ack()
             return
         seq = msg.metadata.sequence.stream
@@ -448,33 +564,30 @@ class EventRouter:
 
     async def _wake_waiters(self, topic: str, seq: int) -> None:
         o = self.orch
-        bucket = o.names.waits_bucket
-        msgs = await jsl.last_per_subject(
-            o.nc, f"KV_{bucket}", f"$KV.{bucket}.{wt.topic_tokens(topic)}.*"
-        )
+        waiters = await kv_entries(o.nc, o.names.waits_bucket, f"{topic_tokens(topic)}.*")
         kv = await _waits(o)
-        for m in msgs:
-            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                continue
-            w = orjson.loads(m.data)
+        for m in waiters:
+            w = orjson.loads(m.value)
             if int(w.get("cursor") or 0) >= seq:
                 continue
             outcome = await _wake_event_waiter(
-                o, w["run_id"], w["step"], int(w["seq"]), topic, int(w.get("cursor") or 0),
-                w.get("since"), w.get("workflow"),
+                o,
+                w["run_id"],
+                w["step"],
+                int(w["seq"]),
+                topic,
+                int(w.get("cursor") or 0),
+                w.get("since"),
+                w.get("workflow"),
             )
             if outcome is not False:
                 with contextlib.suppress(Exception):
-                    await kv.delete(m.subject.split(".", 2)[2], last=m.seq)
+                    await kv.delete(m.key, last=m.revision)
 
     async def _trigger(self, topic: str, seq: int, data: Any, msg: Msg) -> None:
         o = self.orch
-        bucket = o.names.workflows_bucket
-        docs = await jsl.last_per_subject(o.nc, f"KV_{bucket}", f"$KV.{bucket}.>")
-        for m in docs:
-            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                continue
-            doc = orjson.loads(m.data)
+        for m in await kv_entries(o.nc, o.names.workflows_bucket):
+            doc = orjson.loads(m.value)
             if doc.get("trigger_on_event") != topic:
                 continue
             name = doc["name"]
@@ -483,17 +596,15 @@ class EventRouter:
                 # One run per (workflow, event), however often the event is delivered.
                 run_id=derive_run_id(o.names.prefix, f"event/{name}/{seq}"),
                 workflow=name,
-                input={"topic": topic, "data": data, "seq": seq,
-                       "time": meta.timestamp.timestamp() if meta.timestamp else time.time()},
+                input={
+                    "topic": topic,
+                    "data": data,
+                    "seq": seq,
+                    "time": meta.timestamp.timestamp() if meta.timestamp else time.time(),
+                },
                 source="event",
             )
             await o.request_run(event)
-
-
-async def _start_router(orch: Orchestrator) -> EventRouter:
-    router = EventRouter(orch)
-    await router.start()
-    return router
 
 
 # --------------------------------------------------------------------------- control hook
@@ -513,22 +624,26 @@ async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event)
     elif isinstance(event, (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
         if isinstance(event, ev.RunCancelled):
             await _after_cancel(orch, run_id)
-        cached = orch._cache.get(run_id)
-        if cached is None or cached[0].get("parent_run_id"):
+        cached = orch.index.cached(run_id)
+        if cached is None or cached.get("parent_run_id"):
             await _child_ended(orch, run_id)
 
 
 async def _child_ended(orch: Orchestrator, run_id: str) -> None:
     # Its control events say whether it is a child: every run ending after its index entry left
     # the cache comes here, and a long run's steps are not worth reading for that.
-    child = await jsl.load_state(orch.nc, orch.names, run_id, kinds=CTL)
+    child = await load_state(orch.nc, orch.names, run_id, kinds=CTL)
     req = child.requested
     if req is None or not req.parent_run_id:
         return
-    parent, bodies = await jsl.load_run(orch.nc, orch.names, req.parent_run_id)
+    parent, bodies = await load_run(orch.nc, orch.names, req.parent_run_id)
     sus = parent.suspended
-    if (parent.status == "suspended" and sus is not None and sus.kind == "child"
-            and run_id in (sus.children or [])):
+    if (
+        parent.status == "suspended"
+        and sus is not None
+        and sus.kind == "child"
+        and run_id in (sus.children or [])
+    ):
         await _wake_parent(orch, parent, parent.last_seq, sus, bodies)
 
 
@@ -536,27 +651,48 @@ async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.Run
     workflow = _workflow_of(orch, run_id)
     due = event.wake_at if event.kind in ("sleep", "retry", "rate") else event.timeout_at
     if due is not None:
-        await wt.schedule_timer(
-            orch.js, orch.names, run_id, seq, due,
+        await schedule_timer(
+            orch.js,
+            orch.names,
+            run_id,
+            seq,
+            due,
             {"kind": "wake", "step": event.step, "wait_kind": event.kind, "workflow": workflow},
         )
     if event.kind == "suspend":
         first = await _first_resume(orch, run_id, event.step)
         if first is not None:
-            woke = await wt.wake(
-                orch.js, orch.names, run_id, event.step, expected_seq=seq, reason="resumed",
-                cause=f"r{first[0]}", kind="suspend",
-                output={"data": first[1], "seq": first[0], "at": time.time()}, workflow=workflow,
+            woke = await wake(
+                orch.js,
+                orch.names,
+                run_id,
+                event.step,
+                expected_seq=seq,
+                reason="resumed",
+                cause=f"r{first[0]}",
+                kind="suspend",
+                output={"data": first[1], "seq": first[0], "at": time.time()},
+                workflow=workflow,
             )
             if woke is not None:
                 await _dispatch_woken(orch, run_id, workflow, woke.seq)
     elif event.kind == "event" and event.topic:
         kv = await _waits(orch)
         key = _wait_key(event.topic, run_id)
-        rev = await kv.put(key, orjson.dumps({
-            "run_id": run_id, "step": event.step, "seq": seq, "topic": event.topic,
-            "cursor": event.cursor or 0, "since": event.since, "workflow": workflow,
-        }))
+        rev = await kv.put(
+            key,
+            orjson.dumps(
+                {
+                    "run_id": run_id,
+                    "step": event.step,
+                    "seq": seq,
+                    "topic": event.topic,
+                    "cursor": event.cursor or 0,
+                    "since": event.since,
+                    "workflow": workflow,
+                }
+            ),
+        )
         # After the put: an event stored from here on finds the waiter; one stored before is
         # found by this read.
         outcome = await _wake_event_waiter(
@@ -566,20 +702,49 @@ async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.Run
             with contextlib.suppress(Exception):
                 await kv.delete(key, last=rev)
     elif event.kind == "child":
-        state = await jsl.load_state(orch.nc, orch.names, run_id)
+        state = await load_state(orch.nc, orch.names, run_id)
         if state.status == "suspended" and state.last_seq == seq:
             await _wake_parent(orch, state, seq, event)
 
 
-def register() -> None:
-    """Plug the waiting features into every Orchestrator (idempotent)."""
-    Orchestrator.command_handlers.setdefault("resume", on_resume)
-    Orchestrator.command_handlers.setdefault("cancel", on_cancel)
-    Orchestrator.command_handlers.setdefault("child", on_child)
-    if on_control not in Orchestrator.control_hooks:
-        Orchestrator.control_hooks.append(on_control)
-    if _start_router not in Orchestrator.start_hooks:
-        Orchestrator.start_hooks.append(_start_router)
+class Waiting:
+    """The orchestrator's waiting feature: the resume, cancel and child commands, the external
+    events (their own consumer), and the control hooks that wake suspended runs."""
+
+    def __init__(self, orch: Orchestrator) -> None:
+        self.orch = orch
+        self.router = EventRouter(orch)
+        # The waiters bucket's handle, opened on first use (``js.key_value`` is a stream-info
+        # round trip per call).
+        self._waits: KeyValue | None = None
+
+    def commands(self) -> dict[str, CommandHandler]:
+        orch = self.orch
+
+        async def resume(msg: Msg, tokens: list[str]) -> dict[str, Any]:
+            return await on_resume(orch, msg, tokens)
+
+        async def cancel(msg: Msg, tokens: list[str]) -> dict[str, Any]:
+            return await on_cancel(orch, msg, tokens)
+
+        async def child(msg: Msg, tokens: list[str]) -> dict[str, Any]:
+            return await on_child(orch, msg, tokens)
+
+        return {"resume": resume, "cancel": cancel, "child": child}
+
+    async def waits(self) -> KeyValue:
+        if self._waits is None:
+            self._waits = await self.orch.js.key_value(self.orch.names.waits_bucket)
+        return self._waits
+
+    async def start(self) -> None:
+        await self.router.start()
+
+    async def stop(self) -> None:
+        await self.router.stop()
+
+    async def on_control(self, run_id: str, seq: int, event: ev.Event) -> None:
+        await on_control(self.orch, run_id, seq, event)
 
 
-register()
+__all__ = ["EventRouter", "Waiting", "cancel_run"]

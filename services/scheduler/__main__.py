@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from polos._private.runtime import run_main, run_until_signal, settings_from_args
+from polos._private.ops.runtime import run_main, run_until_signal, settings_from_args
 
 from .scheduler import Scheduler
 

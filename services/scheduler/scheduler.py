@@ -29,15 +29,31 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from polos._private import jetstream as jsl
-from polos._private import waiting as wt
-from polos._private.tasks import cancel_and_wait
+from polos import history as ev
+from polos._private.model.aio import cancel_and_wait
+from polos._private.run.timers import put_schedule
+from polos._private.run.wake import wake
+from polos._private.store import (
+    MSG_ID,
+    Fatal,
+    Names,
+    PullLoop,
+    connect_service,
+    dead_letter,
+    disconnect,
+    ensure_consumer,
+    ensure_topology,
+    last_for_subject,
+)
+from polos._private.store.commands import StartCommand
 from polos.config import Settings
 
 log = logging.getLogger("polos.scheduler")
 
 _CRON_NS = uuid.UUID("3c0e4b8a-61f2-4f0e-a3f5-7f0f3e1f8b21")
 DURABLE = "scheduler_fire"
+# The waits a timer ends: sleeps, retry back-offs, LLM rate waits, and timeouts of these two.
+_TIMED_WAITS = ("sleep", "retry", "rate", "suspend", "event")
 
 
 class Scheduler:
@@ -45,10 +61,10 @@ class Scheduler:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
-        self.names = jsl.Names(self.settings.prefix)
+        self.names = Names(self.settings.prefix)
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._loop: jsl.PullLoop | None = None
+        self._loop: PullLoop | None = None
         self._bg: list[asyncio.Task[None]] = []
         # figures for tests and the docs
         self.fired = 0
@@ -57,25 +73,31 @@ class Scheduler:
         self.cron_runs = 0
         self.lateness_ms: list[float] = []
         # Set when the server refuses the service credentials on a reconnect.
-        self.fatal = jsl.Fatal()
+        self.fatal = Fatal()
 
     @property
     def js(self) -> JetStreamContext:
         assert self._js is not None, "scheduler not started"
         return self._js
 
+    @property
+    def nc(self) -> NATS:
+        assert self._nc is not None, "scheduler not started"
+        return self._nc
+
     async def start(self) -> None:
-        self._nc = await jsl.connect_service(
-            self.settings, name="polos-scheduler", on_fatal=self.fatal
-        )
+        self._nc = await connect_service(self.settings, name="polos-scheduler", on_fatal=self.fatal)
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
         # The whole namespace's topology, not just the timers: a service creates it at start.
-        await jsl.ensure_topology(self._js, self.names, self.settings)
-        await jsl.ensure_consumer(
-            self._js, self.names.timers_stream, DURABLE, f"{self.names.prefix}.timer.fire.>",
+        await ensure_topology(self._js, self.names, self.settings)
+        await ensure_consumer(
+            self._js,
+            self.names.timers_stream,
+            DURABLE,
+            f"{self.names.prefix}.timer.fire.>",
             ack_wait=self.settings.service_ack_wait,
         )
-        self._loop = jsl.PullLoop(
+        self._loop = PullLoop(
             self._nc, self.names.timers_stream, DURABLE, self._on_fire, capacity=256, name=DURABLE
         )
         self._loop.start()
@@ -88,7 +110,7 @@ class Scheduler:
             await self._loop.stop(drain_timeout=2.0)
         if self._nc is not None:
             with contextlib.suppress(Exception):
-                await jsl.close(self._nc)
+                await disconnect(self._nc)
 
     async def __aenter__(self) -> Scheduler:
         await self.start()
@@ -104,20 +126,41 @@ class Scheduler:
             body = orjson.loads(msg.data)
             kind = body["kind"]
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            await jsl.dead_letter(self.js, self.names, source="timer", reason=f"malformed timer: {exc}",
-                                  subject=msg.subject, data=msg.data)
+            await dead_letter(
+                self.js,
+                self.names,
+                source="timer",
+                reason=f"malformed timer: {exc}",
+                subject=msg.subject,
+                data=msg.data,
+            )
             await self._done(msg)
             return
         self.fired += 1
         try:
-            if kind == "wake":
+            if kind == "wake" and body.get("wait_kind") not in _TIMED_WAITS:
+                await dead_letter(
+                    self.js,
+                    self.names,
+                    source="timer",
+                    reason=f"unknown wait kind {body.get('wait_kind')!r}; a timer "
+                    f"wakes {', '.join(_TIMED_WAITS)}",
+                    subject=msg.subject,
+                    data=msg.data,
+                )
+            elif kind == "wake":
                 await self._wake(body)
             elif kind == "cron":
                 await self._cron(body, msg)
             else:
-                await jsl.dead_letter(self.js, self.names, source="timer",
-                                      reason=f"unknown timer kind {kind!r}", subject=msg.subject,
-                                      data=msg.data)
+                await dead_letter(
+                    self.js,
+                    self.names,
+                    source="timer",
+                    reason=f"unknown timer kind {kind!r}",
+                    subject=msg.subject,
+                    data=msg.data,
+                )
         except Exception:
             log.exception("timer on %s failed; will retry", msg.subject)
             await msg.nak(delay=0.5)
@@ -139,7 +182,7 @@ class Scheduler:
             await asyncio.sleep(early)
         now = time.time()
         self.lateness_ms.append((now - due) * 1000)
-        kind: str | None
+        kind: ev.StepKind | None
         if wait_kind == "sleep":
             kind, reason, output = "sleep", "timer", {"due": due, "at": now}
         elif wait_kind == "retry":
@@ -147,12 +190,22 @@ class Scheduler:
         elif wait_kind == "rate":
             # The LLM step's booked tokens are there; the step itself runs once the run is back.
             kind, reason, output = None, "rate capacity there", None
-        else:
+        elif wait_kind in ("suspend", "event"):
             kind, reason = wait_kind, "timeout"
             output = {"timeout": True, "timeout_at": due, "at": now}
-        woke = await wt.wake(
-            self.js, self.names, run_id, step, expected_seq=seq, reason=reason, cause="timer",
-            kind=kind, output=output, workflow=body.get("workflow"),
+        else:
+            raise AssertionError(wait_kind)  # refused by _on_fire
+        woke = await wake(
+            self.js,
+            self.names,
+            run_id,
+            step,
+            expected_seq=seq,
+            reason=reason,
+            cause="timer",
+            kind=kind,
+            output=output,
+            workflow=body.get("workflow"),
         )
         if woke is None:
             self.stale += 1  # resumed, cancelled or woken by another instance first
@@ -165,11 +218,11 @@ class Scheduler:
         # same run id, and the start is idempotent on it.
         fired = msg.metadata.sequence.stream
         run_id = uuid.uuid5(_CRON_NS, f"{self.names.prefix}/{key}/{fired}").hex
-        payload = {"input": body.get("input"), "run_id": run_id}
+        payload: StartCommand = {"input": body.get("input"), "run_id": run_id}
         await self.js.publish(
             self.names.start_subject(workflow),
             orjson.dumps(payload),
-            headers={jsl.MSG_ID: f"start/{run_id}", "Polos-Client": "scheduler"},
+            headers={MSG_ID: f"start/{run_id}", "Polos-Client": "scheduler"},
         )
         self.cron_runs += 1
 
@@ -197,17 +250,24 @@ class Scheduler:
         if not spec or not name:
             return
         key = f"wf-{name}"
-        current = await jsl.last_for_subject(self.js._nc, self.names.timers_stream,
-                                             self.names.cron_subject(key))
+        current = await last_for_subject(
+            self.nc, self.names.timers_stream, self.names.cron_subject(key)
+        )
         if current is not None and current.data:  # empty: a deleted schedule's tombstone
             old = orjson.loads(current.data)
             if old.get("cron") == spec and old.get("timezone") == doc.get("timezone"):
                 return  # already scheduled: a restart must not move the next firing
         try:
-            await wt.put_schedule(self.js, self.names, key, name, spec, timezone=doc.get("timezone"))
+            await put_schedule(self.js, self.names, key, name, spec, timezone=doc.get("timezone"))
         except ValueError as exc:
-            await jsl.dead_letter(self.js, self.names, source="schedule", reason=str(exc),
-                                  subject=self.names.cron_subject(key), data=orjson.dumps(doc))
+            await dead_letter(
+                self.js,
+                self.names,
+                source="schedule",
+                reason=str(exc),
+                subject=self.names.cron_subject(key),
+                data=orjson.dumps(doc),
+            )
 
 
 __all__ = ["Scheduler"]

@@ -11,7 +11,7 @@ import time
 from pydantic import BaseModel
 
 from polos import RetryPolicy, WorkflowContext, workflow
-from polos._private.execution import current_step
+from polos._private.run.execution import current_step
 
 
 class ChaosJob(BaseModel):
@@ -59,7 +59,9 @@ async def chaos_mix(ctx: WorkflowContext, job: ChaosJob) -> int:
         total += await ctx.step.run(f"s{i}", work, f"{ctx.run_id}/s{i}", job.step_seconds)
     if job.flaky:
         total += await ctx.step.run(
-            "flaky", flaky, f"{ctx.run_id}/flaky",
+            "flaky",
+            flaky,
+            f"{ctx.run_id}/flaky",
             retry=RetryPolicy(max_attempts=5, initial_interval=0.05),
         )
     if job.suspend:
@@ -77,5 +79,11 @@ async def chaos_mix(ctx: WorkflowContext, job: ChaosJob) -> int:
 
 
 def expected(job: ChaosJob) -> int:
-    return (job.steps + int(job.flaky) + int(job.suspend) + int(job.event) + int(bool(job.sleep))
-            + 2 * int(job.child))
+    return (
+        job.steps
+        + int(job.flaky)
+        + int(job.suspend)
+        + int(job.event)
+        + int(bool(job.sleep))
+        + 2 * int(job.child)
+    )

@@ -10,10 +10,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from polos import events as ev
+from polos import history as ev
 
 RUN_KINDS = ev.HISTORY_KINDS
 _DELTA_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
+
+
+def valid_token(value: str) -> bool:
+    """True if ``value`` can be one subject token (run ids, workflow names)."""
+    return bool(value) and len(value) <= 128 and all(c.isalnum() or c in "_-" for c in value)
 
 
 def kv_stream(bucket: str) -> str:
@@ -98,7 +103,7 @@ class Names:
 
     @property
     def memory_bucket(self) -> str:
-        """Agents' shared memory (polos/_private/memory.py)."""
+        """Agents' shared memory (polos/_private/agents/memory.py)."""
         return f"{self.prefix}_memory"
 
     @property
@@ -110,7 +115,7 @@ class Names:
 
     @property
     def payloads_bucket(self) -> str:
-        """Event fields too large for one message (polos/_private/payloads.py)."""
+        """Event fields too large for one message (polos/_private/store/payloads.py)."""
         return f"{self.prefix}_payloads"
 
     # ------------------------------------------------------------------ durable consumers
@@ -252,4 +257,4 @@ class Names:
         return f"{self.prefix}.stream.>"
 
 
-__all__ = ["RUN_KINDS", "Names", "kv_stream", "object_stream"]
+__all__ = ["RUN_KINDS", "Names", "kv_stream", "object_stream", "valid_token"]

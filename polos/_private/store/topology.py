@@ -5,7 +5,7 @@ Only the service role creates or updates the topology (``ensure_topology``: the 
 the scheduler, the exporters at start, ``polos up`` before it says it is up, ``polos init``).
 Workers and clients never do: they ``check_topology`` once per connection, which turns "not
 there" into one line naming what is missing and how to create it, instead of a timeout on a
-request their user may not make. ``polos._private.auth`` generates every role's NATS
+request their user may not make. ``polos._private.ops.auth`` generates every role's NATS
 permissions from ``TOPOLOGY`` and ``CORE_SUBJECTS``, so a new bucket is granted where it is
 declared, or nowhere.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from polos._private.store.names import Names, kv_stream, object_stream
+from polos._private.store.namespace import namespace
 from polos.config import Settings
 from polos.errors import TopologyMissingError
 
@@ -65,7 +65,9 @@ class Store:
     def stream(self, names: Names) -> str:
         """The name of the JetStream stream that holds it."""
         b = self.bucket(names)
-        return kv_stream(b) if self.kind == "kv" else object_stream(b) if self.kind == "object" else b
+        return (
+            kv_stream(b) if self.kind == "kv" else object_stream(b) if self.kind == "object" else b
+        )
 
     def stream_subjects(self, names: Names) -> list[str]:
         b = self.bucket(names)
@@ -97,20 +99,28 @@ class Store:
             "num_replicas": settings.replicas,
         }
         if self.kind == "stream":
-            base.update(retention=RetentionPolicy.LIMITS,
-                        duplicate_window=settings.duplicate_window)
+            base.update(
+                retention=RetentionPolicy.LIMITS, duplicate_window=settings.duplicate_window
+            )
         elif self.kind == "kv":
             # What ``js.create_key_value(KeyValueConfig(history=1, direct=True))`` makes, so a
             # bucket made by an earlier version compares equal.
             base.update(
-                retention=RetentionPolicy.LIMITS, allow_direct=True, allow_rollup_hdrs=True,
-                allow_msg_ttl=True, deny_delete=True, discard=DiscardPolicy.NEW,
-                duplicate_window=KV_DUPLICATE_WINDOW, max_msgs_per_subject=1, max_msgs=-1,
+                retention=RetentionPolicy.LIMITS,
+                allow_direct=True,
+                allow_rollup_hdrs=True,
+                allow_msg_ttl=True,
+                deny_delete=True,
+                discard=DiscardPolicy.NEW,
+                duplicate_window=KV_DUPLICATE_WINDOW,
+                max_msgs_per_subject=1,
+                max_msgs=-1,
                 max_consumers=-1,
             )
         else:  # what ``js.create_object_store`` makes
-            base.update(discard=DiscardPolicy.NEW, allow_rollup_hdrs=True, allow_direct=True,
-                        max_bytes=-1)
+            base.update(
+                discard=DiscardPolicy.NEW, allow_rollup_hdrs=True, allow_direct=True, max_bytes=-1
+            )
         base.update(self.options(settings))
         return StreamConfig(**base)
 
@@ -124,70 +134,119 @@ ANY = ROLES
 TOPOLOGY: tuple[Store, ...] = (
     # ------------------------------------------------------------------ streams
     Store(
-        "cmd_stream", "stream", "commands: start, cancel, resume, child runs",
-        write=ANY, read=(SERVICE,), subjects=lambda n: [n.cmd_filter],
+        "cmd_stream",
+        "stream",
+        "commands: start, cancel, resume, child runs",
+        write=ANY,
+        read=(SERVICE,),
+        subjects=lambda n: [n.cmd_filter],
         # Kept for the longest wait we promise (a resume may come weeks after the suspend):
         # they are the replayable input of the orchestrator.
         options=lambda s: {"max_age": 90 * DAY, "allow_direct": True},
     ),
     Store(
-        "runs_stream", "stream", "run histories",
-        write=(SERVICE, WORKER), subjects=lambda n: n.runs_subjects,
+        "runs_stream",
+        "stream",
+        "run histories",
+        write=(SERVICE, WORKER),
+        subjects=lambda n: n.runs_subjects,
         # Batch direct get reads a run's history in one request.
         options=lambda s: {"allow_direct": True},
     ),
     Store(
-        "tasks_stream", "stream", "tasks for workers (a work queue)",
+        "tasks_stream",
+        "stream",
+        "tasks for workers (a work queue)",
         # A consumer on the work queue takes tasks: a client may only look at it.
-        write=(SERVICE,), read=(SERVICE, WORKER), subjects=lambda n: [n.tasks_filter],
+        write=(SERVICE,),
+        read=(SERVICE, WORKER),
+        subjects=lambda n: [n.tasks_filter],
         options=lambda s: {"retention": RetentionPolicy.WORK_QUEUE},
     ),
     Store(
-        "events_stream", "stream", "external events (wait_for_event, triggers)",
-        write=ANY, subjects=lambda n: [n.events_filter],
+        "events_stream",
+        "stream",
+        "external events (wait_for_event, triggers)",
+        write=ANY,
+        subjects=lambda n: [n.events_filter],
         options=lambda s: {"max_age": 90 * DAY, "allow_direct": True},
     ),
     Store(
-        "timers_stream", "stream", "timers and cron schedules (message schedules)",
-        write=(SERVICE,), write_only={CLIENT: lambda n: [n.cron_filter]},
+        "timers_stream",
+        "stream",
+        "timers and cron schedules (message schedules)",
+        write=(SERVICE,),
+        write_only={CLIENT: lambda n: [n.cron_filter]},
         subjects=lambda n: [n.timers_filter],
         # Timers are message schedules (server 2.12+): the server fires them itself. A client
         # deletes a schedule by rolling its subject up to a tombstone that expires.
-        options=lambda s: {"allow_direct": True, "allow_rollup_hdrs": True,
-                           "allow_msg_schedules": True, "allow_msg_ttl": True},
+        options=lambda s: {
+            "allow_direct": True,
+            "allow_rollup_hdrs": True,
+            "allow_msg_schedules": True,
+            "allow_msg_ttl": True,
+        },
     ),
     Store(
-        "dlq_stream", "stream", "dead letters",
-        write=(SERVICE, WORKER), subjects=lambda n: [n.dlq_filter],
-        options=lambda s: {"max_age": 30 * DAY, "discard": DiscardPolicy.OLD,
-                           "allow_direct": True, "duplicate_window": None},
+        "dlq_stream",
+        "stream",
+        "dead letters",
+        write=(SERVICE, WORKER),
+        subjects=lambda n: [n.dlq_filter],
+        options=lambda s: {
+            "max_age": 30 * DAY,
+            "discard": DiscardPolicy.OLD,
+            "allow_direct": True,
+            "duplicate_window": None,
+        },
     ),
     Store(
-        "admit_stream", "stream", "runs waiting for admission to a queue",
-        write=(SERVICE,), delete_msg=(SERVICE,), subjects=lambda n: [n.admit_filter()],
+        "admit_stream",
+        "stream",
+        "runs waiting for admission to a queue",
+        write=(SERVICE,),
+        delete_msg=(SERVICE,),
+        subjects=lambda n: [n.admit_filter()],
         options=lambda s: {"allow_direct": True, "deny_delete": False},
     ),
     # ------------------------------------------------------------------ KV buckets
     Store("runs_bucket", "kv", "the run index", write=(SERVICE,)),
-    Store("workers_bucket", "kv", "live workers", write=(SERVICE, WORKER),
-          options=lambda s: _kv_ttl(s.worker_ttl)),
+    Store(
+        "workers_bucket",
+        "kv",
+        "live workers",
+        write=(SERVICE, WORKER),
+        options=lambda s: _kv_ttl(s.worker_ttl),
+    ),
     Store("workflows_bucket", "kv", "registered workflows", write=(SERVICE, WORKER)),
     Store("waits_bucket", "kv", "runs waiting for an event", write=(SERVICE,)),
     Store(
-        "slots_bucket", "kv", "concurrency slots and LLM rate buckets",
-        write=(SERVICE, WORKER), delete_msg=(SERVICE, WORKER),
+        "slots_bucket",
+        "kv",
+        "concurrency slots and LLM rate buckets",
+        write=(SERVICE, WORKER),
+        delete_msg=(SERVICE, WORKER),
         # Written with raw compare-and-set publishes (limits.SlotStore): a release deletes one
         # exact revision (a bucket made by nats-py denies that), leases are per-message TTLs,
         # and no limit markers, so an expired key leaves nothing behind.
-        options=lambda s: {"deny_delete": False, "allow_msg_ttl": True,
-                           "subject_delete_marker_ttl": None, "duplicate_window": 1.0},
+        options=lambda s: {
+            "deny_delete": False,
+            "allow_msg_ttl": True,
+            "subject_delete_marker_ttl": None,
+            "duplicate_window": 1.0,
+        },
     ),
     Store("queues_bucket", "kv", "queue and rate-limit configuration", write=ANY),
     Store("memory_bucket", "kv", "agents' shared memory", write=ANY),
     Store("telemetry_bucket", "kv", "span followers' positions", write=(SERVICE,)),
     # ------------------------------------------------------------------ object stores
-    Store("payloads_bucket", "object", "event fields too large for one message", write=ANY,
-          options=lambda s: {"description": "Polos: event fields too large for one message"}),
+    Store(
+        "payloads_bucket",
+        "object",
+        "event fields too large for one message",
+        write=ANY,
+        options=lambda s: {"description": "Polos: event fields too large for one message"},
+    ),
 )
 
 BY_NAME: dict[str, Store] = {row.name: row for row in TOPOLOGY}
@@ -204,17 +263,33 @@ class CoreSubject:
 
 
 CORE_SUBJECTS: tuple[CoreSubject, ...] = (
-    CoreSubject(lambda n: n.signal_filter, "cancel signals to the worker holding a run",
-                publish=(SERVICE,), subscribe=(SERVICE, WORKER)),
-    CoreSubject(lambda n: n.deltas_filter, "live LLM text deltas of agents",
-                publish=(SERVICE, WORKER), subscribe=(SERVICE, CLIENT)),
+    CoreSubject(
+        lambda n: n.signal_filter,
+        "cancel signals to the worker holding a run",
+        publish=(SERVICE,),
+        subscribe=(SERVICE, WORKER),
+    ),
+    CoreSubject(
+        lambda n: n.deltas_filter,
+        "live LLM text deltas of agents",
+        publish=(SERVICE, WORKER),
+        subscribe=(SERVICE, CLIENT),
+    ),
     # Waiting for a run's end listens to its control subject (besides reading the history).
-    CoreSubject(lambda n: n.ctl_filter, "run control events, as they are appended",
-                publish=(), subscribe=ANY),
+    CoreSubject(
+        lambda n: n.ctl_filter,
+        "run control events, as they are appended",
+        publish=(),
+        subscribe=ANY,
+    ),
     # The web UI (the client role) follows a run page's step results as they are appended:
     # what a client may read from the runs stream anyway.
-    CoreSubject(lambda n: n.step_filter, "run step results, as they are appended",
-                publish=(), subscribe=(SERVICE, CLIENT)),
+    CoreSubject(
+        lambda n: n.step_filter,
+        "run step results, as they are appended",
+        publish=(),
+        subscribe=(SERVICE, CLIENT),
+    ),
 )
 
 
@@ -249,12 +324,10 @@ async def ensure_topology(js: JetStreamContext, names: Names, settings: Settings
     Service role only: other roles may not create streams. Workers and clients call
     ``check_topology``."""
     await asyncio.gather(*(_ensure_stream(js, row.config(names, settings)) for row in TOPOLOGY))
-    _checked.setdefault(js._nc, set()).add(names.prefix)
+    namespace(js, names, settings).topology_checked = True
 
 
 # --------------------------------------------------------------------------- workers, clients
-
-_checked: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
 def missing(names: Names, name: str) -> TopologyMissingError:
@@ -268,8 +341,8 @@ def missing(names: Names, name: str) -> TopologyMissingError:
 async def check_topology(js: JetStreamContext, names: Names) -> None:
     """Raise ``TopologyMissingError`` naming what is missing (or lacks subjects), once per
     connection. One stream-info request per row, all at once."""
-    done = _checked.setdefault(js._nc, set())
-    if names.prefix in done:
+    ns = namespace(js, names)
+    if ns.topology_checked:
         return
 
     async def look(row: Store) -> str | None:
@@ -289,7 +362,7 @@ async def check_topology(js: JetStreamContext, names: Names) -> None:
     found = await asyncio.gather(*(look(row) for row in TOPOLOGY))
     bad = [(row, why) for row, why in zip(TOPOLOGY, found, strict=True) if why is not None]
     if not bad:
-        done.add(names.prefix)
+        ns.topology_checked = True
         return
     if all(why == "missing" for _, why in bad) and len(bad) == len(TOPOLOGY):
         raise TopologyMissingError(

@@ -1,0 +1,1 @@
+"""Agents: the loop and its steps, the provider call, prices, decision records, tools, memory."""

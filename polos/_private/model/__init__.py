@@ -1,0 +1,1 @@
+"""The bottom layer's private part: value types and helpers every layer may use."""

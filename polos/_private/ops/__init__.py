@@ -1,0 +1,1 @@
+"""Operations: auth, embedded server and cluster, instance lock, retention, commands, plumbing."""

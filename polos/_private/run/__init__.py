@@ -1,0 +1,1 @@
+"""The run runtime: execution (replay, steps, fenced appends), in-run waits, wakes, timers."""

@@ -1,0 +1,376 @@
+"""One execution of one run on a worker: replay, steps, fenced appends, determinism checks.
+
+The history a worker loaded is the truth up to ``last_seq``. Each step either finds its key in
+that history (replay: return the recorded outcome, run nothing) or runs and appends exactly one
+event fenced on ``last_seq``. If another writer moved the history on, the append fails with
+``FencedOut`` and this execution stops: it no longer owns the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import time
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from polos import history as ev
+from polos._private.model.values import DEFAULT_STEP_RETRY, RetryPolicy, StepInfo
+from polos._private.run.waits import retry_later
+from polos._private.store import Names, append
+from polos.converter import from_json, return_type, to_json
+from polos.errors import NonDeterminismError, SerializationError, StepFailedError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+    from nats.js import JetStreamContext
+
+    from polos._private.model.values import WorkflowDefinition
+    from polos.config import Settings
+
+_current_step: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
+    "polos_current_step", default=None
+)
+
+
+def current_step() -> StepInfo | None:
+    """Inside a step function: the run id, step key, attempt and idempotency key."""
+    return _current_step.get()
+
+
+TRACEBACK_LIMIT = 8192  # the last characters of a traceback kept with a failure
+
+
+def error_info(
+    exc: BaseException, *, step: str | None = None, retryable: bool = True
+) -> dict[str, Any]:
+    tb = "".join(traceback.format_exception(exc))
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "step": step,
+        "retryable": retryable,
+        # Where it happened, for whoever reads the failure (`polos show`, the UI).
+        "traceback": tb[-TRACEBACK_LIMIT:],
+    }
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    target = getattr(fn, "__wrapped__", fn)
+    return str(getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target)))
+
+
+# How many event-loop turns a new step waits for sibling branches to consume their recorded steps
+# before deciding the code no longer asks for them. Replayed steps return without suspending, so
+# a branch walks all its recorded steps in one turn; a few turns cover nested gathers.
+_QUIESCE_TURNS = 25
+
+
+class RunExecution:
+    """The state and the write path of one run while a worker holds it."""
+
+    def __init__(
+        self,
+        *,
+        js: JetStreamContext,
+        nc: NATS,
+        names: Names,
+        settings: Settings,
+        workflow: WorkflowDefinition[Any, Any],
+        state: ev.RunState,
+        worker_id: str,
+    ) -> None:
+        self.js = js
+        self.nc = nc
+        self.names = names
+        self.settings = settings
+        self.workflow = workflow
+        self.state = state
+        self.worker_id = worker_id
+        self.run_id = state.run_id
+        self._lock = asyncio.Lock()
+        self._occurrences: dict[str, int] = {}
+        self._auto: dict[str, int] = {}
+        # Steps recorded before this execution started: what replay must walk through, and
+        # those of them the code has not asked for yet (a set: ``is_replaying`` is asked before
+        # every new step, so it must not walk the whole history each time).
+        self._replay_keys: list[str] = list(state.step_order)
+        self._unconsumed: set[str] = set(self._replay_keys)
+        self.appends = 0
+        self._patches: dict[str, bool] = {}
+        # Steps running user code right now: a wait must let them finish and record before the
+        # run suspends, or their completed work would be lost with the suspension.
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def attempt(self) -> int:
+        return self.state.attempt
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.state.requested.parent_run_id if self.state.requested else None
+
+    @property
+    def is_replaying(self) -> bool:
+        return bool(self._unconsumed)
+
+    # ------------------------------------------------------------------ the write path
+
+    async def record(self, event: ev.Event, msg_id: str) -> int:
+        """Append one event, fenced on the history this execution has seen."""
+        async with self._lock:
+            seq = await append(
+                self.js,
+                self.names,
+                self.run_id,
+                event,
+                expected_last_seq=self.state.last_seq,
+                msg_id=msg_id,
+                timeout=self.settings.request_timeout,
+            )
+            self.state.apply(seq, event)
+            self.appends += 1
+            return seq
+
+    # ------------------------------------------------------------------ keys and replay
+
+    def step_id(self, key: str | None, kind: str) -> str:
+        """The key a step is recorded under. A key used again in one run gets ``#2``, ``#3``."""
+        if key is None:
+            n = self._auto.get(kind, 0) + 1
+            self._auto[kind] = n
+            key = f"{kind}#{n}"
+        if not key or len(key) > 256:
+            raise ValueError(f"step key must be 1-256 characters, got {key!r}")
+        n = self._occurrences.get(key, 0) + 1
+        self._occurrences[key] = n
+        return key if n == 1 else f"{key}#{n}"
+
+    def next_step_id(self, key: str) -> str:
+        """The key the next step asking for ``key`` will be recorded under (``step_id``
+        without taking it)."""
+        n = self._occurrences.get(key, 0) + 1
+        return key if n == 1 else f"{key}#{n}"
+
+    def recorded(
+        self, step_id: str, kind: str, name: str | None
+    ) -> ev.StepCompleted | ev.StepFailed | None:
+        found = self.state.steps.get(step_id)
+        if found is None:
+            return None
+        if found.kind != kind or (
+            name is not None and found.name is not None and found.name != name
+        ):
+            raise NonDeterminismError(
+                f"run {self.run_id}: step {step_id!r} is recorded as {found.kind} "
+                f"{found.name or ''} but the code now asks for {kind} {name or ''} "
+                "- the workflow code changed incompatibly since this run started"
+            )
+        self._unconsumed.discard(step_id)
+        return found
+
+    async def check_new_step(self, step_id: str) -> None:
+        """A step not in the history may only run once every recorded step was asked for."""
+        for _ in range(_QUIESCE_TURNS):
+            if not self.is_replaying:
+                return
+            await asyncio.sleep(0)
+        missing = [k for k in self._replay_keys if k in self._unconsumed]
+        if missing:
+            raise NonDeterminismError(
+                f"run {self.run_id}: the code asks for new step {step_id!r} where the history "
+                f"holds step {missing[0]!r}, which the code no longer reaches "
+                "- the workflow code changed incompatibly since this run started"
+            )
+
+    def check_all_replayed(self) -> None:
+        missing = [k for k in self._replay_keys if k in self._unconsumed]
+        if missing:
+            raise NonDeterminismError(
+                f"run {self.run_id}: the workflow returned without reaching recorded step "
+                f"{missing[0]!r} - the workflow code changed incompatibly since this run started"
+            )
+
+    # ------------------------------------------------------------------ steps
+
+    async def patched(self, patch_id: str) -> bool:
+        """Versioning: True where this run takes the new code path, False where its history was
+        written by code without the patch. A True is recorded (a ``patch`` step), so the run
+        keeps its answer on every replay; the same id asked again gives the same answer."""
+        if patch_id in self._patches:
+            return self._patches[patch_id]
+        if not patch_id or len(patch_id) > 200:
+            raise ValueError(f"patch id must be 1-200 characters, got {patch_id!r}")
+        step_id = f"patch:{patch_id}"
+        if self.recorded(step_id, "patch", None) is not None:
+            value = True
+        else:
+            # Let sibling branches consume their recorded steps first (as check_new_step does).
+            for _ in range(_QUIESCE_TURNS):
+                if not self.is_replaying:
+                    break
+                await asyncio.sleep(0)
+            # History that goes on past this point without the marker came from the old code.
+            value = not self.is_replaying
+            if value:
+                await self.record(
+                    ev.StepCompleted(key=step_id, kind="patch", output=True),
+                    msg_id=f"{self.run_id}/s/{step_id}",
+                )
+        self._patches[patch_id] = value
+        return value
+
+    async def record_value(
+        self, key: str | None, kind: ev.StepKind, make: Callable[[], Any]
+    ) -> Any:
+        step_id = self.step_id(key, kind)
+        found = self.recorded(step_id, kind, None)
+        if isinstance(found, ev.StepCompleted):
+            return found.output
+        await self.check_new_step(step_id)
+        value = make()
+        await self.record(
+            ev.StepCompleted(key=step_id, kind=kind, output=value),
+            msg_id=f"{self.run_id}/s/{step_id}",
+        )
+        return value
+
+    async def run_step(
+        self,
+        key: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        retry: RetryPolicy | None,
+    ) -> Any:
+        if not callable(fn):
+            raise TypeError(f"ctx.step.run({key!r}, ...) needs a callable, got {fn!r}")
+        name = _qualname(fn)
+        step_id = self.step_id(key, "run")
+        found = self.recorded(step_id, "run", name)
+        if isinstance(found, ev.StepCompleted):
+            return from_json(found.output, return_type(fn))
+        if isinstance(found, ev.StepFailed):
+            raise StepFailedError(
+                step_id,
+                str(found.error.get("type")),
+                str(found.error.get("message")),
+                found.attempts,
+            )
+        await self.check_new_step(step_id)
+
+        policy = retry or DEFAULT_STEP_RETRY
+        attempt = self.state.attempt_failures.get(step_id, 0)
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            return await self._attempts(step_id, name, fn, args, kwargs, policy, attempt)
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no step of this execution is running user code."""
+        while self.inflight:
+            await self._idle.wait()
+
+    async def _attempts(
+        self,
+        step_id: str,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        policy: RetryPolicy,
+        attempt: int,
+    ) -> Any:
+        while True:
+            attempt += 1
+            started = time.time()
+            t0 = time.perf_counter()
+            token = _current_step.set(StepInfo(self.run_id, step_id, attempt))
+            try:
+                result = await _call(fn, args, kwargs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if policy.retries(exc, attempt):
+                    await self._retry_later(step_id, name, attempt, exc, policy.delay(attempt))
+                    continue
+                await self._record_failure(step_id, name, attempt, exc)
+                raise StepFailedError(step_id, type(exc).__name__, str(exc), attempt) from exc
+            finally:
+                _current_step.reset(token)
+            duration = (time.perf_counter() - t0) * 1000
+            try:
+                output = to_json(result, what=f"the output of step {step_id!r}")
+            except SerializationError as exc:
+                await self._record_failure(step_id, name, attempt, exc)
+                raise StepFailedError(step_id, "SerializationError", str(exc), attempt) from exc
+            await self.record(
+                ev.StepCompleted(
+                    key=step_id,
+                    kind="run",
+                    name=name,
+                    output=output,
+                    attempts=attempt,
+                    started_at=started,
+                    duration_ms=round(duration, 3),
+                ),
+                msg_id=f"{self.run_id}/s/{step_id}",
+            )
+            return result
+
+    async def _retry_later(
+        self, step_id: str, name: str, attempt: int, exc: Exception, delay: float
+    ) -> None:
+        """Record a failed attempt that will be tried again after ``delay``, and wait for it:
+        here for a short back-off, in the scheduler for a long one (the run holds no worker)."""
+        await self.record(
+            ev.StepAttemptFailed(
+                key=step_id,
+                kind="run",
+                name=name,
+                attempt=attempt,
+                error=error_info(exc, step=step_id),
+                retry_in=delay,
+            ),
+            msg_id=f"{self.run_id}/a/{step_id}/{attempt}",
+        )
+        if delay > self.settings.local_retry_limit:
+            retry_later(self, step_id, attempt, delay)  # raises Suspend
+        await asyncio.sleep(delay)
+
+    async def _record_failure(self, step_id: str, name: str, attempt: int, exc: Exception) -> None:
+        """Record that the step failed for good (its last attempt, or an output that is not
+        JSON): replay raises the same ``StepFailedError`` from it."""
+        await self.record(
+            ev.StepFailed(
+                key=step_id,
+                kind="run",
+                name=name,
+                error=error_info(exc, step=step_id, retryable=False),
+                attempts=attempt,
+            ),
+            msg_id=f"{self.run_id}/s/{step_id}",
+        )
+
+
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
+    ):
+        return await fn(*args, **kwargs)
+    # A sync function runs in a thread so the event loop keeps heartbeating; to_thread copies
+    # the context, so current_step() works inside it.
+    result = await asyncio.to_thread(fn, *args, **kwargs)
+    if inspect.isawaitable(result):
+        return await result
+    return result

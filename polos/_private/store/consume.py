@@ -1,0 +1,163 @@
+"""Consuming streams: durable consumers and the pull loop every service and worker runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import nats.js.errors
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from polos._private.model.aio import cancel_and_wait
+
+log = logging.getLogger("polos.consume")
+
+
+async def ensure_consumer(
+    js: JetStreamContext,
+    stream: str,
+    durable: str,
+    filter_subject: str,
+    *,
+    ack_wait: float,
+    max_ack_pending: int = 10_000,
+    max_deliver: int = -1,
+) -> None:
+    cfg = ConsumerConfig(
+        durable_name=durable,
+        filter_subject=filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        max_ack_pending=max_ack_pending,
+        max_deliver=max_deliver,
+        max_waiting=4096,
+    )
+    try:
+        await js.add_consumer(stream, cfg)
+    except nats.js.errors.BadRequestError as exc:
+        # 10148: exists with another config (another process made it first): use theirs.
+        if exc.err_code not in (10148, 10013):
+            raise
+
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+class PullLoop:
+    """Keeps pull requests outstanding on a durable consumer and hands each message to a handler.
+
+    Messages are handled as soon as the server delivers them (no fetch-and-wait batches), with
+    at most ``capacity`` in flight. A pull expires every ``expires`` seconds and is renewed, so
+    a lost pull (a reconnect) costs at most that long.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        stream: str,
+        durable: str,
+        handler: Handler,
+        *,
+        capacity: int = 64,
+        expires: float = 5.0,
+        name: str = "pull",
+    ) -> None:
+        self._nc = nc
+        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._handler = handler
+        self._capacity = capacity
+        self._expires = expires
+        self._name = name
+        self._free = capacity
+        self._room = asyncio.Event()
+        self._room.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._main: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._main = asyncio.create_task(self._run(), name=f"{self._name}-loop")
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        self._stopping = True
+        if self._main:
+            await cancel_and_wait([self._main])
+        if self._tasks and drain_timeout:
+            await asyncio.wait(self._tasks, timeout=drain_timeout)
+        await cancel_and_wait(list(self._tasks))
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            await self._handler(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: handler failed on %s", self._name, msg.subject)
+        finally:
+            self._release(1)
+
+    def _release(self, n: int) -> None:
+        self._free += n
+        self._room.set()
+
+    async def _run(self) -> None:
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def cb(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox, cb=cb)
+        try:
+            while not self._stopping:
+                # Wait for room, then ask for exactly as many messages as there is room for.
+                while self._free <= 0:
+                    self._room.clear()
+                    await self._room.wait()
+                want, self._free = self._free, 0
+                req = {"batch": want, "expires": int(self._expires * 1e9)}
+                try:
+                    await self._nc.publish(self._api, orjson.dumps(req), reply=inbox)
+                except Exception:
+                    self._release(want)
+                    await asyncio.sleep(0.25)
+                    continue
+                deadline = time.monotonic() + self._expires + 1.0
+                while want > 0:
+                    try:
+                        msg = await asyncio.wait_for(
+                            queue.get(), timeout=max(0.01, deadline - time.monotonic())
+                        )
+                    except TimeoutError:
+                        break  # the pull was lost (reconnect) or expired silently
+                    status = (msg.headers or {}).get("Status")
+                    if status:
+                        if status == "100":  # idle heartbeat
+                            continue
+                        # 404/408/409: this pull is over (no messages, expired, or limits).
+                        if status in ("409",):
+                            await asyncio.sleep(0.05)
+                        break
+                    want -= 1
+                    t = asyncio.create_task(self._handle(msg))
+                    self._tasks.add(t)
+                    t.add_done_callback(self._tasks.discard)
+                self._release(want)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+__all__ = ["Handler", "PullLoop", "ensure_consumer"]
