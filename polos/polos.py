@@ -37,7 +37,7 @@ from polos._private.ops.instance import (
     leftover_server,
     running,
 )
-from polos._private.ops.runtime import wait_for_signal
+from polos._private.ops.runtime import log_to_file, wait_for_signal
 from polos._private.ops.server import EmbeddedServer, default_config
 from polos.client import ExecutionHandle, PolosClient
 from polos.config import Settings
@@ -47,7 +47,6 @@ from polos.workflow import WorkflowDefinition, registered_workflows
 log = logging.getLogger("polos")
 O = TypeVar("O")  # noqa: E741
 
-_LOG_FORMAT = "%(asctime)s %(levelname)-8s %(name)s: %(message)s"
 _NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 
 
@@ -129,7 +128,7 @@ class Polos(PolosClient):
         self._started = False
         self._starting = asyncio.Lock()
         if log_file is not None:
-            _log_to_file(log_file)
+            log_to_file(log_file)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for what is not set yet: the client's connection before start().
@@ -369,17 +368,6 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd())) or "."
     except ValueError:
         return str(path.resolve())
-
-
-def _log_to_file(path: str) -> None:
-    """As the original: the root logger writes to ``path`` (INFO and up), not the terminal."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.FileHandler(path, mode="a")
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
 
 
 __all__ = ["Polos"]
