@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +49,8 @@ log = logging.getLogger("polos")
 O = TypeVar("O")  # noqa: E741
 
 _NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+# How long to wait for another process starting a stack on the data dir to name its URL.
+_STARTING_PATIENCE = 30.0
 
 
 def _refuse(option: str, value: Any, why: str) -> None:
@@ -292,21 +295,41 @@ class Polos(PolosClient):
         if url:
             s = base.with_(nats_url=url)
             return s, s
-        client_url = local_url("client", base.prefix, self._data_dir)
-        if client_url is not None:
-            worker_url = local_url("worker", base.prefix, self._data_dir) or client_url
-            instance = running(self._data_dir)
-            if base.ui_url is None and instance is not None and instance.ui_url:
-                base = base.with_(ui_url=instance.ui_url)
-            return base.with_(nats_url=client_url), base.with_(nats_url=worker_url)
-        return await self._start_local_stack(base)
+        # Another process may be starting a stack on the data dir right now (a `polos up`, or
+        # a Polos like this one): it holds the lock before it names its URL. Wait for the URL
+        # rather than fail, and never start a second stack on the same data.
+        deadline = time.monotonic() + _STARTING_PATIENCE
+        while True:
+            client_url = local_url("client", base.prefix, self._data_dir)
+            if client_url is not None:
+                worker_url = local_url("worker", base.prefix, self._data_dir) or client_url
+                instance = running(self._data_dir)
+                if base.ui_url is None and instance is not None and instance.ui_url:
+                    base = base.with_(ui_url=instance.ui_url)
+                return base.with_(nats_url=client_url), base.with_(nats_url=worker_url)
+            if running(self._data_dir) is None:
+                started = await self._start_local_stack(base)
+                if started is not None:
+                    return started
+            if time.monotonic() > deadline:
+                instance = running(self._data_dir)
+                raise DataDirInUseError(
+                    f"another process ({instance.describe() if instance else 'gone'}) holds "
+                    f"{self._data_dir.resolve()} but names no server after "
+                    f"{_STARTING_PATIENCE:.0f}s; stop it, or give this Polos another data_dir"
+                )
+            await asyncio.sleep(0.1)
 
-    async def _start_local_stack(self, base: Settings) -> tuple[Settings, Settings]:
+    async def _start_local_stack(self, base: Settings) -> tuple[Settings, Settings] | None:
         """What ``polos up`` runs, in this process: nats-server (authentication on), the
-        orchestrator and the scheduler; the data dir locked as ``polos up`` locks it."""
+        orchestrator and the scheduler; the data dir locked as ``polos up`` locks it. None
+        when another process took the lock first."""
         ddir = self._data_dir
         lock = DataDirLock(ddir)
-        lock.acquire()
+        try:
+            lock.acquire()
+        except DataDirInUseError:
+            return None
         self._lock = lock
         stray = leftover_server(ddir)
         if stray is not None:
@@ -320,7 +343,7 @@ class Polos(PolosClient):
         self._server = server
         url = server.start()
         assert server.proc is not None
-        lock.record(url=url, server_pid=server.proc.pid)
+        lock.record(server_pid=server.proc.pid)
 
         def role(name: str) -> Settings:
             return base.with_(nats_url=auth.url_for(creds, f"{base.prefix}-{name}", url))
@@ -329,6 +352,9 @@ class Polos(PolosClient):
             svc = plugins.service(name)(role("service"))
             self._services.append(svc)
             await svc.start()
+        # Named once the services run (they create the topology): whoever finds the URL can
+        # use it at once.
+        lock.record(url=url)
         self.embedded = True
         print(
             f"Polos: no server to connect to (POLOS_NATS_URL unset, no `polos up` on "
