@@ -713,10 +713,15 @@ class PolosClient:
         """The run that waits at ``key``: ``run_id`` itself, else a descendant of it that does
         (the original resumes by the root's ids), else ``run_id`` (the resume is kept until it
         gets there)."""
-        runs = {r.run_id: r for r in await self.list_runs(limit=100_000)}
-        me = runs.get(run_id)
-        if me is not None and (me.waiting or {}).get("step") == key:
+        if not valid_token(run_id):
+            raise ValueError(f"suspend_execution_id {run_id!r} is not valid")
+        state = await load_state(self.nc, self.names, run_id, kinds=("ctl",))
+        if state.requested is None or state.done:
+            return run_id  # the orchestrator answers: pending, or refused saying why
+        if state.suspended is not None and state.suspended.step == key:
             return run_id
+        # Its descendants, from the run index (one read of it, only on this path).
+        runs = {r.run_id: r for r in await self.list_runs(limit=100_000)}
         for r in runs.values():
             if r.status != "suspended" or (r.waiting or {}).get("step") != key:
                 continue

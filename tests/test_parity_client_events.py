@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import uuid
 from typing import Any
 
 import pytest
 
-from polos import Polos, WorkflowContext, events, schedules, workflow
+from polos import Agent, Polos, WorkflowContext, events, schedules, workflow
+from polos.devllm import DevLLM, Reply
 from polos.features import events as features_events
 from polos.features import schedules as features_schedules
 from polos.testing import PolosEnvironment, RoleSettings
@@ -35,6 +38,15 @@ async def pe_flow(ctx: WorkflowContext, n: int) -> dict[str, Any]:
 async def pe_listener(ctx: WorkflowContext, topic: str) -> Any:
     got = await ctx.step.wait_for_event("order", topic)
     return got.data
+
+
+pe_talker = Agent("pe_talker", stream=True)
+
+
+@workflow(name="pe_talk")
+async def pe_talk(ctx: WorkflowContext, text: str) -> str:
+    said = await ctx.step.agent_invoke_and_wait("talk", pe_talker.with_input(text))
+    return str(said.result)
 
 
 async def _collect(stream: Any, into: list[Any], limit: int) -> None:
@@ -198,3 +210,33 @@ async def test_schedules_create_upserts_a_keyed_cron_schedule(
     with contextlib.suppress(Exception):
         await client.delete_schedule(sid)
     assert await client.delete_schedule(again) is True
+
+
+async def test_polos_serves_a_defined_agent_and_the_stream_carries_its_text(
+    stack: PolosEnvironment, settings: RoleSettings
+) -> None:
+    """The agent is defined, not handed to anyone: Polos serves it (its child run) and
+    ``stream_workflow`` yields its live text as ``text_delta`` between its start and finish."""
+    text = "Durable agents stream their words while the log keeps the final message."
+    async with DevLLM() as llm:
+        pe_talker.config = dataclasses.replace(pe_talker.config, base_url=llm.url)
+        llm.script(Reply.text(text))
+        async with Polos(settings=settings) as polos:
+            run_id = uuid.uuid4().hex
+            seen: list[events.StreamEvent] = []
+            # Deltas are live only: follow before the run starts.
+            follow = asyncio.create_task(
+                _collect(events.stream_workflow(polos, "pe_talk", run_id), seen, 10_000)
+            )
+            await asyncio.sleep(0.5)
+            handle = await polos.start(pe_talk, "talk to me", run_id=run_id)
+            assert await handle.result(timeout=30) == text
+            await asyncio.wait_for(follow, 30)  # ended by itself at the run's finish
+    types = [e.event_type for e in seen]
+    assert types[0] == "workflow_start" and types[-1] == "workflow_finish"
+    start, finish = types.index("agent_start"), types.index("agent_finish")
+    deltas = [e for e in seen if e.event_type == "text_delta"]
+    assert len(deltas) > 3 and "".join(d.data["content"] for d in deltas) == text
+    assert all(start < types.index("text_delta") < finish for _ in deltas[:1])
+    assert [d.data["chunk_index"] for d in deltas] == list(range(len(deltas)))
+    assert seen[finish].data["_metadata"]["workflow_id"] == "polos_agent"
