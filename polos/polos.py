@@ -130,6 +130,7 @@ class Polos(PolosClient):
         self._connected = False
         self._started = False
         self._starting = asyncio.Lock()
+        self._check_topology = True
         if log_file is not None:
             log_to_file(log_file)
 
@@ -153,6 +154,7 @@ class Polos(PolosClient):
     ) -> Polos:
         """A started ``Polos`` (``PolosClient.connect``'s arguments)."""
         polos = cls(nats_url=url, prefix=prefix, settings=settings)
+        polos._check_topology = check_topology
         await polos._start()
         return polos
 
@@ -197,7 +199,7 @@ class Polos(PolosClient):
                 return
             try:
                 client, worker = await self._resolve()
-                await self._open(client)
+                await self._open(client, check_topology=self._check_topology)
                 self._connected = True
                 workflows = registered_workflows()
                 self.workflows.update(workflows)
