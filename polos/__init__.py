@@ -3,6 +3,7 @@
 The public API is what ``__all__`` lists; ``tests/test_public_api.py`` pins it.
 """
 
+from polos import events, schedules
 from polos._private.run.execution import current_step
 from polos._private.run.waits import ChildHandle, ReceivedEvent, Resumed
 from polos.agent import (
@@ -16,7 +17,7 @@ from polos.agent import (
     GuardrailViolation,
     ProviderError,
 )
-from polos.client import PolosClient, RunHandle, RunInfo
+from polos.client import ExecutionHandle, PolosClient, RunHandle, RunInfo, batch_invoke
 from polos.config import Settings
 from polos.errors import (
     ChildWorkflowError,
@@ -34,8 +35,11 @@ from polos.errors import (
     WorkflowFailedError,
     WorkflowNotFoundError,
 )
+from polos.events import BatchEventPayload, EventPayload
 from polos.middleware import HookAction, HookContext, HookResult, hook
+from polos.polos import Polos
 from polos.queues import Queue, RateLimit
+from polos.schedules import SchedulePayload
 from polos.tools import Tool, tool
 from polos.worker import Worker
 from polos.workflow import (
@@ -59,16 +63,20 @@ __all__ = [
     "AgentOutputError",
     "AgentResult",
     "AgentRun",
+    "BatchEventPayload",
     "ChildHandle",
     "ChildWorkflowError",
     "CommandRejectedError",
     "ConnectionFailedError",
+    "EventPayload",
+    "ExecutionHandle",
     "GuardrailViolation",
     "HookAction",
     "HookContext",
     "HookResult",
     "InputValidationError",
     "NonDeterminismError",
+    "Polos",
     "PolosClient",
     "PolosError",
     "ProviderError",
@@ -80,6 +88,7 @@ __all__ = [
     "RunHandle",
     "RunInfo",
     "RunNotFoundError",
+    "SchedulePayload",
     "SerializationError",
     "Settings",
     "Step",
@@ -94,8 +103,11 @@ __all__ = [
     "WorkflowDefinition",
     "WorkflowFailedError",
     "WorkflowNotFoundError",
+    "batch_invoke",
     "current_step",
+    "events",
     "hook",
+    "schedules",
     "tool",
     "workflow",
 ]

@@ -32,9 +32,13 @@ from nats.js.kv import KeyValue
 
 from polos import history as ev
 from polos._private import limits
+from polos._private.agents.loop import Agent, agent_workflow
+from polos._private.agents.tools import Tool
 from polos._private.limits import register_queues, run_holding_slots
 from polos._private.model.aio import cancel_and_wait
-from polos._private.ops.runtime import load_workflows, run_until_signal
+from polos._private.ops.commands import local_url
+from polos._private.ops.instance import data_dir_from
+from polos._private.ops.runtime import load_workflows, log_to_file, run_until_signal
 from polos._private.run.execution import RunExecution, error_info
 from polos._private.run.signals import Suspend
 from polos._private.store import (
@@ -70,12 +74,24 @@ class _Active:
 
 
 class Worker:
-    """Serves a set of workflows: one durable pull consumer per workflow's task subject."""
+    """Serves a set of workflows: one durable pull consumer per workflow's task subject.
+
+    ``Worker(workflows, settings=... | nats_url=..., ...)``, or the original's
+    ``Worker(client, agents=[...], tools=[...], workflows=[...], max_concurrent_workflows=...,
+    log_file=...)``: the worker connects where ``client`` does (a ``Polos`` gives its worker's
+    credentials; a client of the data dir's ``polos up`` gets the worker's credentials kept
+    there; any other client's URL must carry a user allowed to serve). Agents are served
+    through the ``polos_agent`` workflow, tools inside their agents' runs. The original's
+    ``deployment_id``, ``mode``, ``worker_server_url`` and ``channels`` mean nothing here (a
+    worker pulls from NATS) and are refused by name.
+    """
 
     def __init__(
         self,
-        workflows: Iterable[WorkflowDefinition[Any, Any]],
+        served: Iterable[WorkflowDefinition[Any, Any]] | Any = None,
+        /,
         *,
+        workflows: Iterable[WorkflowDefinition[Any, Any]] | None = None,
         settings: Settings | None = None,
         nats_url: str | None = None,
         prefix: str | None = None,
@@ -83,7 +99,49 @@ class Worker:
         worker_id: str | None = None,
         shutdown_timeout: float = 10.0,
         state_cache: int = 1_000,
+        client: Any = None,
+        deployment_id: str | None = None,
+        agents: Iterable[Any] | None = None,
+        tools: Iterable[Any] | None = None,
+        max_concurrent_workflows: int | None = None,
+        mode: str | None = None,
+        worker_server_url: str | None = None,
+        log_file: str | None = None,
+        channels: list[Any] | None = None,
     ) -> None:
+        if isinstance(getattr(served, "settings", None), Settings):
+            # The original's positional form: Worker(client, ...).
+            if client is not None:
+                raise ValueError("Worker: the client is given twice")
+            client, served = served, None
+        if served is not None and workflows is not None:
+            raise ValueError("Worker: give the workflows positionally or as workflows=, not both")
+        workflows = served if served is not None else workflows
+        for option, value, why in (
+            ("deployment_id", deployment_id, "a namespace's workers serve what they define"),
+            ("mode", mode, "workers here always pull their work from NATS"),
+            ("worker_server_url", worker_server_url, "workers pull; they listen on no port"),
+            ("channels", channels, "notification channels (Slack) are not available"),
+        ):
+            if value is not None:
+                raise ValueError(f"Worker({option}=...) is not supported here: {why}")
+        if client is not None:
+            if settings is not None or nats_url is not None:
+                raise ValueError("Worker: give client= or settings=/nats_url=, not both")
+            settings = worker_settings_of(client)
+        if max_concurrent_workflows is not None:
+            max_concurrent_runs = max_concurrent_workflows
+        if log_file is not None:
+            log_to_file(log_file)
+        served = list(workflows or [])
+        for agent in agents or ():
+            if not isinstance(agent, Agent):
+                raise TypeError(f"Worker(agents=...): {agent!r} is not an Agent")
+        for t in tools or ():
+            if not isinstance(t, Tool):
+                raise TypeError(f"Worker(tools=...): {t!r} is not a Tool (made with @tool)")
+        if agents and agent_workflow not in served:
+            served.append(agent_workflow)
         base = settings or Settings()
         if nats_url is not None:
             base = base.with_(nats_url=nats_url)
@@ -92,7 +150,9 @@ class Worker:
         self.settings = base
         self.names = Names(base.prefix)
         self.workflows: dict[str, WorkflowDefinition[Any, Any]] = {}
-        for wf in workflows:
+        for wf in served:
+            if not isinstance(wf, WorkflowDefinition):
+                raise TypeError(f"Worker: {wf!r} is not a workflow (made with @workflow)")
             if wf.name in self.workflows and self.workflows[wf.name] is not wf:
                 raise ValueError(f"two workflows are named {wf.name!r}")
             self.workflows[wf.name] = wf
@@ -188,6 +248,15 @@ class Worker:
         if self.fatal.error is not None:
             await self.stop(timeout=0)
             raise self.fatal.error
+
+    async def run(self) -> None:
+        """The original's ``run()``: start, serve until SIGINT or SIGTERM, stop."""
+        await run_until_signal(self)
+
+    async def shutdown(self) -> None:
+        """The original's name for ``stop()`` (running executions are handed back, not
+        cancelled)."""
+        await self.stop()
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -464,6 +533,22 @@ class Worker:
         await exe.record(ev.RunFailed(run_id=exe.run_id, error=info), msg_id=f"{exe.run_id}/end")
 
 
+def worker_settings_of(client: Any) -> Settings:
+    """Where a worker made from ``client`` connects: a ``Polos``'s worker settings; for a
+    client of the data dir's ``polos up``, the worker credentials kept there; else the
+    client's own settings."""
+    given = getattr(client, "worker_settings", None)
+    if isinstance(given, Settings):
+        return given
+    settings: Settings = client.settings
+    ddir = data_dir_from(None)
+    if settings.nats_url == local_url("client", settings.prefix, ddir):
+        worker = local_url("worker", settings.prefix, ddir)
+        if worker is not None:
+            return settings.with_(nats_url=worker)
+    return settings
+
+
 async def serve_module(
     module: str,
     settings: Settings,
@@ -495,4 +580,4 @@ async def serve_module(
             await devllm.stop()
 
 
-__all__ = ["Worker", "serve_module"]
+__all__ = ["Worker", "serve_module", "worker_settings_of"]

@@ -332,3 +332,99 @@ def test_polos_demo_from_the_installed_package(
     else:
         assert "No completed step ran twice." in out.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the demo leaves the directory empty
+
+
+_POLOS_SCRIPT = """
+import asyncio
+from pydantic import BaseModel
+from polos import Polos, WorkflowContext, workflow
+
+
+class Order(BaseModel):
+    id: str
+    amount: float
+
+
+def charge(order: Order) -> str:
+    return f"ch_{order.id}"
+
+
+@workflow
+async def process_order(ctx: WorkflowContext, order: Order) -> dict:
+    payment = await ctx.step.run("charge", charge, order)
+    return {"status": "completed", "payment_id": payment, "amount": order.amount}
+
+
+async def main() -> None:
+    async with Polos() as polos:
+        print(await process_order.run(polos, {"id": "A-1", "amount": 25.0}))
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(900)  # the first test of the module builds and installs the wheel
+def test_polos_object_from_an_empty_directory(installed: Installed, tmp_path: Path) -> None:
+    """`async with Polos() as polos:` in a script, from the installed wheel: with nothing
+    running it starts a local stack for itself (and says so, in one line); with a `polos up`
+    running on the directory it uses that one, with its credentials."""
+    home = tmp_path / "user"
+    home.mkdir()
+    (home / "order.py").write_text(_POLOS_SCRIPT)
+
+    def script() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(installed.bin / "python"), "order.py"],
+            cwd=home,
+            env=installed.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    expected = "{'status': 'completed', 'payment_id': 'ch_A-1', 'amount': 25.0}"
+    for _ in range(2):  # the second time over the data the first one left
+        out = script()
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.stdout.strip() == expected
+        said = out.stderr.strip().splitlines()
+        assert len(said) == 1 and "started a local one for this process" in said[0], out.stderr
+    creds = home / ".polos" / "credentials.json"
+    assert creds.exists() and (creds.stat().st_mode & 0o777) == 0o600  # auth on, as polos up
+    assert not (home / ".polos" / "polos.lock").read_text()  # released: nothing runs
+
+    up = installed.spawn(home, home / "up.log", "up", "--port", "0", "--no-ui", "--no-export")
+    try:
+        deadline = time.monotonic() + 60
+        while "Polos is up" not in (home / "up.log").read_text():
+            assert time.monotonic() < deadline, (home / "up.log").read_text()
+            assert up.poll() is None, (home / "up.log").read_text()
+            time.sleep(0.2)
+        out = script()
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.stdout.strip() == expected
+        assert "started a local one" not in out.stderr, out.stderr  # it used polos up's
+        runs = installed.run(home, "runs", "--json")
+        assert runs.returncode == 0, runs.stderr
+        assert sum(r["workflow"] == "process_order" for r in orjson.loads(runs.stdout)) == 3
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            kill(up)
+
+
+def test_every_package_of_the_tree_is_in_the_wheel() -> None:
+    """pyproject lists the wheel's packages by hand: a new package left out of the list works
+    in the checkout (editable install) and is missing from the wheel."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "polos").rglob("__init__.py")
+    }
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"

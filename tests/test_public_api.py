@@ -32,6 +32,8 @@ def describe() -> list[str]:
                     lines.append(f"    def {member}{inspect.signature(value)}")
                 elif isinstance(value, property):
                     lines.append(f"    property {member}")
+        elif inspect.ismodule(obj):
+            lines.append(f"module {name} ({obj.__name__}): " + ", ".join(sorted(obj.__all__)))
         elif callable(obj):
             lines.append(f"def {name}{inspect.signature(obj)}")
         else:

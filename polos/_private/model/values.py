@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -88,6 +89,21 @@ class WorkflowDefinition(Generic[I, O]):
     @property
     def task_queue(self) -> str:
         return self.queue or self.name
+
+    # The original's ``Workflow.invoke`` / ``Workflow.run``: the client (a ``PolosClient`` or a
+    # ``Polos``) does the work (``polos/client.py``); here only the delegation, since this
+    # layer cannot import the client.
+
+    async def invoke(self, client: Any, payload: Any = None, **options: Any) -> Any:
+        """Start a run of this workflow; returns its ``ExecutionHandle`` at once. Options:
+        ``queue``, ``concurrency_key`` (``session_id``, ``user_id``, ``initial_state``,
+        ``run_timeout_seconds`` are refused, not supported here yet)."""
+        return await client._invoke_definition(self, payload, **options)
+
+    async def run(self, client: Any, payload: Any = None, **options: Any) -> O:
+        """Start a run of this workflow and wait for its output (``timeout=600.0`` seconds,
+        None: no limit; ``TimeoutError`` after it). Options as ``invoke``."""
+        return typing.cast(O, await client._run_definition(self, payload, **options))
 
 
 @dataclass(frozen=True)

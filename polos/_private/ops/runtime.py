@@ -110,6 +110,20 @@ async def run_until_signal(
             raise f.error
 
 
+def log_to_file(path: str | os.PathLike[str]) -> None:
+    """The original Polos's ``log_file=``: every log line of the process (the root logger,
+    INFO and up) goes to ``path``, appended, and none to the terminal."""
+    import logging
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def run_main(main: Coroutine[Any, Any, None]) -> None:
     """``asyncio.run(main)`` for a service's ``__main__``: a Polos error (the server refused
     the credentials) ends the process with one line and exit code 1, not a traceback."""

@@ -42,6 +42,8 @@ HEADER = "Polos-Payload"
 # An external event whose data does not fit in one message: the body is empty and this header
 # names the object holding the data's JSON encoding (``put_event_value``).
 EVENT_REF = "Polos-Payload-Ref"
+# An external event's type (the original's ``EventData.event_type``); the body is its data.
+EVENT_TYPE = "Polos-Event-Type"
 EVENT_PREFIX = "event:"
 REFS = "$refs"
 # Room left in a message for the headers, the stub's small fields and the subject.
@@ -212,6 +214,7 @@ async def delete_run(js: JetStreamContext, names: Names, run_id: str) -> int:
 __all__ = [
     "EVENT_PREFIX",
     "EVENT_REF",
+    "EVENT_TYPE",
     "HEADER",
     "PayloadMissingError",
     "bucket_name",
