@@ -66,6 +66,9 @@ async def _collect(stream: Any, into: list[Any], limit: int) -> None:
 
 async def test_the_original_module_paths() -> None:
     assert features_events.publish is events.publish
+    assert events.events.publish is events.publish  # the original's convenience object
+    assert events.events.stream_workflow is events.stream_workflow
+    assert events.Event(id="1", sequence_id=1, topic="t").status == "valid"
     assert features_schedules.create is schedules.create
     from polos import BatchEventPayload, EventPayload, SchedulePayload
 
