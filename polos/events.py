@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,22 @@ class StreamEvent(pydantic.BaseModel):
     event_type: str | None = None
     data: dict[str, Any] = {}
     created_at: str | None = None
+
+
+@dataclass
+class Event:
+    """An event as the original's plain class describes one (nothing here returns it: the
+    streams yield ``StreamEvent``); kept so code that builds or annotates with it runs."""
+
+    id: str
+    sequence_id: int
+    topic: str
+    event_type: str | None = None
+    data: dict[str, Any] | None = None
+    status: str = "valid"
+    execution_id: str | None = None
+    attempt_number: int = 0
+    created_at: datetime | None = None
 
 
 def _refuse(where: str, **options: Any) -> None:
@@ -391,14 +408,28 @@ _ENDINGS = frozenset(
 )
 
 
+class _Events:
+    """The original's module-level ``events`` object: the same four functions as attributes
+    (``from polos.events import events; await events.publish(client, ...)``)."""
+
+    publish = staticmethod(publish)
+    batch_publish = staticmethod(batch_publish)
+    stream_topic = staticmethod(stream_topic)
+    stream_workflow = staticmethod(stream_workflow)
+
+
+events = _Events()
+
 __all__ = [
     "EVENT_TYPE_HEADER",
     "BatchEventPayload",
+    "Event",
     "EventData",
     "EventItem",
     "EventPayload",
     "StreamEvent",
     "batch_publish",
+    "events",
     "publish",
     "stream_topic",
     "stream_workflow",
