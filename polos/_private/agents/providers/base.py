@@ -193,9 +193,11 @@ class ProviderConfig:
 
     @property
     def custom_endpoint(self) -> bool:
-        """True when the agent talks to another server than the provider's own."""
+        """True when the agent talks to another server than the provider's own (Azure has no
+        endpoint of its own: each is a customer's resource, with its key)."""
         url = self.base_url or self._env_base_url()
-        return url is not None and url.rstrip("/") != (self.spec.default_base_url or "")
+        default = self.spec.default_base_url
+        return url is not None and default is not None and url.rstrip("/") != default
 
     @property
     def llm_api_in_use(self) -> str:
