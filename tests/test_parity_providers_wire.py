@@ -168,3 +168,19 @@ async def test_anthropic_reasoning_effort_becomes_a_thinking_budget(llm: DevLLM)
     bad = _agent(llm, "messages", "thinker_bad", model_settings={"reasoning_effort": "huge"})
     with pytest.raises(StepFailedError, match="'huge' has no Anthropic thinking budget"):
         await bad.run("hi")
+
+
+async def test_chat_completions_takes_the_effort_and_refuses_what_it_cannot_send(
+    llm: DevLLM,
+) -> None:
+    agent = _agent(
+        llm, "chat", "effort", model_settings={"reasoning": {"effort": "low", "summary": "auto"}}
+    )
+    llm.script(Reply.text("ok", reasoning="Short thought."))
+    r = await agent.run("hi")
+    body = llm.requests[-1].body
+    assert body["reasoning_effort"] == "low" and "reasoning" not in body
+    assert r.steps[0].output["reasoning"] == "Short thought."
+    budget = _agent(llm, "chat", "budget", model_settings={"reasoning": {"budget_tokens": 5}})
+    with pytest.raises(StepFailedError, match=r"\['budget_tokens'\] have no Chat Completions form"):
+        await budget.run("hi")

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from functools import cache
 from typing import Any
 
-from .base import ProviderConfig, effort_of, parse_args, usage_dict
+from .base import ProviderConfig, ProviderError, effort_of, parse_args, usage_dict
 
 # Keys the loop may put on a message that are ours, not the wire format's.
 _OURS = ("reasoning_items", "reasoning")
@@ -40,6 +40,13 @@ def chat_kwargs(cfg: ProviderConfig, request: dict[str, Any]) -> dict[str, Any]:
             # OpenAI's reasoning models refuse max_tokens; compatible servers know max_tokens.
             key = "max_completion_tokens" if cfg.provider == "openai" else "max_tokens"
         elif key == "reasoning":
+            other = sorted(set(value) - {"effort", "summary"}) if isinstance(value, dict) else []
+            if other:
+                raise ProviderError(
+                    None,
+                    f"reasoning settings {other} have no Chat Completions form: give "
+                    "reasoning_effort, or use llm_api='responses'",
+                )
             effort = effort_of(request)
             if effort is not None and "reasoning_effort" not in request:
                 kw["reasoning_effort"] = effort
