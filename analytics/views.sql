@@ -144,7 +144,7 @@ WITH calls AS (
          TRY_CAST(s.meta->>'temperature' AS DOUBLE) AS temperature,
          s.meta->>'finish_reason' AS finish_reason,
          s.output->>'content' AS content,
-         s.output->>'reasoning' AS reasoning,
+         coalesce(s.meta->'choice'->>'reasoning', s.output->>'reasoning') AS reasoning,
          coalesce(s.output->'tool_calls', '[]'::JSON) AS tool_calls,
          coalesce(json_array_length(s.output->'tool_calls'), 0) AS n_tool_calls,
          coalesce(s.meta->'tools_offered', '[]'::JSON) AS tools_offered,

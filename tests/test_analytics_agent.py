@@ -274,7 +274,12 @@ async def test_parallel_decisions_name_only_unchosen_alternatives_and_keep_the_r
         ),
         (
             "triage/llm/2",
-            {"chosen": ["escalate"], "alternatives": ["lookup_order", "refund"], "reason": why},
+            {
+                "chosen": ["escalate"],
+                "alternatives": ["lookup_order", "refund"],
+                "reason": why,
+                "reasoning": why,  # said as reasoning_content: kept whole beside the reason
+            },
         ),
         (
             "triage/llm/3",

@@ -26,13 +26,20 @@ def reason_of(message: dict[str, Any]) -> str | None:
 
 def decision_record(message: dict[str, Any], offered: list[str]) -> dict[str, Any]:
     """What one LLM call decided: the tools it chose (in its order), the offered tools it did
-    not choose, and its stated reason. Recorded in the llm step's ``meta["choice"]``."""
+    not choose, its stated reason and its reasoning. Recorded in the llm step's
+    ``meta["choice"]``."""
     chosen = [str(c.get("name")) for c in message.get("tool_calls") or [] if isinstance(c, dict)]
-    return {
+    record: dict[str, Any] = {
         "chosen": chosen,
         "alternatives": [t for t in offered if t not in chosen],
         "reason": reason_of(message),
     }
+    said = message.get("reasoning")
+    if isinstance(said, str) and said.strip():
+        # The model's reasoning summary (Responses), thinking (Anthropic) or reasoning text
+        # (compatible servers), kept whole beside the reason.
+        record["reasoning"] = said.strip()
+    return record
 
 
 def decision_of(output: Any, meta: Any) -> dict[str, Any]:

@@ -407,6 +407,9 @@ def _assistant_message(out: dict[str, Any]) -> dict[str, Any]:
             }
             for c in calls
         ]
+    if out.get("reasoning_items"):
+        # Anthropic wants a thinking model's thinking blocks back on its tool-use turn.
+        msg["reasoning_items"] = out["reasoning_items"]
     return msg
 
 
@@ -537,7 +540,7 @@ class _Loop:
                         }
                     ),
                 )
-            cost = cost_usd(agent.model, outcome.usage)
+            cost = cost_usd(agent.model, outcome.usage, agent.provider)
             meta = {
                 "agent": agent.name,
                 "provider": agent.provider,
