@@ -17,7 +17,7 @@ import orjson
 import pytest
 from pydantic import BaseModel, Field
 
-from polos import Agent, HookContext, HookResult, WorkflowContext, hook, tool, workflow
+from polos import Agent, HookContext, HookResult, Queue, WorkflowContext, hook, tool, workflow
 from polos import history as ev
 from polos._private.run import waits as waiting
 from polos.agent import agent_workflow
@@ -99,8 +99,11 @@ def test_ctx_tools_show_the_input_models_own_schema_and_check_options() -> None:
     }
     with pytest.raises(TypeError, match=r"unknown option\(s\) retries, timeout"):
         tool(retries=3, timeout=1)
-    with pytest.raises(TypeError, match="queue"):
-        tool(queue="q")
+    with pytest.raises(ValueError, match="a queue dict is"):
+        tool(queue={"name": "q", "size": 3})(plain)
+    queued = tool(queue={"name": "q", "concurrency_limit": 2})(plain)
+    assert queued.workflow is not None and queued.workflow.name == "polos_tool_plain"
+    assert queued.workflow.queue == "q"
     with pytest.raises(ValueError, match="approval must be"):
         tool(approval="sometimes")(plain)
     with pytest.raises(TypeError, match="pydantic BaseModel"):
@@ -186,6 +189,62 @@ async def test_plain_agent_run_refuses_a_ctx_tool_clearly(llm: DevLLM) -> None:
     llm.script(Reply.tools(("get_weather", {"city": "x"})), Reply.text("no"))
     r = await a.run("weather?")
     assert "needs a durable run" in str(r.steps[1].error)
+
+
+# --------------------------------------------------------------------------- queue=
+
+ACTIVE = {"now": 0, "max": 0}
+
+
+class Render(BaseModel):
+    frame: int
+
+
+@tool(queue=Queue("parity_render", concurrency=1))
+async def render(ctx: WorkflowContext, input: Render) -> str:
+    """Render one frame (one at a time, system-wide)."""
+    ACTIVE["now"] += 1
+    ACTIVE["max"] = max(ACTIVE["max"], ACTIVE["now"])
+    try:
+        await asyncio.sleep(0.05)  # room for a second call to overlap, if the queue let it
+        CALLS[f"render {input.frame}"] += 1
+        return f"frame {input.frame} on run {ctx.run_id}"
+    finally:
+        ACTIVE["now"] -= 1
+
+
+renderer = Agent("parity_renderer", model="gpt-4o", tools=[render])
+
+
+@workflow
+async def render_wf(ctx: WorkflowContext, text: str) -> dict[str, Any]:
+    r = await ctx.step.agent_invoke_and_wait("render", renderer.with_input(text))
+    return {"text": r.result, "run_id": r.run_id}
+
+
+async def test_a_queued_tool_runs_as_its_own_run_on_its_queue(
+    env_factory: Any, llm: DevLLM
+) -> None:
+    renderer.config = dataclasses.replace(renderer.config, base_url=llm.url)
+    CALLS.clear()
+    ACTIVE.update(now=0, max=0)
+    llm.script(
+        Reply.tools(("render", {"frame": 1}), ("render", {"frame": 2}), ("render", {"frame": 3})),
+        Reply.text("3 frames"),
+    )
+    assert render.workflow is not None
+    env = await env_factory([render_wf, agent_workflow, render.workflow])
+    out = await (await env.client.start(render_wf, "render 3 frames")).result(timeout=30)
+    assert out["text"] == "3 frames"
+    assert CALLS == {"render 1": 1, "render 2": 1, "render 3": 1}
+    assert ACTIVE["max"] == 1  # the queue admitted one call at a time
+    results = [m["content"] for m in llm.chat_requests[1].body["messages"] if m["role"] == "tool"]
+    children = [r.rsplit(" ", 1)[-1] for r in results]
+    assert len(set(children)) == 3 and out["run_id"] not in children  # each call its own run
+    for i, child in enumerate(children, start=1):
+        info = await env.client.get(child)
+        assert info.workflow == "polos_tool_render" and info.status == "completed"
+        assert child == waiting.child_run_id(out["run_id"], f"render/tool/{i}/render/queued", 0)
 
 
 # --------------------------------------------------------------------------- ask_user

@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import pydantic
 
 from polos._private.agents.provider import AgentConfigError
+from polos._private.model.values import Queue, WorkflowDefinition
 from polos._private.run import waits
-from polos._private.run.definitions import _type_hints
+from polos._private.run.definitions import _type_hints, workflow
 from polos._private.run.execution import step_scope
 from polos._private.run.hooks import run_hooks
 from polos.converter import to_json
@@ -176,6 +177,10 @@ class Tool:
     takes_context: bool = False
     on_start: list[Callable[..., Any]] = field(default_factory=list, repr=False)
     on_end: list[Callable[..., Any]] = field(default_factory=list, repr=False)
+    # A queued tool runs as a child run of its own workflow (``polos_tool_<id>``) on this queue:
+    # the agent's run waits holding no worker until the queue admits the call and it completes.
+    queue: Queue | str | dict[str, Any] | None = field(default=None, repr=False)
+    workflow: WorkflowDefinition[Any, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not _TOOL_NAME_RE.match(self.name):
@@ -185,6 +190,9 @@ class Tool:
         self.approval = _approval(self.approval, f"tool {self.name!r}")
         self.on_start = check_hooks(self.on_start or None, where=f"tool {self.name!r} on_start")
         self.on_end = check_hooks(self.on_end or None, where=f"tool {self.name!r} on_end")
+        if self.queue is not None:
+            self.queue = _queue(self.queue, self.name)
+            self.workflow = _tool_workflow(self)
 
     @property
     def id(self) -> str:
@@ -202,6 +210,7 @@ class Tool:
         approval: ToolApproval | bool | None = None,
         on_start: Any = None,
         on_end: Any = None,
+        queue: Queue | str | dict[str, Any] | None = None,
     ) -> Tool:
         if name is not None and id is not None and name != id:
             raise ValueError(f"tool: name={name!r} and id={id!r} disagree (name is an alias of id)")
@@ -229,6 +238,7 @@ class Tool:
             "approval": approval,
             "on_start": check_hooks(on_start, where=f"tool {tool_id!r} on_start"),
             "on_end": check_hooks(on_end, where=f"tool {tool_id!r} on_end"),
+            "queue": queue,
         }
         if params and _is_context(params[0], hints.get(params[0].name, inspect.Parameter.empty)):
             if len(params) > 2:
@@ -314,6 +324,15 @@ class Tool:
         token = _current_scope.set(scope)
         try:
             async with _tool_step(exe, scope.step_id):
+                if self.workflow is not None:
+                    self._validate(arguments)  # bad arguments fail here, before a child starts
+                    request = {
+                        "arguments": arguments,
+                        "agent": scope.agent,
+                        "session_id": scope.session_id,
+                        "user_id": scope.user_id,
+                    }
+                    return await waits.invoke_and_wait(exe, "queued", self.workflow, request)
                 return await self._durable_call(exe, scope, arguments)
         finally:
             _current_scope.reset(token)
@@ -473,6 +492,46 @@ async def approve(
         )
 
 
+def _queue(value: Any, tool_id: str) -> Queue | str:
+    if isinstance(value, Queue | str):
+        return value
+    if isinstance(value, dict):
+        unknown = set(value) - {"name", "concurrency_limit", "concurrency"}
+        if unknown or not isinstance(value.get("name"), str):
+            raise ValueError(
+                f"tool {tool_id!r}: a queue dict is {{'name': str, 'concurrency_limit': int}}, "
+                f"got {value!r}"
+            )
+        return Queue(
+            value["name"], concurrency=value.get("concurrency_limit") or value.get("concurrency")
+        )
+    raise TypeError(f"tool {tool_id!r}: queue must be a name, a Queue or a dict, got {value!r}")
+
+
+def _tool_workflow(tool: Tool) -> WorkflowDefinition[Any, Any]:
+    """The workflow a queued tool's calls run as (serve it: a worker loading the module that
+    defines the tool serves it)."""
+
+    async def run_tool(ctx: Any, request: dict[str, Any]) -> Any:
+        exe: RunExecution = ctx._x
+        scope = ToolScope(
+            exe,
+            "",
+            agent=request.get("agent"),
+            session_id=request.get("session_id"),
+            user_id=request.get("user_id"),
+        )
+        token = _current_scope.set(scope)
+        try:
+            return await tool._durable_call(exe, scope, dict(request.get("arguments") or {}))
+        finally:
+            _current_scope.reset(token)
+
+    run_tool.__name__ = run_tool.__qualname__ = f"polos_tool_{tool.name}"
+    queue = tool.queue if isinstance(tool.queue, Queue | str) else None
+    return workflow(name=f"polos_tool_{tool.name}", queue=queue)(run_tool)
+
+
 def as_tool(obj: Tool | Callable[..., Any]) -> Tool:
     """A ``Tool`` for a tool or a plain function."""
     if isinstance(obj, Tool):
@@ -482,7 +541,7 @@ def as_tool(obj: Tool | Callable[..., Any]) -> Tool:
     raise TypeError(f"a tool must be a function or a polos.tools.Tool, got {obj!r}")
 
 
-_OPTIONS = ("id", "name", "description", "parameters", "on_start", "on_end", "approval")
+_OPTIONS = ("id", "name", "description", "parameters", "queue", "on_start", "on_end", "approval")
 
 
 @overload
@@ -496,7 +555,7 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     parameters: dict[str, Any] | None = None,
-    queue: Any = None,
+    queue: Queue | str | dict[str, Any] | None = None,
     on_start: Any = None,
     on_end: Any = None,
     approval: ToolApproval | bool | None = None,
@@ -512,7 +571,7 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     parameters: dict[str, Any] | None = None,
-    queue: Any = None,
+    queue: Queue | str | dict[str, Any] | None = None,
     on_start: Any = None,
     on_end: Any = None,
     approval: ToolApproval | bool | None = None,
@@ -527,12 +586,6 @@ def tool(
             f"@tool got unknown option(s) {', '.join(sorted(options))}; "
             f"it accepts {', '.join(_OPTIONS)}"
         )
-    if queue is not None:
-        raise TypeError(
-            "@tool(queue=...) is not supported here: a tool runs inside its agent's run, so "
-            "limit the agent's workflow with a Queue (or call a queued @workflow from a "
-            "workflow-style tool with ctx.step.invoke_and_wait)"
-        )
     if fn is not None:
         return Tool.from_function(fn)
 
@@ -546,6 +599,7 @@ def tool(
             approval=approval,
             on_start=on_start,
             on_end=on_end,
+            queue=queue,
         )
 
     return wrap
