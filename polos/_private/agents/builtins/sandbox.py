@@ -39,11 +39,12 @@ ToolName = Literal["exec", "read", "write", "edit", "glob", "grep"]
 ALL_TOOLS: tuple[ToolName, ...] = ("exec", "read", "write", "edit", "glob", "grep")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_STRICT = ConfigDict(extra="forbid")  # an unknown option is an error, not ignored
 
 
-class DockerEnvironmentConfig(_Strict):
+class DockerEnvironmentConfig(BaseModel):
+    model_config = _STRICT
+
     image: str = "node:20-slim"
     workspace_dir: str | None = None  # the host directory mounted at container_workdir
     container_workdir: str = "/workspace"
@@ -54,13 +55,17 @@ class DockerEnvironmentConfig(_Strict):
     setup_command: str | None = None  # run once after the container is created
 
 
-class LocalEnvironmentConfig(_Strict):
+class LocalEnvironmentConfig(BaseModel):
+    model_config = _STRICT
+
     cwd: str | None = None  # the workspace; default $POLOS_WORKSPACES_DIR/<prefix>/<sandbox>
     # Paths outside it need a human's approval; False: no restriction; None: the workspace.
     path_restriction: str | Literal[False] | None = None
 
 
-class ExecToolConfig(_Strict):
+class ExecToolConfig(BaseModel):
+    model_config = _STRICT
+
     # allow-always: run every command; allowlist: run those matching a pattern, ask for the
     # rest; approval-always: ask for each (the local default).
     security: Literal["allow-always", "allowlist", "approval-always"] | None = None
@@ -69,7 +74,9 @@ class ExecToolConfig(_Strict):
     max_output_chars: int | None = None  # default 100000
 
 
-class E2BEnvironmentConfig(_Strict):
+class E2BEnvironmentConfig(BaseModel):
+    model_config = _STRICT
+
     template: str | None = None
     api_key: str | None = None
     timeout: int | None = None
@@ -78,7 +85,9 @@ class E2BEnvironmentConfig(_Strict):
     setup_command: str | None = None
 
 
-class SandboxToolsConfig(_Strict):
+class SandboxToolsConfig(BaseModel):
+    model_config = _STRICT
+
     env: Literal["local", "docker", "e2b"] | None = None  # None: docker
     scope: Literal["execution", "session"] | None = None  # None: execution
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
