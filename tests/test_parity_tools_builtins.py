@@ -245,8 +245,9 @@ async def _suspended_at(env: Any, run_id: str, n: int) -> ev.RunSuspended:
 
 
 async def test_local_sandbox_files_exec_allowlist_and_approvals(
-    env_factory: Any, llm: DevLLM, tmp_path: Path
+    env_factory: Any, llm: DevLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("POLOS_NATS_URL", "nats://worker:secret@127.0.0.1:1")
     ws = tmp_path / "ws"
     outside = tmp_path / "outside.txt"
     outside.write_text("secret\n")
@@ -260,8 +261,16 @@ async def test_local_sandbox_files_exec_allowlist_and_approvals(
     worker_bee.config = dataclasses.replace(worker_bee.config, base_url=llm.url)
     llm.script(
         Reply.tools(("write", {"path": "notes/a.txt", "content": "hello world\nsecond line\n"})),
-        Reply.tools(("write", {"path": "count.sh", "content": "echo ran >> count.log\n"})),
-        Reply.tools(("exec", {"command": "sh count.sh"})),
+        Reply.tools(
+            (
+                "write",
+                {
+                    "path": "count.sh",
+                    "content": 'echo ran >> count.log\necho "$WHO [$POLOS_NATS_URL]"\n',
+                },
+            )
+        ),
+        Reply.tools(("exec", {"command": "sh count.sh", "env": {"WHO": "bee"}})),
         Reply.tools(("read", {"path": "notes/a.txt", "offset": 1})),
         Reply.tools(("edit", {"path": "notes/a.txt", "old_text": "world", "new_text": "there"})),
         Reply.tools(("glob", {"pattern": "**/*.txt"})),
@@ -290,6 +299,7 @@ async def test_local_sandbox_files_exec_allowlist_and_approvals(
     outputs = [orjson.loads(c) for c in _tool_outputs(llm, 10)]
     assert outputs[0] == {"success": True, "path": str((ws / "notes/a.txt").resolve())}
     assert outputs[2]["exit_code"] == 0 and outputs[2]["truncated"] is False
+    assert outputs[2]["stdout"] == "bee []\n"  # its env, not the worker's credentials
     assert outputs[3] == {"content": "second line\n", "path": str((ws / "notes/a.txt").resolve())}
     assert outputs[4]["success"] is True
     assert outputs[5] == {"files": [str((ws / "notes/a.txt").resolve())]}

@@ -193,7 +193,7 @@ class LocalEnvironment(ExecutionEnvironment):
         proc = await asyncio.create_subprocess_shell(
             command,
             cwd=str(self.host_path(cwd)),
-            env={**os.environ, **(env or {})},
+            env={**_host_env(), **(env or {})},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
@@ -216,6 +216,17 @@ class LocalEnvironment(ExecutionEnvironment):
         if not p.is_absolute():
             p = self.workspace / p
         return Path(os.path.realpath(p))
+
+
+_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|NATS", re.IGNORECASE)
+
+
+def _host_env() -> dict[str, str]:
+    """The worker's environment without its secrets: a command the model wrote must not read
+    the worker's NATS credentials or API keys."""
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith("POLOS_") and not _SECRET.search(k)
+    }
 
 
 def _kill_group(pid: int) -> None:
