@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from polos._private.agents.loop import invoke_agent
+from polos._private.agents.tools import set_context_factory
 from polos._private.model.values import (
     DEFAULT_STEP_RETRY,
     NO_RETRY,
@@ -185,6 +186,9 @@ class WorkflowContext:
         """
         return await self._x.patched(patch_id)
 
+
+# Workflow-style tools, ``(ctx: WorkflowContext, input)``, get this context in their calls.
+set_context_factory(WorkflowContext)
 
 __all__ = [
     "DEFAULT_STEP_RETRY",

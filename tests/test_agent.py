@@ -92,7 +92,7 @@ def test_tool_schema_from_type_hints_and_docstrings() -> None:
     assert ship.parameters["properties"]["country"]["description"] == "ISO country code"
     assert ship.parameters["properties"]["weight_kg"]["type"] == "number"
     gated = tool(name="refund", description="Refund money", approval=True)(explode)
-    assert (gated.name, gated.description, gated.approval) == ("refund", "Refund money", True)
+    assert (gated.name, gated.description, gated.approval) == ("refund", "Refund money", "always")
     assert check_inventory("A1", 9) == {"sku": "A1", "in_stock": False}  # still callable
     with pytest.raises(ValueError, match="tool name"):
         Tool.from_function(explode, name="bad name")
@@ -574,22 +574,24 @@ async def test_approval_gated_tool_waits_for_a_human(env_factory: Any, llm: DevL
     child_id = waiting.child_run_id(h.run_id, "support", 0)
     sus = await _suspended(env, child_id, 1)
     assert (sus.kind, sus.step) == ("suspend", "support/tool/1/refund/approval")
-    assert sus.data == {
-        "agent": "approver",
+    assert sus.data["_tool"] == "refund" and sus.data["_source"] == "tool_approval"
+    assert sus.data["_form"]["context"] == {
         "tool": "refund",
-        "arguments": {"order_id": "o1", "amount": 30},
+        "input": {"order_id": "o1", "amount": 30},
     }
-    assert CALLS == {}  # nothing of that turn ran before the human decided
+    # The gated call waits; its sibling of the same turn ran (once: the replay repeats nothing).
+    assert CALLS == {"check_inventory": 1}
     await _resume(env, child_id, sus.step, {"approved": True})
     sus2 = await _suspended(env, child_id, 2)
     assert sus2.step == "support/tool/3/refund/approval"
-    await _resume(env, child_id, sus2.step, {"approved": False, "reason": "too much"})
+    await _resume(env, child_id, sus2.step, {"approved": False, "feedback": "too much"})
     assert await h.result(timeout=15) == "refunded o1; o2 was declined"
     assert CALLS == {"refund": 1, "check_inventory": 1}
     assert len(llm.chat_requests) == 3  # the resumed runs replayed the LLM calls, not repeated them
     declined = llm.chat_requests[2].body["messages"][-1]
     assert (
-        declined["role"] == "tool" and "a human rejected this call: too much" in declined["content"]
+        declined["role"] == "tool"
+        and 'Tool \\"refund\\" was rejected by the user. Feedback: too much' in declined["content"]
     )
 
 

@@ -43,7 +43,7 @@ from polos._private.agents.provider import (
     estimate_request_tokens,
 )
 from polos._private.agents.steps import DurableRunner, StepDone, StepError, StepRunner
-from polos._private.agents.tools import Tool, as_tool
+from polos._private.agents.tools import Tool, ToolScope, as_tool
 from polos._private.limits import TokenLimiter, reserve_for_step
 from polos._private.run import waits
 from polos._private.run.definitions import workflow
@@ -578,15 +578,12 @@ class _Loop:
     def tool_key(self, call: dict[str, Any], n: int) -> str:
         return f"{self.key}/tool/{n}/{call.get('name')}"
 
-    async def tool_call(
-        self, call: dict[str, Any], decision: str, n: int, verdict: tuple[bool, str | None] | None
-    ) -> tuple[Any, AgentStep]:
+    async def tool_call(self, call: dict[str, Any], decision: str, n: int) -> tuple[Any, AgentStep]:
         agent = self.active
         name = str(call.get("name"))
         arguments = call.get("arguments")
         tool = self.tools_of(agent).get(name)
         key = self.tool_key(call, n)
-        approved, reason = verdict if verdict is not None else (None, None)
 
         async def execute(step_id: str) -> StepDone:
             args = arguments
@@ -606,17 +603,21 @@ class _Loop:
                     )
                 if not isinstance(args, dict):
                     raise ValueError(f"arguments must be a JSON object, got {args!r}")
-                if approved is False:
-                    raise PermissionError(
-                        f"a human rejected this call: {reason or 'no reason given'}"
-                    )
                 for guard in agent.tool_guardrails:
                     rewritten = await _maybe_await(guard(name, args))
                     if rewritten is not None:
                         args = dict(rewritten)
                 if args != arguments:
                     meta["rewritten_arguments"] = args
-                output = await tool.call(args)
+                output = await tool.call(
+                    args,
+                    ToolScope(
+                        self.runner.execution,
+                        step_id,
+                        agent=agent.name,
+                        session_id=self.run.session,
+                    ),
+                )
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 output = {"error": error}
@@ -637,23 +638,6 @@ class _Loop:
             error=err,
             replayed=rec.replayed,
         )
-
-    async def approval(self, key: str, tool: Tool, arguments: Any) -> tuple[bool, str | None]:
-        exe = self.runner.execution
-        if exe is None:
-            raise AgentConfigError(
-                f"tool {tool.name!r} needs a human's approval, which needs a durable run: "
-                "call the agent with ctx.step.agent_invoke_and_wait inside a workflow"
-            )
-        decision = await waits.suspend(
-            exe,
-            f"{key}/approval",
-            data={"agent": self.active.name, "tool": tool.name, "arguments": arguments},
-        )
-        data = decision.data or {}
-        if not isinstance(data, dict):
-            data = {"approved": bool(data)}
-        return bool(data.get("approved")), data.get("reason")
 
     async def handoff(
         self, call: dict[str, Any], decision: str, n: int, target: Agent[Any]
@@ -758,18 +742,9 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
             regular = [(n, c) for n, c in numbered if c.get("name") not in handoffs]
             # Parallel tool calls run concurrently; their step keys are fixed by position, so
             # a replay finds each one whatever order they finished in.
-            # Approvals come first, one by one: a suspend stops the loop before any tool of
-            # this turn has run, and the resumed run replays the decisions in order.
-            verdicts: dict[int, tuple[bool, str | None]] = {}
-            for n, c in regular:
-                gated = loop.tools_of(active).get(str(c.get("name")))
-                if gated is not None and gated.approval:
-                    verdicts[n] = await loop.approval(
-                        loop.tool_key(c, n), gated, c.get("arguments")
-                    )
-            outs = await asyncio.gather(
-                *(loop.tool_call(c, decision, n, verdicts.get(n)) for n, c in regular)
-            )
+            # A tool that waits for a human (approval, ask_user) suspends the run from inside
+            # its call; its siblings finish and record first, and the resumed run replays them.
+            outs = await asyncio.gather(*(loop.tool_call(c, decision, n) for n, c in regular))
             by_id = {c.get("id"): o for (_, c), o in zip(regular, outs, strict=True)}
             loop.steps.extend(step for _, step in outs)
             loop.usage.tool_calls += len(outs)

@@ -189,6 +189,16 @@ def load_workflows(target: str) -> list[WorkflowDefinition[Any, Any]]:
             ) from exc
         raise
     found = [v for v in vars(module).values() if isinstance(v, WorkflowDefinition)]
+    # A queued tool's calls run as its own workflow: serve it beside the module's workflows,
+    # whether the tool is a module name or only in an agent's tools.
+    for v in vars(module).values():
+        if isinstance(v, type):
+            continue
+        tools = getattr(v, "tools", None)
+        for t in [v, *(tools if isinstance(tools, list) else [])]:
+            wf = getattr(t, "workflow", None)
+            if isinstance(wf, WorkflowDefinition):
+                found.append(wf)
     if not found:
         raise ImportError(f"module {target!r} defines no @workflow")
     # A module may import the same workflow under two names.

@@ -35,6 +35,14 @@ _current_step: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
 )
 
 
+# The step a tool call runs in (``<agent key>/tool/<n>/<name>``): the tool's own steps (its
+# ``ctx.step`` calls, hooks, approval) are recorded under it, so parallel tool calls never share
+# a key, and replay finds them before the tool call itself is recorded.
+step_scope: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "polos_step_scope", default=None
+)
+
+
 def current_step() -> StepInfo | None:
     """Inside a step function: the run id, step key, attempt and idempotency key."""
     return _current_step.get()
@@ -98,6 +106,10 @@ class RunExecution:
         # every new step, so it must not walk the whole history each time).
         self._replay_keys: list[str] = list(state.step_order)
         self._unconsumed: set[str] = set(self._replay_keys)
+        # A tool call's own steps (``<tool step>/<key>``), by tool step: a replayed tool call
+        # returns its recorded result without asking for them again.
+        # Built on the first replayed tool call (most runs have none).
+        self._nested: dict[str, list[str]] | None = None
         self.appends = 0
         self._patches: dict[str, bool] = {}
         # Steps running user code right now: a wait must let them finish and record before the
@@ -142,10 +154,14 @@ class RunExecution:
 
     def step_id(self, key: str | None, kind: str) -> str:
         """The key a step is recorded under. A key used again in one run gets ``#2``, ``#3``."""
+        scope = step_scope.get()
         if key is None:
-            n = self._auto.get(kind, 0) + 1
-            self._auto[kind] = n
+            counter = f"{scope}/{kind}" if scope else kind
+            n = self._auto.get(counter, 0) + 1
+            self._auto[counter] = n
             key = f"{kind}#{n}"
+        if scope:
+            key = f"{scope}/{key}"
         if not key or len(key) > 256:
             raise ValueError(f"step key must be 1-256 characters, got {key!r}")
         n = self._occurrences.get(key, 0) + 1
@@ -155,6 +171,9 @@ class RunExecution:
     def next_step_id(self, key: str) -> str:
         """The key the next step asking for ``key`` will be recorded under (``step_id``
         without taking it)."""
+        scope = step_scope.get()
+        if scope:
+            key = f"{scope}/{key}"
         n = self._occurrences.get(key, 0) + 1
         return key if n == 1 else f"{key}#{n}"
 
@@ -173,15 +192,31 @@ class RunExecution:
                 "- the workflow code changed incompatibly since this run started"
             )
         self._unconsumed.discard(step_id)
+        if kind == "tool":
+            self._unconsumed.difference_update(self._nested_steps().get(step_id, ()))
         return found
 
+    def _nested_steps(self) -> dict[str, list[str]]:
+        if self._nested is None:
+            self._nested = {}
+            for k in self._replay_keys:
+                parts = k.split("/")
+                for i in range(1, len(parts)):
+                    self._nested.setdefault("/".join(parts[:i]), []).append(k)
+        return self._nested
+
     async def check_new_step(self, step_id: str) -> None:
-        """A step not in the history may only run once every recorded step was asked for."""
+        """A step not in the history may only run once every recorded step was asked for -
+        but for its own nested steps (``<step_id>/...``, a tool call's), which it asks for
+        while it runs."""
+        nested = f"{step_id}/"
         for _ in range(_QUIESCE_TURNS):
-            if not self.is_replaying:
+            if not self.is_replaying or all(k.startswith(nested) for k in self._unconsumed):
                 return
             await asyncio.sleep(0)
-        missing = [k for k in self._replay_keys if k in self._unconsumed]
+        missing = [
+            k for k in self._replay_keys if k in self._unconsumed and not k.startswith(nested)
+        ]
         if missing:
             raise NonDeterminismError(
                 f"run {self.run_id}: the code asks for new step {step_id!r} where the history "
