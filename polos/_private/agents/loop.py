@@ -24,7 +24,7 @@ import asyncio
 import inspect
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -36,13 +36,14 @@ from polos._private.agents.memory import SharedMemory
 from polos._private.agents.pricing import cost_usd
 from polos._private.agents.provider import (
     AgentConfigError,
+    LLMOutcome,
     LLMRetry,
     ProviderConfig,
     ProviderError,
     call_llm,
     estimate_request_tokens,
 )
-from polos._private.agents.steps import DurableRunner, StepDone, StepError, StepRunner
+from polos._private.agents.steps import DurableRunner, Recorded, StepDone, StepError, StepRunner
 from polos._private.agents.tools import Tool, as_tool
 from polos._private.limits import TokenLimiter, reserve_for_step
 from polos._private.run import waits
@@ -52,6 +53,8 @@ from polos.converter import from_json, json_schema, to_json
 from polos.errors import PolosError
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+
     from polos._private.run.execution import RunExecution
     from polos.config import Settings
     from polos.workflow import WorkflowContext
@@ -414,6 +417,50 @@ def _dumps(value: Any) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
+class _DeltaSink:
+    """Publishes one LLM step's text deltas, numbered, then a closing ``done`` message."""
+
+    def __init__(self, nc: NATS, subject: str, run_id: str, step_id: str, agent: str) -> None:
+        self.nc = nc
+        self.subject = subject
+        self.head = {"run_id": run_id, "step": step_id, "agent": agent}
+        self.seq = 0
+
+    async def send(self, delta: str) -> None:
+        self.seq += 1
+        await self.nc.publish(
+            self.subject, orjson.dumps({**self.head, "seq": self.seq, "delta": delta})
+        )
+
+    async def done(self, finish_reason: str | None) -> None:
+        await self.nc.publish(
+            self.subject,
+            orjson.dumps({**self.head, "done": True, "finish_reason": finish_reason}),
+        )
+
+
+def _llm_meta(
+    agent: Agent[Any], messages: list[dict[str, Any]], offered: list[str], outcome: LLMOutcome
+) -> dict[str, Any]:
+    """What an llm step records beside the answer (analytics, trace and spans read it)."""
+    return {
+        "agent": agent.name,
+        "provider": agent.provider,
+        "model": agent.model,
+        "base_url": agent.config.effective_base_url,
+        "messages": messages,
+        "tools_offered": offered,
+        "usage": outcome.usage,
+        "latency_ms": outcome.latency_ms,
+        "finish_reason": outcome.finish_reason,
+        "cost_usd": cost_usd(agent.model, outcome.usage),
+        "temperature": agent.temperature,
+        # What was decided, kept with the call: chosen vs the offered tools not chosen, and
+        # the model's stated reason.
+        "choice": decision_record(outcome.message, offered),
+    }
+
+
 class _Loop:
     """One agent run: the state the loop rebuilds identically on every replay."""
 
@@ -426,6 +473,9 @@ class _Loop:
         self.steps: list[AgentStep] = []
         self.llm_n = 0
         self.tool_n = 0
+        self.last_text: str | None = None
+        self.output_tries = 0
+        self.guard_tries = 0
         session = run.session or runner.run_id
         self.memory = (
             SharedMemory(runner.js, runner.prefix, session)
@@ -454,6 +504,24 @@ class _Loop:
             req["temperature"] = agent.temperature
         return req
 
+    # ------------------------------------------------------------------ the result
+
+    def result(
+        self, value: Any, reason: str, messages: list[dict[str, Any]], text: str | None = None
+    ) -> AgentResult[Any]:
+        runner = self.runner
+        run_id = runner.run_id if runner.execution is not None else None
+        return AgentResult(
+            value,
+            self.last_text if text is None else text,
+            self.active.name,
+            self.usage,
+            self.steps,
+            reason,
+            messages,
+            run_id,
+        )
+
     # ------------------------------------------------------------------ steps
 
     async def llm_call(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -462,101 +530,75 @@ class _Loop:
         self.llm_n += 1
         req = self.request(agent, messages)
         offered = [t["function"]["name"] for t in req.get("tools", [])]
-        runner = self.runner
 
         async def call(step_id: str) -> StepDone:
-            on_delta = None
-            subject = None
-            nc = runner.nc
-            if agent.stream and nc is not None and runner.prefix is not None:
-                subject = Names(runner.prefix).delta_subject(runner.root_run_id, step_id)
-                seq = 0
-
-                async def on_delta(delta: str) -> None:
-                    nonlocal seq
-                    seq += 1
-                    await nc.publish(
-                        subject,
-                        orjson.dumps(
-                            {
-                                "run_id": runner.run_id,
-                                "step": step_id,
-                                "agent": agent.name,
-                                "seq": seq,
-                                "delta": delta,
-                            }
-                        ),
-                    )
-
-            headers = {"X-Polos-Step": f"{runner.run_id}:{step_id}"}
-            limiter = _token_limiter(runner)
-            try:
-                if limiter is None:
-                    outcome = await call_llm(agent.config, req, headers=headers, on_delta=on_delta)
-                else:
-                    # System-wide token and request limits (polos/_private/limits.py): reserve an
-                    # estimate (a long wait suspends the run: it holds no worker meanwhile),
-                    # settle with the real usage, and share a 429 with every process.
-                    async def blocked(seconds: float) -> None:
-                        await limiter.backoff(
-                            model=agent.model, provider=agent.provider, retry_after=seconds
-                        )
-
-                    assert runner.execution is not None
-                    reservation = await reserve_for_step(
-                        runner.execution,
-                        step_id,
-                        limiter,
-                        model=agent.model,
-                        provider=agent.provider,
-                        tokens=estimate_request_tokens(req),
-                    )
-                    async with reservation:
-                        outcome = await call_llm(
-                            agent.config,
-                            req,
-                            headers=headers,
-                            on_delta=on_delta,
-                            on_rate_limited=blocked,
-                        )
-                        reservation.settle(outcome.usage.get("total_tokens", 0))
-            except ProviderError as exc:
-                raise StepError(
-                    exc.error_type, exc.message, {"status": exc.status, "agent": agent.name}
-                ) from exc
-            if subject is not None and nc is not None:
-                await nc.publish(
-                    subject,
-                    orjson.dumps(
-                        {
-                            "run_id": runner.run_id,
-                            "step": step_id,
-                            "agent": agent.name,
-                            "done": True,
-                            "finish_reason": outcome.finish_reason,
-                        }
-                    ),
-                )
-            cost = cost_usd(agent.model, outcome.usage)
-            meta = {
-                "agent": agent.name,
-                "provider": agent.provider,
-                "model": agent.model,
-                "base_url": agent.config.effective_base_url,
-                "messages": messages,
-                "tools_offered": offered,
-                "usage": outcome.usage,
-                "latency_ms": outcome.latency_ms,
-                "finish_reason": outcome.finish_reason,
-                "cost_usd": cost,
-                "temperature": agent.temperature,
-                # What was decided, kept with the call: chosen vs the offered tools not
-                # chosen, and the model's stated reason (analytics, trace and spans read it).
-                "choice": decision_record(outcome.message, offered),
-            }
+            deltas = self.delta_sink(agent, step_id)
+            outcome = await self.provider_call(
+                agent, req, step_id, deltas.send if deltas is not None else None
+            )
+            if deltas is not None:
+                await deltas.done(outcome.finish_reason)
+            meta = _llm_meta(agent, messages, offered, outcome)
             return StepDone(outcome.message, meta, attempts=outcome.attempts)
 
-        rec = await runner.step(f"{self.key}/llm/{self.llm_n}", "llm", agent.model, call)
+        rec = await self.runner.step(f"{self.key}/llm/{self.llm_n}", "llm", agent.model, call)
+        self.note_llm(agent, rec)
+        return dict(rec.output)
+
+    def delta_sink(self, agent: Agent[Any], step_id: str) -> _DeltaSink | None:
+        """Where a streaming agent's text deltas go (None: not streamed, or no NATS)."""
+        runner = self.runner
+        if not agent.stream or runner.nc is None or runner.prefix is None:
+            return None
+        subject = Names(runner.prefix).delta_subject(runner.root_run_id, step_id)
+        return _DeltaSink(runner.nc, subject, runner.run_id, step_id, agent.name)
+
+    async def provider_call(
+        self,
+        agent: Agent[Any],
+        req: dict[str, Any],
+        step_id: str,
+        on_delta: Callable[[str], Awaitable[None]] | None,
+    ) -> LLMOutcome:
+        """The provider call, through the shared token limiter inside a run; a provider's
+        refusal becomes the step's failure."""
+        runner = self.runner
+        headers = {"X-Polos-Step": f"{runner.run_id}:{step_id}"}
+        limiter = _token_limiter(runner)
+        try:
+            if limiter is None:
+                return await call_llm(agent.config, req, headers=headers, on_delta=on_delta)
+
+            # System-wide token and request limits (polos/_private/limits.py): reserve an
+            # estimate (a long wait suspends the run: it holds no worker meanwhile), settle
+            # with the real usage, and share a 429 with every process.
+            async def blocked(seconds: float) -> None:
+                await limiter.backoff(
+                    model=agent.model, provider=agent.provider, retry_after=seconds
+                )
+
+            assert runner.execution is not None
+            reservation = await reserve_for_step(
+                runner.execution,
+                step_id,
+                limiter,
+                model=agent.model,
+                provider=agent.provider,
+                tokens=estimate_request_tokens(req),
+            )
+            async with reservation:
+                outcome = await call_llm(
+                    agent.config, req, headers=headers, on_delta=on_delta, on_rate_limited=blocked
+                )
+                reservation.settle(outcome.usage.get("total_tokens", 0))
+                return outcome
+        except ProviderError as exc:
+            raise StepError(
+                exc.error_type, exc.message, {"status": exc.status, "agent": agent.name}
+            ) from exc
+
+    def note_llm(self, agent: Agent[Any], rec: Recorded) -> None:
+        """Count a recorded LLM call in the run's usage and steps (new or replayed alike)."""
         usage = rec.meta.get("usage") or {}
         self.usage.add(usage, rec.meta.get("cost_usd"))
         self.steps.append(
@@ -570,7 +612,99 @@ class _Loop:
                 replayed=rec.replayed,
             )
         )
-        return dict(rec.output)
+
+    # ------------------------------------------------------------------ turns
+
+    async def tool_turn(
+        self, out: dict[str, Any], convo: list[dict[str, Any]]
+    ) -> AgentResult[Any] | None:
+        """Run the tool calls of one LLM answer (approvals first, then the tools in parallel,
+        then a handoff) and add their outputs to ``convo``; a result when the run stops here."""
+        active = self.active
+        decision = self.steps[-1].key
+        calls = out.get("tool_calls") or []
+        if active.max_tokens is not None and self.usage.total_tokens >= active.max_tokens:
+            return self.result(None, "max_tokens", active.system_message() + convo)
+        handoffs = {handoff_tool_name(h): h for h in active.handoffs}
+        numbered = []
+        for c in calls:
+            self.tool_n += 1
+            numbered.append((self.tool_n, c))
+        regular = [(n, c) for n, c in numbered if c.get("name") not in handoffs]
+        # Parallel tool calls run concurrently; their step keys are fixed by position, so
+        # a replay finds each one whatever order they finished in.
+        # Approvals come first, one by one: a suspend stops the loop before any tool of
+        # this turn has run, and the resumed run replays the decisions in order.
+        verdicts: dict[int, tuple[bool, str | None]] = {}
+        for n, c in regular:
+            gated = self.tools_of(active).get(str(c.get("name")))
+            if gated is not None and gated.approval:
+                verdicts[n] = await self.approval(self.tool_key(c, n), gated, c.get("arguments"))
+        outs = await asyncio.gather(
+            *(self.tool_call(c, decision, n, verdicts.get(n)) for n, c in regular)
+        )
+        by_id = {c.get("id"): o for (_, c), o in zip(regular, outs, strict=True)}
+        self.steps.extend(step for _, step in outs)
+        self.usage.tool_calls += len(outs)
+        target: Agent[Any] | None = None
+        for n, c in numbered:
+            if c.get("name") in handoffs and target is None:
+                target = handoffs[str(c.get("name"))]
+                await self.handoff(c, decision, n, target)
+                content = _dumps({"transferred_to": target.name})
+            elif c.get("name") in handoffs:
+                content = _dumps({"error": "only one handoff per turn"})
+            else:
+                content = _dumps(by_id[c.get("id")][0])
+            convo.append({"role": "tool", "tool_call_id": c.get("id"), "content": content})
+        stopped = [
+            by_id[c.get("id")][0] for _, c in regular if c.get("name") in active.stop_on_tools
+        ]
+        if stopped:
+            return self.result(stopped[0], "tool_called", active.system_message() + convo)
+        return None
+
+    async def final_answer(
+        self, out: dict[str, Any], convo: list[dict[str, Any]]
+    ) -> AgentResult[Any] | None:
+        """Parse and guard an answer without tool calls: the result, or None after adding a
+        corrective message to ``convo`` for another try."""
+        active = self.active
+        text = out.get("content")
+        value: Any = text
+        if active.output_type is not None and active.output_type is not str:
+            try:
+                value = pydantic.TypeAdapter(active.output_type).validate_json(text or "")
+            except pydantic.ValidationError as exc:
+                if self.output_tries >= active.output_retries:
+                    raise AgentOutputError(
+                        f"agent {active.name!r}: the answer does not match "
+                        f"{getattr(active.output_type, '__name__', active.output_type)}: {exc}"
+                    ) from exc
+                self.output_tries += 1
+                convo.append(
+                    {
+                        "role": "user",
+                        "content": "Your answer is not valid JSON for the required schema "
+                        f"({exc.error_count()} errors: {_short_errors(exc)}). "
+                        "Answer again with only the JSON object.",
+                    }
+                )
+                return None
+        try:
+            for guard in active.output_guardrails:
+                rewritten = await _maybe_await(guard(value))
+                if rewritten is not None:
+                    value = rewritten
+        except GuardrailViolation as exc:
+            if self.guard_tries >= active.guardrail_retries:
+                raise AgentGuardrailError(f"agent {active.name!r}: output rejected: {exc}") from exc
+            self.guard_tries += 1
+            convo.append(
+                {"role": "user", "content": f"Your answer was rejected: {exc}. Try again."}
+            )
+            return None
+        return self.result(value, "completed", active.system_message() + convo, text=text)
 
     def tool_key(self, call: dict[str, Any], n: int) -> str:
         return f"{self.key}/tool/{n}/{call.get('name')}"
@@ -707,11 +841,9 @@ def _input_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     )
 
 
-async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResult[Any]:
-    loop = _Loop(runner, key, run)
-    agent = run.agent
-    agent.config.resolved_key()
-    convo = _input_messages(run.input)
+async def _guard_input(agent: Agent[Any], convo: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The input guardrails, on the last user message: a rewrite replaces it, a rejection
+    fails the agent before any LLM call."""
     for guard in agent.input_guardrails:
         last = next((m for m in reversed(convo) if m.get("role") == "user"), None)
         if last is None:
@@ -722,111 +854,28 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
             raise AgentGuardrailError(f"agent {agent.name!r}: input rejected: {exc}") from exc
         if rewritten is not None:
             last["content"] = rewritten
-    output_tries = 0
-    guard_tries = 0
-    last_text: str | None = None
+    return convo
 
-    def result(
-        value: Any, text: str | None, reason: str, messages: list[dict[str, Any]]
-    ) -> AgentResult[Any]:
-        run_id = runner.run_id if runner.execution is not None else None
-        return AgentResult(
-            value, text, loop.active.name, loop.usage, loop.steps, reason, messages, run_id
-        )
 
+async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResult[Any]:
+    """The loop: input guardrails, then LLM calls, each followed by a tool turn (which may end
+    the run) or a final answer (which ends it, unless it is sent back for another try)."""
+    loop = _Loop(runner, key, run)
+    run.agent.config.resolved_key()
+    convo = await _guard_input(run.agent, _input_messages(run.input))
     while True:
         active = loop.active
-        messages = active.system_message() + convo
         if loop.llm_n >= active.max_steps:
-            return result(None, last_text, "max_steps", messages)
-        out = await loop.llm_call(messages)
-        decision = loop.steps[-1].key
+            return loop.result(None, "max_steps", active.system_message() + convo)
+        out = await loop.llm_call(active.system_message() + convo)
         convo.append(_assistant_message(out))
-        last_text = out.get("content")
-        calls = out.get("tool_calls") or []
-        if calls:
-            if active.max_tokens is not None and loop.usage.total_tokens >= active.max_tokens:
-                return result(None, last_text, "max_tokens", active.system_message() + convo)
-            handoffs = {handoff_tool_name(h): h for h in active.handoffs}
-            numbered = []
-            for c in calls:
-                loop.tool_n += 1
-                numbered.append((loop.tool_n, c))
-            regular = [(n, c) for n, c in numbered if c.get("name") not in handoffs]
-            # Parallel tool calls run concurrently; their step keys are fixed by position, so
-            # a replay finds each one whatever order they finished in.
-            # Approvals come first, one by one: a suspend stops the loop before any tool of
-            # this turn has run, and the resumed run replays the decisions in order.
-            verdicts: dict[int, tuple[bool, str | None]] = {}
-            for n, c in regular:
-                gated = loop.tools_of(active).get(str(c.get("name")))
-                if gated is not None and gated.approval:
-                    verdicts[n] = await loop.approval(
-                        loop.tool_key(c, n), gated, c.get("arguments")
-                    )
-            outs = await asyncio.gather(
-                *(loop.tool_call(c, decision, n, verdicts.get(n)) for n, c in regular)
-            )
-            by_id = {c.get("id"): o for (_, c), o in zip(regular, outs, strict=True)}
-            loop.steps.extend(step for _, step in outs)
-            loop.usage.tool_calls += len(outs)
-            target: Agent[Any] | None = None
-            for n, c in numbered:
-                if c.get("name") in handoffs and target is None:
-                    target = handoffs[str(c.get("name"))]
-                    await loop.handoff(c, decision, n, target)
-                    content = _dumps({"transferred_to": target.name})
-                elif c.get("name") in handoffs:
-                    content = _dumps({"error": "only one handoff per turn"})
-                else:
-                    content = _dumps(by_id[c.get("id")][0])
-                convo.append({"role": "tool", "tool_call_id": c.get("id"), "content": content})
-            stopped = [
-                (c, by_id[c.get("id")][0])
-                for _, c in regular
-                if c.get("name") in active.stop_on_tools
-            ]
-            if stopped:
-                return result(
-                    stopped[0][1], last_text, "tool_called", active.system_message() + convo
-                )
-            continue
-        # A final answer.
-        text = out.get("content")
-        value: Any = text
-        if active.output_type is not None and active.output_type is not str:
-            try:
-                value = pydantic.TypeAdapter(active.output_type).validate_json(text or "")
-            except pydantic.ValidationError as exc:
-                if output_tries >= active.output_retries:
-                    raise AgentOutputError(
-                        f"agent {active.name!r}: the answer does not match "
-                        f"{getattr(active.output_type, '__name__', active.output_type)}: {exc}"
-                    ) from exc
-                output_tries += 1
-                convo.append(
-                    {
-                        "role": "user",
-                        "content": "Your answer is not valid JSON for the required schema "
-                        f"({exc.error_count()} errors: {_short_errors(exc)}). "
-                        "Answer again with only the JSON object.",
-                    }
-                )
-                continue
-        try:
-            for guard in active.output_guardrails:
-                rewritten = await _maybe_await(guard(value))
-                if rewritten is not None:
-                    value = rewritten
-        except GuardrailViolation as exc:
-            if guard_tries >= active.guardrail_retries:
-                raise AgentGuardrailError(f"agent {active.name!r}: output rejected: {exc}") from exc
-            guard_tries += 1
-            convo.append(
-                {"role": "user", "content": f"Your answer was rejected: {exc}. Try again."}
-            )
-            continue
-        return result(value, text, "completed", active.system_message() + convo)
+        loop.last_text = out.get("content")
+        if out.get("tool_calls"):
+            done = await loop.tool_turn(out, convo)
+        else:
+            done = await loop.final_answer(out, convo)
+        if done is not None:
+            return done
 
 
 def _short_errors(exc: pydantic.ValidationError) -> str:
