@@ -16,6 +16,18 @@ from polos.agent import (
     GuardrailViolation,
     ProviderError,
 )
+from polos.agents.stop_conditions import (
+    ExecutedToolConfig,
+    HasTextConfig,
+    MaxStepsConfig,
+    MaxTokensConfig,
+    StopConditionContext,
+    executed_tool,
+    has_text,
+    max_steps,
+    max_tokens,
+    stop_condition,
+)
 from polos.client import PolosClient, RunHandle, RunInfo
 from polos.config import Settings
 from polos.errors import (
@@ -34,7 +46,15 @@ from polos.errors import (
     WorkflowFailedError,
     WorkflowNotFoundError,
 )
-from polos.middleware import HookAction, HookContext, HookResult, hook
+from polos.middleware import (
+    GuardrailContext,
+    GuardrailResult,
+    HookAction,
+    HookContext,
+    HookResult,
+    guardrail,
+    hook,
+)
 from polos.queues import Queue, RateLimit
 from polos.tools import Tool, tool
 from polos.worker import Worker
@@ -63,11 +83,17 @@ __all__ = [
     "ChildWorkflowError",
     "CommandRejectedError",
     "ConnectionFailedError",
+    "ExecutedToolConfig",
+    "GuardrailContext",
+    "GuardrailResult",
     "GuardrailViolation",
+    "HasTextConfig",
     "HookAction",
     "HookContext",
     "HookResult",
     "InputValidationError",
+    "MaxStepsConfig",
+    "MaxTokensConfig",
     "NonDeterminismError",
     "PolosClient",
     "PolosError",
@@ -86,6 +112,7 @@ __all__ = [
     "StepExecutionError",
     "StepFailedError",
     "StepInfo",
+    "StopConditionContext",
     "Tool",
     "WaitTimeoutError",
     "Worker",
@@ -95,7 +122,13 @@ __all__ = [
     "WorkflowFailedError",
     "WorkflowNotFoundError",
     "current_step",
+    "executed_tool",
+    "guardrail",
+    "has_text",
     "hook",
+    "max_steps",
+    "max_tokens",
+    "stop_condition",
     "tool",
     "workflow",
 ]

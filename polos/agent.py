@@ -36,6 +36,7 @@ from polos._private.agents.loop import (
 from polos._private.agents.memory import SharedMemory
 from polos._private.agents.pricing import PRICES, ModelPrice, set_price
 from polos._private.agents.provider import AgentConfigError, LLMRetry, ProviderError
+from polos._private.agents.stream import AgentStream, StreamEvent
 from polos._private.store import Names
 
 
@@ -58,11 +59,13 @@ __all__ = [
     "AgentResult",
     "AgentRun",
     "AgentStep",
+    "AgentStream",
     "GuardrailViolation",
     "LLMRetry",
     "ModelPrice",
     "ProviderError",
     "SharedMemory",
+    "StreamEvent",
     "Usage",
     "agent_workflow",
     "get_agent",
