@@ -14,9 +14,17 @@ from typing import Any
 import orjson
 import pytest
 
-from polos import MaxStepsConfig, StopConditionContext, max_steps, stop_condition
+from polos import (
+    HookContext,
+    HookResult,
+    MaxStepsConfig,
+    StopConditionContext,
+    hook,
+    max_steps,
+    stop_condition,
+)
 from polos import history as ev
-from polos.agent import Agent, AgentConfigError, AgentGuardrailError
+from polos.agent import Agent, AgentConfigError
 from polos.devllm import DevLLM, Reply, default_reply
 from polos.errors import WorkflowFailedError
 from polos.middleware import GuardrailResult, guardrail
@@ -156,7 +164,9 @@ async def test_stop_conditions_end_the_run_and_the_reason_is_recorded(stack: Any
     assert r.stop_reason == "executed_tool" and r.total_steps == 1
     assert len(llm.chat_requests) == 1  # stopped right after the tool step: no second call
     stopped = [s for s in await _steps(env, r.run_id) if s.key == "agent/stopped"]
-    assert [s.output for s in stopped] == [{"stop_reason": "executed_tool", "total_steps": 1}]
+    assert [s.output for s in stopped] == [
+        {"stop_reason": "executed_tool", "total_steps": 1, "message": None}
+    ]
 
     r = await agents.capped.run(env.client, "loop")
     assert r.stop_reason == "max_steps" and r.total_steps == 2 and r.usage.llm_calls == 2
@@ -244,6 +254,42 @@ async def test_agent_stream_text_chunks_events_and_result(stack: Any) -> None:
     assert await s.text() == "".join(chunks)
     r = await s.result()
     assert r.result == "".join(chunks) and r.agent_run_id == s.agent_run_id
+
+
+async def test_guarded_stream_sends_the_checked_text_once_and_queue_is_used(stack: Any) -> None:
+    env, llm, _, log, _ = stack
+    s = await agents.stream_guarded.stream(env.client, "hi")
+    chunks = [c async for c in s.text_chunks]
+    r = await s.result()
+    # With guardrails nothing streams while the model writes: the text that passed, once.
+    assert chunks == [r.result] and "dev LLM" in str(r.result)
+    assert llm.chat_requests[0].body.get("stream") is not True
+    assert _count(log)[f"guard {r.result}"] == 1
+
+    r = await agents.queued.run(env.client, "hi")
+    requested = [e for _, e in await env.client.history(r.run_id) if isinstance(e, ev.RunRequested)]
+    assert [e.queue for e in requested] == ["agents_q"]
+
+
+async def test_plain_loop_runs_hooks_and_a_failing_step_hook_stops_it() -> None:
+    @hook
+    def budget(ctx: Any, hc: HookContext) -> HookResult | None:
+        assert isinstance(hc.current_payload, dict)
+        if hc.current_payload["step"] > 1:
+            return HookResult.fail("budget spent")
+        return None
+
+    async with DevLLM() as llm:
+        a = Agent(
+            "plain_hooks",
+            tools=[agents.audit_plain],
+            provider_base_url=llm.url,
+            on_agent_step_start=budget,
+        )
+        llm.script(Reply.tools(("audit_plain", {"note": "x"})), Reply.text("never asked"))
+        r = await a.run("go")
+        assert r.stop_reason == "on_agent_step_start" and r.total_steps == 1
+        assert len(llm.chat_requests) == 1
 
 
 async def test_options_refused_clearly() -> None:

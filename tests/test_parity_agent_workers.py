@@ -204,3 +204,21 @@ crash_guarded = Agent(
 )
 
 streamer = Agent(id="streamer", system_prompt="streamer", provider_base_url=URL)
+
+stream_guarded = Agent(
+    id="stream_guarded",
+    system_prompt="stream_guarded",
+    provider_base_url=URL,
+    guardrails=[no_forbidden],
+)
+
+queued = Agent(id="queued", system_prompt="queued", provider_base_url=URL, queue="agents_q")
+
+
+def audit_plain(note: str) -> str:
+    """Note something (no side effect: for plain-code runs).
+
+    Args:
+        note: what to note
+    """
+    return f"noted {note}"

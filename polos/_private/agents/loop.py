@@ -57,7 +57,7 @@ from polos._private.run.hooks import run_hooks
 from polos._private.store import Names, connect, disconnect
 from polos.agents.stop_conditions import StopCondition, StopConditionContext, as_stop_condition
 from polos.converter import from_json, json_schema, to_json
-from polos.errors import PolosError
+from polos.errors import PolosError, StepExecutionError, StepFailedError
 from polos.middleware.guardrail import GuardrailContext, GuardrailResult, check_guardrails
 from polos.middleware.hook import HookAction, HookContext, HookFunction, HookResult, check_hooks
 from polos.types import (
@@ -669,6 +669,7 @@ class _Loop:
         # The original SDK's view of the run: one Step per LLM call, with its tool calls.
         self.agent_steps: list[Step] = []
         self.tool_results: list[ToolResult] = []
+        self.stop_message: str | None = None
         self.llm_n = 0
         self.tool_n = 0
         self.last_text: str | None = None
@@ -878,15 +879,25 @@ class _Loop:
             modified_output=to_json(merged.modified_output, what=f"{phase} modified_output"),
         )
 
-    async def step_start(self, n: int, convo: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``on_agent_step_start``: ``modified_payload["messages"]`` replaces the conversation."""
+    async def step_start(
+        self, n: int, convo: list[dict[str, Any]]
+    ) -> list[dict[str, Any]] | AgentResult[Any]:
+        """``on_agent_step_start``: ``modified_payload["messages"]`` replaces the conversation;
+        a FAIL ends the loop here (as the original SDK meant), with the stop reason
+        ``on_agent_step_start`` and the hook's message as ``stop_message``."""
         if not self.run.agent.hooks.get("on_agent_step_start"):
             return convo
-        got = await self.hook(
-            "on_agent_step_start",
-            f"{self.key}/step/{n}/on_agent_step_start",
-            current_payload={"step": n, "messages": list(convo)},
-        )
+        try:
+            got = await self.hook(
+                "on_agent_step_start",
+                f"{self.key}/step/{n}/on_agent_step_start",
+                current_payload={"step": n, "messages": list(convo)},
+            )
+        except StepFailedError:
+            raise  # the hook itself raised: that fails the run
+        except StepExecutionError as exc:
+            self.stop_message = str(exc)
+            return self.result(None, "on_agent_step_start", self.active.system_message() + convo)
         messages = (got.modified_payload or {}).get("messages")
         return [dict(m) for m in messages] if isinstance(messages, list) else convo
 
@@ -1157,7 +1168,11 @@ class _Loop:
         ``modified_output`` replaces the result's value) and record the turn."""
         exe = self.runner.execution
         if exe is not None:
-            why = {"stop_reason": result.stop_reason, "total_steps": result.total_steps}
+            why = {
+                "stop_reason": result.stop_reason,
+                "total_steps": result.total_steps,
+                "message": self.stop_message,
+            }
 
             async def stopped() -> dict[str, Any]:
                 return why
@@ -1452,7 +1467,10 @@ async def _turns(loop: _Loop, convo: list[dict[str, Any]]) -> AgentResult[Any]:
         if loop.llm_n >= active.max_steps:
             return loop.result(None, "max_steps", active.system_message() + convo)
         n = len(loop.agent_steps) + 1
-        convo = await loop.step_start(n, convo)
+        started = await loop.step_start(n, convo)
+        if isinstance(started, AgentResult):
+            return started
+        convo = started
         convo = await loop.compact(n, convo)
         out = await loop.guarded_llm_call(n, convo)
         loop.note_step(n, out)
@@ -1601,6 +1619,12 @@ async def invoke_agent(
             f"agent_invoke_and_wait({key!r}, ...) needs agent.with_input(...), got {type(run).__name__}"
         )
     get_agent(run.agent.name)  # two agents under one name would make the child run the wrong one
+    if run.agent.queue_name is not None:
+        raise AgentConfigError(
+            f"agent {run.agent.name!r} has queue={run.agent.queue_name!r}, which agent.run and "
+            "agent.stream honour; a child run cannot be put on a queue yet: call it with "
+            "inline=True, or start it with agent.run(polos, input)"
+        )
     if not execution.is_replaying:
         await _warn_if_unserved(execution)
 
