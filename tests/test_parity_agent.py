@@ -271,6 +271,16 @@ async def test_guarded_stream_sends_the_checked_text_once_and_queue_is_used(stac
     assert [e.queue for e in requested] == ["agents_q"]
 
 
+async def test_with_input_ids_and_provider_kwargs_reach_hooks_and_requests(stack: Any) -> None:
+    env, llm, _, log, _ = stack
+    h = await env.client.start("tuned_wf", "hi")
+    out = await h.result(timeout=30)
+    assert out["steps"] == 1 and "dev LLM" in out["text"]
+    [req] = llm.chat_requests
+    assert (req.body["top_p"], req.body["seed"]) == (0.25, 7)  # the original dropped them
+    assert _count(log)["hook ids s-1 u-1 WorkflowContext"] == 1
+
+
 async def test_plain_loop_runs_hooks_and_a_failing_step_hook_stops_it() -> None:
     @hook
     def budget(ctx: Any, hc: HookContext) -> HookResult | None:

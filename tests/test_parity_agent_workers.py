@@ -22,11 +22,13 @@ from polos import (
     HookResult,
     MaxStepsConfig,
     StopConditionContext,
+    WorkflowContext,
     executed_tool,
     guardrail,
     hook,
     max_steps,
     stop_condition,
+    workflow,
 )
 from polos.agent import Agent, agent_workflow  # noqa: F401 - served as a workflow too
 from polos.middleware import limit_tool_calls
@@ -222,3 +224,19 @@ def audit_plain(note: str) -> str:
         note: what to note
     """
     return f"noted {note}"
+
+
+@hook
+def who_am_i(ctx: Any, hc: HookContext) -> None:
+    mark(f"hook ids {hc.session_id} {hc.user_id} {type(ctx).__name__}")
+
+
+tuned = Agent(id="tuned", system_prompt="tuned", provider_base_url=URL, on_start=who_am_i)
+
+
+@workflow
+async def tuned_wf(ctx: WorkflowContext, text: str) -> dict[str, Any]:
+    r = await ctx.step.agent_invoke_and_wait(
+        "tuned", tuned.with_input(text, session_id="s-1", user_id="u-1", top_p=0.25, seed=7)
+    )
+    return {"text": r.result, "steps": r.total_steps}
