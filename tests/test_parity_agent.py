@@ -75,6 +75,8 @@ class Script:
             return Reply.text("forbidden again")
         if who == "tool_limited" and tools_done == 0:
             return Reply.tools(("audit", {"note": "a"}), ("lookup", {"sku": "b"}))
+        if who == "judged_tools" and tools_done == 0:
+            return Reply(content="let me look that up", tool_calls=[("lookup", {"sku": "j"})])
         if who == "capped":
             return Reply.tools(("lookup", {"sku": f"s{tools_done}"}))
         if who == "custom_stop":
@@ -207,6 +209,13 @@ async def test_guardrail_retries_are_new_requests_and_strings_are_judged(stack: 
     r = await agents.tool_limited.run(env.client, "go")
     assert [t.tool_name for t in r.tool_results] == ["audit"]
     assert _count(log)["tool audit a"] == 1 and _count(log)["tool lookup b"] == 0
+
+    # A judged answer with tool calls: the tool step's decision is the answer, not the judge.
+    r = await agents.judged_tools.run(env.client, "look")
+    [tool_step] = [s for s in await _steps(env, r.run_id) if s.kind == "tool"]
+    assert tool_step.meta["decision"] == "agent/llm/1"
+    asked = {q.step for q in llm.chat_requests}
+    assert f"{r.run_id}:agent/llm/1/guardrail/0/judge.0" in asked
 
 
 async def test_sigkill_mid_guardrail_retry_repeats_no_hook_guardrail_llm_or_tool(

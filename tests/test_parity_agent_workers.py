@@ -240,3 +240,12 @@ async def tuned_wf(ctx: WorkflowContext, text: str) -> dict[str, Any]:
         "tuned", tuned.with_input(text, session_id="s-1", user_id="u-1", top_p=0.25, seed=7)
     )
     return {"text": r.result, "steps": r.total_steps}
+
+
+judged_tools = Agent(
+    id="judged_tools",
+    system_prompt="judged_tools",
+    tools=[lookup],
+    provider_base_url=URL,
+    guardrails=["Be polite."],
+)

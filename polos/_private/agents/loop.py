@@ -4,8 +4,9 @@ Durable LLM agents: tools, structured output, handoffs, guardrails, stop conditi
 
 ::
 
-    agent = Agent(provider="openai", model="gpt-4o", tools=[check_inventory, calculate_shipping],
-                  instructions="You validate orders.", output_type=OrderValidation)
+    agent = Agent(id="order_validator", provider="openai", model="gpt-4o",
+                  system_prompt="You validate orders.", tools=[check_inventory, calculate_shipping],
+                  output_schema=OrderValidation, stop_conditions=[max_steps(MaxStepsConfig(count=10))])
 
     @workflow
     async def process_order(ctx: WorkflowContext, order: Order) -> str:
@@ -15,7 +16,9 @@ Durable LLM agents: tools, structured output, handoffs, guardrails, stop conditi
 Inside a run every LLM call is one ``StepCompleted(kind="llm")`` and every tool call one
 ``StepCompleted(kind="tool")`` in the run's history; a replay (after a crash, on another
 worker) returns the recorded calls, so no token is paid for twice and no completed tool runs
-twice. ``agent.run(...)`` runs the same loop in plain code, without durability.
+twice. ``agent.run(polos, input)`` / ``agent.stream(polos, input)`` start the agent as a
+durable run of its own; ``agent.run(input)`` runs the same loop in plain code, without
+durability. Hooks, ``guardrails`` and custom stop conditions are durable steps too.
 """
 
 from __future__ import annotations
@@ -670,6 +673,7 @@ class _Loop:
         self.agent_steps: list[Step] = []
         self.tool_results: list[ToolResult] = []
         self.stop_message: str | None = None
+        self.answer: AgentStep  # set by each llm_call whose answer the loop uses
         self.llm_n = 0
         self.tool_n = 0
         self.last_text: str | None = None
@@ -770,6 +774,8 @@ class _Loop:
 
         rec = await self.runner.step(key, "llm", agent.model, call)
         self.note_llm(agent, rec)
+        if purpose != "guardrail":
+            self.answer = self.steps[-1]  # the call whose answer the loop goes on with
         return dict(rec.output)
 
     def delta_sink(self, agent: Agent[Any], step_id: str) -> _DeltaSink | None:
@@ -950,7 +956,7 @@ class _Loop:
     def note_step(self, n: int, out: dict[str, Any]) -> None:
         """The original SDK's ``Step`` for agent step ``n`` (its tool results come later)."""
         usage = Usage()
-        usage.add(self.steps[-1].usage or {}, None)
+        usage.add(self.answer.usage or {}, None)
         self.agent_steps.append(
             Step(
                 step=n,
@@ -1201,7 +1207,7 @@ class _Loop:
         """Run the tool calls of one LLM answer (approvals first, then the tools in parallel,
         then a handoff) and add their outputs to ``convo``; a result when the run stops here."""
         active = self.active
-        decision = self.steps[-1].key
+        decision = self.answer.key
         calls = out.get("tool_calls") or []
         if active.max_tokens is not None and self.usage.total_tokens >= active.max_tokens:
             return self.result(None, "max_tokens", active.system_message() + convo)
