@@ -24,7 +24,7 @@ from polos import (
     stop_condition,
 )
 from polos import history as ev
-from polos.agent import Agent, AgentConfigError
+from polos.agent import Agent, AgentConfigError, AgentRequest, agent_workflow
 from polos.devllm import DevLLM, Reply, default_reply
 from polos.errors import WorkflowFailedError
 from polos.middleware import GuardrailResult, guardrail
@@ -67,7 +67,7 @@ class Script:
         if who == "judge":
             said = body["messages"][0]["content"]
             return Reply.json({"passed": "rude" not in said, "reason": "the answer is rude"})
-        if who == "guarded":
+        if who == "double_guarded":
             return Reply.text(
                 ["this is forbidden", "you are rude", "a polite secret answer"][_retries(body)]
             )
@@ -183,7 +183,7 @@ async def test_stop_conditions_end_the_run_and_the_reason_is_recorded(stack: Any
 
 async def test_guardrail_retries_are_new_requests_and_strings_are_judged(stack: Any) -> None:
     env, llm, _, log, _ = stack
-    r = await agents.guarded.run(env.client, "hello")
+    r = await agents.double_guarded.run(env.client, "hello")
     assert r.result == "a polite [x] answer"  # passed both, redacted by the callable
     steps = [(q.step or "").split(":", 1)[1] for q in llm.chat_requests]
     assert steps == [
@@ -223,7 +223,9 @@ async def test_sigkill_mid_guardrail_retry_repeats_no_hook_guardrail_llm_or_tool
 ) -> None:
     env, llm, script, log, respawn = stack
     script.hold_retry = True
-    handle = await agents.crash_guarded._start(env.client, "go", None, None, {}, False)
+    # Started as any client starts an agent run: the polos_agent workflow, by agent id.
+    request = AgentRequest(agent="crash_guarded", input="go")
+    handle = await env.client.start(agent_workflow, request)
     await asyncio.wait_for(script.held.wait(), 30)
     respawn()  # SIGKILL while the guardrail's retry call is in flight, then a new worker
     out = AgentResult.from_json(await handle.result(timeout=30))
@@ -254,7 +256,7 @@ async def test_sigkill_mid_guardrail_retry_repeats_no_hook_guardrail_llm_or_tool
 
 async def test_agent_stream_text_chunks_events_and_result(stack: Any) -> None:
     env, _, _, _, _ = stack
-    s = await agents.streamer.stream(env.client, "tell me")
+    s = await agents.live_streamer.stream(env.client, "tell me")
     chunks = [c async for c in s.text_chunks]
     assert len(chunks) > 1
     events = [e async for e in s.events]  # a second iterator sees every event from the first
@@ -317,7 +319,7 @@ async def test_options_refused_clearly() -> None:
     with pytest.raises(ValueError, match="name= and id="):
         Agent("a", id="b")
     with pytest.raises(TypeError, match="initial_state"):
-        agents.streamer.with_input("x", initial_state={"a": 1})
+        agents.live_streamer.with_input("x", initial_state={"a": 1})
     with pytest.raises(TypeError, match="guardrail"):
         Agent("g1", guardrails=[42])
     with pytest.raises(TypeError, match="stop condition"):

@@ -170,9 +170,9 @@ def no_forbidden(ctx: Any, gc: GuardrailContext) -> GuardrailResult:
     return GuardrailResult.continue_with()
 
 
-guarded = Agent(
-    id="guarded",
-    system_prompt="guarded",
+double_guarded = Agent(
+    id="double_guarded",
+    system_prompt="double_guarded",
     provider_base_url=URL,
     guardrails=[no_forbidden, "The answer must be polite."],
     guardrail_max_retries=2,
@@ -205,7 +205,7 @@ crash_guarded = Agent(
     on_tool_start=force_sku,
 )
 
-streamer = Agent(id="streamer", system_prompt="streamer", provider_base_url=URL)
+live_streamer = Agent(id="live_streamer", system_prompt="live_streamer", provider_base_url=URL)
 
 stream_guarded = Agent(
     id="stream_guarded",
