@@ -521,7 +521,8 @@ def _result_from_output(output: dict[str, Any], agent: Agent[Any]) -> AgentResul
     """An agent run's recorded output as an ``AgentResult``, its result typed by the
     ``output_type`` of the agent that answered (a handoff may have moved on)."""
     result = AgentResult.from_json(output)
-    final = _AGENTS.get(result.agent, agent)
+    # The agent called types its own result; after a handoff, the agent that answered.
+    final = agent if result.agent == agent.name else _AGENTS.get(result.agent, agent)
     if (
         final.output_type is not None
         and result.result is not None
