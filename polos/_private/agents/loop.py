@@ -752,7 +752,9 @@ class _Loop:
     ) -> dict[str, Any]:
         """One LLM call as one durable step. By default the agent's next step
         (``<key>/llm/<n>``); ``key`` and ``request`` for the calls around it (a guardrail
-        retry, a string guardrail's judge), which are recorded and counted but are no step."""
+        retry, a string guardrail's judge, a compaction), which are recorded and counted but
+        are no agent step. ``purpose`` (``retry``, ``guardrail``, ...) goes into the step's meta;
+        only a call without one streams, and only ``None`` / ``retry`` answers are the step's."""
         agent = self.active
         agent.config.resolved_key()  # a missing key fails here, before any call is made
         if key is None:
@@ -775,7 +777,7 @@ class _Loop:
 
         rec = await self.runner.step(key, "llm", agent.model, call)
         self.note_llm(agent, rec)
-        if purpose != "guardrail":
+        if purpose in (None, "retry"):
             self.answer = self.steps[-1]  # the call whose answer the loop goes on with
         return dict(rec.output)
 
