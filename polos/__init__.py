@@ -17,6 +17,18 @@ from polos.agent import (
     GuardrailViolation,
     ProviderError,
 )
+from polos.agents.stop_conditions import (
+    ExecutedToolConfig,
+    HasTextConfig,
+    MaxStepsConfig,
+    MaxTokensConfig,
+    StopConditionContext,
+    executed_tool,
+    has_text,
+    max_steps,
+    max_tokens,
+    stop_condition,
+)
 from polos.client import ExecutionHandle, PolosClient, RunHandle, RunInfo, batch_invoke
 from polos.config import Settings
 from polos.errors import (
@@ -36,7 +48,15 @@ from polos.errors import (
     WorkflowNotFoundError,
 )
 from polos.events import BatchEventPayload, EventPayload
-from polos.middleware import HookAction, HookContext, HookResult, hook
+from polos.middleware import (
+    GuardrailContext,
+    GuardrailResult,
+    HookAction,
+    HookContext,
+    HookResult,
+    guardrail,
+    hook,
+)
 from polos.polos import Polos
 from polos.queues import Queue, RateLimit
 from polos.schedules import SchedulePayload
@@ -99,15 +119,21 @@ __all__ = [
     "EventPayload",
     "ExecResult",
     "ExecToolConfig",
+    "ExecutedToolConfig",
     "ExecutionEnvironment",
     "ExecutionHandle",
+    "GuardrailContext",
+    "GuardrailResult",
     "GuardrailViolation",
+    "HasTextConfig",
     "HookAction",
     "HookContext",
     "HookResult",
     "InputValidationError",
     "LocalEnvironment",
     "LocalEnvironmentConfig",
+    "MaxStepsConfig",
+    "MaxTokensConfig",
     "NonDeterminismError",
     "Polos",
     "PolosClient",
@@ -129,6 +155,7 @@ __all__ = [
     "StepExecutionError",
     "StepFailedError",
     "StepInfo",
+    "StopConditionContext",
     "Tool",
     "WaitTimeoutError",
     "WebSearchOptions",
@@ -146,9 +173,15 @@ __all__ = [
     "create_web_search_tool",
     "current_step",
     "events",
+    "executed_tool",
+    "guardrail",
+    "has_text",
     "hook",
+    "max_steps",
+    "max_tokens",
     "sandbox_tools",
     "schedules",
+    "stop_condition",
     "tool",
     "workflow",
 ]

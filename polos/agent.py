@@ -2,8 +2,9 @@
 
 ::
 
-    agent = Agent(provider="openai", model="gpt-4o", tools=[check_inventory, calculate_shipping],
-                  instructions="You validate orders.", output_type=OrderValidation)
+    agent = Agent(id="order_validator", provider="openai", model="gpt-4o",
+                  system_prompt="You validate orders.", tools=[check_inventory, calculate_shipping],
+                  output_schema=OrderValidation, stop_conditions=[max_steps(MaxStepsConfig(count=10))])
 
     @workflow
     async def process_order(ctx: WorkflowContext, order: Order) -> str:
@@ -13,7 +14,9 @@
 Inside a run every LLM call is one ``StepCompleted(kind="llm")`` and every tool call one
 ``StepCompleted(kind="tool")`` in the run's history; a replay (after a crash, on another
 worker) returns the recorded calls, so no token is paid for twice and no completed tool runs
-twice. ``agent.run(...)`` runs the same loop in plain code, without durability.
+twice. ``agent.run(polos, input)`` / ``agent.stream(polos, input)`` start the agent as a
+durable run of its own; ``agent.run(input)`` runs the same loop in plain code, without
+durability. Hooks, ``guardrails`` and custom stop conditions are durable steps too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from polos._private.agents.loop import (
 from polos._private.agents.memory import SharedMemory
 from polos._private.agents.pricing import PRICES, ModelPrice, set_price
 from polos._private.agents.provider import AgentConfigError, LLMRetry, ProviderError
+from polos._private.agents.stream import AgentStream, StreamEvent
 from polos._private.store import Names
 
 
@@ -58,11 +62,13 @@ __all__ = [
     "AgentResult",
     "AgentRun",
     "AgentStep",
+    "AgentStream",
     "GuardrailViolation",
     "LLMRetry",
     "ModelPrice",
     "ProviderError",
     "SharedMemory",
+    "StreamEvent",
     "Usage",
     "agent_workflow",
     "get_agent",

@@ -85,7 +85,7 @@ class Step:
         """Run ``agent.with_input(...)`` durably under ``key`` as a child run (``inline=True``:
         in this run's own history); returns an ``AgentResult`` whose ``.result`` is typed by
         the agent's ``output_type``. See docs/agents.md."""
-        return await invoke_agent(self._x, key, run, inline=inline)
+        return await invoke_agent(self._x, key, run, inline=inline, ctx=WorkflowContext(self._x))
 
     def idempotency_key(self, key: str) -> str:
         return f"{self._x.run_id}:{key}"

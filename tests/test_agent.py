@@ -149,6 +149,7 @@ async def test_parallel_tool_calls_structured_output_and_record_format(
         "validate_order/tool/1/check_inventory",
         "validate_order/tool/2/calculate_shipping",
         "validate_order/llm/2",
+        "validate_order/stopped",  # why the agent stopped, queryable in the steps view
     }
     first = steps[0]
     assert first.name == "gpt-4o"
@@ -418,7 +419,9 @@ async def test_streaming_publishes_text_deltas_live(env_factory: Any, llm: DevLL
     child_id = waiting.child_run_id(run_id, "talk", 0)
     assert deltas[0]["run_id"] == child_id  # published under the root run the client started
     llm_steps = [
-        e for _, e in await env.client.history(child_id) if isinstance(e, ev.StepCompleted)
+        e
+        for _, e in await env.client.history(child_id)
+        if isinstance(e, ev.StepCompleted) and e.kind == "llm"
     ]
     assert len(llm_steps) == 1 and llm_steps[0].output["content"] == text  # the durable record
     print(f"\n{len(deltas)} deltas published for a {len(text)}-character answer")
@@ -434,7 +437,7 @@ async def test_agent_runs_as_its_own_run(env_factory: Any, llm: DevLLM) -> None:
     out = AgentResult.from_json(await h.result(timeout=15))
     assert out.result == "42" and out.agent == "standalone" and out.usage.llm_calls == 1
     keys = [e.key for _, e in await env.client.history(h.run_id) if isinstance(e, ev.StepCompleted)]
-    assert keys == ["agent/llm/1"]
+    assert keys == ["agent/llm/1", "agent/stopped"]
 
 
 # --------------------------------------------------------------------------- shared memory

@@ -81,7 +81,7 @@ async def test_sigkill_mid_agent_loop_repeats_no_llm_call_and_no_tool(
     history = await env.client.history(agent_run)
     steps = [e for _, e in history if isinstance(e, ev.StepCompleted)]
     kinds = collections.Counter(e.kind for e in steps)
-    assert kinds == {"llm": UNITS + 1, "tool": UNITS}
+    assert kinds == {"llm": UNITS + 1, "tool": UNITS, "run": 1}  # run: the stop record
     assert len({e.key for e in steps}) == len(steps)
     claims = [e for _, e in history if isinstance(e, ev.RunClaimed)]
     assert len(claims) == 2

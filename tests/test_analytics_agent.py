@@ -154,6 +154,7 @@ async def test_views_and_spans_over_a_real_agent_run(
             "execute_tool lookup_order",
             "execute_tool refund",
             "wait child resolve",
+            "step resolve/stopped",  # the agent's stop record
         ]
     )
     # One trace for the workflow and its agent child run.
