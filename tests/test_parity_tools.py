@@ -161,6 +161,7 @@ async def test_ctx_tool_runs_in_the_run_with_hooks_and_durable_steps(
             "weather/tool/1/get_weather",
             "weather/tool/2/whoami",
             "weather/llm/2",
+            "weather/stopped",  # why the agent stopped, recorded
         ]
     )
     first = [k for k in keys if k.startswith("weather/tool/1/")]
@@ -354,7 +355,8 @@ async def test_ask_user_waits_across_a_sigkilled_worker_and_resumes_from_the_cli
     assert orjson.loads(answer_msg["content"]) == {"color": "blue", "count": 3}
     history = await env.client.history(child)
     steps = [e for _, e in history if isinstance(e, ev.StepCompleted)]
-    assert collections.Counter(e.kind for e in steps) == {"llm": 2, "tool": 2, "run": 1}
+    # "run": the work's own step and the record of why the agent stopped
+    assert collections.Counter(e.kind for e in steps) == {"llm": 2, "tool": 2, "run": 2}
     [woken] = [e for _, e in history if isinstance(e, ev.RunWoken)]  # the answer, once
     assert woken.step == sus.step
     assert len({e.key for e in steps}) == len(steps)
