@@ -42,6 +42,13 @@ from polos._private.agents.provider import (
     call_llm,
     estimate_request_tokens,
 )
+from polos._private.agents.sessions import (
+    CompactionConfig,
+    normalize_compaction,
+    open_session,
+    session_key,
+    session_of,
+)
 from polos._private.agents.steps import DurableRunner, StepDone, StepError, StepRunner
 from polos._private.agents.tools import Tool, as_tool
 from polos._private.limits import TokenLimiter, reserve_for_step
@@ -171,6 +178,7 @@ class AgentRun:
     agent: Agent[Any]
     input: str | list[dict[str, Any]]
     session: str | None = None
+    session_id: str | None = None  # the conversation this turn belongs to (sessions.py)
 
 
 Guardrail = Callable[..., Any]
@@ -240,6 +248,7 @@ class Agent(Generic[T]):
         api_key: str | None = None,
         timeout: float = 120.0,
         retry: LLMRetry | None = None,
+        compaction: CompactionConfig | None = None,
     ) -> None:
         if not _NAME_RE.match(name):
             raise ValueError(f"agent name {name!r} must be 1-48 letters, digits, '_' or '-'")
@@ -270,6 +279,8 @@ class Agent(Generic[T]):
         self.output_retries = output_retries
         self.memory = memory
         self.stream = stream
+        normalize_compaction(compaction)  # a bad budget fails here, not in a run
+        self.compaction = compaction or CompactionConfig()
         self.config = ProviderConfig(
             provider=provider,
             model=model,
@@ -286,29 +297,37 @@ class Agent(Generic[T]):
         return f"Agent({self.name!r}, model={self.model!r}, tools={[t.name for t in self.tools]})"
 
     def with_input(
-        self, input: str | list[dict[str, Any]], *, session: str | None = None
+        self,
+        input: str | list[dict[str, Any]],
+        *,
+        session: str | None = None,
+        session_id: str | None = None,
     ) -> AgentRun:
         """This agent with an input (text, or OpenAI-style messages), for agent_invoke_and_wait.
 
-        Agents given the same ``session`` share working memory (``memory=True``)."""
-        return AgentRun(self, input, session)
+        Agents given the same ``session`` share working memory (``memory=True``); a
+        ``session_id`` gives the agent the conversation of that session's earlier turns."""
+        return AgentRun(self, input, session, session_id)
 
     async def run(
         self,
         input: str | list[dict[str, Any]],
         *,
         session: str | None = None,
+        session_id: str | None = None,
         settings: Settings | None = None,
     ) -> AgentResult[T]:
         """Run the loop in plain code (not durable). ``settings`` gives NATS for shared memory
         and live streaming; without it neither is available."""
         if settings is None:
-            return await _agent_loop(StepRunner(), "agent", AgentRun(self, input, session))
+            return await _agent_loop(
+                StepRunner(), "agent", AgentRun(self, input, session, session_id)
+            )
 
         nc = await connect(settings, name=f"polos-agent-{self.name}")
         try:
             runner = StepRunner(nc, settings.prefix, nc.jetstream(timeout=settings.request_timeout))
-            return await _agent_loop(runner, "agent", AgentRun(self, input, session))
+            return await _agent_loop(runner, "agent", AgentRun(self, input, session, session_id))
         finally:
             await disconnect(nc)
 
@@ -426,7 +445,7 @@ class _Loop:
         self.steps: list[AgentStep] = []
         self.llm_n = 0
         self.tool_n = 0
-        session = run.session or runner.run_id
+        session = run.session or (session_key(run.session_id) if run.session_id else runner.run_id)
         self.memory = (
             SharedMemory(runner.js, runner.prefix, session)
             if runner.js is not None and runner.prefix is not None and _TOKEN_OK.match(session)
@@ -712,6 +731,10 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
     agent = run.agent
     agent.config.resolved_key()
     convo = _input_messages(run.input)
+    # Sessions (sessions.py): the earlier turns go before the input; the turn is recorded at
+    # the end (``result``). Both are durable steps of this run.
+    session = await open_session(runner, key, agent, session_of(runner, run.session_id), convo)
+    convo = session.history + convo
     for guard in agent.input_guardrails:
         last = next((m for m in reversed(convo) if m.get("role") == "user"), None)
         if last is None:
@@ -726,9 +749,10 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
     guard_tries = 0
     last_text: str | None = None
 
-    def result(
+    async def result(
         value: Any, text: str | None, reason: str, messages: list[dict[str, Any]]
     ) -> AgentResult[Any]:
+        await session.record(convo)
         run_id = runner.run_id if runner.execution is not None else None
         return AgentResult(
             value, text, loop.active.name, loop.usage, loop.steps, reason, messages, run_id
@@ -738,7 +762,7 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
         active = loop.active
         messages = active.system_message() + convo
         if loop.llm_n >= active.max_steps:
-            return result(None, last_text, "max_steps", messages)
+            return await result(None, last_text, "max_steps", messages)
         out = await loop.llm_call(messages)
         decision = loop.steps[-1].key
         convo.append(_assistant_message(out))
@@ -746,7 +770,7 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
         calls = out.get("tool_calls") or []
         if calls:
             if active.max_tokens is not None and loop.usage.total_tokens >= active.max_tokens:
-                return result(None, last_text, "max_tokens", active.system_message() + convo)
+                return await result(None, last_text, "max_tokens", active.system_message() + convo)
             handoffs = {handoff_tool_name(h): h for h in active.handoffs}
             numbered = []
             for c in calls:
@@ -787,7 +811,7 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
                 if c.get("name") in active.stop_on_tools
             ]
             if stopped:
-                return result(
+                return await result(
                     stopped[0][1], last_text, "tool_called", active.system_message() + convo
                 )
             continue
@@ -826,7 +850,7 @@ async def _agent_loop(runner: StepRunner, key: str, run: AgentRun) -> AgentResul
                 {"role": "user", "content": f"Your answer was rejected: {exc}. Try again."}
             )
             continue
-        return result(value, text, "completed", active.system_message() + convo)
+        return await result(value, text, "completed", active.system_message() + convo)
 
 
 def _short_errors(exc: pydantic.ValidationError) -> str:
@@ -877,6 +901,7 @@ class AgentRequest(pydantic.BaseModel):
     agent: str
     input: str | list[dict[str, Any]]
     session: str | None = None
+    session_id: str | None = None
     key: str = "agent"
 
 
@@ -885,7 +910,9 @@ async def agent_workflow(ctx: WorkflowContext, req: AgentRequest) -> dict[str, A
     """Run a named agent as a run of its own (its own history). Serve it from any worker
     whose module defines (or imports) the agent."""
     agent = get_agent(req.agent)
-    result = await run_agent_in_execution(ctx._x, req.key, AgentRun(agent, req.input, req.session))
+    result = await run_agent_in_execution(
+        ctx._x, req.key, AgentRun(agent, req.input, req.session, req.session_id)
+    )
     return result.to_json()
 
 
@@ -906,7 +933,13 @@ async def invoke_agent(
 
     # Agents started by one run share working memory unless told otherwise.
     request = AgentRequest(
-        agent=run.agent.name, input=run.input, session=run.session or execution.run_id, key=key
+        agent=run.agent.name,
+        input=run.input,
+        session=run.session
+        or (session_key(run.session_id) if run.session_id else None)
+        or execution.run_id,
+        session_id=run.session_id,
+        key=key,
     )
     output = await waits.invoke_and_wait(execution, key, agent_workflow, request)
     result = AgentResult.from_json(output)
