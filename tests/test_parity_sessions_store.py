@@ -220,3 +220,38 @@ async def test_put_then_a_turn_sees_the_summary_and_large_sessions_move_out(
         assert (await get_session_memory("never-used", client=client)).messages == []
     finally:
         await client.close()
+
+
+def test_the_docs_snippets_of_sessions_and_memory_run(tmp_path: Any) -> None:
+    """The code blocks of docs/agents.md "Sessions and memory": the definitions import and
+    define their agents and workflows (in a process of their own: agent names are global);
+    the block of awaits is valid inside a coroutine."""
+    import ast
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "agents.md").read_text()
+    section = text[text.index("## Sessions and memory") : text.index("## Streaming")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    defs = [b for b in blocks if "await " not in b.split("async def", 1)[0]]
+    awaits = [b for b in blocks if b not in defs]
+    assert len(defs) == 2 and len(awaits) == 1
+    ast.parse("async def _():\n" + "".join(f"    {ln}\n" for ln in awaits[0].splitlines()))
+    script = tmp_path / "snippets.py"
+    script.write_text(
+        "\n\n".join(defs)
+        + "\nfrom polos.agent import get_agent\n"
+        + "for name in ('assistant', 'researcher', 'writer', 'editor'):\n"
+        + "    get_agent(name)\n"
+        + "assert assistant.compaction.max_conversation_tokens == 4000\n"
+        + "print('ok', assistant_turn.name, research_team.name)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok assistant_turn research_team"
