@@ -155,6 +155,36 @@ async def test_tool_calls_come_back_exactly_as_the_model_made_them(
     assert eval_json(call["arguments"]) == {"city": "Paris"}
 
 
+async def test_a_session_spans_child_run_and_inline_turns(
+    env_factory: Any, subprocess_env: Any, tmp_path: Path
+) -> None:
+    """The session belongs to the conversation, not to how the agent runs: a turn as a child
+    run of a workflow, then one inline in a workflow's own history, then one as a run of its
+    own all see the turns before them."""
+    async with DevLLM(responder=chat_reply) as llm:
+        subprocess_env.update(POLOS_DEVLLM_URL=llm.url)
+        env = await env_factory([], with_worker=False)
+        w = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w.out")
+        try:
+            child = {"session_id": "mixed", "text": "My name is Di"}
+            inline = {"session_id": "mixed", "text": "What is my name?", "inline": True}
+            first = await (await env.client.start("chat_turn", child)).result(timeout=60)
+            handle = await env.client.start("chat_turn", inline)
+            second = await handle.result(timeout=60)
+            third = await turn(env, "mixed", "What is my name?")
+        finally:
+            stop(w)
+
+    assert first["text"] == "Nice to meet you, Di."
+    assert second["text"] == third["result"] == "Your name is Di."
+    assert second["run_id"] == handle.run_id  # inline: the steps are in the workflow's history
+    history = await env.client.history(handle.run_id)
+    keys = [e.key for _, e in history if isinstance(e, ev.StepCompleted)]
+    assert keys == ["chat/session/load", "chat/llm/1", "chat/session/record"]
+    memory = await get_session_memory("mixed", client=env.client)
+    assert len(memory.messages) == 6
+
+
 # --------------------------------------------------------------------------- concurrency
 
 
