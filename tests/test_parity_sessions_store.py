@@ -11,6 +11,7 @@ import pytest
 
 from polos._private.agents.sessions import (
     SessionStore,
+    answered_calls,
     fold_point,
     open_session,
     session_key,
@@ -96,6 +97,9 @@ def test_stored_form_round_trips_and_a_fold_never_splits_a_tool_call() -> None:
     assert fold_point(three, 0, 2) == 8
     assert fold_point(three, 0, 9) == 0  # nothing to fold
     assert fold_point(three, 0, 0) == len(three)
+    # A call that never ran (a turn stopped by max_tokens) is not kept: no provider takes it.
+    unanswered = to_stored(TOOL_TURN[:3])
+    assert [m.get("call_id") for m in answered_calls(unanswered)] == [None, "c1", "c1"]
     with pytest.raises(ValueError, match="no known role"):
         to_stored([{"content": "no role"}])
 

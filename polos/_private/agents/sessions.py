@@ -307,6 +307,13 @@ def to_chat(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def answered_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Without the tool calls that have no output (a turn stopped by ``max_tokens`` before its
+    tools ran): a provider refuses a history with a call left unanswered."""
+    answered = {m.get("call_id") for m in messages if m.get("type") == "function_call_output"}
+    return [m for m in messages if m.get("type") != "function_call" or m.get("call_id") in answered]
+
+
 # --------------------------------------------------------------------------- compaction
 
 
@@ -648,7 +655,7 @@ class Session:
         convo = list(conversation)
         while convo and convo[0].get("role") == "system":
             convo.pop(0)
-        turn = to_stored(convo[len(self.history) :])
+        turn = answered_calls(to_stored(convo[len(self.history) :]))
         turn_id = f"{runner.run_id}:{self.key}"
         compacted, generation = self.compacted, self.generation
 
