@@ -49,6 +49,15 @@ from polos._private.agents.provider import (
     call_llm,
     estimate_request_tokens,
 )
+from polos._private.agents.sessions import (
+    NO_SESSION,
+    CompactionConfig,
+    Session,
+    normalize_compaction,
+    open_session,
+    session_key,
+    session_of,
+)
 from polos._private.agents.steps import DurableRunner, Recorded, StepDone, StepError, StepRunner
 from polos._private.agents.stream import AgentStream
 from polos._private.agents.tools import Tool, ToolScope, as_tool
@@ -73,9 +82,6 @@ from polos.types import (
     ToolResult,
     Usage,
 )
-
-# Session compaction plugs into _Loop.compact; until it exists, Agent(compaction=...) refuses.
-_COMPACTION_AVAILABLE = False
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -112,14 +118,17 @@ class AgentRun:
 
     agent: Agent[Any]
     input: str | list[dict[str, Any]]
-    session: str | None = None
+    session: str | None = None  # ours: the scope of shared working memory (memory.py)
     user_id: str | None = None
     streaming: bool = False  # stream text deltas even if the agent does not (agent.stream())
     provider_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The original's: the conversation this turn belongs to (sessions.py); also the memory
+    # scope when ``session`` is not given.
+    session_id: str | None = None
 
     @property
-    def session_id(self) -> str | None:
-        return self.session
+    def memory_scope(self) -> str | None:
+        return self.session or (session_key(self.session_id) if self.session_id else None)
 
 
 Guardrail = Callable[..., Any]
@@ -236,11 +245,7 @@ class Agent(Generic[T]):
             raise ValueError("max_steps must be at least 1")
         if guardrail_max_retries < 0:
             raise ValueError("guardrail_max_retries must be 0 or more")
-        if compaction is not None and not _COMPACTION_AVAILABLE:
-            raise AgentConfigError(
-                f"Agent({name!r}, compaction=...): session compaction is not available in this "
-                "build of Polos; leave compaction unset"
-            )
+        normalize_compaction(compaction)  # a bad budget fails here, not in a run
         self.name = name
         self.provider = provider
         self.model = model
@@ -283,7 +288,7 @@ class Agent(Generic[T]):
                 ("on_tool_end", on_tool_end),
             )
         }
-        self.compaction = compaction
+        self.compaction = compaction or CompactionConfig()
         self.memory = memory
         # ``stream=True`` (ours) is the original's ``stream_to_workflow=True``: every run of
         # this agent publishes its text deltas, not only those started by agent.stream().
@@ -349,17 +354,20 @@ class Agent(Generic[T]):
         **provider_kwargs: Any,
     ) -> AgentRun:
         """This agent with an input (text, or OpenAI-style messages), for
-        ``ctx.step.agent_invoke_and_wait``. ``session_id`` (ours: ``session``) names the
-        session: agents given the same one share working memory (``memory=True``).
+        ``ctx.step.agent_invoke_and_wait``. ``session_id`` names the conversation: the
+        agent sees that session's earlier turns and this turn is added to it. ``session``
+        (ours) names the shared working memory (``memory=True``); it defaults to the
+        ``session_id``.
         ``provider_kwargs`` (e.g. ``top_p=0.5``) go into this run's LLM requests."""
         _refuse_initial_state(self, initial_state)
         return AgentRun(
             self,
             input,
-            _one_of("session", session, "session_id", session_id),
+            session,
             user_id=user_id,
             streaming=streaming,
             provider_kwargs=dict(provider_kwargs),
+            session_id=session_id,
         )
 
     async def run(
@@ -382,17 +390,23 @@ class Agent(Generic[T]):
         ``agent.run(input)`` (ours): the loop in plain code in this process, not durable;
         ``settings`` gives NATS for shared memory and live streaming."""
         _refuse_initial_state(self, initial_state)
-        session = _one_of("session", session, "session_id", session_id)
         if isinstance(polos, str | list):
             if input is not None:
                 raise TypeError("agent.run(input) or agent.run(polos, input), not both inputs")
             plain = AgentRun(
-                self, polos, session, user_id=user_id, provider_kwargs=dict(provider_kwargs)
+                self,
+                polos,
+                session,
+                user_id=user_id,
+                provider_kwargs=dict(provider_kwargs),
+                session_id=session_id,
             )
             return await _run_plain(plain, settings)
         if input is None:
             raise TypeError("agent.run(polos, input) needs the input (a str or a list of messages)")
-        handle = await self._start(polos, input, session, user_id, provider_kwargs, False)
+        handle = await self._start(
+            polos, input, session, session_id, user_id, provider_kwargs, False
+        )
         output = await handle.result(timeout=timeout)
         return _result_from_output(output, self)
 
@@ -420,7 +434,9 @@ class Agent(Generic[T]):
         # Subscribed before the start, so not one delta is missed.
         await stream.subscribe(nc, names.delta_subject(run_id, "") + ">")
         try:
-            await self._start(polos, input, session_id, user_id, provider_kwargs, True, run_id)
+            await self._start(
+                polos, input, None, session_id, user_id, provider_kwargs, True, run_id
+            )
         except BaseException:
             await stream.close()
             raise
@@ -432,6 +448,7 @@ class Agent(Generic[T]):
         polos: Any,
         input: str | list[dict[str, Any]],
         session: str | None,
+        session_id: str | None,
         user_id: str | None,
         provider_kwargs: dict[str, Any],
         streaming: bool,
@@ -446,6 +463,7 @@ class Agent(Generic[T]):
             agent=self.name,
             input=input,
             session=session,
+            session_id=session_id,
             user_id=user_id,
             streaming=streaming,
             provider_kwargs=dict(provider_kwargs),
@@ -683,7 +701,8 @@ class _Loop:
         self.last_text: str | None = None
         self.output_tries = 0
         self.guard_tries = 0
-        session = run.session or runner.run_id
+        self.session: Session = NO_SESSION  # set by session_history
+        session = run.memory_scope or runner.run_id
         self.memory = (
             SharedMemory(runner.js, runner.prefix, session)
             if runner.js is not None and runner.prefix is not None and _TOKEN_OK.match(session)
@@ -1161,17 +1180,27 @@ class _Loop:
     # ------------------------------------------------------------------ the session seam
 
     async def session_history(self, convo: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The session's earlier turns before this run's input (sessions plug in here; for now
-        a run sees only its own input)."""
-        return convo
+        """The session's earlier turns before this run's input: loaded (and compacted when
+        they pass the agent's ``compaction`` budget) as durable steps (sessions.py)."""
+        self.session = await open_session(
+            self.runner,
+            self.key,
+            self.run.agent,
+            session_of(self.runner, self.run.session_id),
+            convo,
+        )
+        return self.session.history + convo
 
     async def compact(self, n: int, convo: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Before each LLM call: the conversation, summarised when it passed the agent's
-        ``compaction`` budget (compaction plugs in here; Agent() refuses it until then)."""
+        ``compaction`` budget. Compaction runs when a turn starts (``session_history``), so
+        within one turn the conversation goes on whole."""
         return convo
 
     async def record_turn(self, result: AgentResult[Any]) -> None:
-        """After the run: this turn appended to the session's history (sessions plug in here)."""
+        """After the run: this turn appended to the session's history, a durable step that
+        writes once even when repeated after a crash (sessions.py)."""
+        await self.session.record(result.messages)
 
     # ------------------------------------------------------------------ the end
 
@@ -1203,7 +1232,7 @@ class _Loop:
         return result
 
     def payload(self) -> dict[str, Any]:
-        return {"input": self.run.input, "session_id": self.run.session}
+        return {"input": self.run.input, "session_id": self.run.session_id or self.run.session}
 
     # ------------------------------------------------------------------ turns
 
@@ -1333,7 +1362,7 @@ class _Loop:
                         self.runner.execution,
                         step_id,
                         agent=agent.name,
-                        session_id=self.run.session,
+                        session_id=self.run.session_id or self.run.session,
                     ),
                 )
             except Exception as exc:
@@ -1572,6 +1601,7 @@ class AgentRequest(pydantic.BaseModel):
     agent: str
     input: str | list[dict[str, Any]]
     session: str | None = None
+    session_id: str | None = None
     key: str = "agent"
     user_id: str | None = None
     streaming: bool = False
@@ -1590,6 +1620,7 @@ async def agent_workflow(ctx: WorkflowContext, req: AgentRequest) -> dict[str, A
         user_id=req.user_id,
         streaming=req.streaming,
         provider_kwargs=dict(req.provider_kwargs),
+        session_id=req.session_id,
     )
     result = await run_agent_in_execution(ctx._x, req.key, run, ctx)
     return result.to_json()
@@ -1620,7 +1651,8 @@ async def invoke_agent(
     request = AgentRequest(
         agent=run.agent.name,
         input=run.input,
-        session=run.session or execution.run_id,
+        session=run.memory_scope or execution.run_id,
+        session_id=run.session_id,
         key=key,
         user_id=run.user_id,
         streaming=run.streaming,

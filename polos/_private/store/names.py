@@ -107,6 +107,11 @@ class Names:
         return f"{self.prefix}_memory"
 
     @property
+    def sessions_bucket(self) -> str:
+        """Agents' conversation history per session (polos/_private/agents/sessions.py)."""
+        return f"{self.prefix}_sessions"
+
+    @property
     def telemetry_bucket(self) -> str:
         """The span followers' positions (a projection: delete it to re-emit)."""
         return f"{self.prefix}_telemetry"

@@ -238,6 +238,9 @@ TOPOLOGY: tuple[Store, ...] = (
     ),
     Store("queues_bucket", "kv", "queue and rate-limit configuration", write=ANY),
     Store("memory_bucket", "kv", "agents' shared memory", write=ANY),
+    # Written by agent runs only (a turn is recorded by the run that made it); clients read
+    # (the UI, polos.memory.get_session_memory).
+    Store("sessions_bucket", "kv", "agents' conversation history", write=(SERVICE, WORKER)),
     Store("telemetry_bucket", "kv", "span followers' positions", write=(SERVICE,)),
     # ------------------------------------------------------------------ object stores
     Store(
