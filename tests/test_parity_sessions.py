@@ -118,7 +118,7 @@ async def test_turn_two_sees_turn_one_and_the_session_keeps_both(
     # Load and record are durable steps of the agent run.
     history = await env.client.history(second["run_id"])
     keys = [e.key for _, e in history if isinstance(e, ev.StepCompleted)]
-    assert keys == ["chat/session/load", "chat/llm/1", "chat/session/record"]
+    assert keys == ["chat/session/load", "chat/llm/1", "chat/stopped", "chat/session/record"]
 
 
 async def test_tool_calls_come_back_exactly_as_the_model_made_them(
@@ -180,7 +180,7 @@ async def test_a_session_spans_child_run_and_inline_turns(
     assert second["run_id"] == handle.run_id  # inline: the steps are in the workflow's history
     history = await env.client.history(handle.run_id)
     keys = [e.key for _, e in history if isinstance(e, ev.StepCompleted)]
-    assert keys == ["chat/session/load", "chat/llm/1", "chat/session/record"]
+    assert keys == ["chat/session/load", "chat/llm/1", "chat/stopped", "chat/session/record"]
     memory = await get_session_memory("mixed", client=env.client)
     assert len(memory.messages) == 6
 

@@ -245,6 +245,11 @@ class Agent(Generic[T]):
             raise ValueError("max_steps must be at least 1")
         if guardrail_max_retries < 0:
             raise ValueError("guardrail_max_retries must be 0 or more")
+        if compaction is not None and not isinstance(compaction, CompactionConfig):
+            raise AgentConfigError(
+                f"Agent({name!r}, compaction=...) takes a polos.memory.CompactionConfig, "
+                f"got {type(compaction).__name__}"
+            )
         normalize_compaction(compaction)  # a bad budget fails here, not in a run
         self.name = name
         self.provider = provider
