@@ -33,6 +33,7 @@ from polos.errors import (
     WorkflowCancelledError,
     WorkflowFailedError,
     WorkflowNotFoundError,
+    WorkflowTimeoutError,
 )
 from polos.middleware import HookAction, HookContext, HookResult, hook
 from polos.queues import Queue, RateLimit
@@ -94,6 +95,7 @@ __all__ = [
     "WorkflowDefinition",
     "WorkflowFailedError",
     "WorkflowNotFoundError",
+    "WorkflowTimeoutError",
     "current_step",
     "hook",
     "tool",

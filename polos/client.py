@@ -47,7 +47,12 @@ from polos._private.store.index import IndexEntry
 from polos._private.store.tokens import event_subject, resume_subject
 from polos.config import Settings
 from polos.converter import from_json, to_json
-from polos.errors import RunNotFoundError, WorkflowCancelledError, WorkflowFailedError
+from polos.errors import (
+    RunNotFoundError,
+    WorkflowCancelledError,
+    WorkflowFailedError,
+    WorkflowTimeoutError,
+)
 from polos.workflow import WorkflowDefinition
 
 O = TypeVar("O")  # noqa: E741
@@ -126,7 +131,8 @@ class RunHandle(Generic[O]):
         """The run's output (typed by the workflow's return annotation when known).
 
         Raises ``WorkflowFailedError`` / ``WorkflowCancelledError`` for runs that ended so, and
-        ``TimeoutError`` if the run has not ended within ``timeout`` seconds.
+        ``WorkflowTimeoutError`` (a ``TimeoutError``) if the run has not ended within
+        ``timeout`` seconds.
         """
         nc = self.client.nc
         names = self.client.names
@@ -155,7 +161,7 @@ class RunHandle(Generic[O]):
                     return self._outcome(state)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"run {self.run_id} still {state.status} after {timeout}s")
+                    raise WorkflowTimeoutError(self.run_id, timeout, status=state.status)
                 # Event-driven; the cap is only a safety net for a missed message. Subscribers
                 # may hear of the ending before the stream has stored it: once told, re-read
                 # shortly rather than wait the cap.
