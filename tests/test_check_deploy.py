@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+from polos import WorkflowContext, workflow
 from polos.errors import WorkflowFailedError
 from polos.testing import as_role
 from tests.helpers import kill, marks, spawn, until
@@ -165,3 +166,129 @@ async def test_check_deploy_with_nothing_in_flight_and_a_bad_module(
     assert "0 run(s) in flight checked" in out.stdout
     bad = await apolos("check-deploy", "tests/workflows/nope.py", env=subprocess_env)
     assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+# --------------------------------------------------------------------------- the dry replay itself
+
+SIDE_EFFECTS: list[str] = []
+
+
+def effect(name: str) -> str:
+    SIDE_EFFECTS.append(name)
+    return name
+
+
+def other_effect(name: str) -> str:
+    SIDE_EFFECTS.append(f"other {name}")
+    return name
+
+
+@workflow(name="dry_branches")
+async def dry_v1(ctx: WorkflowContext) -> str:
+    async def branch(tag: str) -> None:
+        await ctx.step.run(f"{tag}1", effect, tag)
+        await ctx.step.run(f"{tag}2", effect, tag)
+
+    await asyncio.gather(branch("a"), branch("b"))
+    await ctx.step.suspend("approval")
+    return "done"
+
+
+@workflow(name="dry_branches")
+async def dry_same(ctx: WorkflowContext) -> str:
+    async def branch(tag: str) -> None:
+        await ctx.step.run(f"{tag}1", effect, tag)
+        await ctx.step.run(f"{tag}2", effect, tag)
+
+    await asyncio.gather(branch("b"), branch("a"))  # other order, same steps: compatible
+    await ctx.step.suspend("approval")
+    await ctx.step.run("after", effect, "after")
+    return "done"
+
+
+@workflow(name="dry_branches")
+async def dry_other_function(ctx: WorkflowContext) -> str:
+    async def branch(tag: str) -> None:
+        await ctx.step.run(f"{tag}1", effect, tag)
+        await ctx.step.run(f"{tag}2", other_effect if tag == "b" else effect, tag)
+
+    await asyncio.gather(branch("a"), branch("b"))
+    await ctx.step.suspend("approval")
+    return "done"
+
+
+@workflow(name="dry_branches")
+async def dry_returns_early(ctx: WorkflowContext) -> str:
+    await ctx.step.run("a1", effect, "a")
+    return "done"
+
+
+@workflow(name="dry_branches")
+async def dry_catches(ctx: WorkflowContext) -> str:
+    try:
+        await ctx.step.run("renamed", effect, "a")
+    except Exception:
+        pass  # swallows the NonDeterminismError: the check must not
+    await ctx.step.suspend("approval")
+    return "done"
+
+
+@workflow(name="dry_branches")
+async def dry_raises(ctx: WorkflowContext) -> str:
+    raise KeyError("config 'region' is gone")
+
+
+async def test_dry_replay_verdicts_on_branches_functions_and_odd_code(
+    env_factory: Any, settings: Any
+) -> None:
+    from polos import Worker
+    from polos._private.run.check import dry_replay
+    from polos._private.store import load_state
+
+    env = await env_factory([], with_worker=False)
+    client = env.client
+    async with Worker([dry_v1], settings=settings.worker):
+        run_id = (await client.start("dry_branches")).run_id
+        for _ in range(1500):
+            if await _status(client, run_id) == "suspended":
+                break
+            await asyncio.sleep(0.02)
+    assert sorted(SIDE_EFFECTS) == ["a", "a", "b", "b"]
+    SIDE_EFFECTS.clear()
+    state = await load_state(client.nc, client.names, run_id)
+    before = len(await client.history(run_id))
+
+    async def check(wf: Any) -> Any:
+        return await dry_replay(
+            js=client.js,
+            nc=client.nc,
+            names=client.names,
+            settings=client.settings,
+            workflow=wf,
+            state=await load_state(client.nc, client.names, run_id),
+            invoke=lambda exe: wf(WorkflowContext(exe)),
+            timeout=10,
+        )
+
+    same = await check(dry_same)
+    assert same.ok and "replays 4 recorded step(s)" in same.reason, same
+    assert "'approval'" in same.reason  # it stopped at the step the run waits at
+
+    other = await check(dry_other_function)
+    assert not other.ok and other.step == "b2", other
+    assert other.recorded == "run 'b2' (effect)" and "other_effect" in (other.new or ""), other
+
+    early = await check(dry_returns_early)
+    assert not early.ok and early.new == "the end of the workflow", early
+
+    caught = await check(dry_catches)
+    # The first divergence is reported, not the one that follows from the code going on.
+    assert not caught.ok and caught.step == "a1" and "renamed" in (caught.new or ""), caught
+    assert "'renamed'" in caught.reason and "'approval'" not in caught.reason, caught
+
+    raised = await check(dry_raises)
+    assert not raised.ok and raised.reason.startswith("KeyError"), raised
+
+    assert SIDE_EFFECTS == []  # no step function ran in any of them
+    assert len(await client.history(run_id)) == before
+    assert state.status == "suspended"

@@ -84,7 +84,7 @@ class DryExecution(RunExecution):
         super().__init__(**kw)
         self.pending = pending
         self.kinds: dict[str, str] = {}
-        self.found: tuple[str, str, str] | None = None  # step, recorded, new
+        self.found: tuple[str, str, str, str] | None = None  # step, recorded, new, why
         self.frontier: str | None = None
 
     @property
@@ -98,21 +98,18 @@ class DryExecution(RunExecution):
         self.kinds[step_id] = kind
         return step_id
 
-    def _diverged(self, step: str, recorded: str, new: str) -> None:
+    def _diverged(self, step: str, recorded: str, new: str, exc: NonDeterminismError) -> None:
         if self.found is None:  # the first divergence is the one a worker would fail on
-            self.found = (step, recorded, new)
+            self.found = (step, recorded, new, str(exc).removeprefix(f"run {self.run_id}: "))
 
     def recorded(
         self, step_id: str, kind: str, name: str | None
     ) -> ev.StepCompleted | ev.StepFailed | None:
         try:
             return super().recorded(step_id, kind, name)
-        except NonDeterminismError:
-            self._diverged(
-                step_id,
-                _describe(self.state.steps.get(step_id)),
-                f"{kind} {step_id!r}" + (f" ({name})" if name else ""),
-            )
+        except NonDeterminismError as exc:
+            new = f"{kind} {step_id!r}" + (f" ({name})" if name else "")
+            self._diverged(step_id, _describe(self.state.steps.get(step_id)), new, exc)
             raise
 
     def _unreached(self) -> str | None:
@@ -120,40 +117,42 @@ class DryExecution(RunExecution):
 
     async def check_new_step(self, step_id: str) -> None:
         kind = self.kinds.get(step_id, "?")
+        new = f"{kind} {step_id!r}"
         try:
             await super().check_new_step(step_id)
-        except NonDeterminismError:
+        except NonDeterminismError as exc:
             missing = self._unreached() or "?"
-            self._diverged(missing, _describe(self.state.steps.get(missing)), f"{kind} {step_id!r}")
+            self._diverged(missing, _describe(self.state.steps.get(missing)), new, exc)
             raise
         if self.pending is not None and self.pending != (step_id, kind):
             where, waits = self.pending
-            self._diverged(where, _describe(None, self.pending), f"{kind} {step_id!r}")
-            raise NonDeterminismError(
+            waits_err = NonDeterminismError(
                 f"run {self.run_id}: the run waits at {waits} step {where!r} but the code now "
                 f"asks for {kind} step {step_id!r} there - the workflow code changed "
                 "incompatibly since this run started"
             )
+            self._diverged(where, _describe(None, self.pending), new, waits_err)
+            raise waits_err
         self.frontier = step_id
         raise _Frontier(step_id)
 
     def check_all_replayed(self) -> None:
+        end = "the end of the workflow"
         try:
             super().check_all_replayed()
-        except NonDeterminismError:
+        except NonDeterminismError as exc:
             missing = self._unreached() or "?"
-            self._diverged(
-                missing, _describe(self.state.steps.get(missing)), "the end of the workflow"
-            )
+            self._diverged(missing, _describe(self.state.steps.get(missing)), end, exc)
             raise
         if self.pending is not None:
             where, waits = self.pending
-            self._diverged(where, _describe(None, self.pending), "the end of the workflow")
-            raise NonDeterminismError(
+            end_err = NonDeterminismError(
                 f"run {self.run_id}: the workflow returned without reaching {waits} step "
                 f"{where!r}, where the run waits - the workflow code changed incompatibly "
                 "since this run started"
             )
+            self._diverged(where, _describe(None, self.pending), end, end_err)
+            raise end_err
 
     async def record(self, event: ev.Event, msg_id: str) -> int:
         # Every write of an execution goes through here: one means the code went past the
@@ -215,9 +214,12 @@ async def dry_replay(
     except _Frontier:
         pass
     except NonDeterminismError as exc:
-        step, recorded, new = exe.found or (None, None, None)
-        reason = str(exc).removeprefix(f"run {state.run_id}: ")
-        return verdict(False, reason, step=step, recorded=recorded, new=new)
+        if exe.found is None:
+            return verdict(False, str(exc).removeprefix(f"run {state.run_id}: "))
+        # The first divergence is the one to report: a later one may only follow from it (code
+        # that caught the first went on).
+        step, recorded, new, why = exe.found
+        return verdict(False, why, step=step, recorded=recorded, new=new)
     except TimeoutError:
         return verdict(
             False,
@@ -231,10 +233,10 @@ async def dry_replay(
     if exe.found is not None:
         # The code caught the NonDeterminismError and went on: its history and its code
         # disagree all the same, which is not a safe deploy.
-        step, recorded, new = exe.found
+        step, recorded, new, why = exe.found
         return verdict(
             False,
-            "the code diverged from the history (and caught the NonDeterminismError)",
+            f"{why} (the code caught the NonDeterminismError)",
             step=step,
             recorded=recorded,
             new=new,
