@@ -192,3 +192,32 @@ def test_server_start_refuses_flags_for_stop(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 2 and "takes no flags" in out.stderr
+
+
+def _polos_sync(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "polos", *args],
+        env=subprocess_env_base(),
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=60,
+    )
+
+
+def test_catalog_from_a_module_needs_no_server() -> None:
+    module = ("--module", "tests/workflows/verbs_app.py")
+    agents = _polos_sync("agent", "list", *module)
+    assert agents.returncode == 0, agents.stderr
+    assert re.search(r"^helper\s+gpt-4o-mini\s+lookup\s+defined", agents.stdout, re.M)
+    tools = orjson.loads(_polos_sync("tool", "list", *module, "--json").stdout)
+    assert [t["id"] for t in tools] == ["lookup"]
+    assert tools[0]["parameters"]["properties"]["order_id"]["type"] == "string"
+    described = _polos_sync("workflow", "describe", *module)
+    assert described.returncode == 2 and "needs the workflow's id" in described.stderr
+
+
+def test_server_start_says_why_polos_up_did_not_start(tmp_path: Path) -> None:
+    out = _polos_sync("server", "start", "--data-dir", str(tmp_path), "--no-such-flag")
+    assert out.returncode == 1
+    assert "polos up exited with code 2" in out.stderr and "--no-such-flag" in out.stderr
