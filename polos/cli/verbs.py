@@ -202,10 +202,6 @@ def _input_flags(p: argparse.ArgumentParser) -> None:
     given.add_argument("--file", help="read the input from this file")
 
 
-async def _agents_served(client: PolosClient) -> dict[str, dict[str, Any]]:
-    return {a["id"]: a for w in await client.workers() for a in w.get("agents", [])}
-
-
 async def _start(client: PolosClient, args: argparse.Namespace) -> tuple[Any, bool] | None:
     """Start ``args.name`` with its input; the handle, and whether it is an agent's run."""
     text = args.input
@@ -236,6 +232,8 @@ async def _start(client: PolosClient, args: argparse.Namespace) -> tuple[Any, bo
     except orjson.JSONDecodeError as exc:
         output.error(f"the input of workflow {args.name!r} is not valid JSON: {exc}")
         return None
+    if args.name not in served:
+        output.hint(f"no live worker serves {args.name!r} yet: the run waits for one")
     return await client.start(args.name, value), False
 
 
