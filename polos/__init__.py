@@ -46,6 +46,7 @@ from polos.errors import (
     WorkflowCancelledError,
     WorkflowFailedError,
     WorkflowNotFoundError,
+    WorkflowTimeoutError,
 )
 from polos.events import BatchEventPayload, EventPayload
 from polos.middleware import (
@@ -168,6 +169,7 @@ __all__ = [
     "WorkflowDefinition",
     "WorkflowFailedError",
     "WorkflowNotFoundError",
+    "WorkflowTimeoutError",
     "batch_invoke",
     "create_ask_user_tool",
     "create_web_search_tool",

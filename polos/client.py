@@ -56,6 +56,7 @@ from polos.errors import (
     RunNotFoundError,
     WorkflowCancelledError,
     WorkflowFailedError,
+    WorkflowTimeoutError,
 )
 from polos.workflow import WorkflowDefinition
 
@@ -239,7 +240,8 @@ class ExecutionHandle(Generic[O]):
         """The run's output (typed by the workflow's return annotation when known).
 
         Raises ``WorkflowFailedError`` / ``WorkflowCancelledError`` for runs that ended so, and
-        ``TimeoutError`` if the run has not ended within ``timeout`` seconds.
+        ``WorkflowTimeoutError`` (a ``TimeoutError``) if the run has not ended within
+        ``timeout`` seconds.
         """
         nc = self.client.nc
         names = self.client.names
@@ -268,7 +270,7 @@ class ExecutionHandle(Generic[O]):
                     return self._outcome(state)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"run {self.run_id} still {state.status} after {timeout}s")
+                    raise WorkflowTimeoutError(self.run_id, timeout, status=state.status)
                 # Event-driven; the cap is only a safety net for a missed message. Subscribers
                 # may hear of the ending before the stream has stored it: once told, re-read
                 # shortly rather than wait the cap.

@@ -1,4 +1,11 @@
-"""The exceptions Polos raises to users. Internal control-flow signals live in _private."""
+"""The exceptions Polos raises to users. Internal control-flow signals live in _private.
+
+The original Polos's names are the classes to catch: ``StepExecutionError`` (a step, a hook, an
+event wait or a child could not complete; ours that say more are its subclasses:
+``StepFailedError``, ``WaitTimeoutError``, ``ChildWorkflowError``) and ``WorkflowTimeoutError``
+(waiting for a run's result took too long; also a ``TimeoutError``). A failed run's
+``WorkflowFailedError`` is also a ``RuntimeError``, which the original raised there.
+"""
 
 from __future__ import annotations
 
@@ -56,8 +63,9 @@ class InputValidationError(PolosError):
         self.errors = errors
 
 
-class WorkflowFailedError(PolosError):
-    """Raised by ``RunHandle.result()`` when the run failed."""
+class WorkflowFailedError(PolosError, RuntimeError):
+    """Raised by ``RunHandle.result()`` when the run failed. A ``RuntimeError`` too: the
+    original Polos raised ``RuntimeError("Workflow execution failed: ...")`` there."""
 
     def __init__(self, run_id: str, error: dict[str, Any]) -> None:
         super().__init__(
@@ -72,10 +80,38 @@ class WorkflowCancelledError(PolosError):
     """Raised by ``RunHandle.result()`` when the run was cancelled."""
 
 
-class WaitTimeoutError(PolosError):
+class WorkflowTimeoutError(PolosError, TimeoutError):
+    """Waiting for a run's result (``RunHandle.result(timeout=...)``, ``polos result``) took
+    longer than ``timeout_seconds``; the run itself goes on. The original Polos's class, with
+    its attributes and message; a ``TimeoutError`` too, so ``except TimeoutError`` catches it.
+    ``status`` is the run's status when the wait gave up, when known."""
+
+    def __init__(
+        self,
+        execution_id: str | None = None,
+        timeout_seconds: float | None = None,
+        *,
+        status: str | None = None,
+    ) -> None:
+        message = f"Execution timed out after {timeout_seconds} seconds"
+        if execution_id:
+            message += f" (execution_id: {execution_id})"
+        super().__init__(message)
+        self.execution_id = execution_id
+        self.timeout_seconds = timeout_seconds
+        self.status = status
+
+    @property
+    def run_id(self) -> str | None:
+        """``execution_id``, in this SDK's words."""
+        return self.execution_id
+
+
+class WaitTimeoutError(StepExecutionError):
     """A ``ctx.step.suspend`` or ``ctx.step.wait_for_event`` reached its ``timeout``.
 
-    Raised inside the workflow (live and on replay alike); catch it to take another path.
+    Raised inside the workflow (live and on replay alike); catch it to take another path. A
+    ``StepExecutionError``, which the original Polos raised for an expired wait.
     """
 
     def __init__(self, key: str, kind: str, timeout_at: float | None = None) -> None:
@@ -85,9 +121,10 @@ class WaitTimeoutError(PolosError):
         self.timeout_at = timeout_at
 
 
-class ChildWorkflowError(PolosError):
+class ChildWorkflowError(StepExecutionError):
     """A child run (``ctx.step.invoke_and_wait`` / ``batch_invoke_and_wait``) failed or was
-    cancelled. ``children`` lists every child's outcome: run_id, status, output, error."""
+    cancelled. ``children`` lists every child's outcome: run_id, status, output, error. A
+    ``StepExecutionError``, which the original Polos raised for a failed child."""
 
     def __init__(self, key: str, children: list[dict[str, Any]]) -> None:
         bad = [c for c in children if c.get("status") != "completed"]
@@ -168,4 +205,5 @@ __all__ = [
     "WorkflowCancelledError",
     "WorkflowFailedError",
     "WorkflowNotFoundError",
+    "WorkflowTimeoutError",
 ]

@@ -32,6 +32,7 @@ from nats.js.kv import KeyValue
 
 from polos import history as ev
 from polos._private import limits
+from polos._private.agents import catalog
 from polos._private.agents.loop import Agent, agent_workflow
 from polos._private.agents.tools import Tool
 from polos._private.limits import register_queues, run_holding_slots
@@ -299,6 +300,9 @@ class Worker:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "workflows": sorted(self.workflows),
+            # What `polos agent list` / `polos tool list` show (the process's agents, tools).
+            "agents": catalog.agents(),
+            "tools": catalog.tools(),
             "active_runs": len(self._active),
             "completed_runs": self.completed_runs,
             "at": time.time(),

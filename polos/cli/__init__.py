@@ -18,7 +18,7 @@ from polos.errors import PolosError
 
 # The SDK's own subcommands, registered on import; the installed plugins add theirs
 # (``polos.commands`` entry points: the analytics, the web UI, the benchmark).
-_OWN = ("core", "ops", "queues", "waiting", "trace", "demo")
+_OWN = ("core", "ops", "queues", "waiting", "trace", "demo", "check_deploy", "verbs")
 
 
 def _load_plugins() -> None:

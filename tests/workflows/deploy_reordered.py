@@ -1,0 +1,18 @@
+"""deploy_v1 shipping before the approval: suspended runs wait at a step the code no longer
+asks for first."""
+
+from __future__ import annotations
+
+from polos import WorkflowContext, workflow
+from tests.workflows.deploy_v1 import deploy_slow, mark
+
+__all__ = ["deploy_check", "deploy_slow"]
+
+
+@workflow(name="deploy_check")
+async def deploy_check(ctx: WorkflowContext, order: dict[str, int]) -> str:
+    await ctx.step.run("reserve", mark, "reserve")
+    await ctx.step.run("charge", mark, "charge")
+    await ctx.step.run("ship", mark, "ship")
+    await ctx.step.suspend("approval", data={"order": order["id"]})
+    return "shipped"
