@@ -1,5 +1,6 @@
 """docs/architecture.md against the code: its tables of streams and subjects, KV buckets,
-events and dead-letter sources say exactly what the code defines, so the document cannot drift.
+events and dead-letter sources say exactly what the code defines, and its paths and code map
+match the tree, so the document cannot drift.
 
 The code side is collected in one place below (``code_*``), from the code's own definitions:
 the one catalogue of names (``store.names.Names``), the one topology table
@@ -317,3 +318,48 @@ async def test_dead_letter_refuses_a_source_not_in_the_list(plain_nats_server: A
             )
     finally:
         await nc.close()
+
+
+# --------------------------------------------------------------------------- the code map
+
+
+def _doc_paths() -> tuple[set[str], list[tuple[list[str], list[str]]]]:
+    """The repository paths the document names (``polos/_private/store/``, ``polos/worker.py``),
+    and per table row its directories and the bare file names it names in them."""
+    text = ARCHITECTURE.read_text()
+    tops = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    paths = {p for p in re.findall(r"`([\w.-]+(?:/[\w.-]*)+)`", text) if p.split("/", 1)[0] in tops}
+    rows = [
+        (re.findall(r"`([\w./-]+/)`", line), re.findall(r"`(\w+\.(?:py|sql))`", line))
+        for line in text.splitlines()
+        if line.startswith("|")
+    ]
+    return paths, rows
+
+
+def test_every_path_the_document_names_exists() -> None:
+    paths, rows = _doc_paths()
+    assert paths, "no paths found in docs/architecture.md"
+    assert not {p for p in paths if not (ROOT / p).exists()}
+    missing = {
+        (name, tuple(dirs))
+        for dirs, names in rows
+        for name in names
+        if not any((ROOT / d / name).exists() for d in dirs)
+    }
+    assert not missing, f"files a table names in its directories that are not there: {missing}"
+
+
+def test_every_package_is_in_the_code_map_and_in_the_wheel() -> None:
+    import tomllib
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(conf["packages"])
+    paths, _ = _doc_paths()
+    for package, directory in conf["package-dir"].items():
+        for init in sorted((ROOT / directory).rglob("__init__.py")):
+            rel = init.parent.relative_to(ROOT / directory)
+            dotted = ".".join([package, *rel.parts])
+            where = init.parent.relative_to(ROOT).as_posix() + "/"
+            assert dotted in listed, f"{dotted} ({where}) is not in pyproject's packages"
+            assert any(p.startswith(where) for p in paths), f"{where} is not in the code map"
