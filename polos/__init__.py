@@ -35,16 +35,24 @@ from polos.errors import (
     WorkflowNotFoundError,
 )
 from polos.middleware import HookAction, HookContext, HookResult, hook
-from polos.queues import Queue, RateLimit
+from polos.queues import Queue, RateLimit, queue
 from polos.tools import Tool, tool
 from polos.worker import Worker
 from polos.workflow import (
     NO_RETRY,
+    BatchEventPayload,
+    BatchStepResult,
+    BatchWorkflowInput,
+    EventPayload,
     RetryPolicy,
+    SchedulePayload,
     Step,
     StepInfo,
     WorkflowContext,
     WorkflowDefinition,
+    WorkflowState,
+    get_all_workflows,
+    get_workflow,
     workflow,
 )
 
@@ -59,10 +67,14 @@ __all__ = [
     "AgentOutputError",
     "AgentResult",
     "AgentRun",
+    "BatchEventPayload",
+    "BatchStepResult",
+    "BatchWorkflowInput",
     "ChildHandle",
     "ChildWorkflowError",
     "CommandRejectedError",
     "ConnectionFailedError",
+    "EventPayload",
     "GuardrailViolation",
     "HookAction",
     "HookContext",
@@ -80,6 +92,7 @@ __all__ = [
     "RunHandle",
     "RunInfo",
     "RunNotFoundError",
+    "SchedulePayload",
     "SerializationError",
     "Settings",
     "Step",
@@ -94,8 +107,12 @@ __all__ = [
     "WorkflowDefinition",
     "WorkflowFailedError",
     "WorkflowNotFoundError",
+    "WorkflowState",
     "current_step",
+    "get_all_workflows",
+    "get_workflow",
     "hook",
+    "queue",
     "tool",
     "workflow",
 ]

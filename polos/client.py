@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from polos import history as ev
+from polos._private.model.values import EVENT_TYPE_HEADER
 from polos._private.run import timers
 from polos._private.store import (
     MSG_ID,
@@ -406,17 +407,21 @@ class PolosClient:
             timeout=timeout or self.settings.request_timeout,
         )
 
-    async def publish_event(self, topic: str, data: Any = None) -> int:
+    async def publish_event(
+        self, topic: str, data: Any = None, *, event_type: str | None = None
+    ) -> int:
         """Publish an external event on ``topic`` (see docs/waiting.md for the subject it maps
         to); returns its sequence in the events stream. Same as a raw JSON publish; data too
-        big for one message goes through the Object Store (docs/operations.md)."""
+        big for one message goes through the Object Store (docs/operations.md). ``event_type``
+        travels as the ``Polos-Event-Type`` header (``EventPayload.event_type``)."""
         subject = event_subject(self.names, topic)
         encoded = orjson.dumps(to_json(data, what="the event data"))
-        headers = None
+        headers: dict[str, str] | None = {EVENT_TYPE_HEADER: event_type} if event_type else None
         if len(encoded) > payloads.inline_limit(self.nc):
             # Too big for one message: the data goes to the Object Store, the event names it.
             headers = {
-                payloads.EVENT_REF: await payloads.put_event_value(self.js, self.names, encoded)
+                **(headers or {}),
+                payloads.EVENT_REF: await payloads.put_event_value(self.js, self.names, encoded),
             }
             encoded = b""
         ack = await self.js.publish(subject, encoded, headers=headers)

@@ -219,6 +219,11 @@ class Worker:
                 "trigger_on_event": wf.trigger_on_event,
                 "schedule": wf.schedule,
                 "timezone": wf.timezone,
+                "schedulable": wf.schedulable,
+                "schedule_key": wf.schedule_key,
+                "batch_size": wf.batch_size,
+                "batch_timeout_seconds": wf.batch_timeout_seconds,
+                "description": wf.description,
                 "doc": (wf.fn.__doc__ or "").strip() or None,
             }
             await kv.put(wf.name, orjson.dumps(doc))

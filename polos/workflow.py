@@ -23,12 +23,24 @@ from polos._private.agents.loop import invoke_agent
 from polos._private.model.values import (
     DEFAULT_STEP_RETRY,
     NO_RETRY,
+    BatchEventPayload,
+    BatchStepResult,
+    BatchWorkflowInput,
+    EventItem,
+    EventPayload,
     RetryPolicy,
+    SchedulePayload,
     StepInfo,
     WorkflowDefinition,
+    WorkflowState,
 )
 from polos._private.run import waits as waiting
-from polos._private.run.definitions import registered_workflows, workflow
+from polos._private.run.definitions import (
+    get_all_workflows,
+    get_workflow,
+    registered_workflows,
+    workflow,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -189,11 +201,20 @@ class WorkflowContext:
 __all__ = [
     "DEFAULT_STEP_RETRY",
     "NO_RETRY",
+    "BatchEventPayload",
+    "BatchStepResult",
+    "BatchWorkflowInput",
+    "EventItem",
+    "EventPayload",
     "RetryPolicy",
+    "SchedulePayload",
     "Step",
     "StepInfo",
     "WorkflowContext",
     "WorkflowDefinition",
+    "WorkflowState",
+    "get_all_workflows",
+    "get_workflow",
     "registered_workflows",
     "workflow",
 ]
