@@ -335,6 +335,9 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
             f"parent_run_id {parent!r} is not the parent in the subject ({tokens[0]!r})",
             field="parent_run_id",
         )
+    for name in ("root_workflow", "queue", "concurrency_key", "session_id", "user_id"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise CommandError(f"{name} must be a string", field=name)
     child = tokens[-1]
     event = ev.RunRequested(
         run_id=child,
@@ -344,6 +347,12 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
         parent_step=body["parent_step"],
         root_run_id=body.get("root_run_id"),
         source="child",
+        queue=body.get("queue"),
+        concurrency_key=body.get("concurrency_key"),
+        session_id=body.get("session_id"),
+        user_id=body.get("user_id"),
+        root_workflow=body.get("root_workflow"),
+        initial_state=body.get("initial_state"),
     )
     cancelled: list[bool] = []
 
