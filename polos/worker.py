@@ -36,6 +36,7 @@ from polos._private.limits import register_queues, run_holding_slots
 from polos._private.model.aio import cancel_and_wait
 from polos._private.ops.runtime import load_workflows, run_until_signal
 from polos._private.run.execution import RunExecution, error_info
+from polos._private.run.lifecycle import run_workflow
 from polos._private.run.signals import Suspend
 from polos._private.store import (
     AppendUnavailable,
@@ -421,7 +422,7 @@ class Worker:
                 await self._fail(exe, err, details=err.errors)
                 return "done"
             try:
-                result = await wf(ctx, value)
+                result = await run_workflow(exe, wf, ctx, value)
                 exe.check_all_replayed()
                 output = to_json(result, what=f"the output of workflow {wf.name!r}")
             except Suspend as sus:

@@ -444,6 +444,29 @@ class WorkflowContext:
     def parent_run_id(self) -> str | None:
         return self._x.parent_run_id
 
+    @property
+    def state(self) -> Any:
+        """The workflow's state, an instance of its ``state_schema`` (mutate it freely): it
+        starts from the run's ``initial_state`` (or the schema's defaults), is recorded in the
+        run's history at each step boundary where it changed (``state@<step>``, in ``polos
+        show``), and is restored from there on replay, on this worker or another."""
+        if self._x.workflow.state_schema is None:
+            raise AttributeError(
+                f"workflow {self._x.workflow.name!r} has no state: declare "
+                "@workflow(state_schema=MyState) to use ctx.state"
+            )
+        return self._x.user_state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        schema = self._x.workflow.state_schema
+        if schema is None or not isinstance(value, schema):
+            raise TypeError(
+                f"ctx.state of workflow {self._x.workflow.name!r} must be a "
+                f"{getattr(schema, '__name__', 'state_schema')} instance"
+            )
+        self._x.user_state = value
+
     # The original SDK's names for the run's identity (one concept: ``execution_id`` is
     # ``run_id``, ``workflow_id`` is ``workflow``, ``parent_execution_id`` is
     # ``parent_run_id``).
