@@ -241,7 +241,7 @@ class Scheduler:
         starts it with the events there are (services/orchestrator/triggers.py)."""
         workflow, first = str(body["workflow"]), int(body["seq"])
         await self.js.publish(
-            f"{self.names.prefix}.cmd.trigger.{workflow}",
+            self.names.trigger_subject(workflow),
             orjson.dumps({"first_seq": first}),
             headers={MSG_ID: f"trigger/{workflow}/{first}"},
         )
