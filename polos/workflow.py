@@ -382,8 +382,7 @@ class Step:
         run_timeout_seconds: int | None = None,
     ) -> Any:
         """Run a child workflow and return its output; the parent waits without a worker.
-        A failed or cancelled child raises ``ChildWorkflowError`` (a ``StepExecutionError``
-        of the original's kind)."""
+        A failed or cancelled child raises ``ChildWorkflowError``."""
         opts = _child_options(
             f"invoke_and_wait({key!r})",
             initial_state=initial_state,

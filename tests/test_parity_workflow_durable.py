@@ -23,6 +23,7 @@ from polos import (
 from polos import history as ev
 from polos._private.store import MSG_ID
 from tests.helpers import counts, kill, marks, spawn, stop, until
+from tests.test_cli import apolos
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +85,10 @@ async def test_hooks_and_state_survive_a_sigkilled_worker(
     assert snaps[-1].output["count"] == 15 and snaps[-1].output["first_pid"] == w1.pid
     hooks = [e.key for e in history if isinstance(e, ev.StepCompleted) and e.kind == "run"]
     assert hooks[0] == "on_start.audit_start.0" and hooks[-1] == "on_end.audit_end.0"
+    # The snapshots are in the run's timeline as `polos show` prints it.
+    show = await apolos("show", handle.run_id, "--json", env=subprocess_env)
+    assert show.returncode == 0, show.stderr
+    assert "state@s5" in show.stdout and '"first_pid"' in show.stdout.replace(" ", "")
 
 
 class Strict(WorkflowState):

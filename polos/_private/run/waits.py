@@ -25,6 +25,7 @@ import orjson
 
 from polos import history as ev
 from polos._private.model.values import BatchStepResult, WorkflowDefinition
+from polos._private.run.definitions import registered_workflows
 from polos._private.run.signals import Suspend
 from polos._private.store import (
     MSG_ID,
@@ -284,7 +285,9 @@ def _wf_name(wf: ChildWorkflow) -> tuple[str, Any]:
     if isinstance(wf, WorkflowDefinition):
         return wf.name, wf.output_type
     if isinstance(wf, str) and valid_token(wf):
-        return wf, None
+        # Defined in this process too: its output comes back typed, as for a definition.
+        local = registered_workflows().get(wf)
+        return wf, local.output_type if local is not None else None
     raise TypeError(f"a child workflow is a @workflow or its name, got {wf!r}")
 
 
