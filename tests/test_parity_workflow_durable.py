@@ -24,6 +24,7 @@ from polos import history as ev
 from polos._private.store import MSG_ID
 from tests.helpers import counts, kill, marks, spawn, stop, until
 from tests.test_cli import apolos
+from tests.test_waiting import until_status
 
 pytestmark = pytest.mark.slow
 
@@ -128,3 +129,38 @@ async def test_bad_initial_state_a_failing_hook_and_no_schema_fail_clearly(
         await (await env.client.start(p_refused)).result(timeout=20)
     with pytest.raises(WorkflowFailedError, match="has no state"):
         await (await env.client.start(p_stateless)).result(timeout=20)
+
+
+class Ticket(WorkflowState):
+    opened_by: int | None = None
+    approvals: int = 0
+
+
+TOKENS = iter(range(1000, 2000))
+
+
+@workflow(id="p_ticket", state_schema=Ticket)
+async def p_ticket(ctx: WorkflowContext) -> dict[str, Any]:
+    if ctx.state.opened_by is None:
+        ctx.state.opened_by = next(TOKENS)  # differs on every execution: restored, not redone
+    for i in range(2):
+        answer = await ctx.step.suspend(f"approve-{i}")
+        ctx.state.approvals += int(bool(answer.data))
+    return ctx.state.model_dump()
+
+
+async def test_state_across_suspends_is_the_recorded_one(env_factory: Any) -> None:
+    env = await env_factory([p_ticket])
+    handle = await env.client.start(p_ticket)
+    await until_status(env, handle.run_id, "suspended")
+    # The second resume may come before the run suspends there: it is kept until it does.
+    for i in range(2):
+        await env.client.resume(handle.run_id, f"approve-{i}", True)
+    out = await handle.result(timeout=20)
+    keys = [
+        e.key
+        for _, e in await env.client.history(handle.run_id)
+        if isinstance(e, ev.StepCompleted) and e.kind == "state"
+    ]
+    assert keys == ["state@approve-0", "state@approve-1", "state@end"]
+    assert out == {"opened_by": 1000, "approvals": 2}  # three executions, one opening

@@ -40,6 +40,7 @@ def current_step() -> StepInfo | None:
     return _current_step.get()
 
 
+_WOKEN_WITH_OUTCOME = frozenset({"suspend", "event", "sleep", "child"})
 STATE_PREFIX = "state@"  # the key of a ``ctx.state`` snapshot: ``state@<step it follows>``
 TRACEBACK_LIMIT = 8192  # the last characters of a traceback kept with a failure
 
@@ -167,7 +168,10 @@ class RunExecution:
             if event.kind == "state":
                 return
             boundary = event.key
-        elif isinstance(event, ev.RunSuspended):
+        elif isinstance(event, ev.RunSuspended) and event.kind in _WOKEN_WITH_OUTCOME:
+            # The step's outcome comes with the wake (no record here on the next execution):
+            # the snapshot beside it is the one taken now. A retry or rate wait is not such a
+            # boundary: its step records itself once it ran.
             boundary = event.step
         elif isinstance(event, (ev.RunCompleted, ev.RunFailed)):
             boundary = "end"
