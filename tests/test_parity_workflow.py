@@ -171,13 +171,18 @@ async def sched_dict(ctx: WorkflowContext, payload: SchedulePayload) -> dict[str
     }
 
 
+@workflow(id="sched_every", schedule="@every 1s")
+async def sched_every(ctx: WorkflowContext, payload: SchedulePayload) -> str:
+    return payload.timezone
+
+
 @workflow(id="sched_api", schedule=True)
 async def sched_api(ctx: WorkflowContext, payload: SchedulePayload) -> str:
     return f"{payload.key}:{payload.timezone}"
 
 
 async def test_schedule_dict_and_true_run_with_a_schedule_payload(env_factory: Any) -> None:
-    env = await env_factory([sched_dict, sched_api])
+    env = await env_factory([sched_dict, sched_api, sched_every])
     assert sched_api.schedulable and sched_api.schedule is None
     # A registration the scheduler cannot use (a worker of another version): dead-lettered
     # with its reason; the watcher goes on scheduling the others.
@@ -202,7 +207,9 @@ async def test_schedule_dict_and_true_run_with_a_schedule_payload(env_factory: A
     letters = await env.client.dead_letters()
     assert any(d["source"] == "schedule" and "sched_bad" in d["reason"] for d in letters), letters
     assert "sched_bad" in [k for k in await kv.keys()]
-    for key in ("wf-sched_dict", "tenant-7"):
+    every = await _runs(env, "sched_every", 1)
+    assert await env.client.get_handle(every[0].run_id).result(timeout=10) == "UTC"
+    for key in ("wf-sched_dict", "tenant-7", "wf-sched_every"):
         await env.client.delete_schedule(key)
 
 

@@ -109,6 +109,20 @@ class WorkflowDefinition(Generic[I, O]):
         """The registered name (the original SDK's ``Workflow.id``)."""
         return self.name
 
+    # The original SDK's attribute names of the same things.
+    @property
+    def is_schedulable(self) -> bool:
+        return self.schedulable
+
+    @property
+    def queue_name(self) -> str | None:
+        return self.queue
+
+    @property
+    def queue_concurrency_limit(self) -> int | None:
+        q = self.options.get("queue_def")
+        return q.concurrency if isinstance(q, Queue) else None
+
     @property
     def batched(self) -> bool:
         """An event trigger that hands each run a list of events (``BatchEventPayload``)."""

@@ -150,7 +150,8 @@ def _schedule_of(
             zoneinfo.ZoneInfo(timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"workflow {wf_name!r}: unknown time zone {timezone!r}") from exc
-    return schedule, timezone or "UTC", True, key
+    # No time zone given: none sent (the server's UTC; "@every" takes no time zone at all).
+    return schedule, timezone, True, key
 
 
 def _define(
