@@ -164,3 +164,28 @@ async def test_state_across_suspends_is_the_recorded_one(env_factory: Any) -> No
     ]
     assert keys == ["state@approve-0", "state@approve-1", "state@end"]
     assert out == {"opened_by": 1000, "approvals": 2}  # three executions, one opening
+
+
+@workflow(id="p_budget", state_schema=Strict)
+async def p_budget(ctx: WorkflowContext, spend: int) -> int:
+    ctx.state.limit -= spend
+    return ctx.state.limit
+
+
+@workflow(id="p_spender")
+async def p_spender(ctx: WorkflowContext) -> list[int]:
+    left = await ctx.step.invoke_and_wait("spend", p_budget, 3, initial_state=Strict(limit=10))
+    started = await ctx.step.invoke("spend-more", "p_budget", 4, initial_state={"limit": 5})
+    return [left, started.id == started.run_id]  # type: ignore[list-item]
+
+
+async def test_a_child_starts_from_the_initial_state_it_is_given(env_factory: Any) -> None:
+    env = await env_factory([p_spender, p_budget])
+    handle = await env.client.start(p_spender)
+    assert await handle.result(timeout=20) == [7, True]
+    from polos._private.run.waits import child_run_id
+
+    assert (
+        await env.client.get_handle(child_run_id(handle.run_id, "spend-more", 0)).result(timeout=20)
+        == 1
+    )
