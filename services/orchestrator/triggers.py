@@ -86,7 +86,9 @@ class Triggers:
             doc = orjson.loads(m.value)
             if not isinstance(doc, dict) or doc.get("trigger_on_event") != topic:
                 continue
-            name = str(doc["name"])
+            name = doc.get("name")
+            if not isinstance(name, str) or not valid_token(name):
+                continue  # not a registration a worker made; nothing to start
             if _batched(doc):
                 await self.flush(doc, topic, seq)
                 continue
