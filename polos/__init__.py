@@ -48,7 +48,6 @@ from polos.errors import (
     WorkflowNotFoundError,
     WorkflowTimeoutError,
 )
-from polos.events import BatchEventPayload, EventPayload
 from polos.middleware import (
     GuardrailContext,
     GuardrailResult,
@@ -59,8 +58,7 @@ from polos.middleware import (
     hook,
 )
 from polos.polos import Polos
-from polos.queues import Queue, RateLimit
-from polos.schedules import SchedulePayload
+from polos.queues import Queue, RateLimit, queue
 from polos.tools import (
     AskUserField,
     AskUserFieldOption,
@@ -87,11 +85,19 @@ from polos.tools import (
 from polos.worker import Worker
 from polos.workflow import (
     NO_RETRY,
+    BatchEventPayload,
+    BatchStepResult,
+    BatchWorkflowInput,
+    EventPayload,
     RetryPolicy,
+    SchedulePayload,
     Step,
     StepInfo,
     WorkflowContext,
     WorkflowDefinition,
+    WorkflowState,
+    get_all_workflows,
+    get_workflow,
     workflow,
 )
 
@@ -110,6 +116,8 @@ __all__ = [
     "AskUserFieldOption",
     "AskUserInput",
     "BatchEventPayload",
+    "BatchStepResult",
+    "BatchWorkflowInput",
     "ChildHandle",
     "ChildWorkflowError",
     "CommandRejectedError",
@@ -169,6 +177,7 @@ __all__ = [
     "WorkflowDefinition",
     "WorkflowFailedError",
     "WorkflowNotFoundError",
+    "WorkflowState",
     "WorkflowTimeoutError",
     "batch_invoke",
     "create_ask_user_tool",
@@ -176,11 +185,14 @@ __all__ = [
     "current_step",
     "events",
     "executed_tool",
+    "get_all_workflows",
+    "get_workflow",
     "guardrail",
     "has_text",
     "hook",
     "max_steps",
     "max_tokens",
+    "queue",
     "sandbox_tools",
     "schedules",
     "stop_condition",

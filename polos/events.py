@@ -38,6 +38,7 @@ import pydantic
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from polos import history as ev
+from polos._private.model.values import BatchEventPayload, EventItem, EventPayload
 from polos._private.store import payloads
 from polos._private.store.tokens import event_subject, iso_time, topic_from_subject
 
@@ -58,25 +59,8 @@ class EventData(pydantic.BaseModel):
     data: dict[str, Any]
 
 
-class EventPayload(pydantic.BaseModel):
-    """One stored event, as an event-triggered run (``batch_size=1``) receives it."""
-
-    id: str
-    sequence_id: int
-    topic: str
-    event_type: str | None = None
-    data: dict[str, Any]
-    created_at: datetime
-
-
-class EventItem(EventPayload):
-    """One event of a ``BatchEventPayload``."""
-
-
-class BatchEventPayload(pydantic.BaseModel):
-    """What an event-triggered run with ``batch_size > 1`` receives: its events in order."""
-
-    events: list[EventItem] = []
+# EventPayload, EventItem and BatchEventPayload are the model's (what a triggered run and
+# wait_for_event receive): one definition, re-exported here under the original's module.
 
 
 class StreamEvent(pydantic.BaseModel):

@@ -40,6 +40,8 @@ StepKind = Literal[
     "invoke",
     "llm",
     "tool",
+    "publish",
+    "state",
 ]
 # What a suspended run waits for (``RunSuspended.kind``): a resume, an event, a timer, its
 # children, a retry back-off, a concurrency slot, a rate (a queue's, or an LLM step's tokens).
@@ -86,6 +88,12 @@ class RunRequested(Event):
     root_run_id: str | None = None
     trace_id: str | None = None
     source: RunSource = "client"
+    # Who the run is for (children inherit them), the root's workflow, and the first value of
+    # ``ctx.state`` (a workflow with a ``state_schema``).
+    session_id: str | None = None
+    user_id: str | None = None
+    root_workflow: str | None = None
+    initial_state: JSON = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -321,6 +329,8 @@ class RunState:
     created_at: float | None = None
     updated_at: float | None = None
     events: int = 0
+    # Claims of a run that was still running (its worker was lost), not wakes after a wait.
+    restarts: int = 0
 
     @property
     def done(self) -> bool:
@@ -341,6 +351,8 @@ class RunState:
             self.status = "queued"
             self.created_at = event.at
         elif isinstance(event, RunClaimed):
+            if self.status == "running":
+                self.restarts += 1  # claimed again while running: the last worker was lost
             self.attempt = event.attempt
             self.worker_id = event.worker_id
             if not self.done:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from polos._private import limits
-from polos._private.model.values import Queue, RateLimit
+from polos._private.model.values import Queue, RateLimit, queue
 
 if TYPE_CHECKING:
     from polos.client import PolosClient
@@ -42,4 +42,4 @@ async def configure_rate_limit(client: PolosClient, scope: str, limit: RateLimit
     await limits.put_rate_limit(client.js, client.names, scope, limit)
 
 
-__all__ = ["Queue", "RateLimit", "configure_queue", "configure_rate_limit"]
+__all__ = ["Queue", "RateLimit", "configure_queue", "configure_rate_limit", "queue"]

@@ -14,27 +14,14 @@ replaces it (an upsert, as in the original). ``client.list_schedules()`` and
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import pydantic
-
+from polos._private.model.values import SchedulePayload
 from polos._private.store import valid_token
 
 if TYPE_CHECKING:
     from polos.client import PolosClient
     from polos.workflow import WorkflowDefinition
-
-
-class SchedulePayload(pydantic.BaseModel):
-    """What a scheduled run is about: when it fired, the previous firing, the schedule."""
-
-    timestamp: datetime
-    last_timestamp: datetime | None = None
-    timezone: str
-    schedule_id: str
-    key: str
-    upcoming: datetime
 
 
 def schedule_id(workflow: str, key: str = "global") -> str:

@@ -41,6 +41,7 @@ from polos._private.ops.commands import local_url
 from polos._private.ops.instance import data_dir_from
 from polos._private.ops.runtime import load_workflows, log_to_file, run_until_signal
 from polos._private.run.execution import RunExecution, error_info
+from polos._private.run.lifecycle import run_workflow
 from polos._private.run.signals import Suspend
 from polos._private.store import (
     AppendUnavailable,
@@ -289,6 +290,11 @@ class Worker:
                 "trigger_on_event": wf.trigger_on_event,
                 "schedule": wf.schedule,
                 "timezone": wf.timezone,
+                "schedulable": wf.schedulable,
+                "schedule_key": wf.schedule_key,
+                "batch_size": wf.batch_size,
+                "batch_timeout_seconds": wf.batch_timeout_seconds,
+                "description": wf.description,
                 "doc": (wf.fn.__doc__ or "").strip() or None,
             }
             await kv.put(wf.name, orjson.dumps(doc))
@@ -489,7 +495,7 @@ class Worker:
                 await self._fail(exe, err, details=err.errors)
                 return "done"
             try:
-                result = await wf(ctx, value)
+                result = await run_workflow(exe, wf, ctx, value)
                 exe.check_all_replayed()
                 output = to_json(result, what=f"the output of workflow {wf.name!r}")
             except Suspend as sus:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -73,7 +74,7 @@ async def blocker(key: str) -> str:
 async def typed_replay(ctx: WorkflowContext, order: Order) -> dict[str, Any]:
     payment = await ctx.step.run("charge", charge, order)
     rec = await ctx.step.run("receipt", receipt, order)
-    when = await ctx.step.now()
+    when = datetime.fromtimestamp(await ctx.step.now() / 1000, tz=UTC)
     token = await ctx.step.uuid()
     dice = await ctx.step.random()
     await ctx.step.run("block", blocker, order.id)

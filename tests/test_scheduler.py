@@ -24,7 +24,7 @@ ATTEMPTS: dict[str, list[float]] = {}
 @workflow(name="w_sleepy")
 async def w_sleepy(ctx: WorkflowContext, seconds: float) -> float:
     await ctx.step.sleep("nap", timedelta(seconds=seconds))
-    return (await ctx.step.now("woke")).timestamp()
+    return await ctx.step.now("woke") / 1000
 
 
 @workflow(name="w_until")

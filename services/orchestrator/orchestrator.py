@@ -272,7 +272,7 @@ class Orchestrator:
             run_id = derive_run_id(self.names.prefix, key)
         elif not isinstance(run_id, str) or not valid_token(run_id):
             raise CommandError("run_id must be 1-128 letters, digits, '_' or '-'", field="run_id")
-        for name in ("queue", "concurrency_key"):
+        for name in ("queue", "concurrency_key", "session_id", "user_id"):
             if body.get(name) is not None and not isinstance(body[name], str):
                 raise CommandError(f"{name} must be a string", field=name)
         event = ev.RunRequested(
@@ -282,6 +282,9 @@ class Orchestrator:
             queue=body.get("queue"),
             concurrency_key=body.get("concurrency_key"),
             source="client" if (msg.headers or {}).get("Polos-Client") else "raw",
+            session_id=body.get("session_id"),
+            user_id=body.get("user_id"),
+            initial_state=body.get("initial_state"),
         )
         return await self.request_run(event)
 

@@ -46,7 +46,8 @@ from polos._private.store.tokens import (
     topic_tokens,
 )
 
-from .commands import CommandError, RunNotYetKnown, derive_run_id, parse_object
+from .commands import CommandError, RunNotYetKnown, parse_object
+from .triggers import Triggers
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -370,6 +371,9 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
             f"parent_run_id {parent!r} is not the parent in the subject ({tokens[0]!r})",
             field="parent_run_id",
         )
+    for name in ("root_workflow", "queue", "concurrency_key", "session_id", "user_id"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise CommandError(f"{name} must be a string", field=name)
     child = tokens[-1]
     event = ev.RunRequested(
         run_id=child,
@@ -379,6 +383,12 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
         parent_step=body["parent_step"],
         root_run_id=body.get("root_run_id"),
         source="child",
+        queue=body.get("queue"),
+        concurrency_key=body.get("concurrency_key"),
+        session_id=body.get("session_id"),
+        user_id=body.get("user_id"),
+        root_workflow=body.get("root_workflow"),
+        initial_state=body.get("initial_state"),
     )
     cancelled: list[bool] = []
 
@@ -585,26 +595,9 @@ class EventRouter:
                     await kv.delete(m.key, last=m.revision)
 
     async def _trigger(self, topic: str, seq: int, data: Any, msg: Msg) -> None:
-        o = self.orch
-        for m in await kv_entries(o.nc, o.names.workflows_bucket):
-            doc = orjson.loads(m.value)
-            if doc.get("trigger_on_event") != topic:
-                continue
-            name = doc["name"]
-            meta = msg.metadata
-            event = ev.RunRequested(
-                # One run per (workflow, event), however often the event is delivered.
-                run_id=derive_run_id(o.names.prefix, f"event/{name}/{seq}"),
-                workflow=name,
-                input={
-                    "topic": topic,
-                    "data": data,
-                    "seq": seq,
-                    "time": meta.timestamp.timestamp() if meta.timestamp else time.time(),
-                },
-                source="event",
-            )
-            await o.request_run(event)
+        meta = msg.metadata
+        at = meta.timestamp.timestamp() if meta.timestamp else time.time()
+        await self.orch.waiting.triggers.on_event(topic, seq, data, at, msg.headers)
 
 
 # --------------------------------------------------------------------------- control hook
@@ -714,6 +707,7 @@ class Waiting:
     def __init__(self, orch: Orchestrator) -> None:
         self.orch = orch
         self.router = EventRouter(orch)
+        self.triggers = Triggers(orch)
         # The waiters bucket's handle, opened on first use (``js.key_value`` is a stream-info
         # round trip per call).
         self._waits: KeyValue | None = None
@@ -730,7 +724,12 @@ class Waiting:
         async def child(msg: Msg, tokens: list[str]) -> dict[str, Any]:
             return await on_child(orch, msg, tokens)
 
-        return {"resume": resume, "cancel": cancel, "child": child}
+        return {
+            "resume": resume,
+            "cancel": cancel,
+            "child": child,
+            "trigger": self.triggers.on_command,
+        }
 
     async def waits(self) -> KeyValue:
         if self._waits is None:

@@ -24,10 +24,12 @@ import time
 import uuid
 from typing import Any
 
+import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 
 from polos import history as ev
 from polos._private.model.aio import cancel_and_wait
@@ -46,6 +48,7 @@ from polos._private.store import (
     last_for_subject,
 )
 from polos._private.store.commands import StartCommand
+from polos._private.store.tokens import iso_time
 from polos.config import Settings
 
 log = logging.getLogger("polos.scheduler")
@@ -66,6 +69,7 @@ class Scheduler:
         self._js: JetStreamContext | None = None
         self._loop: PullLoop | None = None
         self._bg: list[asyncio.Task[None]] = []
+        self._waits_kv: KeyValue | None = None
         # figures for tests and the docs
         self.fired = 0
         self.woken = 0
@@ -152,6 +156,8 @@ class Scheduler:
                 await self._wake(body)
             elif kind == "cron":
                 await self._cron(body, msg)
+            elif kind == "batch":
+                await self._batch_due(body)
             else:
                 await dead_letter(
                     self.js,
@@ -218,13 +224,63 @@ class Scheduler:
         # same run id, and the start is idempotent on it.
         fired = msg.metadata.sequence.stream
         run_id = uuid.uuid5(_CRON_NS, f"{self.names.prefix}/{key}/{fired}").hex
-        payload: StartCommand = {"input": body.get("input"), "run_id": run_id}
+        value = body.get("input")
+        if value is None:
+            # The original SDK's SchedulePayload: a schedule without an input of its own.
+            value = await self._schedule_payload(key, body, msg)
+        payload: StartCommand = {"input": value, "run_id": run_id}
         await self.js.publish(
             self.names.start_subject(workflow),
             orjson.dumps(payload),
             headers={MSG_ID: f"start/{run_id}", "Polos-Client": "scheduler"},
         )
         self.cron_runs += 1
+
+    async def _batch_due(self, body: dict[str, Any]) -> None:
+        """A triggered workflow's batch waited its ``batch_timeout_seconds``: the orchestrator
+        starts it with the events there are (services/orchestrator/triggers.py)."""
+        workflow, first = str(body["workflow"]), int(body["seq"])
+        await self.js.publish(
+            self.names.trigger_subject(workflow),
+            orjson.dumps({"first_seq": first}),
+            headers={MSG_ID: f"trigger/{workflow}/{first}"},
+        )
+
+    async def _schedule_payload(self, key: str, body: dict[str, Any], msg: Msg) -> dict[str, Any]:
+        """The firing as a ``SchedulePayload``: when it was due (the server's firing time, to
+        the second), the previous firing's, and the next one (the server says it)."""
+        stamp = msg.metadata.timestamp
+        due = (stamp.timestamp() if stamp else time.time()) // 1 * 1.0
+        upcoming = (msg.headers or {}).get("Nats-Schedule-Next")
+        # The previous firing's time is kept per schedule beside the waiters (service-only).
+        kv = await self._waits()
+        slot = f"schedule/{key}"
+        last: float | None = None
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            entry = await kv.get(slot)
+            if entry.value:
+                prev = orjson.loads(entry.value)
+                if prev.get("fired") == msg.metadata.sequence.stream:
+                    last = prev.get("last")  # this very firing, redelivered
+                else:
+                    last = prev.get("due")
+        await kv.put(
+            slot,
+            orjson.dumps({"due": due, "last": last, "fired": msg.metadata.sequence.stream}),
+        )
+        return {
+            "timestamp": iso_time(due),
+            "last_timestamp": iso_time(last) if last is not None else None,
+            "timezone": body.get("timezone") or "UTC",
+            "schedule_id": key,
+            "key": body.get("schedule_key") or ("global" if key.startswith("wf-") else key),
+            "upcoming": upcoming,
+        }
+
+    async def _waits(self) -> KeyValue:
+        if self._waits_kv is None:
+            self._waits_kv = await self.js.key_value(self.names.waits_bucket)
+        return self._waits_kv
 
     # ------------------------------------------------------------------ @workflow(schedule=...)
 
@@ -237,28 +293,64 @@ class Scheduler:
                 async for entry in watcher:
                     if entry is None or not entry.value:
                         continue
-                    with contextlib.suppress(orjson.JSONDecodeError, ValueError):
-                        await self._ensure_workflow_schedule(orjson.loads(entry.value))
+                    await self._on_workflow_entry(entry.key, entry.value)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("watching workflows failed; retrying")
                 await asyncio.sleep(1.0)
 
+    async def _on_workflow_entry(self, key: str, value: bytes) -> None:
+        """One registration: a bad one is dead-lettered with the reason, never a crash of the
+        watcher (which would stop every other workflow's schedule)."""
+        try:
+            doc = orjson.loads(value)
+            if not isinstance(doc, dict):
+                raise ValueError("a workflow registration is a JSON object")
+            await self._ensure_workflow_schedule(doc)
+        except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+            await dead_letter(
+                self.js,
+                self.names,
+                source="schedule",
+                reason=f"workflow registration {key!r}: {exc}",
+                subject=f"$KV.{self.names.workflows_bucket}.{key}",
+                data=value,
+            )
+
     async def _ensure_workflow_schedule(self, doc: dict[str, Any]) -> None:
         spec, name = doc.get("schedule"), doc.get("name")
         if not spec or not name:
+            return  # not scheduled (``schedule=True``: schedules come from the API)
+        timezone, user_key = doc.get("timezone"), doc.get("schedule_key")
+        if spec is True:
             return
-        key = f"wf-{name}"
+        if isinstance(spec, dict):  # the original SDK's form, from a worker that sent it as is
+            timezone = spec.get("timezone") or timezone
+            user_key = spec.get("key") or user_key
+            spec = spec.get("cron")
+        if not isinstance(spec, str):
+            raise ValueError(
+                f"schedule must be a cron string, a dict with 'cron', or true; got {spec!r}"
+            )
+        key = f"wf-{name}" if user_key in (None, "global") else f"wf-{name}-{user_key}"
         current = await last_for_subject(
             self.nc, self.names.timers_stream, self.names.cron_subject(key)
         )
         if current is not None and current.data:  # empty: a deleted schedule's tombstone
             old = orjson.loads(current.data)
-            if old.get("cron") == spec and old.get("timezone") == doc.get("timezone"):
+            if old.get("cron") == spec and old.get("timezone") == timezone:
                 return  # already scheduled: a restart must not move the next firing
         try:
-            await put_schedule(self.js, self.names, key, name, spec, timezone=doc.get("timezone"))
+            await put_schedule(
+                self.js,
+                self.names,
+                key,
+                name,
+                spec,
+                timezone=timezone,
+                extra={"schedule_key": user_key or "global"},
+            )
         except ValueError as exc:
             await dead_letter(
                 self.js,

@@ -22,6 +22,11 @@ def children_named(event: ev.Event) -> list[str]:
                 for key in ("run_id", "child_run_id"):
                     if isinstance(holder.get(key), str):
                         found.append(holder[key])
+                # ``batch_invoke``: every child it started
+                for child in holder.get("children") or ():
+                    if event.kind == "invoke" and isinstance(child, dict):
+                        if isinstance(child.get("run_id"), str):
+                            found.append(child["run_id"])
     return found
 
 

@@ -12,7 +12,10 @@ import re
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from polos.workflow import WorkflowContext
@@ -77,9 +80,21 @@ class WorkflowDefinition(Generic[I, O]):
     takes_input: bool
     queue: str | None = None
     trigger_on_event: str | None = None
+    # The declared cron (None: none) and its time zone; ``schedulable`` also for
+    # ``schedule=True`` (schedules made through the API only).
     schedule: str | None = None
     timezone: str | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    description: str | None = None
+    schedulable: bool = False
+    schedule_key: str | None = None
+    # trigger_on_event: how many events one run receives, and how long the first of a batch
+    # waits for the others (None: no limit). batch_size 1 without a timeout: one event a run.
+    batch_size: int = 1
+    batch_timeout_seconds: float | None = None
+    on_start: list[Callable[..., Any]] = dataclasses.field(default_factory=list)
+    on_end: list[Callable[..., Any]] = dataclasses.field(default_factory=list)
+    state_schema: type[BaseModel] | None = None
 
     async def __call__(self, ctx: WorkflowContext, input: Any = None) -> O:
         if self.takes_input:
@@ -104,6 +119,30 @@ class WorkflowDefinition(Generic[I, O]):
         """Start a run of this workflow and wait for its output (``timeout=600.0`` seconds,
         None: no limit; ``TimeoutError`` after it). Options as ``invoke``."""
         return typing.cast(O, await client._run_definition(self, payload, **options))
+
+    @property
+    def id(self) -> str:
+        """The registered name (the original SDK's ``Workflow.id``)."""
+        return self.name
+
+    # The original SDK's attribute names of the same things.
+    @property
+    def is_schedulable(self) -> bool:
+        return self.schedulable
+
+    @property
+    def queue_name(self) -> str | None:
+        return self.queue
+
+    @property
+    def queue_concurrency_limit(self) -> int | None:
+        q = self.options.get("queue_def")
+        return q.concurrency if isinstance(q, Queue) else None
+
+    @property
+    def batched(self) -> bool:
+        """An event trigger that hands each run a list of events (``BatchEventPayload``)."""
+        return self.batch_size != 1 or self.batch_timeout_seconds is not None
 
 
 @dataclass(frozen=True)
@@ -168,14 +207,26 @@ class Queue:
     concurrency: int | None = None
     per_key: int | None = None
     rate_limit: RateLimit | None = None
+    # The original SDK's name of ``concurrency``: one limit, given either way.
+    concurrency_limit: dataclasses.InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, concurrency_limit: int | None) -> None:
+        if concurrency_limit is not None:
+            if self.concurrency is not None and self.concurrency != concurrency_limit:
+                raise ValueError(
+                    f"Queue {self.name!r}: concurrency={self.concurrency!r} and "
+                    f"concurrency_limit={concurrency_limit!r} are the same limit; give one"
+                )
+            object.__setattr__(self, "concurrency", concurrency_limit)
         if not _NAME_RE.match(self.name):
             raise ValueError(f"queue name {self.name!r} must be 1-128 letters, digits, '_' or '-'")
         for name in ("concurrency", "per_key"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"Queue.{name} must be a positive int or None, got {v!r}")
+
+    def __repr__(self) -> str:
+        return f"Queue(name={self.name!r}, concurrency_limit={self.concurrency!r})"
 
     @property
     def limited(self) -> bool:
@@ -204,12 +255,105 @@ class Queue:
         )
 
 
+def queue(name: str, concurrency_limit: int | None = None) -> Queue:
+    """The original SDK's helper: ``queue("api-calls", concurrency_limit=5)``."""
+    return Queue(name, concurrency=concurrency_limit)
+
+
+# --------------------------------------------------------------------------- payload types
+# The shapes the original SDK hands to workflows (names and fields are its own).
+
+
+class WorkflowState(BaseModel):
+    """Base of a ``state_schema``: ``ctx.state`` is an instance, validated on assignment,
+    recorded in the run's history at each step boundary and restored on replay."""
+
+    model_config = ConfigDict(validate_assignment=True)
+
+
+class EventItem(BaseModel):
+    """One event as a triggered run or ``wait_for_event`` sees it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    sequence_id: int
+    topic: str
+    event_type: str | None = None
+    data: Any = None
+    created_at: datetime
+
+
+class EventPayload(EventItem):
+    """The input of a ``trigger_on_event`` run (one event a run), and what
+    ``ctx.step.wait_for_event`` returns."""
+
+
+class BatchEventPayload(BaseModel):
+    """The input of a ``trigger_on_event`` run with ``batch_size``/``batch_timeout_seconds``:
+    its events in stream order."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    events: list[EventItem] = []
+
+
+class SchedulePayload(BaseModel):
+    """The input of a scheduled run. ``timestamp`` is the time the firing was due (not when
+    it was handled), ``last_timestamp`` the previous firing's (None for the first),
+    ``upcoming`` the next one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    timestamp: datetime
+    last_timestamp: datetime | None = None
+    timezone: str = "UTC"
+    schedule_id: str
+    key: str
+    upcoming: datetime | None = None
+
+
+class BatchWorkflowInput(BaseModel):
+    """One child of ``ctx.step.batch_invoke``/``batch_invoke_and_wait``."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    id: str
+    payload: Any | None = None
+    initial_state: Any | None = None
+    run_timeout_seconds: int | None = None
+
+
+class BatchStepResult(BaseModel):
+    """One child's outcome in a batch: ``success`` with ``result``, or ``error``."""
+
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True)
+
+    workflow_id: str
+    success: bool
+    result: Any | None = None
+    error: str | None = None
+
+
+# The header carrying an event's type (``EventPayload.event_type``); the body stays the data.
+EVENT_TYPE_HEADER = "Polos-Event-Type"
+
+
 __all__ = [
     "DEFAULT_STEP_RETRY",
+    "EVENT_TYPE_HEADER",
     "NO_RETRY",
+    "BatchEventPayload",
+    "BatchStepResult",
+    "BatchWorkflowInput",
+    "EventItem",
+    "EventPayload",
     "Queue",
     "RateLimit",
     "RetryPolicy",
+    "SchedulePayload",
     "StepInfo",
     "WorkflowDefinition",
+    "WorkflowState",
+    "queue",
 ]

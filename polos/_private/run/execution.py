@@ -48,6 +48,8 @@ def current_step() -> StepInfo | None:
     return _current_step.get()
 
 
+_WOKEN_WITH_OUTCOME = frozenset({"suspend", "event", "sleep", "child"})
+STATE_PREFIX = "state@"  # the key of a ``ctx.state`` snapshot: ``state@<step it follows>``
 TRACEBACK_LIMIT = 8192  # the last characters of a traceback kept with a failure
 
 
@@ -105,6 +107,13 @@ class RunExecution:
         # those of them the code has not asked for yet (a set: ``is_replaying`` is asked before
         # every new step, so it must not walk the whole history each time).
         self._replay_keys: list[str] = list(state.step_order)
+        # A workflow with a ``state_schema``: ``ctx.state``, and its last recorded snapshot.
+        # Snapshots (``state@<step>``) are not steps the code asks for: replay restores them
+        # beside the step they follow (``recorded``), so they are left out of the replay keys.
+        self.user_state: Any = None
+        self._last_state: Any = None
+        if workflow.state_schema is not None:
+            self._replay_keys = [k for k in self._replay_keys if not k.startswith(STATE_PREFIX)]
         self._unconsumed: set[str] = set(self._replay_keys)
         # A tool call's own steps (``<tool step>/<key>``), by tool step: a replayed tool call
         # returns its recorded result without asking for them again.
@@ -136,6 +145,8 @@ class RunExecution:
 
     async def record(self, event: ev.Event, msg_id: str) -> int:
         """Append one event, fenced on the history this execution has seen."""
+        if self.user_state is not None:
+            await self._snapshot_state(event)
         async with self._lock:
             seq = await append(
                 self.js,
@@ -149,6 +160,58 @@ class RunExecution:
             self.state.apply(seq, event)
             self.appends += 1
             return seq
+
+    # ------------------------------------------------------------------ workflow state
+
+    def init_state(self) -> Any:
+        """``ctx.state`` at the start of an execution: the run's ``initial_state`` (or the
+        schema's defaults), replaced at each replayed step by the snapshot recorded there."""
+        schema = self.workflow.state_schema
+        assert schema is not None
+        req = self.state.requested
+        self.user_state = schema.model_validate((req.initial_state if req else None) or {})
+        self._last_state = to_json(self.user_state, what="the workflow state")
+        return self.user_state
+
+    async def _snapshot_state(self, event: ev.Event) -> None:
+        """At a step boundary (a step's outcome, a suspension, the run's end): record the state
+        when it changed since the last snapshot, as the step ``state@<boundary>``."""
+        if isinstance(event, (ev.StepCompleted, ev.StepFailed)):
+            if event.kind == "state":
+                return
+            boundary = event.key
+        elif isinstance(event, ev.RunSuspended) and event.kind in _WOKEN_WITH_OUTCOME:
+            # The step's outcome comes with the wake (no record here on the next execution):
+            # the snapshot beside it is the one taken now. A retry or rate wait is not such a
+            # boundary: its step records itself once it ran.
+            boundary = event.step
+        elif isinstance(event, (ev.RunCompleted, ev.RunFailed)):
+            boundary = "end"
+        else:
+            return
+        dump = to_json(self.user_state, what="the workflow state (ctx.state)")
+        key = f"{STATE_PREFIX}{boundary}"
+        if dump == self._last_state or key in self.state.steps:
+            return  # unchanged, or recorded before a crash that kept the step from recording
+        async with self._lock:
+            seq = await append(
+                self.js,
+                self.names,
+                self.run_id,
+                ev.StepCompleted(key=key, kind="state", output=dump),
+                expected_last_seq=self.state.last_seq,
+                msg_id=f"{self.run_id}/s/{key}",
+                timeout=self.settings.request_timeout,
+            )
+            self.state.apply(seq, ev.StepCompleted(key=key, kind="state", output=dump))
+            self.appends += 1
+        self._last_state = dump
+
+    def _restore_state(self, step_id: str) -> None:
+        snap = self.state.steps.get(f"{STATE_PREFIX}{step_id}")
+        if isinstance(snap, ev.StepCompleted) and self.workflow.state_schema is not None:
+            self.user_state = self.workflow.state_schema.model_validate(snap.output)
+            self._last_state = snap.output
 
     # ------------------------------------------------------------------ keys and replay
 
@@ -194,6 +257,8 @@ class RunExecution:
         self._unconsumed.discard(step_id)
         if kind == "tool":
             self._unconsumed.difference_update(self._nested_steps().get(step_id, ()))
+        if self.user_state is not None:
+            self._restore_state(step_id)
         return found
 
     def _nested_steps(self) -> dict[str, list[str]]:

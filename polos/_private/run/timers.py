@@ -90,8 +90,10 @@ async def put_schedule(
     *,
     timezone: str | None = None,
     input: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Create or replace the keyed schedule ``key``."""
+    """Create or replace the keyed schedule ``key``; ``extra`` fields go into its document
+    (which each firing carries)."""
     if not valid_token(key):
         raise ValueError(f"schedule key {key!r} must be 1-128 letters, digits, '_' or '-'")
     if not valid_token(workflow):
@@ -109,6 +111,7 @@ async def put_schedule(
         "timezone": timezone,
         "input": to_json(input, what="the schedule's input"),
         "created_at": time.time(),
+        **(extra or {}),
     }
     headers = {
         "Nats-Schedule": cron_expression(cron),

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 
 from polos import history as ev
-from polos._private.model.values import WorkflowDefinition
+from polos._private.model.values import BatchStepResult, WorkflowDefinition
+from polos._private.run.definitions import registered_workflows
 from polos._private.run.signals import Suspend
 from polos._private.store import (
     MSG_ID,
@@ -35,7 +36,7 @@ from polos._private.store import (
 from polos._private.store.commands import ChildCommand
 from polos._private.store.tokens import topic_tokens
 from polos.converter import from_json, to_json
-from polos.errors import ChildWorkflowError, WaitTimeoutError
+from polos.errors import ChildWorkflowError, StepExecutionError, WaitTimeoutError
 
 if TYPE_CHECKING:
     from polos._private.run.execution import RunExecution
@@ -56,11 +57,38 @@ def child_run_id(parent_run_id: str, step_id: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class Resumed:
-    """What ``ctx.step.suspend`` returns: the resume's ``data`` (any JSON) and when it came."""
+    """What ``ctx.step.suspend`` returns: the resume's ``data`` (any JSON) and when it came.
+
+    It also reads as the original SDK's resume event, a dict: ``resumed["data"]``,
+    ``resumed.get("data")``, and its ``event_type`` (``resume_<key>``), ``created_at``...
+    """
 
     key: str
     data: Any
     at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The original SDK's shape of a resume event."""
+        return {
+            "id": f"{self.key}/resume",
+            "sequence_id": None,
+            "topic": None,
+            "event_type": f"resume_{self.key}",
+            "data": self.data,
+            "created_at": datetime.fromtimestamp(self.at, tz=UTC).isoformat(),
+        }
+
+    def __getitem__(self, name: str) -> Any:
+        return self.to_dict()[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.to_dict().get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.to_dict()
+
+    def keys(self) -> list[str]:
+        return list(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -71,6 +99,20 @@ class ReceivedEvent:
     data: Any
     time: datetime
     seq: int
+    event_type: str | None = None
+
+    # The original SDK's ``EventPayload`` names of the same fields.
+    @property
+    def sequence_id(self) -> int:
+        return self.seq
+
+    @property
+    def created_at(self) -> datetime:
+        return self.time
+
+    @property
+    def id(self) -> str:
+        return f"{self.topic}/{self.seq}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +122,15 @@ class ChildHandle:
     run_id: str
     workflow: str
     key: str
+
+    @property
+    def id(self) -> str:
+        """The child's run id (the original SDK's ``ExecutionHandle.id``)."""
+        return self.run_id
+
+    @property
+    def workflow_id(self) -> str:
+        return self.workflow
 
 
 # --------------------------------------------------------------------------- the steps
@@ -158,6 +209,7 @@ async def wait_for_event(
             data=out.get("data"),
             time=datetime.fromtimestamp(float(out.get("time") or found.at), tz=UTC),
             seq=int(out.get("seq", 0)),
+            event_type=out.get("event_type"),
         )
     # Earlier waits of this run on the same topic consumed events up to here: a wait in a loop
     # gets each event once, in stream order.
@@ -180,13 +232,21 @@ async def wait_for_event(
     )
 
 
-async def sleep_until(x: RunExecution, key: str, when: datetime | float) -> None:
+async def sleep_until(
+    x: RunExecution, key: str, when: datetime | float, *, past_ok: bool = True
+) -> None:
+    """``past_ok=False``: a due time already past raises (``wait_until``, as the original)."""
     due = when.timestamp() if isinstance(when, datetime) else float(when)
     if isinstance(when, datetime) and when.tzinfo is None:
         raise ValueError("sleep_until needs an aware datetime (with a tzinfo)")
     step_id, found = await _begin(x, key, "sleep")
     if found is not None:
         return
+    if not past_ok and due <= time.time():
+        raise StepExecutionError(
+            f"Wait date {datetime.fromtimestamp(due, tz=UTC).isoformat()} is in the past "
+            f"(step {step_id!r})"
+        )
     if due <= time.time():
         await x.record(
             ev.StepCompleted(key=step_id, kind="sleep", output={"due": due, "at": time.time()}),
@@ -225,7 +285,9 @@ def _wf_name(wf: ChildWorkflow) -> tuple[str, Any]:
     if isinstance(wf, WorkflowDefinition):
         return wf.name, wf.output_type
     if isinstance(wf, str) and valid_token(wf):
-        return wf, None
+        # Defined in this process too: its output comes back typed, as for a definition.
+        local = registered_workflows().get(wf)
+        return wf, local.output_type if local is not None else None
     raise TypeError(f"a child workflow is a @workflow or its name, got {wf!r}")
 
 
@@ -246,7 +308,10 @@ def child_request(
     index: int,
     workflow: str,
     input: Any,
+    options: ChildOptions | None = None,
 ) -> ChildRequest:
+    """``options``: what the child gets besides its input (queue, concurrency key, session,
+    user, root workflow, initial state), as ``ChildCommand`` fields."""
     child = child_run_id(parent_run_id, step_id, index)
     body: ChildCommand = {
         "workflow": workflow,
@@ -255,6 +320,9 @@ def child_request(
         "parent_step": step_id,
         "root_run_id": root_run_id,
     }
+    for name, value in (options or {}).items():
+        if value is not None:
+            body[name] = value  # type: ignore[literal-required]
     return ChildRequest(
         child,
         names.child_subject(parent_run_id, child),
@@ -263,12 +331,40 @@ def child_request(
     )
 
 
+ChildOptions = dict[str, Any]
+
+
+def inherited(x: RunExecution) -> ChildOptions:
+    """What every child of this run inherits: its session, its user and the root's workflow."""
+    req = x.state.requested
+    return {
+        "session_id": req.session_id if req else None,
+        "user_id": req.user_id if req else None,
+        "root_workflow": (req.root_workflow if req else None) or x.workflow.name,
+    }
+
+
 async def _request_children(
-    x: RunExecution, step_id: str, items: Sequence[tuple[str, Any]], first_index: int = 0
+    x: RunExecution,
+    step_id: str,
+    items: Sequence[tuple[str, Any]],
+    first_index: int = 0,
+    options: Sequence[ChildOptions | None] | None = None,
 ) -> list[str]:
     root = (x.state.requested.root_run_id if x.state.requested else None) or x.run_id
+    base = inherited(x)
+    opts = list(options or [])
     reqs = [
-        child_request(x.names, x.run_id, root, step_id, i, name, value)
+        child_request(
+            x.names,
+            x.run_id,
+            root,
+            step_id,
+            i,
+            name,
+            value,
+            {**base, **(opts[i - first_index] or {})} if i - first_index < len(opts) else base,
+        )
         for i, (name, value) in enumerate(items, start=first_index)
     ]
     limit = payloads.inline_limit(x.nc)
@@ -290,40 +386,103 @@ async def _request_children(
     return [r.run_id for r in reqs]
 
 
-async def invoke(x: RunExecution, key: str, wf: ChildWorkflow, input: Any = None) -> ChildHandle:
-    name, _ = _wf_name(wf)
+async def invoke(
+    x: RunExecution,
+    key: str,
+    wf: ChildWorkflow,
+    input: Any = None,
+    options: ChildOptions | None = None,
+) -> ChildHandle:
+    [handle] = await batch_invoke(x, key, [(wf, input)], [options], single=True)
+    return handle
+
+
+async def batch_invoke(
+    x: RunExecution,
+    key: str,
+    items: Iterable[tuple[ChildWorkflow, Any]],
+    options: Sequence[ChildOptions | None] | None = None,
+    *,
+    single: bool = False,
+) -> list[ChildHandle]:
+    """Start child runs (exactly once for this step) without waiting for them."""
+    pairs = list(items)
+    names = [_wf_name(wf)[0] for wf, _ in pairs]
     step_id, found = await _begin(x, key, "invoke")
     if found is not None:
         out = found.output or {}
-        return ChildHandle(run_id=str(out["run_id"]), workflow=str(out["workflow"]), key=step_id)
-    [child] = await _request_children(x, step_id, [(name, input)])
+        recorded = out.get("children") if not single else [out]
+        return [
+            ChildHandle(run_id=str(c["run_id"]), workflow=str(c["workflow"]), key=step_id)
+            for c in recorded or []
+        ]
+    if not pairs:
+        await x.record(
+            ev.StepCompleted(key=step_id, kind="invoke", output={"children": []}),
+            msg_id=f"{x.run_id}/s/{step_id}",
+        )
+        return []
+    ids = await _request_children(
+        x, step_id, [(n, v) for n, (_, v) in zip(names, pairs, strict=True)], options=options
+    )
+    children = [{"run_id": c, "workflow": n} for c, n in zip(ids, names, strict=True)]
+    # One child keeps the shape earlier versions recorded (lineage reads ``run_id``).
+    output: dict[str, Any] = children[0] if single else {"children": children}
     await x.record(
-        ev.StepCompleted(key=step_id, kind="invoke", output={"run_id": child, "workflow": name}),
+        ev.StepCompleted(key=step_id, kind="invoke", output=output),
         msg_id=f"{x.run_id}/s/{step_id}",
     )
-    return ChildHandle(run_id=child, workflow=name, key=step_id)
+    return [ChildHandle(run_id=c["run_id"], workflow=c["workflow"], key=step_id) for c in children]
+
+
+def _outcomes(
+    step_id: str, children: list[dict[str, Any]], out_types: list[Any], as_results: bool
+) -> list[Any]:
+    if not as_results:
+        if any(c.get("status") != "completed" for c in children):
+            raise ChildWorkflowError(step_id, children)
+        return [from_json(c.get("output"), tp) for c, tp in zip(children, out_types, strict=False)]
+    results = []
+    for c, tp in zip(children, out_types, strict=False):
+        ok = c.get("status") == "completed"
+        err = c.get("error") or {}
+        results.append(
+            BatchStepResult(
+                workflow_id=str(c.get("workflow")),
+                success=ok,
+                result=from_json(c.get("output"), tp) if ok else None,
+                error=None
+                if ok
+                else str(err.get("message") if isinstance(err, dict) else err)
+                or str(c.get("status")),
+            )
+        )
+    return results
 
 
 async def batch_invoke_and_wait(
-    x: RunExecution, key: str, items: Iterable[tuple[ChildWorkflow, Any]]
+    x: RunExecution,
+    key: str,
+    items: Iterable[tuple[ChildWorkflow, Any]],
+    options: Sequence[ChildOptions | None] | None = None,
+    *,
+    as_results: bool = False,
 ) -> list[Any]:
+    """The children's outputs in order (a failed child raises ``ChildWorkflowError``), or,
+    ``as_results``, one ``BatchStepResult`` each (a failure is a result, never raised)."""
     resolved = [(_wf_name(wf), value) for wf, value in items]
+    out_types = [out_type for (_, out_type), _ in resolved]
     step_id, found = await _begin(x, key, "child")
     if found is not None:
         children: list[dict[str, Any]] = list((found.output or {}).get("children") or [])
-        if any(c.get("status") != "completed" for c in children):
-            raise ChildWorkflowError(step_id, children)
-        return [
-            from_json(c.get("output"), out_type)
-            for c, ((_, out_type), _) in zip(children, resolved, strict=False)
-        ]
+        return _outcomes(step_id, children, out_types, as_results)
     if not resolved:
         await x.record(
             ev.StepCompleted(key=step_id, kind="child", output={"children": []}),
             msg_id=f"{x.run_id}/s/{step_id}",
         )
         return []
-    ids = await _request_children(x, step_id, [(n, v) for (n, _), v in resolved])
+    ids = await _request_children(x, step_id, [(n, v) for (n, _), v in resolved], options=options)
     raise _suspend(
         x,
         ev.RunSuspended(
@@ -336,8 +495,14 @@ async def batch_invoke_and_wait(
     )
 
 
-async def invoke_and_wait(x: RunExecution, key: str, wf: ChildWorkflow, input: Any = None) -> Any:
-    [result] = await batch_invoke_and_wait(x, key, [(wf, input)])
+async def invoke_and_wait(
+    x: RunExecution,
+    key: str,
+    wf: ChildWorkflow,
+    input: Any = None,
+    options: ChildOptions | None = None,
+) -> Any:
+    [result] = await batch_invoke_and_wait(x, key, [(wf, input)], [options])
     return result
 
 
@@ -352,9 +517,11 @@ __all__ = [
     "ReceivedEvent",
     "Resumed",
     "approval_url",
+    "batch_invoke",
     "batch_invoke_and_wait",
     "child_request",
     "child_run_id",
+    "inherited",
     "invoke",
     "invoke_and_wait",
     "retry_later",

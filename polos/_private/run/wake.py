@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from polos import history as ev
+from polos._private.model.values import EVENT_TYPE_HEADER
 from polos._private.store import (
     FencedOut,
     Names,
@@ -95,7 +96,13 @@ async def first_event_after(
                     data = orjson.loads(m.data) if m.data else None
             except (ValueError, payloads.PayloadMissingError):  # JSONDecodeError included
                 continue  # dead-lettered by the orchestrator; a waiter never sees it
-            return {"topic": topic, "data": data, "time": parse_time(m.time), "seq": m.seq}
+            return {
+                "topic": topic,
+                "data": data,
+                "time": parse_time(m.time),
+                "seq": m.seq,
+                "event_type": (m.headers or {}).get(EVENT_TYPE_HEADER),
+            }
         seq = msgs[-1].seq + 1
     return None
 

@@ -36,6 +36,9 @@ class StartCommand(TypedDict, total=False):
     run_id: str
     queue: str
     concurrency_key: str
+    session_id: str
+    user_id: str
+    initial_state: Any
 
 
 class ResumeCommand(TypedDict, total=False):
@@ -54,6 +57,12 @@ class ChildCommand(TypedDict, total=False):
     parent_run_id: str
     parent_step: str
     root_run_id: str
+    root_workflow: str
+    queue: str
+    concurrency_key: str
+    session_id: str
+    user_id: str
+    initial_state: Any
 
 
 START_FIELDS = frozenset(StartCommand.__annotations__)

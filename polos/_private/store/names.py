@@ -140,6 +140,10 @@ class Names:
     def start_subject(self, workflow: str) -> str:
         return f"{self.prefix}.cmd.start.{workflow}"
 
+    def trigger_subject(self, workflow: str) -> str:
+        """An event trigger's batch whose timeout is over (the scheduler to the orchestrator)."""
+        return f"{self.prefix}.cmd.trigger.{workflow}"
+
     def cancel_subject(self, run_id: str) -> str:
         return f"{self.prefix}.cmd.cancel.{run_id}"
 

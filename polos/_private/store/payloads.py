@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import nats.js.errors
 import orjson
 
+from polos._private.model.values import EVENT_TYPE_HEADER
 from polos._private.store.namespace import namespace
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ HEADER = "Polos-Payload"
 # names the object holding the data's JSON encoding (``put_event_value``).
 EVENT_REF = "Polos-Payload-Ref"
 # An external event's type (the original's ``EventData.event_type``); the body is its data.
-EVENT_TYPE = "Polos-Event-Type"
+EVENT_TYPE = EVENT_TYPE_HEADER  # the event type of an event, one name (model.values)
 EVENT_PREFIX = "event:"
 REFS = "$refs"
 # Room left in a message for the headers, the stub's small fields and the subject.
