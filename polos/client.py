@@ -374,9 +374,15 @@ class PolosClient:
         run_id: str | None = None,
         queue: str | None = None,
         concurrency_key: str | None = None,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        initial_state: Any = None,
     ) -> ExecutionHandle[O]:
         """Start a run. With ``run_id`` the start is idempotent: the same id never makes two
-        runs, however often it is sent. Returns as soon as the command is stored."""
+        runs, however often it is sent. Returns as soon as the command is stored.
+        ``session_id`` and ``user_id`` are the run's (``ctx.session_id``, ``ctx.user_id``,
+        inherited by its children); ``initial_state`` is the first ``ctx.state`` of a
+        workflow with a ``state_schema``."""
         output_type = None
         if isinstance(workflow, WorkflowDefinition):
             self.workflows[workflow.name] = workflow
@@ -393,6 +399,12 @@ class PolosClient:
             body["queue"] = queue
         if concurrency_key is not None:
             body["concurrency_key"] = concurrency_key
+        if session_id is not None:
+            body["session_id"] = session_id
+        if user_id is not None:
+            body["user_id"] = user_id
+        if initial_state is not None:
+            body["initial_state"] = to_json(initial_state, what="the initial state")
         data = orjson.dumps(body)
         if len(data) > payloads.inline_limit(self.nc):
             # Too big for a command message: the input travels through the Object Store.
@@ -436,13 +448,7 @@ class PolosClient:
         """The original's ``invoke``: ``start`` under its names. ``queue_concurrency_limit``
         (with ``queue_name``) sets that queue's limit before the run is started (shared by
         every run of the queue, as in the original)."""
-        _unsupported(
-            "invoke",
-            session_id=session_id,
-            user_id=user_id,
-            initial_state=initial_state,
-            run_timeout_seconds=run_timeout_seconds,
-        )
+        _unsupported("invoke", run_timeout_seconds=run_timeout_seconds)
         if queue_concurrency_limit is not None:
             if queue_name is None:
                 raise ValueError("invoke(queue_concurrency_limit=...) needs queue_name=")
@@ -450,7 +456,14 @@ class PolosClient:
                 self.js, self.names, Queue(queue_name, concurrency=queue_concurrency_limit)
             )
         return await self.start(
-            workflow_id, payload, run_id=run_id, queue=queue_name, concurrency_key=concurrency_key
+            workflow_id,
+            payload,
+            run_id=run_id,
+            queue=queue_name,
+            concurrency_key=concurrency_key,
+            session_id=session_id,
+            user_id=user_id,
+            initial_state=initial_state,
         )
 
     async def batch_invoke(
@@ -462,9 +475,15 @@ class PolosClient:
         """Start several runs; their handles in the same order. Each item names the workflow
         and its input: a ``BatchWorkflowInput`` (``id``, ``payload``), a dict with those keys,
         or a ``(workflow, input)`` pair."""
-        _unsupported("batch_invoke", session_id=session_id, user_id=user_id)
         items = [_batch_item(i, w) for i, w in enumerate(workflows)]
-        return list(await asyncio.gather(*(self.start(wf, payload) for wf, payload in items)))
+        return list(
+            await asyncio.gather(
+                *(
+                    self.start(wf, payload, session_id=session_id, user_id=user_id)
+                    for wf, payload in items
+                )
+            )
+        )
 
     async def get_execution(self, execution_id: str) -> dict[str, Any]:
         """The run as the original's API returns an execution: ``id``, ``workflow_id``,
@@ -749,13 +768,7 @@ class PolosClient:
         run_timeout_seconds: int | None = None,
     ) -> ExecutionHandle[O]:
         """``workflow.invoke(client, payload, ...)``: start it, return its handle."""
-        _unsupported(
-            f"{workflow.name}.invoke",
-            session_id=session_id,
-            user_id=user_id,
-            initial_state=initial_state,
-            run_timeout_seconds=run_timeout_seconds,
-        )
+        _unsupported(f"{workflow.name}.invoke", run_timeout_seconds=run_timeout_seconds)
         if workflow.takes_input and payload is None and workflow.input_type is not None:
             try:
                 from_json(None, workflow.input_type)
@@ -763,7 +776,15 @@ class PolosClient:
                 raise ValueError(
                     f"workflow {workflow.name!r} requires a payload, but None was provided"
                 ) from None
-        return await self.start(workflow, payload, queue=queue, concurrency_key=concurrency_key)
+        return await self.start(
+            workflow,
+            payload,
+            queue=queue,
+            concurrency_key=concurrency_key,
+            session_id=session_id,
+            user_id=user_id,
+            initial_state=initial_state,
+        )
 
     async def _run_definition(
         self,

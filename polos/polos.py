@@ -172,6 +172,9 @@ class Polos(PolosClient):
         run_id: str | None = None,
         queue: str | None = None,
         concurrency_key: str | None = None,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        initial_state: Any = None,
     ) -> ExecutionHandle[O]: ...
 
     async def start(
@@ -182,13 +185,23 @@ class Polos(PolosClient):
         run_id: str | None = None,
         queue: str | None = None,
         concurrency_key: str | None = None,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        initial_state: Any = None,
     ) -> ExecutionHandle[O] | None:
         """``start()``: connect (or start the local stack), then serve every workflow and
         agent defined so far; returns once the worker takes work, so runs can be started at
         once. ``start(workflow, input, ...)``: start a run, as ``PolosClient.start``."""
         if workflow is not None:
             return await super().start(
-                workflow, input, run_id=run_id, queue=queue, concurrency_key=concurrency_key
+                workflow,
+                input,
+                run_id=run_id,
+                queue=queue,
+                concurrency_key=concurrency_key,
+                session_id=session_id,
+                user_id=user_id,
+                initial_state=initial_state,
             )
         await self._start()
         return None

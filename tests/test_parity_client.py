@@ -70,6 +70,17 @@ async def pc_parent(ctx: WorkflowContext, item: str) -> dict[str, Any]:
     return {"checked": checked, **review}
 
 
+class Tally(pydantic.BaseModel):
+    count: int = 0
+
+
+@workflow(id="pc_who", state_schema=Tally)
+async def pc_who(ctx: WorkflowContext, n: int) -> dict[str, Any]:
+    ctx.state.count += n
+    await ctx.step.run("mark", lambda: None)
+    return {"session": ctx.session_id, "user": ctx.user_id, "count": ctx.state.count}
+
+
 @workflow(name="pc_hold")
 async def pc_hold(ctx: WorkflowContext) -> str:
     await ctx.step.suspend("forever")
@@ -235,10 +246,18 @@ async def test_batch_invoke_queue_limit_and_refused_options(
         assert orjson.loads(entry.value)["concurrency"] == 2
         assert (await polos.get_execution(h.id))["concurrency_key"] == "k"
 
-        with pytest.raises(ValueError, match="session_id, user_id not supported"):
-            await polos.invoke("pc_double", 1, session_id="s", user_id="u")
-        with pytest.raises(ValueError, match="initial_state not supported"):
-            await pc_double.run(polos, 1, initial_state={"a": 1})
+        # The run's session, user and first state travel with the start command.
+        h = await polos.invoke("pc_who", 2, session_id="s-1", user_id="u-1")
+        assert await h.result(timeout=20) == {"session": "s-1", "user": "u-1", "count": 2}
+        assert await pc_who.run(polos, 3, initial_state={"count": 10}, user_id="u-2") == {
+            "session": None,
+            "user": "u-2",
+            "count": 13,
+        }
+        [b] = await polos.batch_invoke([("pc_who", 1)], session_id="s-2")
+        assert (await b.result(timeout=20))["session"] == "s-2"
+        with pytest.raises(ValueError, match="run_timeout_seconds not supported"):
+            await polos.invoke("pc_double", 1, run_timeout_seconds=5)
         with pytest.raises(ValueError, match="needs queue_name"):
             await polos.invoke("pc_double", 1, queue_concurrency_limit=3)
         with pytest.raises(TimeoutError):

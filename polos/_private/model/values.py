@@ -111,8 +111,8 @@ class WorkflowDefinition(Generic[I, O]):
 
     async def invoke(self, client: Any, payload: Any = None, **options: Any) -> Any:
         """Start a run of this workflow; returns its ``ExecutionHandle`` at once. Options:
-        ``queue``, ``concurrency_key`` (``session_id``, ``user_id``, ``initial_state``,
-        ``run_timeout_seconds`` are refused, not supported here yet)."""
+        ``queue``, ``concurrency_key``, ``session_id``, ``user_id``, ``initial_state``
+        (``run_timeout_seconds`` is refused: runs have no time limit here)."""
         return await client._invoke_definition(self, payload, **options)
 
     async def run(self, client: Any, payload: Any = None, **options: Any) -> O:
