@@ -14,6 +14,7 @@ from polos.agent import (
     AgentOutputError,
     AgentResult,
     AgentRun,
+    AgentStream,
     GuardrailViolation,
     ProviderError,
 )
@@ -73,6 +74,8 @@ from polos.tools import (
     LocalEnvironmentConfig,
     SandboxToolsConfig,
     Tool,
+    ToolApproval,
+    WebSearchFunction,
     WebSearchOptions,
     WebSearchResult,
     WebSearchResultItem,
@@ -82,6 +85,7 @@ from polos.tools import (
     sandbox_tools,
     tool,
 )
+from polos.types import AgentConfig, ToolCall, ToolCallFunction, ToolResult, Usage
 from polos.worker import Worker
 from polos.workflow import (
     NO_RETRY,
@@ -101,11 +105,17 @@ from polos.workflow import (
     workflow,
 )
 
+# The original SDK's names for two of ours: the workflow object, and the live stream of
+# agent.stream().
+Workflow = WorkflowDefinition
+StreamResult = AgentStream
+
 __version__ = "0.1.0"
 
 __all__ = [
     "NO_RETRY",
     "Agent",
+    "AgentConfig",
     "AgentConfigError",
     "AgentError",
     "AgentGuardrailError",
@@ -165,13 +175,21 @@ __all__ = [
     "StepFailedError",
     "StepInfo",
     "StopConditionContext",
+    "StreamResult",
     "Tool",
+    "ToolApproval",
+    "ToolCall",
+    "ToolCallFunction",
+    "ToolResult",
+    "Usage",
     "WaitTimeoutError",
+    "WebSearchFunction",
     "WebSearchOptions",
     "WebSearchResult",
     "WebSearchResultItem",
     "WebSearchToolConfig",
     "Worker",
+    "Workflow",
     "WorkflowCancelledError",
     "WorkflowContext",
     "WorkflowDefinition",

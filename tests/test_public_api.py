@@ -14,6 +14,14 @@ import polos
 SNAPSHOT = Path(__file__).with_name("public_api.txt")
 
 
+def _is_type_alias(obj: object) -> bool:
+    """A ``Literal[...]`` or ``Callable[...]`` the API names (``ToolApproval``): a type, not
+    a value, and defined by ``typing``."""
+    return type(obj).__module__ in ("typing", "collections.abc", "types") and not inspect.isclass(
+        obj
+    )
+
+
 def describe() -> list[str]:
     """One line per public name, and per public method or property of a public class."""
     lines: list[str] = []
@@ -32,6 +40,8 @@ def describe() -> list[str]:
                     lines.append(f"    def {member}{inspect.signature(value)}")
                 elif isinstance(value, property):
                     lines.append(f"    property {member}")
+        elif _is_type_alias(obj):
+            lines.append(f"type {name} = {obj!r}")
         elif inspect.ismodule(obj):
             lines.append(f"module {name} ({obj.__name__}): " + ", ".join(sorted(obj.__all__)))
         elif callable(obj):
@@ -55,7 +65,8 @@ def test_every_public_name_resolves_and_internals_stay_private() -> None:
     private = [
         n
         for n in polos.__all__
-        if not getattr(getattr(polos, n), "__module__", "polos").startswith("polos")
+        if not _is_type_alias(getattr(polos, n))
+        and not getattr(getattr(polos, n), "__module__", "polos").startswith("polos")
     ]
     assert not private
 
