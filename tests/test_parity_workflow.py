@@ -271,14 +271,22 @@ async def order_batch_k(ctx: WorkflowContext, batch: BatchEventPayload) -> list[
     return [e.data["n"] for e in batch.events]
 
 
+@workflow(id="batch_ping")
+async def batch_ping(ctx: WorkflowContext) -> str:
+    return "pong"
+
+
 async def test_a_batch_survives_an_orchestrator_sigkill(
     settings: Any, subprocess_env: dict[str, str], tmp_path: Path
 ) -> None:
     orch = spawn(ORCHESTRATOR, subprocess_env.as_role("service"), tmp_path / "o1.out")
     client = await PolosClient.connect(settings=settings)
     try:
-        async with Worker([order_batch_k], settings=settings.worker):
-            await asyncio.sleep(0.3)
+        async with Worker([order_batch_k, batch_ping], settings=settings.worker):
+            # A run round trip: the orchestrator is up and consuming (its events consumer too),
+            # so the first event is not published before it (a fixed sleep was not enough on a
+            # loaded machine).
+            await (await client.start(batch_ping)).result(timeout=60)
             for i in range(3):
                 await client.publish_event("orders.k", {"n": i})
             # The three are handled (the cursor was made), none started a run.
