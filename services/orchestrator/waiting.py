@@ -525,6 +525,10 @@ class EventRouter:
     def __init__(self, orch: Orchestrator) -> None:
         self.orch = orch
         self.loop: PullLoop | None = None
+        # The trigger part of each event runs after the one of the event delivered before it:
+        # a new trigger's cursor starts at the first event it sees, and batches are cut in
+        # stream order, so concurrent handling must not let a later event go first.
+        self._trigger_tail: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         o = self.orch
@@ -546,6 +550,15 @@ class EventRouter:
             await self.loop.stop(drain_timeout=2.0)
 
     async def on_event(self, msg: Msg) -> None:
+        # Taken before the first await, so in the order the loop delivered the messages.
+        before, mine = self._trigger_tail, asyncio.get_running_loop().create_future()
+        self._trigger_tail = mine
+        try:
+            await self._on_event(msg, before)
+        finally:
+            mine.set_result(None)
+
+    async def _on_event(self, msg: Msg, before: asyncio.Future[None] | None) -> None:
         o = self.orch
         try:
             topic = topic_from_subject(o.names, msg.subject)
@@ -565,6 +578,8 @@ class EventRouter:
         seq = msg.metadata.sequence.stream
         try:
             await self._wake_waiters(topic, seq)
+            if before is not None:
+                await asyncio.shield(before)
             await self._trigger(topic, seq, data, msg)
         except Exception:
             log.exception("event %s on %s failed; will retry", seq, topic)
