@@ -114,8 +114,8 @@ def bench_table(runs: dict[str, list[dict[str, Any]]]) -> str:
 def peer_table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| system | durability (as run) | sequential wf/s | concurrent wf/s (1,000 started) "
-        "| per-step ms (p50) | fsync floor ms | load average |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| per-step ms (p50) | fsync floor ms | per step × floor | load average |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         rs = r["rounds"]
@@ -125,6 +125,7 @@ def peer_table(results: list[dict[str, Any]]) -> str:
             f"{rng([x['conc_wfs'] for x in rs], '{:.1f}')} | "
             f"{rng([x['step_ms_p50'] for x in rs], '{:.2f}')} | "
             f"{r['floors_ms']['fsync 60 B p50']:.3f} | "
+            f"{rng([x['step_ms_p50'] / r['floors_ms']['fsync 60 B p50'] for x in rs], '{:.1f}')} | "
             f"{r['load_average_start'].split()[0]} → {r['load_average_end'].split()[0]} |"
         )
     return "\n".join(lines)
