@@ -35,6 +35,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use the server at --nats-url instead of an embedded one",
     )
+    p.add_argument(
+        "--sync",
+        choices=("always", "interval"),
+        default=None,
+        help="the embedded server's sync_interval, as `polos up --sync`: always = fsync "
+        "every write before its ack; interval = the shipped 10 s (the default)",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run against a 3-node loopback cluster with every stream R3 "
+        "(POLOS_REPLICAS=3) instead of one server",
+    )
 
 
 @command("bench", "measure Polos against raw JetStream on this machine")(add_args)
@@ -58,10 +71,22 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     if args.external and not url:
         print("error: --external needs --nats-url (or POLOS_NATS_URL)")
         return 2
+    if args.external and (args.sync or args.cluster):
+        print(
+            "error: --sync and --cluster configure the servers the benchmark starts; "
+            "with --external, configure your server"
+        )
+        return 2
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.suspended_runs:
         sizes = dataclasses.replace(sizes, suspended_runs=args.suspended_runs)
     report = await run_bench(
-        sizes, only=only, nats_url=url, keep=args.keep, json_path=args.json_path
+        sizes,
+        only=only,
+        nats_url=url,
+        keep=args.keep,
+        json_path=args.json_path,
+        sync=args.sync,
+        cluster=args.cluster,
     )
     return 1 if report.failed else 0

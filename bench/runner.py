@@ -31,8 +31,9 @@ import orjson
 from nats.js.api import StorageType, StreamConfig
 
 from polos import history as ev
+from polos._private.ops.cluster import LocalCluster
 from polos._private.ops.runtime import terminate_all
-from polos._private.ops.server import EmbeddedServer
+from polos._private.ops.server import EmbeddedServer, default_config, sync_config, with_sync
 from polos._private.store import (
     MSG_ID,
     Names,
@@ -145,6 +146,8 @@ class Figure:
 @dataclass
 class Report:
     started: float = field(default_factory=time.time)
+    # The server's durability: what every figure of the run, the floor included, paid for.
+    mode: str = ""
     publish_p50_ms: float | None = None
     figures: list[Figure] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
@@ -182,11 +185,21 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         return {
             "started": self.started,
+            "mode": self.mode,
+            "load_average_at_end": _loadavg(),
             "publish_p50_ms": self.publish_p50_ms,
             "figures": [f.__dict__ for f in self.figures],
             "pending": self.pending,
             "failed": self.failed,
         }
+
+
+def _loadavg() -> str:
+    """The 1, 5 and 15 minute load averages: what else ran on the cores during the figures."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -274,23 +287,62 @@ async def wait_workers(client: PolosClient, names: set[str], timeout: float = 30
 
 
 class Bench:
-    def __init__(self, sizes: Sizes, *, nats_url: str | None = None, keep: bool = False) -> None:
+    def __init__(
+        self,
+        sizes: Sizes,
+        *,
+        nats_url: str | None = None,
+        keep: bool = False,
+        sync: str | None = None,
+        cluster: bool = False,
+    ) -> None:
         self.sizes = sizes
         self.nats_url = nats_url
         self.keep = keep
+        self.sync = sync
+        self.cluster = cluster
         self.report = Report()
         self.tmp = Path(tempfile.mkdtemp(prefix="polos-bench-"))
         self.server: EmbeddedServer | None = None
+        self.nodes: LocalCluster | None = None
 
     def settings(self, **overrides: Any) -> Settings:
-        base = Settings(nats_url=self.nats_url or "", prefix=f"b{uuid.uuid4().hex[:10]}")
+        base = Settings(
+            nats_url=self.nats_url or "",
+            prefix=f"b{uuid.uuid4().hex[:10]}",
+            replicas=3 if self.cluster else 1,
+        )
         return base.with_(**overrides) if overrides else base
+
+    async def _start_servers(self) -> None:
+        """One nats-server (the shipped nats.conf), or the 3-node loopback cluster with every
+        stream R3; ``--sync`` rewrites their sync_interval as `polos up --sync` does."""
+        if self.cluster:
+            self.nodes = LocalCluster(self.tmp / "cluster")
+            for n in self.nodes.nodes:
+                if self.sync:
+                    n.server.config.write_text(with_sync(n.server.config.read_text(), self.sync))
+            self.nats_url = self.nodes.start()
+            await self.nodes.wait_ready()
+            sync = self.sync or "the server's default (2 min)"
+            self.report.mode = f"3-node cluster, R3 (ack after a quorum stored it), sync {sync}"
+            return
+        config = sync_config(self.tmp / "nats", default_config(), self.sync) if self.sync else None
+        self.server = EmbeddedServer(self.tmp / "nats", port=0, config=config)
+        self.nats_url = self.server.start()
+        self.report.mode = (
+            "single node, sync_interval always (fsync before every ack)"
+            if self.sync == "always"
+            else "single node, sync_interval 10s"
+        )
 
     async def run(self, only: set[str] | None = None) -> Report:
         if self.nats_url is None:
-            self.server = EmbeddedServer(self.tmp / "nats", port=0)
-            self.nats_url = self.server.start()
+            await self._start_servers()
+        else:
+            self.report.mode = "external server"
         print(f"nats-server {self.nats_url}; logs in {self.tmp}", flush=True)
+        print(f"durability: {self.report.mode}; load average {_loadavg()}", flush=True)
         try:
             # Every ratio needs the publish p50, so it is always measured.
             await self.fig_publish()
@@ -316,6 +368,8 @@ class Bench:
         finally:
             if self.server is not None:
                 self.server.stop()
+            if self.nodes is not None:
+                self.nodes.stop()
             if not self.keep:
                 shutil.rmtree(self.tmp, ignore_errors=True)
         return self.report
@@ -329,7 +383,11 @@ class Bench:
         js = nc.jetstream()
         stream = f"{s.prefix.upper()}_BENCHRAW"
         subject = f"{s.prefix}.benchraw"
-        await js.add_stream(StreamConfig(name=stream, subjects=[subject], storage=StorageType.FILE))
+        await js.add_stream(
+            StreamConfig(
+                name=stream, subjects=[subject], storage=StorageType.FILE, num_replicas=s.replicas
+            )
+        )
         payload = orjson.dumps({"t": "StepCompleted", "key": "s1", "kind": "run", "output": 1})
         try:
             for _ in range(50):  # warm-up
@@ -1024,10 +1082,13 @@ async def run_bench(
     nats_url: str | None = None,
     keep: bool = False,
     json_path: str | None = None,
+    sync: str | None = None,
+    cluster: bool = False,
 ) -> Report:
-    bench = Bench(sizes, nats_url=nats_url, keep=keep)
+    bench = Bench(sizes, nats_url=nats_url, keep=keep, sync=sync, cluster=cluster)
     report = await bench.run(only)
     print()
+    print(f"durability: {report.mode}; load average at the end {_loadavg()}")
     print(report.table())
     for p in report.pending:
         print(f"pending: {p}")

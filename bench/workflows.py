@@ -82,3 +82,13 @@ async def approval(ctx: WorkflowContext) -> float:
     """Suspends (no worker, no slot) until resumed; then one step stamps when it ran."""
     await ctx.step.suspend("approve")
     return await ctx.step.run("after", stamp)
+
+
+@workflow
+async def stamped_steps(ctx: WorkflowContext, job: Steps) -> list[float]:
+    """The peers' workload (bench/peers/): ``job.steps`` steps, each returning when it ran."""
+    out: list[float] = []
+    for i in range(job.steps):
+        at: float = await ctx.step.run(f"s{i}", stamp)
+        out.append(at)
+    return out

@@ -58,6 +58,14 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--config", help="nats-server config file (default: ./nats.conf)")
     p.add_argument(
+        "--sync",
+        choices=("always", "interval"),
+        default=os.environ.get("POLOS_SYNC"),
+        help="when JetStream fsyncs: always = every write before its ack; interval = "
+        "every 10 s (the shipped nats.conf); unset: as the config says "
+        "(env POLOS_SYNC; docs/operations.md#durability)",
+    )
+    p.add_argument(
         "--auth",
         action=argparse.BooleanOptionalAction,
         default=os.environ.get("POLOS_AUTH", "1") != "0",
@@ -112,11 +120,27 @@ async def cmd_up(args: argparse.Namespace) -> int:
     ddir = data_dir(args)
     url = args.nats_url or os.environ.get("POLOS_NATS_URL")
     service_url = None
+    if url and args.sync:  # not ours to configure: refused, never ignored
+        print(
+            "error: --sync (POLOS_SYNC) configures the embedded server, and --nats-url "
+            "(POLOS_NATS_URL) names another: set sync_interval in its jetstream block",
+            file=sys.stderr,
+        )
+        return 2
     if not url:
         # One `polos up` per data dir, refused before anything in it is touched. The lock is
         # held until this process ends, however it ends.
         lock = _lock_data_dir(ddir)
         config = args.config
+        if args.sync:
+            from polos._private.ops.server import default_config, sync_config
+
+            try:
+                config = sync_config(ddir, config or default_config(), args.sync)
+            except (OSError, ValueError) as exc:
+                print(f"error: --sync {args.sync}: {exc}", file=sys.stderr)
+                lock.release()
+                return 2
         if args.auth:
             from polos._private.ops import auth
             from polos._private.ops.server import default_config
