@@ -267,6 +267,41 @@ class Processes:
         self.procs.clear()
 
 
+async def _pool(
+    items: list[str],
+    fn: Callable[[str], Awaitable[None]],
+    what: str,
+    progress: Callable[[], int],
+    width: int = 128,
+) -> None:
+    """Call ``fn`` on every item with ``width`` calls in flight: a fixed set of tasks, not one per
+    item (a million pending tasks would cost the benchmark's process more than the services).
+    A line every 30 s on stderr says how far it is (a million runs take minutes)."""
+    it = iter(items)
+    t0 = time.perf_counter()
+
+    async def lane() -> None:
+        for item in it:
+            await fn(item)
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(30)
+            took = time.perf_counter() - t0
+            print(
+                f"  ... {progress():,} of {len(items):,} {what} after {took:.0f} s; load {_loadavg()}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    reporter = asyncio.create_task(report()) if len(items) >= 50_000 else None
+    try:
+        await asyncio.gather(*(lane() for _ in range(width)))
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+
+
 async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -826,20 +861,34 @@ class Bench:
                 ):
                     all_there.set()
 
-        sub = await client.nc.subscribe(f"{s.prefix}.run.*.ctl", cb=on_ctl)
-        try:
-            # Resume latency: suspended (no worker holds it) -> resume -> the next step runs.
+        # Every control event of every run comes here (three per run and phase): with a million
+        # runs the default pending limits (65,536 messages) would drop some and the count
+        # would never be reached.
+        sub = await client.nc.subscribe(
+            f"{s.prefix}.run.*.ctl",
+            cb=on_ctl,
+            pending_msgs_limit=10_000_000,
+            pending_bytes_limit=2 * 1024**3,
+        )
+
+        async def resume_latency(tag: str) -> tuple[list[float], list[float]]:
+            # Suspended (no worker holds it) -> resume -> the next step runs, one at a time.
             lat, acks = [], []
             for i in range(self.sizes.e2e_runs):
-                run_id = f"rs{i}-{uuid.uuid4().hex[:8]}"
+                run_id = f"{tag}{i}-{uuid.uuid4().hex[:8]}"
                 suspended[run_id] = asyncio.Event()
                 h = await client.start(w.approval, run_id=run_id)
-                await asyncio.wait_for(suspended[run_id].wait(), 30)
+                await asyncio.wait_for(suspended[run_id].wait(), 60)
+                del suspended[run_id]
                 t0 = time.time()
                 await client.resume(run_id, "approve", {"ok": True})
                 acks.append((time.time() - t0) * 1000)
-                ran_at = float(await h.result(timeout=30))
+                ran_at = float(await h.result(timeout=60))
                 lat.append((ran_at - t0) * 1000)
+            return lat, acks
+
+        try:
+            lat, acks = await resume_latency("rs")
             self.report.add(
                 Figure(
                     "resume -> next step runs p50 (run held no worker)",
@@ -849,22 +898,22 @@ class Bench:
                     f"in {statistics.median(acks):.1f} ms p50",
                 )
             )
+            idle_p50 = statistics.median(lat)
 
             # Many suspended runs at once.
             n = self.sizes.suspended_runs
             base = dict(counts)
             ids = [f"ms{i}-{uuid.uuid4().hex[:8]}" for i in range(n)]
-            sem = asyncio.Semaphore(128)
             rss_before = self._rss(procs)
 
             async def start(run_id: str) -> None:
-                async with sem:
-                    await client.start(w.approval, run_id=run_id)
+                await client.start(w.approval, run_id=run_id)
 
             all_there.clear()
             target["suspended"] = base["suspended"] + n
+            cpu0 = self._cpu(procs)
             t0 = time.perf_counter()
-            await asyncio.gather(*(start(r) for r in ids))
+            await _pool(ids, start, "started", lambda: counts["suspended"] - base["suspended"])
             await asyncio.wait_for(all_there.wait(), timeout=120 + n / 20)
             t_susp = time.perf_counter() - t0
             # Memory and reads are measured at rest: once the orchestrator has folded every
@@ -872,6 +921,7 @@ class Bench:
             t_rest = time.perf_counter()
             await self._orchestrator_idle(client, s, timeout=120 + n / 50)
             caught_up = time.perf_counter() - t_rest
+            cpu_susp = self._cpu_note(cpu0, self._cpu(procs), n)
             rss = self._rss(procs)
             stored = await self._stream_bytes(client, s)
             # A history read now, with the runs stream this full: it is on every resume path
@@ -909,7 +959,8 @@ class Bench:
                     n / t_susp,
                     "wf/s",
                     kind="rate",
-                    note=f"{t_susp:.1f} s; the run index caught up {caught_up:.1f} s later",
+                    note=f"{t_susp:.1f} s; the run index caught up {caught_up:.1f} s later; "
+                    + cpu_susp,
                 )
             )
             for proc_name in ("orchestrator", "scheduler", "worker", "nats-server"):
@@ -927,19 +978,38 @@ class Bench:
                     )
                 )
 
+            # The same resume latency with all of them waiting: a resume must not get slower
+            # with the number of runs the namespace holds (the issue's bound: within 2x).
+            lat, acks = await resume_latency("rw")
+            self.report.add(
+                Figure(
+                    f"resume -> next step runs p50 with {n:,} suspended runs waiting",
+                    statistics.median(lat),
+                    "ms",
+                    note=f"{statistics.median(lat) / idle_p50:.2f}x the figure with none waiting; "
+                    f"p99 {pct(lat, 99):.1f} ms; answered in {statistics.median(acks):.1f} ms p50",
+                )
+            )
+            base = dict(counts)
+
             all_there.clear()
             target["suspended"] = 0
             target["completed"] = counts["completed"] + counts["failed"] + n
+            cpu0 = self._cpu(procs)
             t0 = time.perf_counter()
 
             async def resume(run_id: str) -> None:
-                async with sem:
-                    await client.resume(run_id, "approve", {"ok": True})
+                await client.resume(run_id, "approve", {"ok": True})
 
-            await asyncio.gather(*(resume(r) for r in ids))
+            done_before = counts["completed"] + counts["failed"]
+            await _pool(
+                ids, resume, "resumed", lambda: counts["completed"] + counts["failed"] - done_before
+            )
             t_sent = time.perf_counter() - t0
             await asyncio.wait_for(all_there.wait(), timeout=120 + n / 20)
             t_all = time.perf_counter() - t0
+            await self._orchestrator_idle(client, s, timeout=120 + n / 50)
+            cpu_res = self._cpu_note(cpu0, self._cpu(procs), n)
             if counts["failed"] > base["failed"]:
                 raise RuntimeError(f"{counts['failed'] - base['failed']} resumed runs failed")
             self.report.add(
@@ -947,7 +1017,8 @@ class Bench:
                     f"time to resume all {n:,} suspended runs",
                     t_all * 1000,
                     "ms",
-                    note=f"{n / t_all:,.0f} runs/s finished; resumes answered in {t_sent:.1f} s",
+                    note=f"{n / t_all:,.0f} runs/s finished; resumes answered in {t_sent:.1f} s; "
+                    + cpu_res,
                 )
             )
         finally:
@@ -987,8 +1058,7 @@ class Bench:
         await until(ready, 30.0, "the scheduler")
         await asyncio.sleep(0.5)  # its start-up reads settle
 
-    def _rss(self, procs: Processes) -> dict[str, float]:
-        """Resident memory (MB) of the services, from /proc (Linux)."""
+    def _pids(self, procs: Processes) -> dict[str, int]:
         pids = {
             name: procs.procs[key].pid
             for name, key in (
@@ -1000,8 +1070,34 @@ class Bench:
         }
         if self.server is not None and self.server.proc is not None:
             pids["nats-server"] = self.server.proc.pid
+        return pids
+
+    def _cpu(self, procs: Processes) -> dict[str, float]:
+        """CPU seconds (user + system) each process has used so far, from /proc (Linux); the
+        benchmark's own client as ``client``. Differences over a phase, per run, say where a
+        run's cost goes."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out: dict[str, float] = {"client": time.process_time()}
+        for name, pid in self._pids(procs).items():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[name] = (int(fields[11]) + int(fields[12])) / tick
+        return out
+
+    @staticmethod
+    def _cpu_note(before: dict[str, float], after: dict[str, float], n: int) -> str:
+        """CPU ms per run over a phase, by process."""
+        parts = [
+            f"{name} {(after[name] - before[name]) * 1000 / n:.2f}"
+            for name in ("orchestrator", "worker", "nats-server", "scheduler", "client")
+            if name in before and name in after
+        ]
+        return "CPU ms per run: " + ", ".join(parts)
+
+    def _rss(self, procs: Processes) -> dict[str, float]:
+        """Resident memory (MB) of the services, from /proc (Linux)."""
         out: dict[str, float] = {}
-        for name, pid in pids.items():
+        for name, pid in self._pids(procs).items():
             with contextlib.suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
