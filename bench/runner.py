@@ -1182,7 +1182,18 @@ async def run_bench(
     cluster: bool = False,
 ) -> Report:
     bench = Bench(sizes, nats_url=nats_url, keep=keep, sync=sync, cluster=cluster)
-    report = await bench.run(only)
+    # A long figure (a million suspended runs) may be stopped with SIGTERM: cancel, so the
+    # figures' finally blocks stop the services and the server it started instead of leaving
+    # them running.
+    main = asyncio.current_task()
+    if main is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+    try:
+        report = await bench.run(only)
+    except asyncio.CancelledError:
+        print("bench: stopped (SIGTERM); its processes and server are stopped", file=sys.stderr)
+        raise SystemExit(143) from None
     print()
     print(f"durability: {report.mode}; load average at the end {_loadavg()}")
     print(report.table())
