@@ -28,7 +28,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--suspended-runs",
         type=int,
         default=None,
-        help="how many runs to suspend at once (default 10,000; the target is 100,000)",
+        help="how many runs wait at once in the suspended-runs figure (default 10,000)",
+    )
+    p.add_argument(
+        "--started-runs",
+        type=int,
+        default=None,
+        help="how many of the --suspended-runs are started, suspended and resumed through the "
+        "services, the rest being copies of one real suspended run written straight to the "
+        "streams (default: all; e.g. --suspended-runs 1000000 --started-runs 50000 measures "
+        "the services with a million runs waiting in a few minutes)",
     )
     p.add_argument(
         "--external",
@@ -78,8 +87,19 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         )
         return 2
     sizes = Sizes.quick() if args.quick else Sizes()
+    if args.suspended_runs is not None and args.suspended_runs < 1:
+        print("error: --suspended-runs must be at least 1")
+        return 2
     if args.suspended_runs:
         sizes = dataclasses.replace(sizes, suspended_runs=args.suspended_runs)
+    if args.started_runs is not None:
+        if not 1 <= args.started_runs <= sizes.suspended_runs:
+            print(
+                f"error: --started-runs must be between 1 and --suspended-runs "
+                f"({sizes.suspended_runs:,}), got {args.started_runs:,}"
+            )
+            return 2
+        sizes = dataclasses.replace(sizes, started_runs=args.started_runs)
     report = await run_bench(
         sizes,
         only=only,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 
 from polos import history as ev
 from polos._private.ops.cluster import LocalCluster
@@ -40,6 +40,9 @@ from polos._private.store import (
     connect,
     disconnect,
     ensure_topology,
+    kv_entry,
+    last_for_subject,
+    publish,
     read_history,
     read_run,
     read_subject,
@@ -76,6 +79,8 @@ class Sizes:
     read_sizes: tuple[int, ...] = (1, 100, 1000)
     read_repeats: int = 30
     suspended_runs: int = 10_000
+    # How many of them go through the services (None: all); the rest are copies (see _prefill).
+    started_runs: int | None = None
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -262,6 +267,9 @@ class Processes:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
 
+    def stop(self, name: str) -> None:
+        terminate_all([self.procs.pop(name)])
+
     def stop_all(self) -> None:
         terminate_all(self.procs.values())
         self.procs.clear()
@@ -300,6 +308,13 @@ async def _pool(
     finally:
         if reporter is not None:
             reporter.cancel()
+
+
+def _true(value: bool) -> Awaitable[bool]:
+    """``value`` as an awaitable, for ``until`` on a plain condition."""
+    done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    done.set_result(value)
+    return done
 
 
 async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
@@ -900,8 +915,26 @@ class Bench:
             )
             idle_p50 = statistics.median(lat)
 
+            total = self.sizes.suspended_runs
+            n = min(self.sizes.started_runs or total, total)
+            copies = total - n
+            fill_note = ""
+            if copies:
+                sample = f"sample-{uuid.uuid4().hex[:12]}"
+                suspended[sample] = asyncio.Event()
+                await client.start(w.approval, run_id=sample)
+                await asyncio.wait_for(suspended[sample].wait(), 60)
+                del suspended[sample]
+                before = counts["suspended"]
+                took = await self._prefill(procs, client, s, sample, copies)
+                await until(
+                    lambda: _true(counts["suspended"] >= before + copies),
+                    60 + copies / 1000,
+                    "the copies' control events",
+                )
+                fill_note = f"; {copies:,} copies of a suspended run waiting already (written in {took:.0f} s)"
+
             # Many suspended runs at once.
-            n = self.sizes.suspended_runs
             base = dict(counts)
             ids = [f"ms{i}-{uuid.uuid4().hex[:8]}" for i in range(n)]
             rss_before = self._rss(procs)
@@ -960,7 +993,8 @@ class Bench:
                     "wf/s",
                     kind="rate",
                     note=f"{t_susp:.1f} s; the run index caught up {caught_up:.1f} s later; "
-                    + cpu_susp,
+                    + cpu_susp
+                    + fill_note,
                 )
             )
             for proc_name in ("orchestrator", "scheduler", "worker", "nats-server"):
@@ -970,7 +1004,7 @@ class Bench:
                     parts.append(f"stored in JetStream {stored:.0f} MB")
                 self.report.add(
                     Figure(
-                        f"memory with {n:,} suspended runs: {proc_name} RSS",
+                        f"memory with {total:,} suspended runs: {proc_name} RSS",
                         now,
                         "MB",
                         kind="other",
@@ -983,7 +1017,7 @@ class Bench:
             lat, acks = await resume_latency("rw")
             self.report.add(
                 Figure(
-                    f"resume -> next step runs p50 with {n:,} suspended runs waiting",
+                    f"resume -> next step runs p50 with {total:,} suspended runs waiting",
                     statistics.median(lat),
                     "ms",
                     note=f"{statistics.median(lat) / idle_p50:.2f}x the figure with none waiting; "
@@ -1014,7 +1048,9 @@ class Bench:
                 raise RuntimeError(f"{counts['failed'] - base['failed']} resumed runs failed")
             self.report.add(
                 Figure(
-                    f"time to resume all {n:,} suspended runs",
+                    f"time to resume all {n:,} suspended runs"
+                    if not copies
+                    else f"time to resume {n:,} of the {total:,} suspended runs",
                     t_all * 1000,
                     "ms",
                     note=f"{n / t_all:,.0f} runs/s finished; resumes answered in {t_sent:.1f} s; "
@@ -1025,6 +1061,74 @@ class Bench:
             await sub.unsubscribe()
             await client.close()
             procs.stop_all()
+
+    async def _prefill(
+        self, procs: Processes, client: PolosClient, s: Settings, sample: str, copies: int
+    ) -> float:
+        """Write ``copies`` suspended runs straight to the streams: the stored messages of the
+        real suspended run ``sample`` (its control events, its run index entry, its start
+        command), byte for byte but for the run id. So a million waiting runs cost minutes to
+        set up instead of the hours the services would take on two cores, and the server holds
+        what it would hold for real ones. The orchestrator is stopped meanwhile and its
+        consumers restart at the end of the streams: the copies are history it never saw, as
+        if it had folded them already. Returns the seconds the writing took."""
+        names = Names(s.prefix)
+        await self._orchestrator_idle(client, s, timeout=60)
+        stored = [(m.subject, m.data, m.headers) for m in await read_run(client.nc, names, sample)]
+        entry = await kv_entry(client.nc, names.runs_bucket, sample)
+        cmd = await last_for_subject(client.nc, names.cmd_stream, names.start_subject("approval"))
+        if entry is None or cmd is None or sample.encode() not in cmd.data:
+            raise RuntimeError(f"the sample run {sample} has no index entry or start command")
+        stored += [
+            (f"$KV.{names.runs_bucket}.{sample}", entry.value, None),
+            (cmd.subject, cmd.data, cmd.headers),
+        ]
+        # The server adds Nats-* headers to what it returns (stream, sequence, time) and the
+        # writers sent fences; a copy keeps only its own message id and Polos's headers.
+        template = [
+            (
+                subj,
+                data,
+                {k: v for k, v in (hdrs or {}).items() if k == MSG_ID or not k.startswith("Nats-")},
+            )
+            for subj, data, hdrs in stored
+        ]
+        procs.stop("orchestrator")
+        raw = sample.encode()
+
+        async def write(run_id: str) -> None:
+            rid = run_id.encode()
+            for subj, data, hdrs in template:
+                await publish(
+                    client.nc,
+                    subj.replace(sample, run_id),
+                    data.replace(raw, rid),
+                    headers={k: v.replace(sample, run_id) for k, v in hdrs.items()} or None,
+                    timeout=30.0,
+                )
+
+        ids = [f"cp{i}-{uuid.uuid4().hex[:8]}" for i in range(copies)]
+        t0 = time.perf_counter()
+        await _pool(ids, write, "copies written", lambda: 0, width=256)
+        took = time.perf_counter() - t0
+        del ids
+        for stream, durable in (
+            (names.cmd_stream, "orchestrator_cmd"),
+            (names.runs_stream, "orchestrator_ctl"),
+        ):
+            info = await client.js.consumer_info(stream, durable)
+            cfg = info.config
+            cfg.deliver_policy = DeliverPolicy.NEW
+            await client.js.delete_consumer(stream, durable)
+            await client.js.add_consumer(stream, cfg)
+        procs.orchestrator()
+
+        async def pulling() -> bool:
+            info = await client.js.consumer_info(names.runs_stream, "orchestrator_ctl")
+            return bool(info.num_waiting)
+
+        await until(pulling, 60.0, "the orchestrator to start again")
+        return took
 
     @staticmethod
     async def _orchestrator_idle(client: PolosClient, s: Settings, timeout: float) -> None:

@@ -42,9 +42,11 @@ async def ensure_consumer(
     )
     try:
         await js.add_consumer(stream, cfg)
-    except nats.js.errors.BadRequestError as exc:
-        # 10148: exists with another config (another process made it first): use theirs.
-        if exc.err_code not in (10148, 10013):
+    except nats.js.errors.APIError as exc:
+        # It exists with another config: another process made it first, or an operator made
+        # it to start elsewhere in the stream (10012: another deliver policy). Use theirs:
+        # where a consumer stands is its own state, not something a restart should reset.
+        if exc.err_code not in (10148, 10013, 10012):
             raise
 
 
