@@ -44,6 +44,7 @@ def test_bench_quick_runs_every_figure(tmp_path: Path) -> None:
         "start -> first step",
         "workflows/s",
         "failover: SIGKILL",
+        "suspended runs waiting",
     ):
         assert any(n.startswith(expected) or expected in n for n in names), (expected, names)
     for f in report["figures"]:
@@ -54,6 +55,67 @@ def test_bench_quick_runs_every_figure(tmp_path: Path) -> None:
 
     if not hasattr(Step, "suspend"):
         assert any("suspend" in p for p in report["pending"])
+
+
+def test_suspended_runs_with_copies(tmp_path: Path) -> None:
+    """Most of the waiting runs written as copies of a real one: the copies count as suspended
+    runs (their control events arrive), the orchestrator restarts past them, and the started
+    runs are still resumed and completed through the services."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polos_bench",
+            "--quick",
+            "--only",
+            "suspend",
+            "--suspended-runs",
+            "300",
+            "--started-runs",
+            "40",
+            "--json",
+            str(out),
+        ],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    print(proc.stdout[-4000:])
+    report = json.loads(out.read_text())
+    assert proc.returncode == 0 and not report["failed"], (report["failed"], proc.stderr[-3000:])
+    by_name = {f["name"]: f for f in report["figures"]}
+    started = by_name["40 runs started and suspended"]
+    assert "260 copies of a suspended run waiting already" in started["note"]
+    assert "CPU ms per run: orchestrator" in started["note"]
+    assert "memory with 300 suspended runs: nats-server RSS" in by_name
+    assert "resume -> next step runs p50 with 300 suspended runs waiting" in by_name
+    resumed = by_name["time to resume 40 of the 300 suspended runs"]
+    assert resumed["value"] > 0
+    # 300 runs' control events are in the stream: three each, the copies included.
+    read = next(f for f in report["figures"] if f["name"].startswith("history read"))
+    stored = int(read["name"].split(", ")[1].split(" msgs")[0].replace(",", ""))
+    assert stored >= 3 * 300, read["name"]
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--suspended-runs", "0"], "--suspended-runs must be at least 1"),
+        (["--suspended-runs", "10", "--started-runs", "11"], "--started-runs must be between 1"),
+        (["--started-runs", "0"], "--started-runs must be between 1"),
+    ],
+)
+def test_bench_rejects_bad_sizes(args: list[str], error: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "polos_bench", "--only", "suspend", *args],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and error in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_polos_bench_subcommand_is_registered() -> None:
