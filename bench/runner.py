@@ -1096,6 +1096,8 @@ class Bench:
         procs.stop("orchestrator")
         raw = sample.encode()
 
+        written = [0]
+
         async def write(run_id: str) -> None:
             rid = run_id.encode()
             for subj, data, hdrs in template:
@@ -1106,10 +1108,11 @@ class Bench:
                     headers={k: v.replace(sample, run_id) for k, v in hdrs.items()} or None,
                     timeout=30.0,
                 )
+            written[0] += 1
 
         ids = [f"cp{i}-{uuid.uuid4().hex[:8]}" for i in range(copies)]
         t0 = time.perf_counter()
-        await _pool(ids, write, "copies written", lambda: 0, width=256)
+        await _pool(ids, write, "copies written", lambda: written[0], width=256)
         took = time.perf_counter() - t0
         del ids
         for stream, durable in (
