@@ -116,6 +116,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
             "install",
             "-q",
             "--disable-pip-version-check",
+            # Byte-compiling every dependency (openai, anthropic, pyarrow...) was a third of
+            # this fixture's time; the processes compile what they import as they run.
+            "--no-compile",
             str(wheel),
         ],
         check=True,
