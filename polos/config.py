@@ -53,6 +53,12 @@ class Settings:
         default_factory=lambda: _env_float("POLOS_SERVICE_ACK_WAIT", 10.0)
     )
     slot_lease: float = field(default_factory=lambda: _env_float("POLOS_SLOT_LEASE", 30.0))
+    # Replay snapshots (a cache of a run's folded state, docs/architecture.md): a worker writes
+    # one, in the background, each time a run it executes has this many events more than its
+    # last snapshot covers, and when such a run suspends. 0: no snapshots.
+    snapshot_events: int = field(
+        default_factory=lambda: int(os.environ.get("POLOS_SNAPSHOT_EVENTS", "1000"))
+    )
     replicas: int = field(default_factory=lambda: int(os.environ.get("POLOS_REPLICAS", "1")))
     # The span follower's back-off while its exporter (an OTLP collector) refuses spans: the
     # first retry after this long, doubling up to the max.
@@ -91,6 +97,7 @@ class Settings:
             "POLOS_REQUEST_TIMEOUT": str(self.request_timeout),
             "POLOS_SERVICE_ACK_WAIT": str(self.service_ack_wait),
             "POLOS_SLOT_LEASE": str(self.slot_lease),
+            "POLOS_SNAPSHOT_EVENTS": str(self.snapshot_events),
             "POLOS_REPLICAS": str(self.replicas),
             "POLOS_TELEMETRY_RETRY_INITIAL": str(self.telemetry_retry_initial),
             "POLOS_TELEMETRY_RETRY_MAX": str(self.telemetry_retry_max),

@@ -36,6 +36,7 @@ from polos._private.store import (
     load_state,
     payloads,
     read_subject,
+    snapshots,
     valid_token,
 )
 from polos._private.store.commands import CANCEL_FIELDS, CHILD_FIELDS, RESUME_FIELDS
@@ -223,11 +224,34 @@ async def _resume_now(
     return True
 
 
+async def _resume_suspended(orch: Orchestrator, run_id: str, key: str, data: Any, seq: int) -> bool:
+    """The usual resume, from the run's control events only: a run suspended at ``key`` has
+    its ``RunSuspended`` as its last event, so the wake is fenced on it without reading the
+    run's steps (a long run's are most of its history). False for anything else (the run is
+    elsewhere, or the wake's fence found more history): the caller reads the whole run."""
+    state = await load_state(orch.nc, orch.names, run_id, kinds=CTL)
+    sus = state.suspended
+    if (
+        state.requested is None
+        or state.status != "suspended"
+        or sus is None
+        or sus.step != key
+        or sus.kind != "suspend"
+        or key in state.steps
+    ):
+        return False
+    # No history for the task: a control-events-only history is not the run's whole history,
+    # and a worker must not claim from it.
+    return await _resume_now(orch, state, None, sus, data, seq)
+
+
 async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
     run_id, key, body = _resume_target(orch, msg, tokens)
     data = await _resume_data(orch, run_id, body)
     seq = msg.metadata.sequence.stream
     answer = {"ok": True, "run_id": run_id, "key": key}
+    if await _resume_suspended(orch, run_id, key, data, seq):
+        return {**answer, "status": "resumed"}
     for _ in range(10):
         state, bodies = await load_run(orch.nc, orch.names, run_id)
         if state.requested is None:
@@ -321,6 +345,11 @@ async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
     # Interrupt the worker holding it (if any) at its next await; it is fenced out anyway.
     await orch.nc.publish(orch.names.cancel_signal_subject(run_id), b"")
     await clear_timers(orch.js, orch.names, run_id)
+    # Its replay snapshot, if it had one: nothing replays a cancelled run.
+    try:
+        await snapshots.delete(orch.nc, orch.js, orch.names, run_id)
+    except Exception as exc:
+        log.warning("run %s: replay snapshot not removed: %s", run_id, exc)
     state = await load_state(orch.nc, orch.names, run_id)
     # Every child the run ever requested: the requests are stored (under the parent) before
     # the parent records the child, so a child requested but not recorded (the record fenced
