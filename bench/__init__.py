@@ -20,7 +20,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         help="run only this figure (repeatable): publish, overhead, reads, e2e, first_step, "
-        "throughput, failover, replay, suspend, export",
+        "throughput, failover, replay, long, suspend, export",
     )
     p.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (server data, logs)")
@@ -29,6 +29,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="how many runs to suspend at once (default 10,000; the target is 100,000)",
+    )
+    p.add_argument(
+        "--long-steps",
+        type=int,
+        default=None,
+        help="completed steps of the long run the `long` figure resumes (default 10,000)",
     )
     p.add_argument(
         "--external",
@@ -80,6 +86,8 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.suspended_runs:
         sizes = dataclasses.replace(sizes, suspended_runs=args.suspended_runs)
+    if args.long_steps:
+        sizes = dataclasses.replace(sizes, long_steps=args.long_steps)
     report = await run_bench(
         sizes,
         only=only,

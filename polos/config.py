@@ -53,12 +53,6 @@ class Settings:
         default_factory=lambda: _env_float("POLOS_SERVICE_ACK_WAIT", 10.0)
     )
     slot_lease: float = field(default_factory=lambda: _env_float("POLOS_SLOT_LEASE", 30.0))
-    # Replay snapshots (a cache of a run's folded state, docs/architecture.md): a worker writes
-    # one, in the background, each time a run it executes has this many events more than its
-    # last snapshot covers, and when such a run suspends. 0: no snapshots.
-    snapshot_events: int = field(
-        default_factory=lambda: int(os.environ.get("POLOS_SNAPSHOT_EVENTS", "1000"))
-    )
     replicas: int = field(default_factory=lambda: int(os.environ.get("POLOS_REPLICAS", "1")))
     # The span follower's back-off while its exporter (an OTLP collector) refuses spans: the
     # first retry after this long, doubling up to the max.
@@ -77,6 +71,12 @@ class Settings:
     # The web UI's URL (``polos up`` records it; POLOS_UI_URL): a suspend's data then carries
     # ``_approval_url``, the page where a human answers it (docs/ui.md).
     ui_url: str | None = field(default_factory=lambda: os.environ.get("POLOS_UI_URL") or None)
+    # Replay snapshots (a cache of a run's folded state, docs/architecture.md): a worker writes
+    # one, in the background, each time a run it executes has this many events more than its
+    # last snapshot covers, and when such a run suspends. 0: no snapshots.
+    snapshot_events: int = field(
+        default_factory=lambda: int(os.environ.get("POLOS_SNAPSHOT_EVENTS", "1000"))
+    )
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):

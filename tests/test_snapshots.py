@@ -78,21 +78,23 @@ async def test_a_long_run_resumes_from_its_snapshot_on_a_worker_without_its_stat
     env = await env_factory([], with_worker=False)
     # state_cache=0: the worker keeps nothing of a run it suspended, so the resume replays.
     async with Worker([long_run], settings=settings.worker, state_cache=0) as worker:
-        handle = await env.client.start(long_run, Long(steps=60))
+        # More steps than a resume reads before it takes a run for a long one (64), and more
+        # history than a task carries (32 KB): the worker has to find the history itself.
+        handle = await env.client.start(long_run, Long(steps=200))
         state = await _suspended(env, handle.run_id)
         assert worker.snapshots is not None
         await worker.snapshots.idle()
         # Written when the run suspended: it covers the whole run up to the RunSuspended.
         assert await _snapshot_seq(settings, handle.run_id) == state.last_seq
         await env.client.resume(handle.run_id, "approve", {"add": 1000})
-        assert await handle.result(timeout=30) == _squares(60) + 1000
+        assert await handle.result(timeout=30) == _squares(200) + 1000
         assert worker.history_reads["snapshot"] == 1, worker.history_reads
         assert worker.history_reads["full"] == 0, worker.history_reads
         assert worker.snapshots_ignored == []
         await worker.snapshots.idle()
         # Removed when the run ended.
         assert await _snapshot_seq(settings, handle.run_id) is None
-    _assert_each_step_once(log, 60)
+    _assert_each_step_once(log, 200)
     assert counts(log)[1]["0"] == 1  # the step after the resume ran once
 
 
@@ -189,14 +191,14 @@ async def test_a_corrupt_foreign_or_forged_snapshot_is_ignored_and_the_log_repla
     env = await env_factory([], with_worker=False)
     async with Worker([long_run], settings=settings.worker, state_cache=0) as worker:
         assert worker.snapshots is not None
-        other = await env.client.start(long_run, Long(steps=30))
-        handle = await env.client.start(long_run, Long(steps=40))
+        other = await env.client.start(long_run, Long(steps=150))
+        handle = await env.client.start(long_run, Long(steps=200))
         await _suspended(env, other.run_id)
         await _suspended(env, handle.run_id)
         await worker.snapshots.idle()
         await _tamper(kind, settings, handle.run_id, other.run_id)
         await env.client.resume(handle.run_id, "approve", {"add": 7})
-        assert await handle.result(timeout=30) == _squares(40) + 7
+        assert await handle.result(timeout=30) == _squares(200) + 7
         assert worker.history_reads["full"] == 1, worker.history_reads
         assert worker.history_reads["snapshot"] == 0, worker.history_reads
         assert len(worker.snapshots_ignored) == 1, worker.snapshots_ignored
@@ -204,9 +206,9 @@ async def test_a_corrupt_foreign_or_forged_snapshot_is_ignored_and_the_log_repla
         await env.client.cancel(other.run_id)
         await worker.snapshots.idle()
     started, done = counts(log)
-    # Steps of the tampered run ran once (the other run's s1..s30 once as well): 2 and 1.
-    for i in range(1, 41):
-        assert started[str(i)] == done[str(i)] == (2 if i <= 30 else 1), f"step {i}"
+    # Steps of the tampered run ran once (the other run's s1..s150 once as well): 2 and 1.
+    for i in range(1, 201):
+        assert started[str(i)] == done[str(i)] == (2 if i <= 150 else 1), f"step {i}"
     # The run that ended, and the cancelled one (removed by the orchestrator): no snapshot.
     assert await _snapshot_seq(settings, handle.run_id) is None
 

@@ -33,6 +33,7 @@ from polos._private.store import (
     kv_entries,
     last_for_subject,
     load_run,
+    load_run_unless_long,
     load_state,
     payloads,
     read_subject,
@@ -60,6 +61,9 @@ log = logging.getLogger("polos.waiting")
 # Reads that need a run's status, workflow or outcome, not its steps.
 CTL = ("ctl",)
 CASCADE_HEADER = "Polos-Cascade"  # a cancel sent by a parent's cancellation, not by a user
+# A resume reads at most this many of a run's step events before it takes the run for a long
+# one (read by its control events only): more is rarely a history a task could carry anyway.
+RESUME_READ_STEPS = 64
 
 
 def _workflow_of(orch: Orchestrator, run_id: str, state: ev.RunState | None = None) -> str | None:
@@ -224,36 +228,34 @@ async def _resume_now(
     return True
 
 
-async def _resume_suspended(orch: Orchestrator, run_id: str, key: str, data: Any, seq: int) -> bool:
-    """The usual resume, from the run's control events only: a run suspended at ``key`` has
-    its ``RunSuspended`` as its last event, so the wake is fenced on it without reading the
-    run's steps (a long run's are most of its history). False for anything else (the run is
-    elsewhere, or the wake's fence found more history): the caller reads the whole run."""
-    state = await load_state(orch.nc, orch.names, run_id, kinds=CTL)
-    sus = state.suspended
-    if (
-        state.requested is None
-        or state.status != "suspended"
-        or sus is None
-        or sus.step != key
-        or sus.kind != "suspend"
-        or key in state.steps
-    ):
-        return False
-    # No history for the task: a control-events-only history is not the run's whole history,
-    # and a worker must not claim from it.
-    return await _resume_now(orch, state, None, sus, data, seq)
-
-
 async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
     run_id, key, body = _resume_target(orch, msg, tokens)
     data = await _resume_data(orch, run_id, body)
     seq = msg.metadata.sequence.stream
     answer = {"ok": True, "run_id": run_id, "key": key}
-    if await _resume_suspended(orch, run_id, key, data, seq):
-        return {**answer, "status": "resumed"}
-    for _ in range(10):
-        state, bodies = await load_run(orch.nc, orch.names, run_id)
+    for attempt in range(10):
+        if attempt == 0:
+            # A long run is resumed from its control events (a run suspended at the resumed
+            # step has its RunSuspended last: the wake is fenced on it) without reading its
+            # steps; its task then carries no history, and the worker starts from the run's
+            # snapshot. Anything else about a long run reads it whole (the next attempt).
+            state, bodies, whole = await load_run_unless_long(
+                orch.nc, orch.names, run_id, max_steps=RESUME_READ_STEPS
+            )
+            if not whole:
+                sus = state.suspended
+                if (
+                    state.status == "suspended"
+                    and sus is not None
+                    and sus.step == key
+                    and sus.kind == "suspend"
+                    and key not in state.steps
+                    and await _resume_now(orch, state, None, sus, data, seq)
+                ):
+                    return {**answer, "status": "resumed"}
+                continue
+        else:
+            state, bodies = await load_run(orch.nc, orch.names, run_id)
         if state.requested is None:
             raise RunNotYetKnown(
                 f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id"

@@ -317,6 +317,25 @@ async def load_run(
     return ev.RunState.fold(run_id, history), bodies
 
 
+async def load_run_unless_long(
+    nc: NATS, names: Names, run_id: str, *, max_steps: int
+) -> tuple[ev.RunState, list[tuple[int, bytes]] | None, bool]:
+    """``load_run`` for a run with fewer than ``max_steps`` step events, and True; for a
+    longer one, its state folded from its control events only (status, suspension, outcome,
+    the steps woken by them: not its other steps), no bodies, and False. One round trip either
+    way: a long run's steps are not read beyond the first ``max_steps``."""
+    ctl, steps = await asyncio.gather(
+        read_subject(nc, names.runs_stream, names.run_subject(run_id, "ctl")),
+        read_subject(nc, names.runs_stream, names.run_subject(run_id, "step"), limit=max_steps),
+    )
+    if len(steps) >= max_steps:
+        history, _ = await _decode_run(nc, names, ctl)
+        return ev.RunState.fold(run_id, history), None, False
+    msgs = list(heapq.merge(ctl, steps, key=lambda m: m.seq))
+    history, bodies = await _decode_run(nc, names, msgs)
+    return ev.RunState.fold(run_id, history), bodies, True
+
+
 # --------------------------------------------------------------------------- KV buckets
 
 _GONE = ("DEL", "PURGE")  # the KV operations that leave a key without a value
@@ -373,6 +392,7 @@ __all__ = [
     "last_for_subject",
     "last_per_subject",
     "load_run",
+    "load_run_unless_long",
     "load_state",
     "read_history",
     "read_run",
