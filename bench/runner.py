@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -511,8 +512,7 @@ class Bench:
         same suspended run both ways: load + re-walk, in the benchmark process."""
         from polos._private.run.execution import RunExecution
         from polos._private.run.signals import Suspend
-        from polos._private.store import kv_entry, snapshots
-        from polos.errors import RunNotFoundError
+        from polos._private.store import kv_entry, load_state, snapshots
         from polos.worker import Worker
         from polos.workflow import WorkflowContext
 
@@ -538,7 +538,12 @@ class Bench:
         lat: dict[str, list[float]] = {"snapshot": [], "log": []}
         acks: dict[str, list[float]] = {"snapshot": [], "log": []}
         bare: dict[str, list[tuple[float, float, float]]] = {"snapshot": [], "log": []}
+        phases: dict[str, list[tuple[float, float, float]]] = {"snapshot": [], "log": []}
         sizes: list[int] = []
+        suspended_at: dict[str, int] = {}
+
+        def h_seq(run_id: str) -> int:
+            return suspended_at[run_id]
 
         async def rewalk(state: ev.RunState) -> float:
             t0 = time.perf_counter()
@@ -557,15 +562,16 @@ class Bench:
                 h = await client.start(w.bench_long, w.Steps(steps=n))
 
                 async def waiting(run_id: str = h.run_id) -> bool:
-                    try:
-                        return (await client.get(run_id)).status == "suspended"
-                    except RunNotFoundError:  # not created yet
-                        return False
+                    # Its control events only: reading the whole run while it grows would
+                    # take the worker's turns in this process.
+                    state = await load_state(client.nc, names, run_id, kinds=("ctl",))
+                    return state.status == "suspended"
 
-                await until(waiting, 60 + n / 50, f"the {n}-step run to suspend")
+                await until(waiting, 60 + n / 20, f"the {n}-step run to suspend")
                 await worker.snapshots.idle()
                 entry = await kv_entry(wnc, names.snapshots_bucket, h.run_id)
                 assert entry is not None, "the suspended run has no snapshot"
+                suspended_at[h.run_id] = snapshots.decode(h.run_id, entry.value).seq
                 sizes.append(len(entry.value))
                 # The bare replay, both ways, of the run as it waits.
                 t0 = time.perf_counter()
@@ -581,12 +587,23 @@ class Bench:
                 bare["log"].append(((t1 - t0) * 1000, (t2 - t1) * 1000, await rewalk(state)))
                 if mode == "log":
                     await snapshots.delete(wnc, wjs, names, h.run_id)
+                # What the bare replays left must not be collected during the timed resume.
+                del loaded, history, state
+                gc.collect()
                 before = dict(worker.history_reads)
                 t0 = time.time()
                 await client.resume(h.run_id, "go", {"ok": True})
                 acks[mode].append((time.time() - t0) * 1000)
                 ran_at = float(await h.result(timeout=120))
                 lat[mode].append((ran_at - t0) * 1000)
+                # Where the time went, from the events' own clocks: the wake built by the
+                # orchestrator, the claim built by the worker (after its load), the step.
+                tail = await read_history(wnc, names, h.run_id, start_seq=h_seq(h.run_id))
+                woke = [e.at for _, e in tail if isinstance(e, ev.RunWoken)][-1]
+                claimed = [e.at for _, e in tail if isinstance(e, ev.RunClaimed)][-1]
+                phases[mode].append(
+                    ((woke - t0) * 1000, (claimed - woke) * 1000, (ran_at - claimed) * 1000)
+                )
                 took = "snapshot" if mode == "snapshot" else "full"
                 assert worker.history_reads[took] == before[took] + 1, (
                     f"the resume did not replay from the {mode}: {worker.history_reads}"
@@ -601,8 +618,11 @@ class Bench:
                     f"resume of a {n:,}-step run -> next step runs, {label}",
                     statistics.median(lat[mode]),
                     "ms",
-                    note=f"{len(lat[mode])} runs; answered in {statistics.median(acks[mode]):.1f}"
-                    " ms; worker without the run's state (in-process, state_cache=0)",
+                    note=f"{len(lat[mode])} runs; resume -> wake built "
+                    f"{statistics.median(p[0] for p in phases[mode]):.1f}, -> claim built (task, "
+                    f"load) {statistics.median(p[1] for p in phases[mode]):.1f}, -> step runs "
+                    f"(claim append, re-walk) {statistics.median(p[2] for p in phases[mode]):.1f}"
+                    " ms p50; worker without the run's state (in-process, state_cache=0)",
                 )
             )
         for mode, label in (("snapshot", "snapshot + tail"), ("log", "whole log")):

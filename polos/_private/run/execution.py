@@ -20,6 +20,7 @@ from polos import history as ev
 from polos._private.model.values import DEFAULT_STEP_RETRY, RetryPolicy, StepInfo
 from polos._private.run.waits import retry_later
 from polos._private.store import Names, append
+from polos._private.store.snapshots import ROW_COMPLETED
 from polos.converter import from_json, return_type, to_json
 from polos.errors import NonDeterminismError, SerializationError, StepFailedError
 
@@ -391,6 +392,19 @@ class RunExecution:
             raise TypeError(f"ctx.step.run({key!r}, ...) needs a callable, got {fn!r}")
         name = _qualname(fn)
         step_id = self.step_id(key, "run")
+        raw: Any = dict.get(self.state.steps, step_id)
+        if (
+            type(raw) is list
+            and raw[1] == ROW_COMPLETED
+            and raw[2] == "run"
+            and (raw[3] is None or raw[3] == name)
+        ):
+            # A step restored from a replay snapshot and not asked for yet: its row holds what
+            # replay needs, without building its event (a long run's re-walk is this loop).
+            self._unconsumed.discard(step_id)
+            if self.user_state is not None:
+                self._restore_state(step_id)
+            return _replayed(raw[4], fn)
         found = self.recorded(step_id, "run", name)
         if type(found) is ev.StepCompleted:
             return _replayed(found.output, fn)

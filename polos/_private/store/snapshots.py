@@ -126,7 +126,9 @@ def capture(state: ev.RunState, last_event: ev.Event) -> Capture:
     )
 
 
-def _row(e: ev.StepCompleted | ev.StepFailed) -> list[Any]:
+def _row(e: ev.StepCompleted | ev.StepFailed | list[Any]) -> list[Any]:
+    if type(e) is list:  # a restored step never asked for: stored as it was
+        return e
     if type(e) is ev.StepCompleted:
         return [
             e.key,
@@ -149,7 +151,9 @@ async def encode(cap: Capture) -> bytes:
     rows: list[list[Any]] = []
     steps, order = cap.steps, cap.order
     for start in range(0, cap.n_steps, _CHUNK):
-        rows.extend(_row(steps[k]) for k in order[start : min(start + _CHUNK, cap.n_steps)])
+        # dict.__getitem__: a restored step that was never asked for is written as its row.
+        get = dict.__getitem__
+        rows.extend(_row(get(steps, k)) for k in order[start : min(start + _CHUNK, cap.n_steps)])
         await asyncio.sleep(0)
     body = orjson.dumps({**cap.fields, "steps": rows})
     header = orjson.dumps(
@@ -201,23 +205,70 @@ def decode(run_id: str, value: bytes) -> Decoded:
 
 _new = object.__new__
 _set = object.__setattr__
-_COMPLETED = ("key", "kind", "name", "output", "attempts", "at", "started_at", "duration_ms")
+_MISSING = object()
+# A restored step's row (``_row``): [key, 0, kind, name, output, attempts, at, started_at,
+# duration_ms, meta] for a StepCompleted, [key, 1, kind, name, error, attempts, at] for a
+# StepFailed.
+ROW_COMPLETED = 0
 
 
-def _completed(row: list[Any]) -> ev.StepCompleted:
-    # The frozen dataclass's __init__, without its keyword handling: restoring 10,000 steps
-    # is most of what a snapshot costs, and these are the fields ``_row`` wrote.
-    e = _new(ev.StepCompleted)
-    _set(e, "key", row[0])
-    _set(e, "kind", row[2])
-    _set(e, "name", row[3])
-    _set(e, "output", row[4])
-    _set(e, "attempts", row[5])
-    _set(e, "at", row[6])
-    _set(e, "started_at", row[7])
-    _set(e, "duration_ms", row[8])
-    _set(e, "meta", row[9])
-    return e
+def _step(row: list[Any]) -> ev.StepCompleted | ev.StepFailed:
+    if row[1] == ROW_COMPLETED:
+        # The frozen dataclass's __init__ without its keyword handling: these are the
+        # fields ``_row`` wrote.
+        e = _new(ev.StepCompleted)
+        _set(e, "key", row[0])
+        _set(e, "kind", row[2])
+        _set(e, "name", row[3])
+        _set(e, "output", row[4])
+        _set(e, "attempts", row[5])
+        _set(e, "at", row[6])
+        _set(e, "started_at", row[7])
+        _set(e, "duration_ms", row[8])
+        _set(e, "meta", row[9])
+        return e
+    return ev.StepFailed(
+        key=row[0], kind=row[2], name=row[3], error=row[4], attempts=row[5], at=row[6]
+    )
+
+
+class RestoredSteps(dict[str, Any]):
+    """``RunState.steps`` restored from a snapshot: each step stays the row it was stored as
+    until it is asked for, then becomes its event. Building 10,000 events up front cost more
+    than everything else a snapshot saves; a replay asks for each step once, and replay's
+    common case (``ctx.step.run``) reads the row itself (``RunExecution.run_step``)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> ev.StepCompleted | ev.StepFailed:
+        value = dict.__getitem__(self, key)
+        if type(value) is list:
+            value = _step(value)
+            dict.__setitem__(self, key, value)
+        return value  # type: ignore[no-any-return]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = dict.get(self, key, _MISSING)
+        if value is _MISSING:
+            return default
+        if type(value) is list:
+            value = _step(value)
+            dict.__setitem__(self, key, value)
+        return value
+
+    def values(self) -> list[ev.StepCompleted | ev.StepFailed]:  # type: ignore[override]
+        return [self[k] for k in self]
+
+    def items(self) -> list[tuple[str, ev.StepCompleted | ev.StepFailed]]:  # type: ignore[override]
+        return [(k, self[k]) for k in self]
+
+    def copy(self) -> dict[str, ev.StepCompleted | ev.StepFailed]:
+        return dict(self.items())
+
+    def __eq__(self, other: object) -> bool:
+        return dict(self.items()) == other
+
+    __hash__ = None
 
 
 def _event(body: Any, cls: type[ev.Event]) -> Any:
@@ -231,8 +282,8 @@ def _event(body: Any, cls: type[ev.Event]) -> Any:
 
 def restore(decoded: Decoded) -> ev.RunState:
     """The ``RunState`` a snapshot holds; ``SnapshotInvalid`` if it is not one."""
-    # Building every step allocates a lot of objects at once: the cyclic collector would walk
-    # them again and again for nothing (none of them is garbage).
+    # Decoding a long run's steps allocates many objects at once, none of them garbage: the
+    # cyclic collector would walk them (and the whole heap) again and again for nothing.
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -248,15 +299,17 @@ def restore(decoded: Decoded) -> ev.RunState:
 
 def _restore(decoded: Decoded) -> ev.RunState:
     f = orjson.loads(decoded.body)
-    steps: dict[str, ev.StepCompleted | ev.StepFailed] = {}
-    completed = _completed
-    for row in f["steps"]:
-        if row[1] == 0:
-            steps[row[0]] = completed(row)
-        else:
-            steps[row[0]] = ev.StepFailed(
-                key=row[0], kind=row[2], name=row[3], error=row[4], attempts=row[5], at=row[6]
-            )
+    rows = f["steps"]
+    for row in rows:
+        # Checked here, so that a row never fails later where it is used.
+        if not (
+            type(row) is list
+            and len(row) == (10 if row[1] == ROW_COMPLETED else 7)
+            and type(row[0]) is str
+            and row[1] in (0, 1)
+        ):
+            raise SnapshotInvalid("a malformed step")
+    steps = RestoredSteps((row[0], row) for row in rows)
     state = ev.RunState(
         run_id=decoded.run_id,
         last_seq=int(f["last_seq"]),
@@ -266,7 +319,7 @@ def _restore(decoded: Decoded) -> ev.RunState:
         attempt=int(f["attempt"]),
         worker_id=f["worker_id"],
         steps=steps,
-        step_order=list(steps),
+        step_order=[row[0] for row in rows],
         attempt_failures=dict(f["attempt_failures"]),
         suspended=_event(f["suspended"], ev.RunSuspended),
         rate_waits={k: _event(v, ev.RunSuspended) for k, v in f["rate_waits"].items()},
@@ -279,6 +332,8 @@ def _restore(decoded: Decoded) -> ev.RunState:
     )
     if state.last_seq != decoded.seq or state.status not in ev.RUN_STATUSES:
         raise SnapshotInvalid("the state does not end at its sequence")
+    if len(steps) != len(rows):
+        raise SnapshotInvalid("a step is recorded twice")
     return state
 
 
@@ -486,8 +541,10 @@ class Writer:
 
 
 __all__ = [
+    "ROW_COMPLETED",
     "Capture",
     "Loaded",
+    "RestoredSteps",
     "SnapshotInvalid",
     "Writer",
     "capture",
