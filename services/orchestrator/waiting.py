@@ -61,8 +61,8 @@ log = logging.getLogger("polos.waiting")
 # Reads that need a run's status, workflow or outcome, not its steps.
 CTL = ("ctl",)
 CASCADE_HEADER = "Polos-Cascade"  # a cancel sent by a parent's cancellation, not by a user
-# A resume reads at most this many of a run's step events before it takes the run for a long
-# one (read by its control events only): more is rarely a history a task could carry anyway.
+# A resume reads this many of a run's step events (and whether it has a replay snapshot) with
+# its control events: a run with fewer is read whole in one round trip, as before.
 RESUME_READ_STEPS = 64
 
 
@@ -235,12 +235,17 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     answer = {"ok": True, "run_id": run_id, "key": key}
     for attempt in range(10):
         if attempt == 0:
-            # A long run is resumed from its control events (a run suspended at the resumed
-            # step has its RunSuspended last: the wake is fenced on it) without reading its
-            # steps; its task then carries no history, and the worker starts from the run's
-            # snapshot. Anything else about a long run reads it whole (the next attempt).
+            # A long run (one with a replay snapshot) is resumed from its control events (a run
+            # suspended at the resumed step has its RunSuspended last: the wake is fenced on
+            # it) without reading its steps; its task then carries no history, and the worker
+            # starts from the snapshot. Anything else about a long run reads it whole (the next
+            # attempt); a shorter one is read whole at once, its history carried as before.
             state, bodies, whole = await load_run_unless_long(
-                orch.nc, orch.names, run_id, max_steps=RESUME_READ_STEPS
+                orch.nc,
+                orch.names,
+                run_id,
+                max_steps=RESUME_READ_STEPS,
+                long=snapshots.exists(orch.nc, orch.names, run_id),
             )
             if not whole:
                 sus = state.suspended

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,19 +319,30 @@ async def load_run(
 
 
 async def load_run_unless_long(
-    nc: NATS, names: Names, run_id: str, *, max_steps: int
+    nc: NATS,
+    names: Names,
+    run_id: str,
+    *,
+    max_steps: int,
+    long: Awaitable[bool],
 ) -> tuple[ev.RunState, list[tuple[int, bytes]] | None, bool]:
-    """``load_run`` for a run with fewer than ``max_steps`` step events, and True; for a
-    longer one, its state folded from its control events only (status, suspension, outcome,
-    the steps woken by them: not its other steps), no bodies, and False. One round trip either
-    way: a long run's steps are not read beyond the first ``max_steps``."""
-    ctl, steps = await asyncio.gather(
+    """``load_run`` and True; or, for a run of at least ``max_steps`` step events that ``long``
+    says is long (it has a replay snapshot), its state folded from its control events only
+    (status, suspension, outcome, the steps woken by them: not its other steps), no bodies,
+    and False. The control events, the first ``max_steps`` step events and ``long`` are asked
+    for at once: one round trip for a short run and for a long one."""
+    ctl, steps, is_long = await asyncio.gather(
         read_subject(nc, names.runs_stream, names.run_subject(run_id, "ctl")),
         read_subject(nc, names.runs_stream, names.run_subject(run_id, "step"), limit=max_steps),
+        long,
     )
     if len(steps) >= max_steps:
-        history, _ = await _decode_run(nc, names, ctl)
-        return ev.RunState.fold(run_id, history), None, False
+        if is_long:
+            history, _ = await _decode_run(nc, names, ctl)
+            return ev.RunState.fold(run_id, history), None, False
+        steps += await read_subject(
+            nc, names.runs_stream, names.run_subject(run_id, "step"), start_seq=steps[-1].seq + 1
+        )
     msgs = list(heapq.merge(ctl, steps, key=lambda m: m.seq))
     history, bodies = await _decode_run(nc, names, msgs)
     return ev.RunState.fold(run_id, history), bodies, True

@@ -178,6 +178,26 @@ class Decoded:
     body: bytes
 
 
+def is_of(run_id: str, value: bytes) -> bool:
+    """Whether ``value`` looks like a snapshot of ``run_id`` (its header only: cheap)."""
+    if value.startswith(REFERENCE):
+        return value.find(f'"{run_id}/'.encode()) >= 0
+    if not value.startswith(INLINE):
+        return False
+    try:
+        head = zlib.decompressobj().decompress(value[len(INLINE) :], 4096).partition(b"\n")[0]
+        header = orjson.loads(head)
+    except (zlib.error, orjson.JSONDecodeError):
+        return False
+    return isinstance(header, dict) and header.get("v") == FORMAT and header.get("run_id") == run_id
+
+
+async def exists(nc: NATS, names: Names, run_id: str) -> bool:
+    """Whether the run has a replay snapshot (not checked against the log): a long run."""
+    entry = await kv_entry(nc, names.snapshots_bucket, run_id)
+    return entry is not None and is_of(run_id, entry.value)
+
+
 def decode(run_id: str, value: bytes) -> Decoded:
     """The header and state bytes of an inline snapshot; ``SnapshotInvalid`` saying why not."""
     if not value.startswith(INLINE):
@@ -552,6 +572,8 @@ __all__ = [
     "delete",
     "encode",
     "event_digest",
+    "exists",
+    "is_of",
     "load",
     "purge",
     "restore",
