@@ -390,7 +390,10 @@ class RunExecution:
     ) -> Any:
         if not callable(fn):
             raise TypeError(f"ctx.step.run({key!r}, ...) needs a callable, got {fn!r}")
-        name = _qualname(fn)
+        try:  # _qualname's cache, without the call: this is the re-walk's loop
+            name = _NAMES[fn]
+        except (KeyError, TypeError):
+            name = _qualname(fn)
         step_id = self.step_id(key, "run")
         raw: Any = dict.get(self.state.steps, step_id)
         if (
@@ -404,7 +407,11 @@ class RunExecution:
             self._unconsumed.discard(step_id)
             if self.user_state is not None:
                 self._restore_state(step_id)
-            return _replayed(raw[4], fn)
+            output = raw[4]
+            tp = return_type(fn)
+            if tp is None or (tp in _NATIVE and type(output) is tp):
+                return output
+            return from_json(output, tp)
         found = self.recorded(step_id, "run", name)
         if type(found) is ev.StepCompleted:
             return _replayed(found.output, fn)
