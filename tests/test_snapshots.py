@@ -80,7 +80,7 @@ async def test_a_long_run_resumes_from_its_snapshot_on_a_worker_without_its_stat
     env = await env_factory([], with_worker=False)
     # state_cache=0: the worker keeps nothing of a run it suspended, so the resume replays.
     async with Worker([long_run], settings=settings.worker, state_cache=0) as worker:
-        # More steps than a resume reads before it takes a run for a long one (64), and more
+        # More steps than a resume reads before it takes a run for a long one (16), and more
         # history than a task carries (32 KB): the worker has to find the history itself.
         handle = await env.client.start(long_run, Long(steps=200))
         state = await _suspended(env, handle.run_id)
@@ -114,7 +114,7 @@ async def test_sigkill_after_a_snapshot_no_completed_step_runs_again(
     w1 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w1.out")
     try:
         handle = await env.client.start(long_run, Long(steps=80, step_seconds=0.02, suspend=False))
-        # Snapshots every 20 events (fast_settings): kill once one is written and the run
+        # Snapshots every 50 events (fast_settings): kill once one is written and the run
         # has gone on past it.
         first = await _until_async(
             lambda: _snapshot_seq(settings, handle.run_id), "a snapshot of the running run"

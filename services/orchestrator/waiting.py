@@ -63,7 +63,7 @@ CTL = ("ctl",)
 CASCADE_HEADER = "Polos-Cascade"  # a cancel sent by a parent's cancellation, not by a user
 # A resume reads this many of a run's step events (and whether it has a replay snapshot) with
 # its control events: a run with fewer is read whole in one round trip, as before.
-RESUME_READ_STEPS = 64
+RESUME_READ_STEPS = 16
 
 
 def _workflow_of(orch: Orchestrator, run_id: str, state: ev.RunState | None = None) -> str | None:
