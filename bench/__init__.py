@@ -20,7 +20,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         help="run only this figure (repeatable): publish, overhead, reads, e2e, first_step, "
-        "throughput, failover, replay, suspend, export",
+        "throughput, failover, replay, long, suspend, export",
     )
     p.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (server data, logs)")
@@ -38,6 +38,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "services, the rest being copies of one real suspended run written straight to the "
         "streams (default: all; e.g. --suspended-runs 1000000 --started-runs 50000 measures "
         "the services with a million runs waiting in a few minutes)",
+    )
+    p.add_argument(
+        "--long-steps",
+        type=int,
+        default=None,
+        help="completed steps of the long run the `long` figure resumes (default 10,000)",
     )
     p.add_argument(
         "--external",
@@ -100,6 +106,8 @@ async def cmd_bench(args: argparse.Namespace) -> int:
             )
             return 2
         sizes = dataclasses.replace(sizes, started_runs=args.started_runs)
+    if args.long_steps:
+        sizes = dataclasses.replace(sizes, long_steps=args.long_steps)
     report = await run_bench(
         sizes,
         only=only,

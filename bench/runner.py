@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -81,6 +82,8 @@ class Sizes:
     suspended_runs: int = 10_000
     # How many of them go through the services (None: all); the rest are copies (see _prefill).
     started_runs: int | None = None
+    long_steps: int = 10_000
+    long_repeats: int = 3
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -101,6 +104,8 @@ class Sizes:
             read_sizes=(1, 100),
             read_repeats=5,
             suspended_runs=50,
+            long_steps=100,
+            long_repeats=1,
         )
 
 
@@ -130,6 +135,7 @@ FIGURES = (
     "throughput",
     "failover",
     "replay",
+    "long",
     "suspend",
     "export",
 )
@@ -400,6 +406,7 @@ class Bench:
                 ("overhead", self.fig_overhead),
                 ("reads", self.fig_reads),
                 ("replay", self.fig_replay),
+                ("long", self.fig_long),
                 ("e2e", self.fig_e2e),
                 ("throughput", self.fig_throughput),
                 ("failover", self.fig_failover),
@@ -546,6 +553,144 @@ class Bench:
                 note=note,
             )
         )
+
+    async def fig_long(self) -> None:
+        """A run with N completed steps suspended, then resumed on a worker that does not hold
+        its state (an in-process ``Worker(state_cache=0)``; the orchestrator is a process):
+        resume -> the next step runs, from the run's replay snapshot and, alternating, with
+        the snapshot removed (the worker reads the whole log). Then the bare replay of the
+        same suspended run both ways: load + re-walk, in the benchmark process."""
+        from polos._private.run.execution import RunExecution
+        from polos._private.run.signals import Suspend
+        from polos._private.store import kv_entry, load_state, snapshots
+        from polos.worker import Worker
+        from polos.workflow import WorkflowContext
+
+        from . import workflows as w
+
+        n = self.sizes.long_steps
+        s = self.settings()
+        # The default interval for the long run; a quick run's is too short for it.
+        s = s.with_(snapshot_events=min(s.snapshot_events, max(1, n // 2)))
+        names = Names(s.prefix)
+        nc = await connect(s, "polos-bench-init")
+        try:
+            await ensure_topology(nc.jetstream(), names, s)
+        finally:
+            await disconnect(nc)
+        procs = Processes(s, self.tmp)
+        procs.orchestrator()
+        client = await PolosClient.connect(settings=s)
+        worker = Worker([w.bench_long], settings=s, state_cache=0, worker_id="long")
+        await worker.start()
+        assert worker.snapshots is not None and worker._nc is not None and worker._js is not None
+        wnc, wjs = worker._nc, worker._js
+        lat: dict[str, list[float]] = {"snapshot": [], "log": []}
+        acks: dict[str, list[float]] = {"snapshot": [], "log": []}
+        bare: dict[str, list[tuple[float, float, float]]] = {"snapshot": [], "log": []}
+        phases: dict[str, list[tuple[float, float, float]]] = {"snapshot": [], "log": []}
+        sizes: list[int] = []
+        suspended_at: dict[str, int] = {}
+
+        def h_seq(run_id: str) -> int:
+            return suspended_at[run_id]
+
+        async def rewalk(state: ev.RunState) -> float:
+            t0 = time.perf_counter()
+            exe = RunExecution(
+                js=wjs, nc=wnc, names=names, settings=s, workflow=w.bench_long,
+                state=state, worker_id="bench",
+            )  # fmt: skip
+            with contextlib.suppress(Suspend):  # it stops where the run waits: the suspend
+                await w.bench_long(WorkflowContext(exe), w.Steps(steps=n))
+            assert exe.appends == 0, "a replay must not append"
+            return (time.perf_counter() - t0) * 1000
+
+        try:
+            for i in range(2 * self.sizes.long_repeats):
+                mode = "snapshot" if i % 2 == 0 else "log"
+                h = await client.start(w.bench_long, w.Steps(steps=n))
+
+                async def waiting(run_id: str = h.run_id) -> bool:
+                    # Its control events only: reading the whole run while it grows would
+                    # take the worker's turns in this process.
+                    state = await load_state(client.nc, names, run_id, kinds=("ctl",))
+                    return state.status == "suspended"
+
+                await until(waiting, 60 + n / 20, f"the {n}-step run to suspend")
+                await worker.snapshots.idle()
+                entry = await kv_entry(wnc, names.snapshots_bucket, h.run_id)
+                assert entry is not None, "the suspended run has no snapshot"
+                suspended_at[h.run_id] = snapshots.decode(h.run_id, entry.value).seq
+                sizes.append(len(entry.value))
+                # The bare replay, both ways, of the run as it waits.
+                t0 = time.perf_counter()
+                loaded, why = await snapshots.load(wnc, wjs, names, h.run_id)
+                t1 = time.perf_counter()
+                assert loaded is not None, why
+                bare["snapshot"].append(((t1 - t0) * 1000, 0.0, await rewalk(loaded.state)))
+                t0 = time.perf_counter()
+                history = await read_history(wnc, names, h.run_id)
+                t1 = time.perf_counter()
+                state = ev.RunState.fold(h.run_id, history)
+                t2 = time.perf_counter()
+                bare["log"].append(((t1 - t0) * 1000, (t2 - t1) * 1000, await rewalk(state)))
+                if mode == "log":
+                    await snapshots.delete(wnc, wjs, names, h.run_id)
+                # What the bare replays left must not be collected during the timed resume.
+                del loaded, history, state
+                gc.collect()
+                before = dict(worker.history_reads)
+                t0 = time.time()
+                await client.resume(h.run_id, "go", {"ok": True})
+                acks[mode].append((time.time() - t0) * 1000)
+                ran_at = float(await h.result(timeout=120))
+                lat[mode].append((ran_at - t0) * 1000)
+                # Where the time went, from the events' own clocks: the wake built by the
+                # orchestrator, the claim built by the worker (after its load), the step.
+                tail = await read_history(wnc, names, h.run_id, start_seq=h_seq(h.run_id))
+                woke = [e.at for _, e in tail if isinstance(e, ev.RunWoken)][-1]
+                claimed = [e.at for _, e in tail if isinstance(e, ev.RunClaimed)][-1]
+                phases[mode].append(
+                    ((woke - t0) * 1000, (claimed - woke) * 1000, (ran_at - claimed) * 1000)
+                )
+                # Without a snapshot the worker reads the log, or (a run short enough) gets the
+                # history the orchestrator read in the task.
+                took = worker.history_reads["snapshot"] - before["snapshot"]
+                assert took == (1 if mode == "snapshot" else 0), (
+                    f"the resume did not replay from the {mode}: {worker.history_reads}"
+                )
+        finally:
+            await worker.stop()
+            await client.close()
+            procs.stop_all()
+        for mode, label in (("snapshot", "from its snapshot"), ("log", "from the log only")):
+            self.report.add(
+                Figure(
+                    f"resume of a {n:,}-step run -> next step runs, {label}",
+                    statistics.median(lat[mode]),
+                    "ms",
+                    note=f"{len(lat[mode])} runs; resume -> wake built "
+                    f"{statistics.median(p[0] for p in phases[mode]):.1f}, -> claim built (task, "
+                    f"load) {statistics.median(p[1] for p in phases[mode]):.1f}, -> step runs "
+                    f"(claim append, re-walk) {statistics.median(p[2] for p in phases[mode]):.1f}"
+                    " ms p50; worker without the run's state (in-process, state_cache=0)",
+                )
+            )
+        for mode, label in (("snapshot", "snapshot + tail"), ("log", "whole log")):
+            loads = statistics.median(b[0] for b in bare[mode])
+            folds = statistics.median(b[1] for b in bare[mode])
+            walks = statistics.median(b[2] for b in bare[mode])
+            totals = statistics.median(sum(b) for b in bare[mode])
+            note = (
+                f"load {loads:.1f} (KV get, checks, tail, restore) + re-walk {walks:.1f} ms; "
+                f"snapshot {statistics.median(sizes) / 1024:,.0f} KB"
+                if mode == "snapshot"
+                else f"read {loads:.1f} + fold {folds:.1f} + re-walk {walks:.1f} ms"
+            )
+            self.report.add(
+                Figure(f"bare replay of the {n:,}-step run, {label}", totals, "ms", note=note)
+            )
 
     async def fig_reads(self) -> None:
         """A run's history read, now (kind by kind, shared inbox, fast header parser) and as it

@@ -49,6 +49,18 @@ async def bench_steps(ctx: WorkflowContext, job: Steps) -> int:
 
 
 @workflow
+async def bench_long(ctx: WorkflowContext, job: Steps) -> float:
+    """``job.steps`` no-op steps, a suspend, then one step: the long history a resume replays.
+    Returns the wall-clock time the step after the resume ran."""
+    for i in range(job.steps):
+        one: int = await ctx.step.run(f"s{i}", noop)
+        assert one == 1
+    await ctx.step.suspend("go")
+    ran: float = await ctx.step.run("after", stamp)
+    return ran
+
+
+@workflow
 async def timed_steps(ctx: WorkflowContext, job: Steps) -> int:
     """Like ``bench_steps`` but times every step call from inside the workflow."""
     total = 0

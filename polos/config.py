@@ -71,6 +71,12 @@ class Settings:
     # The web UI's URL (``polos up`` records it; POLOS_UI_URL): a suspend's data then carries
     # ``_approval_url``, the page where a human answers it (docs/ui.md).
     ui_url: str | None = field(default_factory=lambda: os.environ.get("POLOS_UI_URL") or None)
+    # Replay snapshots (a cache of a run's folded state, docs/architecture.md): a worker writes
+    # one, in the background, each time a run it executes has this many events more than its
+    # last snapshot covers, and when such a run suspends. 0: no snapshots.
+    snapshot_events: int = field(
+        default_factory=lambda: int(os.environ.get("POLOS_SNAPSHOT_EVENTS", "1000"))
+    )
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -91,6 +97,7 @@ class Settings:
             "POLOS_REQUEST_TIMEOUT": str(self.request_timeout),
             "POLOS_SERVICE_ACK_WAIT": str(self.service_ack_wait),
             "POLOS_SLOT_LEASE": str(self.slot_lease),
+            "POLOS_SNAPSHOT_EVENTS": str(self.snapshot_events),
             "POLOS_REPLICAS": str(self.replicas),
             "POLOS_TELEMETRY_RETRY_INITIAL": str(self.telemetry_retry_initial),
             "POLOS_TELEMETRY_RETRY_MAX": str(self.telemetry_retry_max),

@@ -49,6 +49,7 @@ def _fast(nats_url: str, prefix: str | None) -> dict[str, Any]:
         "telemetry_retry_initial": 0.05,
         "telemetry_retry_max": 0.4,
         "reconnect_max_wait": 0.5,
+        "snapshot_events": 50,
     }
 
 

@@ -56,6 +56,7 @@ from polos._private.store import (
     ensure_consumer,
     load_state,
     read_history,
+    snapshots,
 )
 from polos._private.store.task import Task, TaskDecodeError, decode_task
 from polos.config import Settings
@@ -178,7 +179,11 @@ class Worker:
         # run may wake on any worker, and a missing entry means a full read.
         self._states: OrderedDict[str, ev.RunState] = OrderedDict()
         self._state_cache = state_cache
-        self.history_reads = {"full": 0, "delta": 0, "none": 0}
+        self.history_reads = {"full": 0, "delta": 0, "none": 0, "snapshot": 0}
+        # Replay snapshots (store/snapshots.py), written in the background; the reasons
+        # snapshots found were not used (newest last, a few).
+        self.snapshots: snapshots.Writer | None = None
+        self.snapshots_ignored: list[str] = []
         # The limited queues these workflows declare: a run of one executes here only under an
         # admission of that queue, whatever the orchestrator knew when it dispatched it.
         self._queues = limits.declared_queues(self.workflows.values())
@@ -191,6 +196,10 @@ class Worker:
             self.settings, name=f"polos-worker-{self.id}", on_fatal=self.fatal
         )
         self._js = self._nc.jetstream(timeout=self.settings.request_timeout)
+        if self.settings.snapshot_events > 0:
+            self.snapshots = snapshots.Writer(
+                self._nc, self._js, self.names, self.settings.snapshot_events
+            )
         # Workers never create streams or buckets (the services do): say what is missing.
         await check_topology(self._js, self.names)
         await self._register_workflows()
@@ -229,6 +238,8 @@ class Worker:
             loop._stopping = True
         await asyncio.gather(*(loop.stop(drain_timeout=timeout) for loop in self._loops))
         await cancel_and_wait(self._bg)
+        if self.snapshots is not None:
+            await self.snapshots.close()
         if self._workers_kv is not None:
             with contextlib.suppress(Exception):
                 await self._workers_kv.delete(self.id)
@@ -395,6 +406,7 @@ class Worker:
         assert self._nc is not None and self._js is not None
         fresh = task.carried_state()
         held = self._states.pop(run_id, None)
+        snap: snapshots.Loaded | None = None
         for _ in range(5):
             if fresh is not None:
                 # The task carries the history (a new run, or a woken one): no read.
@@ -409,13 +421,11 @@ class Worker:
                     ):
                         state.apply(seq, event)
                 except ev.SequenceError:
-                    state = await load_state(self._nc, self.names, run_id)
-                    self.history_reads["full"] += 1
+                    state, snap = await self._load(run_id)
                 else:
                     self.history_reads["delta"] += 1
             else:
-                state = await load_state(self._nc, self.names, run_id)
-                self.history_reads["full"] += 1
+                state, snap = await self._load(run_id)
             if state.requested is None:
                 log.warning("task for run %s which has no history; dropped", run_id)
                 return None
@@ -451,6 +461,11 @@ class Worker:
                 state=state,
                 worker_id=self.id,
             )
+            if snap is not None:
+                exe.snapshot_covered = snap.state_events
+                exe.snapshot_known = True
+            if self.snapshots is not None:
+                exe.on_record = self._snapshot_due
             attempt = state.attempt + 1
             try:
                 await exe.record(
@@ -461,6 +476,35 @@ class Worker:
             except FencedOut:
                 continue  # someone appended between our read and our claim: read again
         raise RuntimeError(f"run {run_id}: could not claim after 5 tries")
+
+    async def _load(self, run_id: str) -> tuple[ev.RunState, snapshots.Loaded | None]:
+        """The run's state: from its replay snapshot and the events after it, or (no snapshot,
+        or one that does not check out) folded from its whole history."""
+        assert self._nc is not None and self._js is not None
+        if self.snapshots is not None:
+            loaded, why = await snapshots.load(self._nc, self._js, self.names, run_id)
+            if loaded is not None:
+                self.history_reads["snapshot"] += 1
+                return loaded.state, loaded
+            if why != "none":
+                log.warning("run %s: replay snapshot not used (%s); reading the log", run_id, why)
+                self.snapshots_ignored = [*self.snapshots_ignored[-9:], why]
+        self.history_reads["full"] += 1
+        return await load_state(self._nc, self.names, run_id), None
+
+    def _snapshot_due(self, exe: RunExecution) -> None:
+        # After each append of an execution: a snapshot in the background when the run has
+        # grown by ``snapshot_events`` since the last one.
+        assert self.snapshots is not None
+        state = exe.state
+        if not state.done and self.snapshots.due(state.events, exe.snapshot_covered):
+            self._snapshot(exe)
+
+    def _snapshot(self, exe: RunExecution) -> None:
+        assert self.snapshots is not None and exe.last_event is not None
+        self.snapshots.submit(snapshots.capture(exe.state, exe.last_event))
+        exe.snapshot_covered = exe.state.events
+        exe.snapshot_known = True
 
     async def _execute(self, wf: WorkflowDefinition[Any, Any], run_id: str, task: Task) -> str:
         exe = await self._claim(wf, run_id, task)
@@ -501,6 +545,13 @@ class Worker:
             except Suspend as sus:
                 await exe.wait_idle()  # sibling steps in flight record first (asyncio.gather)
                 await exe.record(sus.event, msg_id=sus.msg_id)
+                if (
+                    self.snapshots is not None
+                    and exe.state.events >= self.snapshots.every
+                    and exe.snapshot_covered != exe.state.events
+                ):
+                    # A long run waits here: its wake replays from this point.
+                    self._snapshot(exe)
                 self._hold_state(exe.state)
                 return "done"
             except (NonDeterminismError, SerializationError) as exc:
@@ -513,6 +564,7 @@ class Worker:
                 return "done"
             await exe.record(ev.RunCompleted(run_id=run_id, output=output), msg_id=f"{run_id}/end")
             self.completed_runs += 1
+            self._ended(exe)
             return "done"
         except FencedOut:
             # Another worker (or a cancel) owns the run now; stop without writing anything.
@@ -541,6 +593,11 @@ class Worker:
         if details is not None:
             info["details"] = details
         await exe.record(ev.RunFailed(run_id=exe.run_id, error=info), msg_id=f"{exe.run_id}/end")
+        self._ended(exe)
+
+    def _ended(self, exe: RunExecution) -> None:
+        if self.snapshots is not None and exe.snapshot_known:
+            self.snapshots.forget(exe.run_id)
 
 
 def worker_settings_of(client: Any) -> Settings:

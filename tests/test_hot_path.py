@@ -295,7 +295,7 @@ async def test_a_resumed_run_is_claimed_from_its_task_by_a_worker_that_never_saw
         assert await handle.result(timeout=10) == 30 + 100 + 1
         # The orchestrator read the run to answer the resume and sent that history, with the
         # wake, in the task: the new worker replayed 30 steps without reading the log.
-        assert other.history_reads == {"full": 0, "delta": 0, "none": 1}
+        assert other.history_reads == {"full": 0, "delta": 0, "none": 1, "snapshot": 0}
     assert all(RAN[f"{tag}:s{i}"] == 1 for i in range(30)) and RAN[f"{tag}:last"] == 1
     types = [type(e).__name__ for _, e in await env.client.history(handle.run_id)]
     assert types.count("RunClaimed") == 2 and types[-1] == "RunCompleted"
@@ -318,7 +318,7 @@ async def test_a_history_too_big_to_carry_is_read(env_factory: Any, settings: Se
     async with Worker([hot_big_then_suspends], settings=settings.worker) as other:
         await env.client.resume(handle.run_id, "more")
         assert await handle.result(timeout=10) == 40_001
-        assert other.history_reads == {"full": 1, "delta": 0, "none": 0}
+        assert other.history_reads == {"full": 1, "delta": 0, "none": 0, "snapshot": 0}
 
 
 @workflow
@@ -341,7 +341,7 @@ async def test_a_run_woken_on_the_worker_that_suspended_it_reads_only_the_wake(
     # Claimed twice: first from the task (a new run), then after the event's wake (whose
     # waker did not read the run) from the state the worker kept, reading only the events
     # after it. Every step ran once.
-    assert env.worker.history_reads == {"full": 0, "delta": 1, "none": 1}
+    assert env.worker.history_reads == {"full": 0, "delta": 1, "none": 1, "snapshot": 0}
     assert all(RAN[f"{tag}:s{i}"] == 1 for i in range(30)) and RAN[f"{tag}:last"] == 1
     # A resume's task carries the history, which the worker takes over what it kept.
     tag2 = uuid.uuid4().hex[:8]
@@ -349,7 +349,7 @@ async def test_a_run_woken_on_the_worker_that_suspended_it_reads_only_the_wake(
     await _until_suspended(env, handle.run_id)
     await env.client.resume(handle.run_id, "more", {"n": 100})
     assert await handle.result(timeout=10) == 30 + 100 + 1
-    assert env.worker.history_reads == {"full": 0, "delta": 1, "none": 3}
+    assert env.worker.history_reads == {"full": 0, "delta": 1, "none": 3, "snapshot": 0}
 
 
 async def test_a_wake_whose_waker_died_before_dispatching_is_dispatched_by_the_hook(

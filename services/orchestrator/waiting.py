@@ -33,9 +33,11 @@ from polos._private.store import (
     kv_entries,
     last_for_subject,
     load_run,
+    load_run_unless_long,
     load_state,
     payloads,
     read_subject,
+    snapshots,
     valid_token,
 )
 from polos._private.store.commands import CANCEL_FIELDS, CHILD_FIELDS, RESUME_FIELDS
@@ -59,6 +61,9 @@ log = logging.getLogger("polos.waiting")
 # Reads that need a run's status, workflow or outcome, not its steps.
 CTL = ("ctl",)
 CASCADE_HEADER = "Polos-Cascade"  # a cancel sent by a parent's cancellation, not by a user
+# A resume reads this many of a run's step events (and whether it has a replay snapshot) with
+# its control events: a run with fewer is read whole in one round trip, as before.
+RESUME_READ_STEPS = 16
 
 
 def _workflow_of(orch: Orchestrator, run_id: str, state: ev.RunState | None = None) -> str | None:
@@ -228,8 +233,34 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     data = await _resume_data(orch, run_id, body)
     seq = msg.metadata.sequence.stream
     answer = {"ok": True, "run_id": run_id, "key": key}
-    for _ in range(10):
-        state, bodies = await load_run(orch.nc, orch.names, run_id)
+    for attempt in range(10):
+        if attempt == 0:
+            # A long run (one with a replay snapshot) is resumed from its control events (a run
+            # suspended at the resumed step has its RunSuspended last: the wake is fenced on
+            # it) without reading its steps; its task then carries no history, and the worker
+            # starts from the snapshot. Anything else about a long run reads it whole (the next
+            # attempt); a shorter one is read whole at once, its history carried as before.
+            state, bodies, whole = await load_run_unless_long(
+                orch.nc,
+                orch.names,
+                run_id,
+                max_steps=RESUME_READ_STEPS,
+                long=snapshots.exists(orch.nc, orch.names, run_id),
+            )
+            if not whole:
+                sus = state.suspended
+                if (
+                    state.status == "suspended"
+                    and sus is not None
+                    and sus.step == key
+                    and sus.kind == "suspend"
+                    and key not in state.steps
+                    and await _resume_now(orch, state, None, sus, data, seq)
+                ):
+                    return {**answer, "status": "resumed"}
+                continue
+        else:
+            state, bodies = await load_run(orch.nc, orch.names, run_id)
         if state.requested is None:
             raise RunNotYetKnown(
                 f"no run {run_id!r} in namespace {orch.names.prefix!r}", field="run_id"
@@ -321,6 +352,11 @@ async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
     # Interrupt the worker holding it (if any) at its next await; it is fenced out anyway.
     await orch.nc.publish(orch.names.cancel_signal_subject(run_id), b"")
     await clear_timers(orch.js, orch.names, run_id)
+    # Its replay snapshot, if it had one: nothing replays a cancelled run.
+    try:
+        await snapshots.delete(orch.nc, orch.js, orch.names, run_id)
+    except Exception as exc:
+        log.warning("run %s: replay snapshot not removed: %s", run_id, exc)
     state = await load_state(orch.nc, orch.names, run_id)
     # Every child the run ever requested: the requests are stored (under the parent) before
     # the parent records the child, so a child requested but not recorded (the record fenced

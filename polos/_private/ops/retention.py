@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import nats.js.errors
 import orjson
 
-from polos._private.store import Names, is_live, last_per_subject, payloads
+from polos._private.store import Names, is_live, last_per_subject, payloads, snapshots
 from polos._private.store.tokens import parse_time
 
 if TYPE_CHECKING:
@@ -99,6 +99,10 @@ async def archive_exported_runs(
         if dry_run:
             continue
         await js.purge_stream(names.runs_stream, subject=names.run_filter(run_id))
+        # A replay snapshot left behind (a worker lost before the run ended); its object, if
+        # any, is one of the run's payload objects removed below.
+        with contextlib.suppress(Exception):
+            await snapshots.purge(nc, names, run_id)
         for name in objects.get(run_id, []):
             assert obs is not None
             await obs.delete(name)

@@ -20,6 +20,7 @@ from polos import history as ev
 from polos._private.model.values import DEFAULT_STEP_RETRY, RetryPolicy, StepInfo
 from polos._private.run.waits import retry_later
 from polos._private.store import Names, append
+from polos._private.store.snapshots import ROW_COMPLETED
 from polos.converter import from_json, return_type, to_json
 from polos.errors import NonDeterminismError, SerializationError, StepFailedError
 
@@ -68,8 +69,33 @@ def error_info(
 
 
 def _qualname(fn: Callable[..., Any]) -> str:
+    try:
+        return _NAMES[fn]
+    except (KeyError, TypeError):
+        pass
     target = getattr(fn, "__wrapped__", fn)
-    return str(getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target)))
+    name = str(getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target)))
+    try:
+        if len(_NAMES) >= 4096:  # bound methods of many objects: keep it bounded
+            _NAMES.clear()
+        _NAMES[fn] = name
+    except TypeError:  # not hashable
+        pass
+    return name
+
+
+# Step functions' names, asked for on every step and on every replayed one.
+_NAMES: dict[Any, str] = {}
+# Return types whose recorded JSON is the value itself when it has exactly that type: replay
+# returns it without a validator (the re-walk of a long run is a loop over its steps).
+_NATIVE: frozenset[Any] = frozenset({int, str, float, bool})
+
+
+def _replayed(output: Any, fn: Callable[..., Any]) -> Any:
+    tp = return_type(fn)
+    if tp is None or (tp in _NATIVE and type(output) is tp):
+        return output
+    return from_json(output, tp)
 
 
 # How many event-loop turns a new step waits for sibling branches to consume their recorded steps
@@ -120,6 +146,14 @@ class RunExecution:
         # Built on the first replayed tool call (most runs have none).
         self._nested: dict[str, list[str]] | None = None
         self.appends = 0
+        # The event at ``state.last_seq`` when this execution appended it, and what is told of
+        # each append (the worker's snapshot schedule; it must not await).
+        self.last_event: ev.Event | None = None
+        self.on_record: Callable[[RunExecution], None] | None = None
+        # The run's replay snapshot as this execution knows it: how many events the newest one
+        # covers, and whether the run has one (to remove it when the run ends).
+        self.snapshot_covered = 0
+        self.snapshot_known = False
         self._patches: dict[str, bool] = {}
         # Steps running user code right now: a wait must let them finish and record before the
         # run suspends, or their completed work would be lost with the suspension.
@@ -159,6 +193,9 @@ class RunExecution:
             )
             self.state.apply(seq, event)
             self.appends += 1
+            self.last_event = event
+            if self.on_record is not None:
+                self.on_record(self)
             return seq
 
     # ------------------------------------------------------------------ workflow state
@@ -193,18 +230,20 @@ class RunExecution:
         key = f"{STATE_PREFIX}{boundary}"
         if dump == self._last_state or key in self.state.steps:
             return  # unchanged, or recorded before a crash that kept the step from recording
+        snap = ev.StepCompleted(key=key, kind="state", output=dump)
         async with self._lock:
             seq = await append(
                 self.js,
                 self.names,
                 self.run_id,
-                ev.StepCompleted(key=key, kind="state", output=dump),
+                snap,
                 expected_last_seq=self.state.last_seq,
                 msg_id=f"{self.run_id}/s/{key}",
                 timeout=self.settings.request_timeout,
             )
-            self.state.apply(seq, ev.StepCompleted(key=key, kind="state", output=dump))
+            self.state.apply(seq, snap)
             self.appends += 1
+            self.last_event = snap
         self._last_state = dump
 
     def _restore_state(self, step_id: str) -> None:
@@ -351,11 +390,31 @@ class RunExecution:
     ) -> Any:
         if not callable(fn):
             raise TypeError(f"ctx.step.run({key!r}, ...) needs a callable, got {fn!r}")
-        name = _qualname(fn)
+        try:  # _qualname's cache, without the call: this is the re-walk's loop
+            name = _NAMES[fn]
+        except (KeyError, TypeError):
+            name = _qualname(fn)
         step_id = self.step_id(key, "run")
+        raw: Any = dict.get(self.state.steps, step_id)
+        if (
+            type(raw) is list
+            and raw[1] == ROW_COMPLETED
+            and raw[2] == "run"
+            and (raw[3] is None or raw[3] == name)
+        ):
+            # A step restored from a replay snapshot and not asked for yet: its row holds what
+            # replay needs, without building its event (a long run's re-walk is this loop).
+            self._unconsumed.discard(step_id)
+            if self.user_state is not None:
+                self._restore_state(step_id)
+            output = raw[4]
+            tp = return_type(fn)
+            if tp is None or (tp in _NATIVE and type(output) is tp):
+                return output
+            return from_json(output, tp)
         found = self.recorded(step_id, "run", name)
-        if isinstance(found, ev.StepCompleted):
-            return from_json(found.output, return_type(fn))
+        if type(found) is ev.StepCompleted:
+            return _replayed(found.output, fn)
         if isinstance(found, ev.StepFailed):
             raise StepFailedError(
                 step_id,

@@ -116,6 +116,11 @@ class Names:
         """The span followers' positions (a projection: delete it to re-emit)."""
         return f"{self.prefix}_telemetry"
 
+    @property
+    def snapshots_bucket(self) -> str:
+        """Replay snapshots of runs' folded state, a cache (polos/_private/store/snapshots.py)."""
+        return f"{self.prefix}_snapshots"
+
     # ------------------------------------------------------------------ object stores
 
     @property

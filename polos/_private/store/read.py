@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -317,6 +318,36 @@ async def load_run(
     return ev.RunState.fold(run_id, history), bodies
 
 
+async def load_run_unless_long(
+    nc: NATS,
+    names: Names,
+    run_id: str,
+    *,
+    max_steps: int,
+    long: Awaitable[bool],
+) -> tuple[ev.RunState, list[tuple[int, bytes]] | None, bool]:
+    """``load_run`` and True; or, for a run of at least ``max_steps`` step events that ``long``
+    says is long (it has a replay snapshot), its state folded from its control events only
+    (status, suspension, outcome, the steps woken by them: not its other steps), no bodies,
+    and False. The control events, the first ``max_steps`` step events and ``long`` are asked
+    for at once: one round trip for a short run and for a long one."""
+    ctl, steps, is_long = await asyncio.gather(
+        read_subject(nc, names.runs_stream, names.run_subject(run_id, "ctl")),
+        read_subject(nc, names.runs_stream, names.run_subject(run_id, "step"), limit=max_steps),
+        long,
+    )
+    if len(steps) >= max_steps:
+        if is_long:
+            history, _ = await _decode_run(nc, names, ctl)
+            return ev.RunState.fold(run_id, history), None, False
+        steps += await read_subject(
+            nc, names.runs_stream, names.run_subject(run_id, "step"), start_seq=steps[-1].seq + 1
+        )
+    msgs = list(heapq.merge(ctl, steps, key=lambda m: m.seq))
+    history, bodies = await _decode_run(nc, names, msgs)
+    return ev.RunState.fold(run_id, history), bodies, True
+
+
 # --------------------------------------------------------------------------- KV buckets
 
 _GONE = ("DEL", "PURGE")  # the KV operations that leave a key without a value
@@ -373,6 +404,7 @@ __all__ = [
     "last_for_subject",
     "last_per_subject",
     "load_run",
+    "load_run_unless_long",
     "load_state",
     "read_history",
     "read_run",

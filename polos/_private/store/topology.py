@@ -242,6 +242,15 @@ TOPOLOGY: tuple[Store, ...] = (
     # (the UI, polos.memory.get_session_memory).
     Store("sessions_bucket", "kv", "agents' conversation history", write=(SERVICE, WORKER)),
     Store("telemetry_bucket", "kv", "span followers' positions", write=(SERVICE,)),
+    # A cache of long runs' folded state that replay starts from (store/snapshots.py): written
+    # and read by the workers that execute runs, removed by the services (cancel, retention).
+    Store(
+        "snapshots_bucket",
+        "kv",
+        "replay snapshots of long runs (a cache)",
+        write=(SERVICE, WORKER),
+        read=(SERVICE, WORKER),
+    ),
     # ------------------------------------------------------------------ object stores
     Store(
         "payloads_bucket",

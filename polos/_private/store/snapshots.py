@@ -1,0 +1,587 @@
+"""Replay snapshots: a cache of a run's folded state that replay starts from.
+
+The log stays the truth. A snapshot says "folding this run's history up to sequence ``seq``
+gives this state"; replay takes it, reads only the events after ``seq`` and folds them on top.
+Anything wrong with it (missing, another format, another run, corrupt, or not matching the
+log at ``seq``) and replay reads the whole history as it always did; a snapshot never decides
+anything the log does not.
+
+One key per run (the run id) in the KV bucket ``<p>_snapshots``. The value is ``PSN1`` and a
+zlib stream (its own checksum) of a header line and the state::
+
+    {"v": 1, "run_id": ..., "seq": S, "event": <sha256 of the event at S>, "crc": <crc32 of
+     the state>, "events": <how many events the state folded>}\n<state JSON>
+
+The event digest is checked against the log when the snapshot is used (one direct get of
+``seq``): a snapshot of another history of the run, or of another run, does not match. A value
+larger than one message goes to the payloads object store (``<run_id>/snapshot-<seq>``, so the
+run's retention removes it) and the key holds ``PSR1`` and a reference with its SHA-256.
+
+Who may write here may append to the runs stream too (the service and worker roles): a snapshot
+is trusted as far as the writer is, and checked against the log for staleness and corruption.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import logging
+import operator
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+import orjson
+
+from polos import history as ev
+from polos._private.store import payloads
+from polos._private.store.names import RUN_KINDS
+from polos._private.store.read import kv_entry, read_history
+from polos._private.store.writes import publish
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+    from nats.js import JetStreamContext
+
+    from polos._private.store.names import Names
+
+log = logging.getLogger("polos.snapshots")
+
+FORMAT = 1
+INLINE = b"PSN1"
+REFERENCE = b"PSR1"
+# Rows are encoded this many at a time, with an event-loop turn between, so a background
+# snapshot of a long run never holds the loop for long.
+_CHUNK = 1000
+
+
+class SnapshotInvalid(ValueError):
+    """A stored snapshot that cannot be used; the message says why (replay reads the log)."""
+
+
+def event_digest(event: ev.Event) -> str:
+    """What a snapshot records of the event at its sequence, to check it against the log."""
+    return hashlib.sha256(ev.encode(event)).hexdigest()
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass(slots=True)
+class Capture:
+    """A run's state at one sequence, taken synchronously (cheap: no per-step work) so that it
+    can be encoded later while the run goes on. Recorded steps are immutable and only ever
+    added (``RunState.apply``), so the first ``n_steps`` keys and their events stay as they
+    were at ``seq``."""
+
+    run_id: str
+    seq: int
+    digest: str
+    fields: dict[str, Any]
+    order: list[str]
+    n_steps: int
+    steps: dict[str, ev.StepCompleted | ev.StepFailed]
+    events: int
+
+
+def _event_dict(event: ev.Event | None) -> dict[str, Any] | None:
+    if event is None:
+        return None
+    body: dict[str, Any] = {"t": type(event).__name__}
+    body.update(ev.encode_dict(event))
+    return body
+
+
+def capture(state: ev.RunState, last_event: ev.Event) -> Capture:
+    """``state`` as of its ``last_seq``, whose event is ``last_event``."""
+    fields = {
+        "last_seq": state.last_seq,
+        "workflow": state.workflow,
+        "requested": _event_dict(state.requested),
+        "status": state.status,
+        "attempt": state.attempt,
+        "worker_id": state.worker_id,
+        "attempt_failures": dict(state.attempt_failures),
+        "suspended": _event_dict(state.suspended),
+        "rate_waits": {k: _event_dict(v) for k, v in state.rate_waits.items()},
+        "output": state.output,
+        "error": state.error,
+        "created_at": state.created_at,
+        "updated_at": state.updated_at,
+        "events": state.events,
+        "restarts": state.restarts,
+    }
+    return Capture(
+        run_id=state.run_id,
+        seq=state.last_seq,
+        digest=event_digest(last_event),
+        fields=fields,
+        order=state.step_order,
+        n_steps=len(state.step_order),
+        steps=state.steps,
+        events=state.events,
+    )
+
+
+def _row(e: ev.StepCompleted | ev.StepFailed | list[Any]) -> list[Any]:
+    if type(e) is list:  # a restored step never asked for: stored as it was
+        return e
+    if type(e) is ev.StepCompleted:
+        return [
+            e.key,
+            0,
+            e.kind,
+            e.name,
+            e.output,
+            e.attempts,
+            e.at,
+            e.started_at,
+            e.duration_ms,
+            e.meta,
+        ]
+    assert isinstance(e, ev.StepFailed)
+    return [e.key, 1, e.kind, e.name, e.error, e.attempts, e.at]
+
+
+async def encode(cap: Capture) -> bytes:
+    """The stored value of a snapshot (compressed in a thread: zlib lets go of the GIL)."""
+    rows: list[list[Any]] = []
+    steps, order = cap.steps, cap.order
+    for start in range(0, cap.n_steps, _CHUNK):
+        # dict.__getitem__: a restored step that was never asked for is written as its row.
+        get = dict.__getitem__
+        rows.extend(_row(get(steps, k)) for k in order[start : min(start + _CHUNK, cap.n_steps)])
+        await asyncio.sleep(0)
+    body = orjson.dumps({**cap.fields, "steps": rows})
+    header = orjson.dumps(
+        {
+            "v": FORMAT,
+            "run_id": cap.run_id,
+            "seq": cap.seq,
+            "event": cap.digest,
+            "crc": zlib.crc32(body),
+            "events": cap.events,
+        }
+    )
+    packed = await asyncio.to_thread(zlib.compress, header + b"\n" + body, 1)
+    return INLINE + packed
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    run_id: str
+    seq: int
+    digest: str
+    body: bytes
+
+
+def is_of(run_id: str, value: bytes) -> bool:
+    """Whether ``value`` looks like a snapshot of ``run_id`` (its header only: cheap)."""
+    if value.startswith(REFERENCE):
+        return value.find(f'"{run_id}/'.encode()) >= 0
+    if not value.startswith(INLINE):
+        return False
+    try:
+        head = zlib.decompressobj().decompress(value[len(INLINE) :], 4096).partition(b"\n")[0]
+        header = orjson.loads(head)
+    except (zlib.error, orjson.JSONDecodeError):
+        return False
+    return isinstance(header, dict) and header.get("v") == FORMAT and header.get("run_id") == run_id
+
+
+async def exists(nc: NATS, names: Names, run_id: str) -> bool:
+    """Whether the run has a replay snapshot (not checked against the log): a long run."""
+    entry = await kv_entry(nc, names.snapshots_bucket, run_id)
+    return entry is not None and is_of(run_id, entry.value)
+
+
+def decode(run_id: str, value: bytes) -> Decoded:
+    """The header and state bytes of an inline snapshot; ``SnapshotInvalid`` saying why not."""
+    if not value.startswith(INLINE):
+        raise SnapshotInvalid("not a snapshot of this format")
+    try:
+        raw = zlib.decompress(value[len(INLINE) :])
+    except zlib.error as exc:
+        raise SnapshotInvalid(f"corrupt ({exc})") from exc
+    head, sep, body = raw.partition(b"\n")
+    try:
+        header = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise SnapshotInvalid("corrupt header") from exc
+    if not sep or not isinstance(header, dict) or header.get("v") != FORMAT:
+        raise SnapshotInvalid(f"format {header.get('v') if isinstance(header, dict) else '?'}")
+    if header.get("run_id") != run_id:
+        raise SnapshotInvalid(f"it is run {header.get('run_id')!r}'s")
+    seq, digest = header.get("seq"), header.get("event")
+    if not (isinstance(seq, int) and seq > 0 and isinstance(digest, str)):
+        raise SnapshotInvalid("no sequence or event digest")
+    if zlib.crc32(body) != header.get("crc"):
+        raise SnapshotInvalid("the state does not match its checksum")
+    return Decoded(run_id, seq, digest, body)
+
+
+_new = object.__new__
+_set = object.__setattr__
+_MISSING = object()
+# A restored step's row (``_row``): [key, 0, kind, name, output, attempts, at, started_at,
+# duration_ms, meta] for a StepCompleted, [key, 1, kind, name, error, attempts, at] for a
+# StepFailed.
+ROW_COMPLETED = 0
+
+
+def _step(row: list[Any]) -> ev.StepCompleted | ev.StepFailed:
+    if row[1] == ROW_COMPLETED:
+        # The frozen dataclass's __init__ without its keyword handling: these are the
+        # fields ``_row`` wrote.
+        e = _new(ev.StepCompleted)
+        _set(e, "key", row[0])
+        _set(e, "kind", row[2])
+        _set(e, "name", row[3])
+        _set(e, "output", row[4])
+        _set(e, "attempts", row[5])
+        _set(e, "at", row[6])
+        _set(e, "started_at", row[7])
+        _set(e, "duration_ms", row[8])
+        _set(e, "meta", row[9])
+        return e
+    return ev.StepFailed(
+        key=row[0], kind=row[2], name=row[3], error=row[4], attempts=row[5], at=row[6]
+    )
+
+
+class RestoredSteps(dict[str, Any]):
+    """``RunState.steps`` restored from a snapshot: each step stays the row it was stored as
+    until it is asked for, then becomes its event. Building 10,000 events up front cost more
+    than everything else a snapshot saves; a replay asks for each step once, and replay's
+    common case (``ctx.step.run``) reads the row itself (``RunExecution.run_step``)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> ev.StepCompleted | ev.StepFailed:
+        value = dict.__getitem__(self, key)
+        if type(value) is list:
+            value = _step(value)
+            dict.__setitem__(self, key, value)
+        return value  # type: ignore[no-any-return]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = dict.get(self, key, _MISSING)
+        if value is _MISSING:
+            return default
+        if type(value) is list:
+            value = _step(value)
+            dict.__setitem__(self, key, value)
+        return value
+
+    def values(self) -> list[ev.StepCompleted | ev.StepFailed]:  # type: ignore[override]
+        return [self[k] for k in self]
+
+    def items(self) -> list[tuple[str, ev.StepCompleted | ev.StepFailed]]:  # type: ignore[override]
+        return [(k, self[k]) for k in self]
+
+    def copy(self) -> dict[str, ev.StepCompleted | ev.StepFailed]:
+        return dict(self.items())
+
+    def __eq__(self, other: object) -> bool:
+        return dict(self.items()) == other
+
+    __hash__ = None
+
+
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
+_SHAPES = {(10, 0), (7, 1)}  # (length, flag) of a completed and of a failed step's row
+
+
+def _event(body: Any, cls: type[ev.Event]) -> Any:
+    if body is None:
+        return None
+    event = ev.decode_body(body)
+    if not isinstance(event, cls):
+        raise SnapshotInvalid(f"{type(event).__name__} where a {cls.__name__} belongs")
+    return event
+
+
+def restore(decoded: Decoded) -> ev.RunState:
+    """The ``RunState`` a snapshot holds; ``SnapshotInvalid`` if it is not one."""
+    # Decoding a long run's steps allocates many objects at once, none of them garbage: the
+    # cyclic collector would walk them (and the whole heap) again and again for nothing.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _restore(decoded)
+    except (KeyError, TypeError, ValueError, IndexError, ev.EventDecodeError) as exc:
+        if isinstance(exc, SnapshotInvalid):
+            raise
+        raise SnapshotInvalid(f"malformed state ({type(exc).__name__}: {exc})") from exc
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _restore(decoded: Decoded) -> ev.RunState:
+    f = orjson.loads(decoded.body)
+    rows = f["steps"]
+    # Checked here (in C, by map and set: this is per step), so that a row never fails later
+    # where it is used: [key, 0, ...9 fields] or [key, 1, ...6 fields].
+    if type(rows) is not list or set(map(type, rows)) - {list}:
+        raise SnapshotInvalid("malformed steps")
+    if set(zip(map(len, rows), map(_second, rows), strict=True)) - _SHAPES:
+        raise SnapshotInvalid("a malformed step")
+    keys = list(map(_first, rows))
+    if set(map(type, keys)) - {str}:
+        raise SnapshotInvalid("a step without a key")
+    steps = RestoredSteps(zip(keys, rows, strict=True))
+    state = ev.RunState(
+        run_id=decoded.run_id,
+        last_seq=int(f["last_seq"]),
+        workflow=f["workflow"],
+        requested=_event(f["requested"], ev.RunRequested),
+        status=f["status"],
+        attempt=int(f["attempt"]),
+        worker_id=f["worker_id"],
+        steps=steps,
+        step_order=keys,
+        attempt_failures=dict(f["attempt_failures"]),
+        suspended=_event(f["suspended"], ev.RunSuspended),
+        rate_waits={k: _event(v, ev.RunSuspended) for k, v in f["rate_waits"].items()},
+        output=f["output"],
+        error=f["error"],
+        created_at=f["created_at"],
+        updated_at=f["updated_at"],
+        events=int(f["events"]),
+        restarts=int(f["restarts"]),
+    )
+    if state.last_seq != decoded.seq or state.status not in ev.RUN_STATUSES:
+        raise SnapshotInvalid("the state does not end at its sequence")
+    if len(steps) != len(rows):
+        raise SnapshotInvalid("a step is recorded twice")
+    return state
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _subject(names: Names, run_id: str) -> str:
+    return f"$KV.{names.snapshots_bucket}.{run_id}"
+
+
+async def write(nc: NATS, js: JetStreamContext, names: Names, cap: Capture) -> int:
+    """Store the snapshot of ``cap`` (replacing the run's last one); returns its size."""
+    value = await encode(cap)
+    if len(value) > payloads.inline_limit(nc):
+        name = f"{cap.run_id}/snapshot-{cap.seq}"
+        obs = await payloads.store(js, names)
+        await obs.put(name, value)
+        value = REFERENCE + orjson.dumps(
+            {"object": name, "sha256": hashlib.sha256(value).hexdigest(), "seq": cap.seq}
+        )
+    await publish(nc, _subject(names, cap.run_id), value, timeout=30.0)
+    return len(value)
+
+
+async def _value(nc: NATS, js: JetStreamContext, names: Names, run_id: str) -> bytes | None:
+    entry = await kv_entry(nc, names.snapshots_bucket, run_id)
+    if entry is None:
+        return None
+    value = entry.value
+    if value.startswith(REFERENCE):
+        try:
+            ref = orjson.loads(value[len(REFERENCE) :])
+            name, digest = ref["object"], ref["sha256"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise SnapshotInvalid("corrupt reference") from exc
+        if not isinstance(name, str) or not name.startswith(f"{run_id}/"):
+            raise SnapshotInvalid(f"it refers to object {name!r}, not one of the run's")
+        obs = await payloads.store(js, names)
+        try:
+            got = await obs.get(name)
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError) as exc:
+            raise SnapshotInvalid(f"its object {name!r} is missing") from exc
+        value = got.data or b""
+        if hashlib.sha256(value).hexdigest() != digest:
+            raise SnapshotInvalid(f"its object {name!r} does not match its digest")
+    return value
+
+
+async def _event_at(nc: NATS, names: Names, run_id: str, seq: int) -> ev.Event | None:
+    """The run's event stored at ``seq``, or None (not there, or another run's)."""
+    try:
+        msg = await nc.request(
+            f"$JS.API.DIRECT.GET.{names.runs_stream}", orjson.dumps({"seq": seq}), timeout=5.0
+        )
+    except nats.errors.NoRespondersError:
+        return None
+    hdrs = msg.headers or {}
+    if hdrs.get("Status"):
+        return None
+    if hdrs.get("Nats-Subject") not in {names.run_subject(run_id, k) for k in RUN_KINDS}:
+        return None
+    data = msg.data
+    if hdrs.get(payloads.HEADER):
+        data = await payloads.resolve(nc.jetstream(), names, data)
+    return ev.decode(data)
+
+
+@dataclass(slots=True)
+class Loaded:
+    """A run's state from its snapshot and the events after it."""
+
+    state: ev.RunState
+    snapshot_seq: int
+    state_events: int  # the events the snapshot itself covered
+
+
+async def load(
+    nc: NATS, js: JetStreamContext, names: Names, run_id: str
+) -> tuple[Loaded | None, str]:
+    """The run's state from its snapshot plus the events after it, or None and why not
+    (``"none"``: the run has no snapshot; otherwise what is wrong with it). The caller reads
+    the whole history when it gets None."""
+    try:
+        value = await _value(nc, js, names, run_id)
+        if value is None:
+            return None, "none"
+        decoded = decode(run_id, value)
+        # The check against the log and the events after the snapshot, while the state is
+        # rebuilt.
+        at = asyncio.ensure_future(_event_at(nc, names, run_id, decoded.seq))
+        tail = asyncio.ensure_future(read_history(nc, names, run_id, start_seq=decoded.seq + 1))
+        await asyncio.sleep(0)  # let them send their requests first
+        try:
+            state = restore(decoded)
+            event = await at
+            after = await tail
+        finally:
+            for fut in (at, tail):
+                if not fut.done():
+                    fut.cancel()
+        if event is None or event_digest(event) != decoded.digest:
+            raise SnapshotInvalid(f"the log does not hold its event at seq {decoded.seq}")
+        covered = state.events
+        for seq, e in after:
+            state.apply(seq, e)
+    except (SnapshotInvalid, ev.SequenceError, ev.EventDecodeError) as exc:
+        return None, str(exc)
+    return Loaded(state, decoded.seq, covered), "ok"
+
+
+async def delete(nc: NATS, js: JetStreamContext, names: Names, run_id: str) -> None:
+    """Remove the run's snapshot (and its object, if it had one)."""
+    entry = await kv_entry(nc, names.snapshots_bucket, run_id)
+    if entry is None:
+        return
+    if entry.value.startswith(REFERENCE):
+        with contextlib.suppress(Exception):
+            name = orjson.loads(entry.value[len(REFERENCE) :])["object"]
+            if isinstance(name, str) and name.startswith(f"{run_id}/"):
+                await (await payloads.store(js, names)).delete(name)
+    await purge(nc, names, run_id)
+
+
+async def purge(nc: NATS, names: Names, run_id: str) -> None:
+    """Remove the run's snapshot key (its object, if any, goes with the run's objects)."""
+    await publish(
+        nc,
+        _subject(names, run_id),
+        b"",
+        headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"},
+        timeout=30.0,
+    )
+
+
+class Writer:
+    """A process's background snapshot writes, none on the step path (a step stays one awaited
+    append): at most one write in flight per run, the newest capture waiting behind it;
+    failures only logged (it is a cache)."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, names: Names, every: int) -> None:
+        self.nc, self.js, self.names, self.every = nc, js, names, every
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._next: dict[str, Capture] = {}
+        self.written = 0
+        self.failed = 0
+
+    def due(self, events: int, covered: int) -> bool:
+        """Whether a run with ``events`` events, whose snapshot covers ``covered``, needs one."""
+        return self.every > 0 and events - covered >= self.every
+
+    def submit(self, cap: Capture) -> None:
+        """Write ``cap`` in the background (after the run's write in flight, if any)."""
+        self._next[cap.run_id] = cap
+        if cap.run_id not in self._tasks:
+            self._start(cap.run_id, self._drain(cap.run_id))
+
+    def _start(self, key: str, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"snapshot-{key}")
+        self._tasks[key] = task
+        task.add_done_callback(lambda t: self._drop(key, t))
+
+    def _drop(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
+
+    async def _drain(self, run_id: str) -> None:
+        while (cap := self._next.pop(run_id, None)) is not None:
+            try:
+                await write(self.nc, self.js, self.names, cap)
+                self.written += 1
+            except Exception as exc:
+                self.failed += 1
+                log.warning("run %s: snapshot at seq %d not written: %s", run_id, cap.seq, exc)
+
+    def forget(self, run_id: str) -> None:
+        """The run ended: remove its snapshot, after the write in flight (if any)."""
+        self._next.pop(run_id, None)
+        running = self._tasks.get(run_id)
+
+        async def remove() -> None:
+            if running is not None:
+                with contextlib.suppress(BaseException):
+                    await running
+            try:
+                await delete(self.nc, self.js, self.names, run_id)
+            except Exception as exc:
+                log.warning("run %s: snapshot not removed: %s", run_id, exc)
+
+        self._start(f"-{run_id}", remove())
+
+    async def idle(self) -> None:
+        """Until every write and removal in flight has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+    async def close(self, timeout: float = 1.0) -> None:
+        """Let writes in flight finish for ``timeout`` seconds, then cancel the rest."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle(), timeout)
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._next.clear()
+
+
+__all__ = [
+    "ROW_COMPLETED",
+    "Capture",
+    "Loaded",
+    "RestoredSteps",
+    "SnapshotInvalid",
+    "Writer",
+    "capture",
+    "decode",
+    "delete",
+    "encode",
+    "event_digest",
+    "exists",
+    "is_of",
+    "load",
+    "purge",
+    "restore",
+    "write",
+]

@@ -1,0 +1,326 @@
+"""Replay snapshots (polos/_private/store/snapshots.py): a long run resumes from a snapshot of
+its folded state plus the events after it, the log stays the truth.
+
+Under authentication, each part as its production role: workers (the worker role) write and
+read snapshots, the orchestrator (service) resumes and cancels, the client starts and resumes.
+Step functions mark a log file each time they really run, so the counters show that no
+completed step runs again, across a SIGKILL too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import zlib
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import orjson
+import pytest
+
+from polos import Worker
+from polos import history as ev
+from polos._private.store import Names, connect, disconnect, kv_entry, load_state, snapshots
+from polos.testing import SecuredServer, create_topology
+from tests.helpers import counts, kill, marks, spawn, stop, until
+from tests.workflows.long import Long, long_run
+
+pytestmark = pytest.mark.slow
+
+WORKER = ["-m", "polos_services.worker", "tests.workflows.long"]
+
+
+def _squares(n: int) -> int:
+    return sum(i * i for i in range(1, n + 1))
+
+
+async def _snapshot_seq(settings: Any, run_id: str) -> int | None:
+    """The sequence the run's stored snapshot covers (read as the worker role), or None."""
+    nc = await connect(settings.worker, name="peek")
+    try:
+        entry = await kv_entry(nc, Names(settings.prefix).snapshots_bucket, run_id)
+        if entry is None:
+            return None
+        return snapshots.decode(run_id, entry.value).seq
+    finally:
+        await disconnect(nc)
+
+
+async def _until_async(cond: Any, what: str, timeout: float = 30.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        got = await cond()
+        if got:
+            return got
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _suspended(env: Any, run_id: str) -> ev.RunState:
+    async def look() -> ev.RunState | None:
+        state = ev.RunState.fold(run_id, await env.client.history(run_id))
+        return state if state.status == "suspended" else None
+
+    got: ev.RunState = await _until_async(look, "the run to suspend")
+    return got
+
+
+def _assert_each_step_once(log: Path, steps: int) -> None:
+    started, done = counts(log)
+    for i in range(1, steps + 1):
+        assert started[str(i)] == done[str(i)] == 1, f"step {i}: {marks(log)}"
+
+
+async def test_a_long_run_resumes_from_its_snapshot_on_a_worker_without_its_state(
+    env_factory: Any, settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "marks.log"
+    monkeypatch.setenv("POLOS_TEST_LOG", str(log))
+    env = await env_factory([], with_worker=False)
+    # state_cache=0: the worker keeps nothing of a run it suspended, so the resume replays.
+    async with Worker([long_run], settings=settings.worker, state_cache=0) as worker:
+        # More steps than a resume reads before it takes a run for a long one (16), and more
+        # history than a task carries (32 KB): the worker has to find the history itself.
+        handle = await env.client.start(long_run, Long(steps=200))
+        state = await _suspended(env, handle.run_id)
+        assert worker.snapshots is not None
+        await worker.snapshots.idle()
+        # Written when the run suspended: it covers the whole run up to the RunSuspended.
+        assert await _snapshot_seq(settings, handle.run_id) == state.last_seq
+        await env.client.resume(handle.run_id, "approve", {"add": 1000})
+        assert await handle.result(timeout=30) == _squares(200) + 1000
+        assert worker.history_reads["snapshot"] == 1, worker.history_reads
+        assert worker.history_reads["full"] == 0, worker.history_reads
+        assert worker.snapshots_ignored == []
+        await worker.snapshots.idle()
+        # Removed when the run ended.
+        assert await _snapshot_seq(settings, handle.run_id) is None
+    _assert_each_step_once(log, 200)
+    assert counts(log)[1]["0"] == 1  # the step after the resume ran once
+
+
+async def test_sigkill_after_a_snapshot_no_completed_step_runs_again(
+    env_factory: Any,
+    settings: Any,
+    subprocess_env: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = tmp_path / "marks.log"
+    subprocess_env["POLOS_TEST_LOG"] = str(log)
+    monkeypatch.setenv("POLOS_TEST_LOG", str(log))  # the takeover worker runs in this process
+    env = await env_factory([], with_worker=False)
+    w1 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w1.out")
+    try:
+        handle = await env.client.start(long_run, Long(steps=80, step_seconds=0.02, suspend=False))
+        # Snapshots every 50 events (fast_settings): kill once one is written and the run
+        # has gone on past it.
+        first = await _until_async(
+            lambda: _snapshot_seq(settings, handle.run_id), "a snapshot of the running run"
+        )
+        await until(lambda: "done 50" in marks(log), 30, "step 50 to finish")
+        kill(w1)
+    finally:
+        stop(w1)
+    recorded = {
+        e.key for _, e in await env.client.history(handle.run_id) if isinstance(e, ev.StepCompleted)
+    }
+    assert 50 <= len(recorded) < 80
+    async with Worker([long_run], settings=settings.worker, state_cache=0) as w2:
+        assert await handle.result(timeout=30) == _squares(80)
+        # The takeover replayed from a snapshot (the one above or a later one), not the log.
+        assert w2.history_reads["snapshot"] == 1, w2.history_reads
+        assert w2.history_reads["full"] == 0, w2.history_reads
+        assert w2.snapshots_ignored == []
+        assert w2.snapshots is not None
+        await w2.snapshots.idle()
+    assert first > 0
+    started, done = counts(log)
+    for i in range(1, 81):
+        key = f"s{i}"
+        if key in recorded:  # completed before the kill: never again
+            assert started[str(i)] == done[str(i)] == 1, f"step {i} ran again: {marks(log)}"
+        else:  # in flight at the kill (at most one step) or after: done once
+            assert done[str(i)] == 1 and started[str(i)] <= 2, f"step {i}: {marks(log)}"
+    assert sum(1 for i in range(1, 81) if started[str(i)] == 2) <= 1
+    assert await _snapshot_seq(settings, handle.run_id) is None
+
+
+async def _tamper(kind: str, settings: Any, run_id: str, other: str) -> None:
+    """Replace the run's snapshot, as the worker role (who may write snapshots)."""
+    names = Names(settings.prefix)
+    nc = await connect(settings.worker, name="tamper")
+    js = nc.jetstream()
+    subject = f"$KV.{names.snapshots_bucket}.{run_id}"
+    try:
+        entry = await kv_entry(nc, names.snapshots_bucket, run_id)
+        assert entry is not None
+        if kind == "corrupt":  # bytes flipped in the middle of the compressed state
+            value = bytearray(entry.value)
+            for i in range(len(value) // 2, len(value) // 2 + 16):
+                value[i] ^= 0x5A
+            await js.publish(subject, bytes(value))
+        elif kind == "foreign":  # another run's valid snapshot under this run's key
+            theirs = await kv_entry(nc, names.snapshots_bucket, other)
+            assert theirs is not None
+            await js.publish(subject, theirs.value)
+        elif kind == "forged":
+            # Well formed, this run's id and sequence, but other outputs (a replay from it
+            # would return another total) and not the event the log holds at that sequence.
+            state = await load_state(nc, names, run_id)
+            s1 = state.steps["s1"]
+            assert isinstance(s1, ev.StepCompleted)
+            state.steps["s1"] = dataclasses.replace(s1, output=1_000_000)
+            fake = ev.RunSuspended(run_id=run_id, step="approve", kind="suspend")
+            await snapshots.write(nc, js, names, snapshots.capture(state, fake))
+        else:
+            raise AssertionError(kind)
+    finally:
+        await disconnect(nc)
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "foreign", "forged"])
+async def test_a_corrupt_foreign_or_forged_snapshot_is_ignored_and_the_log_replayed(
+    kind: str,
+    env_factory: Any,
+    settings: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = tmp_path / "marks.log"
+    monkeypatch.setenv("POLOS_TEST_LOG", str(log))
+    env = await env_factory([], with_worker=False)
+    async with Worker([long_run], settings=settings.worker, state_cache=0) as worker:
+        assert worker.snapshots is not None
+        other = await env.client.start(long_run, Long(steps=150))
+        handle = await env.client.start(long_run, Long(steps=200))
+        await _suspended(env, other.run_id)
+        await _suspended(env, handle.run_id)
+        await worker.snapshots.idle()
+        await _tamper(kind, settings, handle.run_id, other.run_id)
+        await env.client.resume(handle.run_id, "approve", {"add": 7})
+        assert await handle.result(timeout=30) == _squares(200) + 7
+        assert worker.history_reads["full"] == 1, worker.history_reads
+        assert worker.history_reads["snapshot"] == 0, worker.history_reads
+        assert len(worker.snapshots_ignored) == 1, worker.snapshots_ignored
+        print(f"\n{kind}: ignored because {worker.snapshots_ignored[0]}")
+        await env.client.cancel(other.run_id)
+        await worker.snapshots.idle()
+    started, done = counts(log)
+    # Steps of the tampered run ran once (the other run's s1..s150 once as well): 2 and 1.
+    for i in range(1, 201):
+        assert started[str(i)] == done[str(i)] == (2 if i <= 150 else 1), f"step {i}"
+    # The run that ended, and the cancelled one (removed by the orchestrator): no snapshot.
+    assert await _snapshot_seq(settings, handle.run_id) is None
+
+    async def gone() -> bool:
+        return await _snapshot_seq(settings, other.run_id) is None
+
+    await _until_async(gone, "the cancelled run's snapshot to be removed")
+
+
+async def _denied(nc: Any, subject: str) -> bool:
+    try:
+        await nc.jetstream(timeout=0.5).publish(subject, b"x")
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError):
+        return True
+    return False
+
+
+async def test_the_client_role_can_neither_write_nor_read_snapshots(
+    nats_server: SecuredServer,
+) -> None:
+    # A namespace of its own, outside the fixtures' violation check: the refusals are the
+    # point here.
+    s = nats_server.namespace()
+    await create_topology(s)
+    names = Names(s.prefix)
+    subject = f"$KV.{names.snapshots_bucket}.r1"
+    client = await connect(s, name="client")
+    worker = await connect(s.worker, name="worker")
+    try:
+        assert not await _denied(worker, subject)
+        assert await kv_entry(worker, names.snapshots_bucket, "r1") is not None
+        assert await _denied(client, subject)
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await kv_entry(client, names.snapshots_bucket, "r1")
+    finally:
+        await disconnect(client)
+        await disconnect(worker)
+        nats_server.release(s.prefix)
+
+
+async def test_a_snapshot_restores_exactly_the_fold_it_was_taken_of() -> None:
+    # Every kind of thing a fold keeps: steps completed and failed, a failed attempt, a step
+    # woken with an outcome, a rate wait, a claim after a lost worker, the suspension.
+    history: list[tuple[int, ev.Event]] = [
+        (1, ev.RunRequested(run_id="r", workflow="w", input={"a": [1, 2]}, initial_state={"n": 1})),
+        (2, ev.RunClaimed(run_id="r", worker_id="w1", attempt=1)),
+        (3, ev.StepCompleted(key="s1", kind="run", name="f", output={"x": 1.5}, duration_ms=0.1)),
+        (4, ev.StepAttemptFailed(key="s2", kind="run", name="g", attempt=1, error={}, retry_in=1)),
+        (5, ev.StepFailed(key="s2", kind="run", name="g", error={"type": "E"}, attempts=2)),
+        (6, ev.RunSuspended(run_id="r", step="llm#1", kind="rate", data={"t": 3}, wake_at=9.0)),
+        (7, ev.RunWoken(run_id="r", step="llm#1", reason="timer")),
+        (8, ev.RunClaimed(run_id="r", worker_id="w2", attempt=2)),
+        (9, ev.RunClaimed(run_id="r", worker_id="w3", attempt=3)),
+        (10, ev.StepCompleted(key="llm#1", kind="llm", output="hi", meta={"model": "m"})),
+        (11, ev.RunSuspended(run_id="r", step="ok", kind="suspend")),
+        (12, ev.RunWoken(run_id="r", step="ok", reason="resumed", kind="suspend", output={"d": 1})),
+        (13, ev.RunClaimed(run_id="r", worker_id="w3", attempt=4)),
+        (14, ev.RunSuspended(run_id="r", step="later", kind="event", topic="t", cursor=3)),
+    ]
+    state = ev.RunState.fold("r", history)
+    value = await snapshots.encode(snapshots.capture(state, history[-1][1]))
+    decoded = snapshots.decode("r", value)
+    assert decoded.seq == 14 and decoded.digest == snapshots.event_digest(history[-1][1])
+    restored = snapshots.restore(decoded)
+    # Re-encoded without asking for any step: the same bytes (rows pass through as stored).
+    assert await snapshots.encode(snapshots.capture(restored, history[-1][1])) == value
+    for f in dataclasses.fields(ev.RunState):
+        if f.name != "steps":
+            assert getattr(restored, f.name) == getattr(state, f.name), f.name
+    assert restored.steps == state.steps
+    assert list(restored.steps) == list(state.steps) == restored.step_order
+    assert isinstance(restored.steps["s2"], ev.StepFailed)
+    # And the fold goes on on top of it as on the folded state.
+    more = (15, ev.RunWoken(run_id="r", step="later", reason="event", kind="event", output=2))
+    restored.apply(*more)
+    state.apply(*more)
+    assert restored.steps == state.steps and restored.status == state.status == "queued"
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["format", "run", "crc", "truncated", "rows"],
+)
+def test_a_snapshot_that_is_not_one_says_why(change: str) -> None:
+    state = ev.RunState.fold(
+        "r",
+        [
+            (1, ev.RunRequested(run_id="r", workflow="w")),
+            (2, ev.StepCompleted(key="s1", kind="run", output=1)),
+        ],
+    )
+    last = ev.StepCompleted(key="s1", kind="run", output=1)
+    value = asyncio.run(snapshots.encode(snapshots.capture(state, last)))
+    head, _, body = zlib.decompress(value[4:]).partition(b"\n")
+    header = orjson.loads(head)
+    if change == "format":
+        header["v"] = 2
+    elif change == "run":
+        header["run_id"] = "other"
+    elif change == "crc":
+        body = body.replace(b'"s1"', b'"s2"')
+    elif change == "rows":
+        fields = orjson.loads(body)
+        fields["steps"] = [["s1", 0, "run"]]
+        body = orjson.dumps(fields)
+        header["crc"] = zlib.crc32(body)
+    raw = orjson.dumps(header) + b"\n" + body
+    bad = value[:4] + zlib.compress(raw)
+    if change == "truncated":
+        bad = value[: len(value) // 2]
+    with pytest.raises(snapshots.SnapshotInvalid) as why:
+        snapshots.restore(snapshots.decode("r", bad))
+    assert str(why.value)
