@@ -485,6 +485,7 @@ async def test_a_worker_sigkilled_while_runs_wait_for_tokens_loses_nothing(
                     break
                 assert time.monotonic() < deadline, f"{len(waiting)} runs waiting for tokens"
                 await asyncio.sleep(0.02)
+            t_kill = time.time()
             kill(w1)  # nothing of the waiting runs is in it
             w2 = spawn(
                 ["-m", "polos_services.worker", str(module)],
@@ -499,15 +500,31 @@ async def test_a_worker_sigkilled_while_runs_wait_for_tokens_loses_nothing(
         requests = server.chat_requests
     assert len(results) == 4
     per_step = collections.Counter(r.step for r in requests)
-    assert len(per_step) == 4 and set(per_step.values()) == {1}, per_step
-    assert all(r.answered for r in requests)
-    waiting_ids = {r.run_id for r in waiting}
+    assert len(per_step) == 4, per_step
+    # What each run was doing when the worker died, from its log (the index may lag it).
+    waited = 0
     for h in handles:
         history = await env.client.history(h.run_id)
-        assert sum(isinstance(e, ev.StepCompleted) and e.kind == "llm" for _, e in history) == 1
-        claims = [e.worker_id for _, e in history if isinstance(e, ev.RunClaimed)]
-        if h.run_id in waiting_ids:  # claimed by the first worker, finished by the second
+        done = [e for _, e in history if isinstance(e, ev.StepCompleted) and e.kind == "llm"]
+        assert len(done) == 1, history
+        calls = sorted(
+            (r for r in requests if (r.step or "").startswith(f"{h.run_id}:")), key=lambda r: r.at
+        )
+        before = [e for _, e in history if e.at < t_kill]
+        last = before[-1] if before else None
+        if isinstance(last, ev.RunSuspended) and last.kind == "rate":
+            # Waiting for tokens when the worker died: nothing of it was in the worker; its one
+            # call was made afterwards, by the next worker.
+            waited += 1
+            assert len(calls) == 1 and calls[0].at > t_kill, calls
+            claims = [e.worker_id for _, e in history if isinstance(e, ev.RunClaimed)]
             assert len(set(claims)) == 2, claims
+        elif len(calls) > 1:
+            # Its call was in flight when the worker was killed (under load the kill can land
+            # there): the step in flight runs again, once (at-least-once, documented).
+            assert len(calls) == 2 and calls[0].at < t_kill < done[0].at, (calls, done)
+        assert calls[-1].answered
+    assert waited >= 1, "no run was waiting for tokens when the worker was killed"
     print(
         f"\n{len(waiting)} runs waiting for tokens when their worker was SIGKILLed: all finished on the "
         f"next worker, {len(requests)} LLM calls for 4 steps"
