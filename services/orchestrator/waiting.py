@@ -245,7 +245,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
                 orch.names,
                 run_id,
                 max_steps=RESUME_READ_STEPS,
-                long=snapshots.exists(orch.nc, orch.names, run_id),
+                long=lambda: snapshots.exists(orch.nc, orch.names, run_id),
             )
             if not whole:
                 sus = state.suspended

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -324,20 +324,20 @@ async def load_run_unless_long(
     run_id: str,
     *,
     max_steps: int,
-    long: Awaitable[bool],
+    long: Callable[[], Awaitable[bool]],
 ) -> tuple[ev.RunState, list[tuple[int, bytes]] | None, bool]:
     """``load_run`` and True; or, for a run of at least ``max_steps`` step events that ``long``
     says is long (it has a replay snapshot), its state folded from its control events only
     (status, suspension, outcome, the steps woken by them: not its other steps), no bodies,
-    and False. The control events, the first ``max_steps`` step events and ``long`` are asked
-    for at once: one round trip for a short run and for a long one."""
-    ctl, steps, is_long = await asyncio.gather(
+    and False. The control events and the first ``max_steps`` step events are asked for at
+    once: one round trip for a short run; ``long`` is asked only of a run with that many steps
+    (a second round trip for it, none more for the common, short run)."""
+    ctl, steps = await asyncio.gather(
         read_subject(nc, names.runs_stream, names.run_subject(run_id, "ctl")),
         read_subject(nc, names.runs_stream, names.run_subject(run_id, "step"), limit=max_steps),
-        long,
     )
     if len(steps) >= max_steps:
-        if is_long:
+        if await long():
             history, _ = await _decode_run(nc, names, ctl)
             return ev.RunState.fold(run_id, history), None, False
         steps += await read_subject(
