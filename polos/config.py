@@ -53,6 +53,10 @@ class Settings:
         default_factory=lambda: _env_float("POLOS_SERVICE_ACK_WAIT", 10.0)
     )
     slot_lease: float = field(default_factory=lambda: _env_float("POLOS_SLOT_LEASE", 30.0))
+    # How long the orchestrator holds a run's RunRequested or RunClaimed for its next control
+    # event, to write the run index once for both (the index is a projection: it is this much
+    # late at most; 0 writes every event at once).
+    index_window: float = field(default_factory=lambda: _env_float("POLOS_INDEX_WINDOW", 0.05))
     replicas: int = field(default_factory=lambda: int(os.environ.get("POLOS_REPLICAS", "1")))
     # The span follower's back-off while its exporter (an OTLP collector) refuses spans: the
     # first retry after this long, doubling up to the max.
@@ -91,6 +95,7 @@ class Settings:
             "POLOS_REQUEST_TIMEOUT": str(self.request_timeout),
             "POLOS_SERVICE_ACK_WAIT": str(self.service_ack_wait),
             "POLOS_SLOT_LEASE": str(self.slot_lease),
+            "POLOS_INDEX_WINDOW": str(self.index_window),
             "POLOS_REPLICAS": str(self.replicas),
             "POLOS_TELEMETRY_RETRY_INITIAL": str(self.telemetry_retry_initial),
             "POLOS_TELEMETRY_RETRY_MAX": str(self.telemetry_retry_max),

@@ -91,7 +91,10 @@ class Orchestrator:
         self._js: JetStreamContext | None = None
         self._loops: list[PullLoop] = []
         self.index = RunIndex(
-            self.names, cache_size=index_cache, timeout=self.settings.request_timeout
+            self.names,
+            cache_size=index_cache,
+            timeout=self.settings.request_timeout,
+            window=self.settings.index_window,
         )
         self.commands_handled = 0
         self.dead_lettered = 0
