@@ -8,7 +8,7 @@ the index promises:
   orchestrator holding one is SIGKILLed, the next orchestrator gets it again and the index has
   the run;
 - a held event with no next event is written when the window ends (a run waiting for a
-  worker shows as queued).
+  worker shows as queued), or when its orchestrator stops.
 """
 
 from __future__ import annotations
@@ -109,3 +109,26 @@ async def test_a_held_event_survives_a_sigkilled_orchestrator(
     finally:
         stop(orch)
         await client.close()
+
+
+async def test_an_orchestrator_that_stops_writes_what_it_holds(make_settings: Any) -> None:
+    settings = await make_settings(index_window=600.0)
+    env = PolosEnvironment(settings, [iw_quick], with_worker=False)
+    await env.start()
+    client = await PolosClient.connect(settings=settings)
+    stopped = False
+    try:
+        handle = await env.client.start(iw_quick, 1)
+        for _ in range(800):
+            if env.orchestrator.index._held:
+                break
+            await asyncio.sleep(0.025)
+        else:
+            raise AssertionError("the orchestrator never held the run's request")
+        await env.stop()  # long before the window ends
+        stopped = True
+        await _until_listed(client, handle.run_id, "queued")
+    finally:
+        await client.close()
+        if not stopped:
+            await env.stop()

@@ -107,6 +107,12 @@ class RunIndex:
         if held is not None:
             held.settle(None)
 
+    def flush_held(self) -> None:
+        """Write every held run now (the orchestrator stops: its handlers may then ack)."""
+        for run_id, held in list(self._held.items()):
+            held.cancel_timer()
+            self._window_over(run_id, held)
+
     def _window_over(self, run_id: str, held: _Held) -> None:
         if self._held.get(run_id) is not held:
             return  # the run's next event took them

@@ -165,6 +165,7 @@ class Orchestrator:
         log.info("orchestrator started on namespace %r", self.settings.prefix)
 
     async def stop(self) -> None:
+        self.index.flush_held()  # what the index holds is written, and its events acked
         await asyncio.gather(*(loop.stop(drain_timeout=2.0) for loop in self._loops))
         for feature in reversed(self.features):
             await feature.stop()
