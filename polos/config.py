@@ -53,10 +53,6 @@ class Settings:
         default_factory=lambda: _env_float("POLOS_SERVICE_ACK_WAIT", 10.0)
     )
     slot_lease: float = field(default_factory=lambda: _env_float("POLOS_SLOT_LEASE", 30.0))
-    # How long the orchestrator holds a run's RunRequested or RunClaimed for its next control
-    # event, to write the run index once for both (the index is a projection: it is this much
-    # late at most; 0 writes every event at once).
-    index_window: float = field(default_factory=lambda: _env_float("POLOS_INDEX_WINDOW", 0.05))
     replicas: int = field(default_factory=lambda: int(os.environ.get("POLOS_REPLICAS", "1")))
     # The span follower's back-off while its exporter (an OTLP collector) refuses spans: the
     # first retry after this long, doubling up to the max.
@@ -75,6 +71,10 @@ class Settings:
     # The web UI's URL (``polos up`` records it; POLOS_UI_URL): a suspend's data then carries
     # ``_approval_url``, the page where a human answers it (docs/ui.md).
     ui_url: str | None = field(default_factory=lambda: os.environ.get("POLOS_UI_URL") or None)
+    # How long the orchestrator holds a run's RunRequested or RunClaimed for its next control
+    # event, to write the run index once for both (the index is a projection: it is this much
+    # late at most; 0 writes every event at once). Last: positional arguments keep their places.
+    index_window: float = field(default_factory=lambda: _env_float("POLOS_INDEX_WINDOW", 0.05))
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):

@@ -9,7 +9,7 @@
 - A large output (in the Object Store) is fetched from the ending's reference.
 - Against a runs stream made without the republish (services of an earlier version),
   ``result()`` listens on the control subject and reads, as before; the services' next
-  ``ensure_topology`` adds the republish.
+  ``ensure_topology`` adds the republish to the stream's config as it is.
 - A ``result()`` waiting across a server restart still gets the outcome.
 """
 
@@ -171,6 +171,7 @@ async def test_without_the_republish_result_reads_and_the_services_add_it(
     info = await js.stream_info(names.runs_stream)
     cfg = info.config
     cfg.republish = None
+    cfg.max_msgs = 1_000_000  # and an operator's edit, which the services keep
     await js.update_stream(cfg)
     old = await PolosClient.connect(settings=settings)
     try:
@@ -184,6 +185,7 @@ async def test_without_the_republish_result_reads_and_the_services_add_it(
     info = await js.stream_info(names.runs_stream)
     assert info.config.republish is not None
     assert info.config.republish.dest == names.stored_ctl_subject("{{wildcard(1)}}")
+    assert info.config.max_msgs == 1_000_000
     new = await PolosClient.connect(settings=settings)
     try:
         assert polos.client.namespace(new.js, new.names, nc=new.nc).stored_ctl

@@ -326,9 +326,12 @@ async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> bool:
     # Look before creating: a service restart finds everything there in one request each.
     with contextlib.suppress(nats.js.errors.APIError):
         info = await js.stream_info(str(cfg.name))
-        if set(cfg.subjects or []) <= set(info.config.subjects or []) and _republishes(
-            info.config, cfg.republish
-        ):
+        if set(cfg.subjects or []) <= set(info.config.subjects or []):
+            if _republishes(info.config, cfg.republish):
+                return True
+            # Made by an earlier version: add the republish to the config as it is, edits kept.
+            info.config.republish = cfg.republish
+            await js.update_stream(info.config)
             return True
     try:
         await js.add_stream(cfg)
