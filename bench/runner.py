@@ -64,6 +64,7 @@ class Sizes:
     overhead_runs: int = 3
     e2e_runs: int = 50
     first_step_runs: int = 50
+    ops_runs: int = 20
     # Two sizes: 200 is what the peers were measured with (BENCHMARKS.md); a 200-run round lasts
     # half a second here, so its ramp-up and tail weigh on it. 1,000 shows the steady state.
     throughput_runs: tuple[int, ...] = (200, 1000)
@@ -93,6 +94,7 @@ class Sizes:
             overhead_runs=1,
             e2e_runs=5,
             first_step_runs=5,
+            ops_runs=3,
             throughput_runs=(20,),
             worker_counts=(1,),
             throughput_rounds=1,
@@ -123,8 +125,26 @@ _E2E_PARTS: dict[str, str] = {
     "RunClaimed -> first step recorded": "claim append, input decode, step 1 runs",
     "per further step": "the previous step's fenced append, the next step runs",
     "last step -> RunCompleted built": "the last step's append, workflow returns",
-    "RunCompleted -> client has the result": "append, notification, client reads the ctl events",
+    "RunCompleted -> client has the result": "append, the stored event reaches the client",
 }
+
+# The sequential path of a 10-step run, message by message: what it cannot do with less. Its
+# floor is that many awaited publishes back to back plus that many one-way messages between
+# two connections, measured beside each run (fig_e2e). The client's first read of the run's
+# control events (in case it ended before result() subscribed) runs while the run does.
+_E2E_PATH: tuple[tuple[str, str], ...] = (
+    ("round trip", "client: the start command's publish"),
+    ("one way", "the command delivered to the orchestrator"),
+    ("round trip", "orchestrator: the RunRequested append"),
+    ("round trip", "orchestrator: the task's publish"),
+    ("one way", "the task delivered to the worker"),
+    ("round trip", "worker: the RunClaimed append"),
+    *(("round trip", f"worker: step {i + 1}'s append") for i in range(10)),
+    ("round trip", "worker: the RunCompleted append"),
+    ("one way", "the stored RunCompleted delivered to the client"),
+)
+_E2E_ROUND_TRIPS = sum(1 for kind, _ in _E2E_PATH if kind == "round trip")
+_E2E_ONE_WAY = len(_E2E_PATH) - _E2E_ROUND_TRIPS
 
 FIGURES = (
     "publish",
@@ -337,6 +357,131 @@ async def wait_workers(client: PolosClient, names: set[str], timeout: float = 30
         return names <= {w["id"] for w in await client.workers()}
 
     await until(ready, timeout, f"workers {sorted(names)}")
+
+
+class _Floor:
+    """The floor of the sequential run: ``_E2E_ROUND_TRIPS`` awaited JetStream publishes (as
+    the raw publish figure makes them) and ``_E2E_ONE_WAY`` core messages from one connection
+    to another, back to back."""
+
+    def __init__(self, a: Any, b: Any, stream: str, subject: str) -> None:
+        self.a, self.b, self.stream, self.subject = a, b, stream, subject
+        self.js = a.jetstream()
+        self.n = 0
+        self.payload = orjson.dumps({"t": "StepCompleted", "key": "s1", "kind": "run", "output": 1})
+
+    @classmethod
+    async def open(cls, s: Settings) -> _Floor:
+        a = await connect(s, "polos-bench-floor-a")
+        b = await connect(s, "polos-bench-floor-b")
+        stream, subject = f"{s.prefix.upper()}_BENCHFLOOR", f"{s.prefix}.benchfloor"
+        await a.jetstream().add_stream(
+            StreamConfig(
+                name=stream, subjects=[subject], storage=StorageType.FILE, num_replicas=s.replicas
+            )
+        )
+        return cls(a, b, stream, subject)
+
+    async def once(self) -> float:
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future[None] = loop.create_future()
+
+        async def heard(msg: Any) -> None:
+            if not got.done():
+                got.set_result(None)
+
+        sub = await self.b.subscribe(f"{self.subject}.hop", cb=heard)
+        await self.b.flush()
+        t0 = time.perf_counter()
+        for _ in range(_E2E_ROUND_TRIPS):
+            self.n += 1
+            await self.js.publish(self.subject, self.payload, headers={MSG_ID: f"f{self.n}"})
+        for _ in range(_E2E_ONE_WAY):
+            await self.a.publish(f"{self.subject}.hop", self.payload)
+            await got
+            got = loop.create_future()
+        took = (time.perf_counter() - t0) * 1000
+        await sub.unsubscribe()
+        return took
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.js.delete_stream(self.stream)
+        for nc in (self.a, self.b):
+            await disconnect(nc)
+
+
+async def _count_ops(client: PolosClient, s: Settings, runs: int) -> tuple[float, str]:
+    """JetStream operations per 10-step run, counted by a ``>`` subscriber over ``runs``
+    sequential runs: writes (publishes to a stream subject), deliveries (messages a consumer
+    hands out: they carry a ``$JS.ACK`` reply), acks, reads (direct gets) and other API
+    requests (pulls). What the server republishes for listeners is counted apart."""
+    from collections import Counter
+
+    from . import workflows as w
+
+    p = s.prefix
+    kv = f"$KV.{p}_"
+    counts: Counter[str] = Counter()
+
+    def stored_as(subject: str) -> str | None:
+        t = subject.split(".")
+        if subject.startswith(kv):
+            return "index" if t[1] == f"{p}_runs" else f"kv {t[1][len(p) + 1 :]}"
+        if t[0] != p or len(t) < 2:
+            return None
+        if t[1] == "run":
+            return t[-1]  # ctl | step
+        return {"cmd": "command", "task": "task", "stored": None}.get(t[1], t[1])
+
+    async def on_msg(msg: Any) -> None:
+        subject, reply = msg.subject, msg.reply or ""
+        if subject.startswith("$JS.ACK."):
+            body = bytes(msg.data or b"")
+            counts[
+                "progress" if body == b"+WPI" else "nak" if body.startswith(b"-NAK") else "ack"
+            ] += 1
+        elif subject.startswith("$JS.API.DIRECT.GET."):
+            counts["read"] += 1
+        elif subject.startswith("$JS.API."):
+            counts["api " + subject.split(".")[3].lower()] += 1
+        elif reply.startswith("$JS.ACK."):
+            counts["delivered " + (stored_as(subject) or "?")] += 1
+        elif subject.startswith(f"{p}.stored."):
+            counts["republished"] += 1
+        else:
+            kind = stored_as(subject)
+            if kind is not None:
+                counts["write " + kind] += 1
+
+    spy = await connect(s, "polos-bench-ops")
+    try:
+        await spy.subscribe(">", cb=on_msg)
+        await spy.flush()
+        for _ in range(runs):
+            await (await client.start(w.bench_steps, w.Steps(steps=10))).result(timeout=30)
+        await asyncio.sleep(0.5)  # the last acks (not awaited by their senders)
+        await spy.flush()
+    finally:
+        await disconnect(spy)
+    ops = {k: v for k, v in counts.items() if k != "republished"}
+    total = sum(ops.values()) / runs
+
+    def group(prefix: str, label: str) -> str:
+        items = sorted((k[len(prefix) :], v) for k, v in ops.items() if k.startswith(prefix))
+        n = sum(v for _, v in items) / runs
+        return f"{n:g} {label} (" + ", ".join(f"{k} {v / runs:g}" for k, v in items) + ")"
+
+    rest = {k: v for k, v in ops.items() if not k.startswith(("write ", "delivered "))}
+    detail = "; ".join(
+        [
+            group("write ", "writes"),
+            group("delivered ", "deliveries"),
+            ", ".join(f"{k} {v / runs:g}" for k, v in sorted(rest.items())),
+            f"republished {counts['republished'] / runs:g} (not an operation)",
+        ]
+    )
+    return total, f"over {runs} runs: {detail}"
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -750,15 +895,23 @@ class Bench:
         return procs, client
 
     async def fig_e2e(self) -> None:
-        """Sequential: start, wait for the result, next. Orchestrator and worker processes."""
+        """Sequential: start, wait for the result, next. Orchestrator and worker processes.
+
+        Beside each run, its floor: the awaited publishes and one-way messages of its
+        sequential path (``_E2E_PATH``) back to back, so the ratio is to the same moment's
+        load. Then a few more runs with a ``>`` subscriber counting every JetStream operation.
+        """
         from . import workflows as w
 
         s = self.settings()
         procs, client = await self._deployment(s, 1)
+        floor = await _Floor.open(s)
         try:
             for _ in range(3):  # warm-up: imports, consumers, first-run caches
                 await (await client.start(w.bench_steps, w.Steps(steps=10))).result(timeout=30)
+                await floor.once()
             e2e: list[float] = []
+            floors: list[float] = []
             parts: dict[str, list[float]] = {k: [] for k in _E2E_PARTS}
             for _ in range(self.sizes.e2e_runs):
                 t_wall = time.time()
@@ -766,6 +919,7 @@ class Bench:
                 h = await client.start(w.bench_steps, w.Steps(steps=10))
                 await h.result(timeout=30)
                 e2e.append((time.perf_counter() - t0) * 1000)
+                floors.append(await floor.once())
                 # Where the time went, from the events' own clocks (one machine, one clock):
                 # an event's ``at`` is taken just before its append.
                 hist = [e for _, e in await client.history(h.run_id)]
@@ -782,19 +936,40 @@ class Bench:
                 for i, k in enumerate(_E2E_PARTS):
                     d = (marks[i + 1] - marks[i]) * 1000
                     parts[k].append(d / 9 if k == "per further step" else d)
+            e2e_p50, floor_p50 = statistics.median(e2e), statistics.median(floors)
             self.report.add(
                 Figure(
                     "10-step workflow end to end, sequential p50",
-                    statistics.median(e2e),
+                    e2e_p50,
                     "ms",
                     note=f"p99 {pct(e2e, 99):.1f} ms; "
-                    f"{1000 / statistics.mean(e2e):.1f} wf/s sequential",
+                    f"{1000 / statistics.mean(e2e):.1f} wf/s sequential; "
+                    f"{e2e_p50 / floor_p50:.2f}x its floor",
+                )
+            )
+            self.report.add(
+                Figure(
+                    "  its floor: the run's sequential messages back to back p50",
+                    floor_p50,
+                    "ms",
+                    note=f"{_E2E_ROUND_TRIPS} awaited publishes + {_E2E_ONE_WAY} one-way "
+                    f"messages, beside each run; e2e p50 / floor p50 = {e2e_p50 / floor_p50:.2f}",
                 )
             )
             for k, v in parts.items():
                 self.report.add(
                     Figure(f"  e2e part: {k} p50", statistics.median(v), "ms", note=_E2E_PARTS[k])
                 )
+            ops, detail = await _count_ops(client, s, self.sizes.ops_runs)
+            self.report.add(
+                Figure(
+                    "JetStream operations per 10-step run",
+                    ops,
+                    "ops",
+                    kind="count",
+                    note=detail,
+                )
+            )
             firsts = []
             for _ in range(self.sizes.first_step_runs):
                 t0 = time.time()
@@ -810,6 +985,7 @@ class Bench:
                 )
             )
         finally:
+            await floor.close()
             await client.close()
             procs.stop_all()
 

@@ -34,6 +34,7 @@ from polos._private.store import (
     disconnect,
     kv_entries,
     load_state,
+    namespace,
     payloads,
     publish,
     read_history,
@@ -245,19 +246,33 @@ class ExecutionHandle(Generic[O]):
         """
         nc = self.client.nc
         names = self.client.names
-        news: asyncio.Queue[None] = asyncio.Queue()
+        # The runs stream republishes each control event once stored (``stored_ctl``): the
+        # ending heard there is the outcome, with no read after it. Without (a namespace made by
+        # services of an earlier version), the run's control subject is only a nudge to read:
+        # a fenced-out writer's ending reaches it too, though the stream refused it.
+        stored = namespace(self.client.js, names, nc=nc).stored_ctl
+        news: asyncio.Queue[ev.Event | None] = asyncio.Queue()
 
         async def on_ctl(msg: Any) -> None:
-            with contextlib.suppress(Exception):
-                if isinstance(
-                    ev.decode(msg.data), (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)
-                ):
+            try:
+                data = msg.data
+                if stored and (msg.headers or {}).get(payloads.HEADER):
+                    data = await payloads.resolve(self.client.js, names, data)
+                event = ev.decode(data)
+            except Exception:
+                if stored:  # stored, yet not an event we can read here: the log says what it is
                     news.put_nowait(None)
+                return
+            if isinstance(event, (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
+                news.put_nowait(event if stored else None)
 
         # Subscribe before reading, so an ending between the read and the subscribe is not missed.
-        # What a subscriber sees is only a nudge: a fenced-out writer's ending is delivered to
-        # subscribers too, though the stream refused it, so the outcome always comes from the log.
-        sub = await nc.subscribe(names.run_subject(self.run_id, "ctl"), cb=on_ctl)
+        subject = (
+            names.stored_ctl_subject(self.run_id)
+            if stored
+            else names.run_subject(self.run_id, "ctl")
+        )
+        sub = await nc.subscribe(subject, cb=on_ctl)
         self.client._wakeups.add(news)  # a reconnect may have dropped the ending: read again
         deadline = None if timeout is None else time.monotonic() + timeout
         told = False
@@ -268,20 +283,34 @@ class ExecutionHandle(Generic[O]):
                 state = await load_state(nc, names, self.run_id, kinds=("ctl",))
                 if state.done:
                     return self._outcome(state)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise WorkflowTimeoutError(self.run_id, timeout, status=state.status)
-                # Event-driven; the cap is only a safety net for a missed message. Subscribers
-                # may hear of the ending before the stream has stored it: once told, re-read
-                # shortly rather than wait the cap.
-                cap = 0.02 if told else min(remaining or 30.0, 30.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(news.get(), timeout=cap)
-                    told = True
+                while True:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise WorkflowTimeoutError(self.run_id, timeout, status=state.status)
+                    # Event-driven; the cap is only a safety net for a missed message. A nudge
+                    # may come before the stream has stored the ending: once told, re-read
+                    # shortly rather than wait the cap.
+                    cap = 0.02 if told else min(remaining or 30.0, 30.0)
+                    try:
+                        heard = await asyncio.wait_for(news.get(), timeout=cap)
+                    except TimeoutError:
+                        break
+                    if heard is None:  # a nudge, or a reconnect: read the log
+                        told = not stored
+                        break
+                    return self._ended(heard)
         finally:
             self.client._wakeups.discard(news)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    def _ended(self, event: ev.Event) -> O:
+        """The outcome a stored ending says (what ``_outcome`` gives once it is folded)."""
+        if isinstance(event, ev.RunCompleted):
+            return from_json(event.output, self._resolved_output_type(self.client))  # type: ignore[no-any-return]
+        if isinstance(event, ev.RunFailed):
+            raise WorkflowFailedError(self.run_id, event.error or {})
+        raise WorkflowCancelledError(f"run {self.run_id} was cancelled")
 
     def _outcome(self, state: ev.RunState) -> O:
         if state.status == "completed":
@@ -305,7 +334,7 @@ class PolosClient:
         self.workflows: dict[str, WorkflowDefinition[Any, Any]] = {}
         self._owns = owns_connection
         # Waiters to nudge after a reconnect (core subscriptions miss what was sent meanwhile).
-        self._wakeups: set[asyncio.Queue[None]] = set()
+        self._wakeups: set[asyncio.Queue[Any]] = set()
 
     async def _on_reconnect(self) -> None:
         for q in list(self._wakeups):

@@ -77,6 +77,10 @@ class Settings:
     snapshot_events: int = field(
         default_factory=lambda: int(os.environ.get("POLOS_SNAPSHOT_EVENTS", "1000"))
     )
+    # How long the orchestrator holds a run's RunRequested or RunClaimed for its next control
+    # event, to write the run index once for both (the index is a projection: it is this much
+    # late at most; 0 writes every event at once). Last: positional arguments keep their places.
+    index_window: float = field(default_factory=lambda: _env_float("POLOS_INDEX_WINDOW", 0.05))
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -98,6 +102,7 @@ class Settings:
             "POLOS_SERVICE_ACK_WAIT": str(self.service_ack_wait),
             "POLOS_SLOT_LEASE": str(self.slot_lease),
             "POLOS_SNAPSHOT_EVENTS": str(self.snapshot_events),
+            "POLOS_INDEX_WINDOW": str(self.index_window),
             "POLOS_REPLICAS": str(self.replicas),
             "POLOS_TELEMETRY_RETRY_INITIAL": str(self.telemetry_retry_initial),
             "POLOS_TELEMETRY_RETRY_MAX": str(self.telemetry_retry_max),

@@ -18,6 +18,7 @@ def test_to_env_round_trips_every_setting(monkeypatch: pytest.MonkeyPatch) -> No
         request_timeout=3.0,
         service_ack_wait=2.5,
         slot_lease=6.0,
+        index_window=0.2,
         replicas=3,
     )
     for name, value in custom.to_env().items():

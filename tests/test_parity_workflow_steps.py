@@ -61,11 +61,13 @@ async def p_run(ctx: WorkflowContext, n: int) -> dict[str, Any]:
 async def test_run_takes_max_retries_base_delay_max_delay_for_itself(env_factory: Any) -> None:
     SEEN.clear()
     env = await env_factory([p_run])
-    out = await (await env.client.start(p_run, 21)).result(timeout=20)
+    handle = await env.client.start(p_run, 21)
+    out = await handle.result(timeout=20)
     assert out["doubled"] == 42 and "card declined" in out["caught"]
     assert SEEN["calls"] == 3  # max_retries=2: three tries
     assert SEEN["kwargs"] == [{"note": "kept"}] * 3  # the step's options never reach fn
-    history = await env.client.history((await env.client.list_runs(workflow="p_run"))[0].run_id)
+    # The run's own history (the run index, a projection, may not have the run yet).
+    history = await env.client.history(handle.run_id)
     charge = [e for _, e in history if isinstance(e, ev.StepFailed) and e.key == "charge"]
     assert charge and charge[0].attempts == 1  # max_retries=0: tried once
 

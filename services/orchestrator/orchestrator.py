@@ -91,7 +91,10 @@ class Orchestrator:
         self._js: JetStreamContext | None = None
         self._loops: list[PullLoop] = []
         self.index = RunIndex(
-            self.names, cache_size=index_cache, timeout=self.settings.request_timeout
+            self.names,
+            cache_size=index_cache,
+            timeout=self.settings.request_timeout,
+            window=self.settings.index_window,
         )
         self.commands_handled = 0
         self.dead_lettered = 0
@@ -162,6 +165,7 @@ class Orchestrator:
         log.info("orchestrator started on namespace %r", self.settings.prefix)
 
     async def stop(self) -> None:
+        self.index.flush_held()  # what the index holds is written, and its events acked
         await asyncio.gather(*(loop.stop(drain_timeout=2.0) for loop in self._loops))
         for feature in reversed(self.features):
             await feature.stop()

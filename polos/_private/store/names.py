@@ -190,6 +190,16 @@ class Names:
     def step_filter(self) -> str:
         return f"{self.prefix}.run.*.step"
 
+    def stored_ctl_subject(self, run_id: str) -> str:
+        """Core NATS (no stream): the runs stream republishes each control event here once it
+        is stored, so a listener hears only what the log holds (a fenced-out writer's event
+        reaches ``<prefix>.run.<id>.ctl`` subscribers too, though the stream refused it)."""
+        return f"{self.prefix}.stored.{run_id}.ctl"
+
+    @property
+    def stored_ctl_filter(self) -> str:
+        return f"{self.prefix}.stored.*.ctl"
+
     # ------------------------------------------------------------------ tasks, events, dead letters
 
     def task_subject(self, workflow: str) -> str:

@@ -57,7 +57,16 @@ class Namespace:
     """One namespace (prefix) on one connection: obtained with ``namespace``, once per
     (connection, prefix); the first caller's JetStream context and settings are kept."""
 
-    __slots__ = ("_features", "js", "names", "nc", "payloads", "settings", "topology_checked")
+    __slots__ = (
+        "_features",
+        "js",
+        "names",
+        "nc",
+        "payloads",
+        "settings",
+        "stored_ctl",
+        "topology_checked",
+    )
 
     def __init__(
         self, nc: NATS, js: JetStreamContext, names: Names, settings: Settings | None
@@ -70,6 +79,9 @@ class Namespace:
         self.payloads: ObjectStore | None = None
         # ``check_topology`` found everything (or ``ensure_topology`` made it) on this connection.
         self.topology_checked = False
+        # The runs stream republishes stored control events on ``Names.stored_ctl_subject``
+        # (learnt with the topology; False until then: listeners read the log instead).
+        self.stored_ctl = False
         self._features: dict[type, object] = {}
 
     def feature(self, kind: type[_F], make: Callable[[], _F]) -> _F:

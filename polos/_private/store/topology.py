@@ -21,7 +21,7 @@ from typing import Any, Literal
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
 
 from polos._private.store.names import Names, kv_stream, object_stream
 from polos._private.store.namespace import namespace
@@ -57,6 +57,9 @@ class Store:
     write_only: Mapping[str, Callable[[Names], list[str]]] = field(default_factory=dict)
     subjects: Callable[[Names], list[str]] | None = None  # a stream's subjects
     options: Callable[[Settings], dict[str, Any]] = field(default=lambda s: {})
+    # Stored messages the server republishes on a core subject (after the store, never for a
+    # refused one): (source filter, destination) of the names.
+    republish: Callable[[Names], tuple[str, str]] | None = None
 
     def bucket(self, names: Names) -> str:
         """Its name as its users say it: a stream's name, or a bucket's."""
@@ -122,6 +125,9 @@ class Store:
                 discard=DiscardPolicy.NEW, allow_rollup_hdrs=True, allow_direct=True, max_bytes=-1
             )
         base.update(self.options(settings))
+        if self.republish is not None:
+            src, dest = self.republish(names)
+            base["republish"] = RePublish(src=src, dest=dest)
         return StreamConfig(**base)
 
 
@@ -152,6 +158,8 @@ TOPOLOGY: tuple[Store, ...] = (
         subjects=lambda n: n.runs_subjects,
         # Batch direct get reads a run's history in one request.
         options=lambda s: {"allow_direct": True},
+        # ``result()`` hears a run's end from the stored copy: no read after it.
+        republish=lambda n: (n.ctl_filter, n.stored_ctl_subject("{{wildcard(1)}}")),
     ),
     Store(
         "tasks_stream",
@@ -294,6 +302,14 @@ CORE_SUBJECTS: tuple[CoreSubject, ...] = (
         publish=(),
         subscribe=ANY,
     ),
+    # The runs stream's republished control events: only what the stream stored, so no role
+    # may publish here (the server's own republish needs no grant).
+    CoreSubject(
+        lambda n: n.stored_ctl_filter,
+        "run control events, once stored",
+        publish=(),
+        subscribe=ANY,
+    ),
     # The web UI (the client role) follows a run page's step results as they are appended:
     # what a client may read from the runs stream anyway.
     CoreSubject(
@@ -308,12 +324,24 @@ CORE_SUBJECTS: tuple[CoreSubject, ...] = (
 # --------------------------------------------------------------------------- service role
 
 
-async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+def _republishes(have: StreamConfig, want: RePublish | None) -> bool:
+    """Whether ``have`` republishes as ``want`` says (trivially, when it says nothing)."""
+    got = have.republish
+    return want is None or (got is not None and (got.src, got.dest) == (want.src, want.dest))
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> bool:
+    """Make the stream or widen it; True once it republishes as ``cfg`` says."""
     # Look before creating: a service restart finds everything there in one request each.
     with contextlib.suppress(nats.js.errors.APIError):
         info = await js.stream_info(str(cfg.name))
         if set(cfg.subjects or []) <= set(info.config.subjects or []):
-            return
+            if _republishes(info.config, cfg.republish):
+                return True
+            # Made by an earlier version: add the republish to the config as it is, edits kept.
+            info.config.republish = cfg.republish
+            await js.update_stream(info.config)
+            return True
     try:
         await js.add_stream(cfg)
     except (nats.errors.TimeoutError, TimeoutError) as exc:
@@ -326,8 +354,11 @@ async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
         # 10058: exists with a different config. Keep the operator's edits, but widen subjects.
         if exc.err_code != 10058:
             raise
-        with contextlib.suppress(nats.js.errors.APIError):
+        try:
             await js.update_stream(cfg)
+        except nats.js.errors.APIError:
+            return cfg.republish is None
+    return True
 
 
 async def ensure_topology(js: JetStreamContext, names: Names, settings: Settings) -> None:
@@ -335,8 +366,12 @@ async def ensure_topology(js: JetStreamContext, names: Names, settings: Settings
 
     Service role only: other roles may not create streams. Workers and clients call
     ``check_topology``."""
-    await asyncio.gather(*(_ensure_stream(js, row.config(names, settings)) for row in TOPOLOGY))
-    namespace(js, names, settings).topology_checked = True
+    done = await asyncio.gather(
+        *(_ensure_stream(js, row.config(names, settings)) for row in TOPOLOGY)
+    )
+    ns = namespace(js, names, settings)
+    ns.topology_checked = True
+    ns.stored_ctl = done[TOPOLOGY.index(BY_NAME["runs_stream"])]
 
 
 # --------------------------------------------------------------------------- workers, clients
@@ -369,6 +404,10 @@ async def check_topology(js: JetStreamContext, names: Names) -> None:
                 f"this user may not read it (roles' permissions come from the topology)"
             ) from exc
         lacking = set(row.stream_subjects(names)) - set(info.config.subjects or [])
+        if row.republish is not None:
+            # Services of an earlier version made it without: result() then reads instead.
+            src, dest = row.republish(names)
+            ns.stored_ctl = _republishes(info.config, RePublish(src=src, dest=dest))
         return f"lacks subjects {', '.join(sorted(lacking))}" if lacking else None
 
     found = await asyncio.gather(*(look(row) for row in TOPOLOGY))

@@ -1,0 +1,134 @@
+"""The orchestrator holds a run's RunRequested and RunClaimed for the run's next control event
+and writes the run index once for them all (``Settings.index_window``), without giving up what
+the index promises:
+
+- a fast run's request, claim and end make one index write (three with the window at 0), and
+  the entry says the same as when written event by event;
+- a held event is acknowledged only once the write that holds it is stored: after an
+  orchestrator holding one is SIGKILLed, the next orchestrator gets it again and the index has
+  the run;
+- a held event with no next event is written when the window ends (a run waiting for a
+  worker shows as queued), or when its orchestrator stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from polos import WorkflowContext, workflow
+from polos._private.store import load_state
+from polos.client import PolosClient
+from polos.testing import PolosEnvironment
+from polos.worker import Worker
+from tests.helpers import kill, spawn, stop
+
+ROOT = Path(__file__).resolve().parents[1]
+ORCHESTRATOR = ["-m", "polos_services.orchestrator"]
+_VOLATILE = ("run_id", "created_at", "updated_at", "started_at", "ended_at", "worker_id")
+
+
+@workflow
+async def iw_quick(ctx: WorkflowContext, n: int) -> int:
+    return n + 1
+
+
+async def _until_listed(client: PolosClient, run_id: str, status: str) -> None:
+    for _ in range(800):
+        if any(r.run_id == run_id and r.status == status for r in await client.list_runs()):
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"the run index never showed run {run_id} {status}")
+
+
+async def test_a_fast_runs_index_entry_is_one_write(make_settings: Any) -> None:
+    entries = {}
+    for window in (30.0, 0.0):
+        settings = await make_settings(index_window=window)
+        env = PolosEnvironment(settings, [iw_quick])
+        await env.start()
+        try:
+            index = env.orchestrator.index
+            before = index.writes
+            handle = await env.client.start(iw_quick, 1)
+            assert await handle.result(timeout=20) == 2
+            await _until_listed(env.client, handle.run_id, "completed")
+            # Far longer than the run: the request and the claim waited for its end.
+            assert index.writes - before == (1 if window else 3), window
+            assert index._held == {}
+            entry = await index.read(handle.run_id)
+            assert entry is not None
+            entries[window] = {k: v for k, v in entry.items() if k not in _VOLATILE}
+        finally:
+            await env.stop()
+    assert entries[30.0] == entries[0.0]
+
+
+async def test_a_held_event_is_written_when_the_window_ends(make_settings: Any) -> None:
+    settings = await make_settings(index_window=0.2)
+    env = PolosEnvironment(settings, [iw_quick], with_worker=False)
+    await env.start()
+    try:
+        handle = await env.client.start(iw_quick, 1)  # no worker: nothing follows the request
+        await _until_listed(env.client, handle.run_id, "queued")
+        async with Worker([iw_quick], settings=settings.worker):
+            assert await handle.result(timeout=20) == 2
+        await _until_listed(env.client, handle.run_id, "completed")
+    finally:
+        await env.stop()
+
+
+async def test_a_held_event_survives_a_sigkilled_orchestrator(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    settings = await make_settings(index_window=600.0)
+    env = dict(os.environ)
+    env.update(settings.service.to_env())
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    orch = spawn(ORCHESTRATOR, env, tmp_path / "o1.out")
+    client = await PolosClient.connect(settings=settings)
+    try:
+        handle = await client.start(iw_quick, 5)
+        for _ in range(800):  # the orchestrator created the run: its RunRequested is stored
+            if (await load_state(client.nc, client.names, handle.run_id)).requested:
+                break
+            await asyncio.sleep(0.025)
+        else:
+            raise AssertionError("the orchestrator never created the run")
+        # It holds the request for its next event (none comes: no worker) and has not acked it.
+        assert handle.run_id not in {r.run_id for r in await client.list_runs()}
+        kill(orch)
+        orch = spawn(ORCHESTRATOR, {**env, "POLOS_INDEX_WINDOW": "0"}, tmp_path / "o2.out")
+        # Unacknowledged, the request comes back to the next orchestrator (service_ack_wait).
+        await _until_listed(client, handle.run_id, "queued")
+        async with Worker([iw_quick], settings=settings.worker):
+            assert await handle.result(timeout=20) == 6
+        await _until_listed(client, handle.run_id, "completed")
+    finally:
+        stop(orch)
+        await client.close()
+
+
+async def test_an_orchestrator_that_stops_writes_what_it_holds(make_settings: Any) -> None:
+    settings = await make_settings(index_window=600.0)
+    env = PolosEnvironment(settings, [iw_quick], with_worker=False)
+    await env.start()
+    client = await PolosClient.connect(settings=settings)
+    stopped = False
+    try:
+        handle = await env.client.start(iw_quick, 1)
+        for _ in range(800):
+            if env.orchestrator.index._held:
+                break
+            await asyncio.sleep(0.025)
+        else:
+            raise AssertionError("the orchestrator never held the run's request")
+        await env.stop()  # long before the window ends
+        stopped = True
+        await _until_listed(client, handle.run_id, "queued")
+    finally:
+        await client.close()
+        if not stopped:
+            await env.stop()
