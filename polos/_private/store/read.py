@@ -188,7 +188,30 @@ async def last_for_subject(
 async def last_per_subject(
     nc: NATS, stream: str, subject_filter: str, timeout: float = 5.0
 ) -> list[StoredMsg]:
-    """The last message of every subject matching ``subject_filter`` (KV listings)."""
+    """The last message of every subject matching ``subject_filter`` (KV listings).
+
+    One multi-last direct get while at most 1,024 subjects match; the server refuses more at
+    once (413, "Too Many Results", whatever the batch), and then every message matching the
+    filter is read by batch direct get and the last of each subject kept: for a KV bucket that
+    keeps one revision per key (every Polos bucket) that reads nothing more than the answer.
+    """
+    try:
+        return await _multi_last(nc, stream, subject_filter, timeout)
+    except _TooManySubjects:
+        pass
+    last: dict[str, StoredMsg] = {}
+    for m in await read_subject(nc, stream, subject_filter, timeout=timeout):
+        last[m.subject] = m  # in stream order: the last one wins
+    return sorted(last.values(), key=lambda m: m.seq)
+
+
+class _TooManySubjects(Exception):
+    """The server will not answer a multi-last request for this many subjects."""
+
+
+async def _multi_last(
+    nc: NATS, stream: str, subject_filter: str, timeout: float
+) -> list[StoredMsg]:
     out: list[StoredMsg] = []
     up_to_seq: int | None = None
     seen: set[str] = set()
@@ -206,6 +229,8 @@ async def last_per_subject(
                 hdrs = msg.headers or {}
                 status = hdrs.get("Status")
                 if status:
+                    if status == "413":
+                        raise _TooManySubjects
                     if status not in ("204", "404"):
                         raise RuntimeError(f"direct get on {stream}: {status} {hdrs}")
                     break
