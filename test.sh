@@ -9,4 +9,6 @@ source ./bootstrap.sh
 "$PY" -m ruff format --check .
 "$PY" -m mypy polos services analytics bench ui
 "$PY" -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
-exec "$PY" -m pytest -q "$@"
+# Two workers, each a whole test file at a time (a file's module fixtures are built once): the
+# suite mostly waits on servers and processes (a serial run keeps the load average under 1).
+exec "$PY" -m pytest -q -n 2 --dist loadfile "$@"

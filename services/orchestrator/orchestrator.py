@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -101,6 +101,10 @@ class Orchestrator:
         # Tasks this process has put out, by message id: the control hook's repeat of a wake's
         # dispatch (for a waker that died before dispatching) is not needed for these.
         self._dispatched: OrderedDict[str, None] = OrderedDict()
+        # Runs this process is waking and will dispatch with their history carried: the
+        # control hook's repeat of such a wake waits for that dispatch instead of racing it
+        # (a history-less task first would win the message id, and the worker would read).
+        self._waking: dict[str, asyncio.Future[None]] = {}
         # Set when the server refuses the service credentials on a reconnect.
         self.fatal = Fatal()
         # The features, wired here: each answers its command verbs, reacts to control events
@@ -389,6 +393,25 @@ class Orchestrator:
         self._dispatched[task_msg_id(run_id, cause_seq)] = None
         if len(self._dispatched) > _DISPATCHED_KEPT:
             self._dispatched.popitem(last=False)
+
+    @contextlib.asynccontextmanager
+    async def waking(self, run_id: str) -> AsyncIterator[None]:
+        """Around a wake this process appends and then dispatches itself."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waking[run_id] = done
+        try:
+            yield
+        finally:
+            done.set_result(None)
+            if self._waking.get(run_id) is done:
+                del self._waking[run_id]
+
+    async def wake_settled(self, run_id: str) -> None:
+        """Returns once no wake of the run by this process is between its append and its
+        dispatch (at once when there is none)."""
+        pending = self._waking.get(run_id)
+        if pending is not None:
+            await asyncio.shield(pending)
 
     def dispatched(self, run_id: str, cause_seq: int) -> bool:
         """Whether this process has put out (or admitted) the run's task for that cause."""

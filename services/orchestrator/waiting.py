@@ -208,23 +208,24 @@ async def _resume_now(
             f"run {state.run_id} waits at {sus.step!r} for a {sus.kind}, not for a resume",
             field="key",
         )
-    woke = await wake(
-        orch.js,
-        orch.names,
-        state.run_id,
-        sus.step,
-        expected_seq=state.last_seq,
-        reason="resumed",
-        cause=f"r{seq}",
-        kind="suspend",
-        output={"data": data, "seq": seq, "at": time.time()},
-        workflow=state.workflow,
-    )
-    if woke is None:
-        return False
-    await _dispatch_woken(
-        orch, state.run_id, state.workflow, woke.seq, history=bodies, woken=woke.event
-    )
+    async with orch.waking(state.run_id):
+        woke = await wake(
+            orch.js,
+            orch.names,
+            state.run_id,
+            sus.step,
+            expected_seq=state.last_seq,
+            reason="resumed",
+            cause=f"r{seq}",
+            kind="suspend",
+            output={"data": data, "seq": seq, "at": time.time()},
+            workflow=state.workflow,
+        )
+        if woke is None:
+            return False
+        await _dispatch_woken(
+            orch, state.run_id, state.workflow, woke.seq, history=bodies, woken=woke.event
+        )
     return True
 
 
@@ -493,22 +494,23 @@ async def _wake_parent(
     results = await _children_outcome(orch, list(sus.children or []))
     if results is None:
         return
-    woke = await wake(
-        orch.js,
-        orch.names,
-        state.run_id,
-        sus.step,
-        expected_seq=seq,
-        reason="children ended",
-        cause="children",
-        kind="child",
-        output={"children": results},
-        workflow=state.workflow,
-    )
-    if woke is not None:
-        await _dispatch_woken(
-            orch, state.run_id, state.workflow, woke.seq, history=bodies, woken=woke.event
+    async with orch.waking(state.run_id):
+        woke = await wake(
+            orch.js,
+            orch.names,
+            state.run_id,
+            sus.step,
+            expected_seq=seq,
+            reason="children ended",
+            cause="children",
+            kind="child",
+            output={"children": results},
+            workflow=state.workflow,
         )
+        if woke is not None:
+            await _dispatch_woken(
+                orch, state.run_id, state.workflow, woke.seq, history=bodies, woken=woke.event
+            )
 
 
 # --------------------------------------------------------------------------- events
@@ -662,7 +664,9 @@ async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event)
     elif type(event) is ev.RunWoken:
         # The waker dispatched already; this repeats it (same message id: never two tasks) in
         # case the waker died in between, and is the only dispatch for the scheduler's wakes.
-        # A wake this very process dispatched needs no repeat.
+        # A wake this very process dispatched needs no repeat; one it is dispatching (with
+        # the history it read, which a repeat would not carry) is waited for first.
+        await orch.wake_settled(run_id)
         if not orch.dispatched(run_id, seq):
             await _dispatch_woken(orch, run_id, event.workflow or _workflow_of(orch, run_id), seq)
     elif isinstance(event, (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
