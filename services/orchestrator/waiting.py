@@ -208,17 +208,44 @@ async def _resume_now(
             f"run {state.run_id} waits at {sus.step!r} for a {sus.kind}, not for a resume",
             field="key",
         )
+    return await _wake_carrying(
+        orch,
+        state,
+        sus.step,
+        state.last_seq,
+        bodies,
+        reason="resumed",
+        cause=f"r{seq}",
+        kind="suspend",
+        output={"data": data, "seq": seq, "at": time.time()},
+    )
+
+
+async def _wake_carrying(
+    orch: Orchestrator,
+    state: ev.RunState,
+    step: str,
+    expected_seq: int,
+    bodies: list[tuple[int, bytes]] | None,
+    *,
+    reason: str,
+    cause: str,
+    kind: ev.StepKind,
+    output: Any,
+) -> bool:
+    """Append the run's wake fenced on ``expected_seq`` and dispatch it carrying ``bodies`` (the
+    history read up to there); False when the history moved under the wake."""
     async with orch.waking(state.run_id):
         woke = await wake(
             orch.js,
             orch.names,
             state.run_id,
-            sus.step,
-            expected_seq=state.last_seq,
-            reason="resumed",
-            cause=f"r{seq}",
-            kind="suspend",
-            output={"data": data, "seq": seq, "at": time.time()},
+            step,
+            expected_seq=expected_seq,
+            reason=reason,
+            cause=cause,
+            kind=kind,
+            output=output,
             workflow=state.workflow,
         )
         if woke is None:
@@ -494,23 +521,17 @@ async def _wake_parent(
     results = await _children_outcome(orch, list(sus.children or []))
     if results is None:
         return
-    async with orch.waking(state.run_id):
-        woke = await wake(
-            orch.js,
-            orch.names,
-            state.run_id,
-            sus.step,
-            expected_seq=seq,
-            reason="children ended",
-            cause="children",
-            kind="child",
-            output={"children": results},
-            workflow=state.workflow,
-        )
-        if woke is not None:
-            await _dispatch_woken(
-                orch, state.run_id, state.workflow, woke.seq, history=bodies, woken=woke.event
-            )
+    await _wake_carrying(
+        orch,
+        state,
+        sus.step,
+        seq,
+        bodies,
+        reason="children ended",
+        cause="children",
+        kind="child",
+        output={"children": results},
+    )
 
 
 # --------------------------------------------------------------------------- events
