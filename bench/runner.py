@@ -336,13 +336,6 @@ async def _pool(
             reporter.cancel()
 
 
-def _true(value: bool) -> Awaitable[bool]:
-    """``value`` as an awaitable, for ``until`` on a plain condition."""
-    done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-    done.set_result(value)
-    return done
-
-
 async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -707,7 +700,7 @@ class Bench:
         same suspended run both ways: load + re-walk, in the benchmark process."""
         from polos._private.run.execution import RunExecution
         from polos._private.run.signals import Suspend
-        from polos._private.store import kv_entry, load_state, snapshots
+        from polos._private.store import load_state, snapshots
         from polos.worker import Worker
         from polos.workflow import WorkflowContext
 
@@ -736,9 +729,6 @@ class Bench:
         phases: dict[str, list[tuple[float, float, float]]] = {"snapshot": [], "log": []}
         sizes: list[int] = []
         suspended_at: dict[str, int] = {}
-
-        def h_seq(run_id: str) -> int:
-            return suspended_at[run_id]
 
         async def rewalk(state: ev.RunState) -> float:
             t0 = time.perf_counter()
@@ -793,7 +783,7 @@ class Bench:
                 lat[mode].append((ran_at - t0) * 1000)
                 # Where the time went, from the events' own clocks: the wake built by the
                 # orchestrator, the claim built by the worker (after its load), the step.
-                tail = await read_history(wnc, names, h.run_id, start_seq=h_seq(h.run_id))
+                tail = await read_history(wnc, names, h.run_id, start_seq=suspended_at[h.run_id])
                 woke = [e.at for _, e in tail if isinstance(e, ev.RunWoken)][-1]
                 claimed = [e.at for _, e in tail if isinstance(e, ev.RunClaimed)][-1]
                 phases[mode].append(
@@ -1198,7 +1188,7 @@ class Bench:
                     all_there.set()
 
         # Every control event of every run comes here (three per run and phase): with a million
-        # runs the default pending limits (65,536 messages) would drop some and the count
+        # runs the default pending limit (524,288 messages) could drop some and the count
         # would never be reached.
         sub = await client.nc.subscribe(
             f"{s.prefix}.run.*.ctl",
@@ -1207,15 +1197,19 @@ class Bench:
             pending_bytes_limit=2 * 1024**3,
         )
 
+        async def start_suspended(run_id: str) -> Any:
+            suspended[run_id] = asyncio.Event()
+            h = await client.start(w.approval, run_id=run_id)
+            await asyncio.wait_for(suspended[run_id].wait(), 60)
+            del suspended[run_id]
+            return h
+
         async def resume_latency(tag: str) -> tuple[list[float], list[float]]:
             # Suspended (no worker holds it) -> resume -> the next step runs, one at a time.
             lat, acks = [], []
             for i in range(self.sizes.e2e_runs):
                 run_id = f"{tag}{i}-{uuid.uuid4().hex[:8]}"
-                suspended[run_id] = asyncio.Event()
-                h = await client.start(w.approval, run_id=run_id)
-                await asyncio.wait_for(suspended[run_id].wait(), 60)
-                del suspended[run_id]
+                h = await start_suspended(run_id)
                 t0 = time.time()
                 await client.resume(run_id, "approve", {"ok": True})
                 acks.append((time.time() - t0) * 1000)
@@ -1242,17 +1236,14 @@ class Bench:
             fill_note = ""
             if copies:
                 sample = f"sample-{uuid.uuid4().hex[:12]}"
-                suspended[sample] = asyncio.Event()
-                await client.start(w.approval, run_id=sample)
-                await asyncio.wait_for(suspended[sample].wait(), 60)
-                del suspended[sample]
+                await start_suspended(sample)
                 before = counts["suspended"]
                 took = await self._prefill(procs, client, s, sample, copies)
-                await until(
-                    lambda: _true(counts["suspended"] >= before + copies),
-                    60 + copies / 1000,
-                    "the copies' control events",
-                )
+
+                async def copies_heard() -> bool:
+                    return counts["suspended"] >= before + copies
+
+                await until(copies_heard, 60 + copies / 1000, "the copies' control events")
                 fill_note = f"; {copies:,} copies of a suspended run waiting already (written in {took:.0f} s)"
 
             # Many suspended runs at once.

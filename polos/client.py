@@ -307,16 +307,19 @@ class ExecutionHandle(Generic[O]):
     def _ended(self, event: ev.Event) -> O:
         """The outcome a stored ending says (what ``_outcome`` gives once it is folded)."""
         if isinstance(event, ev.RunCompleted):
-            return from_json(event.output, self._resolved_output_type(self.client))  # type: ignore[no-any-return]
+            return self._result("completed", event.output, None)
         if isinstance(event, ev.RunFailed):
-            raise WorkflowFailedError(self.run_id, event.error or {})
-        raise WorkflowCancelledError(f"run {self.run_id} was cancelled")
+            return self._result("failed", None, event.error)
+        return self._result("cancelled", None, None)
 
     def _outcome(self, state: ev.RunState) -> O:
-        if state.status == "completed":
-            return from_json(state.output, self._resolved_output_type(self.client))  # type: ignore[no-any-return]
-        if state.status == "failed":
-            raise WorkflowFailedError(self.run_id, state.error or {})
+        return self._result(state.status, state.output, state.error)
+
+    def _result(self, status: str, output: Any, error: dict[str, Any] | None) -> O:
+        if status == "completed":
+            return from_json(output, self._resolved_output_type(self.client))  # type: ignore[no-any-return]
+        if status == "failed":
+            raise WorkflowFailedError(self.run_id, error or {})
         raise WorkflowCancelledError(f"run {self.run_id} was cancelled")
 
 

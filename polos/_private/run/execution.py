@@ -390,10 +390,7 @@ class RunExecution:
     ) -> Any:
         if not callable(fn):
             raise TypeError(f"ctx.step.run({key!r}, ...) needs a callable, got {fn!r}")
-        try:  # _qualname's cache, without the call: this is the re-walk's loop
-            name = _NAMES[fn]
-        except (KeyError, TypeError):
-            name = _qualname(fn)
+        name = _qualname(fn)
         step_id = self.step_id(key, "run")
         raw: Any = dict.get(self.state.steps, step_id)
         if (
@@ -407,11 +404,7 @@ class RunExecution:
             self._unconsumed.discard(step_id)
             if self.user_state is not None:
                 self._restore_state(step_id)
-            output = raw[4]
-            tp = return_type(fn)
-            if tp is None or (tp in _NATIVE and type(output) is tp):
-                return output
-            return from_json(output, tp)
+            return _replayed(raw[4], fn)
         found = self.recorded(step_id, "run", name)
         if type(found) is ev.StepCompleted:
             return _replayed(found.output, fn)

@@ -169,8 +169,20 @@ async def last_for_subject(
     nc: NATS, stream: str, subject: str, timeout: float = 5.0
 ) -> StoredMsg | None:
     """The last message stored on ``subject`` (a literal subject), or None."""
+    return await _direct_get(nc, f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", subject, timeout)
+
+
+async def message_at(nc: NATS, stream: str, seq: int, timeout: float = 5.0) -> StoredMsg | None:
+    """The message stored at ``seq``, or None (none there)."""
+    request = orjson.dumps({"seq": seq})
+    return await _direct_get(nc, f"$JS.API.DIRECT.GET.{stream}", request, "", timeout)
+
+
+async def _direct_get(
+    nc: NATS, api: str, request: bytes, subject: str, timeout: float
+) -> StoredMsg | None:
     try:
-        msg = await nc.request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", timeout=timeout)
+        msg = await nc.request(api, request, timeout=timeout)
     except nats.errors.NoRespondersError:
         return None
     hdrs = msg.headers or {}
@@ -431,6 +443,7 @@ __all__ = [
     "load_run",
     "load_run_unless_long",
     "load_state",
+    "message_at",
     "read_history",
     "read_run",
     "read_subject",

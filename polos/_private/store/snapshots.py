@@ -40,7 +40,7 @@ import orjson
 from polos import history as ev
 from polos._private.store import payloads
 from polos._private.store.names import RUN_KINDS
-from polos._private.store.read import kv_entry, read_history
+from polos._private.store.read import kv_entry, message_at, read_history
 from polos._private.store.writes import publish
 
 if TYPE_CHECKING:
@@ -410,19 +410,11 @@ async def _value(nc: NATS, js: JetStreamContext, names: Names, run_id: str) -> b
 
 async def _event_at(nc: NATS, names: Names, run_id: str, seq: int) -> ev.Event | None:
     """The run's event stored at ``seq``, or None (not there, or another run's)."""
-    try:
-        msg = await nc.request(
-            f"$JS.API.DIRECT.GET.{names.runs_stream}", orjson.dumps({"seq": seq}), timeout=5.0
-        )
-    except nats.errors.NoRespondersError:
-        return None
-    hdrs = msg.headers or {}
-    if hdrs.get("Status"):
-        return None
-    if hdrs.get("Nats-Subject") not in {names.run_subject(run_id, k) for k in RUN_KINDS}:
+    msg = await message_at(nc, names.runs_stream, seq)
+    if msg is None or msg.subject not in {names.run_subject(run_id, k) for k in RUN_KINDS}:
         return None
     data = msg.data
-    if hdrs.get(payloads.HEADER):
+    if (msg.headers or {}).get(payloads.HEADER):
         data = await payloads.resolve(nc.jetstream(), names, data)
     return ev.decode(data)
 
