@@ -52,6 +52,7 @@ from polos._private.run.definitions import (
     registered_workflows,
     workflow,
 )
+from polos._private.run.execution import NEW_STEP
 from polos._private.run.publish import publish_step, resume_step, workflow_topic
 from polos._private.run.waits import ChildHandle, ReceivedEvent, Resumed
 from polos.converter import from_json, to_json
@@ -187,8 +188,17 @@ class Step:
         ``max_retries + 1`` times), ``base_delay`` and ``max_delay`` (seconds, doubling); these
         names are the step's, never passed to ``fn``.
         """
-        policy = _retry_of(key, retry, max_retries, base_delay, max_delay)
-        return typing.cast(T, await self._x.run_step(key, fn, args, kwargs, policy))
+        policy = (
+            retry
+            if max_retries is None and base_delay is None and max_delay is None
+            else _retry_of(key, retry, max_retries, base_delay, max_delay)
+        )
+        # A replayed step returns from here without another coroutine: the re-walk of a long
+        # run is a loop of these calls.
+        step_id, name, out = self._x.replay_run(key, fn)
+        if out is NEW_STEP:
+            out = await self._x.run_new(step_id, name, fn, args, kwargs, policy)
+        return typing.cast(T, out)
 
     async def now(self, key: str | None = None) -> int:
         """The current time in epoch milliseconds, recorded: the same value on every replay."""

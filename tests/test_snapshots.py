@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import zlib
 from pathlib import Path
 from typing import Any
@@ -292,7 +293,7 @@ async def test_a_snapshot_restores_exactly_the_fold_it_was_taken_of() -> None:
 
 @pytest.mark.parametrize(
     "change",
-    ["format", "run", "crc", "truncated", "rows"],
+    ["format", "run", "crc", "truncated", "heads", "runs", "attempts", "failed"],
 )
 def test_a_snapshot_that_is_not_one_says_why(change: str) -> None:
     state = ev.RunState.fold(
@@ -304,23 +305,62 @@ def test_a_snapshot_that_is_not_one_says_why(change: str) -> None:
     )
     last = ev.StepCompleted(key="s1", kind="run", output=1)
     value = asyncio.run(snapshots.encode(snapshots.capture(state, last)))
-    head, _, body = zlib.decompress(value[4:]).partition(b"\n")
+    unpack = zlib.decompressobj()
+    head, _, body = unpack.decompress(value[4:]).partition(b"\n")
+    times = unpack.unused_data  # the steps' clock times: a stream of their own
     header = orjson.loads(head)
     if change == "format":
-        header["v"] = 2
+        header["v"] = 1
     elif change == "run":
         header["run_id"] = "other"
     elif change == "crc":
         body = body.replace(b'"s1"', b'"s2"')
-    elif change == "rows":
+    elif change in ("heads", "runs", "attempts", "failed"):
         fields = orjson.loads(body)
-        fields["steps"] = [["s1", 0, "run"]]
+        if change == "heads":
+            fields["heads"] = [[0, "run"]]
+        elif change == "runs":
+            fields["runs"] = [[0, 2]]  # two steps' heads for one step
+        elif change == "attempts":
+            fields["attempts"] = [[0, "twice"]]
+        else:  # a failed step's head over a step whose "error" is not one
+            fields["heads"] = [[1, "run", None]]
         body = orjson.dumps(fields)
         header["crc"] = zlib.crc32(body)
     raw = orjson.dumps(header) + b"\n" + body
-    bad = value[:4] + zlib.compress(raw)
+    bad = value[:4] + zlib.compress(raw) + times
     if change == "truncated":
         bad = value[: len(value) // 2]
     with pytest.raises(snapshots.SnapshotInvalid) as why:
         snapshots.restore(snapshots.decode("r", bad))
     assert str(why.value)
+
+
+def test_unusable_step_times_leave_the_replay_as_it_is_and_say_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The steps' clock times are a stream of their own, read only when a restored step is asked
+    # for as an event: what replay decides never depends on them, so a snapshot whose times are
+    # broken restores the same outputs, and its events say they have no times (with a warning).
+    history: list[tuple[int, ev.Event]] = [
+        (1, ev.RunRequested(run_id="r", workflow="w")),
+        (2, ev.StepCompleted(key="s1", kind="run", name="f", output=1, duration_ms=0.5)),
+        (3, ev.StepCompleted(key="s2", kind="run", name="f", output=2, attempts=3)),
+    ]
+    state = ev.RunState.fold("r", history)
+    value = asyncio.run(snapshots.encode(snapshots.capture(state, history[-1][1])))
+    good = snapshots.restore(snapshots.decode("r", value))
+    assert good.steps == state.steps
+    # Well formed, its checksum right (a writer's bug, not corruption): not one time per step.
+    unpack = zlib.decompressobj()
+    head, _, body = unpack.decompress(value[4:]).partition(b"\n")
+    times = zlib.compress(b"[1, 2]")
+    header = {**orjson.loads(head), "times_crc": zlib.crc32(times)}
+    broken = value[:4] + zlib.compress(orjson.dumps(header) + b"\n" + body) + times
+    restored = snapshots.restore(snapshots.decode("r", broken))
+    assert restored.steps.completed("s2", "f") == 2
+    with caplog.at_level(logging.WARNING, logger="polos.snapshots"):
+        s2 = restored.steps["s2"]
+    assert isinstance(s2, ev.StepCompleted)
+    assert (s2.output, s2.attempts, s2.at, s2.duration_ms) == (2, 3, 0.0, None)
+    assert "step times are unusable" in caplog.text

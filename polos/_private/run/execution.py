@@ -20,7 +20,7 @@ from polos import history as ev
 from polos._private.model.values import DEFAULT_STEP_RETRY, RetryPolicy, StepInfo
 from polos._private.run.waits import retry_later
 from polos._private.store import Names, append
-from polos._private.store.snapshots import ROW_COMPLETED
+from polos._private.store.snapshots import NOT_RESTORED, RestoredSteps
 from polos.converter import from_json, return_type, to_json
 from polos.errors import NonDeterminismError, SerializationError, StepFailedError
 
@@ -68,34 +68,31 @@ def error_info(
     }
 
 
-def _qualname(fn: Callable[..., Any]) -> str:
+def _fn_info(fn: Callable[..., Any]) -> tuple[str, Any]:
+    """A step function's name (the determinism check's) and return type (replay's), asked for
+    on every step and every replayed one: cached."""
     try:
-        return _NAMES[fn]
+        return _FNS[fn]
     except (KeyError, TypeError):
         pass
     target = getattr(fn, "__wrapped__", fn)
     name = str(getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target)))
+    info = (name, return_type(fn))
     try:
-        if len(_NAMES) >= 4096:  # bound methods of many objects: keep it bounded
-            _NAMES.clear()
-        _NAMES[fn] = name
+        if len(_FNS) >= 4096:  # bound methods of many objects: keep it bounded
+            _FNS.clear()
+        _FNS[fn] = info
     except TypeError:  # not hashable
         pass
-    return name
+    return info
 
 
-# Step functions' names, asked for on every step and on every replayed one.
-_NAMES: dict[Any, str] = {}
+_FNS: dict[Any, tuple[str, Any]] = {}
 # Return types whose recorded JSON is the value itself when it has exactly that type: replay
 # returns it without a validator (the re-walk of a long run is a loop over its steps).
 _NATIVE: frozenset[Any] = frozenset({int, str, float, bool})
-
-
-def _replayed(output: Any, fn: Callable[..., Any]) -> Any:
-    tp = return_type(fn)
-    if tp is None or (tp in _NATIVE and type(output) is tp):
-        return output
-    return from_json(output, tp)
+# What ``replay_run`` answers for a step that is not recorded: it is to run.
+NEW_STEP: Any = object()
 
 
 # How many event-loop turns a new step waits for sibling branches to consume their recorded steps
@@ -141,6 +138,9 @@ class RunExecution:
         if workflow.state_schema is not None:
             self._replay_keys = [k for k in self._replay_keys if not k.startswith(STATE_PREFIX)]
         self._unconsumed: set[str] = set(self._replay_keys)
+        # The steps of a replay snapshot, whose rows ``replay_run`` reads without building
+        # events.
+        self._restored = state.steps if isinstance(state.steps, RestoredSteps) else None
         # A tool call's own steps (``<tool step>/<key>``), by tool step: a replayed tool call
         # returns its recorded result without asking for them again.
         # Built on the first replayed tool call (most runs have none).
@@ -388,35 +388,62 @@ class RunExecution:
         kwargs: dict[str, Any],
         retry: RetryPolicy | None,
     ) -> Any:
+        step_id, name, out = self.replay_run(key, fn)
+        if out is not NEW_STEP:
+            return out
+        return await self.run_new(step_id, name, fn, args, kwargs, retry)
+
+    def replay_run(self, key: str, fn: Callable[..., Any]) -> tuple[str, str, Any]:
+        """A ``ctx.step.run(key, fn)``: the step id it takes, ``fn``'s name and the recorded
+        output typed by ``fn``'s return annotation, or ``NEW_STEP`` when the step is to run
+        (``run_new``); a recorded failure raises. Not a coroutine: replaying a long run is a
+        loop of these, and each call is most of its cost."""
         if not callable(fn):
             raise TypeError(f"ctx.step.run({key!r}, ...) needs a callable, got {fn!r}")
-        name = _qualname(fn)
+        try:
+            name, tp = _FNS[fn]
+        except (KeyError, TypeError):
+            name, tp = _fn_info(fn)
         step_id = self.step_id(key, "run")
-        raw: Any = dict.get(self.state.steps, step_id)
-        if (
-            type(raw) is list
-            and raw[1] == ROW_COMPLETED
-            and raw[2] == "run"
-            and (raw[3] is None or raw[3] == name)
-        ):
+        restored = self._restored
+        if restored is not None:
             # A step restored from a replay snapshot and not asked for yet: its row holds what
-            # replay needs, without building its event (a long run's re-walk is this loop).
-            self._unconsumed.discard(step_id)
-            if self.user_state is not None:
-                self._restore_state(step_id)
-            return _replayed(raw[4], fn)
+            # replay needs, without building its event.
+            out = restored.completed(step_id, name)
+            if out is not NOT_RESTORED:
+                self._unconsumed.discard(step_id)
+                if self.user_state is not None:
+                    self._restore_state(step_id)
+                if tp is None or (tp in _NATIVE and type(out) is tp):
+                    return step_id, name, out
+                return step_id, name, from_json(out, tp)
         found = self.recorded(step_id, "run", name)
+        if found is None:
+            return step_id, name, NEW_STEP
         if type(found) is ev.StepCompleted:
-            return _replayed(found.output, fn)
-        if isinstance(found, ev.StepFailed):
-            raise StepFailedError(
-                step_id,
-                str(found.error.get("type")),
-                str(found.error.get("message")),
-                found.attempts,
-            )
-        await self.check_new_step(step_id)
+            out = found.output
+            if tp is None or (tp in _NATIVE and type(out) is tp):
+                return step_id, name, out
+            return step_id, name, from_json(out, tp)
+        assert isinstance(found, ev.StepFailed)
+        raise StepFailedError(
+            step_id,
+            str(found.error.get("type")),
+            str(found.error.get("message")),
+            found.attempts,
+        )
 
+    async def run_new(
+        self,
+        step_id: str,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        retry: RetryPolicy | None,
+    ) -> Any:
+        """Run the step ``replay_run`` found new, then record its outcome."""
+        await self.check_new_step(step_id)
         policy = retry or DEFAULT_STEP_RETRY
         attempt = self.state.attempt_failures.get(step_id, 0)
         self.inflight += 1

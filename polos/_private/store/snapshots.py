@@ -6,11 +6,19 @@ Anything wrong with it (missing, another format, another run, corrupt, or not ma
 log at ``seq``) and replay reads the whole history as it always did; a snapshot never decides
 anything the log does not.
 
-One key per run (the run id) in the KV bucket ``<p>_snapshots``. The value is ``PSN1`` and a
-zlib stream (its own checksum) of a header line and the state::
+One key per run (the run id) in the KV bucket ``<p>_snapshots``. The value is ``PSN2`` and two
+zlib streams (each with its own checksum). The first holds a header line and the state::
 
-    {"v": 1, "run_id": ..., "seq": S, "event": <sha256 of the event at S>, "crc": <crc32 of
-     the state>, "events": <how many events the state folded>}\n<state JSON>
+    {"v": 2, "run_id": ..., "seq": S, "event": <sha256 of the event at S>, "crc": <crc32 of
+     the state>, "times_crc": <crc32 of the second stream>, "events": <how many events the
+     state folded>}\n<state JSON>
+
+whose recorded steps are columns: their keys, a table of heads (completed or failed, kind,
+function name) with the runs of consecutive steps sharing one, their outputs (a failed step's
+error), and the attempts and meta of the few steps with other than 1 and none. That is what a
+replay reads, and few objects to build. The second stream holds the steps' clock times (at,
+started_at, duration_ms; a flat list), which no replay decision reads: they are decompressed
+and parsed only when a restored step is asked for as an event.
 
 The event digest is checked against the log when the snapshot is used (one direct get of
 ``seq``): a snapshot of another history of the run, or of another run, does not match. A value
@@ -28,7 +36,6 @@ import contextlib
 import gc
 import hashlib
 import logging
-import operator
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -51,8 +58,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("polos.snapshots")
 
-FORMAT = 1
-INLINE = b"PSN1"
+FORMAT = 2
+INLINE = b"PSN2"
 REFERENCE = b"PSR1"
 # Rows are encoded this many at a time, with an event-loop turn between, so a background
 # snapshot of a long run never holds the loop for long.
@@ -127,48 +134,93 @@ def capture(state: ev.RunState, last_event: ev.Event) -> Capture:
     )
 
 
-def _row(e: ev.StepCompleted | ev.StepFailed | list[Any]) -> list[Any]:
-    if type(e) is list:  # a restored step never asked for: stored as it was
-        return e
+# A step's head: (0 completed or 1 failed, its kind, its function's name). A long run's steps
+# share a few heads, so the state stores each once and an index per step.
+Head = tuple[int, str, str | None]
+_COMPLETED, _FAILED = 0, 1
+
+
+def _columns(e: ev.StepCompleted | ev.StepFailed) -> tuple[Head, Any, int, Any, tuple[Any, ...]]:
+    """A recorded step as the snapshot stores it: head, output (or error), attempts, meta and
+    its clock times."""
     if type(e) is ev.StepCompleted:
-        return [
-            e.key,
-            0,
-            e.kind,
-            e.name,
+        return (
+            (_COMPLETED, e.kind, e.name),
             e.output,
             e.attempts,
-            e.at,
-            e.started_at,
-            e.duration_ms,
             e.meta,
-        ]
+            (e.at, e.started_at, e.duration_ms),
+        )
     assert isinstance(e, ev.StepFailed)
-    return [e.key, 1, e.kind, e.name, e.error, e.attempts, e.at]
+    return (_FAILED, e.kind, e.name), e.error, e.attempts, None, (e.at, None, None)
 
 
 async def encode(cap: Capture) -> bytes:
     """The stored value of a snapshot (compressed in a thread: zlib lets go of the GIL)."""
-    rows: list[list[Any]] = []
+    heads: dict[Head, int] = {}
+    runs: list[list[int]] = []  # [head, how many consecutive steps have it]
+    outs: list[Any] = []
+    attempts: list[list[Any]] = []  # [row, attempts] where not 1
+    metas: list[list[Any]] = []  # [row, meta] where there is one
+    times: list[Any] = []
     steps, order = cap.steps, cap.order
+    restored = steps._cols if isinstance(steps, RestoredSteps) else None
+    row = 0
     for start in range(0, cap.n_steps, _CHUNK):
-        # dict.__getitem__: a restored step that was never asked for is written as its row.
-        get = dict.__getitem__
-        rows.extend(_row(get(steps, k)) for k in order[start : min(start + _CHUNK, cap.n_steps)])
+        for key in order[start : min(start + _CHUNK, cap.n_steps)]:
+            # dict.__getitem__: a restored step never asked for is written from its columns.
+            e: Any = dict.__getitem__(steps, key)
+            if type(e) is int:
+                assert restored is not None
+                head, out, tries, meta, clock = restored.columns(e)
+            else:
+                head, out, tries, meta, clock = _columns(e)
+            h = heads.setdefault(head, len(heads))
+            if runs and runs[-1][0] == h:
+                runs[-1][1] += 1
+            else:
+                runs.append([h, 1])
+            outs.append(out)
+            if tries != 1:
+                attempts.append([row, tries])
+            if meta is not None:
+                metas.append([row, meta])
+            times.extend(clock)
+            row += 1
         await asyncio.sleep(0)
-    body = orjson.dumps({**cap.fields, "steps": rows})
-    header = orjson.dumps(
+    # Few objects to build when it is read: a replay's restore is mostly this parse. Heads
+    # come in runs, attempts are 1 and meta absent for most steps.
+    body = orjson.dumps(
         {
-            "v": FORMAT,
-            "run_id": cap.run_id,
-            "seq": cap.seq,
-            "event": cap.digest,
-            "crc": zlib.crc32(body),
-            "events": cap.events,
+            **cap.fields,
+            "keys": order[: cap.n_steps],
+            "heads": list(heads),
+            "runs": runs,
+            "outputs": outs,
+            "attempts": attempts,
+            "meta": metas,
         }
     )
-    packed = await asyncio.to_thread(zlib.compress, header + b"\n" + body, 1)
-    return INLINE + packed
+    clocks = orjson.dumps(times)
+
+    def pack() -> bytes:
+        packed_times = zlib.compress(clocks, 1)
+        header = orjson.dumps(
+            {
+                "v": FORMAT,
+                "run_id": cap.run_id,
+                "seq": cap.seq,
+                "event": cap.digest,
+                "crc": zlib.crc32(body),
+                # Of the times' stream as stored: checked on every load (cheap, unlike
+                # decompressing it), so a corrupt one is found when the snapshot is.
+                "times_crc": zlib.crc32(packed_times),
+                "events": cap.events,
+            }
+        )
+        return zlib.compress(header + b"\n" + body, 1) + packed_times
+
+    return INLINE + await asyncio.to_thread(pack)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +229,7 @@ class Decoded:
     seq: int
     digest: str
     body: bytes
+    times: bytes  # the second zlib stream, still compressed: the steps' clock times
 
 
 def is_of(run_id: str, value: bytes) -> bool:
@@ -203,10 +256,13 @@ def decode(run_id: str, value: bytes) -> Decoded:
     """The header and state bytes of an inline snapshot; ``SnapshotInvalid`` saying why not."""
     if not value.startswith(INLINE):
         raise SnapshotInvalid("not a snapshot of this format")
+    unpack = zlib.decompressobj()
     try:
-        raw = zlib.decompress(value[len(INLINE) :])
+        raw = unpack.decompress(value[len(INLINE) :])
     except zlib.error as exc:
         raise SnapshotInvalid(f"corrupt ({exc})") from exc
+    if not unpack.eof:
+        raise SnapshotInvalid("truncated")
     head, sep, body = raw.partition(b"\n")
     try:
         header = orjson.loads(head)
@@ -221,50 +277,144 @@ def decode(run_id: str, value: bytes) -> Decoded:
         raise SnapshotInvalid("no sequence or event digest")
     if zlib.crc32(body) != header.get("crc"):
         raise SnapshotInvalid("the state does not match its checksum")
-    return Decoded(run_id, seq, digest, body)
+    times = unpack.unused_data
+    if zlib.crc32(times) != header.get("times_crc"):
+        raise SnapshotInvalid("the step times do not match their checksum")
+    return Decoded(run_id, seq, digest, body, times)
 
 
 _new = object.__new__
 _set = object.__setattr__
 _MISSING = object()
-# A restored step's row (``_row``): [key, 0, kind, name, output, attempts, at, started_at,
-# duration_ms, meta] for a StepCompleted, [key, 1, kind, name, error, attempts, at] for a
-# StepFailed.
-ROW_COMPLETED = 0
+# What ``RestoredSteps.completed`` answers for a step it holds no unread completed row of.
+NOT_RESTORED: Any = object()
 
 
-def _step(row: list[Any]) -> ev.StepCompleted | ev.StepFailed:
-    if row[1] == ROW_COMPLETED:
-        # The frozen dataclass's __init__ without its keyword handling: these are the
-        # fields ``_row`` wrote.
-        e = _new(ev.StepCompleted)
-        _set(e, "key", row[0])
-        _set(e, "kind", row[2])
-        _set(e, "name", row[3])
-        _set(e, "output", row[4])
-        _set(e, "attempts", row[5])
-        _set(e, "at", row[6])
-        _set(e, "started_at", row[7])
-        _set(e, "duration_ms", row[8])
-        _set(e, "meta", row[9])
-        return e
-    return ev.StepFailed(
-        key=row[0], kind=row[2], name=row[3], error=row[4], attempts=row[5], at=row[6]
+class _Columns:
+    """A snapshot's steps as stored, by row: what ``RestoredSteps`` builds events from."""
+
+    __slots__ = (
+        "_packed",
+        "_times",
+        "attempts",
+        "heads",
+        "index",
+        "metas",
+        "outputs",
+        "run_id",
+        "run_names",
     )
+
+    def __init__(
+        self,
+        run_id: str,
+        heads: list[Head],
+        index: list[int],
+        outputs: list[Any],
+        attempts: list[int],
+        metas: list[Any],
+        packed: bytes,
+    ) -> None:
+        self.run_id = run_id
+        self.heads, self.index, self.outputs = heads, index, outputs
+        # By head: the function name of a completed run step (None: any name), else False.
+        self.run_names: list[str | bool | None] = [
+            n if flag == _COMPLETED and kind == "run" else False for flag, kind, n in heads
+        ]
+        self.attempts, self.metas = attempts, metas
+        self._packed = packed
+        self._times: list[Any] | None = None
+
+    def times(self, i: int) -> tuple[Any, Any, Any]:
+        """Row ``i``'s (at, started_at, duration_ms): the first call decodes them all."""
+        if self._times is None:
+            self._times = self._decode_times()
+        t = self._times
+        return t[3 * i], t[3 * i + 1], t[3 * i + 2]
+
+    def _decode_times(self) -> list[Any]:
+        n = len(self.index)
+        try:
+            times = orjson.loads(zlib.decompress(self._packed))
+            if type(times) is list and len(times) == 3 * n:
+                kinds = set(map(type, times))
+                if not kinds - {float, int, type(None)} and not any(
+                    type(times[3 * i]) not in (float, int) for i in range(n)
+                ):
+                    return times
+            why = "not one (at, started_at, duration_ms) per step"
+        except (zlib.error, orjson.JSONDecodeError) as exc:
+            why = str(exc)
+        # Clock times are what the steps' events say of when; no replay decision reads them:
+        # the events restored from this snapshot carry none rather than wrong ones.
+        log.warning("run %s: the replay snapshot's step times are unusable (%s)", self.run_id, why)
+        return [0.0, None, None] * n
+
+    def columns(self, i: int) -> tuple[Head, Any, int, Any, tuple[Any, ...]]:
+        return (
+            self.heads[self.index[i]],
+            self.outputs[i],
+            self.attempts[i],
+            self.metas[i],
+            self.times(i),
+        )
+
+    def event(self, key: str, i: int) -> ev.StepCompleted | ev.StepFailed:
+        flag, kind, name = self.heads[self.index[i]]
+        at, started_at, duration_ms = self.times(i)
+        if flag == _COMPLETED:
+            # The frozen dataclass's __init__ without its keyword handling: the fields are
+            # those ``_columns`` stored.
+            e = _new(ev.StepCompleted)
+            _set(e, "key", key)
+            _set(e, "kind", kind)
+            _set(e, "name", name)
+            _set(e, "output", self.outputs[i])
+            _set(e, "attempts", self.attempts[i])
+            _set(e, "at", at)
+            _set(e, "started_at", started_at)
+            _set(e, "duration_ms", duration_ms)
+            _set(e, "meta", self.metas[i])
+            return e
+        return ev.StepFailed(
+            key=key,
+            kind=kind,  # type: ignore[arg-type]
+            name=name,
+            error=self.outputs[i],
+            attempts=self.attempts[i],
+            at=at,
+        )
 
 
 class RestoredSteps(dict[str, Any]):
-    """``RunState.steps`` restored from a snapshot: each step stays the row it was stored as
-    until it is asked for, then becomes its event. Building 10,000 events up front cost more
-    than everything else a snapshot saves; a replay asks for each step once, and replay's
-    common case (``ctx.step.run``) reads the row itself (``RunExecution.run_step``)."""
+    """``RunState.steps`` restored from a snapshot: each step stays its row number until it is
+    asked for, then becomes its event. Building 10,000 events up front cost more than
+    everything else a snapshot saves; a replay asks for each step once, and replay's common
+    case (``ctx.step.run``) reads the row itself (``completed``)."""
 
-    __slots__ = ()
+    __slots__ = ("_cols",)
+
+    def __init__(self, cols: _Columns, keys: list[str]) -> None:
+        super().__init__(zip(keys, range(len(keys)), strict=True))
+        self._cols = cols
+
+    def completed(self, key: str, name: str) -> Any:
+        """The output of the completed ``run`` step ``key`` of function ``name`` when it is
+        still a row; ``NOT_RESTORED`` for anything else (no such step, another kind or name,
+        a failure, or asked for before: ``get`` answers those)."""
+        i = dict.get(self, key)
+        if type(i) is not int:
+            return NOT_RESTORED
+        cols = self._cols
+        n = cols.run_names[cols.index[i]]
+        if n is not None and n != name:
+            return NOT_RESTORED  # another kind or a failure (False), or another function
+        return cols.outputs[i]
 
     def __getitem__(self, key: str) -> ev.StepCompleted | ev.StepFailed:
         value = dict.__getitem__(self, key)
-        if type(value) is list:
-            value = _step(value)
+        if type(value) is int:
+            value = self._cols.event(key, value)
             dict.__setitem__(self, key, value)
         return value  # type: ignore[no-any-return]
 
@@ -272,8 +422,8 @@ class RestoredSteps(dict[str, Any]):
         value = dict.get(self, key, _MISSING)
         if value is _MISSING:
             return default
-        if type(value) is list:
-            value = _step(value)
+        if type(value) is int:
+            value = self._cols.event(key, value)
             dict.__setitem__(self, key, value)
         return value
 
@@ -290,11 +440,6 @@ class RestoredSteps(dict[str, Any]):
         return dict(self.items()) == other
 
     __hash__ = None
-
-
-_first = operator.itemgetter(0)
-_second = operator.itemgetter(1)
-_SHAPES = {(10, 0), (7, 1)}  # (length, flag) of a completed and of a failed step's row
 
 
 def _event(body: Any, cls: type[ev.Event]) -> Any:
@@ -323,19 +468,96 @@ def restore(decoded: Decoded) -> ev.RunState:
             gc.enable()
 
 
+def _expand(runs: Any, heads: int, n: int) -> list[int]:
+    """Each step's head, from runs of [head, count]."""
+    if type(runs) is not list:
+        raise SnapshotInvalid("malformed step heads")
+    index: list[int] = []
+    for run in runs:
+        if not (
+            type(run) is list
+            and len(run) == 2
+            and type(run[0]) is int
+            and 0 <= run[0] < heads
+            and type(run[1]) is int
+            and run[1] > 0
+        ):
+            raise SnapshotInvalid("a malformed run of step heads")
+        index += [run[0]] * run[1]
+    if len(index) != n:
+        raise SnapshotInvalid("not one head per step")
+    return index
+
+
+def _sparse(pairs: Any, default: Any, n: int, what: str, of: type | None = None) -> list[Any]:
+    """A column of ``n`` values, ``default`` but for the [row, value] pairs (values of type
+    ``of``, when given)."""
+    column = [default] * n
+    if type(pairs) is not list:
+        raise SnapshotInvalid(f"malformed step {what}")
+    for pair in pairs:
+        if not (
+            type(pair) is list
+            and len(pair) == 2
+            and type(pair[0]) is int
+            and (of is None or type(pair[1]) is of)
+        ):
+            raise SnapshotInvalid(f"malformed step {what}")
+        if not 0 <= pair[0] < n:
+            raise SnapshotInvalid(f"step {what} of no step")
+        column[pair[0]] = pair[1]
+    return column
+
+
+def _of_types(values: Any, types: set[type], n: int) -> bool:
+    # set(map(type, ...)): per step, in C.
+    return type(values) is list and len(values) == n and not set(map(type, values)) - types
+
+
+def _steps(decoded: Decoded, f: dict[str, Any]) -> tuple[list[str], RestoredSteps]:
+    """The columns of the state's steps, checked (here, so that a row never fails later where
+    it is used)."""
+    keys = f["keys"]
+    if type(keys) is not list:
+        raise SnapshotInvalid("malformed steps")
+    n = len(keys)
+    heads = f["heads"]
+    if type(heads) is not list or not all(
+        type(h) is list
+        and len(h) == 3
+        and h[0] in (_COMPLETED, _FAILED)
+        and type(h[1]) is str
+        and (h[2] is None or type(h[2]) is str)
+        for h in heads
+    ):
+        raise SnapshotInvalid("a malformed step head")
+    index = _expand(f["runs"], len(heads), n)
+    outputs = f["outputs"]
+    if not (_of_types(keys, {str}, n) and type(outputs) is list and len(outputs) == n):
+        raise SnapshotInvalid("a malformed step")
+    attempts = _sparse(f["attempts"], 1, n, "attempts", int)
+    metas = _sparse(f["meta"], None, n, "meta")
+    failed = {i for i, h in enumerate(heads) if h[0] == _FAILED}
+    if failed and any(type(outputs[row]) is not dict for row, h in enumerate(index) if h in failed):
+        raise SnapshotInvalid("a failed step without its error")
+    cols = _Columns(
+        decoded.run_id,
+        [(h[0], h[1], h[2]) for h in heads],
+        index,
+        outputs,
+        attempts,
+        metas,
+        decoded.times,
+    )
+    steps = RestoredSteps(cols, keys)
+    if len(steps) != n:
+        raise SnapshotInvalid("a step is recorded twice")
+    return keys, steps
+
+
 def _restore(decoded: Decoded) -> ev.RunState:
     f = orjson.loads(decoded.body)
-    rows = f["steps"]
-    # Checked here (in C, by map and set: this is per step), so that a row never fails later
-    # where it is used: [key, 0, ...9 fields] or [key, 1, ...6 fields].
-    if type(rows) is not list or set(map(type, rows)) - {list}:
-        raise SnapshotInvalid("malformed steps")
-    if set(zip(map(len, rows), map(_second, rows), strict=True)) - _SHAPES:
-        raise SnapshotInvalid("a malformed step")
-    keys = list(map(_first, rows))
-    if set(map(type, keys)) - {str}:
-        raise SnapshotInvalid("a step without a key")
-    steps = RestoredSteps(zip(keys, rows, strict=True))
+    keys, steps = _steps(decoded, f)
     state = ev.RunState(
         run_id=decoded.run_id,
         last_seq=int(f["last_seq"]),
@@ -358,8 +580,6 @@ def _restore(decoded: Decoded) -> ev.RunState:
     )
     if state.last_seq != decoded.seq or state.status not in ev.RUN_STATUSES:
         raise SnapshotInvalid("the state does not end at its sequence")
-    if len(steps) != len(rows):
-        raise SnapshotInvalid("a step is recorded twice")
     return state
 
 
@@ -559,7 +779,7 @@ class Writer:
 
 
 __all__ = [
-    "ROW_COMPLETED",
+    "NOT_RESTORED",
     "Capture",
     "Loaded",
     "RestoredSteps",
