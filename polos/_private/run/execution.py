@@ -124,7 +124,7 @@ class RunExecution:
         self.worker_id = worker_id
         self.run_id = state.run_id
         self._lock = asyncio.Lock()
-        self._occurrences: dict[str, int] = {}
+        self._counts: dict[str, int] = {}  # how many times each key was asked for (step_id)
         self._auto: dict[str, int] = {}
         # Steps recorded before this execution started: what replay must walk through, and
         # those of them the code has not asked for yet (a set: ``is_replaying`` is asked before
@@ -137,10 +137,19 @@ class RunExecution:
         self._last_state: Any = None
         if workflow.state_schema is not None:
             self._replay_keys = [k for k in self._replay_keys if not k.startswith(STATE_PREFIX)]
-        self._unconsumed: set[str] = set(self._replay_keys)
+        self._pending: set[str] = set(self._replay_keys)  # see ``_unconsumed``
         # The steps of a replay snapshot, whose rows ``replay_run`` reads without building
         # events.
         self._restored = state.steps if isinstance(state.steps, RestoredSteps) else None
+        # The re-walk of a run restored from a snapshot, while the code asks for its recorded
+        # ``ctx.step.run`` steps in their recorded order, each by its own key (as a loop of
+        # steps does): how many it asked for so far, not yet taken out of ``_pending`` nor
+        # counted in ``_counts``. Each is then its key's first use (step ids are unique and
+        # nothing else asked for a key yet), so the re-walk goes down the recorded keys
+        # without a lookup per step. Anything else that reads either settles them first and
+        # ends it (-1) for this execution; a workflow with a ``state_schema`` never has one
+        # (its replayed steps restore ``ctx.state``).
+        self._streak = 0 if self._restored is not None and workflow.state_schema is None else -1
         # A tool call's own steps (``<tool step>/<key>``), by tool step: a replayed tool call
         # returns its recorded result without asking for them again.
         # Built on the first replayed tool call (most runs have none).
@@ -174,6 +183,20 @@ class RunExecution:
     @property
     def is_replaying(self) -> bool:
         return bool(self._unconsumed)
+
+    @property
+    def _unconsumed(self) -> set[str]:
+        """The recorded steps the code has not asked for yet."""
+        if self._streak >= 0:
+            self._settle()
+        return self._pending
+
+    def _settle(self) -> None:
+        """End the in-order re-walk (``_streak``): its steps are asked for, each once."""
+        done = self._replay_keys[: self._streak]
+        self._streak = -1
+        self._pending.difference_update(done)
+        self._counts.update(dict.fromkeys(done, 1))
 
     # ------------------------------------------------------------------ the write path
 
@@ -266,8 +289,10 @@ class RunExecution:
             key = f"{scope}/{key}"
         if not key or len(key) > 256:
             raise ValueError(f"step key must be 1-256 characters, got {key!r}")
-        n = self._occurrences.get(key, 0) + 1
-        self._occurrences[key] = n
+        if self._streak >= 0:
+            self._settle()
+        n = self._counts.get(key, 0) + 1
+        self._counts[key] = n
         return key if n == 1 else f"{key}#{n}"
 
     def next_step_id(self, key: str) -> str:
@@ -276,7 +301,9 @@ class RunExecution:
         scope = step_scope.get()
         if scope:
             key = f"{scope}/{key}"
-        n = self._occurrences.get(key, 0) + 1
+        if self._streak >= 0:
+            self._settle()
+        n = self._counts.get(key, 0) + 1
         return key if n == 1 else f"{key}#{n}"
 
     def recorded(
@@ -398,12 +425,25 @@ class RunExecution:
         output typed by ``fn``'s return annotation, or ``NEW_STEP`` when the step is to run
         (``run_new``); a recorded failure raises. Not a coroutine: replaying a long run is a
         loop of these, and each call is most of its cost."""
-        if not callable(fn):
-            raise TypeError(f"ctx.step.run({key!r}, ...) needs a callable, got {fn!r}")
         try:
             name, tp = _FNS[fn]
         except (KeyError, TypeError):
+            if not callable(fn):
+                raise TypeError(
+                    f"ctx.step.run({key!r}, ...) needs a callable, got {fn!r}"
+                ) from None
             name, tp = _fn_info(fn)
+        streak = self._streak
+        if streak >= 0:
+            keys = self._replay_keys
+            if streak < len(keys) and keys[streak] == key and step_scope.get() is None:
+                assert self._restored is not None
+                out = self._restored.completed_at(streak, name)
+                if out is not NOT_RESTORED:
+                    self._streak = streak + 1
+                    if tp is None or (tp in _NATIVE and type(out) is tp):
+                        return key, name, out
+                    return key, name, from_json(out, tp)
         step_id = self.step_id(key, "run")
         restored = self._restored
         if restored is not None:
@@ -411,7 +451,7 @@ class RunExecution:
             # replay needs, without building its event.
             out = restored.completed(step_id, name)
             if out is not NOT_RESTORED:
-                self._unconsumed.discard(step_id)
+                self._pending.discard(step_id)
                 if self.user_state is not None:
                     self._restore_state(step_id)
                 if tp is None or (tp in _NATIVE and type(out) is tp):

@@ -411,6 +411,17 @@ class RestoredSteps(dict[str, Any]):
             return NOT_RESTORED  # another kind or a failure (False), or another function
         return cols.outputs[i]
 
+    def completed_at(self, row: int, name: str) -> Any:
+        """``completed`` of the step stored at ``row`` (its place in the run's step order),
+        asked for before or not (a row's columns never change)."""
+        cols = self._cols
+        if row >= len(cols.index):
+            return NOT_RESTORED  # a step recorded after the snapshot
+        n = cols.run_names[cols.index[row]]
+        if n is not None and n != name:
+            return NOT_RESTORED
+        return cols.outputs[row]
+
     def __getitem__(self, key: str) -> ev.StepCompleted | ev.StepFailed:
         value = dict.__getitem__(self, key)
         if type(value) is int:
