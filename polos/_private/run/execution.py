@@ -95,6 +95,13 @@ _NATIVE: frozenset[Any] = frozenset({int, str, float, bool})
 NEW_STEP: Any = object()
 
 
+def _typed(output: Any, tp: Any) -> Any:
+    """A recorded output typed again by its step function's return annotation ``tp``."""
+    if tp is None or (tp in _NATIVE and type(output) is tp):
+        return output
+    return from_json(output, tp)
+
+
 # How many event-loop turns a new step waits for sibling branches to consume their recorded steps
 # before deciding the code no longer asks for them. Replayed steps return without suspending, so
 # a branch walks all its recorded steps in one turn; a few turns cover nested gathers.
@@ -441,6 +448,7 @@ class RunExecution:
                 out = self._restored.completed_at(streak, name)
                 if out is not NOT_RESTORED:
                     self._streak = streak + 1
+                    # ``_typed`` inline: this is the loop of a long run's re-walk.
                     if tp is None or (tp in _NATIVE and type(out) is tp):
                         return key, name, out
                     return key, name, from_json(out, tp)
@@ -454,17 +462,12 @@ class RunExecution:
                 self._pending.discard(step_id)
                 if self.user_state is not None:
                     self._restore_state(step_id)
-                if tp is None or (tp in _NATIVE and type(out) is tp):
-                    return step_id, name, out
-                return step_id, name, from_json(out, tp)
+                return step_id, name, _typed(out, tp)
         found = self.recorded(step_id, "run", name)
         if found is None:
             return step_id, name, NEW_STEP
         if type(found) is ev.StepCompleted:
-            out = found.output
-            if tp is None or (tp in _NATIVE and type(out) is tp):
-                return step_id, name, out
-            return step_id, name, from_json(out, tp)
+            return step_id, name, _typed(found.output, tp)
         assert isinstance(found, ev.StepFailed)
         raise StepFailedError(
             step_id,
