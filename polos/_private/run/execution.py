@@ -144,7 +144,6 @@ class RunExecution:
         self._last_state: Any = None
         if workflow.state_schema is not None:
             self._replay_keys = [k for k in self._replay_keys if not k.startswith(STATE_PREFIX)]
-        self._pending: set[str] = set(self._replay_keys)  # see ``_unconsumed``
         # The steps of a replay snapshot, whose rows ``replay_run`` reads without building
         # events.
         self._restored = state.steps if isinstance(state.steps, RestoredSteps) else None
@@ -157,6 +156,8 @@ class RunExecution:
         # ends it (-1) for this execution; a workflow with a ``state_schema`` never has one
         # (its replayed steps restore ``ctx.state``).
         self._streak = 0 if self._restored is not None and workflow.state_schema is None else -1
+        # See ``_unconsumed``; with a streak, made when it ends, of the steps it did not walk.
+        self._pending: set[str] = set() if self._streak == 0 else set(self._replay_keys)
         # A tool call's own steps (``<tool step>/<key>``), by tool step: a replayed tool call
         # returns its recorded result without asking for them again.
         # Built on the first replayed tool call (most runs have none).
@@ -200,10 +201,10 @@ class RunExecution:
 
     def _settle(self) -> None:
         """End the in-order re-walk (``_streak``): its steps are asked for, each once."""
-        done = self._replay_keys[: self._streak]
+        walked = self._streak
         self._streak = -1
-        self._pending.difference_update(done)
-        self._counts.update(dict.fromkeys(done, 1))
+        self._pending = set(self._replay_keys[walked:])
+        self._counts.update(dict.fromkeys(self._replay_keys[:walked], 1))
 
     # ------------------------------------------------------------------ the write path
 
