@@ -58,6 +58,7 @@ from polos._private.store import (
     read_history,
     snapshots,
 )
+from polos._private.store.natspy import sent
 from polos._private.store.task import Task, TaskDecodeError, decode_task
 from polos.config import Settings
 from polos.converter import from_json, json_schema, to_json, validation_errors
@@ -180,6 +181,9 @@ class Worker:
         self._states: OrderedDict[str, ev.RunState] = OrderedDict()
         self._state_cache = state_cache
         self.history_reads = {"full": 0, "delta": 0, "none": 0, "snapshot": 0}
+        # Claims sent while a long run's re-walk ran that found the run moved on (then claimed
+        # again the usual way).
+        self.claims_refused = 0
         # Replay snapshots (store/snapshots.py), written in the background; the reasons
         # snapshots found were not used (newest last, a few).
         self.snapshots: snapshots.Writer | None = None
@@ -401,7 +405,7 @@ class Worker:
             await active.msg.ack()
 
     async def _claim(
-        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: Task
+        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: Task, *, overlap: bool = True
     ) -> RunExecution | None:
         assert self._nc is not None and self._js is not None
         fresh = task.carried_state()
@@ -467,11 +471,18 @@ class Worker:
             if self.snapshots is not None:
                 exe.on_record = self._snapshot_due
             attempt = state.attempt + 1
+            claim = ev.RunClaimed(run_id=run_id, worker_id=self.id, attempt=attempt)
+            msg_id = f"{run_id}/c/{attempt}/{self.id}"
+            if snap is not None and overlap:
+                # A long run from its snapshot: the re-walk of its recorded steps starts while
+                # the claim travels (nothing is written and no user code runs before it lands;
+                # a refused claim is claimed again by ``_execute``). On the wire first: the
+                # re-walk holds the loop.
+                exe.begin_claim(claim, msg_id)
+                await sent(self._nc)
+                return exe
             try:
-                await exe.record(
-                    ev.RunClaimed(run_id=run_id, worker_id=self.id, attempt=attempt),
-                    msg_id=f"{run_id}/c/{attempt}/{self.id}",
-                )
+                await exe.record(claim, msg_id=msg_id)
                 return exe
             except FencedOut:
                 continue  # someone appended between our read and our claim: read again
@@ -506,15 +517,23 @@ class Worker:
         exe.snapshot_covered = exe.state.events
         exe.snapshot_known = True
 
-    async def _execute(self, wf: WorkflowDefinition[Any, Any], run_id: str, task: Task) -> str:
-        exe = await self._claim(wf, run_id, task)
+    async def _execute(
+        self, wf: WorkflowDefinition[Any, Any], run_id: str, task: Task, *, overlap: bool = True
+    ) -> str:
+        exe = await self._claim(wf, run_id, task, overlap=overlap)
         if exe is None:
             return "done"
         # A run of a limited queue carries its slot leases: kept alive while it executes.
         assert self._nc is not None and self._js is not None
-        return await run_holding_slots(
+        outcome = await run_holding_slots(
             self._nc, self._js, self.names, task, lambda: self._run(wf, exe)
         )
+        if outcome == "fenced" and exe.claim_refused:
+            # The claim sent during the re-walk found the run moved on: nothing was written or
+            # run. Claimed again as any other, from what the log holds now.
+            self.claims_refused += 1
+            return await self._execute(wf, run_id, task, overlap=False)
+        return outcome
 
     async def _run(self, wf: WorkflowDefinition[Any, Any], exe: RunExecution) -> str:
         assert self._js is not None
@@ -527,6 +546,7 @@ class Worker:
                 value = from_json(requested.input, wf.input_type) if wf.takes_input else None
             except pydantic.ValidationError as exc:
                 err = InputValidationError(wf.name, validation_errors(exc))
+                await exe.claimed()  # a dead letter only from the execution that owns the run
                 await dead_letter(
                     self._js,
                     self.names,

@@ -22,7 +22,17 @@ import pytest
 
 from polos import Worker
 from polos import history as ev
-from polos._private.store import Names, connect, disconnect, kv_entry, load_state, snapshots
+from polos._private.run.execution import RunExecution
+from polos._private.store import (
+    FencedOut,
+    Names,
+    append,
+    connect,
+    disconnect,
+    kv_entry,
+    load_state,
+    snapshots,
+)
 from polos.testing import SecuredServer, create_topology
 from tests.helpers import counts, kill, marks, spawn, stop, until
 from tests.workflows.long import Long, long_run
@@ -364,3 +374,96 @@ def test_unusable_step_times_leave_the_replay_as_it_is_and_say_so(
     assert isinstance(s2, ev.StepCompleted)
     assert (s2.output, s2.attempts, s2.at, s2.duration_ms) == (2, 3, 0.0, None)
     assert "step times are unusable" in caplog.text
+
+
+class _Raced(Worker):
+    """A worker before whose first claim of a run another writer claims it: the moment a
+    second delivery of the task to another worker would land (injected right after the load,
+    where the race happens)."""
+
+    raced = 0
+
+    async def _load(self, run_id: str) -> tuple[ev.RunState, snapshots.Loaded | None]:
+        state, snap = await super()._load(run_id)
+        if snap is not None and not self.raced:
+            self.raced += 1
+            assert self._js is not None
+            attempt = state.attempt + 1
+            await append(
+                self._js,
+                self.names,
+                run_id,
+                ev.RunClaimed(run_id=run_id, worker_id="other", attempt=attempt),
+                expected_last_seq=state.last_seq,
+                msg_id=f"{run_id}/c/{attempt}/other",
+            )
+        return state, snap
+
+
+async def test_a_claim_refused_during_the_re_walk_runs_nothing_and_is_claimed_again(
+    env_factory: Any, settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long run from its snapshot starts its re-walk while its claim travels. Here the claim is
+    # refused (another claim landed first): the execution writes nothing and runs no step, and
+    # the worker claims the run again from the log as it is (the other claim in it).
+    log = tmp_path / "marks.log"
+    monkeypatch.setenv("POLOS_TEST_LOG", str(log))
+    env = await env_factory([], with_worker=False)
+    async with _Raced([long_run], settings=settings.worker, state_cache=0) as worker:
+        handle = await env.client.start(long_run, Long(steps=200))
+        await _suspended(env, handle.run_id)
+        assert worker.snapshots is not None
+        await worker.snapshots.idle()
+        await env.client.resume(handle.run_id, "approve", {"add": 5})
+        assert await handle.result(timeout=30) == _squares(200) + 5
+        assert worker.raced == 1 and worker.claims_refused == 1
+        assert worker.history_reads["snapshot"] == 2, worker.history_reads
+    _assert_each_step_once(log, 200)
+    started, done = counts(log)
+    assert started["0"] == done["0"] == 1  # the step after the resume ran once
+    history = await env.client.history(handle.run_id)
+    claims = [e for _, e in history if isinstance(e, ev.RunClaimed)]
+    # Ours (refused) is not in the log; the other's is, and ours after it.
+    assert [c.worker_id for c in claims[-2:]] == ["other", worker.id]
+    assert claims[-1].attempt == claims[-2].attempt + 1
+
+
+async def test_no_step_runs_and_nothing_is_written_before_a_claim_in_flight_lands(
+    env_factory: Any, settings: Any
+) -> None:
+    # The execution-level rule the overlap rests on, against a real server: with a claim in
+    # flight, a new step waits for it, and a refused claim stops the step (its function never
+    # runs) and every write after it.
+    env = await env_factory([], with_worker=False)
+    names = Names(settings.prefix)
+    nc = await connect(settings.worker, name="claimer")
+    js = nc.jetstream()
+    ran: list[int] = []
+
+    async def step() -> int:
+        ran.append(1)
+        return 1
+
+    try:
+        run_id = "claimrace1"
+        req = ev.RunRequested(run_id=run_id, workflow=long_run.name, input=Long().model_dump())
+        seq = await append(js, names, run_id, req, expected_last_seq=0, msg_id=f"{run_id}/r")
+        state = ev.RunState.fold(run_id, [(seq, req)])
+        # Another writer moves the history on: our claim, fenced on ``seq``, is refused.
+        other = ev.RunClaimed(run_id=run_id, worker_id="other", attempt=1)
+        await append(js, names, run_id, other, expected_last_seq=seq, msg_id=f"{run_id}/c/1/o")
+        exe = RunExecution(
+            js=js, nc=nc, names=names, settings=settings.worker, workflow=long_run,
+            state=state, worker_id="me",
+        )  # fmt: skip
+        exe.begin_claim(ev.RunClaimed(run_id=run_id, worker_id="me", attempt=1), f"{run_id}/c/1/me")
+        assert exe.attempt == 1
+        with pytest.raises(FencedOut):
+            await exe.run_step("s1", step, (), {}, None)
+        assert ran == [] and exe.claim_refused and exe.appends == 0
+        with pytest.raises(FencedOut):
+            await exe.record(ev.RunCompleted(run_id=run_id, output=0), msg_id=f"{run_id}/end")
+        history = await env.client.history(run_id)
+        assert [type(e).__name__ for _, e in history] == ["RunRequested", "RunClaimed"]
+    finally:
+        await disconnect(nc)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from polos import history as ev
 from polos._private.model.values import DEFAULT_STEP_RETRY, RetryPolicy, StepInfo
 from polos._private.run.waits import retry_later
-from polos._private.store import Names, append
+from polos._private.store import FencedOut, Names, append
 from polos._private.store.snapshots import NOT_RESTORED, RestoredSteps
 from polos.converter import from_json, return_type, to_json
 from polos.errors import NonDeterminismError, SerializationError, StepFailedError
@@ -177,12 +177,16 @@ class RunExecution:
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # The run's claim when it is appended while the execution starts (``begin_claim``).
+        self._claim: asyncio.Task[int] | None = None
+        self._claim_attempt = 0
 
     # ------------------------------------------------------------------ identity
 
     @property
     def attempt(self) -> int:
-        return self.state.attempt
+        # With its claim in flight (``begin_claim``) the execution is already that attempt.
+        return self._claim_attempt if self._claim is not None else self.state.attempt
 
     @property
     def parent_run_id(self) -> str | None:
@@ -208,10 +212,44 @@ class RunExecution:
 
     # ------------------------------------------------------------------ the write path
 
+    def begin_claim(self, claim: ev.RunClaimed, msg_id: str) -> None:
+        """Append the run's claim without waiting for it, so that the re-walk of its recorded
+        steps (CPU, no writes) goes on during the round trip. Until it has landed nothing else
+        is written and no new step runs user code (``claimed``); ``attempt`` is the claim's."""
+        self._claim_attempt = claim.attempt
+        self._claim = asyncio.ensure_future(self._append(claim, msg_id))
+        # Awaited by whoever writes or runs next; retrieved here too, for an execution that
+        # ends before either (a cancel), so that its failure is not reported as unretrieved.
+        self._claim.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def claimed(self) -> None:
+        """Until the claim begun by ``begin_claim`` has landed; raises what it raised
+        (``FencedOut``: the run moved on before it, and is not this execution's)."""
+        claim = self._claim
+        if claim is not None:
+            await asyncio.shield(claim)
+            self._claim = None
+
+    @property
+    def claim_refused(self) -> bool:
+        """Whether the claim begun by ``begin_claim`` found the run moved on."""
+        claim = self._claim
+        return (
+            claim is not None
+            and claim.done()
+            and not claim.cancelled()
+            and isinstance(claim.exception(), FencedOut)
+        )
+
     async def record(self, event: ev.Event, msg_id: str) -> int:
         """Append one event, fenced on the history this execution has seen."""
+        if self._claim is not None:
+            await self.claimed()
         if self.user_state is not None:
             await self._snapshot_state(event)
+        return await self._append(event, msg_id)
+
+    async def _append(self, event: ev.Event, msg_id: str) -> int:
         async with self._lock:
             seq = await append(
                 self.js,
@@ -348,6 +386,8 @@ class RunExecution:
         """A step not in the history may only run once every recorded step was asked for -
         but for its own nested steps (``<step_id>/...``, a tool call's), which it asks for
         while it runs."""
+        if self._claim is not None:
+            await self.claimed()  # user code runs only in an execution that owns the run
         nested = f"{step_id}/"
         for _ in range(_QUIESCE_TURNS):
             if not self.is_replaying or all(k.startswith(nested) for k in self._unconsumed):

@@ -7,10 +7,12 @@ changes what they rely on.
   as ``JetStreamContext._nc`` and offers no public accessor).
 - the header-block parser: ``Client._parse_header_lines`` is replaced by a faster one with the
   same results (``parse_header_lines``), checked against nats-py's own on samples first.
+- ``sent(nc)``: until what the connection buffered is on its socket (``Client._pending_data_size``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterator
@@ -61,6 +63,17 @@ HEADER_SAMPLES = (
     b"K\x1c: v\x1c\r\nK2:\x0bv\x0c\r\n",
     b"",
 )
+
+
+async def sent(nc: NATS, turns: int = 8) -> None:
+    """Until what ``nc`` has buffered is written to its socket, for at most ``turns`` turns
+    of the event loop. nats-py writes from a flusher task, a turn or two after a publish: work
+    that holds the loop right after a request (a long re-walk) would hold the request back
+    too, where it could be on its way meanwhile."""
+    for _ in range(turns):
+        await asyncio.sleep(0)  # the publishing task, then the flusher, take their turns
+        if not nc._pending_data_size:
+            return
 
 
 def connection_of(js: JetStreamContext) -> NATS:
@@ -116,4 +129,5 @@ __all__ = [
     "connection_of",
     "nats_own_header_parser",
     "parse_header_lines",
+    "sent",
 ]
