@@ -144,6 +144,10 @@ class RunSuspended(Event):
     # of the run (0: none), and the run's start time, from which a first wait reads events.
     cursor: int | None = None
     since: float | None = None
+    # The worker that suspended the run writes a replay snapshot covering this event (a long
+    # run): a resume can take the run from its control events without asking for it. A hint:
+    # a snapshot not (yet) there costs the worker a read of the log, never a wrong replay.
+    snapshot: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -564,13 +565,17 @@ class Worker:
                 output = to_json(result, what=f"the output of workflow {wf.name!r}")
             except Suspend as sus:
                 await exe.wait_idle()  # sibling steps in flight record first (asyncio.gather)
-                await exe.record(sus.event, msg_id=sus.msg_id)
-                if (
+                events = exe.state.events + 1  # with the RunSuspended
+                # A long run waits here: its wake replays from this point, and the event says
+                # so to whoever resumes it.
+                long = (
                     self.snapshots is not None
-                    and exe.state.events >= self.snapshots.every
-                    and exe.snapshot_covered != exe.state.events
-                ):
-                    # A long run waits here: its wake replays from this point.
+                    and events >= self.snapshots.every
+                    and exe.snapshot_covered != events
+                )
+                event = dataclasses.replace(sus.event, snapshot=True) if long else sus.event
+                await exe.record(event, msg_id=sus.msg_id)
+                if long:
                     self._snapshot(exe)
                 self._hold_state(exe.state)
                 return "done"

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from polos import PolosClient
+from polos import history as ev
 from polos._private.ops.runtime import terminate_all
 from polos._private.store import load_state
 from polos.testing import SecuredServer, create_topology
@@ -163,14 +164,20 @@ async def _chaos(cluster: Cluster, tally: Tally, seconds: float, rng: random.Ran
 
 async def _explain(client: PolosClient, cluster: Cluster, run_ids: list[str]) -> None:
     """Print what a stuck run's history and the task consumers say (for the failure report)."""
-    for run_id in run_ids:
+    todo = [(run_id, "STUCK") for run_id in run_ids]
+    while todo:
+        run_id, label = todo.pop(0)
         history = await client.history(run_id)
-        print(f"\nSTUCK {run_id}:")
+        print(f"\n{label} {run_id}:")
         for seq, e in history:
             print(
                 f"  {seq} {type(e).__name__} {getattr(e, 'key', '')} "
                 f"{getattr(e, 'worker_id', '')} {getattr(e, 'kind', '')}"
             )
+        # A run waiting for children: theirs too (the one that did not end is the story).
+        last = history[-1][1] if history else None
+        if isinstance(last, ev.RunSuspended) and last.kind == "child" and label == "STUCK":
+            todo[:0] = [(child, f"  CHILD of {run_id}") for child in last.children or []]
     for durable in ("wf_chaos_mix", "wf_chaos_child"):
         with contextlib.suppress(Exception):
             info = await client.js.consumer_info(client.names.tasks_stream, durable)

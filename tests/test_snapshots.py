@@ -467,3 +467,36 @@ async def test_no_step_runs_and_nothing_is_written_before_a_claim_in_flight_land
         assert [type(e).__name__ for _, e in history] == ["RunRequested", "RunClaimed"]
     finally:
         await disconnect(nc)
+
+
+async def test_a_long_runs_suspension_says_it_has_a_snapshot_and_a_missing_one_costs_a_read(
+    env_factory: Any, settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The RunSuspended of a long run says its worker writes a replay snapshot, so a resume takes
+    # the run from its control events without asking the bucket; a short run's does not. When
+    # the word is there but the snapshot is not (removed here; or not written yet), the worker
+    # reads the log: slower, never another replay.
+    log = tmp_path / "marks.log"
+    monkeypatch.setenv("POLOS_TEST_LOG", str(log))
+    env = await env_factory([], with_worker=False)
+    async with Worker([long_run], settings=settings.worker, state_cache=0) as worker:
+        short = await env.client.start(long_run, Long(steps=3))
+        handle = await env.client.start(long_run, Long(steps=200))
+        for h, says in ((short, False), (handle, True)):
+            state = await _suspended(env, h.run_id)
+            assert state.suspended is not None and state.suspended.snapshot is says
+        assert worker.snapshots is not None
+        await worker.snapshots.idle()
+        nc = await connect(settings.worker, name="remover")
+        try:
+            await snapshots.delete(nc, nc.jetstream(), Names(settings.prefix), handle.run_id)
+        finally:
+            await disconnect(nc)
+        await env.client.resume(handle.run_id, "approve", {"add": 3})
+        assert await handle.result(timeout=30) == _squares(200) + 3
+        assert worker.history_reads["full"] == 1 and worker.history_reads["snapshot"] == 0
+        await env.client.resume(short.run_id, "approve", {"add": 1})
+        assert await short.result(timeout=30) == _squares(3) + 1
+    started, done = counts(log)
+    for i in range(1, 201):
+        assert started[str(i)] == done[str(i)] == (2 if i <= 3 else 1), f"step {i}"

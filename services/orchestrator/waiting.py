@@ -256,6 +256,15 @@ async def _wake_carrying(
     return True
 
 
+async def _is_long(orch: Orchestrator, run_id: str, ctl: ev.RunState) -> bool:
+    """Whether the run has a replay snapshot: its suspension says the worker writes one, or
+    (a suspension written without that word) the bucket has one."""
+    sus = ctl.suspended
+    if sus is not None and sus.snapshot:
+        return True
+    return await snapshots.exists(orch.nc, orch.names, run_id)
+
+
 async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
     run_id, key, body = _resume_target(orch, msg, tokens)
     data = await _resume_data(orch, run_id, body)
@@ -273,7 +282,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
                 orch.names,
                 run_id,
                 max_steps=RESUME_READ_STEPS,
-                long=lambda: snapshots.exists(orch.nc, orch.names, run_id),
+                long=lambda ctl: _is_long(orch, run_id, ctl),
             )
             if not whole:
                 sus = state.suspended

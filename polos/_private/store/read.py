@@ -361,22 +361,23 @@ async def load_run_unless_long(
     run_id: str,
     *,
     max_steps: int,
-    long: Callable[[], Awaitable[bool]],
+    long: Callable[[ev.RunState], Awaitable[bool]],
 ) -> tuple[ev.RunState, list[tuple[int, bytes]] | None, bool]:
     """``load_run`` and True; or, for a run of at least ``max_steps`` step events that ``long``
-    says is long (it has a replay snapshot), its state folded from its control events only
-    (status, suspension, outcome, the steps woken by them: not its other steps), no bodies,
-    and False. The control events and the first ``max_steps`` step events are asked for at
-    once: one round trip for a short run; ``long`` is asked only of a run with that many steps
-    (a second round trip for it, none more for the common, short run)."""
+    says is long (given the state of its control events; it has a replay snapshot), that
+    state (status, suspension, outcome, the steps woken by them: not its other steps), no
+    bodies, and False. The control events and the first ``max_steps`` step events are asked
+    for at once: one round trip for a short run; ``long`` is asked only of a run with that
+    many steps."""
     ctl, steps = await asyncio.gather(
         read_subject(nc, names.runs_stream, names.run_subject(run_id, "ctl")),
         read_subject(nc, names.runs_stream, names.run_subject(run_id, "step"), limit=max_steps),
     )
     if len(steps) >= max_steps:
-        if await long():
-            history, _ = await _decode_run(nc, names, ctl)
-            return ev.RunState.fold(run_id, history), None, False
+        history, _ = await _decode_run(nc, names, ctl)
+        state = ev.RunState.fold(run_id, history)
+        if await long(state):
+            return state, None, False
         steps += await read_subject(
             nc, names.runs_stream, names.run_subject(run_id, "step"), start_seq=steps[-1].seq + 1
         )
