@@ -69,12 +69,8 @@ def error_info(
 
 
 def _fn_info(fn: Callable[..., Any]) -> tuple[str, Any]:
-    """A step function's name (the determinism check's) and return type (replay's), asked for
-    on every step and every replayed one: cached."""
-    try:
-        return _FNS[fn]
-    except (KeyError, TypeError):
-        pass
+    """A step function's name (the determinism check's) and return type (replay's), kept in
+    ``_FNS``: asked for on every step and every replayed one, which look there first."""
     target = getattr(fn, "__wrapped__", fn)
     name = str(getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target)))
     info = (name, return_type(fn))
@@ -299,20 +295,9 @@ class RunExecution:
         key = f"{STATE_PREFIX}{boundary}"
         if dump == self._last_state or key in self.state.steps:
             return  # unchanged, or recorded before a crash that kept the step from recording
-        snap = ev.StepCompleted(key=key, kind="state", output=dump)
-        async with self._lock:
-            seq = await append(
-                self.js,
-                self.names,
-                self.run_id,
-                snap,
-                expected_last_seq=self.state.last_seq,
-                msg_id=f"{self.run_id}/s/{key}",
-                timeout=self.settings.request_timeout,
-            )
-            self.state.apply(seq, snap)
-            self.appends += 1
-            self.last_event = snap
+        await self._append(
+            ev.StepCompleted(key=key, kind="state", output=dump), msg_id=f"{self.run_id}/s/{key}"
+        )
         self._last_state = dump
 
     def _restore_state(self, step_id: str) -> None:

@@ -165,9 +165,8 @@ async def encode(cap: Capture) -> bytes:
     times: list[Any] = []
     steps, order = cap.steps, cap.order
     restored = steps._cols if isinstance(steps, RestoredSteps) else None
-    row = 0
     for start in range(0, cap.n_steps, _CHUNK):
-        for key in order[start : min(start + _CHUNK, cap.n_steps)]:
+        for row, key in enumerate(order[start : min(start + _CHUNK, cap.n_steps)], start):
             # dict.__getitem__: a restored step never asked for is written from its columns.
             e: Any = dict.__getitem__(steps, key)
             if type(e) is int:
@@ -186,7 +185,6 @@ async def encode(cap: Capture) -> bytes:
             if meta is not None:
                 metas.append([row, meta])
             times.extend(clock)
-            row += 1
         await asyncio.sleep(0)
     # Few objects to build when it is read: a replay's restore is mostly this parse. Heads
     # come in runs, attempts are 1 and meta absent for most steps.
@@ -336,12 +334,13 @@ class _Columns:
         n = len(self.index)
         try:
             times = orjson.loads(zlib.decompress(self._packed))
-            if type(times) is list and len(times) == 3 * n:
-                kinds = set(map(type, times))
-                if not kinds - {float, int, type(None)} and not any(
-                    type(times[3 * i]) not in (float, int) for i in range(n)
-                ):
-                    return times
+            if (
+                type(times) is list
+                and len(times) == 3 * n
+                and not set(map(type, times)) - {float, int, type(None)}
+                and not set(map(type, times[0::3])) - {float, int}  # every step has its "at"
+            ):
+                return times
             why = "not one (at, started_at, duration_ms) per step"
         except (zlib.error, orjson.JSONDecodeError) as exc:
             why = str(exc)
@@ -403,13 +402,7 @@ class RestoredSteps(dict[str, Any]):
         still a row; ``NOT_RESTORED`` for anything else (no such step, another kind or name,
         a failure, or asked for before: ``get`` answers those)."""
         i = dict.get(self, key)
-        if type(i) is not int:
-            return NOT_RESTORED
-        cols = self._cols
-        n = cols.run_names[cols.index[i]]
-        if n is not None and n != name:
-            return NOT_RESTORED  # another kind or a failure (False), or another function
-        return cols.outputs[i]
+        return self.completed_at(i, name) if type(i) is int else NOT_RESTORED
 
     def completed_at(self, row: int, name: str) -> Any:
         """``completed`` of the step stored at ``row`` (its place in the run's step order),
@@ -419,24 +412,22 @@ class RestoredSteps(dict[str, Any]):
             return NOT_RESTORED  # a step recorded after the snapshot
         n = cols.run_names[cols.index[row]]
         if n is not None and n != name:
-            return NOT_RESTORED
+            return NOT_RESTORED  # another kind or a failure (False), or another function
         return cols.outputs[row]
 
-    def __getitem__(self, key: str) -> ev.StepCompleted | ev.StepFailed:
-        value = dict.__getitem__(self, key)
+    def _event_of(self, key: str, value: Any) -> ev.StepCompleted | ev.StepFailed:
+        """The stored ``value`` of ``key`` as its event: a row number becomes one, once."""
         if type(value) is int:
             value = self._cols.event(key, value)
             dict.__setitem__(self, key, value)
         return value  # type: ignore[no-any-return]
 
+    def __getitem__(self, key: str) -> ev.StepCompleted | ev.StepFailed:
+        return self._event_of(key, dict.__getitem__(self, key))
+
     def get(self, key: str, default: Any = None) -> Any:
         value = dict.get(self, key, _MISSING)
-        if value is _MISSING:
-            return default
-        if type(value) is int:
-            value = self._cols.event(key, value)
-            dict.__setitem__(self, key, value)
-        return value
+        return default if value is _MISSING else self._event_of(key, value)
 
     def values(self) -> list[ev.StepCompleted | ev.StepFailed]:  # type: ignore[override]
         return [self[k] for k in self]
