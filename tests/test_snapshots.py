@@ -77,6 +77,20 @@ async def _suspended(env: Any, run_id: str) -> ev.RunState:
     return got
 
 
+async def _suspended_with_snapshot(env: Any, settings: Any, run_id: str) -> ev.RunState:
+    """The long run's state once it is suspended and its worker's snapshot of the suspension
+    is stored. The test sees the suspension in the log before the worker (in this process)
+    has the append's answer and submits the write, so ``Writer.idle()`` alone can return
+    before there is anything to wait for."""
+    state = await _suspended(env, run_id)
+
+    async def written() -> bool:
+        return await _snapshot_seq(settings, run_id) == state.last_seq
+
+    await _until_async(written, f"run {run_id}'s snapshot of its suspension")
+    return state
+
+
 def _assert_each_step_once(log: Path, steps: int) -> None:
     started, done = counts(log)
     for i in range(1, steps + 1):
@@ -94,9 +108,8 @@ async def test_a_long_run_resumes_from_its_snapshot_on_a_worker_without_its_stat
         # More steps than a resume reads before it takes a run for a long one (16), and more
         # history than a task carries (32 KB): the worker has to find the history itself.
         handle = await env.client.start(long_run, Long(steps=200))
-        state = await _suspended(env, handle.run_id)
+        state = await _suspended_with_snapshot(env, settings, handle.run_id)
         assert worker.snapshots is not None
-        await worker.snapshots.idle()
         # Written when the run suspended: it covers the whole run up to the RunSuspended.
         assert await _snapshot_seq(settings, handle.run_id) == state.last_seq
         await env.client.resume(handle.run_id, "approve", {"add": 1000})
@@ -206,9 +219,8 @@ async def test_a_corrupt_foreign_or_forged_snapshot_is_ignored_and_the_log_repla
         assert worker.snapshots is not None
         other = await env.client.start(long_run, Long(steps=150))
         handle = await env.client.start(long_run, Long(steps=200))
-        await _suspended(env, other.run_id)
-        await _suspended(env, handle.run_id)
-        await worker.snapshots.idle()
+        await _suspended_with_snapshot(env, settings, other.run_id)
+        await _suspended_with_snapshot(env, settings, handle.run_id)
         await _tamper(kind, settings, handle.run_id, other.run_id)
         await env.client.resume(handle.run_id, "approve", {"add": 7})
         assert await handle.result(timeout=30) == _squares(200) + 7
@@ -411,9 +423,7 @@ async def test_a_claim_refused_during_the_re_walk_runs_nothing_and_is_claimed_ag
     env = await env_factory([], with_worker=False)
     async with _Raced([long_run], settings=settings.worker, state_cache=0) as worker:
         handle = await env.client.start(long_run, Long(steps=200))
-        await _suspended(env, handle.run_id)
-        assert worker.snapshots is not None
-        await worker.snapshots.idle()
+        await _suspended_with_snapshot(env, settings, handle.run_id)
         await env.client.resume(handle.run_id, "approve", {"add": 5})
         assert await handle.result(timeout=30) == _squares(200) + 5
         assert worker.raced == 1 and worker.claims_refused == 1
@@ -482,11 +492,10 @@ async def test_a_long_runs_suspension_says_it_has_a_snapshot_and_a_missing_one_c
     async with Worker([long_run], settings=settings.worker, state_cache=0) as worker:
         short = await env.client.start(long_run, Long(steps=3))
         handle = await env.client.start(long_run, Long(steps=200))
-        for h, says in ((short, False), (handle, True)):
-            state = await _suspended(env, h.run_id)
-            assert state.suspended is not None and state.suspended.snapshot is says
-        assert worker.snapshots is not None
-        await worker.snapshots.idle()
+        state = await _suspended(env, short.run_id)
+        assert state.suspended is not None and state.suspended.snapshot is False
+        state = await _suspended_with_snapshot(env, settings, handle.run_id)
+        assert state.suspended is not None and state.suspended.snapshot is True
         nc = await connect(settings.worker, name="remover")
         try:
             await snapshots.delete(nc, nc.jetstream(), Names(settings.prefix), handle.run_id)
@@ -500,3 +509,31 @@ async def test_a_long_runs_suspension_says_it_has_a_snapshot_and_a_missing_one_c
     started, done = counts(log)
     for i in range(1, 201):
         assert started[str(i)] == done[str(i)] == (2 if i <= 3 else 1), f"step {i}"
+
+
+async def test_a_capture_submitted_as_the_last_write_ends_is_written(
+    env_factory: Any, settings: Any
+) -> None:
+    # A run's drain ends when it finds nothing more to write; it leaves ``Writer._tasks`` a loop
+    # turn later (its done callback). A capture submitted in between (a long run suspending
+    # right after a periodic snapshot) was kept waiting for a drain that had ended: the
+    # suspension's snapshot was never written. Here the writer is put in exactly that state.
+    await env_factory([], with_worker=False)
+    names = Names(settings.prefix)
+    nc = await connect(settings.worker, name="writer")
+    try:
+        writer = snapshots.Writer(nc, nc.jetstream(), names, every=1)
+        history: list[tuple[int, ev.Event]] = [
+            (1, ev.RunRequested(run_id="w1", workflow="w")),
+            (2, ev.StepCompleted(key="s1", kind="run", output=1)),
+        ]
+        state = ev.RunState.fold("w1", history)
+        ended = asyncio.ensure_future(asyncio.sleep(0))
+        await ended
+        writer._tasks["w1"] = ended  # a finished drain its callback has not removed yet
+        writer.submit(snapshots.capture(state, history[-1][1]))
+        await asyncio.wait_for(writer.idle(), 10)  # without a drain of its own: never written
+        assert writer.written == 1
+        assert await _snapshot_seq(settings, "w1") == 2
+    finally:
+        await disconnect(nc)

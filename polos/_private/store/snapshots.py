@@ -727,7 +727,10 @@ class Writer:
     def submit(self, cap: Capture) -> None:
         """Write ``cap`` in the background (after the run's write in flight, if any)."""
         self._next[cap.run_id] = cap
-        if cap.run_id not in self._tasks:
+        running = self._tasks.get(cap.run_id)
+        # A drain that found nothing more to write is done a loop turn before its callback
+        # takes it out of ``_tasks``: a capture submitted then needs a drain of its own.
+        if running is None or running.done():
             self._start(cap.run_id, self._drain(cap.run_id))
 
     def _start(self, key: str, coro: Any) -> None:
