@@ -8,7 +8,10 @@ the index promises:
   orchestrator holding one is SIGKILLed, the next orchestrator gets it again and the index has
   the run;
 - a held event with no next event is written when the window ends (a run waiting for a
-  worker shows as queued), or when its orchestrator stops.
+  worker shows as queued), or when its orchestrator stops;
+- a child whose request and claim died held with their orchestrator, and which ends before
+  they come back, still wakes its parent: the next orchestrator folds its end into an entry
+  that does not say whose child it is yet.
 """
 
 from __future__ import annotations
@@ -33,6 +36,26 @@ _VOLATILE = ("run_id", "created_at", "updated_at", "started_at", "ended_at", "wo
 @workflow
 async def iw_quick(ctx: WorkflowContext, n: int) -> int:
     return n + 1
+
+
+# The child's step waits for the test: it ends only once the orchestrator that held its request
+# and claim is dead and another one runs.
+_GATE: dict[str, asyncio.Event] = {}
+
+
+async def _gated(run_id: str) -> int:
+    await _GATE[run_id].wait()
+    return 1
+
+
+@workflow
+async def iw_child(ctx: WorkflowContext, n: int) -> int:
+    return await ctx.step.run("gated", _gated, ctx.parent_run_id or "") + n
+
+
+@workflow
+async def iw_parent(ctx: WorkflowContext, n: int) -> int:
+    return await ctx.step.invoke_and_wait("kid", iw_child, n) + 1
 
 
 async def _until_listed(client: PolosClient, run_id: str, status: str) -> None:
@@ -132,3 +155,39 @@ async def test_an_orchestrator_that_stops_writes_what_it_holds(make_settings: An
         await client.close()
         if not stopped:
             await env.stop()
+
+
+async def test_a_child_ending_before_its_held_request_returns_wakes_its_parent(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    # The request and claim come back only after the consumer's ack wait (30 s here): the
+    # parent must be woken long before, by the child's end alone.
+    settings = await make_settings(index_window=600.0, service_ack_wait=30.0)
+    env = dict(os.environ)
+    env.update(settings.service.to_env())
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    orch = spawn(ORCHESTRATOR, env, tmp_path / "o1.out")
+    client = await PolosClient.connect(settings=settings)
+    try:
+        async with Worker([iw_parent, iw_child], settings=settings.worker):
+            parent = await client.start(iw_parent, 1, run_id="iw-parent")
+            _GATE[parent.run_id] = asyncio.Event()
+            await _until_listed(client, parent.run_id, "suspended")  # waits for its child
+            sus = (await load_state(client.nc, client.names, parent.run_id)).suspended
+            assert sus is not None and sus.children
+            (child,) = sus.children
+            for _ in range(800):  # claimed, its step waiting at the gate
+                if (await load_state(client.nc, client.names, child)).status == "running":
+                    break
+                await asyncio.sleep(0.025)
+            else:
+                raise AssertionError("the child never ran")
+            # Its request and claim are held: not in the index, not acknowledged.
+            assert child not in {r.run_id for r in await client.list_runs()}
+            kill(orch)
+            orch = spawn(ORCHESTRATOR, env, tmp_path / "o2.out")
+            _GATE[parent.run_id].set()
+            assert await parent.result(timeout=15) == 3
+    finally:
+        stop(orch)
+        await client.close()

@@ -702,8 +702,11 @@ async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event)
     elif isinstance(event, (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
         if isinstance(event, ev.RunCancelled):
             await _after_cancel(orch, run_id)
+        # The entry says whether the run is a child only once its request is folded in: an end
+        # can come first (the request was held by an orchestrator that died, and comes back
+        # after the ack wait), and then only the run's control events can say.
         cached = orch.index.cached(run_id)
-        if cached is None or cached.get("parent_run_id"):
+        if cached is None or "workflow" not in cached or cached.get("parent_run_id"):
             await _child_ended(orch, run_id)
 
 
