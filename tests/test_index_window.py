@@ -58,6 +58,14 @@ async def iw_parent(ctx: WorkflowContext, n: int) -> int:
     return await ctx.step.invoke_and_wait("kid", iw_child, n) + 1
 
 
+def _service_env(settings: Any) -> dict[str, str]:
+    """The environment of an orchestrator process of the namespace, as the service role."""
+    env = dict(os.environ)
+    env.update(settings.service.to_env())
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
 async def _until_listed(client: PolosClient, run_id: str, status: str) -> None:
     for _ in range(800):
         if any(r.run_id == run_id and r.status == status for r in await client.list_runs()):
@@ -107,9 +115,7 @@ async def test_a_held_event_survives_a_sigkilled_orchestrator(
     make_settings: Any, tmp_path: Path
 ) -> None:
     settings = await make_settings(index_window=600.0)
-    env = dict(os.environ)
-    env.update(settings.service.to_env())
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    env = _service_env(settings)
     orch = spawn(ORCHESTRATOR, env, tmp_path / "o1.out")
     client = await PolosClient.connect(settings=settings)
     try:
@@ -163,9 +169,7 @@ async def test_a_child_ending_before_its_held_request_returns_wakes_its_parent(
     # The request and claim come back only after the consumer's ack wait (30 s here): the
     # parent must be woken long before, by the child's end alone.
     settings = await make_settings(index_window=600.0, service_ack_wait=30.0)
-    env = dict(os.environ)
-    env.update(settings.service.to_env())
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    env = _service_env(settings)
     orch = spawn(ORCHESTRATOR, env, tmp_path / "o1.out")
     client = await PolosClient.connect(settings=settings)
     try:
