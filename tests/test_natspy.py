@@ -13,7 +13,9 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 
-from polos._private.store import natspy
+from polos._private.store import natspy, writes
+from polos._private.store.connection import connect
+from polos._private.store.names import Names
 
 
 async def test_connection_of_is_the_connection_a_jetstream_context_was_made_from(
@@ -67,3 +69,99 @@ async def test_sent_returns_once_a_request_made_just_before_is_on_the_socket(
         assert time.perf_counter() - t0 < 0.1
     finally:
         await nc.close()
+
+
+# --------------------------------------------------------------------------- write coalescing
+
+
+def test_the_coalescing_flusher_replaces_nats_pys_own_which_it_copies() -> None:
+    # nats-py's flusher still refers to exactly what ours copies (else it stays in place:
+    # every write goes out at once, as before, and this test says so).
+    assert natspy.COALESCING, "nats-py's Client._flusher changed: the copy no longer matches"
+    assert natspy.NATS_FLUSHER is not None
+    assert frozenset(natspy.NATS_FLUSHER.__code__.co_names) == natspy.FLUSHER_NAMES
+    assert Client._flusher is natspy._coalescing_flusher
+
+
+def _count_writes(nc: Client) -> list[int]:
+    writes = [0]
+    transport = nc._transport
+    assert transport is not None
+    real = transport.writelines
+
+    def counted(data: Any) -> None:
+        writes[0] += 1
+        real(data)
+
+    transport.writelines = counted  # type: ignore[method-assign]
+    return writes
+
+
+async def _staggered_publishes(nc: Client, subject: str, n: int) -> None:
+    # One publish per loop turn: without a hold, the flusher writes each on its own.
+    async def one(i: int) -> None:
+        for _ in range(i):
+            await asyncio.sleep(0)
+        await nc.publish(subject, b"x")
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def _staggered_append(nc: Client, subject: str, turns: int) -> int:
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    return (await writes.publish(nc, subject, b"{}", timeout=2.0)).seq
+
+
+async def test_a_busy_connection_sends_what_its_tasks_publish_meanwhile_in_one_write(
+    settings: Any,
+) -> None:
+    got: list[bytes] = []
+    for hold, busy in ((0.2, True), (0.2, False), (0.0, True)):
+        # The service role (the orchestrator's): it may publish on inboxes, and listen there.
+        nc = await connect(settings.service.with_(write_coalesce=hold), "coalesce")
+        try:
+            subject = f"_INBOX.coalesce.{settings.prefix}"
+
+            async def heard(msg: Any) -> None:
+                got.append(msg.data)
+
+            sub = await nc.subscribe(subject, cb=heard)
+            await nc.flush()
+            natspy.busy_when(nc, lambda b=busy: b)
+            writes = _count_writes(nc)
+            got.clear()
+            await _staggered_publishes(nc, subject, 10)
+            await asyncio.sleep(0.3)  # past the hold: everything is out
+            await nc.flush()
+            assert len(got) == 10  # nothing lost, whatever the hold
+            if hold and busy:
+                assert writes[0] <= 2, writes  # the ten publishes, then the flush's PING
+            else:
+                assert writes[0] >= 10, (hold, busy, writes)
+            await sub.unsubscribe()
+        finally:
+            await nc.close()
+
+
+async def test_a_connection_with_few_requests_in_flight_never_holds_them(settings: Any) -> None:
+    # A hold far longer than the request timeout: an append of a sequential run (one request
+    # in flight) that waited for it would fail. Then, busy: eight appends at once are all
+    # acknowledged, in fewer writes than without a hold.
+    counts = {}
+    for hold in (30.0, 0.05, 0.0):
+        nc = await connect(settings.with_(write_coalesce=hold, request_timeout=2.0), "coalesce")
+        try:
+            subject = Names(settings.prefix).start_subject("coalesce_test")  # a stored command
+            if hold == 30.0:
+                for _ in range(3):
+                    assert (await writes.publish(nc, subject, b"{}", timeout=2.0)).seq > 0
+                continue
+            writes_made = _count_writes(nc)
+
+            seqs = await asyncio.gather(*(_staggered_append(nc, subject, i) for i in range(8)))
+            assert len(set(seqs)) == 8
+            counts[hold] = writes_made[0]
+        finally:
+            await nc.close()
+    assert counts[0.05] < counts[0.0], counts

@@ -35,6 +35,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
 
+from polos._private.store.natspy import coalesce_writes
 from polos.config import Settings
 from polos.errors import ConnectionFailedError
 
@@ -297,6 +298,7 @@ class _Link:
         except BaseException:
             await self._abandon()
             raise
+        coalesce_writes(self.nc, self.settings.write_coalesce)
         self.connecting = False
         return self.nc
 

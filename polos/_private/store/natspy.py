@@ -8,6 +8,9 @@ changes what they rely on.
 - the header-block parser: ``Client._parse_header_lines`` is replaced by a faster one with the
   same results (``parse_header_lines``), checked against nats-py's own on samples first.
 - ``sent(nc)``: until what the connection buffered is on its socket (``Client._pending_data_size``).
+- ``coalesce_writes(nc, seconds, busy)``: nats-py's flusher task (``Client._flusher``) is
+  replaced by the same loop that, while ``busy()`` says so, waits ``seconds`` before it
+  writes; installed only over the implementation it copies (the names its code uses).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -76,6 +80,104 @@ async def sent(nc: NATS, turns: int = 8) -> None:
             return
 
 
+# What nats-py 2.16's ``Client._flusher`` refers to: ``_coalescing_flusher`` is that loop with
+# one wait added. Another implementation keeps its own flusher (and writes at once).
+FLUSHER_NAMES = frozenset(
+    {
+        "_transport",
+        "_flush_queue",
+        "is_connected",
+        "is_connecting",
+        "get",
+        "_pending_data_size",
+        "writelines",
+        "_pending",
+        "drain",
+        "OSError",
+        "_error_cb",
+        "_process_op_err",
+        "done",
+        "set_result",
+        "asyncio",
+        "CancelledError",
+        "RuntimeError",
+        "AttributeError",
+    }
+)
+_HOLD = "_polos_write_hold"  # our attributes on a nats-py Client (a plain class)
+_BUSY = "_polos_write_busy"
+
+
+async def _coalescing_flusher(self: NATS) -> None:
+    """nats-py's flusher: wait for a kick, write everything buffered, resolve the kick. Here,
+    a connection told to (``coalesce_writes``) first waits its hold while it is busy: what its
+    other tasks publish meanwhile goes in the same write."""
+    queue: asyncio.Queue[asyncio.Future[None]] = self._flush_queue  # type: ignore[assignment]
+    while True:
+        if not self.is_connected or self.is_connecting:
+            break
+        future = await queue.get()
+        try:
+            if self._pending_data_size > 0:
+                hold: float = getattr(self, _HOLD, 0.0)
+                if hold:
+                    busy: Callable[[], bool] | None = getattr(self, _BUSY, None)
+                    if busy is not None and busy():
+                        await asyncio.sleep(hold)
+                transport = self._transport
+                assert transport is not None
+                transport.writelines(self._pending[:])
+                self._pending = []
+                self._pending_data_size = 0
+                await transport.drain()  # type: ignore[no-untyped-call]
+        except OSError as e:
+            await self._error_cb(e)
+            await self._process_op_err(e)
+            break
+        except (asyncio.CancelledError, RuntimeError, AttributeError):
+            # RuntimeError: the event loop is closed (as nats-py has it)
+            break
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+
+def _install_coalescing_flusher() -> bool:
+    from nats.aio.client import Client
+
+    current = Client._flusher
+    if current is _coalescing_flusher:
+        return True
+    if frozenset(current.__code__.co_names) != FLUSHER_NAMES:
+        return False
+    global NATS_FLUSHER
+    NATS_FLUSHER = current
+    Client._flusher = _coalescing_flusher  # type: ignore[method-assign]
+    return True
+
+
+# nats-py's own flusher, once replaced (for the test that pins what it refers to).
+NATS_FLUSHER: Callable[..., Any] | None = None
+
+
+# Before any connection exists: each connection starts its flusher when it connects (and
+# again after a reconnect). Without a hold a connection writes exactly as nats-py does.
+COALESCING = _install_coalescing_flusher()
+
+
+def coalesce_writes(nc: NATS, seconds: float, busy: Callable[[], bool] | None = None) -> None:
+    """From now on ``nc`` holds its writes ``seconds`` while ``busy()`` (0: never). ``busy``
+    may be given later, by whoever knows (``store.writes`` counts the requests in flight)."""
+    setattr(nc, _HOLD, max(0.0, seconds))
+    if busy is not None:
+        setattr(nc, _BUSY, busy)
+
+
+def busy_when(nc: NATS, busy: Callable[[], bool]) -> None:
+    """What tells whether ``nc`` is busy enough to hold its writes."""
+    setattr(nc, _BUSY, busy)
+
+
 def connection_of(js: JetStreamContext) -> NATS:
     """The NATS connection behind ``js``."""
     nc: NATS = js._nc
@@ -124,8 +226,13 @@ def nats_own_header_parser() -> Iterator[None]:
 
 
 __all__ = [
+    "COALESCING",
+    "FLUSHER_NAMES",
     "HEADER_SAMPLES",
+    "NATS_FLUSHER",
     "NATS_HEADER_PARSER",
+    "busy_when",
+    "coalesce_writes",
     "connection_of",
     "nats_own_header_parser",
     "parse_header_lines",

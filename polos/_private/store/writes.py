@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from polos._private.store.namespace import connection
+from polos._private.store.natspy import busy_when
 
 _T = TypeVar("_T")
 
@@ -69,6 +70,10 @@ async def retry_transient(op: Callable[[int], Awaitable[_T]], *, timeout: float,
         await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
 
 
+# Requests in flight on a connection from which it holds its writes (``Settings.write_coalesce``).
+BUSY_REQUESTS = 4
+
+
 def _expire(fut: asyncio.Future[Msg]) -> None:
     if not fut.done():
         fut.set_exception(nats.errors.TimeoutError())
@@ -85,12 +90,18 @@ class _Requester:
 
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
+        busy_when(nc, self._busy)
         self._prefix = nc.new_inbox() + "."
         self._cut = len(self._prefix)
         self._open: dict[str, asyncio.Future[Msg]] = {}
         self._sub: Any = None
         self._lock = asyncio.Lock()
         self._next = 0
+
+    def _busy(self) -> bool:
+        # Several answers awaited: the connection is loaded, and a write held a moment to
+        # carry more costs its requests that moment; one or two (a sequential run) never wait.
+        return len(self._open) >= BUSY_REQUESTS
 
     async def _on_msg(self, msg: Msg) -> None:
         fut = self._open.pop(msg.subject[self._cut :], None)
