@@ -112,10 +112,11 @@ async def _coalescing_flusher(self: NATS) -> None:
     """nats-py's flusher: wait for a kick, write everything buffered, resolve the kick. Here,
     a connection told to (``coalesce_writes``) first waits its hold while it is busy: what its
     other tasks publish meanwhile goes in the same write."""
-    queue: asyncio.Queue[asyncio.Future[None]] = self._flush_queue  # type: ignore[assignment]
     while True:
         if not self.is_connected or self.is_connecting:
             break
+        # Looked up each time, as nats-py does: a reconnect makes a new queue and a new task.
+        queue: asyncio.Queue[asyncio.Future[None]] = self._flush_queue  # type: ignore[assignment]
         future = await queue.get()
         try:
             if self._pending_data_size > 0:
