@@ -347,7 +347,9 @@ async def test_a_suspended_run_gives_its_slot_back_and_queues_again_when_woken(
     assert other[1] > other[0]
     # Occupy the slot, then wake the waiting run: it must queue for the slot, not run over it.
     blocker = await env.client.start(cc_quick, 300.0)
-    while not await _held(env):
+    # The blocker's own lease: the slot of ``other`` can still be there (its release follows
+    # its end), and the woken run would then take the slot before the blocker does.
+    while not any(e.value.get("run") == blocker.run_id for e in await _held(env)):
         await asyncio.sleep(0.01)
     await env.client.resume(waiting.run_id, "approve", {"ok": True})
     kinds = []
