@@ -8,7 +8,7 @@ changes what they rely on.
 - the header-block parser: ``Client._parse_header_lines`` is replaced by a faster one with the
   same results (``parse_header_lines``), checked against nats-py's own on samples first.
 - ``sent(nc)``: until what the connection buffered is on its socket (``Client._pending_data_size``).
-- ``coalesce_writes(nc, seconds, busy)``: nats-py's flusher task (``Client._flusher``) is
+- ``coalesce_writes(nc, seconds)``, ``busy_when(nc, busy)``: nats-py's flusher task (``Client._flusher``) is
   replaced by the same loop that, while ``busy()`` says so, waits ``seconds`` before it
   writes; installed only over the implementation it copies (the names its code uses).
 """
@@ -166,12 +166,10 @@ NATS_FLUSHER: Callable[..., Any] | None = None
 COALESCING = _install_coalescing_flusher()
 
 
-def coalesce_writes(nc: NATS, seconds: float, busy: Callable[[], bool] | None = None) -> None:
-    """From now on ``nc`` holds its writes ``seconds`` while ``busy()`` (0: never). ``busy``
-    may be given later, by whoever knows (``store.writes`` counts the requests in flight)."""
+def coalesce_writes(nc: NATS, seconds: float) -> None:
+    """From now on ``nc`` holds its writes ``seconds`` while it is busy (0: never); what says
+    so is given by ``busy_when`` (``store.writes`` counts the requests in flight)."""
     setattr(nc, _HOLD, max(0.0, seconds))
-    if busy is not None:
-        setattr(nc, _BUSY, busy)
 
 
 def busy_when(nc: NATS, busy: Callable[[], bool]) -> None:

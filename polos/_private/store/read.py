@@ -374,27 +374,16 @@ async def load_run_unless_long(
         read_subject(nc, names.runs_stream, names.run_subject(run_id, "step"), limit=max_steps),
     )
     if len(steps) >= max_steps:
-        ctl_history, ctl_bodies = await _decode_run(nc, names, ctl)
-        state = ev.RunState.fold(run_id, ctl_history)
+        history, _ = await _decode_run(nc, names, ctl)
+        state = ev.RunState.fold(run_id, history)
         if await long(state):
             return state, None, False
         steps += await read_subject(
             nc, names.runs_stream, names.run_subject(run_id, "step"), start_seq=steps[-1].seq + 1
         )
-        # Not long after all: the control events decoded above join the steps as they are.
-        step_history, step_bodies = await _decode_run(nc, names, steps)
-        history = list(heapq.merge(ctl_history, step_history, key=_seq_of))
-        if ctl_bodies is None or step_bodies is None:
-            return ev.RunState.fold(run_id, history), None, True
-        bodies = list(heapq.merge(ctl_bodies, step_bodies, key=_seq_of))
-        return ev.RunState.fold(run_id, history), bodies, True
     msgs = list(heapq.merge(ctl, steps, key=lambda m: m.seq))
-    history, whole = await _decode_run(nc, names, msgs)
-    return ev.RunState.fold(run_id, history), whole, True
-
-
-def _seq_of(item: tuple[int, object]) -> int:
-    return item[0]
+    history, bodies = await _decode_run(nc, names, msgs)
+    return ev.RunState.fold(run_id, history), bodies, True
 
 
 # --------------------------------------------------------------------------- KV buckets
