@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -16,6 +18,8 @@ from nats.aio.client import Client
 from polos._private.store import natspy, writes
 from polos._private.store.connection import connect
 from polos._private.store.names import Names
+
+_T = TypeVar("_T")
 
 
 async def test_connection_of_is_the_connection_a_jetstream_context_was_made_from(
@@ -97,20 +101,11 @@ def _count_writes(nc: Client) -> list[int]:
     return writes
 
 
-async def _staggered_publishes(nc: Client, subject: str, n: int) -> None:
-    # One publish per loop turn: without a hold, the flusher writes each on its own.
-    async def one(i: int) -> None:
-        for _ in range(i):
-            await asyncio.sleep(0)
-        await nc.publish(subject, b"x")
-
-    await asyncio.gather(*(one(i) for i in range(n)))
-
-
-async def _staggered_append(nc: Client, subject: str, turns: int) -> int:
+async def _after_turns(turns: int, publish: Callable[[], Awaitable[_T]]) -> _T:
+    # Tasks a loop turn apart: without a hold, the flusher writes each one's publish on its own.
     for _ in range(turns):
         await asyncio.sleep(0)
-    return (await writes.publish(nc, subject, b"{}", timeout=2.0)).seq
+    return await publish()
 
 
 async def test_a_busy_connection_sends_what_its_tasks_publish_meanwhile_in_one_write(
@@ -129,16 +124,17 @@ async def test_a_busy_connection_sends_what_its_tasks_publish_meanwhile_in_one_w
             sub = await nc.subscribe(subject, cb=heard)
             await nc.flush()
             natspy.busy_when(nc, lambda b=busy: b)
-            writes = _count_writes(nc)
+            made = _count_writes(nc)
             got.clear()
-            await _staggered_publishes(nc, subject, 10)
+            publish = functools.partial(nc.publish, subject, b"x")
+            await asyncio.gather(*(_after_turns(i, publish) for i in range(10)))
             await asyncio.sleep(0.3)  # past the hold: everything is out
             await nc.flush()
             assert len(got) == 10  # nothing lost, whatever the hold
             if hold and busy:
-                assert writes[0] <= 2, writes  # the ten publishes, then the flush's PING
+                assert made[0] <= 2, made  # the ten publishes, then the flush's PING
             else:
-                assert writes[0] >= 10, (hold, busy, writes)
+                assert made[0] >= 10, (hold, busy, made)
             await sub.unsubscribe()
         finally:
             await nc.close()
@@ -159,8 +155,9 @@ async def test_a_connection_with_few_requests_in_flight_never_holds_them(setting
                 continue
             writes_made = _count_writes(nc)
 
-            seqs = await asyncio.gather(*(_staggered_append(nc, subject, i) for i in range(8)))
-            assert len(set(seqs)) == 8
+            append = functools.partial(writes.publish, nc, subject, b"{}", timeout=2.0)
+            acks = await asyncio.gather(*(_after_turns(i, append) for i in range(8)))
+            assert len({a.seq for a in acks}) == 8
             counts[hold] = writes_made[0]
         finally:
             await nc.close()

@@ -91,6 +91,15 @@ async def _suspended_with_snapshot(env: Any, settings: Any, run_id: str) -> ev.R
     return state
 
 
+@pytest.fixture
+def marks_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the step functions of ``long_run`` mark each execution, for the workers of this
+    process (``POLOS_TEST_LOG``)."""
+    log = tmp_path / "marks.log"
+    monkeypatch.setenv("POLOS_TEST_LOG", str(log))
+    return log
+
+
 def _assert_each_step_once(log: Path, steps: int) -> None:
     started, done = counts(log)
     for i in range(1, steps + 1):
@@ -98,10 +107,8 @@ def _assert_each_step_once(log: Path, steps: int) -> None:
 
 
 async def test_a_long_run_resumes_from_its_snapshot_on_a_worker_without_its_state(
-    env_factory: Any, settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    env_factory: Any, settings: Any, marks_log: Path
 ) -> None:
-    log = tmp_path / "marks.log"
-    monkeypatch.setenv("POLOS_TEST_LOG", str(log))
     env = await env_factory([], with_worker=False)
     # state_cache=0: the worker keeps nothing of a run it suspended, so the resume replays.
     async with Worker([long_run], settings=settings.worker, state_cache=0) as worker:
@@ -120,8 +127,8 @@ async def test_a_long_run_resumes_from_its_snapshot_on_a_worker_without_its_stat
         await worker.snapshots.idle()
         # Removed when the run ended.
         assert await _snapshot_seq(settings, handle.run_id) is None
-    _assert_each_step_once(log, 200)
-    assert counts(log)[1]["0"] == 1  # the step after the resume ran once
+    _assert_each_step_once(marks_log, 200)
+    assert counts(marks_log)[1]["0"] == 1  # the step after the resume ran once
 
 
 async def test_sigkill_after_a_snapshot_no_completed_step_runs_again(
@@ -129,11 +136,9 @@ async def test_sigkill_after_a_snapshot_no_completed_step_runs_again(
     settings: Any,
     subprocess_env: Any,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    marks_log: Path,
 ) -> None:
-    log = tmp_path / "marks.log"
-    subprocess_env["POLOS_TEST_LOG"] = str(log)
-    monkeypatch.setenv("POLOS_TEST_LOG", str(log))  # the takeover worker runs in this process
+    subprocess_env["POLOS_TEST_LOG"] = str(marks_log)  # the takeover worker is this process's
     env = await env_factory([], with_worker=False)
     w1 = spawn(WORKER, subprocess_env.as_role("worker"), tmp_path / "w1.out")
     try:
@@ -143,7 +148,7 @@ async def test_sigkill_after_a_snapshot_no_completed_step_runs_again(
         first = await _until_async(
             lambda: _snapshot_seq(settings, handle.run_id), "a snapshot of the running run"
         )
-        await until(lambda: "done 50" in marks(log), 30, "step 50 to finish")
+        await until(lambda: "done 50" in marks(marks_log), 30, "step 50 to finish")
         kill(w1)
     finally:
         stop(w1)
@@ -160,13 +165,13 @@ async def test_sigkill_after_a_snapshot_no_completed_step_runs_again(
         assert w2.snapshots is not None
         await w2.snapshots.idle()
     assert first > 0
-    started, done = counts(log)
+    started, done = counts(marks_log)
     for i in range(1, 81):
         key = f"s{i}"
         if key in recorded:  # completed before the kill: never again
-            assert started[str(i)] == done[str(i)] == 1, f"step {i} ran again: {marks(log)}"
+            assert started[str(i)] == done[str(i)] == 1, f"step {i} ran again: {marks(marks_log)}"
         else:  # in flight at the kill (at most one step) or after: done once
-            assert done[str(i)] == 1 and started[str(i)] <= 2, f"step {i}: {marks(log)}"
+            assert done[str(i)] == 1 and started[str(i)] <= 2, f"step {i}: {marks(marks_log)}"
     assert sum(1 for i in range(1, 81) if started[str(i)] == 2) <= 1
     assert await _snapshot_seq(settings, handle.run_id) is None
 
@@ -209,11 +214,8 @@ async def test_a_corrupt_foreign_or_forged_snapshot_is_ignored_and_the_log_repla
     kind: str,
     env_factory: Any,
     settings: Any,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    marks_log: Path,
 ) -> None:
-    log = tmp_path / "marks.log"
-    monkeypatch.setenv("POLOS_TEST_LOG", str(log))
     env = await env_factory([], with_worker=False)
     async with Worker([long_run], settings=settings.worker, state_cache=0) as worker:
         assert worker.snapshots is not None
@@ -230,7 +232,7 @@ async def test_a_corrupt_foreign_or_forged_snapshot_is_ignored_and_the_log_repla
         print(f"\n{kind}: ignored because {worker.snapshots_ignored[0]}")
         await env.client.cancel(other.run_id)
         await worker.snapshots.idle()
-    started, done = counts(log)
+    started, done = counts(marks_log)
     # Steps of the tampered run ran once (the other run's s1..s150 once as well): 2 and 1.
     for i in range(1, 201):
         assert started[str(i)] == done[str(i)] == (2 if i <= 150 else 1), f"step {i}"
@@ -413,13 +415,11 @@ class _Raced(Worker):
 
 
 async def test_a_claim_refused_during_the_re_walk_runs_nothing_and_is_claimed_again(
-    env_factory: Any, settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    env_factory: Any, settings: Any, marks_log: Path
 ) -> None:
     # A long run from its snapshot starts its re-walk while its claim travels. Here the claim is
     # refused (another claim landed first): the execution writes nothing and runs no step, and
     # the worker claims the run again from the log as it is (the other claim in it).
-    log = tmp_path / "marks.log"
-    monkeypatch.setenv("POLOS_TEST_LOG", str(log))
     env = await env_factory([], with_worker=False)
     async with _Raced([long_run], settings=settings.worker, state_cache=0) as worker:
         handle = await env.client.start(long_run, Long(steps=200))
@@ -428,8 +428,8 @@ async def test_a_claim_refused_during_the_re_walk_runs_nothing_and_is_claimed_ag
         assert await handle.result(timeout=30) == _squares(200) + 5
         assert worker.raced == 1 and worker.claims_refused == 1
         assert worker.history_reads["snapshot"] == 2, worker.history_reads
-    _assert_each_step_once(log, 200)
-    started, done = counts(log)
+    _assert_each_step_once(marks_log, 200)
+    started, done = counts(marks_log)
     assert started["0"] == done["0"] == 1  # the step after the resume ran once
     history = await env.client.history(handle.run_id)
     claims = [e for _, e in history if isinstance(e, ev.RunClaimed)]
@@ -480,14 +480,12 @@ async def test_no_step_runs_and_nothing_is_written_before_a_claim_in_flight_land
 
 
 async def test_a_long_runs_suspension_says_it_has_a_snapshot_and_a_missing_one_costs_a_read(
-    env_factory: Any, settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    env_factory: Any, settings: Any, marks_log: Path
 ) -> None:
     # The RunSuspended of a long run says its worker writes a replay snapshot, so a resume takes
     # the run from its control events without asking the bucket; a short run's does not. When
     # the word is there but the snapshot is not (removed here; or not written yet), the worker
     # reads the log: slower, never another replay.
-    log = tmp_path / "marks.log"
-    monkeypatch.setenv("POLOS_TEST_LOG", str(log))
     env = await env_factory([], with_worker=False)
     async with Worker([long_run], settings=settings.worker, state_cache=0) as worker:
         short = await env.client.start(long_run, Long(steps=3))
@@ -506,7 +504,7 @@ async def test_a_long_runs_suspension_says_it_has_a_snapshot_and_a_missing_one_c
         assert worker.history_reads["full"] == 1 and worker.history_reads["snapshot"] == 0
         await env.client.resume(short.run_id, "approve", {"add": 1})
         assert await short.result(timeout=30) == _squares(3) + 1
-    started, done = counts(log)
+    started, done = counts(marks_log)
     for i in range(1, 201):
         assert started[str(i)] == done[str(i)] == (2 if i <= 3 else 1), f"step {i}"
 
