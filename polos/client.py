@@ -692,7 +692,6 @@ class PolosClient:
             body = {"data_ref": ref}
         return await send_command(
             self.nc,
-            self.js,
             resume_subject(self.names, run_id, key),
             body,
             msg_id=f"resume/{run_id}/{uuid.uuid4().hex}",
@@ -710,7 +709,6 @@ class PolosClient:
         body: CancelCommand = {"reason": reason} if reason is not None else {}
         return await send_command(
             self.nc,
-            self.js,
             self.names.cancel_subject(run_id),
             body,
             msg_id=f"cancel/{run_id}/{uuid.uuid4().hex}",
@@ -737,8 +735,14 @@ class PolosClient:
                 self.js, self.names, encoded
             )
             encoded = b""
-        ack = await self.js.publish(subject, encoded, headers=headers or None)
-        return int(ack.seq)
+        ack = await publish(
+            self.nc,
+            subject,
+            encoded,
+            headers=headers or None,
+            timeout=self.settings.request_timeout,
+        )
+        return ack.seq
 
     async def create_schedule(
         self,

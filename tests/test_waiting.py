@@ -25,6 +25,7 @@ from polos._private.store.tokens import (
     topic_from_subject,
     topic_tokens,
 )
+from polos._private.store.writes import requester
 from tests.helpers import until
 
 CALLS: dict[str, int] = {}
@@ -129,6 +130,55 @@ async def test_second_resume_while_suspended_is_rejected(env_factory: Any) -> No
     async with Worker([w_approval], settings=env.as_role("worker")):
         result = await handle.result(timeout=20)
     assert result["approved"] is True  # the early (first) resume was applied
+
+
+async def test_commands_share_one_inbox_and_each_gets_its_own_answer(env_factory: Any) -> None:
+    env = await env_factory([w_approval])
+    client = env.client
+    handles = [
+        await client.start(w_approval, {"id": f"s{i}", "amount": i}, run_id=f"share-{i}")
+        for i in range(12)
+    ]
+    for h in handles:
+        await until_status(env, h.run_id, "suspended")
+    await client.resume(handles[0].run_id, "approval", {"approved": True})  # the inbox exists
+    subs, made = len(client.nc._subs), client.nc._sid  # nats-py counts the SUBs it sent
+
+    async def one(i: int) -> Any:
+        run_id = handles[i].run_id
+        try:
+            if i == 0:
+                return await client.resume(run_id, "approval", {"approved": False})
+            if i < 6:
+                return await client.resume(run_id, "approval", {"approved": i % 2 == 0})
+            if i < 11:
+                return await client.cancel(run_id, f"no {i}")
+            return await client.resume("share-nobody", "approval", {"approved": True})
+        except CommandRejectedError as exc:
+            return exc
+
+    # Twelve commands at once, each answered for its own run, on no subscription of its own.
+    answers = await asyncio.gather(*(one(i) for i in range(12)))
+    assert (len(client.nc._subs), client.nc._sid) == (subs, made)
+    assert "already resumed" in str(answers[0])
+    for i in range(1, 6):
+        assert answers[i]["run_id"] == handles[i].run_id and answers[i]["status"] == "resumed"
+        assert (await handles[i].result(timeout=20))["approved"] is (i % 2 == 0)
+    for i in range(6, 11):
+        assert answers[i]["run_id"] == handles[i].run_id and answers[i]["status"] == "cancelled"
+    assert "no run 'share-nobody'" in str(answers[11])
+    assert (await handles[0].result(timeout=20))["approved"] is True
+
+    # No orchestrator: the command is stored, the wait ends with the reason, nothing is left.
+    await env.orchestrator.stop()
+    env.orchestrator = None
+    with pytest.raises(TimeoutError, match=r"no orchestrator answered within 0\.3s"):
+        await client.resume(handles[11].run_id, "approval", {"approved": True}, timeout=0.3)
+    made = client.nc._sid
+    with pytest.raises(TimeoutError, match=r"no orchestrator answered within 0\.3s"):
+        await client.cancel(handles[11].run_id, timeout=0.3)
+    assert requester(client.nc)._open == {}
+    assert client.nc._sid == made
 
 
 async def test_resume_errors_are_clear_and_dead_lettered(env_factory: Any) -> None:

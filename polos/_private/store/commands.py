@@ -12,22 +12,13 @@ On ``<p>.cmd.<verb>.…`` (stream ``<P>_CMD``), one JSON object each:
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Any, TypedDict
+import asyncio
+from typing import Any, TypedDict
 
-import nats.errors
-import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
-from polos._private.store import (
-    MSG_ID,
-    REPLY_HEADER,
-)
-
-if TYPE_CHECKING:
-    pass
+from polos._private.store.writes import MSG_ID, REPLY_HEADER, publish, requester
 
 
 class StartCommand(TypedDict, total=False):
@@ -73,7 +64,6 @@ CHILD_FIELDS = frozenset(ChildCommand.__annotations__)
 
 async def send_command(
     nc: NATS,
-    js: JetStreamContext,
     subject: str,
     body: ResumeCommand | CancelCommand,
     *,
@@ -89,10 +79,10 @@ async def send_command(
     """
     from polos.errors import CommandRejectedError
 
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, max_msgs=1)
-    try:
-        await js.publish(
+    async with requester(nc).answer() as (inbox, answered):
+        # The stored ack first (a command the stream refused raises here), then the answer.
+        await publish(
+            nc,
             subject,
             orjson.dumps(body),
             headers={
@@ -101,18 +91,16 @@ async def send_command(
                 "Polos-Client": "python",
                 **(headers or {}),
             },
+            timeout=timeout,
         )
         try:
-            msg = await sub.next_msg(timeout)
-        except nats.errors.TimeoutError as exc:
+            msg = await asyncio.wait_for(answered, timeout)
+        except TimeoutError as exc:
             raise TimeoutError(
                 f"no orchestrator answered within {timeout}s; the command is stored on "
                 f"{subject} and will be processed when one runs"
             ) from exc
-        answer: dict[str, Any] = orjson.loads(msg.data)
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+    answer: dict[str, Any] = orjson.loads(msg.data)
     if not answer.get("ok"):
         raise CommandRejectedError(str(answer.get("error")), answer)
     return answer

@@ -5,8 +5,9 @@ the retrying path for writes a retry cannot double (a message id or a fence drop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -108,13 +109,16 @@ class _Requester:
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
-    async def request(
-        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
-    ) -> Msg:
+    async def _subscribed(self) -> None:
         if self._sub is None:
             async with self._lock:
                 if self._sub is None:
                     self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_msg)
+
+    async def request(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> Msg:
+        await self._subscribed()
         self._next += 1
         token = str(self._next)
         loop = asyncio.get_running_loop()
@@ -128,11 +132,36 @@ class _Requester:
             timer.cancel()
             self._open.pop(token, None)
 
+    @contextlib.asynccontextmanager
+    async def answer(self) -> AsyncIterator[tuple[str, asyncio.Future[Msg]]]:
+        """An inbox subject for one answer someone else sends later (the orchestrator's to a
+        command, on its ``Polos-Reply``), and the future it resolves: on the same wildcard
+        subscription as the acks, so a command costs no subscription of its own (a SUB and
+        two UNSUBs each, and every one of them a change to the server's routing table)."""
+        await self._subscribed()
+        self._next += 1
+        token = str(self._next)
+        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._open[token] = fut
+        try:
+            yield self._prefix + token, fut
+        finally:
+            self._open.pop(token, None)
+
 
 @dataclass(frozen=True, slots=True)
 class Ack:
     seq: int
     duplicate: bool
+
+
+def requester(nc: NATS) -> _Requester:
+    """The connection's requester, made on first use."""
+    conn = connection(nc)
+    req = conn.requester
+    if req is None:
+        req = conn.requester = _Requester(nc)
+    return req
 
 
 async def publish(
@@ -144,11 +173,7 @@ async def publish(
     timeout: float = 5.0,
 ) -> Ack:
     """``js.publish`` with the same errors, at less CPU per call (see ``_Requester``)."""
-    conn = connection(nc)
-    req = conn.requester
-    if req is None:
-        req = conn.requester = _Requester(nc)
-    msg = await req.request(subject, payload, headers, timeout)
+    msg = await requester(nc).request(subject, payload, headers, timeout)
     if msg.headers and msg.headers.get("Status") == "503":
         raise nats.js.errors.NoStreamResponseError
     resp = orjson.loads(msg.data)
@@ -168,5 +193,6 @@ __all__ = [
     "AppendUnavailable",
     "is_transient",
     "publish",
+    "requester",
     "retry_transient",
 ]
