@@ -11,7 +11,10 @@ the index promises:
   worker shows as queued), or when its orchestrator stops;
 - a child whose request and claim died held with their orchestrator, and which ends before
   they come back, still wakes its parent: the next orchestrator folds its end into an entry
-  that does not say whose child it is yet.
+  that does not say whose child it is yet;
+- a wake the orchestrator dispatched itself (a resume) waits with the claim for the run's next
+  event (one write for the three); a wake it did not dispatch (a timer's, whose task its hook
+  puts out) is never held, so the window does not delay the run.
 """
 
 from __future__ import annotations
@@ -58,6 +61,18 @@ async def iw_parent(ctx: WorkflowContext, n: int) -> int:
     return await ctx.step.invoke_and_wait("kid", iw_child, n) + 1
 
 
+@workflow
+async def iw_approval(ctx: WorkflowContext, n: int) -> int:
+    got = await ctx.step.suspend("approve")
+    return n + int(got.data["add"])
+
+
+@workflow
+async def iw_nap(ctx: WorkflowContext, n: int) -> int:
+    await ctx.step.sleep("nap", 0.05)
+    return n + 1
+
+
 def _service_env(settings: Any) -> dict[str, str]:
     """The environment of an orchestrator process of the namespace, as the service role."""
     env = dict(os.environ)
@@ -95,6 +110,48 @@ async def test_a_fast_runs_index_entry_is_one_write(make_settings: Any) -> None:
         finally:
             await env.stop()
     assert entries[30.0] == entries[0.0]
+
+
+async def test_a_resumed_runs_wake_claim_and_end_are_one_write(make_settings: Any) -> None:
+    entries = {}
+    for window in (30.0, 0.0):
+        settings = await make_settings(index_window=window)
+        env = PolosEnvironment(settings, [iw_approval])
+        await env.start()
+        try:
+            index = env.orchestrator.index
+            handle = await env.client.start(iw_approval, 1)
+            await _until_listed(env.client, handle.run_id, "suspended")
+            before = index.writes
+            answer = await env.client.resume(handle.run_id, "approve", {"add": 2})
+            assert answer["status"] == "resumed"
+            assert await handle.result(timeout=20) == 3
+            await _until_listed(env.client, handle.run_id, "completed")
+            # The wake was this orchestrator's own: it waited with the claim for the end.
+            assert index.writes - before == (1 if window else 3), window
+            assert index._held == {}
+            entry = await index.read(handle.run_id)
+            assert entry is not None
+            entries[window] = {k: v for k, v in entry.items() if k not in _VOLATILE}
+        finally:
+            await env.stop()
+    assert entries[30.0] == entries[0.0]
+
+
+async def test_a_timers_wake_is_not_held(make_settings: Any) -> None:
+    # The scheduler's wake is dispatched by the orchestrator's hook, which runs only once the
+    # wake is in the index: held for the window, the run would sleep 30 s instead of 0.05.
+    settings = await make_settings(index_window=30.0)
+    env = PolosEnvironment(settings, [iw_nap])
+    await env.start()
+    try:
+        index = env.orchestrator.index
+        handle = await env.client.start(iw_nap, 1)
+        assert await handle.result(timeout=10) == 2
+        await _until_listed(env.client, handle.run_id, "completed")
+        assert index._held == {}
+    finally:
+        await env.stop()
 
 
 async def test_a_held_event_is_written_when_the_window_ends(make_settings: Any) -> None:

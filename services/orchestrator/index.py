@@ -2,12 +2,14 @@
 control event folded in by compare-and-set (``store.index.fold_index``), with the entries it
 wrote last cached (a read saved before every update).
 
-A run's ``RunRequested`` and ``RunClaimed`` are held for up to ``window`` seconds: when the
-run's next control event comes within it (the claim after the request; a fast run's end or
-suspension after its claim), one write folds them all. No feature acts on those two events,
-and whoever handles an event learns only once the write that holds it is stored (its handler
-then acks it), so nothing is acknowledged that the index does not have; a crash before the
-write redelivers the events. The index is at most ``window`` late for a run's start.
+A run's ``RunRequested`` and ``RunClaimed``, and a ``RunWoken`` whose task this process put
+out itself, are held for up to ``window`` seconds: when the run's next control event comes
+within it (the claim after the request or the wake; a fast run's end or suspension after its
+claim), one write folds them all. No feature acts on those events (a wake's one hook repeats
+its dispatch, which a wake dispatched here does not need), and whoever handles an event learns
+only once the write that holds it is stored (its handler then acks it), so nothing is
+acknowledged that the index does not have; a crash before the write redelivers the events. The
+index is at most ``window`` late for a run's start and for such a wake.
 
 The orchestrator's features read it through ``cached`` (what this process wrote last, no round
 trip) and ``read`` (the bucket's entry now); nothing else of it.
@@ -75,15 +77,16 @@ class RunIndex:
         value: IndexEntry = orjson.loads(entry.value or b"{}")
         return value
 
-    async def update(self, run_id: str, seq: int, event: ev.Event) -> None:
+    async def update(self, run_id: str, seq: int, event: ev.Event, *, hold: bool = False) -> None:
         """Fold one control event into the run's index entry, by compare-and-set; return once
-        the write that holds it is stored.
+        the write that holds it is stored. ``hold``: no feature acts on this one either (a
+        wake whose task this process put out itself), so it may wait with the others.
 
         Instances may see a run's events out of order; the entry remembers the last sequence it
         folded and ignores anything older.
         """
         held = self._held.get(run_id)
-        if self._window > 0 and type(event) in _HELD_KINDS:
+        if self._window > 0 and (hold or type(event) in _HELD_KINDS):
             if held is None:
                 held = self._held[run_id] = _Held()
                 held.timer = asyncio.get_running_loop().call_later(

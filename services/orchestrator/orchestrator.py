@@ -436,7 +436,12 @@ class Orchestrator:
         seq = msg.metadata.sequence.stream
         run_id = msg.subject.split(".")[2]
         try:
-            await self.index.update(run_id, seq, event)
+            # A wake this process dispatched (or is dispatching) needs no hook: its index write
+            # waits for the claim that follows, one write for both.
+            hold = type(event) is ev.RunWoken and (
+                run_id in self._waking or self.dispatched(run_id, seq)
+            )
+            await self.index.update(run_id, seq, event, hold=hold)
             for feature in self.features:
                 await feature.on_control(run_id, seq, event)
         except Exception:
