@@ -21,7 +21,12 @@ import pytest
 from polos import PolosClient, Worker
 from polos._private.ops import auth
 from polos._private.ops.cluster import free_ports
-from polos._private.ops.server import SYNC_CONFIG_FILE, default_config, with_sync
+from polos._private.ops.server import (
+    SYNC_CONFIG_FILE,
+    EmbeddedServer,
+    default_config,
+    with_sync,
+)
 from polos.testing import fast_settings
 from tests.helpers import ROOT
 from tests.workflows.marked import marked
@@ -45,10 +50,19 @@ def _monitored_config(tmp_path: Path) -> tuple[Path, int]:
     return conf, port
 
 
-def _varz_jetstream(port: int) -> dict[str, Any]:
+def _varz(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/varz", timeout=10) as r:
-        config: dict[str, Any] = json.load(r)["jetstream"]["config"]
-        return config
+        varz: dict[str, Any] = json.load(r)
+        return varz
+
+
+def _varz_jetstream(port: int) -> dict[str, Any]:
+    config: dict[str, Any] = _varz(port)["jetstream"]["config"]
+    return config
+
+
+def _half_the_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 async def _up(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
@@ -150,8 +164,28 @@ async def test_up_without_sync_keeps_the_shipped_interval(tmp_path: Path) -> Non
         js = _varz_jetstream(mport)
         assert not js.get("sync_always") and js["sync_interval"] == 10 * 10**9, js
         assert not (data / SYNC_CONFIG_FILE).exists()
+        # The embedded server leaves the other half of the cores to the services.
+        assert _varz(mport)["gomaxprocs"] == _half_the_cores()
     finally:
         _down(proc)
+
+
+def test_the_embedded_servers_go_threads_are_half_the_cores_unless_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf, mport = _monitored_config(tmp_path)
+    for given, expected in ((None, _half_the_cores()), ("3", 3)):
+        if given is None:
+            monkeypatch.delenv("GOMAXPROCS", raising=False)
+        else:
+            monkeypatch.setenv("GOMAXPROCS", given)
+        server = EmbeddedServer(tmp_path / f"data-{given}", port=0, config=conf)
+        server.start()
+        try:
+            varz = _varz(mport)
+            assert varz["gomaxprocs"] == expected, (given, varz["gomaxprocs"], varz["cores"])
+        finally:
+            server.stop()
 
 
 def _up_fails(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

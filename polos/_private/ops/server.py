@@ -130,6 +130,27 @@ def _die_with_parent() -> Callable[[], None] | None:
     return child
 
 
+def server_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The embedded server's environment: ours, with ``GOMAXPROCS`` half the cores this process
+    may run on (at least 1) unless it is set already.
+
+    Why: the embedded server shares its machine with the services and the workers, each a
+    single-threaded Python process. With a Go scheduler thread per core it spends CPU handing
+    work between threads and spinning for more (futex and nanosleep calls between messages)
+    on the cores those processes need; measured on 2 cores (BENCHMARKS.md, ninth round), one
+    thread cut nats-server's CPU per resumed run by a third and resumed a third more runs per
+    second. Set ``GOMAXPROCS`` in ``polos up``'s environment to choose otherwise.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if not env.get("GOMAXPROCS"):
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 2
+        env["GOMAXPROCS"] = str(max(1, cores // 2))
+    return env
+
+
 class EmbeddedServer:
     """A nats-server child process with JetStream on and its data under ``data_dir``.
 
@@ -190,6 +211,7 @@ class EmbeddedServer:
         # services before the server, instead of reaching the server first.
         self.proc = subprocess.Popen(
             args,
+            env=server_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
