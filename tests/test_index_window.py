@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from polos import WorkflowContext, workflow
 from polos._private.store import load_state
-from polos.client import PolosClient
+from polos.client import ExecutionHandle, PolosClient
 from polos.testing import PolosEnvironment
 from polos.worker import Worker
 from tests.helpers import kill, spawn, stop
@@ -89,20 +90,26 @@ async def _until_listed(client: PolosClient, run_id: str, status: str) -> None:
     raise AssertionError(f"the run index never showed run {run_id} {status}")
 
 
-async def test_a_fast_runs_index_entry_is_one_write(make_settings: Any) -> None:
+async def _one_write_with_the_window(
+    make_settings: Any,
+    wf: Any,
+    before: Callable[[PolosClient], Awaitable[ExecutionHandle[Any] | None]],
+    counted: Callable[[PolosClient, ExecutionHandle[Any] | None], Awaitable[ExecutionHandle[Any]]],
+) -> None:
+    """The index writes ``counted`` makes for one run: one with a 30 s window, three with the
+    window at 0, and the same entry either way (``before`` sets the run up, uncounted)."""
     entries = {}
     for window in (30.0, 0.0):
         settings = await make_settings(index_window=window)
-        env = PolosEnvironment(settings, [iw_quick])
+        env = PolosEnvironment(settings, [wf])
         await env.start()
         try:
             index = env.orchestrator.index
-            before = index.writes
-            handle = await env.client.start(iw_quick, 1)
-            assert await handle.result(timeout=20) == 2
+            ready = await before(env.client)
+            writes = index.writes
+            handle = await counted(env.client, ready)
             await _until_listed(env.client, handle.run_id, "completed")
-            # Far longer than the run: the request and the claim waited for its end.
-            assert index.writes - before == (1 if window else 3), window
+            assert index.writes - writes == (1 if window else 3), window
             assert index._held == {}
             entry = await index.read(handle.run_id)
             assert entry is not None
@@ -110,32 +117,38 @@ async def test_a_fast_runs_index_entry_is_one_write(make_settings: Any) -> None:
         finally:
             await env.stop()
     assert entries[30.0] == entries[0.0]
+
+
+async def test_a_fast_runs_index_entry_is_one_write(make_settings: Any) -> None:
+    async def nothing(client: PolosClient) -> None:
+        return None
+
+    async def run(client: PolosClient, _: ExecutionHandle[Any] | None) -> ExecutionHandle[Any]:
+        handle = await client.start(iw_quick, 1)
+        assert await handle.result(timeout=20) == 2
+        # Far longer than the run: the request and the claim waited for its end.
+        return handle
+
+    await _one_write_with_the_window(make_settings, iw_quick, nothing, run)
 
 
 async def test_a_resumed_runs_wake_claim_and_end_are_one_write(make_settings: Any) -> None:
-    entries = {}
-    for window in (30.0, 0.0):
-        settings = await make_settings(index_window=window)
-        env = PolosEnvironment(settings, [iw_approval])
-        await env.start()
-        try:
-            index = env.orchestrator.index
-            handle = await env.client.start(iw_approval, 1)
-            await _until_listed(env.client, handle.run_id, "suspended")
-            before = index.writes
-            answer = await env.client.resume(handle.run_id, "approve", {"add": 2})
-            assert answer["status"] == "resumed"
-            assert await handle.result(timeout=20) == 3
-            await _until_listed(env.client, handle.run_id, "completed")
-            # The wake was this orchestrator's own: it waited with the claim for the end.
-            assert index.writes - before == (1 if window else 3), window
-            assert index._held == {}
-            entry = await index.read(handle.run_id)
-            assert entry is not None
-            entries[window] = {k: v for k, v in entry.items() if k not in _VOLATILE}
-        finally:
-            await env.stop()
-    assert entries[30.0] == entries[0.0]
+    async def suspended(client: PolosClient) -> ExecutionHandle[Any]:
+        handle = await client.start(iw_approval, 1)
+        await _until_listed(client, handle.run_id, "suspended")
+        return handle
+
+    async def resume(
+        client: PolosClient, handle: ExecutionHandle[Any] | None
+    ) -> ExecutionHandle[Any]:
+        assert handle is not None
+        answer = await client.resume(handle.run_id, "approve", {"add": 2})
+        assert answer["status"] == "resumed"
+        # The wake was this orchestrator's own: it waited with the claim for the end.
+        assert await handle.result(timeout=20) == 3
+        return handle
+
+    await _one_write_with_the_window(make_settings, iw_approval, suspended, resume)
 
 
 async def test_a_timers_wake_is_not_held(make_settings: Any) -> None:
