@@ -40,7 +40,7 @@ from polos._private.limits import register_queues, run_holding_slots
 from polos._private.model.aio import cancel_and_wait
 from polos._private.ops.commands import local_url
 from polos._private.ops.instance import data_dir_from
-from polos._private.ops.runtime import load_workflows, log_to_file, run_until_signal
+from polos._private.ops.runtime import load_workflows, log_to_file, run_until_signal, tune_gc
 from polos._private.run.execution import RunExecution, error_info
 from polos._private.run.lifecycle import run_workflow
 from polos._private.run.signals import Suspend
@@ -653,6 +653,7 @@ async def serve_module(
     SIGINT: ``polos worker MODULE`` and ``python -m polos_services.worker MODULE``. Raises
     ``ConnectionFailedError`` when the server refuses the credentials. ``dev_llm``: agents
     talk to the Polos dev LLM started in this process (``polos.devllm``)."""
+    tune_gc(settings)  # this process is the worker's (an embedded Worker leaves it alone)
     devllm = await serve_this_process() if dev_llm else None
     worker = Worker(
         load_workflows(module),

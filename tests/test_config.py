@@ -19,6 +19,8 @@ def test_to_env_round_trips_every_setting(monkeypatch: pytest.MonkeyPatch) -> No
         service_ack_wait=2.5,
         slot_lease=6.0,
         index_window=0.2,
+        write_coalesce=0.002,
+        gc_threshold=1234,
         replicas=3,
     )
     for name, value in custom.to_env().items():

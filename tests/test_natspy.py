@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import time
@@ -153,12 +154,62 @@ async def test_a_connection_with_few_requests_in_flight_never_holds_them(setting
                 for _ in range(3):
                     assert (await writes.publish(nc, subject, b"{}", timeout=2.0)).seq > 0
                 continue
-            writes_made = _count_writes(nc)
-
-            append = functools.partial(writes.publish, nc, subject, b"{}", timeout=2.0)
-            acks = await asyncio.gather(*(_after_turns(i, append) for i in range(8)))
-            assert len({a.seq for a in acks}) == 8
-            counts[hold] = writes_made[0]
+            async with contextlib.AsyncExitStack() as waiting:
+                # Answers awaited (as commands wait for the orchestrator's): the connection is
+                # busy. Acks alone come back within a turn or two of the loop, too soon to
+                # keep four requests in flight here.
+                for _ in range(writes.BUSY_REQUESTS):
+                    await waiting.enter_async_context(writes.requester(nc).answer())
+                writes_made = _count_writes(nc)
+                append = functools.partial(writes.publish, nc, subject, b"{}", timeout=2.0)
+                acks = await asyncio.gather(*(_after_turns(i, append) for i in range(8)))
+                assert len({a.seq for a in acks}) == 8
+                counts[hold] = writes_made[0]
         finally:
             await nc.close()
     assert counts[0.05] < counts[0.0], counts
+
+
+# --------------------------------------------------------------------------- handing over
+
+
+async def test_a_handed_over_subscription_gets_every_message_in_the_read_loop_in_order(
+    plain_nats_server: Any,
+) -> None:
+    # Through the slot nats-py keeps for a one-reply request's future: each message reaches
+    # the function from nats-py's read loop, as it is parsed (no queue, no task of its own);
+    # nats-py keeps the subscription after the first message; a function that raises costs
+    # that one message, not the connection.
+    nc = await nats.connect(plain_nats_server.url)
+    try:
+        got: list[bytes] = []
+        tasks: set[Any] = set()
+
+        def on_msg(msg: Any) -> None:
+            tasks.add(asyncio.current_task())
+            if msg.data == b"bad":
+                raise ValueError("a handler that fails")
+            got.append(msg.data)
+
+        sub = await natspy.subscribe_handing_over(nc, "polos.test.handover", on_msg)
+        sent = [str(i).encode() for i in range(500)]
+        for i, data in enumerate(sent):
+            await nc.publish("polos.test.handover", data)
+            if i == 250:
+                await nc.publish("polos.test.handover", b"bad")
+        await nc.flush()
+        for _ in range(100):
+            if len(got) == len(sent):
+                break
+            await asyncio.sleep(0.01)
+        assert got == sent
+        assert tasks == {nc._reading_task}
+        assert nc.is_connected
+        assert sub._pending_queue.qsize() == 0  # nothing queued for a task
+        await sub.unsubscribe()
+        await nc.publish("polos.test.handover", b"after")
+        await nc.flush()
+        await asyncio.sleep(0.05)
+        assert got == sent
+    finally:
+        await nc.close()

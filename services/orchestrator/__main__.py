@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from polos._private.ops.runtime import run_main, run_until_signal, settings_from_args
+from polos._private.ops.runtime import run_main, run_until_signal, settings_from_args, tune_gc
 
 from .orchestrator import Orchestrator
 
@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_main(run_until_signal(Orchestrator(settings_from_args(args))))
+    settings = settings_from_args(args)
+    tune_gc(settings)
+    run_main(run_until_signal(Orchestrator(settings)))
 
 
 if __name__ == "__main__":

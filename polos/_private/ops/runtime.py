@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import os
 import signal
@@ -55,6 +56,16 @@ def _stop_event() -> asyncio.Event:
 
 async def wait_for_signal() -> None:
     await _stop_event().wait()
+
+
+def tune_gc(settings: Settings) -> None:
+    """The collector of a Polos service process (``Settings.gc_threshold``). Young collections
+    every ``gc_threshold`` allocations instead of 700, and older generations after 20 of the
+    one below instead of 10: a service allocates a future, a message and a task per request,
+    nearly all freed by reference counting, and each whole-heap collection walks every run
+    the orchestrator keeps in its index cache while every request of the process waits."""
+    if settings.gc_threshold > 0:
+        gc.set_threshold(settings.gc_threshold, 20, 20)
 
 
 async def run_until_signal(

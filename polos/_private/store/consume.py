@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 import nats.js.errors
@@ -16,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from polos._private.model.aio import cancel_and_wait
+from polos._private.store.natspy import subscribe_handing_over
 
 log = logging.getLogger("polos.consume")
 
@@ -115,51 +115,71 @@ class PullLoop:
         self._room.set()
 
     async def _run(self) -> None:
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        # Each message is handed to its handler's task from nats-py's read loop as it is parsed
+        # (``subscribe_handing_over``): a queue in between cost a task turn and a ``wait_for``
+        # per message, and it took one message per turn of the loop, which under load made
+        # commands wait longer for their handler than their handling took. One wait per pull.
+        pull = _Pull()
 
-        async def cb(msg: Msg) -> None:
-            queue.put_nowait(msg)
+        def on_msg(msg: Msg) -> None:
+            status = msg.headers.get("Status") if msg.headers else None
+            if status:
+                if status != "100":  # not an idle heartbeat: this pull is over
+                    # 404/408/409: no messages, expired, or the server's limits.
+                    pull.busy = status == "409"
+                    pull.over.set()
+                return
+            if pull.left > 0:
+                pull.left -= 1
+                if pull.left == 0:
+                    pull.over.set()
+            else:
+                # A message of a pull given up on (its answer came after its deadline): it is
+                # handled all the same, on room it takes from the next pull.
+                self._free -= 1
+            t = asyncio.create_task(self._handle(msg))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
 
         inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox, cb=cb)
+        sub = await subscribe_handing_over(self._nc, inbox, on_msg)
         try:
             while not self._stopping:
-                # Wait for room, then ask for exactly as many messages as there is room for.
-                while self._free <= 0:
+                if self._free <= 0:
                     self._room.clear()
                     await self._room.wait()
                 want, self._free = self._free, 0
+                pull.left, pull.busy = want, False
+                pull.over.clear()
                 req = {"batch": want, "expires": int(self._expires * 1e9)}
                 try:
                     await self._nc.publish(self._api, orjson.dumps(req), reply=inbox)
                 except Exception:
+                    pull.left = 0
                     self._release(want)
                     await asyncio.sleep(0.25)
                     continue
-                deadline = time.monotonic() + self._expires + 1.0
-                while want > 0:
-                    try:
-                        msg = await asyncio.wait_for(
-                            queue.get(), timeout=max(0.01, deadline - time.monotonic())
-                        )
-                    except TimeoutError:
-                        break  # the pull was lost (reconnect) or expired silently
-                    status = (msg.headers or {}).get("Status")
-                    if status:
-                        if status == "100":  # idle heartbeat
-                            continue
-                        # 404/408/409: this pull is over (no messages, expired, or limits).
-                        if status in ("409",):
-                            await asyncio.sleep(0.05)
-                        break
-                    want -= 1
-                    t = asyncio.create_task(self._handle(msg))
-                    self._tasks.add(t)
-                    t.add_done_callback(self._tasks.discard)
-                self._release(want)
+                with contextlib.suppress(TimeoutError):
+                    # No answer by then: the pull was lost (a reconnect) or expired silently.
+                    await asyncio.wait_for(pull.over.wait(), self._expires + 1.0)
+                left, pull.left = pull.left, 0
+                self._release(left)
+                if pull.busy:
+                    await asyncio.sleep(0.05)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+class _Pull:
+    """The pull request outstanding: how many messages it may still deliver, and its end."""
+
+    __slots__ = ("busy", "left", "over")
+
+    def __init__(self) -> None:
+        self.left = 0
+        self.busy = False
+        self.over = asyncio.Event()
 
 
 __all__ = ["Handler", "PullLoop", "ensure_consumer"]

@@ -11,18 +11,26 @@ changes what they rely on.
 - ``coalesce_writes(nc, seconds)``, ``busy_when(nc, busy)``: nats-py's flusher task (``Client._flusher``) is
   replaced by the same loop that, while ``busy()`` says so, waits ``seconds`` before it
   writes; installed only over the implementation it copies (the names its code uses).
+- ``subscribe_handing_over(nc, subject, on_msg)``: a subscription whose messages nats-py's read
+  loop hands to a plain function as it parses them, through the slot nats-py keeps for the
+  future of a one-reply request (``Subscription._future``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+
+log = logging.getLogger("polos.natspy")
 
 _HDR_WS = " \t\n\r\x0b\x0c"  # what bytes.strip() strips: the ASCII path must strip the same
 
@@ -177,6 +185,43 @@ def busy_when(nc: NATS, busy: Callable[[], bool]) -> None:
     setattr(nc, _BUSY, busy)
 
 
+class _Handover:
+    """Taken by nats-py for the future of a one-reply request (``subscribe(future=)``): it
+    calls ``set_result(msg)`` from its read loop for each message of the subscription, so each
+    is handed to ``on_msg`` there. A subscription with a callback instead puts each message on
+    a queue for a task of its own: a turn of the event loop, a queue put and get and a task
+    switch per message, on every publish ack, read result and delivery."""
+
+    __slots__ = ("_on_msg",)
+
+    def __init__(self, on_msg: Callable[[Msg], None]) -> None:
+        self._on_msg = on_msg
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, msg: Msg) -> None:
+        try:
+            self._on_msg(msg)
+        except Exception:
+            # Raised into nats-py's read loop it would close the connection: one bad message
+            # must not cost every request on it.
+            log.exception("handling a message on %s failed", msg.subject)
+
+
+async def subscribe_handing_over(
+    nc: NATS, subject: str, on_msg: Callable[[Msg], None]
+) -> Subscription:
+    """Subscribe ``subject`` with ``on_msg`` called for each message from nats-py's read loop,
+    as it is parsed. ``on_msg`` must be quick and must not block: it runs between the reads of
+    the connection (it resolves a future or starts a task). Unlimited messages (``max_msgs`` 0:
+    nats-py keeps the subscription), no pending queue and so no slow-consumer limit."""
+    return await nc.subscribe(subject, future=_Handover(on_msg))  # type: ignore[arg-type]
+
+
 def connection_of(js: JetStreamContext) -> NATS:
     """The NATS connection behind ``js``."""
     nc: NATS = js._nc
@@ -236,4 +281,5 @@ __all__ = [
     "nats_own_header_parser",
     "parse_header_lines",
     "sent",
+    "subscribe_handing_over",
 ]

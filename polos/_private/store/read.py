@@ -20,6 +20,7 @@ from polos import history as ev
 from polos._private.store import payloads
 from polos._private.store.names import RUN_KINDS, Names, kv_stream
 from polos._private.store.namespace import connection
+from polos._private.store.natspy import subscribe_handing_over
 
 log = logging.getLogger("polos.read")
 
@@ -59,7 +60,7 @@ class _DirectReader:
         self._lock = asyncio.Lock()
         self._next = 0
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
         batch = self._open.get(msg.subject[self._cut :])
         if batch is None:
             return  # the rest of a batch whose reader gave up (timeout)
@@ -84,7 +85,9 @@ class _DirectReader:
         if self._sub is None:
             async with self._lock:
                 if self._sub is None:
-                    self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_msg)
+                    self._sub = await subscribe_handing_over(
+                        self._nc, self._prefix + "*", self._on_msg
+                    )
         self._next += 1
         token = str(self._next)
         batch = _Batch()

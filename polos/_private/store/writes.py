@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from polos._private.store.namespace import connection
-from polos._private.store.natspy import busy_when
+from polos._private.store.natspy import busy_when, subscribe_handing_over
 
 _T = TypeVar("_T")
 
@@ -104,7 +104,7 @@ class _Requester:
         # carry more costs its requests that moment; one or two (a sequential run) never wait.
         return len(self._open) >= BUSY_REQUESTS
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
         fut = self._open.pop(msg.subject[self._cut :], None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
@@ -113,7 +113,11 @@ class _Requester:
         if self._sub is None:
             async with self._lock:
                 if self._sub is None:
-                    self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_msg)
+                    # Answers handed over from the read loop: no task turn between an ack
+                    # and the request waiting for it.
+                    self._sub = await subscribe_handing_over(
+                        self._nc, self._prefix + "*", self._on_msg
+                    )
 
     async def request(
         self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float

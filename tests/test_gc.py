@@ -1,0 +1,97 @@
+"""A Polos service process sets Python's collector from ``Settings.gc_threshold``: a busy
+orchestrator spent a sixth of its time collecting (whole-heap collections of 65 ms one and a
+half times a second). The ``polos worker`` process does the same; a process that embeds a
+Worker keeps its own collector, and 0 keeps Python's."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from polos import Settings, Worker
+from polos._private.ops.runtime import tune_gc
+from tests.helpers import ROOT, spawn, stop
+from tests.workflows.collector import gc_thresholds
+
+
+def test_tune_gc_sets_the_threshold_and_zero_keeps_pythons() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc(Settings(gc_threshold=0))
+        assert gc.get_threshold() == before
+        tune_gc(Settings(gc_threshold=1234))
+        assert gc.get_threshold() == (1234, 20, 20)
+    finally:
+        gc.set_threshold(*before)
+
+
+async def _thresholds_in_a_polos_worker(
+    subprocess_env: Any, tmp_path: Path, name: str, **env: str
+) -> list[int]:
+    worker = spawn(
+        ["-m", "polos", "worker", "tests.workflows.collector"],
+        {**subprocess_env.as_role("worker"), **env},
+        tmp_path / f"{name}.out",
+    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "polos",
+            "start",
+            "gc_thresholds",
+            "--wait",
+            "--timeout",
+            "30",
+            env=subprocess_env,
+            cwd=str(ROOT),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        result: list[int] = orjson.loads(out.decode().strip().splitlines()[-1])
+        return result
+    finally:
+        stop(worker)
+
+
+async def test_a_polos_worker_process_collects_with_the_setting(
+    env_factory: Any, subprocess_env: Any, tmp_path: Path
+) -> None:
+    # As a user runs it: `polos worker` as the worker role, `polos start` as the client's.
+    await env_factory([], with_worker=False)  # the orchestrator
+    assert await _thresholds_in_a_polos_worker(subprocess_env, tmp_path, "default") == [
+        Settings().gc_threshold,
+        20,
+        20,
+    ]
+    assert await _thresholds_in_a_polos_worker(
+        subprocess_env, tmp_path, "set", POLOS_GC_THRESHOLD="4321"
+    ) == [4321, 20, 20]
+    python_own = await _thresholds_in_a_polos_worker(
+        subprocess_env, tmp_path, "off", POLOS_GC_THRESHOLD="0"
+    )
+    assert python_own[0] == 700 and python_own[0] != Settings().gc_threshold
+
+
+async def test_an_embedded_worker_leaves_its_process_collector_alone(
+    settings: Any, env_factory: Any
+) -> None:
+    from polos.client import PolosClient
+
+    await env_factory([], with_worker=False)
+    before = gc.get_threshold()
+    async with Worker([gc_thresholds], settings=settings.worker):
+        client = await PolosClient.connect(settings=settings)
+        try:
+            handle = await client.start(gc_thresholds)
+            assert await handle.result(timeout=20) == list(before)
+        finally:
+            await client.close()
+    assert gc.get_threshold() == before
