@@ -145,7 +145,9 @@ class PullLoop:
         sub = await subscribe_handing_over(self._nc, inbox, on_msg)
         try:
             while not self._stopping:
-                if self._free <= 0:
+                # Room for at least one: late messages of an abandoned pull may have taken the
+                # count below zero, and one release need not bring it back above.
+                while self._free <= 0:
                     self._room.clear()
                     await self._room.wait()
                 want, self._free = self._free, 0
