@@ -90,10 +90,10 @@ class Settings:
     )
     # The first threshold of Python's cyclic garbage collector in a Polos service process
     # (orchestrator, scheduler, ``polos worker``): container objects allocated between two
-    # young collections. Python's 700 made a busy orchestrator collect its young objects 190
+    # young collections. Python's 700 made a busy orchestrator collect its young objects 185
     # times a second and its whole heap (the run index cache) one and a half times a second,
-    # 65 ms each with nothing else running. 0: Python's own thresholds. A process that embeds a Worker
-    # keeps its own collector.
+    # 65 ms each with nothing else running. 0: Python's own thresholds. A process that embeds
+    # a Worker keeps its own collector.
     gc_threshold: int = field(
         default_factory=lambda: int(os.environ.get("POLOS_GC_THRESHOLD", "50000"))
     )

@@ -5,9 +5,7 @@ Worker keeps its own collector, and 0 keeps Python's."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,8 @@ import orjson
 
 from polos import Settings, Worker
 from polos._private.ops.runtime import tune_gc
-from tests.helpers import ROOT, spawn, stop
+from tests.helpers import spawn, stop
+from tests.test_cli import apolos
 from tests.workflows.collector import gc_thresholds
 
 
@@ -39,23 +38,11 @@ async def _thresholds_in_a_polos_worker(
         tmp_path / f"{name}.out",
     )
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "polos",
-            "start",
-            "gc_thresholds",
-            "--wait",
-            "--timeout",
-            "30",
-            env=subprocess_env,
-            cwd=str(ROOT),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        done = await apolos(
+            "start", "gc_thresholds", "--wait", "--timeout", "30", env=subprocess_env
         )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, err.decode()
-        result: list[int] = orjson.loads(out.decode().strip().splitlines()[-1])
+        assert done.returncode == 0, done.stderr
+        result: list[int] = orjson.loads(done.stdout.strip().splitlines()[-1])
         return result
     finally:
         stop(worker)

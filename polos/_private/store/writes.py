@@ -119,16 +119,20 @@ class _Requester:
                         self._nc, self._prefix + "*", self._on_msg
                     )
 
+    def _expect(self) -> tuple[str, asyncio.Future[Msg]]:
+        """A new token of the inbox and the future its one answer resolves (once subscribed)."""
+        self._next += 1
+        token = str(self._next)
+        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._open[token] = fut
+        return token, fut
+
     async def request(
         self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
     ) -> Msg:
         await self._subscribed()
-        self._next += 1
-        token = str(self._next)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Msg] = loop.create_future()
-        self._open[token] = fut
-        timer = loop.call_later(timeout, _expire, fut)
+        token, fut = self._expect()
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
         try:
             await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             return await fut
@@ -143,10 +147,7 @@ class _Requester:
         subscription as the acks, so a command costs no subscription of its own (a SUB and
         two UNSUBs each, and every one of them a change to the server's routing table)."""
         await self._subscribed()
-        self._next += 1
-        token = str(self._next)
-        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        self._open[token] = fut
+        token, fut = self._expect()
         try:
             yield self._prefix + token, fut
         finally:
