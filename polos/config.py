@@ -16,7 +16,22 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
-    return float(raw) if raw else default
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, not {raw!r}") from None
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,7 @@ class Settings:
     # A concurrency slot's lease: a worker that dies holding one gives it back this long after
     # its last renewal (renewed every third of it while the run executes).
     slot_lease: float = field(default_factory=lambda: _env_float("POLOS_SLOT_LEASE", 30.0))
-    replicas: int = field(default_factory=lambda: int(os.environ.get("POLOS_REPLICAS", "1")))
+    replicas: int = field(default_factory=lambda: _env_int("POLOS_REPLICAS", 1))
     # The span follower's back-off while its exporter (an OTLP collector) refuses spans: the
     # first retry after this long, doubling up to the max.
     telemetry_retry_initial: float = field(
@@ -74,9 +89,7 @@ class Settings:
     # Replay snapshots (a cache of a run's folded state, docs/architecture.md): a worker writes
     # one, in the background, each time a run it executes has this many events more than its
     # last snapshot covers, and when such a run suspends. 0: no snapshots.
-    snapshot_events: int = field(
-        default_factory=lambda: int(os.environ.get("POLOS_SNAPSHOT_EVENTS", "1000"))
-    )
+    snapshot_events: int = field(default_factory=lambda: _env_int("POLOS_SNAPSHOT_EVENTS", 1000))
     # How long the orchestrator holds a run's RunRequested or RunClaimed for its next control
     # event, to write the run index once for both (the index is a projection: it is this much
     # late at most; 0 writes every event at once). Last: positional arguments keep their places.
@@ -94,14 +107,17 @@ class Settings:
     # times a second and its whole heap (the run index cache) one and a half times a second,
     # 65 ms each with nothing else running. 0: Python's own thresholds. A process that embeds
     # a Worker keeps its own collector.
-    gc_threshold: int = field(
-        default_factory=lambda: int(os.environ.get("POLOS_GC_THRESHOLD", "50000"))
-    )
+    gc_threshold: int = field(default_factory=lambda: _env_int("POLOS_GC_THRESHOLD", 50_000))
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
             raise ValueError(
                 f"prefix {self.prefix!r} must be 1-32 characters of letters, digits, '_' or '-'"
+            )
+        if self.gc_threshold < 0:
+            raise ValueError(
+                f"gc_threshold (POLOS_GC_THRESHOLD) must be 0 (Python's own) or more, "
+                f"not {self.gc_threshold}"
             )
 
     def to_env(self) -> dict[str, str]:

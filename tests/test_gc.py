@@ -6,14 +6,17 @@ Worker keeps its own collector, and 0 keeps Python's."""
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from polos import Settings, Worker
 from polos._private.ops.runtime import tune_gc
-from tests.helpers import spawn, stop
+from tests.helpers import ROOT, spawn, stop
 from tests.test_cli import apolos
 from tests.workflows.collector import gc_thresholds
 
@@ -82,3 +85,30 @@ async def test_an_embedded_worker_leaves_its_process_collector_alone(
         finally:
             await client.close()
     assert gc.get_threshold() == before
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("abc", "POLOS_GC_THRESHOLD must be a whole number, not 'abc'"),
+        ("-3", "gc_threshold (POLOS_GC_THRESHOLD) must be 0 (Python's own) or more, not -3"),
+    ],
+)
+def test_a_wrong_threshold_stops_each_service_process_with_one_line(
+    subprocess_env: Any, value: str, says: str
+) -> None:
+    for role, args in (
+        ("service", ["-m", "polos_services.orchestrator"]),
+        ("service", ["-m", "polos_services.scheduler"]),
+        ("worker", ["-m", "polos", "worker", "tests.workflows.collector"]),
+    ):
+        done = subprocess.run(
+            [sys.executable, *args],
+            env={**subprocess_env.as_role(role), "POLOS_GC_THRESHOLD": value},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(ROOT),
+        )
+        assert done.returncode != 0, args
+        assert done.stderr.strip().splitlines() == [f"error: {says}"], (args, done.stderr)

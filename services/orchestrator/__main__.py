@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from polos._private.ops.runtime import run_main, run_until_signal, settings_from_args, tune_gc
+from polos._private.ops.runtime import service_main
 
 from .orchestrator import Orchestrator
 
@@ -16,9 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = settings_from_args(args)
-    tune_gc(settings)
-    run_main(run_until_signal(Orchestrator(settings)))
+    service_main(args, Orchestrator)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,19 @@ def tune_gc(settings: Settings) -> None:
         gc.set_threshold(settings.gc_threshold, 20, 20)
 
 
+def service_main(args: argparse.Namespace, make: Callable[[Settings], Service]) -> None:
+    """A service's ``__main__`` (orchestrator, scheduler): its settings from the environment
+    and ``args``, its collector (``tune_gc``), then ``make(settings)`` until a signal. A setting
+    that is wrong ends the process with one line and exit code 2, before anything starts."""
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    tune_gc(settings)
+    run_main(run_until_signal(make(settings)))
+
+
 async def run_until_signal(
     *services: Service, on_started: Callable[[], None] | None = None
 ) -> None:
