@@ -102,11 +102,11 @@ class Settings:
         default_factory=lambda: _env_float("POLOS_WRITE_COALESCE", 0.0005)
     )
     # The first threshold of Python's cyclic garbage collector in a Polos service process
-    # (orchestrator, scheduler, ``polos worker``): container objects allocated between two
-    # young collections. Python's 700 made a busy orchestrator collect its young objects 185
-    # times a second and its whole heap (the run index cache) one and a half times a second,
-    # 65 ms each with nothing else running. 0: Python's own thresholds. A process that embeds
-    # a Worker keeps its own collector.
+    # (``polos up``, the orchestrator, the scheduler, ``polos worker``): container objects
+    # allocated between two young collections. Python's 700 made a busy orchestrator collect
+    # its young objects 185 times a second and its whole heap (the run index cache) one and a
+    # half times a second, 65 ms each with nothing else running. 0: Python's own thresholds. A
+    # process that embeds a Worker keeps its own collector.
     gc_threshold: int = field(default_factory=lambda: _env_int("POLOS_GC_THRESHOLD", 50_000))
 
     def __post_init__(self) -> None:

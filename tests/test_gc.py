@@ -6,6 +6,7 @@ Worker keeps its own collector, and 0 keeps Python's."""
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from polos import Settings, Worker
 from polos._private.ops.runtime import tune_gc
 from tests.helpers import ROOT, spawn, stop
 from tests.test_cli import apolos
+from tests.test_durability import _down, _env, _up
 from tests.workflows.collector import gc_thresholds
 
 
@@ -68,6 +70,34 @@ async def test_a_polos_worker_process_collects_with_the_setting(
         subprocess_env, tmp_path, "off", POLOS_GC_THRESHOLD="0"
     )
     assert python_own[0] == 700 and python_own[0] != Settings().gc_threshold
+
+
+async def test_polos_up_collects_with_the_setting(tmp_path: Path) -> None:
+    # `polos up` runs the orchestrator and the scheduler in its own process. What that process's
+    # collector was set to is written when it exits, by a sitecustomize only this test puts on
+    # its path.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, gc, json, os\n"
+        "def _said():\n"
+        "    with open(os.environ['POLOS_TEST_GC_OUT'], 'w') as f:\n"
+        "        json.dump(gc.get_threshold(), f)\n"
+        "atexit.register(_said)\n"
+    )
+    for name, value, expected in (("default", None, [50_000, 20, 20]), ("off", "0", [700, 10, 10])):
+        out = tmp_path / f"{name}.json"
+        env = {**_env(), "POLOS_TEST_GC_OUT": str(out)}
+        env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
+        if value is not None:
+            env["POLOS_GC_THRESHOLD"] = value
+        else:
+            env.pop("POLOS_GC_THRESHOLD", None)
+        args = ["--no-auth", "--data-dir", str(tmp_path / name), "--port", "0"]
+        proc, _ = await _up([*args, "--no-ui", "--no-export"], env)
+        _down(proc)
+        assert proc.returncode == 0
+        assert orjson.loads(out.read_bytes()) == expected, name
 
 
 async def test_an_embedded_worker_leaves_its_process_collector_alone(

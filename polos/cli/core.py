@@ -34,6 +34,7 @@ from polos._private.ops.instance import (
 )
 from polos._private.ops.runtime import (
     run_until_signal,
+    tune_gc,
 )
 from polos._private.store import read_history, read_run, read_subject
 from polos.client import PolosClient, RunInfo
@@ -161,6 +162,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
             service_url = auth.url_for(creds, f"{settings_for(args).prefix}-service", url)
             print(f"auth on: credentials in {ddir.resolve() / auth.CREDENTIALS_FILE}", flush=True)
     settings = settings_for(args).with_(nats_url=service_url or url)
+    tune_gc(settings)  # this process runs the orchestrator and the scheduler
     # The UI acts as the client role, never as the service role (docs/ui.md).
     client_url = auth.url_for(creds, f"{settings.prefix}-client", url) if service_url else url
     extras = [
