@@ -1028,13 +1028,17 @@ class Bench:
         done: set[str] = set()
         all_done = asyncio.Event()
 
+        ids = [f"tp{i}-{uuid.uuid4().hex[:8]}" for i in range(n)]
+        wanted = set(ids)
+
         async def on_ctl(msg: Any) -> None:
             if b'"RunCompleted"' in msg.data or b'"RunFailed"' in msg.data:
-                done.add(msg.subject.split(".")[2])
-                if len(done) >= n:
-                    all_done.set()
+                run_id = msg.subject.split(".")[2]
+                if run_id in wanted:  # only this round's runs (not an earlier round's end)
+                    done.add(run_id)
+                    if len(done) >= n:
+                        all_done.set()
 
-        ids = [f"tp{i}-{uuid.uuid4().hex[:8]}" for i in range(n)]
         sub = await client.nc.subscribe(f"{s.prefix}.run.*.ctl", cb=on_ctl)
         sem = asyncio.Semaphore(64)
 
