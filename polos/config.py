@@ -8,30 +8,33 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
-def _env_float(name: str, default: float) -> float:
+_N = TypeVar("_N", int, float)
+
+
+def _env_number(name: str, default: _N, parse: Callable[[str], _N], what: str) -> _N:
     raw = os.environ.get(name)
     if not raw:
         return default
     try:
-        return float(raw)
+        return parse(raw)
     except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
+        raise ValueError(f"{name} must be {what}, not {raw!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    return _env_number(name, default, float, "a number of seconds")
 
 
 def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number, not {raw!r}") from None
+    return _env_number(name, default, int, "a whole number")
 
 
 @dataclass(frozen=True)
