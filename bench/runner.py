@@ -999,10 +999,18 @@ class Bench:
             await (await client.start(w.bench_steps, w.Steps(steps=2))).result(timeout=30)
             for n in self.sizes.throughput_runs:
                 rates: list[float] = []
+                spent: dict[str, float] = {}
                 for _ in range(self.sizes.throughput_rounds):
-                    took, _started = await self._throughput_round(client, s, n, steps)
+                    # CPU from the first start to the last end only: the reads that check the
+                    # runs afterwards are the benchmark's, not the runs'.
+                    took, _started, used = await self._throughput_round(
+                        client, s, n, steps, lambda: self._cpu(procs)
+                    )
                     rates.append(n / took)
+                    for name, secs in used.items():
+                        spent[name] = spent.get(name, 0.0) + secs
                 rate = statistics.median(rates)
+                cpu = self._cpu_note({k: 0.0 for k in spent}, spent, n * len(rates))
                 self.report.add(
                     Figure(
                         f"{steps}-step workflows/s, {n:,} started at once, {workers} worker process"
@@ -1011,7 +1019,7 @@ class Bench:
                         "wf/s",
                         kind="rate",
                         note=f"median of {len(rates)} rounds ({', '.join(f'{r:.0f}' for r in rates)}); "
-                        f"{rate * (steps + 3):,.0f} appends/s",
+                        f"{rate * (steps + 3):,.0f} appends/s; {cpu}",
                     )
                 )
         finally:
@@ -1020,9 +1028,14 @@ class Bench:
 
     @staticmethod
     async def _throughput_round(
-        client: PolosClient, s: Settings, n: int, steps: int
-    ) -> tuple[float, float]:
-        """Start n runs at once; seconds until the last completed, and until all were sent."""
+        client: PolosClient,
+        s: Settings,
+        n: int,
+        steps: int,
+        cpu: Callable[[], dict[str, float]],
+    ) -> tuple[float, float, dict[str, float]]:
+        """Start n runs at once; seconds until the last completed, and until all were sent,
+        and the CPU seconds each process used meanwhile."""
         from . import workflows as w
 
         done: set[str] = set()
@@ -1047,11 +1060,13 @@ class Bench:
                 await client.start(w.bench_steps, w.Steps(steps=steps), run_id=run_id)
 
         try:
+            cpu0 = cpu()
             t0 = time.perf_counter()
             await asyncio.gather(*(start(i) for i in ids))
             t_started = time.perf_counter() - t0
             await asyncio.wait_for(all_done.wait(), timeout=max(60.0, n * 0.5))
             took = time.perf_counter() - t0
+            cpu1 = cpu()
         finally:
             await sub.unsubscribe()
         # Each run was seen ending. On an R3 cluster a follower answers direct gets too and may
@@ -1066,7 +1081,7 @@ class Bench:
             await asyncio.sleep(0.1)
         if pending:
             raise RuntimeError(f"throughput runs did not complete: {pending[:3]}")
-        return took, t_started
+        return took, t_started, {k: cpu1[k] - cpu0[k] for k in cpu0 if k in cpu1}
 
     async def fig_failover(self) -> None:
         """SIGKILL the worker in the middle of a step; a standby worker continues the run."""
@@ -1499,6 +1514,7 @@ class Bench:
             name: procs.procs[key].pid
             for name, key in (
                 ("worker", "w1"),
+                ("worker 2", "w2"),
                 ("orchestrator", "orchestrator"),
                 ("scheduler", "scheduler"),
             )
@@ -1525,10 +1541,11 @@ class Bench:
         """CPU ms per run over a phase, by process."""
         parts = [
             f"{name} {(after[name] - before[name]) * 1000 / n:.2f}"
-            for name in ("orchestrator", "worker", "nats-server", "scheduler", "client")
+            for name in ("orchestrator", "worker", "worker 2", "nats-server", "scheduler", "client")
             if name in before and name in after
         ]
-        return "CPU ms per run: " + ", ".join(parts)
+        total = sum(after[k] - before[k] for k in before if k in after) * 1000 / n
+        return f"CPU ms per run: {total:.2f} = " + ", ".join(parts)
 
     def _rss(self, procs: Processes) -> dict[str, float]:
         """Resident memory (MB) of the services, from /proc (Linux)."""

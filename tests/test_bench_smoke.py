@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,11 @@ def test_bench_quick_runs_every_figure(tmp_path: Path) -> None:
     for f in report["figures"]:
         assert f["value"] is not None and math.isfinite(f["value"]) and f["value"] > 0, f
     assert report["publish_p50_ms"] > 0
+    # Throughput says what a run cost each process while the runs ran.
+    rate = next(f for f in report["figures"] if "workflows/s" in f["name"])
+    assert re.search(
+        r"CPU ms per run: [0-9.]+ = orchestrator [0-9.]+, worker [0-9.]+", rate["note"]
+    )
     # Figures that depend on features still being built are listed, never silently missing.
     from polos.workflow import Step
 
@@ -88,7 +94,7 @@ def test_suspended_runs_with_copies(tmp_path: Path) -> None:
     by_name = {f["name"]: f for f in report["figures"]}
     started = by_name["40 runs started and suspended"]
     assert "260 copies of a suspended run waiting already" in started["note"]
-    assert "CPU ms per run: orchestrator" in started["note"]
+    assert re.search(r"CPU ms per run: [0-9.]+ = orchestrator", started["note"]), started["note"]
     assert "memory with 300 suspended runs: nats-server RSS" in by_name
     assert "resume -> next step runs p50 with 300 suspended runs waiting" in by_name
     resumed = by_name["time to resume 40 of the 300 suspended runs"]

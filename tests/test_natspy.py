@@ -213,3 +213,77 @@ async def test_a_handed_over_subscription_gets_every_message_in_the_read_loop_in
         assert got == sent
     finally:
         await nc.close()
+
+
+# --------------------------------------------------------------------------- fast publish
+
+
+@pytest.mark.skipif(os.environ.get("POLOS_FAST_PUBLISH") == "0", reason="turned off")
+def test_the_fast_publish_replaces_nats_pys_own_and_buffers_its_bytes() -> None:
+    # nats-py's publish still checks exactly what ours repeats, and its _send_publish still
+    # buffers the same bytes for every sample (else nats-py's stays: slower, and this says so).
+    assert natspy.FAST_PUBLISH, "nats-py's Client.publish or _send_publish changed"
+    assert natspy.NATS_PUBLISH is not None
+    assert frozenset(natspy.NATS_PUBLISH.__code__.co_names) == natspy.PUBLISH_NAMES
+    assert Client.publish is natspy._publish
+    for sample in natspy.PUBLISH_SAMPLES:
+        assert natspy.publish_command(*sample) == natspy._nats_py_command(*sample), sample
+
+
+@pytest.mark.skipif(os.environ.get("POLOS_FAST_PUBLISH") == "0", reason="turned off")
+async def test_a_fast_publish_arrives_as_nats_py_would_send_it_and_refuses_what_it_refuses(
+    plain_nats_server: Any,
+) -> None:
+    nc = await nats.connect(plain_nats_server.url)
+    try:
+        got: list[Any] = []
+        arrived = asyncio.Event()
+
+        async def on_msg(msg: Any) -> None:
+            got.append(msg)
+            if len(got) == 3:
+                arrived.set()
+
+        await nc.subscribe("polos.test.fast.>", cb=on_msg)
+        await nc.flush()
+        headers = {
+            writes.EXPECTED_LAST_SUBJECT_SEQ: "12",
+            writes.MSG_ID: "r1/s/step-3",
+            " Padded ": "  v  ",
+            "Lines": "a\r\nb",
+            "Uni": "\u00e9",
+        }
+        # No flush: the publish itself wakes the flusher, as nats-py's does.
+        await nc.publish("polos.test.fast.a", b"\x00one", headers=headers)
+        await nc.publish("polos.test.fast.b", b"two", reply="polos.test.reply.1")
+        await nc.publish("polos.test.fast.c")
+        await asyncio.wait_for(arrived.wait(), 5)
+        first, second, third = got
+        assert first.data == b"\x00one"
+        assert first.headers == {
+            writes.EXPECTED_LAST_SUBJECT_SEQ: "12",
+            writes.MSG_ID: "r1/s/step-3",
+            "Padded": "v",
+            "Lines": "a  b",
+            "Uni": "\u00e9",
+        }
+        assert (second.data, second.reply, second.headers) == (b"two", "polos.test.reply.1", None)
+        assert (third.subject, third.data) == ("polos.test.fast.c", b"")
+        assert nc.stats["out_msgs"] >= 3
+        # What nats-py refuses, refused the same way, and nothing of it buffered.
+        pending = nc._pending_data_size
+        for bad in ("polos.test fast", "polos.test.\r\nPUB x 1", ""):
+            with pytest.raises(nats.errors.BadSubjectError):
+                await nc.publish(bad, b"x")
+        with pytest.raises(nats.errors.BadSubjectError):
+            await nc.publish("polos.test.fast.d", b"x", reply="bad reply")
+        with pytest.raises(nats.errors.BadHeaderError):
+            await nc.publish("polos.test.fast.d", b"x", headers={"Bad Name": "v"})
+        with pytest.raises(nats.errors.MaxPayloadError):
+            await nc.publish("polos.test.fast.d", b"x" * (nc.max_payload + 1))
+        assert nc._pending_data_size == pending
+        await nc.drain()
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await nc.publish("polos.test.fast.e", b"x")
+    finally:
+        await nc.close()

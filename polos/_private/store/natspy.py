@@ -14,6 +14,10 @@ changes what they rely on.
 - ``subscribe_handing_over(nc, subject, on_msg)``: a subscription whose messages nats-py's read
   loop hands to a plain function as it parses them, through the slot nats-py keeps for the
   future of a one-reply request (``Subscription._future``).
+- ``Client.publish`` is replaced by one that writes the same bytes (``publish_command``, checked
+  against nats-py's own ``_send_publish`` on samples first) for a connected client, and leaves
+  every other case (closed, draining, reconnecting, a full buffer, a payload over the limit) to
+  nats-py's own.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import nats.aio.client
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -222,6 +228,200 @@ async def subscribe_handing_over(
     return await nc.subscribe(subject, future=_Handover(on_msg))  # type: ignore[arg-type]
 
 
+# nats-py's rule for a header name, and what it does to a value's line breaks.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+_NAMES: dict[str, bytes] = {}  # a checked header name -> its encoded "Name: "; few distinct names
+_NAMES_MAX = 512
+
+
+def _header_name(key: str) -> bytes | None:
+    known = _NAMES.get(key)
+    if known is not None:
+        return known
+    name = key.strip()
+    if not name:
+        return None  # nats-py skips an empty name
+    if not _HEADER_NAME.fullmatch(name):
+        from nats import errors
+
+        raise errors.BadHeaderError(name)
+    encoded = name.encode() + b": "
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[key] = encoded
+    return encoded
+
+
+def publish_command(
+    subject: str, reply: str, payload: bytes, headers: dict[str, str] | None
+) -> bytes:
+    """The PUB or HPUB command nats-py 2.16's ``_send_publish`` buffers for a message, built
+    without its per-call work on the header block: each name is checked once per process (a
+    regular expression per header per publish), the block is joined once.
+
+    Measured on a connected client, a fenced append's three headers: 8.4 µs per publish in
+    nats-py's path against 1.9-2.5 µs here; a worker publishes about 12 per 10-step run."""
+    if headers is None:
+        return b"".join((f"PUB {subject} {reply} {len(payload)}\r\n".encode(), payload, b"\r\n"))
+    parts = [b"NATS/1.0\r\n"]
+    for key, value in headers.items():
+        name = _header_name(key)
+        if name is None:
+            continue
+        value = value.strip()
+        if "\r" in value or "\n" in value:
+            value = value.translate(_VALUE_NEWLINES)
+        parts.append(name + value.encode() + b"\r\n")
+    parts.append(b"\r\n")
+    hdr = b"".join(parts)
+    size = len(hdr)
+    return b"".join(
+        (f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode(), hdr, payload, b"\r\n")
+    )
+
+
+# What nats-py 2.16's ``Client.publish`` refers to: ``_publish`` repeats its checks, and leaves
+# anything but a connected client with room in its buffer to it.
+PUBLISH_NAMES = frozenset(
+    {
+        "ConnectionClosedError",
+        "ConnectionDrainingError",
+        "MaxPayloadError",
+        "OutboundBufferLimitError",
+        "_max_payload",
+        "_max_pending_size",
+        "_pending_data_size",
+        "_send_publish",
+        "_skip_subject_validation",
+        "_validate_subject",
+        "errors",
+        "is_closed",
+        "is_connected",
+        "is_draining_pubs",
+        "len",
+    }
+)
+# Messages the built command is compared on with nats-py's before it is used.
+PUBLISH_SAMPLES: tuple[tuple[str, str, bytes, dict[str, str] | None], ...] = (
+    ("a.b", "", b"", None),
+    ("polos.x.run.r1.ctl", "_INBOX.abc.7", b'{"k":1}', None),
+    (
+        "polos.x.run.r1.step",
+        "_INBOX.abc.8",
+        b"\x00\xffdata",
+        {
+            "Nats-Expected-Last-Subject-Sequence": "12",
+            "Nats-Expected-Last-Subject-Sequence-Subject": "polos.x.run.r1.>",
+            "Nats-Msg-Id": "r1/s/step-3",
+        },
+    ),
+    ("s", "r", b"x", {" Padded ": "  v  ", "": "skipped", "Lines": "a\r\nb\nc", "Uni": "\u00e9"}),
+)
+
+NATS_PUBLISH: Callable[..., Any] | None = None  # nats-py's own, once replaced
+
+
+async def _publish(
+    self: NATS,
+    subject: str,
+    payload: bytes = b"",
+    reply: str = "",
+    headers: dict[str, str] | None = None,
+) -> None:
+    """``Client.publish`` for a connected client: the same checks and bytes as nats-py's, the
+    command built by ``publish_command`` and the flusher woken without a coroutine of its own.
+    Every publish of the process goes through here: appends and their acks, deliveries' acks,
+    pull requests, reads, command answers."""
+    flusher = self._flusher_task
+    queue = self._flush_queue
+    if (
+        self._status != _CONNECTED  # closed, draining or reconnecting: nats-py's rules
+        or queue is None
+        or flusher is None
+        or flusher.done()
+        or len(payload) > self._max_payload
+    ):
+        assert NATS_PUBLISH is not None
+        await NATS_PUBLISH(self, subject, payload, reply, headers)
+        return
+    if not self._skip_subject_validation:
+        _validate_subject(subject)
+        if reply:
+            _validate_subject(reply)
+    if not subject:
+        from nats import errors
+
+        raise errors.BadSubjectError
+    cmd = publish_command(subject, reply, payload, headers)
+    if self._max_pending_size > 0 and self._pending_data_size + len(cmd) > self._max_pending_size:
+        assert NATS_PUBLISH is not None
+        await NATS_PUBLISH(self, subject, payload, reply, headers)  # it flushes a full buffer
+        return
+    self._pending.append(cmd)
+    self._pending_data_size += len(cmd)
+    self.stats["out_msgs"] += 1
+    self.stats["out_bytes"] += len(payload)
+    if queue.empty():
+        # nats-py's ``_flush_pending``: a future on the flusher's queue wakes it
+        queue.put_nowait(asyncio.get_running_loop().create_future())
+
+
+def _no_validation(subject: str) -> None:
+    raise RuntimeError("nats-py has no _validate_subject: the fast publish is not installed")
+
+
+# nats-py's own subject check (CR, LF or whitespace in a subject would inject protocol lines).
+_validate_subject: Callable[[str], None] = getattr(
+    nats.aio.client, "_validate_subject", _no_validation
+)
+_CONNECTED = NATS.CONNECTED
+
+
+def _nats_py_command(
+    subject: str, reply: str, payload: bytes, headers: dict[str, str] | None
+) -> bytes:
+    """What nats-py's own ``_send_publish`` buffers for the message, on a client never
+    connected (it has no flusher to wake, so the coroutine finishes without suspending)."""
+    from nats.aio.client import Client
+
+    c = Client()
+    coro = c._send_publish(subject, reply, payload, len(payload), headers)
+    try:
+        coro.send(None)
+    except StopIteration:
+        return b"".join(c._pending)
+    coro.close()
+    raise RuntimeError("nats-py's _send_publish suspended")
+
+
+def _install_fast_publish() -> bool:
+    from nats.aio.client import Client
+
+    if Client.publish is _publish:
+        return True
+    if os.environ.get("POLOS_FAST_PUBLISH", "1") == "0":
+        return False
+    if frozenset(Client.publish.__code__.co_names) != PUBLISH_NAMES:
+        return False
+    if _validate_subject is _no_validation:
+        return False
+    try:
+        same = all(
+            _nats_py_command(*sample) == publish_command(*sample) for sample in PUBLISH_SAMPLES
+        )
+    except Exception:
+        return False
+    if not same:
+        return False
+    global NATS_PUBLISH
+    NATS_PUBLISH = Client.publish
+    Client.publish = _publish  # type: ignore[method-assign]
+    return True
+
+
+FAST_PUBLISH = _install_fast_publish()
+
+
 def connection_of(js: JetStreamContext) -> NATS:
     """The NATS connection behind ``js``."""
     nc: NATS = js._nc
@@ -271,15 +471,20 @@ def nats_own_header_parser() -> Iterator[None]:
 
 __all__ = [
     "COALESCING",
+    "FAST_PUBLISH",
     "FLUSHER_NAMES",
     "HEADER_SAMPLES",
     "NATS_FLUSHER",
     "NATS_HEADER_PARSER",
+    "NATS_PUBLISH",
+    "PUBLISH_NAMES",
+    "PUBLISH_SAMPLES",
     "busy_when",
     "coalesce_writes",
     "connection_of",
     "nats_own_header_parser",
     "parse_header_lines",
+    "publish_command",
     "sent",
     "subscribe_handing_over",
 ]
