@@ -287,3 +287,62 @@ async def test_a_fast_publish_arrives_as_nats_py_would_send_it_and_refuses_what_
             await nc.publish("polos.test.fast.e", b"x")
     finally:
         await nc.close()
+
+
+# --------------------------------------------------------------------------- request timeouts
+
+
+async def test_requests_time_out_on_time_with_one_sweep_and_leave_nothing_behind(
+    plain_nats_server: Any,
+) -> None:
+    # The requester bounds its requests with one sweep instead of a timer each: a request
+    # nobody answers fails with nats-py's TimeoutError after its timeout (at most a tenth of it
+    # late); answered ones never do; a shorter timeout sent after a longer one is not held up
+    # by it; and once nothing is waited on, no sweep is left on the loop.
+    nc = await nats.connect(plain_nats_server.url)
+    try:
+
+        async def answer(msg: Any) -> None:
+            await nc.publish(msg.reply, b'{"seq": 7}')
+
+        async def ignore(msg: Any) -> None:
+            pass
+
+        await nc.subscribe("polos.test.hole", cb=ignore)  # a listener that never answers
+        await nc.subscribe("polos.test.answered", cb=answer)
+        await nc.flush()
+        req = writes.requester(nc)
+
+        async def timed(subject: str, timeout: float) -> tuple[str, float]:
+            t0 = time.perf_counter()
+            try:
+                ack = await writes.publish(nc, subject, b"x", timeout=timeout)
+            except nats.errors.TimeoutError:
+                return "timeout", time.perf_counter() - t0
+            return f"seq {ack.seq}", time.perf_counter() - t0
+
+        long = asyncio.ensure_future(timed("polos.test.hole", 1.0))
+        await asyncio.sleep(0.05)
+        short, answered = await asyncio.gather(
+            timed("polos.test.hole", 0.2),
+            asyncio.gather(*(timed("polos.test.answered", 0.2) for _ in range(50))),
+        )
+        # Not before its time, and not held up by the longer one (loose: a loaded CI machine).
+        assert short[0] == "timeout" and 0.2 <= short[1] < 0.8, short
+        assert {outcome for outcome, _ in answered} == {"seq 7"}
+        assert not long.done()
+        outcome, took = await long
+        assert outcome == "timeout" and 1.0 <= took < 2.0, took
+        assert req._open == {}
+        await asyncio.sleep(0.15)  # the sweep that finds the queues empty, and stops
+        assert req._deadlines == {} and req._sweep is None
+        # A request cancelled while it waits is dropped too.
+        waiting = asyncio.ensure_future(timed("polos.test.hole", 0.3))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await asyncio.sleep(0.4)
+        assert req._open == {} and req._deadlines == {} and req._sweep is None
+    finally:
+        await nc.close()

@@ -16,6 +16,7 @@ from polos._private.store.writes import (
     EXPECTED_LAST_SUBJECT_SEQ_SUBJECT,
     MSG_ID,
     WRONG_LAST_SEQUENCE,
+    is_transient,
     publish,
     retry_transient,
 )
@@ -80,7 +81,12 @@ async def append(
             raise FencedOut(run_id, expected_last_seq)
         return ack.seq
 
-    return await retry_transient(once, timeout=timeout, what=f"append to run {run_id}")
+    try:
+        return await once(0)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+    return await retry_transient(once, timeout=timeout, what=f"append to run {run_id}", tried=True)
 
 
 async def _is_stored_at(

@@ -5,6 +5,7 @@ the retrying path for writes a retry cannot double (a message id or a fence drop
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,13 +53,22 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
-async def retry_transient(op: Callable[[int], Awaitable[_T]], *, timeout: float, what: str) -> _T:
+async def retry_transient(
+    op: Callable[[int], Awaitable[_T]], *, timeout: float, what: str, tried: bool = False
+) -> _T:
     """``op(attempt)`` until it returns, retrying transient errors (``is_transient``) with
     back-off for long enough to ride out a leader election or a server restart; then
     ``AppendUnavailable``. Only for writes a retry cannot double: a ``Nats-Msg-Id`` or a
-    fence makes the server drop or refuse a second copy."""
+    fence makes the server drop or refuse a second copy.
+
+    ``tried``: the caller made attempt 0 itself and it failed transiently, so this starts with
+    the back-off (the append and the task publish await their first try directly: a coroutine
+    less on every one of them)."""
     deadline = time.monotonic() + max(timeout * 6, 30.0)
     attempt = 0
+    if tried:
+        attempt = 1
+        await asyncio.sleep(0.1)
     while True:
         try:
             return await op(attempt)
@@ -75,9 +85,10 @@ async def retry_transient(op: Callable[[int], Awaitable[_T]], *, timeout: float,
 BUSY_REQUESTS = 4
 
 
-def _expire(fut: asyncio.Future[Msg]) -> None:
-    if not fut.done():
-        fut.set_exception(nats.errors.TimeoutError())
+# How often, at most, the requester looks for requests past their timeout, as a share of the
+# shortest timeout waited on: a request gives up at most a tenth of its timeout late.
+_SWEEP_SHARE = 0.1
+_SWEEP_MIN = 0.005
 
 
 class _Requester:
@@ -86,7 +97,10 @@ class _Requester:
     What nats-py's ``js.publish`` costs beyond the round trip (measured: a random token from
     ``os.urandom`` per request, ``asyncio.wait_for``, stdlib JSON and a ``PubAck`` per ack) is
     CPU taken from the workers and the orchestrator on every append. Here a counter names each
-    request, a timer handle bounds it, and orjson reads the ack.
+    request, orjson reads the ack, and one sweep bounds them all: each timeout value has a queue
+    of (deadline, future) in the order they were sent, so its expired requests are at its front.
+    A timer per request (a handle pushed on the event loop's heap and cancelled, almost always,
+    a millisecond later) cost more than the rest of the request's bookkeeping.
     """
 
     def __init__(self, nc: NATS) -> None:
@@ -98,6 +112,49 @@ class _Requester:
         self._sub: Any = None
         self._lock = asyncio.Lock()
         self._next = 0
+        self._deadlines: dict[float, collections.deque[tuple[float, asyncio.Future[Msg]]]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_every = 0.0
+
+    def _bound(self, fut: asyncio.Future[Msg], timeout: float) -> None:
+        """``fut`` fails with nats-py's ``TimeoutError`` once ``timeout`` seconds have passed
+        (up to a tenth of it later) unless it is done by then."""
+        loop = asyncio.get_running_loop()
+        queue = self._deadlines.get(timeout)
+        if queue is None:
+            queue = self._deadlines[timeout] = collections.deque()
+        queue.append((loop.time() + timeout, fut))
+        every = max(timeout * _SWEEP_SHARE, _SWEEP_MIN)
+        if self._sweep is None:
+            self._sweep_every = every
+            self._sweep = loop.call_later(every, self._sweep_expired)
+        elif every < self._sweep_every:
+            self._sweep.cancel()  # a shorter timeout than any waited on: look sooner
+            self._sweep_every = every
+            self._sweep = loop.call_later(every, self._sweep_expired)
+
+    def _sweep_expired(self) -> None:
+        self._sweep = None
+        now = asyncio.get_running_loop().time()
+        every = 0.0
+        for timeout, queue in list(self._deadlines.items()):
+            while queue:
+                deadline, fut = queue[0]
+                if fut.done():
+                    queue.popleft()  # answered: most are, long before their deadline
+                elif deadline <= now:
+                    queue.popleft()
+                    fut.set_exception(nats.errors.TimeoutError())
+                else:
+                    break
+            if queue:
+                share = max(timeout * _SWEEP_SHARE, _SWEEP_MIN)
+                every = share if not every else min(every, share)
+            else:
+                del self._deadlines[timeout]
+        if every:
+            self._sweep_every = every
+            self._sweep = asyncio.get_running_loop().call_later(every, self._sweep_expired)
 
     def _busy(self) -> bool:
         # Several answers awaited: the connection is loaded, and a write held a moment to
@@ -132,13 +189,14 @@ class _Requester:
     ) -> Msg:
         await self._subscribed()
         token, fut = self._expect()
-        timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+        self._bound(fut, timeout)
         try:
             await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             return await fut
         finally:
-            timer.cancel()
             self._open.pop(token, None)
+            if not fut.done():
+                fut.cancel()  # given up (cancelled, or the publish raised): the sweep drops it
 
     @contextlib.asynccontextmanager
     async def answer(self) -> AsyncIterator[tuple[str, asyncio.Future[Msg]]]:
