@@ -111,11 +111,22 @@ class Settings:
     # half times a second, 65 ms each with nothing else running. 0: Python's own thresholds. A
     # process that embeds a Worker keeps its own collector.
     gc_threshold: int = field(default_factory=lambda: _env_int("POLOS_GC_THRESHOLD", 50_000))
+    # How many messages a connection buffers before it writes them itself, without waiting for
+    # its flusher task: with many tasks publishing in one turn of the event loop (a worker's
+    # runs, each resumed by its ack) the flusher would send them all in one write after the
+    # turn, nats-server would answer them all at once, and the two processes would take turns
+    # instead of working at the same time. 0: the flusher writes everything.
+    write_batch: int = field(default_factory=lambda: _env_int("POLOS_WRITE_BATCH", 32))
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
             raise ValueError(
                 f"prefix {self.prefix!r} must be 1-32 characters of letters, digits, '_' or '-'"
+            )
+        if self.write_batch < 0:
+            raise ValueError(
+                f"write_batch (POLOS_WRITE_BATCH) must be 0 (the flusher writes everything) "
+                f"or more, not {self.write_batch}"
             )
         if self.gc_threshold < 0:
             raise ValueError(
@@ -140,6 +151,7 @@ class Settings:
             "POLOS_INDEX_WINDOW": str(self.index_window),
             "POLOS_WRITE_COALESCE": str(self.write_coalesce),
             "POLOS_GC_THRESHOLD": str(self.gc_threshold),
+            "POLOS_WRITE_BATCH": str(self.write_batch),
             "POLOS_REPLICAS": str(self.replicas),
             "POLOS_TELEMETRY_RETRY_INITIAL": str(self.telemetry_retry_initial),
             "POLOS_TELEMETRY_RETRY_MAX": str(self.telemetry_retry_max),

@@ -21,6 +21,7 @@ def test_to_env_round_trips_every_setting(monkeypatch: pytest.MonkeyPatch) -> No
         index_window=0.2,
         write_coalesce=0.002,
         gc_threshold=1234,
+        write_batch=7,
         replicas=3,
     )
     for name, value in custom.to_env().items():
@@ -31,3 +32,9 @@ def test_to_env_round_trips_every_setting(monkeypatch: pytest.MonkeyPatch) -> No
 def test_a_prefix_that_is_not_one_subject_token_is_refused() -> None:
     with pytest.raises(ValueError, match="prefix"):
         Settings(prefix="a.b")
+
+
+def test_a_negative_write_batch_is_refused_and_zero_turns_it_off() -> None:
+    with pytest.raises(ValueError, match=r"write_batch \(POLOS_WRITE_BATCH\) must be 0"):
+        Settings(write_batch=-1)
+    assert Settings(write_batch=0).write_batch == 0

@@ -141,6 +141,46 @@ async def test_a_busy_connection_sends_what_its_tasks_publish_meanwhile_in_one_w
             await nc.close()
 
 
+async def test_a_connection_writes_every_batch_of_messages_without_waiting_for_its_flusher(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # write_batch: many publishes in one turn of the loop (a worker's runs resumed by their
+    # acks) go out in writes of that many as they are made, not in one write after the turn;
+    # 0 leaves everything to the flusher, as does a socket with a backlog (the flusher waits
+    # for it to drain). In order and nothing lost, either way.
+    for batch, backlogged in ((4, False), (0, False), (4, True)):
+        nc = await connect(settings.service.with_(write_batch=batch), "batches")
+        try:
+            subject = f"_INBOX.batches.{settings.prefix}"
+            got: list[bytes] = []
+
+            async def heard(msg: Any, got: list[bytes] = got) -> None:
+                got.append(msg.data)
+
+            sub = await nc.subscribe(subject, cb=heard)
+            await nc.flush()
+            if backlogged:
+                monkeypatch.setattr(natspy, "_WRITE_NOW_MAX_BACKLOG", -1)
+            made = _count_writes(nc)
+            sent = [str(i).encode() for i in range(10)]
+            for data in sent:  # one turn of the loop: the flusher cannot run in between
+                await nc.publish(subject, data)
+            if batch and not backlogged:
+                assert (made[0], len(nc._pending)) == (2, 2)  # 4 + 4 written, 2 left
+            else:
+                assert (made[0], len(nc._pending)) == (0, 10)
+            await nc.flush()
+            for _ in range(100):
+                if len(got) == len(sent):
+                    break
+                await asyncio.sleep(0.01)
+            assert got == sent
+            await sub.unsubscribe()
+        finally:
+            monkeypatch.undo()
+            await nc.close()
+
+
 async def test_a_connection_with_few_requests_in_flight_never_holds_them(settings: Any) -> None:
     # A hold far longer than the request timeout: an append of a sequential run (one request
     # in flight) that waited for it would fail. Then, busy: eight appends at once are all

@@ -35,7 +35,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
 
-from polos._private.store.natspy import coalesce_writes
+from polos._private.store.natspy import coalesce_writes, write_batches
 from polos.config import Settings
 from polos.errors import ConnectionFailedError
 
@@ -299,6 +299,7 @@ class _Link:
             await self._abandon()
             raise
         coalesce_writes(self.nc, self.settings.write_coalesce)
+        write_batches(self.nc, self.settings.write_batch)
         self.connecting = False
         return self.nc
 

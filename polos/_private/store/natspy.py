@@ -8,6 +8,8 @@ changes what they rely on.
 - the header-block parser: ``Client._parse_header_lines`` is replaced by a faster one with the
   same results (``parse_header_lines``), checked against nats-py's own on samples first.
 - ``sent(nc)``: until what the connection buffered is on its socket (``Client._pending_data_size``).
+- ``write_batches(nc, messages)``: the replaced publish writes a connection's buffer to its
+  socket itself (``Client._transport``, its ``StreamWriter``) once that many messages wait.
 - ``coalesce_writes(nc, seconds)``, ``busy_when(nc, busy)``: nats-py's flusher task (``Client._flusher``) is
   replaced by the same loop that, while ``busy()`` says so, waits ``seconds`` before it
   writes; installed only over the implementation it copies (the names its code uses).
@@ -34,6 +36,7 @@ import nats.aio.client
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.aio.transport import TcpTransport
 from nats.js import JetStreamContext
 
 log = logging.getLogger("polos.natspy")
@@ -120,6 +123,7 @@ FLUSHER_NAMES = frozenset(
 )
 _HOLD = "_polos_write_hold"  # our attributes on a nats-py Client (a plain class)
 _BUSY = "_polos_write_busy"
+_BATCH = "_polos_write_batch"
 
 
 async def _coalescing_flusher(self: NATS) -> None:
@@ -184,6 +188,16 @@ def coalesce_writes(nc: NATS, seconds: float) -> None:
     """From now on ``nc`` holds its writes ``seconds`` while it is busy (0: never); what says
     so is given by ``busy_when`` (``store.writes`` counts the requests in flight)."""
     setattr(nc, _HOLD, max(0.0, seconds))
+
+
+def write_batches(nc: NATS, messages: int) -> None:
+    """From now on ``nc`` writes what it buffered itself once ``messages`` are waiting (0:
+    its flusher writes everything, once per turn of the event loop). Many tasks publishing in
+    one turn (a worker's runs, each resumed by its ack) would otherwise go out in one write
+    after the turn, nats-server would answer them all at once, and the two would take turns
+    rather than work at the same time: measured, 200 runs appending at once made 17,000 appends
+    a second with the client 64 % busy, 23,500 with writes of 8 or 32."""
+    setattr(nc, _BATCH, max(0, messages))
 
 
 def busy_when(nc: NATS, busy: Callable[[], bool]) -> None:
@@ -357,13 +371,38 @@ async def _publish(
         assert NATS_PUBLISH is not None
         await NATS_PUBLISH(self, subject, payload, reply, headers)  # it flushes a full buffer
         return
-    self._pending.append(cmd)
+    pending = self._pending
+    pending.append(cmd)
     self._pending_data_size += len(cmd)
     self.stats["out_msgs"] += 1
     self.stats["out_bytes"] += len(payload)
+    batch: int = getattr(self, _BATCH, 0)
+    if batch and len(pending) >= batch and _write_now(self):
+        return
     if queue.empty():
         # nats-py's ``_flush_pending``: a future on the flusher's queue wakes it
         queue.put_nowait(asyncio.get_running_loop().create_future())
+
+
+def _write_now(self: NATS) -> bool:
+    """Write what ``self`` buffered to its socket now, as its flusher would (False: left to
+    the flusher, which waits for a full socket to drain). For a plain TCP connection whose
+    socket takes it."""
+    transport = self._transport
+    if type(transport) is not TcpTransport:
+        return False  # a WebSocket one writes its own way
+    writer = transport._io_writer
+    if writer is None or writer.transport.get_write_buffer_size() > _WRITE_NOW_MAX_BACKLOG:
+        return False
+    transport.writelines(self._pending)  # what the flusher calls
+    self._pending = []
+    self._pending_data_size = 0
+    return True
+
+
+# Bytes waiting in a socket's buffer beyond which a connection leaves its writes to its
+# flusher (which awaits the socket's drain) rather than add to them.
+_WRITE_NOW_MAX_BACKLOG = 1 << 20
 
 
 def _no_validation(subject: str) -> None:
@@ -487,4 +526,5 @@ __all__ = [
     "publish_command",
     "sent",
     "subscribe_handing_over",
+    "write_batches",
 ]
