@@ -394,7 +394,7 @@ def _write_now(self: NATS) -> bool:
     writer = transport._io_writer
     if writer is None or writer.transport.get_write_buffer_size() > _WRITE_NOW_MAX_BACKLOG:
         return False
-    transport.writelines(self._pending)  # what the flusher calls
+    transport.writelines(self._pending)  # type: ignore[no-untyped-call]  # as the flusher
     self._pending = []
     self._pending_data_size = 0
     return True
