@@ -197,6 +197,13 @@ class _Requester:
             self._open.pop(token, None)
             if not fut.done():
                 fut.cancel()  # given up (cancelled, or the publish raised): the sweep drops it
+            if not self._open:
+                # Nothing awaited: every deadline left is a done request's. No sweep stays on
+                # the loop (it would keep a closed connection alive until it ran).
+                self._deadlines.clear()
+                if self._sweep is not None:
+                    self._sweep.cancel()
+                    self._sweep = None
 
     @contextlib.asynccontextmanager
     async def answer(self) -> AsyncIterator[tuple[str, asyncio.Future[Msg]]]:
