@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from polos._private.store import natspy, writes
 from polos._private.store.connection import connect
 from polos._private.store.names import Names
+from tests.helpers import until
 
 _T = TypeVar("_T")
 
@@ -170,10 +171,11 @@ async def test_a_connection_writes_every_batch_of_messages_without_waiting_for_i
             else:
                 assert (made[0], len(nc._pending)) == (0, 10)
             await nc.flush()
-            for _ in range(100):
-                if len(got) == len(sent):
-                    break
-                await asyncio.sleep(0.01)
+
+            def all_in(got: list[bytes] = got) -> bool:
+                return len(got) >= 10
+
+            await until(all_in, 5, "the ten messages")
             assert got == sent
             await sub.unsubscribe()
         finally:
@@ -238,10 +240,7 @@ async def test_a_handed_over_subscription_gets_every_message_in_the_read_loop_in
             if i == 250:
                 await nc.publish("polos.test.handover", b"bad")
         await nc.flush()
-        for _ in range(100):
-            if len(got) == len(sent):
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(got) >= len(sent), 5, "the 500 messages")
         assert got == sent
         assert tasks == {nc._reading_task}
         assert nc.is_connected
