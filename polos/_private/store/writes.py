@@ -62,8 +62,8 @@ async def retry_transient(
     fence makes the server drop or refuse a second copy.
 
     ``tried``: the caller made attempt 0 itself and it failed transiently, so this starts with
-    the back-off (the append and the task publish await their first try directly: a coroutine
-    less on every one of them)."""
+    the back-off (the fenced append awaits its first try directly: a coroutine less on every
+    step)."""
     deadline = time.monotonic() + max(timeout * 6, 30.0)
     attempt = 0
     if tried:
