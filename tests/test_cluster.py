@@ -40,6 +40,18 @@ async def clustered(ctx: WorkflowContext, steps: int) -> int:
     return steps
 
 
+@workflow(name="cl_square")
+async def cl_square(ctx: WorkflowContext, n: int) -> int:
+    return await ctx.step.run("sq", lambda: n * n)
+
+
+@workflow(name="cl_fan")
+async def cl_fan(ctx: WorkflowContext, n: int) -> int:
+    # The orchestrator wakes the parent when its last child ends, from reads any replica may
+    # answer: a replica behind the child's end must not leave the parent waiting.
+    return sum(await ctx.step.batch_invoke_and_wait("fan", [(cl_square, i) for i in range(n)]))
+
+
 def test_shipped_cluster_configs_are_current() -> None:
     for i in range(1, 4):
         assert (CONFIG_DIR / f"nats-cluster-{i}.conf").read_text() == render_config(
@@ -60,7 +72,7 @@ async def test_stream_leader_killed_under_load_work_continues(tmp_path: Path) ->
         # Without auth: the three nodes run the shipped cluster configs (docs/operations.md),
         # which have no users; what is tested here is failover, not permissions.
         settings = fast_settings(cluster.url, replicas=3, request_timeout=2.0)
-        env = PolosEnvironment(settings, [clustered])
+        env = PolosEnvironment(settings, [clustered, cl_fan, cl_square])
         await env.start()
         names = env.client.names
         info = await env.client.js.stream_info(names.runs_stream)
@@ -113,12 +125,19 @@ async def test_stream_leader_killed_under_load_work_continues(tmp_path: Path) ->
             assert time.perf_counter() - t_back < 60, f"{leader} never caught up: {peers}"
             await asyncio.sleep(0.2)
         caught_up = time.perf_counter() - t_back
+        # Parents waiting on children, with every node up: each is woken by its last child's end.
+        t_fan = time.perf_counter()
+        fans = [await env.client.start(cl_fan, 3) for _ in range(20)]
+        outputs = await asyncio.gather(*(h.result(timeout=60) for h in fans))
+        assert outputs == [0 + 1 + 4] * len(fans)
+        fanned = time.perf_counter() - t_fan
         print(
             f"\ncluster ready in {ready:.1f}s; {runs} runs x {steps} steps; killed stream leader "
             f"{leader} after {done_before} steps; new leader {new_leader}; all runs finished "
             f"{recovered:.1f}s after the kill; steps re-run (in flight at the kill): {len(twice)}; "
             f"lost 0; steps completed per second after the kill: {per_second}; "
-            f"{leader} restarted and current again after {caught_up:.1f}s"
+            f"{leader} restarted and current again after {caught_up:.1f}s; "
+            f"{len(fans)} parents of 3 children each completed in {fanned:.1f}s"
         )
     finally:
         if env is not None:

@@ -66,6 +66,7 @@ from polos._private.store import (
     append,
     dead_letter,
     load_state,
+    load_state_through,
     publish,
     read_history,
     read_subject,
@@ -183,7 +184,7 @@ class Admission:
         if requested is None:
             # A wake, dispatched by its waker and again by a control hook: only a run the log
             # says is queued needs a slot (a parked or running one has its way already).
-            state = await load_state(self.orch.nc, self.names, run_id)
+            state = await load_state_through(self.orch.nc, self.names, run_id, cause_seq)
             if state.status != "queued" or state.last_seq > cause_seq:
                 return True
         ktok = limits.token(key)

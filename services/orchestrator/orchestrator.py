@@ -29,6 +29,7 @@ from polos._private.store import (
     FencedOut,
     Names,
     PullLoop,
+    StaleRead,
     append,
     connect_service,
     dead_letter,
@@ -36,7 +37,7 @@ from polos._private.store import (
     ensure_consumer,
     ensure_topology,
     is_transient,
-    load_state,
+    load_state_through,
     payloads,
     valid_token,
 )
@@ -60,6 +61,14 @@ _UNAVAILABLE_RETRIES = 125
 
 # How often a command for an unknown run is retried while older commands are in flight.
 _NOT_YET_RETRIES = 40
+
+# How often a command for an unknown run is retried anyway: on a cluster, the replica that
+# answered its read may not hold a run created a moment ago (0.05 s apart).
+_NOT_YET_REREADS = 3
+
+# How often a control event is redelivered while the replicas answering its hook's reads stay
+# behind it (0.5 s apart, about 10 s); then it is dead-lettered, not retried for ever.
+_STALE_REDELIVERIES = 20
 
 
 CommandHandler = Callable[[Msg, list[str]], Awaitable[dict[str, Any]]]
@@ -222,8 +231,9 @@ class Orchestrator:
                     )
                 body = await handler(msg, tokens[3:])
         except RunNotYetKnown as err:
-            if msg.metadata.num_delivered < _NOT_YET_RETRIES and await self._older_commands_pending(
-                msg
+            delivered = msg.metadata.num_delivered
+            if delivered < _NOT_YET_RETRIES and (
+                delivered < _NOT_YET_REREADS or await self._older_commands_pending(msg)
             ):
                 await msg.nak(delay=0.05)
                 return
@@ -240,7 +250,7 @@ class Orchestrator:
             # unavailable (an election, a restart) is waited out for longer: giving up then
             # would leave a run that exists without its task.
             delivered = msg.metadata.num_delivered if msg.reply else 1
-            unavailable = is_transient(exc) or isinstance(exc, AppendUnavailable)
+            unavailable = is_transient(exc) or isinstance(exc, (AppendUnavailable, StaleRead))
             if delivered >= (_UNAVAILABLE_RETRIES if unavailable else 5):
                 await self._reject(
                     msg, CommandError(f"processing failed {delivered} times: {exc!r}")
@@ -326,8 +336,9 @@ class Orchestrator:
             )
         except FencedOut:
             # The run exists: this is a repeated start. Re-dispatch only if it never ran, in
-            # case an earlier instance died between creating it and dispatching it.
-            state = await load_state(self.nc, self.names, run_id)
+            # case an earlier instance died between creating it and dispatching it. (Read
+            # through its first event: the fence saw it, a lagging replica may not have.)
+            state = await load_state_through(self.nc, self.names, run_id, 1)
             answer = {"ok": True, "run_id": run_id, "existing": True, "status": state.status}
             if state.requested and state.status == "queued" and state.attempt == 0:
                 if hold is not None and await hold():
@@ -444,6 +455,26 @@ class Orchestrator:
             await self.index.update(run_id, seq, event, hold=hold)
             for feature in self.features:
                 await feature.on_control(run_id, seq, event)
+        except StaleRead as exc:
+            if msg.metadata.num_delivered < _STALE_REDELIVERIES:
+                log.info(
+                    "control event %s at seq %d: %s; will retry", type(event).__name__, seq, exc
+                )
+                await msg.nak(delay=0.5)
+                return
+            # Kept aside (`polos dlq`), not looped on: a replica stays this far behind.
+            self.dead_lettered += 1
+            log.warning(
+                "control event %s at seq %d dead-lettered: %s", type(event).__name__, seq, exc
+            )
+            await dead_letter(
+                self.js,
+                self.names,
+                source="ctl",
+                reason=f"its hook's reads never reached it: {exc}",
+                subject=msg.subject,
+                data=msg.data,
+            )
         except Exception:
             log.exception(
                 "control event %s of run %s failed; will retry", type(event).__name__, run_id

@@ -35,6 +35,7 @@ from polos._private.store import (
     load_run,
     load_run_unless_long,
     load_state,
+    load_state_through,
     payloads,
     read_subject,
     snapshots,
@@ -385,7 +386,7 @@ async def cancel_run(orch: Orchestrator, run_id: str, reason: str | None, *, cas
     raise RuntimeError(f"run {run_id}: cancel kept racing with the worker's appends")
 
 
-async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
+async def _after_cancel(orch: Orchestrator, run_id: str, seq: int) -> None:
     # Interrupt the worker holding it (if any) at its next await; it is fenced out anyway.
     await orch.nc.publish(orch.names.cancel_signal_subject(run_id), b"")
     await clear_timers(orch.js, orch.names, run_id)
@@ -394,7 +395,7 @@ async def _after_cancel(orch: Orchestrator, run_id: str) -> None:
         await snapshots.delete(orch.nc, orch.js, orch.names, run_id)
     except Exception as exc:
         log.warning("run %s: replay snapshot not removed: %s", run_id, exc)
-    state = await load_state(orch.nc, orch.names, run_id)
+    state = await load_state_through(orch.nc, orch.names, run_id, seq)
     # Every child the run ever requested: the requests are stored (under the parent) before
     # the parent records the child, so a child requested but not recorded (the record fenced
     # out by this very cancel) is found too. A request stored after this read creates its
@@ -502,11 +503,10 @@ async def _children_outcome(orch: Orchestrator, children: list[str]) -> list[dic
             status = entry.get("status")
         if status not in ev.TERMINAL:
             return None
+    # The index has folded every end, so a read without one came from a replica behind it.
     states = await asyncio.gather(
-        *(load_state(orch.nc, orch.names, c, kinds=CTL) for c in children)
+        *(load_state_through(orch.nc, orch.names, c, 1, kinds=CTL, ended=True) for c in children)
     )
-    if any(not s.done for s in states):
-        return None
     return [
         {
             "run_id": s.run_id,
@@ -701,19 +701,19 @@ async def on_control(orch: Orchestrator, run_id: str, seq: int, event: ev.Event)
             await _dispatch_woken(orch, run_id, event.workflow or _workflow_of(orch, run_id), seq)
     elif isinstance(event, (ev.RunCompleted, ev.RunFailed, ev.RunCancelled)):
         if isinstance(event, ev.RunCancelled):
-            await _after_cancel(orch, run_id)
+            await _after_cancel(orch, run_id, seq)
         # The entry says whether the run is a child only once its request is folded in: an end
         # can come first (the request was held by an orchestrator that died, and comes back
         # after the ack wait), and then only the run's control events can say.
         cached = orch.index.cached(run_id)
         if cached is None or "workflow" not in cached or cached.get("parent_run_id"):
-            await _child_ended(orch, run_id)
+            await _child_ended(orch, run_id, seq)
 
 
-async def _child_ended(orch: Orchestrator, run_id: str) -> None:
+async def _child_ended(orch: Orchestrator, run_id: str, seq: int) -> None:
     # Its control events say whether it is a child: every run ending after its index entry left
     # the cache comes here, and a long run's steps are not worth reading for that.
-    child = await load_state(orch.nc, orch.names, run_id, kinds=CTL)
+    child = await load_state_through(orch.nc, orch.names, run_id, seq, kinds=CTL)
     req = child.requested
     if req is None or not req.parent_run_id:
         return
@@ -783,7 +783,7 @@ async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.Run
             with contextlib.suppress(Exception):
                 await kv.delete(key, last=rev)
     elif event.kind == "child":
-        state = await load_state(orch.nc, orch.names, run_id)
+        state = await load_state_through(orch.nc, orch.names, run_id, seq)
         if state.status == "suspended" and state.last_seq == seq:
             await _wake_parent(orch, state, seq, event)
 

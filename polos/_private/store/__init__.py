@@ -38,6 +38,7 @@ from polos._private.store.namespace import Namespace, namespace
 from polos._private.store.natspy import connection_of
 from polos._private.store.read import (
     KVEntry,
+    StaleRead,
     StoredMsg,
     is_live,
     kv_entries,
@@ -47,6 +48,7 @@ from polos._private.store.read import (
     load_run,
     load_run_unless_long,
     load_state,
+    load_state_through,
     read_history,
     read_run,
     read_subject,
@@ -89,6 +91,7 @@ __all__ = [
     "Names",
     "Namespace",
     "PullLoop",
+    "StaleRead",
     "StoredMsg",
     "TopologyMissingError",
     "append",
@@ -111,6 +114,7 @@ __all__ = [
     "load_run",
     "load_run_unless_long",
     "load_state",
+    "load_state_through",
     "namespace",
     "object_stream",
     "publish",

@@ -348,6 +348,58 @@ async def load_state(
     return ev.RunState.fold(run_id, await read_history(nc, names, run_id, kinds=kinds))
 
 
+class StaleRead(Exception):
+    """A read of a run that does not reach an event the reader knows is stored.
+
+    On a cluster every replica of a stream answers direct gets, and a follower applies what the
+    leader stored a moment after the leader acknowledged it; a consumer's delivery comes from the
+    leader. A hook reacting to a delivered event therefore reads "through" its sequence, and an
+    answer from a replica still behind it is read again rather than taken as the run's state.
+    """
+
+    def __init__(self, run_id: str, seq: int, got: int) -> None:
+        super().__init__(
+            f"run {run_id}: the replica that answered holds its history up to seq {got}, "
+            f"not yet seq {seq}"
+        )
+        self.run_id = run_id
+        self.seq = seq
+        self.got = got
+
+
+# The pauses between reads of a run that must reach a known sequence, while the replica that
+# answered is behind (seconds, about 0.2 in all): a follower applies within milliseconds, and
+# the caller's own retry (a nak and redelivery) covers a longer lag.
+STALE_RETRIES: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+async def load_state_through(
+    nc: NATS,
+    names: Names,
+    run_id: str,
+    seq: int,
+    *,
+    kinds: tuple[str, ...] = RUN_KINDS,
+    ended: bool = False,
+) -> ev.RunState:
+    """``load_state``, from a read that holds every event of ``kinds`` up to ``seq`` (``seq=1``:
+    any event at all, for a run known to exist) and, with ``ended``, the run's end (known from
+    elsewhere, the run index); ``StaleRead`` when no read did in time."""
+
+    def reaches(state: ev.RunState) -> bool:
+        return state.last_seq >= seq and (state.done or not ended)
+
+    state = await load_state(nc, names, run_id, kinds=kinds)
+    for pause in STALE_RETRIES:
+        if reaches(state):
+            return state
+        await asyncio.sleep(pause)
+        state = await load_state(nc, names, run_id, kinds=kinds)
+    if reaches(state):
+        return state
+    raise StaleRead(run_id, seq, state.last_seq)
+
+
 async def load_run(
     nc: NATS, names: Names, run_id: str
 ) -> tuple[ev.RunState, list[tuple[int, bytes]] | None]:
