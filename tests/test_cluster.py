@@ -11,11 +11,12 @@ import collections
 import time
 from pathlib import Path
 
+import nats
 import pytest
 
 from polos import WorkflowContext, workflow
 from polos._private.ops.cluster import CONFIG_DIR, DEFAULT_PORTS, LocalCluster, render_config
-from polos._private.store import load_state
+from polos._private.store import kv_stream, last_for_subject, leader_last, load_state
 from polos.testing import PolosEnvironment, fast_settings
 
 pytestmark = pytest.mark.slow
@@ -131,13 +132,32 @@ async def test_stream_leader_killed_under_load_work_continues(tmp_path: Path) ->
         outputs = await asyncio.gather(*(h.result(timeout=60) for h in fans))
         assert outputs == [0 + 1 + 4] * len(fans)
         fanned = time.perf_counter() - t_fan
+        # A write acknowledged by the leader, then read at once from a follower's node: the
+        # leader's answer always holds it; a direct get there may not yet (counted, not required).
+        kv_info = await env.client.js.stream_info(kv_stream(names.waits_bucket))
+        follower = next(p.name for p in kv_info.cluster.replicas or [] if p.current)
+        writer = await nats.connect(cluster.node(kv_info.cluster.leader).url)
+        reader = await nats.connect(cluster.node(follower).url)
+        direct_behind = 0
+        try:
+            for i in range(200):
+                subject = f"$KV.{names.waits_bucket}.probe.k{i % 7}"
+                ack = await writer.jetstream().publish(subject, b"x")
+                last = await leader_last(reader, kv_stream(names.waits_bucket), subject)
+                assert last is not None and last.seq == ack.seq
+                direct = await last_for_subject(reader, kv_stream(names.waits_bucket), subject)
+                direct_behind += direct is None or direct.seq < ack.seq
+        finally:
+            await writer.close()
+            await reader.close()
         print(
             f"\ncluster ready in {ready:.1f}s; {runs} runs x {steps} steps; killed stream leader "
             f"{leader} after {done_before} steps; new leader {new_leader}; all runs finished "
             f"{recovered:.1f}s after the kill; steps re-run (in flight at the kill): {len(twice)}; "
             f"lost 0; steps completed per second after the kill: {per_second}; "
             f"{leader} restarted and current again after {caught_up:.1f}s; "
-            f"{len(fans)} parents of 3 children each completed in {fanned:.1f}s"
+            f"{len(fans)} parents of 3 children each completed in {fanned:.1f}s; "
+            f"a follower's direct get behind the leader's ack {direct_behind} times in 200"
         )
     finally:
         if env is not None:

@@ -17,13 +17,19 @@ import orjson
 import pytest
 
 from polos import history as ev
+from polos._private.run.wake import first_event_after
 from polos._private.store import (
     Names,
     StaleRead,
     append,
+    kv_entries,
+    leader_last,
+    leader_next,
     load_state_through,
+    read_subject_through,
 )
 from polos._private.store import read as store_read
+from polos._private.store.tokens import event_subject, parse_time
 from polos.testing import RoleSettings
 from polos_services.orchestrator import orchestrator as orchestrator_module
 
@@ -88,9 +94,9 @@ async def test_a_read_that_never_reaches_its_sequence_raises_stale_read(
         with pytest.raises(StaleRead) as raised:
             await load_state_through(nc, names, "r3", first + 1000)
         waited = time.monotonic() - t0
-        assert raised.value.run_id == "r3" and raised.value.got == first
+        assert raised.value.what == "run r3's history" and raised.value.got == first
         assert str(raised.value) == (
-            f"run r3: the replica that answered holds its history up to seq {first}, "
+            f"run r3's history: the replica that answered holds it up to seq {first}, "
             f"not yet seq {first + 1000}"
         )
         # It read again over the pauses, and no longer.
@@ -160,5 +166,129 @@ async def test_a_control_event_whose_hook_never_reads_through_it_is_dead_lettere
         assert "its hook's reads never reached it" in letters[0]["reason"]
         assert f"not yet seq {ends['gone2']}" in letters[0]["reason"]
         assert orjson.loads(letters[0]["data"])["t"] == "RunCompleted"
+    finally:
+        await nc.close()
+
+
+# --------------------------------------------------------------------------- the leader's view
+#
+# A read that decides on a message being absent, with no delivered sequence to read through (no
+# resume pending, no child request, no waiter, no event yet), asks the stream's leader for its
+# last message and reads through that. On one server the leader is the only replica; what these
+# tests pin is what each read returns and that a read behind a known message is never taken.
+
+
+async def test_the_leader_answers_last_next_and_none(settings: RoleSettings) -> None:
+    nc = await nats.connect(settings.service.nats_url)
+    names = Names(settings.prefix)
+    try:
+        first = await _requested(nc, names, "l1")
+        claim = await append(
+            nc.jetstream(),
+            names,
+            "l1",
+            ev.RunClaimed(run_id="l1", worker_id="w1", attempt=1),
+            expected_last_seq=first,
+            msg_id="l1/c/1/w1",
+        )
+        ctl = names.run_subject("l1", "ctl")
+        last = await leader_last(nc, names.runs_stream, ctl)
+        assert last is not None and last.seq == claim and last.subject == ctl
+        assert isinstance(ev.decode(last.data), ev.RunClaimed)
+        assert last.headers is not None and last.headers["Nats-Msg-Id"] == "l1/c/1/w1"
+        assert last.time is not None and last.time.endswith("Z")
+        # A wildcard filter, and the first message from a sequence on.
+        wild = await leader_last(nc, names.runs_stream, names.run_filter("l1"))
+        assert wild is not None and wild.seq == claim
+        nxt = await leader_next(nc, names.runs_stream, ctl, first + 1)
+        assert nxt is not None and nxt.seq == claim
+        assert await leader_next(nc, names.runs_stream, ctl, claim + 1) is None
+        assert await leader_last(nc, names.runs_stream, names.run_subject("l0", "ctl")) is None
+    finally:
+        await nc.close()
+
+
+async def test_a_read_through_the_leaders_last_is_read_again_until_it_holds_it(
+    settings: RoleSettings,
+) -> None:
+    nc = await nats.connect(settings.service.nats_url)
+    names = Names(settings.prefix)
+    try:
+        first = await _requested(nc, names, "l2")
+        ctl = names.run_subject("l2", "ctl")
+        got = await read_subject_through(nc, names.runs_stream, ctl, first)
+        assert [m.seq for m in got] == [first]
+        assert (
+            await read_subject_through(nc, names.runs_stream, names.run_subject("l9", "ctl"), 0)
+            == []
+        )
+        # Its first `limit` messages are all a limited read needs, wherever the leader is.
+        assert len(await read_subject_through(nc, names.runs_stream, ctl, first + 50, limit=1)) == 1
+        with pytest.raises(StaleRead) as raised:
+            await read_subject_through(nc, names.runs_stream, ctl, first + 50)
+        assert str(raised.value) == (
+            f"{names.runs_stream} {ctl}: the replica that answered holds it up to seq {first}, "
+            f"not yet seq {first + 50}"
+        )
+    finally:
+        await nc.close()
+
+
+async def test_a_wait_for_an_event_reads_through_the_event_it_knows_of(
+    settings: RoleSettings,
+) -> None:
+    nc = await nats.connect(settings.service.nats_url)
+    names = Names(settings.prefix)
+    try:
+        ack = await nc.jetstream().publish(
+            event_subject(names, "orders.paid"), orjson.dumps({"order": 7})
+        )
+        stored = await leader_last(nc, names.events_stream, event_subject(names, "orders.paid"))
+        assert stored is not None and stored.seq == ack.seq
+        at = parse_time(stored.time)
+        found = await first_event_after(nc, names, "orders.paid", 0, None, through=(ack.seq, at))
+        assert found is not None and found["seq"] == ack.seq and found["data"] == {"order": 7}
+        # The known event is the cursor, or older than the wait: nothing to wait for, at once.
+        t0 = time.monotonic()
+        assert (
+            await first_event_after(nc, names, "orders.paid", ack.seq, None, through=(ack.seq, at))
+            is None
+        )
+        assert (
+            await first_event_after(nc, names, "orders.paid", 0, at + 60, through=(ack.seq, at))
+            is None
+        )
+        assert time.monotonic() - t0 < sum(store_read.STALE_RETRIES)
+        # An event known stored that the read does not reach: read again, then StaleRead.
+        with pytest.raises(StaleRead) as raised:
+            await first_event_after(
+                nc, names, "orders.paid", ack.seq, None, through=(ack.seq + 5, at)
+            )
+        assert str(raised.value) == (
+            f"events on 'orders.paid': the replica that answered holds it up to seq {ack.seq}, "
+            f"not yet seq {ack.seq + 5}"
+        )
+    finally:
+        await nc.close()
+
+
+async def test_a_current_listing_of_waiters_holds_the_buckets_last_write(
+    settings: RoleSettings,
+) -> None:
+    nc = await nats.connect(settings.service.nats_url)
+    names = Names(settings.prefix)
+    try:
+        kv = await nc.jetstream().key_value(names.waits_bucket)
+        await kv.put("t1.r1", b'{"run_id": "r1"}')
+        rev = await kv.put("t1.r2", b'{"run_id": "r2"}')
+        await kv.delete("t1.r1")
+        listed = await kv_entries(nc, names.waits_bucket, "t1.*", current=True)
+        assert [(e.key, e.revision) for e in listed] == [("t1.r2", rev)]
+        # The bucket's last write to those keys is a delete: the listing reaches it, empty.
+        await kv.delete("t1.r2")
+        t0 = time.monotonic()
+        assert await kv_entries(nc, names.waits_bucket, "t1.*", current=True) == []
+        assert await kv_entries(nc, names.waits_bucket, "t9.*", current=True) == []
+        assert time.monotonic() - t0 < sum(store_read.STALE_RETRIES)
     finally:
         await nc.close()

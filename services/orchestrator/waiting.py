@@ -25,25 +25,30 @@ from polos._private.run.timers import clear_timers, schedule_timer
 from polos._private.run.wake import first_event_after, wake
 from polos._private.store import (
     MSG_ID,
+    STALE_RETRIES,
     FencedOut,
     PullLoop,
+    StaleRead,
     append,
     dead_letter,
     ensure_consumer,
     kv_entries,
-    last_for_subject,
+    leader_last,
+    leader_next,
     load_run,
     load_run_unless_long,
     load_state,
     load_state_through,
     payloads,
-    read_subject,
+    read_subject_through,
     snapshots,
     valid_token,
 )
 from polos._private.store.commands import CANCEL_FIELDS, CHILD_FIELDS, RESUME_FIELDS
 from polos._private.store.tokens import (
     decode_token,
+    event_subject,
+    parse_time,
     resume_subject,
     topic_from_subject,
     topic_tokens,
@@ -119,11 +124,19 @@ async def _resume_data(orch: Orchestrator, run_id: str, body: dict[str, Any]) ->
 
 
 async def _first_resume(orch: Orchestrator, run_id: str, key: str) -> tuple[int, Any] | None:
-    """The first well-formed resume stored for the run's step: the one that applies."""
-    msgs = await read_subject(
-        orch.nc, orch.names.cmd_stream, resume_subject(orch.names, run_id, key), limit=20
-    )
-    for m in msgs:
+    """The first well-formed resume stored for the run's step: the one that applies.
+
+    Read from the command stream's leader, one message at a time (almost always one, or none):
+    "none pending" lets a suspension wait, and a resume answered "pending" earlier (its read of
+    the run did not show the suspension yet) relies on this read to find it, which a replica
+    behind the leader might not."""
+    subject = resume_subject(orch.names, run_id, key)
+    seq = 1
+    for _ in range(20):
+        m = await leader_next(orch.nc, orch.names.cmd_stream, subject, seq)
+        if m is None:
+            return None
+        seq = m.seq + 1
         try:
             body = orjson.loads(m.data) if m.data else {}
         except orjson.JSONDecodeError:
@@ -271,6 +284,7 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
     data = await _resume_data(orch, run_id, body)
     seq = msg.metadata.sequence.stream
     answer = {"ok": True, "run_id": run_id, "key": key}
+    behind: StaleRead | None = None
     for attempt in range(10):
         if attempt == 0:
             # A long run (one with a replay snapshot) is resumed from its control events (a run
@@ -314,6 +328,16 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
             if await _resume_now(orch, state, bodies, sus, data, seq):
                 return {**answer, "status": "resumed"}
             continue  # the history moved: look again
+        # "Not there yet" leaves the resume to the suspension hook: made sure of on the leader,
+        # since a replica behind it may not hold the suspension yet (the hook's own read of the
+        # pending resumes, on the command stream's leader, covers a suspension stored later).
+        last = await leader_last(
+            orch.nc, orch.names.runs_stream, orch.names.run_subject(run_id, "ctl")
+        )
+        if last is not None and last.seq > state.last_seq:
+            behind = StaleRead(f"run {run_id}'s history", last.seq, state.last_seq)
+            await asyncio.sleep(STALE_RETRIES[min(attempt, len(STALE_RETRIES) - 1)])
+            continue
         await _check_first_pending(orch, run_id, key, seq)
         return {
             **answer,
@@ -321,6 +345,8 @@ async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str
             "message": f"run {run_id} is {state.status}, not suspended at {key!r} yet: "
             "the resume is kept and applied when the run gets there",
         }
+    if behind is not None:
+        raise behind
     raise RuntimeError(f"run {run_id}: resume kept racing with other writers")
 
 
@@ -400,8 +426,14 @@ async def _after_cancel(orch: Orchestrator, run_id: str, seq: int) -> None:
     # the parent records the child, so a child requested but not recorded (the record fenced
     # out by this very cancel) is found too. A request stored after this read creates its
     # child after the cancel, and that child is cancelled as it is created (``on_child``).
+    # Through the leader's last request: a request this read misses must be stored after it,
+    # and then ``on_child``'s read of the parent (on the leader too) finds the cancel.
+    requests = orch.names.child_filter(run_id)
+    last = await leader_last(orch.nc, orch.names.cmd_stream, requests)
     children: dict[str, None] = {}
-    for m in await read_subject(orch.nc, orch.names.cmd_stream, orch.names.child_filter(run_id)):
+    for m in await read_subject_through(
+        orch.nc, orch.names.cmd_stream, requests, last.seq if last else 0
+    ):
         children[m.subject.rsplit(".", 1)[1]] = None
     for step in state.steps.values():
         out = step.output if isinstance(step, ev.StepCompleted) else None
@@ -469,8 +501,9 @@ async def on_child(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str,
     async def parent_cancelled() -> bool:
         # After the child is durable: a parent cancelled from here on finds the child (its
         # request is stored); one cancelled before is seen here. The parent's RunCancelled is
-        # its last control event (nothing appends after it), so one read of the last suffices.
-        last = await last_for_subject(
+        # its last control event (nothing appends after it), so one read of the last suffices:
+        # on the leader, which holds every cancel it acknowledged (a replica may lag).
+        last = await leader_last(
             orch.nc, orch.names.runs_stream, orch.names.run_subject(parent, "ctl")
         )
         try:
@@ -563,10 +596,12 @@ async def _wake_event_waiter(
     cursor: int,
     since: float | None,
     workflow: str | None,
+    through: tuple[int, float] | None,
 ) -> bool | None:
     """Wake a run waiting on ``topic`` with the first event after its cursor. True: woken;
-    False: no event yet; None: the wait is stale (the run moved on)."""
-    found = await first_event_after(orch.nc, orch.names, topic, cursor, since)
+    False: no event yet; None: the wait is stale (the run moved on). ``through``: an event on
+    the topic known stored (sequence, time), which the read must reach."""
+    found = await first_event_after(orch.nc, orch.names, topic, cursor, since, through=through)
     if found is None:
         return False
     woke = await wake(
@@ -644,8 +679,9 @@ class EventRouter:
             await msg.ack()
             return
         seq = msg.metadata.sequence.stream
+        stamp = msg.metadata.timestamp
         try:
-            await self._wake_waiters(topic, seq)
+            await self._wake_waiters(topic, seq, stamp.timestamp() if stamp else time.time())
             if before is not None:
                 await asyncio.shield(before)
             await self._trigger(topic, seq, data, msg)
@@ -655,9 +691,13 @@ class EventRouter:
             return
         await msg.ack()
 
-    async def _wake_waiters(self, topic: str, seq: int) -> None:
+    async def _wake_waiters(self, topic: str, seq: int, at: float) -> None:
         o = self.orch
-        waiters = await kv_entries(o.nc, o.names.waits_bucket, f"{topic_tokens(topic)}.*")
+        # A waiter this listing misses (on the bucket's leader, as of now) is put after it,
+        # after this event was stored, and its own read of the topic finds the event.
+        waiters = await kv_entries(
+            o.nc, o.names.waits_bucket, f"{topic_tokens(topic)}.*", current=True
+        )
         kv = await _waits(o)
         for m in waiters:
             w = orjson.loads(m.value)
@@ -672,6 +712,7 @@ class EventRouter:
                 int(w.get("cursor") or 0),
                 w.get("since"),
                 w.get("workflow"),
+                (seq, at),
             )
             if outcome is not False:
                 with contextlib.suppress(Exception):
@@ -775,9 +816,20 @@ async def _on_suspended(orch: Orchestrator, run_id: str, seq: int, event: ev.Run
             ),
         )
         # After the put: an event stored from here on finds the waiter; one stored before is
-        # found by this read.
+        # found by this read, made through the last event the topic's leader holds.
+        last = await leader_last(
+            orch.nc, orch.names.events_stream, event_subject(orch.names, event.topic)
+        )
         outcome = await _wake_event_waiter(
-            orch, run_id, event.step, seq, event.topic, event.cursor or 0, event.since, workflow
+            orch,
+            run_id,
+            event.step,
+            seq,
+            event.topic,
+            event.cursor or 0,
+            event.since,
+            workflow,
+            (last.seq, parse_time(last.time)) if last is not None else None,
         )
         if outcome is not False:
             with contextlib.suppress(Exception):

@@ -9,7 +9,7 @@ changes nothing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 from nats.aio.client import Client as NATS
@@ -20,14 +20,12 @@ from polos._private.model.values import EVENT_TYPE_HEADER
 from polos._private.store import (
     FencedOut,
     Names,
+    StaleRead,
     append,
     payloads,
     read_subject,
+    reread_until,
 )
-
-if TYPE_CHECKING:
-    pass
-
 from polos._private.store.tokens import event_subject, iso_time, parse_time
 
 
@@ -73,10 +71,44 @@ async def wake(
 
 
 async def first_event_after(
-    nc: NATS, names: Names, topic: str, cursor: int, since: float | None
+    nc: NATS,
+    names: Names,
+    topic: str,
+    cursor: int,
+    since: float | None,
+    *,
+    through: tuple[int, float] | None = None,
 ) -> dict[str, Any] | None:
     """The first well-formed event on ``topic`` after ``cursor`` (or, for a first wait, after
-    the run started), as the step's recorded outcome."""
+    the run started), as the step's recorded outcome.
+
+    ``through``: the sequence and time of an event on the topic known to be stored (the one
+    delivered, or the leader's last). A read that finds nothing before reaching it came from a
+    replica behind the leader: it is made again, and ``StaleRead`` if it never gets there.
+    """
+    found, ended_at = await _scan_events(nc, names, topic, cursor, since)
+    if found is not None or through is None:
+        return found
+    seq, at = through
+    if seq <= cursor or (cursor == 0 and since is not None and at < since):
+        return None  # the known event does not count for this wait
+
+    async def scan() -> tuple[dict[str, Any] | None, int]:
+        return await _scan_events(nc, names, topic, cursor, since)
+
+    (found, ended_at), reached = await reread_until(
+        scan, lambda got: got[0] is not None or got[1] > seq
+    )
+    if not reached:
+        raise StaleRead(f"events on {topic!r}", seq, ended_at - 1)
+    return found
+
+
+async def _scan_events(
+    nc: NATS, names: Names, topic: str, cursor: int, since: float | None
+) -> tuple[dict[str, Any] | None, int]:
+    """The first well-formed event after the cursor, and the sequence the scan had reached
+    when it found nothing more (every event before it was read)."""
     subject = event_subject(names, topic)
     seq = cursor + 1
     for _ in range(100):
@@ -87,7 +119,7 @@ async def first_event_after(
         else:
             msgs = await read_subject(nc, names.events_stream, subject, start_seq=seq, limit=10)
         if not msgs:
-            return None
+            return None, seq
         for m in msgs:
             try:
                 if m.headers and payloads.EVENT_REF in m.headers:
@@ -102,9 +134,9 @@ async def first_event_after(
                 "time": parse_time(m.time),
                 "seq": m.seq,
                 "event_type": (m.headers or {}).get(EVENT_TYPE_HEADER),
-            }
+            }, m.seq + 1
         seq = msgs[-1].seq + 1
-    return None
+    return None, seq
 
 
 __all__ = ["Woken", "first_event_after", "wake"]

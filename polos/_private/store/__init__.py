@@ -37,6 +37,7 @@ from polos._private.store.names import RUN_KINDS, Names, kv_stream, object_strea
 from polos._private.store.namespace import Namespace, namespace
 from polos._private.store.natspy import connection_of
 from polos._private.store.read import (
+    STALE_RETRIES,
     KVEntry,
     StaleRead,
     StoredMsg,
@@ -45,6 +46,8 @@ from polos._private.store.read import (
     kv_entry,
     last_for_subject,
     last_per_subject,
+    leader_last,
+    leader_next,
     load_run,
     load_run_unless_long,
     load_state,
@@ -52,6 +55,8 @@ from polos._private.store.read import (
     read_history,
     read_run,
     read_subject,
+    read_subject_through,
+    reread_until,
     resolve_payload,
 )
 from polos._private.store.topology import (
@@ -80,6 +85,7 @@ __all__ = [
     "MSG_ID",
     "REPLY_HEADER",
     "RUN_KINDS",
+    "STALE_RETRIES",
     "TOPOLOGY",
     "WRONG_LAST_SEQUENCE",
     "Ack",
@@ -111,6 +117,8 @@ __all__ = [
     "kv_stream",
     "last_for_subject",
     "last_per_subject",
+    "leader_last",
+    "leader_next",
     "load_run",
     "load_run_unless_long",
     "load_state",
@@ -121,6 +129,8 @@ __all__ = [
     "read_history",
     "read_run",
     "read_subject",
+    "read_subject_through",
+    "reread_until",
     "resolve_payload",
     "retry_transient",
     "valid_token",

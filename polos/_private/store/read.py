@@ -5,13 +5,15 @@ message per subject (KV listings), and the run's state folded from its history.
 from __future__ import annotations
 
 import asyncio
+import base64
 import heapq
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
+import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -20,9 +22,11 @@ from polos import history as ev
 from polos._private.store import payloads
 from polos._private.store.names import RUN_KINDS, Names, kv_stream
 from polos._private.store.namespace import connection
-from polos._private.store.natspy import subscribe_handing_over
+from polos._private.store.natspy import parse_header_lines, subscribe_handing_over
 
 log = logging.getLogger("polos.read")
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,71 @@ async def _direct_get(
     )
 
 
+async def leader_get(
+    nc: NATS, stream: str, request: dict[str, Any], timeout: float = 5.0
+) -> StoredMsg | None:
+    """One stored message as the stream's leader holds it, or None when it holds none.
+
+    ``STREAM.MSG.GET`` is answered by the leader alone, where a direct get is answered by
+    whichever replica is nearest and may not hold yet what the leader acknowledged. A read that
+    decides on a message being absent (nothing to cancel, no resume pending, no event yet), with
+    no delivered sequence to read through, asks the leader. JSON and base64 make it dearer than
+    a direct get: it is for those decisions, not for histories.
+    """
+    msg = await nc.request(
+        f"$JS.API.STREAM.MSG.GET.{stream}", orjson.dumps(request), timeout=timeout
+    )
+    body = orjson.loads(msg.data)
+    err = body.get("error")
+    if err is not None:
+        if err.get("code") == 404:
+            return None
+        nats.js.errors.APIError.from_error(err)  # raises: a 503 (no leader yet) is transient
+    m = body["message"]
+    raw = m.get("hdrs")
+    return StoredMsg(
+        seq=int(m["seq"]),
+        subject=m["subject"],
+        data=base64.b64decode(m["data"]) if m.get("data") else b"",
+        time=m.get("time"),
+        headers=parse_header_lines(base64.b64decode(raw)) if raw else None,
+    )
+
+
+async def leader_last(
+    nc: NATS, stream: str, subject_filter: str, timeout: float = 5.0
+) -> StoredMsg | None:
+    """The last message matching ``subject_filter`` (wildcards allowed), as the leader holds it."""
+    return await leader_get(nc, stream, {"last_by_subj": subject_filter}, timeout)
+
+
+async def leader_next(
+    nc: NATS, stream: str, subject_filter: str, seq: int, timeout: float = 5.0
+) -> StoredMsg | None:
+    """The first message matching ``subject_filter`` at or after ``seq``, as the leader holds it."""
+    return await leader_get(nc, stream, {"next_by_subj": subject_filter, "seq": seq}, timeout)
+
+
+async def read_subject_through(
+    nc: NATS, stream: str, subject_filter: str, seq: int, *, limit: int | None = None
+) -> list[StoredMsg]:
+    """``read_subject`` from a read that holds every message of the filter up to ``seq`` (the
+    leader's last, from ``leader_last``; 0: nothing to reach), or its first ``limit`` ones;
+    ``StaleRead`` when no read did in time."""
+
+    def reaches(msgs: list[StoredMsg]) -> bool:
+        if seq <= 0 or (limit is not None and len(msgs) >= limit):
+            return True
+        return bool(msgs) and msgs[-1].seq >= seq
+
+    msgs, reached = await reread_until(
+        lambda: read_subject(nc, stream, subject_filter, limit=limit), reaches
+    )
+    if not reached:
+        raise StaleRead(f"{stream} {subject_filter}", seq, msgs[-1].seq if msgs else 0)
+    return msgs
+
+
 async def last_per_subject(
     nc: NATS, stream: str, subject_filter: str, timeout: float = 5.0
 ) -> list[StoredMsg]:
@@ -349,28 +418,42 @@ async def load_state(
 
 
 class StaleRead(Exception):
-    """A read of a run that does not reach an event the reader knows is stored.
+    """A read that does not reach a message the reader knows is stored.
 
     On a cluster every replica of a stream answers direct gets, and a follower applies what the
     leader stored a moment after the leader acknowledged it; a consumer's delivery comes from the
-    leader. A hook reacting to a delivered event therefore reads "through" its sequence, and an
-    answer from a replica still behind it is read again rather than taken as the run's state.
+    leader. A hook reacting to a delivered event therefore reads "through" its sequence (and a
+    read that decides on a message's absence, through the leader's last: ``leader_last``), and
+    an answer from a replica still behind it is read again rather than taken as the truth.
     """
 
-    def __init__(self, run_id: str, seq: int, got: int) -> None:
+    def __init__(self, what: str, seq: int, got: int) -> None:
         super().__init__(
-            f"run {run_id}: the replica that answered holds its history up to seq {got}, "
-            f"not yet seq {seq}"
+            f"{what}: the replica that answered holds it up to seq {got}, not yet seq {seq}"
         )
-        self.run_id = run_id
+        self.what = what
         self.seq = seq
         self.got = got
 
 
-# The pauses between reads of a run that must reach a known sequence, while the replica that
-# answered is behind (seconds, about 0.2 in all): a follower applies within milliseconds, and
-# the caller's own retry (a nak and redelivery) covers a longer lag.
+# The pauses between reads that must reach a known sequence, while the replica that answered
+# is behind (seconds, about 0.2 in all): a follower applies within milliseconds, and the
+# caller's own retry (a nak and redelivery) covers a longer lag.
 STALE_RETRIES: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+async def reread_until(
+    read: Callable[[], Awaitable[_T]], reaches: Callable[[_T], bool]
+) -> tuple[_T, bool]:
+    """``read()``, and again after each of ``STALE_RETRIES`` while its answer does not
+    ``reach`` what the caller knows is stored; the last answer, and whether it did."""
+    got = await read()
+    for pause in STALE_RETRIES:
+        if reaches(got):
+            return got, True
+        await asyncio.sleep(pause)
+        got = await read()
+    return got, reaches(got)
 
 
 async def load_state_through(
@@ -385,19 +468,13 @@ async def load_state_through(
     """``load_state``, from a read that holds every event of ``kinds`` up to ``seq`` (``seq=1``:
     any event at all, for a run known to exist) and, with ``ended``, the run's end (known from
     elsewhere, the run index); ``StaleRead`` when no read did in time."""
-
-    def reaches(state: ev.RunState) -> bool:
-        return state.last_seq >= seq and (state.done or not ended)
-
-    state = await load_state(nc, names, run_id, kinds=kinds)
-    for pause in STALE_RETRIES:
-        if reaches(state):
-            return state
-        await asyncio.sleep(pause)
-        state = await load_state(nc, names, run_id, kinds=kinds)
-    if reaches(state):
-        return state
-    raise StaleRead(run_id, seq, state.last_seq)
+    state, reached = await reread_until(
+        lambda: load_state(nc, names, run_id, kinds=kinds),
+        lambda state: state.last_seq >= seq and (state.done or not ended),
+    )
+    if not reached:
+        raise StaleRead(f"run {run_id}'s history", seq, state.last_seq)
+    return state
 
 
 async def load_run(
@@ -460,11 +537,27 @@ def is_live(msg: StoredMsg) -> bool:
     return bool(msg.data) and (msg.headers or {}).get("KV-Operation") not in _GONE
 
 
-async def kv_entries(nc: NATS, bucket: str, key_filter: str = ">") -> list[KVEntry]:
+async def kv_entries(
+    nc: NATS, bucket: str, key_filter: str = ">", *, current: bool = False
+) -> list[KVEntry]:
     """The live entries of ``bucket`` whose keys match ``key_filter`` (one direct-get request
-    per 1,024 keys; deleted and purged keys left out)."""
+    per 1,024 keys; deleted and purged keys left out).
+
+    ``current``: a listing that decides a key is absent (no waiter for this event) holds the
+    bucket leader's last write to those keys (one more request, to the leader), or is read
+    again (``StaleRead``)."""
     head = f"$KV.{bucket}."
-    msgs = await last_per_subject(nc, kv_stream(bucket), head + key_filter)
+    stream = kv_stream(bucket)
+    # The leader's last first: the listing read after it holds at least that.
+    last = await leader_last(nc, stream, head + key_filter) if current else None
+    need = last.seq if last is not None else 0
+    msgs, reached = await reread_until(
+        lambda: last_per_subject(nc, stream, head + key_filter),
+        lambda got: not need or any(m.seq >= need for m in got),
+    )
+    if not reached:
+        got = max((m.seq for m in msgs), default=0)
+        raise StaleRead(f"bucket {bucket} keys {key_filter}", need, got)
     return [KVEntry(m.subject[len(head) :], m.seq, m.data) for m in msgs if is_live(m)]
 
 
@@ -489,19 +582,27 @@ async def resolve_payload(nc: NATS, names: Names, msg: StoredMsg) -> StoredMsg:
 
 
 __all__ = [
+    "STALE_RETRIES",
     "KVEntry",
+    "StaleRead",
     "StoredMsg",
     "is_live",
     "kv_entries",
     "kv_entry",
     "last_for_subject",
     "last_per_subject",
+    "leader_get",
+    "leader_last",
+    "leader_next",
     "load_run",
     "load_run_unless_long",
     "load_state",
+    "load_state_through",
     "message_at",
     "read_history",
     "read_run",
     "read_subject",
+    "read_subject_through",
+    "reread_until",
     "resolve_payload",
 ]
