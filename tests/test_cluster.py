@@ -17,6 +17,7 @@ import pytest
 from polos import WorkflowContext, workflow
 from polos._private.ops.cluster import CONFIG_DIR, DEFAULT_PORTS, LocalCluster, render_config
 from polos._private.store import kv_stream, last_for_subject, leader_last, load_state
+from polos._private.store.namespace import connection
 from polos.testing import PolosEnvironment, fast_settings
 
 pytestmark = pytest.mark.slow
@@ -147,6 +148,8 @@ async def test_stream_leader_killed_under_load_work_continues(tmp_path: Path) ->
                 assert last is not None and last.seq == ack.seq
                 direct = await last_for_subject(reader, kv_stream(names.waits_bucket), subject)
                 direct_behind += direct is None or direct.seq < ack.seq
+            # An R3 stream: those reads were the leader's (STREAM.MSG.GET), not direct gets.
+            assert connection(reader).replicas[kv_stream(names.waits_bucket)][0] is True
         finally:
             await writer.close()
             await reader.close()

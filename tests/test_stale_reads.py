@@ -29,6 +29,7 @@ from polos._private.store import (
     read_subject_through,
 )
 from polos._private.store import read as store_read
+from polos._private.store.namespace import connection
 from polos._private.store.tokens import event_subject, parse_time
 from polos.testing import RoleSettings
 from polos_services.orchestrator import orchestrator as orchestrator_module
@@ -178,27 +179,36 @@ async def test_a_control_event_whose_hook_never_reads_through_it_is_dead_lettere
 # tests pin is what each read returns and that a read behind a known message is never taken.
 
 
-async def test_the_leader_answers_last_next_and_none(settings: RoleSettings) -> None:
+@pytest.mark.parametrize("replicated", [False, True], ids=["one-replica", "replicated"])
+async def test_the_leader_answers_last_next_and_none(
+    settings: RoleSettings, replicated: bool
+) -> None:
+    """A stream with one replica is read by direct get (its one copy is the leader); one with
+    more by ``STREAM.MSG.GET``, here asked of this server as if it had replicas: same answers."""
     nc = await nats.connect(settings.service.nats_url)
     names = Names(settings.prefix)
     try:
-        first = await _requested(nc, names, "l1")
+        assert await store_read._replicated(nc, names.runs_stream, 5.0) is False
+        if replicated:
+            connection(nc).replicas[names.runs_stream] = (True, time.monotonic())
+        run = "l1r" if replicated else "l1"
+        first = await _requested(nc, names, run)
         claim = await append(
             nc.jetstream(),
             names,
-            "l1",
-            ev.RunClaimed(run_id="l1", worker_id="w1", attempt=1),
+            run,
+            ev.RunClaimed(run_id=run, worker_id="w1", attempt=1),
             expected_last_seq=first,
-            msg_id="l1/c/1/w1",
+            msg_id=f"{run}/c/1/w1",
         )
-        ctl = names.run_subject("l1", "ctl")
+        ctl = names.run_subject(run, "ctl")
         last = await leader_last(nc, names.runs_stream, ctl)
         assert last is not None and last.seq == claim and last.subject == ctl
         assert isinstance(ev.decode(last.data), ev.RunClaimed)
-        assert last.headers is not None and last.headers["Nats-Msg-Id"] == "l1/c/1/w1"
+        assert last.headers is not None and last.headers["Nats-Msg-Id"] == f"{run}/c/1/w1"
         assert last.time is not None and last.time.endswith("Z")
         # A wildcard filter, and the first message from a sequence on.
-        wild = await leader_last(nc, names.runs_stream, names.run_filter("l1"))
+        wild = await leader_last(nc, names.runs_stream, names.run_filter(run))
         assert wild is not None and wild.seq == claim
         nxt = await leader_next(nc, names.runs_stream, ctl, first + 1)
         assert nxt is not None and nxt.seq == claim

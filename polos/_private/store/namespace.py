@@ -35,13 +35,16 @@ class Connection:
     """One NATS connection's state, whatever the namespace: the inboxes its publishes and
     reads are answered on, and its namespaces by prefix."""
 
-    __slots__ = ("namespaces", "nc", "reader", "requester")
+    __slots__ = ("namespaces", "nc", "reader", "replicas", "requester")
 
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
         self.requester: _Requester | None = None  # made by store.writes on first publish
         self.reader: _DirectReader | None = None  # made by store.read on first read
         self.namespaces: dict[str, Namespace] = {}
+        # Stream -> (whether it has more than one replica, when that was looked up): a read
+        # that must be the leader's is a plain direct get on a stream with one copy.
+        self.replicas: dict[str, tuple[bool, float]] = {}
 
 
 def connection(nc: NATS) -> Connection:

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import heapq
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -204,6 +205,29 @@ async def _direct_get(
     )
 
 
+# How long a stream's replica count is taken as known (seconds): a stream moved to three
+# replicas by hand (``nats stream edit``) is read on its leader within this long.
+REPLICAS_TTL = 30.0
+
+
+async def _replicated(nc: NATS, stream: str, timeout: float) -> bool:
+    """Whether ``stream`` has more than one replica (looked up at most every ``REPLICAS_TTL``);
+    True when it cannot be told, so the leader is asked."""
+    conn = connection(nc)
+    known = conn.replicas.get(stream)
+    now = time.monotonic()
+    if known is not None and now - known[1] < REPLICAS_TTL:
+        return known[0]
+    try:
+        msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=timeout)
+        replicas = int(orjson.loads(msg.data)["config"].get("num_replicas") or 1)
+    except Exception as exc:  # no answer, no permission, no such stream: not worth guessing
+        log.debug("replicas of %s not known: %r", stream, exc)
+        return True
+    conn.replicas[stream] = (replicas > 1, now)
+    return replicas > 1
+
+
 async def leader_get(
     nc: NATS, stream: str, request: dict[str, Any], timeout: float = 5.0
 ) -> StoredMsg | None:
@@ -212,9 +236,28 @@ async def leader_get(
     ``STREAM.MSG.GET`` is answered by the leader alone, where a direct get is answered by
     whichever replica is nearest and may not hold yet what the leader acknowledged. A read that
     decides on a message being absent (nothing to cancel, no resume pending, no event yet), with
-    no delivered sequence to read through, asks the leader. JSON and base64 make it dearer than
-    a direct get: it is for those decisions, not for histories.
+    no delivered sequence to read through, asks the leader. That API costs the server about four
+    times a direct get (JSON, base64, its request queue), so a stream with one replica, whose
+    only copy is the leader, is read by direct get.
     """
+    if not await _replicated(nc, stream, timeout):
+        # Not ``_direct_get``: no responder here is a server not ready, not "no message".
+        answer = await nc.request(
+            f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(request), timeout=timeout
+        )
+        hdrs = answer.headers or {}
+        status = hdrs.get("Status")
+        if status == "404":
+            return None
+        if status:
+            raise RuntimeError(f"direct get on {stream}: {status} {hdrs.get('Description', '')}")
+        return StoredMsg(
+            seq=int(hdrs["Nats-Sequence"]),
+            subject=hdrs.get("Nats-Subject", ""),
+            data=answer.data,
+            time=hdrs.get("Nats-Time-Stamp"),
+            headers=hdrs,
+        )
     msg = await nc.request(
         f"$JS.API.STREAM.MSG.GET.{stream}", orjson.dumps(request), timeout=timeout
     )
