@@ -244,6 +244,42 @@ async def subscribe_handing_over(
     return await nc.subscribe(subject, future=_Handover(on_msg))  # type: ignore[arg-type]
 
 
+class WildcardInbox:
+    """One wildcard inbox subscription of a connection, made on first use, whose answers are
+    told apart by their last token, a counter (``prefix + token``).
+
+    An inbox per request costs a SUB and an UNSUB (each a change to the server's routing
+    table) and, with nats-py's callback subscriptions, a task turn per message; this is paid
+    once per connection. The publish acks' requester and the direct reader have one each, and
+    route what arrives in ``on_msg`` (from the read loop: ``subscribe_handing_over``).
+    """
+
+    __slots__ = ("_lock", "_nc", "_next", "_on_msg", "_sub", "cut", "prefix")
+
+    def __init__(self, nc: NATS, on_msg: Callable[[Msg], None]) -> None:
+        self._nc = nc
+        self._on_msg = on_msg
+        self.prefix = nc.new_inbox() + "."
+        self.cut = len(self.prefix)  # msg.subject[cut:] is the token it answers
+        self._sub: Subscription | None = None
+        self._lock = asyncio.Lock()
+        self._next = 0
+
+    async def ready(self) -> None:
+        """Subscribed (once; concurrent first callers wait for the one subscription)."""
+        if self._sub is None:
+            async with self._lock:
+                if self._sub is None:
+                    self._sub = await subscribe_handing_over(
+                        self._nc, self.prefix + "*", self._on_msg
+                    )
+
+    def token(self) -> str:
+        """A token no answer on this inbox has had."""
+        self._next += 1
+        return str(self._next)
+
+
 # nats-py's rule for a header name, and what it does to a value's line breaks.
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
@@ -516,6 +552,7 @@ __all__ = [
     "NATS_PUBLISH",
     "PUBLISH_NAMES",
     "PUBLISH_SAMPLES",
+    "WildcardInbox",
     "busy_when",
     "coalesce_writes",
     "connection_of",

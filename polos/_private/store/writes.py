@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from polos._private.store.namespace import connection
-from polos._private.store.natspy import busy_when, subscribe_handing_over
+from polos._private.store.natspy import WildcardInbox, busy_when
 
 _T = TypeVar("_T")
 
@@ -92,7 +92,7 @@ _SWEEP_MIN = 0.005
 
 
 class _Requester:
-    """Request/reply for JetStream's publish acks over one wildcard inbox subscription.
+    """Request/reply for JetStream's publish acks, answered on one ``WildcardInbox``.
 
     What nats-py's ``js.publish`` costs beyond the round trip (measured: a random token from
     ``os.urandom`` per request, ``asyncio.wait_for``, stdlib JSON and a ``PubAck`` per ack) is
@@ -106,12 +106,10 @@ class _Requester:
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
         busy_when(nc, self._busy)
-        self._prefix = nc.new_inbox() + "."
-        self._cut = len(self._prefix)
+        self._inbox = WildcardInbox(nc, self._on_msg)
+        self._prefix = self._inbox.prefix
+        self._cut = self._inbox.cut
         self._open: dict[str, asyncio.Future[Msg]] = {}
-        self._sub: Any = None
-        self._lock = asyncio.Lock()
-        self._next = 0
         self._deadlines: dict[float, collections.deque[tuple[float, asyncio.Future[Msg]]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_every = 0.0
@@ -166,20 +164,9 @@ class _Requester:
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
-    async def _subscribed(self) -> None:
-        if self._sub is None:
-            async with self._lock:
-                if self._sub is None:
-                    # Answers handed over from the read loop: no task turn between an ack
-                    # and the request waiting for it.
-                    self._sub = await subscribe_handing_over(
-                        self._nc, self._prefix + "*", self._on_msg
-                    )
-
     def _expect(self) -> tuple[str, asyncio.Future[Msg]]:
         """A new token of the inbox and the future its one answer resolves (once subscribed)."""
-        self._next += 1
-        token = str(self._next)
+        token = self._inbox.token()
         fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._open[token] = fut
         return token, fut
@@ -187,7 +174,7 @@ class _Requester:
     async def request(
         self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
     ) -> Msg:
-        await self._subscribed()
+        await self._inbox.ready()
         token, fut = self._expect()
         self._bound(fut, timeout)
         try:
@@ -211,7 +198,7 @@ class _Requester:
         command, on its ``Polos-Reply``), and the future it resolves: on the same wildcard
         subscription as the acks, so a command costs no subscription of its own (a SUB and
         two UNSUBs each, and every one of them a change to the server's routing table)."""
-        await self._subscribed()
+        await self._inbox.ready()
         token, fut = self._expect()
         try:
             yield self._prefix + token, fut
