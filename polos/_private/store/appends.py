@@ -10,7 +10,7 @@ from polos import history as ev
 from polos._private.store import payloads
 from polos._private.store.names import Names
 from polos._private.store.natspy import connection_of
-from polos._private.store.read import last_for_subject, read_subject
+from polos._private.store.read import leader_last, leader_next
 from polos._private.store.writes import (
     EXPECTED_LAST_SUBJECT_SEQ,
     EXPECTED_LAST_SUBJECT_SEQ_SUBJECT,
@@ -93,17 +93,20 @@ async def _is_stored_at(
     js: JetStreamContext, names: Names, subject: str, seq: int, payload: bytes
 ) -> bool:
     """Whether the message at ``seq`` is this very append (same bytes: another writer's
-    record of the same fact has another timestamp)."""
-    msgs = await read_subject(connection_of(js), names.runs_stream, subject, start_seq=seq, limit=1)
-    return bool(msgs) and msgs[0].seq == seq and msgs[0].data == payload
+    record of the same fact has another timestamp). Asked of the leader, which has just
+    answered with ``seq``: a replica behind it would say "not there", and the append would
+    take itself for fenced out."""
+    m = await leader_next(connection_of(js), names.runs_stream, subject, seq)
+    return m is not None and m.seq == seq and m.data == payload
 
 
 async def _stored_by_us(
     js: JetStreamContext, names: Names, subject: str, msg_id: str, payload: bytes
 ) -> int | None:
     """The sequence of the last message on ``subject`` if it is this very append: same id and
-    same bytes (another writer's record of the same fact has another timestamp)."""
-    last = await last_for_subject(connection_of(js), names.runs_stream, subject)
+    same bytes (another writer's record of the same fact has another timestamp). Asked of the
+    leader, which has just refused the retry for the message it holds there."""
+    last = await leader_last(connection_of(js), names.runs_stream, subject)
     if last is not None and (last.headers or {}).get(MSG_ID) == msg_id and last.data == payload:
         return last.seq
     return None
