@@ -364,3 +364,29 @@ async def test_bad_references_are_refused_and_dead_lettered(stack: Stack) -> Non
         assert letters[1]["headers"][payloads.EVENT_REF] == "event:none"
     finally:
         await nc.close()
+
+
+async def test_an_object_stored_just_after_its_first_read_is_found(env_factory: Any) -> None:
+    """What a replica behind the leader looks like to a reader: a referenced object not there
+    yet. It is read again (about 0.2 s) before it is called missing; one that never comes is
+    missing, with its one-line reason."""
+    env = await env_factory([big_input])
+    js, names = env.client.js, env.client.names
+    encoded = orjson.dumps({"text": "late"})
+    name = f"late/{hashlib.sha256(encoded).hexdigest()}"
+    reading = asyncio.ensure_future(payloads.get_value(js, names, name))
+    await asyncio.sleep(0.02)
+    assert not reading.done()
+    assert await payloads.put_value(js, names, "late", encoded) == name
+    assert await reading == {"text": "late"}
+    t0 = time.monotonic()
+    try:
+        await payloads.get_value(js, names, "late/never")
+    except payloads.PayloadMissingError as exc:
+        assert (
+            str(exc)
+            == f"payload object 'late/never' is missing from bucket {names.payloads_bucket!r}"
+        )
+    else:
+        raise AssertionError("a missing object was found")
+    assert time.monotonic() - t0 >= 0.15

@@ -97,14 +97,28 @@ async def put_value(js: JetStreamContext, names: Names, run_id: str, encoded: by
 
 
 async def get_value(js: JetStreamContext, names: Names, name: str) -> Any:
+    """The value of the payload object ``name``, which a stored message refers to.
+
+    A reference is stored after its object, so an object not found is, on a cluster, most
+    likely a replica behind the leader (nats-py reads an object's info by direct get, which any
+    replica answers): it is read again over ``STALE_RETRIES`` (about 0.2 s) before it is called
+    missing. Only a missing object pays for that."""
+    from polos._private.store.read import STALE_RETRIES  # read imports this module
+
     obs = await store(js, names)
-    try:
-        result = await obs.get(name)
-    except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError) as exc:
-        raise PayloadMissingError(
-            f"payload object {name!r} is missing from bucket {bucket_name(names)!r}"
-        ) from exc
-    return orjson.loads(result.data or b"null")
+    missing: Exception | None = None
+    for pause in (0.0, *STALE_RETRIES):
+        if pause:
+            await asyncio.sleep(pause)
+        try:
+            result = await obs.get(name)
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError) as exc:
+            missing = exc
+            continue
+        return orjson.loads(result.data or b"null")
+    raise PayloadMissingError(
+        f"payload object {name!r} is missing from bucket {bucket_name(names)!r}"
+    ) from missing
 
 
 def _large_fields(body: dict[str, Any]) -> list[tuple[str, bytes]]:
