@@ -50,6 +50,7 @@ from polos._private.store import (
     FencedOut,
     Names,
     PullLoop,
+    StaleRead,
     check_topology,
     connect_service,
     dead_letter,
@@ -57,6 +58,7 @@ from polos._private.store import (
     ensure_consumer,
     load_state,
     read_history,
+    reread_until,
     snapshots,
 )
 from polos._private.store.natspy import sent
@@ -68,6 +70,10 @@ from polos.errors import InputValidationError, NonDeterminismError, Serializatio
 from polos.workflow import WorkflowContext, WorkflowDefinition
 
 log = logging.getLogger("polos.worker")
+
+# Deliveries of a task whose run's history reads stay behind the task's cause before it is
+# dead-lettered (``task``) instead of handed back again (0.5 s apart: about 10 s).
+STALE_TASK_DELIVERIES = 20
 
 
 @dataclass
@@ -185,6 +191,9 @@ class Worker:
         # Claims sent while a long run's re-walk ran that found the run moved on (then claimed
         # again the usual way).
         self.claims_refused = 0
+        # Reads of a run found behind its task's cause (a replica behind the leader), then
+        # read again until they held it.
+        self.stale_reads = 0
         # Replay snapshots (store/snapshots.py), written in the background; the reasons
         # snapshots found were not used (newest last, a few).
         self.snapshots: snapshots.Writer | None = None
@@ -387,6 +396,26 @@ class Worker:
             with contextlib.suppress(Exception):
                 await active.msg.nak()
             raise
+        except StaleRead as exc:
+            # Never taken for the run's state; not looped on either: a task whose run's history
+            # stays behind its cause (purged meanwhile) is kept aside after enough deliveries.
+            if msg.metadata.num_delivered < STALE_TASK_DELIVERIES:
+                log.info("run %s: %s; the task will be redelivered", run_id, exc)
+                with contextlib.suppress(Exception):
+                    await active.msg.nak(delay=0.5)
+                return
+            log.warning("run %s: task dead-lettered: %s", run_id, exc)
+            with contextlib.suppress(Exception):
+                await dead_letter(
+                    self._js,
+                    self.names,
+                    source="task",
+                    reason=f"its run's history never reached the task's cause: {exc}",
+                    subject=msg.subject,
+                    data=msg.data,
+                )
+                await active.msg.term()
+            return
         except Exception:
             log.exception("run %s: execution crashed; the task will be redelivered", run_id)
             with contextlib.suppress(Exception):
@@ -431,6 +460,11 @@ class Worker:
                     self.history_reads["delta"] += 1
             else:
                 state, snap = await self._load(run_id)
+            if task.cause is not None and state.last_seq < task.cause:
+                # The task was put out once the event at its cause was stored: a read without
+                # it came from a replica behind the leader, and would take a woken run for a
+                # suspended one (or a new run for none) and drop its task.
+                state, snap = await self._load_through(run_id, task.cause)
             if state.requested is None:
                 log.warning("task for run %s which has no history; dropped", run_id)
                 return None
@@ -488,6 +522,19 @@ class Worker:
             except FencedOut:
                 continue  # someone appended between our read and our claim: read again
         raise RuntimeError(f"run {run_id}: could not claim after 5 tries")
+
+    async def _load_through(
+        self, run_id: str, seq: int
+    ) -> tuple[ev.RunState, snapshots.Loaded | None]:
+        """``_load`` from a read that holds the run's event at ``seq``; ``StaleRead`` when none
+        did in time (the task is handed back for a later delivery)."""
+        (state, snap), reached = await reread_until(
+            lambda: self._load(run_id), lambda got: got[0].last_seq >= seq
+        )
+        if not reached:
+            raise StaleRead(f"run {run_id}'s history", seq, state.last_seq)
+        self.stale_reads += 1
+        return state, snap
 
     async def _load(self, run_id: str) -> tuple[ev.RunState, snapshots.Loaded | None]:
         """The run's state: from its replay snapshot and the events after it, or (no snapshot,

@@ -16,8 +16,10 @@ import nats
 import orjson
 import pytest
 
+from polos import WorkflowContext, workflow
 from polos import history as ev
-from polos._private.run.wake import first_event_after
+from polos import worker as worker_module
+from polos._private.run.wake import first_event_after, wake
 from polos._private.store import (
     Names,
     StaleRead,
@@ -30,6 +32,7 @@ from polos._private.store import (
 )
 from polos._private.store import read as store_read
 from polos._private.store.namespace import connection
+from polos._private.store.task import encode_task, publish_task
 from polos._private.store.tokens import event_subject, parse_time
 from polos.testing import RoleSettings
 from polos_services.orchestrator import orchestrator as orchestrator_module
@@ -302,3 +305,99 @@ async def test_a_current_listing_of_waiters_holds_the_buckets_last_write(
         assert time.monotonic() - t0 < sum(store_read.STALE_RETRIES)
     finally:
         await nc.close()
+
+
+# --------------------------------------------------------------------------- a worker's read
+#
+# A task is put out once the event it is for (its cause: a request, a wake, an admission) is
+# stored, and says which. A worker whose read of the run does not hold that event read a
+# replica behind the leader; it must not take a woken run for a suspended one and drop the
+# task. Here the task names a cause the stream does not hold yet, as that replica would look.
+
+AFTER: dict[str, int] = {}
+
+
+@workflow(name="sr_wait")
+async def sr_wait(ctx: WorkflowContext) -> int:
+    got = await ctx.step.suspend("go")
+
+    def count() -> int:
+        AFTER[ctx.run_id] = AFTER.get(ctx.run_id, 0) + 1
+        return int(got.data["n"])
+
+    return await ctx.step.run("after", count)
+
+
+async def _suspended(env: Any, run_id: str) -> int:
+    names = env.client.names
+    for _ in range(500):
+        state = await load_state_through(env.client.nc, names, run_id, 1)
+        if state.status == "suspended":
+            return state.last_seq
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"run {run_id} never suspended")
+
+
+async def _put_task(env: Any, run_id: str, cause: int) -> None:
+    names = env.client.names
+    await publish_task(
+        env.orchestrator.nc,
+        names,
+        run_id,
+        "sr_wait",
+        cause,
+        encode_task(run_id, "sr_wait", cause=cause),
+        timeout=5.0,
+    )
+
+
+async def test_a_task_whose_cause_the_read_lacks_waits_for_it(env_factory: Any) -> None:
+    """The task for a wake not yet readable: handed back, not dropped; once the wake is there,
+    the run goes on, its next step run once."""
+    env = await env_factory([sr_wait])
+    h = await env.client.start(sr_wait, run_id="srw1")
+    sus = await _suspended(env, "srw1")
+    # Put out first, under the message id the wake's own dispatch will have: that one is then
+    # the stream's duplicate, and only this task can run the run.
+    await _put_task(env, "srw1", sus + 1)
+    await asyncio.sleep(0.4)  # past the worker's re-reads: the task was handed back
+    assert (await env.client.get("srw1")).status == "suspended"
+    woke = await wake(
+        env.orchestrator.js,
+        env.client.names,
+        "srw1",
+        "go",
+        expected_seq=sus,
+        reason="resumed",
+        cause="test",
+        kind="suspend",
+        output={"data": {"n": 5}, "seq": 0, "at": time.time()},
+        workflow="sr_wait",
+    )
+    assert woke is not None and woke.seq == sus + 1
+    assert await h.result(timeout=20) == 5
+    assert AFTER["srw1"] == 1
+
+
+async def test_a_task_whose_cause_never_comes_is_dead_lettered(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "STALE_TASK_DELIVERIES", 2)
+    env = await env_factory([sr_wait])
+    await env.client.start(sr_wait, run_id="srw2")
+    sus = await _suspended(env, "srw2")
+    await _put_task(env, "srw2", sus + 1000)
+    letters: list[dict[str, Any]] = []
+    for _ in range(300):
+        letters = [d for d in await env.client.dead_letters() if d.get("source") == "task"]
+        if letters:
+            break
+        await asyncio.sleep(0.05)
+    assert len(letters) == 1
+    assert letters[0]["reason"] == (
+        "its run's history never reached the task's cause: run srw2's history: the replica "
+        f"that answered holds it up to seq {sus}, not yet seq {sus + 1000}"
+    )
+    assert orjson.loads(letters[0]["data"])["cause"] == sus + 1000
+    # Kept aside, not taken for the run's state: the run still waits for its resume.
+    assert (await env.client.get("srw2")).status == "suspended"

@@ -240,7 +240,9 @@ class Admission:
     ) -> bool:
         # ``queue`` and ``adm`` say the run was admitted under that queue: a worker whose
         # workflow declares a limited queue executes nothing else (``limits.admission_needed``).
-        task = encode_task(run_id, workflow, queue=queue, slots=slots, adm=adm, lease=self.lease)
+        task = encode_task(
+            run_id, workflow, queue=queue, slots=slots, adm=adm, lease=self.lease, cause=cause_seq
+        )
         return await publish_task(
             self.orch.nc,
             self.names,

@@ -395,7 +395,7 @@ class Orchestrator:
             run_id,
             workflow,
             cause_seq,
-            encode_task(run_id, workflow, history=carried),
+            encode_task(run_id, workflow, history=carried, cause=cause_seq),
             timeout=self.settings.request_timeout,
         )
         self._note_dispatched(run_id, cause_seq)

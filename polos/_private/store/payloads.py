@@ -30,6 +30,7 @@ import nats.js.errors
 import orjson
 
 from polos._private.model.values import EVENT_TYPE_HEADER
+from polos._private.store.lag import STALE_RETRIES
 from polos._private.store.namespace import namespace
 
 if TYPE_CHECKING:
@@ -103,8 +104,6 @@ async def get_value(js: JetStreamContext, names: Names, name: str) -> Any:
     likely a replica behind the leader (nats-py reads an object's info by direct get, which any
     replica answers): it is read again over ``STALE_RETRIES`` (about 0.2 s) before it is called
     missing. Only a missing object pays for that."""
-    from polos._private.store.read import STALE_RETRIES  # read imports this module
-
     obs = await store(js, names)
     missing: Exception | None = None
     for pause in (0.0, *STALE_RETRIES):

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -21,13 +21,12 @@ from nats.aio.msg import Msg
 
 from polos import history as ev
 from polos._private.store import payloads
+from polos._private.store.lag import STALE_RETRIES, StaleRead, reread_until
 from polos._private.store.names import RUN_KINDS, Names, kv_stream
 from polos._private.store.namespace import connection
 from polos._private.store.natspy import WildcardInbox, parse_header_lines
 
 log = logging.getLogger("polos.read")
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,45 +449,6 @@ async def load_state(
     """The run's state folded from its history (``kinds=("ctl",)``: status and outcome only,
     without the steps)."""
     return ev.RunState.fold(run_id, await read_history(nc, names, run_id, kinds=kinds))
-
-
-class StaleRead(Exception):
-    """A read that does not reach a message the reader knows is stored.
-
-    On a cluster every replica of a stream answers direct gets, and a follower applies what the
-    leader stored a moment after the leader acknowledged it; a consumer's delivery comes from the
-    leader. A hook reacting to a delivered event therefore reads "through" its sequence (and a
-    read that decides on a message's absence, through the leader's last: ``leader_last``), and
-    an answer from a replica still behind it is read again rather than taken as the truth.
-    """
-
-    def __init__(self, what: str, seq: int, got: int) -> None:
-        super().__init__(
-            f"{what}: the replica that answered holds it up to seq {got}, not yet seq {seq}"
-        )
-        self.what = what
-        self.seq = seq
-        self.got = got
-
-
-# The pauses between reads that must reach a known sequence, while the replica that answered
-# is behind (seconds, about 0.2 in all): a follower applies within milliseconds, and the
-# caller's own retry (a nak and redelivery) covers a longer lag.
-STALE_RETRIES: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
-
-
-async def reread_until(
-    read: Callable[[], Awaitable[_T]], reaches: Callable[[_T], bool]
-) -> tuple[_T, bool]:
-    """``read()``, and again after each of ``STALE_RETRIES`` while its answer does not
-    ``reach`` what the caller knows is stored; the last answer, and whether it did."""
-    got = await read()
-    for pause in STALE_RETRIES:
-        if reaches(got):
-            return got, True
-        await asyncio.sleep(pause)
-        got = await read()
-    return got, reaches(got)
 
 
 async def load_state_through(

@@ -45,6 +45,10 @@ class Task:
     slots: tuple[str, ...] = ()
     adm: int | None = None
     lease: float = 30.0
+    # The sequence of the run's event the task was put out for (its request, a wake, an
+    # admission): a worker's read of the run that does not reach it came from a replica behind
+    # the leader. None in a task from an orchestrator that did not say.
+    cause: int | None = None
 
     @property
     def admitted(self) -> bool:
@@ -77,10 +81,14 @@ def encode_task(
     slots: list[str] | None = None,
     adm: int | None = None,
     lease: float | None = None,
+    cause: int | None = None,
 ) -> bytes:
     """A task's message. ``history``: the run's stored event bodies by sequence, carried when
-    they fit in ``INLINE_HISTORY`` (the bodies go in as they were stored, not re-encoded)."""
+    they fit in ``INLINE_HISTORY`` (the bodies go in as they were stored, not re-encoded).
+    ``cause``: the sequence of the event it is put out for (``Task.cause``)."""
     body: dict[str, Any] = {"run_id": run_id, "workflow": workflow}
+    if cause is not None:
+        body["cause"] = cause
     if history and sum(len(b) for _, b in history) <= INLINE_HISTORY:
         body["seq"] = history[-1][0]
         body["history"] = [[seq, orjson.Fragment(b)] for seq, b in history]
@@ -115,8 +123,19 @@ def decode_task(data: bytes) -> Task:
     if not (isinstance(seq, int) and not isinstance(seq, bool) and seq > 0):
         seq = None
     history = _history(body.get("history")) if seq is not None else ()
+    given: Any = body.get("cause")
+    # Not a sequence: the worker reads the run as before, without the check.
+    cause: int | None = given if _is_int(given) and given > 0 else None
     return Task(
-        run_id, workflow, seq if history else None, history, queue, tuple(slots), adm, float(lease)
+        run_id,
+        workflow,
+        seq if history else None,
+        history,
+        queue,
+        tuple(slots),
+        adm,
+        float(lease),
+        cause,
     )
 
 
