@@ -27,7 +27,15 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from polos import history as ev
-from polos._private.store import EXPECTED_LAST_SUBJECT_SEQ, WRONG_LAST_SEQUENCE, Names, publish
+from polos._private.store import (
+    EXPECTED_LAST_SUBJECT_SEQ,
+    WRONG_LAST_SEQUENCE,
+    Names,
+    is_live,
+    kv_stream,
+    leader_last,
+    publish,
+)
 from polos._private.store.index import IndexEntry, fold_index
 
 
@@ -68,13 +76,14 @@ class RunIndex:
         return hit[0] if hit is not None else None
 
     async def read(self, run_id: str) -> IndexEntry | None:
-        """The run's entry as the bucket holds it now (None: no entry)."""
-        assert self._kv is not None, "run index not opened"
-        try:
-            entry = await self._kv.get(run_id)
-        except nats.js.errors.KeyNotFoundError:
+        """The run's entry as the bucket's leader holds it now (None: no entry). Another
+        instance's write of it is acknowledged by the leader; a replica may not hold it yet."""
+        assert self._nc is not None, "run index not opened"
+        bucket = self.names.runs_bucket
+        m = await leader_last(self._nc, kv_stream(bucket), f"$KV.{bucket}.{run_id}")
+        if m is None or not is_live(m):
             return None
-        value: IndexEntry = orjson.loads(entry.value or b"{}")
+        value: IndexEntry = orjson.loads(m.data or b"{}")
         return value
 
     async def update(self, run_id: str, seq: int, event: ev.Event, *, hold: bool = False) -> None:
