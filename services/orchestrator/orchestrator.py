@@ -257,7 +257,12 @@ class Orchestrator:
                 )
                 await msg.ack()
             else:
-                log.exception("command on %s failed; will retry", msg.subject)
+                if unavailable:
+                    # Expected while a cluster elects or a replica catches up: one line, not a
+                    # traceback per redelivery.
+                    log.warning("command on %s: %r; will retry", msg.subject, exc)
+                else:
+                    log.exception("command on %s failed; will retry", msg.subject)
                 await msg.nak(delay=min(0.5 * delivered, 5.0))
             return
         self.commands_handled += 1
