@@ -45,7 +45,7 @@ from polos._private.store import (
     disconnect,
     ensure_consumer,
     ensure_topology,
-    last_for_subject,
+    leader_last,
 )
 from polos._private.store.commands import StartCommand
 from polos._private.store.tokens import iso_time
@@ -334,9 +334,9 @@ class Scheduler:
                 f"schedule must be a cron string, a dict with 'cron', or true; got {spec!r}"
             )
         key = f"wf-{name}" if user_key in (None, "global") else f"wf-{name}-{user_key}"
-        current = await last_for_subject(
-            self.nc, self.names.timers_stream, self.names.cron_subject(key)
-        )
+        # On the leader: a replica behind it could show no schedule, and writing it again
+        # would move its next firing (a restart must not).
+        current = await leader_last(self.nc, self.names.timers_stream, self.names.cron_subject(key))
         if current is not None and current.data:  # empty: a deleted schedule's tombstone
             old = orjson.loads(current.data)
             if old.get("cron") == spec and old.get("timezone") == timezone:
