@@ -18,8 +18,8 @@ from polos._private.store import (
     MSG_ID,
     Names,
     connection_of,
-    last_for_subject,
     last_per_subject,
+    leader_last,
     valid_token,
 )
 from polos.converter import to_json
@@ -139,7 +139,8 @@ async def list_schedules(nc: NATS, names: Names) -> list[dict[str, Any]]:
 async def delete_schedule(js: JetStreamContext, names: Names, key: str) -> bool:
     if not valid_token(key):
         raise ValueError(f"schedule key {key!r} is not valid")
-    last = await last_for_subject(connection_of(js), names.timers_stream, names.cron_subject(key))
+    # On the leader: "no such schedule" from a replica behind it would be wrong.
+    last = await leader_last(connection_of(js), names.timers_stream, names.cron_subject(key))
     if last is None or not last.data:
         return False
     # Rolled up to an empty tombstone that expires, not purged: a client may write its
