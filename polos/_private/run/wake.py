@@ -86,12 +86,13 @@ async def first_event_after(
     delivered, or the leader's last). A read that finds nothing before reaching it came from a
     replica behind the leader: it is made again, and ``StaleRead`` if it never gets there.
     """
-    found, ended_at = await _scan_events(nc, names, topic, cursor, since)
-    if found is not None or through is None:
+    if through is not None:
+        seq, at = through
+        if seq <= cursor or (cursor == 0 and since is not None and at < since):
+            through = None  # the known event does not count for this wait
+    if through is None:
+        found, _ = await _scan_events(nc, names, topic, cursor, since)
         return found
-    seq, at = through
-    if seq <= cursor or (cursor == 0 and since is not None and at < since):
-        return None  # the known event does not count for this wait
 
     async def scan() -> tuple[dict[str, Any] | None, int]:
         return await _scan_events(nc, names, topic, cursor, since)

@@ -30,7 +30,7 @@ import nats.js.errors
 import orjson
 
 from polos._private.model.values import EVENT_TYPE_HEADER
-from polos._private.store.lag import STALE_RETRIES
+from polos._private.store.lag import reread_until
 from polos._private.store.namespace import namespace
 
 if TYPE_CHECKING:
@@ -105,19 +105,21 @@ async def get_value(js: JetStreamContext, names: Names, name: str) -> Any:
     replica answers): it is read again over ``STALE_RETRIES`` (about 0.2 s) before it is called
     missing. Only a missing object pays for that."""
     obs = await store(js, names)
-    missing: Exception | None = None
-    for pause in (0.0, *STALE_RETRIES):
-        if pause:
-            await asyncio.sleep(pause)
+    missing: list[Exception] = []
+
+    async def attempt() -> ObjectStore.ObjectResult | None:
         try:
-            result = await obs.get(name)
+            return await obs.get(name)
         except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError) as exc:
-            missing = exc
-            continue
-        return orjson.loads(result.data or b"null")
-    raise PayloadMissingError(
-        f"payload object {name!r} is missing from bucket {bucket_name(names)!r}"
-    ) from missing
+            missing.append(exc)
+            return None
+
+    result, _ = await reread_until(attempt, lambda got: got is not None)
+    if result is None:  # not found over the pauses
+        raise PayloadMissingError(
+            f"payload object {name!r} is missing from bucket {bucket_name(names)!r}"
+        ) from missing[-1]
+    return orjson.loads(result.data or b"null")
 
 
 def _large_fields(body: dict[str, Any]) -> list[tuple[str, bytes]]:

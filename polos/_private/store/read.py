@@ -187,10 +187,15 @@ async def _direct_get(
     hdrs = msg.headers or {}
     if hdrs.get("Status"):
         return None
+    return _answered(hdrs, msg.data, subject)
+
+
+def _answered(hdrs: dict[str, str], data: bytes, subject: str = "") -> StoredMsg:
+    """The stored message a direct get answered with (its headers say where it is stored)."""
     return StoredMsg(
         seq=int(hdrs["Nats-Sequence"]),
         subject=hdrs.get("Nats-Subject", subject),
-        data=msg.data,
+        data=data,
         time=hdrs.get("Nats-Time-Stamp"),
         headers=hdrs,
     )
@@ -242,13 +247,7 @@ async def leader_get(
             return None
         if status:
             raise RuntimeError(f"direct get on {stream}: {status} {hdrs.get('Description', '')}")
-        return StoredMsg(
-            seq=int(hdrs["Nats-Sequence"]),
-            subject=hdrs.get("Nats-Subject", ""),
-            data=answer.data,
-            time=hdrs.get("Nats-Time-Stamp"),
-            headers=hdrs,
-        )
+        return _answered(hdrs, answer.data)
     msg = await nc.request(
         f"$JS.API.STREAM.MSG.GET.{stream}", orjson.dumps(request), timeout=timeout
     )
@@ -357,15 +356,7 @@ async def _multi_last(
                 if subj in seen:
                     continue
                 seen.add(subj)
-                out.append(
-                    StoredMsg(
-                        seq=int(hdrs["Nats-Sequence"]),
-                        subject=subj,
-                        data=msg.data,
-                        time=hdrs.get("Nats-Time-Stamp"),
-                        headers=hdrs,
-                    )
-                )
+                out.append(_answered(hdrs, msg.data))
         finally:
             await sub.unsubscribe()
         # The server caps one answer; a full answer means there may be more subjects.
