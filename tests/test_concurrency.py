@@ -11,6 +11,7 @@ import contextlib
 import time
 from typing import Any
 
+import nats
 import orjson
 import pytest
 
@@ -775,3 +776,40 @@ async def test_a_key_at_its_limit_does_not_stop_the_pass(env_factory: Any) -> No
     GATES.setdefault(f"{tag}-ka", asyncio.Event()).set()
     GATES.setdefault(f"{tag}-ka-2", asyncio.Event()).set()
     await asyncio.gather(holders["ka"].result(timeout=20), waiting["ka"].result(timeout=20))
+
+
+async def test_a_limit_read_after_it_expires_is_one_read_for_every_lookup_waiting(
+    env_factory: Any, settings: Settings
+) -> None:
+    """The orchestrator's view of a queue's limit, as the service role reads it: when the
+    cached limit expires under load, the lookups at that moment share one read (not one read
+    each), a changed limit is seen once the cache expires, and a forgotten one is read again."""
+    env = await env_factory([], with_worker=False)
+    await configure_queue(env.client, Queue("cc_once", concurrency=2))
+    nc = await nats.connect(as_role(settings, "service").nats_url)
+    try:
+        cfg = limits.LimitsConfig(nc.jetstream(), env.client.names, ttl=0.2)
+        first = await asyncio.gather(*(cfg.queue("cc_once") for _ in range(200)))
+        assert {q.concurrency for q in first if q is not None} == {2} and None not in first
+        assert cfg.reads == 1
+        await configure_queue(env.client, Queue("cc_once", concurrency=4))
+        assert (await cfg.queue("cc_once")) == first[0]  # still within the cache's ttl
+        await asyncio.sleep(0.25)
+        again = await asyncio.gather(*(cfg.queue("cc_once") for _ in range(200)))
+        assert {q.concurrency for q in again if q is not None} == {4} and None not in again
+        assert cfg.reads == 2
+        cfg.forget(queue="cc_once")
+        await cfg.queue("cc_once")
+        assert cfg.reads == 3
+        # A read that fails is the error of the lookups that asked, none is left waiting, and
+        # nothing is cached from it.
+        await nc.close()
+        cfg.forget(queue="cc_once")
+        results = await asyncio.gather(
+            *(cfg.queue("cc_once") for _ in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(r, Exception) for r in results)
+        assert not cfg._reading and not any(k.endswith("/queue.cc_once") for k in cfg._cache)
+    finally:
+        if not nc.is_closed:
+            await nc.close()
