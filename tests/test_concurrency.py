@@ -809,7 +809,7 @@ async def test_a_limit_read_after_it_expires_is_one_read_for_every_lookup_waitin
             *(cfg.queue("cc_once") for _ in range(20)), return_exceptions=True
         )
         assert all(isinstance(r, Exception) for r in results)
-        assert not cfg._reading and not any(k.endswith("/queue.cc_once") for k in cfg._cache)
+        assert not len(cfg._reads) and not any(k.endswith("/queue.cc_once") for k in cfg._cache)
     finally:
         if not nc.is_closed:
             await nc.close()

@@ -221,6 +221,28 @@ async def test_the_leader_answers_last_next_and_none(
         await nc.close()
 
 
+async def test_reads_waiting_on_a_streams_replica_count_share_one_lookup(
+    settings: RoleSettings,
+) -> None:
+    """The replica count is looked up every ``REPLICAS_TTL``: the leader reads in flight when
+    it expires share one ``STREAM.INFO`` (the server's costliest read) instead of one each."""
+    nc = await nats.connect(settings.worker.nats_url)
+    names = Names(settings.prefix)
+    try:
+        first = await _requested(nc, names, "l2")
+        ctl = names.run_subject("l2", "ctl")
+        conn = connection(nc)
+        before = conn.replica_lookups.fetches
+        got = await asyncio.gather(*(leader_last(nc, names.runs_stream, ctl) for _ in range(100)))
+        assert {m.seq for m in got if m is not None} == {first} and None not in got
+        assert conn.replica_lookups.fetches == before + 1
+        conn.replicas.pop(names.runs_stream)  # expired
+        await asyncio.gather(*(leader_last(nc, names.runs_stream, ctl) for _ in range(100)))
+        assert conn.replica_lookups.fetches == before + 2 and not len(conn.replica_lookups)
+    finally:
+        await nc.close()
+
+
 async def test_a_read_through_the_leaders_last_is_read_again_until_it_holds_it(
     settings: RoleSettings,
 ) -> None:

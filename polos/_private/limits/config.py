@@ -6,7 +6,6 @@ Workers register the ``Queue`` objects of their workflows there, operators may p
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -20,6 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from polos._private.limits.slots import store_for, token
+from polos._private.model.aio import Flights
 from polos._private.model.values import Queue, RateLimit
 from polos._private.store import (
     Names,
@@ -90,8 +90,7 @@ class LimitsConfig:
         # Reads in flight, by cache key: when an entry expires under load, every lookup until
         # the first read returns would otherwise make its own (hundreds of dispatches at once
         # each paid a KV read once a second: 3-5 % of the orchestrator's CPU at 700 runs/s).
-        self._reading: dict[str, asyncio.Future[Any]] = {}
-        self.reads = 0
+        self._reads: Flights[Any] = Flights()
         # ``js.key_value`` asks the server for the bucket's stream info every time: a round
         # trip per lookup on the orchestrator's hot path, so the handle is kept.
         self._buckets: dict[str, Any] = {}
@@ -108,34 +107,27 @@ class LimitsConfig:
 
     async def _cached(self, bucket: str, key: str, fresh: bool = False) -> Any:
         ck = f"{bucket}/{key}"
-        if not fresh:
+        if fresh:
+            self._reads.forget(ck)  # not one that began before the caller asked
+        else:
             hit = self._cache.get(ck)
             if hit is not None and time.monotonic() - hit[0] < self._ttl:
                 return hit[1]
-            reading = self._reading.get(ck)
-            if reading is not None:
-                # Started after the entry expired: as fresh as a read of our own.
-                return await asyncio.shield(reading)
-        reading = asyncio.get_running_loop().create_future()
-        self._reading[ck] = reading
-        try:
-            now = time.monotonic()
-            self.reads += 1
+        now = time.monotonic()
+
+        async def read() -> Any:
             raw = await self._get(bucket, key)
-            value = orjson.loads(raw) if raw else None
-        except BaseException as exc:
-            # Those waiting on this read see its error and may ask again; none is left hanging.
-            reading.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
-            reading.exception()  # retrieved here: no "never retrieved" warning without waiters
-            raise
-        else:
-            if self._reading.get(ck) is reading:  # not forgotten meanwhile (``forget``)
-                self._cache[ck] = (now, value)
-            reading.set_result(value)
-            return value
-        finally:
-            if self._reading.get(ck) is reading:
-                del self._reading[ck]
+            return orjson.loads(raw) if raw else None
+
+        def keep(value: Any) -> None:
+            self._cache[ck] = (now, value)
+
+        return await self._reads.get(ck, read, keep)
+
+    @property
+    def reads(self) -> int:
+        """How many reads of the bucket this has made (lookups that shared one count once)."""
+        return self._reads.fetches
 
     async def queue(self, name: str, *, fresh: bool = False) -> Queue | None:
         """The queue's limits, or None when it has none (every workflow's default queue).
@@ -161,8 +153,7 @@ class LimitsConfig:
             keys.append(f"{self._names.queues_bucket}/{queue_key(queue)}")
         for ck in keys:
             self._cache.pop(ck, None)
-            # A read that began before this is not shared with later lookups, nor cached.
-            self._reading.pop(ck, None)
+            self._reads.forget(ck)  # a read that began before this is neither shared nor kept
 
     async def rate_limit(self, scope: str) -> RateLimit | None:
         data = await self._cached(self._names.queues_bucket, rate_key(scope))

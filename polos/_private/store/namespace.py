@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 
+from polos._private.model.aio import Flights
 from polos._private.store.names import Names
 from polos._private.store.natspy import connection_of
 from polos.config import Settings
@@ -35,7 +36,7 @@ class Connection:
     """One NATS connection's state, whatever the namespace: the inboxes its publishes and
     reads are answered on, and its namespaces by prefix."""
 
-    __slots__ = ("namespaces", "nc", "reader", "replicas", "requester")
+    __slots__ = ("namespaces", "nc", "reader", "replica_lookups", "replicas", "requester")
 
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
@@ -45,6 +46,8 @@ class Connection:
         # Stream -> (whether it has more than one replica, when that was looked up): a read
         # that must be the leader's is a plain direct get on a stream with one copy.
         self.replicas: dict[str, tuple[bool, float]] = {}
+        # One lookup at a time per stream: when the entry expires, the reads waiting share it.
+        self.replica_lookups: Flights[bool] = Flights()
 
 
 def connection(nc: NATS) -> Connection:

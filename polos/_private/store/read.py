@@ -207,21 +207,26 @@ REPLICAS_TTL = 30.0
 
 
 async def _replicated(nc: NATS, stream: str, timeout: float) -> bool:
-    """Whether ``stream`` has more than one replica (looked up at most every ``REPLICAS_TTL``);
-    True when it cannot be told, so the leader is asked."""
+    """Whether ``stream`` has more than one replica (looked up at most every ``REPLICAS_TTL``,
+    by one request shared among the reads asking meanwhile); True when it cannot be told, so
+    the leader is asked."""
     conn = connection(nc)
     known = conn.replicas.get(stream)
     now = time.monotonic()
     if known is not None and now - known[1] < REPLICAS_TTL:
         return known[0]
-    try:
-        msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=timeout)
-        replicas = int(orjson.loads(msg.data)["config"].get("num_replicas") or 1)
-    except Exception as exc:  # no answer, no permission, no such stream: not worth guessing
-        log.debug("replicas of %s not known: %r", stream, exc)
-        return True
-    conn.replicas[stream] = (replicas > 1, now)
-    return replicas > 1
+
+    async def lookup() -> bool:
+        try:
+            msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=timeout)
+            replicas = int(orjson.loads(msg.data)["config"].get("num_replicas") or 1)
+        except Exception as exc:  # no answer, no permission, no such stream: not worth guessing
+            log.debug("replicas of %s not known: %r", stream, exc)
+            return True
+        conn.replicas[stream] = (replicas > 1, now)
+        return replicas > 1
+
+    return await conn.replica_lookups.get(stream, lookup)
 
 
 async def leader_get(
