@@ -107,13 +107,13 @@ class LimitsConfig:
 
     async def _cached(self, bucket: str, key: str, fresh: bool = False) -> Any:
         ck = f"{bucket}/{key}"
+        now = time.monotonic()
         if fresh:
             self._reads.forget(ck)  # not one that began before the caller asked
         else:
             hit = self._cache.get(ck)
-            if hit is not None and time.monotonic() - hit[0] < self._ttl:
+            if hit is not None and now - hit[0] < self._ttl:
                 return hit[1]
-        now = time.monotonic()
 
         async def read() -> Any:
             raw = await self._get(bucket, key)
