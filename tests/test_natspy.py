@@ -8,6 +8,7 @@ import contextlib
 import functools
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -15,8 +16,9 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
-from polos._private.store import natspy, writes
+from polos._private.store import natspy, stream_seq, writes
 from polos._private.store.connection import connect
 from polos._private.store.names import Names
 from tests.helpers import until
@@ -383,3 +385,40 @@ async def test_requests_time_out_on_time_with_one_sweep_and_leave_nothing_behind
         assert req._open == {} and req._deadlines == {} and req._sweep is None
     finally:
         await nc.close()
+
+
+# --------------------------------------------------------------------------- stream sequence
+
+
+async def test_a_deliverys_stream_sequence_is_read_from_its_reply_as_nats_py_reads_it(
+    plain_nats_server: Any,
+) -> None:
+    # The orchestrator reads every command's and control event's sequence with ``stream_seq``
+    # rather than nats-py's whole metadata: the same number for every delivery, a redelivered
+    # one included, in either reply form; nats-py's own error for what is no delivery.
+    nc = await nats.connect(plain_nats_server.url)
+    try:
+        js = nc.jetstream()
+        stream = f"SEQ{uuid.uuid4().hex[:8]}"
+        await js.add_stream(name=stream, subjects=[f"{stream}.>"])
+        for i in range(40):  # interleaved subjects: stream and consumer sequences differ
+            await js.publish(f"{stream}.{'a' if i % 3 else 'b'}", str(i).encode())
+        sub = await js.pull_subscribe(f"{stream}.a", durable="d", stream=stream)
+        msgs = await sub.fetch(40, timeout=2)
+        assert len(msgs) == 26
+        assert [stream_seq(m) for m in msgs] == [m.metadata.sequence.stream for m in msgs]
+        assert [stream_seq(m) for m in msgs] != [m.metadata.sequence.consumer for m in msgs]
+        await msgs[0].nak()
+        again = (await sub.fetch(1, timeout=2))[0]
+        assert again.metadata.num_delivered == 2
+        assert (
+            stream_seq(again) == again.metadata.sequence.stream == msgs[0].metadata.sequence.stream
+        )
+    finally:
+        await nc.close()
+    # The form with a domain and an account hash (a leaf node's, or a newer server's).
+    v2 = Msg(nc, subject="s", reply="$JS.ACK.hub.AHASH.S.d.1.4711.3.1700000000000000000.0.rnd")
+    assert stream_seq(v2) == v2.metadata.sequence.stream == 4711
+    for reply in ("", "_INBOX.abc", "$JS.ACK.S.d.1"):
+        with pytest.raises(nats.errors.NotJSMessageError):
+            stream_seq(Msg(nc, subject="s", reply=reply))

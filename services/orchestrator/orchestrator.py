@@ -39,6 +39,7 @@ from polos._private.store import (
     is_transient,
     load_state_through,
     payloads,
+    stream_seq,
     valid_token,
 )
 from polos._private.store.commands import START_FIELDS
@@ -291,7 +292,7 @@ class Orchestrator:
         run_id = body.get("run_id")
         if run_id is None:
             hdrs = msg.headers or {}
-            key = hdrs.get(MSG_ID) or f"seq/{msg.metadata.sequence.stream}"
+            key = hdrs.get(MSG_ID) or f"seq/{stream_seq(msg)}"
             run_id = derive_run_id(self.names.prefix, key)
         elif not isinstance(run_id, str) or not valid_token(run_id):
             raise CommandError("run_id must be 1-128 letters, digits, '_' or '-'", field="run_id")
@@ -449,7 +450,7 @@ class Orchestrator:
             )
             await msg.ack()
             return
-        seq = msg.metadata.sequence.stream
+        seq = stream_seq(msg)
         run_id = msg.subject.split(".")[2]
         try:
             # A wake this process dispatched (or is dispatching) needs no hook: its index write

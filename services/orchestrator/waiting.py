@@ -42,6 +42,7 @@ from polos._private.store import (
     payloads,
     read_subject_through,
     snapshots,
+    stream_seq,
     valid_token,
 )
 from polos._private.store.commands import CANCEL_FIELDS, CHILD_FIELDS, RESUME_FIELDS
@@ -282,7 +283,7 @@ async def _is_long(orch: Orchestrator, run_id: str, ctl: ev.RunState) -> bool:
 async def on_resume(orch: Orchestrator, msg: Msg, tokens: list[str]) -> dict[str, Any]:
     run_id, key, body = _resume_target(orch, msg, tokens)
     data = await _resume_data(orch, run_id, body)
-    seq = msg.metadata.sequence.stream
+    seq = stream_seq(msg)
     answer = {"ok": True, "run_id": run_id, "key": key}
     behind: StaleRead | None = None
     for attempt in range(10):

@@ -31,7 +31,7 @@ from polos._private.store.connection import (
     disconnect,
     display_url,
 )
-from polos._private.store.consume import PullLoop, ensure_consumer
+from polos._private.store.consume import PullLoop, ensure_consumer, stream_seq
 from polos._private.store.dlq import DLQ_SOURCES, DlqSource, dead_letter
 from polos._private.store.names import RUN_KINDS, Names, kv_stream, object_stream, valid_token
 from polos._private.store.namespace import Namespace, namespace
@@ -133,5 +133,6 @@ __all__ = [
     "reread_until",
     "resolve_payload",
     "retry_transient",
+    "stream_seq",
     "valid_token",
 ]

@@ -52,6 +52,29 @@ async def ensure_consumer(
 
 Handler = Callable[[Msg], Awaitable[None]]
 
+# A delivery's reply subject: $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer
+# seq>.<timestamp>.<pending> (9 tokens), or with <domain>.<account hash> after ACK (11 or 12).
+_V1_TOKENS = 9
+_V2_MIN_TOKENS = 11
+
+
+def stream_seq(msg: Msg) -> int:
+    """The stream sequence of a JetStream delivery, read from its reply subject alone.
+
+    ``msg.metadata.sequence.stream`` gives the same, but nats-py builds all of the metadata for
+    it: two frozen dataclasses and a datetime, 5 % of the orchestrator's CPU on resumes (every
+    command and control event asks for it). Any other reply form is left to nats-py's parser,
+    which raises what it raises for a message that is not a delivery."""
+    reply = msg.reply
+    if reply and reply.startswith("$JS.ACK."):
+        tokens = reply.split(".")
+        n = len(tokens)
+        if n == _V1_TOKENS:
+            return int(tokens[5])
+        if n >= _V2_MIN_TOKENS:
+            return int(tokens[7])
+    return msg.metadata.sequence.stream
+
 
 class PullLoop:
     """Keeps pull requests outstanding on a durable consumer and hands each message to a handler.
@@ -184,4 +207,4 @@ class _Pull:
         self.over = asyncio.Event()
 
 
-__all__ = ["Handler", "PullLoop", "ensure_consumer"]
+__all__ = ["Handler", "PullLoop", "ensure_consumer", "stream_seq"]

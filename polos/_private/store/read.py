@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import heapq
 import logging
 import time
@@ -492,10 +493,20 @@ async def load_run_unless_long(
     bodies, and False. The control events and the first ``max_steps`` step events are asked
     for at once: one round trip for a short run; ``long`` is asked only of a run with that
     many steps."""
-    ctl, steps = await asyncio.gather(
-        read_subject(nc, names.runs_stream, names.run_subject(run_id, "ctl")),
-        read_subject(nc, names.runs_stream, names.run_subject(run_id, "step"), limit=max_steps),
+    # The steps' read in a task of its own, the control events' in this one: both requests go
+    # out in this turn, at the cost of one task (``gather`` took two and its own future, 4 % of
+    # the orchestrator's CPU on resumes).
+    steps_read = asyncio.create_task(
+        read_subject(nc, names.runs_stream, names.run_subject(run_id, "step"), limit=max_steps)
     )
+    try:
+        ctl = await read_subject(nc, names.runs_stream, names.run_subject(run_id, "ctl"))
+    except BaseException:
+        steps_read.cancel()
+        with contextlib.suppress(BaseException):  # its own outcome is moot: this one is raised
+            await steps_read
+        raise
+    steps = await steps_read
     if len(steps) >= max_steps:
         history, _ = await _decode_run(nc, names, ctl)
         state = ev.RunState.fold(run_id, history)
